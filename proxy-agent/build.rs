@@ -1,0 +1,13 @@
+//! Builds the BPF object from `proxy-ebpf` (with the nightly toolchain and bpf-linker) so that
+//! `cargo build` is the whole build and the embedded object can never be stale.
+
+fn main() -> anyhow::Result<()> {
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "proxy-ebpf",
+            root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../proxy-ebpf"),
+            ..Default::default()
+        }],
+        aya_build::Toolchain::default(),
+    )
+}

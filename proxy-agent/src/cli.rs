@@ -1,0 +1,179 @@
+//! The command line: kube-proxy's flag names where the meaning is the same.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::mpsc;
+use tracing::{error, info};
+
+use crate::{
+    datapath::{self, Datapath, LoadOptions, writer::Writer},
+    metrics::Metrics,
+    model::Cidr,
+    source::manifests,
+    sync::{self, SyncConfig, Syncer},
+};
+
+/// eBPF service load balancer: a drop-in replacement for kube-proxy.
+#[derive(Debug, Parser)]
+#[command(name = "proxy-agent", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands besides running the agent.
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+/// Flags of the agent itself.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Path to a kubeconfig file (default: in-cluster config, then the usual kubeconfig search).
+    #[arg(long, value_name = "PATH", global = true)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Read Services, EndpointSlices and Nodes from this directory of YAML instead of the API
+    /// server, and watch it for changes.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+
+    /// The name of this node (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub hostname_override: Option<String>,
+
+    /// Comma-separated CIDRs: only node addresses inside them serve nodePorts (default: all).
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
+    pub nodeport_addresses: Vec<Cidr>,
+
+    /// The pod CIDR range of the cluster.
+    #[arg(long, value_name = "CIDR")]
+    pub cluster_cidr: Option<Cidr>,
+
+    /// bpffs directory where maps and links are pinned.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy", global = true)]
+    pub bpf_root: PathBuf,
+
+    /// cgroup v2 directory the socket programs attach to (default: the cgroup2 mount).
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_path: Option<PathBuf>,
+
+    /// Bursts of changes are applied at most this often (e.g. 10ms, 1s).
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub min_sync_period: Duration,
+
+    /// Size of the services map (frontends and backend slots).
+    #[arg(long, value_name = "N", default_value_t = proxy_common::maps::SERVICES_MAX_ENTRIES)]
+    pub services_map_size: u32,
+
+    /// Size of the backends map.
+    #[arg(long, value_name = "N", default_value_t = proxy_common::maps::BACKENDS_MAX_ENTRIES)]
+    pub backends_map_size: u32,
+
+    /// Size of the session-affinity LRU map.
+    #[arg(long, value_name = "N", default_value_t = proxy_common::maps::AFFINITY_MAX_ENTRIES)]
+    pub affinity_map_size: u32,
+
+    /// Detach every program and remove every pin under --bpf-root, then exit.
+    #[arg(long)]
+    pub cleanup: bool,
+
+    /// Log verbosity: -v for debug, -vv for trace (RUST_LOG overrides).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// The binary's entry point.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.run.verbose);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        None if cli.run.cleanup => cleanup(&cli.run),
+        None => runtime.block_on(run(cli.run)),
+        Some(command) => match command {},
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn cleanup(args: &RunArgs) -> anyhow::Result<()> {
+    let removed =
+        datapath::cleanup(&args.bpf_root).with_context(|| format!("cleaning up {}", args.bpf_root.display()))?;
+    info!(bpf_root = %args.bpf_root.display(), removed, "cleaned up");
+    Ok(())
+}
+
+fn node_name(args: &RunArgs) -> String {
+    if let Some(name) = &args.hostname_override {
+        return name.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+}
+
+/// Runs the agent until SIGINT or SIGTERM. Programs and pinned maps stay in place on exit, so
+/// traffic keeps flowing and the next agent adopts them.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cgroup = match &args.cgroup_path {
+        Some(path) => path.clone(),
+        None => datapath::find_cgroup2_mount().context("finding the cgroup v2 mount - pass --cgroup-path")?,
+    };
+    let opts = LoadOptions {
+        bpf_root: args.bpf_root.clone(),
+        cgroup,
+        services_max: args.services_map_size,
+        backends_max: args.backends_map_size,
+        affinity_max: args.affinity_map_size,
+    };
+    let (_datapath, maps) = Datapath::load(&opts).context("loading the datapath")?;
+    let metrics = Metrics::new();
+    let config = SyncConfig { node_name: node_name(&args), nodeport_cidrs: args.nodeport_addresses.clone() };
+    info!(node = config.node_name, bpf_root = %opts.bpf_root.display(), cgroup = %opts.cgroup.display(), "datapath ready");
+    let syncer = Syncer::new(Writer::new(maps), config, metrics.clone());
+    let (updates_tx, updates) = mpsc::channel(1024);
+    let source = match &args.manifests {
+        Some(dir) => tokio::spawn(manifests::run(dir.clone(), updates_tx, metrics.clone())),
+        None => anyhow::bail!("no source: pass --manifests DIR (the Kubernetes API source is not built yet)"),
+    };
+    let sync = tokio::spawn(sync::run(syncer, updates, args.min_sync_period));
+    tokio::select! {
+        result = source => result.context("source task")?.context("source")?,
+        _ = sync => {}
+        _ = shutdown_signal() => info!("shutting down; programs and maps stay in place"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return std::future::pending().await };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

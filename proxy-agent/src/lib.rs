@@ -1,0 +1,16 @@
+//! The proxy agent: watches Services, EndpointSlices and its Node and keeps the eBPF service
+//! maps current. A pipeline with one room per stage:
+//!
+//! - [`source`]: where objects come from (a manifest directory, the Kubernetes API);
+//! - [`model`]: the pure desired state (no I/O);
+//! - [`sync`]: change tracking and the diff, feeding the writer;
+//! - [`datapath`]: loading and attaching the BPF object, and the map writer (the only code that
+//!   touches the maps);
+//! - [`metrics`]: what the agent reports.
+
+pub mod cli;
+pub mod datapath;
+pub mod metrics;
+pub mod model;
+pub mod source;
+pub mod sync;

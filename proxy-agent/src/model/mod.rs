@@ -1,0 +1,303 @@
+//! The desired state: a pure function from (Services, EndpointSlices, this node, config) to the
+//! frontends and backends the datapath must hold. No I/O; every rule of the service semantics
+//! (SPEC.md) lives here, so the manifest directory and the API server feed the same code.
+
+pub mod addr;
+mod service;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
+pub use service::service_frontends;
+
+pub use self::addr::{Cidr, parse_ipv4};
+
+/// The label that names a slice's service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services with this label belong to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services with this label are not proxied (headless).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// What the model needs to know about the agent's own node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node's name (`--hostname-override`), compared with endpoints' `nodeName`.
+    pub name: String,
+    /// Node addresses that serve nodePorts, already filtered by `--nodeport-addresses`.
+    pub nodeport_addresses: Vec<Ipv4Addr>,
+}
+
+impl NodeInfo {
+    /// Takes the node's IPv4 InternalIP/ExternalIP addresses, keeping those inside `filter` (all
+    /// of them when `filter` is empty, as kube-proxy does).
+    pub fn from_node(name: &str, node: Option<&Node>, filter: &[Cidr]) -> Self {
+        let addresses = node
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| parse_ipv4(&a.address))
+            .filter(|a| filter.is_empty() || filter.iter().any(|c| c.contains(*a)));
+        let mut nodeport_addresses: Vec<Ipv4Addr> = addresses.collect();
+        nodeport_addresses.sort();
+        nodeport_addresses.dedup();
+        Self { name: name.to_owned(), nodeport_addresses }
+    }
+}
+
+/// One frontend: what a client connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    /// The address (ClusterIP, node address, external IP or LoadBalancer IP).
+    pub address: Ipv4Addr,
+    /// The port (service port, or nodePort).
+    pub port: u16,
+    /// IP protocol number (`proxy_common::proto`).
+    pub proto: u8,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.address, self.port, proto_name(self.proto))
+    }
+}
+
+/// The name of an IP protocol number as Kubernetes writes it.
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        proxy_common::proto::TCP => "TCP",
+        proxy_common::proto::UDP => "UDP",
+        proxy_common::proto::SCTP => "SCTP",
+        _ => "?",
+    }
+}
+
+/// A service port by name: `namespace/name:port` (kube-proxy's `ServicePortName`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    /// The service's namespace.
+    pub namespace: String,
+    /// The service's name.
+    pub name: String,
+    /// The port's name (empty for a single unnamed port).
+    pub port: String,
+    /// IP protocol number.
+    pub proto: u8,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "/{}", proto_name(self.proto))
+    }
+}
+
+/// One endpoint a frontend may send traffic to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    /// Pod (or host) address.
+    pub address: Ipv4Addr,
+    /// Resolved target port.
+    pub port: u16,
+    /// Runs on this node.
+    pub local: bool,
+    /// Terminating (used only when nothing ready is left).
+    pub terminating: bool,
+}
+
+/// How a frontend was reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    /// A ClusterIP.
+    ClusterIp,
+    /// A node address on a nodePort.
+    NodePort,
+    /// An `externalIPs` entry.
+    ExternalIp,
+    /// A LoadBalancer ingress IP.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Whether traffic to this frontend may come from outside the cluster
+    /// (`externalTrafficPolicy` applies).
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIp
+    }
+}
+
+/// Everything the datapath needs for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendEntry {
+    /// The service port it belongs to.
+    pub service: ServicePortName,
+    /// How it is reached.
+    pub kind: FrontendKind,
+    /// `proxy_common::service::SVC_F_*` bits.
+    pub flags: u16,
+    /// ClientIP affinity timeout in seconds, 0 for none.
+    pub affinity_timeout: u32,
+    /// The backends for traffic from outside the node (and for all traffic when `internal` is
+    /// `None`), sorted.
+    pub backends: Vec<Endpoint>,
+    /// A separate backend set for traffic from this node, when the traffic policies make the
+    /// two differ.
+    pub internal: Option<Vec<Endpoint>>,
+    /// `loadBalancerSourceRanges` (LoadBalancer frontends only; empty admits everyone).
+    pub source_ranges: Vec<Cidr>,
+}
+
+/// Why an object, or a part of one, was skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SkipReason {
+    /// An address that is not an IPv4 address.
+    BadAddress,
+    /// An IPv6 address or slice (this datapath is IPv4 only).
+    Ipv6,
+    /// A port outside 1..=65535, or missing.
+    BadPort,
+    /// A protocol other than TCP, UDP and SCTP.
+    UnknownProtocol,
+    /// A slice without the `kubernetes.io/service-name` label.
+    MissingServiceLabel,
+    /// A slice whose service does not exist.
+    NoService,
+    /// A slice of an address type other than IPv4/IPv6 (FQDN).
+    UnsupportedAddressType,
+    /// A file or object that does not parse.
+    Unparseable,
+    /// Another service already holds this frontend.
+    FrontendConflict,
+    /// The maps had no room for the service.
+    MapFull,
+}
+
+impl SkipReason {
+    /// The value of the metric's `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::BadAddress => "bad_address",
+            SkipReason::Ipv6 => "ipv6",
+            SkipReason::BadPort => "bad_port",
+            SkipReason::UnknownProtocol => "unknown_protocol",
+            SkipReason::MissingServiceLabel => "missing_service_label",
+            SkipReason::NoService => "no_service",
+            SkipReason::UnsupportedAddressType => "unsupported_address_type",
+            SkipReason::Unparseable => "unparseable",
+            SkipReason::FrontendConflict => "frontend_conflict",
+            SkipReason::MapFull => "map_full",
+        }
+    }
+}
+
+/// One skipped object or field, with what was wrong, for one log line and one metric.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Skip {
+    /// `Service ns/name` or `EndpointSlice ns/name`.
+    pub object: String,
+    /// The offending field, e.g. `spec.clusterIPs[0]`.
+    pub field: String,
+    /// The reason, as a metric label.
+    pub reason: SkipReason,
+    /// What was found there.
+    pub detail: String,
+}
+
+impl fmt::Display for Skip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {} ({})", self.object, self.field, self.detail, self.reason.as_str())
+    }
+}
+
+/// The model's answer for a set of services.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Every frontend to program.
+    pub frontends: BTreeMap<Frontend, FrontendEntry>,
+    /// Everything skipped on the way.
+    pub skipped: Vec<Skip>,
+}
+
+/// `namespace/name` of an object.
+pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!("{}/{}", meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref().unwrap_or(""))
+}
+
+/// The `namespace/name` of the service a slice belongs to, from its label.
+pub fn slice_service(slice: &EndpointSlice) -> Option<String> {
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(format!("{}/{}", slice.metadata.namespace.as_deref().unwrap_or(""), name))
+}
+
+/// The whole desired state at once: groups slices by service, reports orphans, and merges the
+/// per-service answers (the first service in name order keeps a contested frontend).
+pub fn desired<'a>(
+    services: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeInfo,
+) -> Desired {
+    let mut by_service: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut out = Desired::default();
+    for slice in slices {
+        match slice_service(slice) {
+            Some(service) => by_service.entry(service).or_default().push(slice),
+            None => out.skipped.push(missing_label(slice)),
+        }
+    }
+    let mut services: Vec<_> = services.into_iter().map(|s| (object_key(&s.metadata), s)).collect();
+    services.sort_by(|a, b| a.0.cmp(&b.0));
+    for (key, service) in &services {
+        let slices = by_service.remove(key).unwrap_or_default();
+        let computed = service_frontends(service, &slices, node);
+        out.skipped.extend(computed.skipped);
+        for (frontend, entry) in computed.frontends {
+            merge(&mut out, frontend, entry);
+        }
+    }
+    for slices in by_service.into_values() {
+        out.skipped.extend(slices.into_iter().map(orphan));
+    }
+    out
+}
+
+fn merge(out: &mut Desired, frontend: Frontend, entry: FrontendEntry) {
+    if let Some(holder) = out.frontends.get(&frontend) {
+        out.skipped.push(Skip {
+            object: format!("Service {}/{}", entry.service.namespace, entry.service.name),
+            field: "frontend".into(),
+            reason: SkipReason::FrontendConflict,
+            detail: format!("{frontend} is already served for {}", holder.service),
+        });
+        return;
+    }
+    out.frontends.insert(frontend, entry);
+}
+
+/// The skip for a slice without the service-name label.
+pub fn missing_label(slice: &EndpointSlice) -> Skip {
+    Skip {
+        object: format!("EndpointSlice {}", object_key(&slice.metadata)),
+        field: format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+        reason: SkipReason::MissingServiceLabel,
+        detail: "missing".into(),
+    }
+}
+
+/// The skip for a slice whose service does not exist.
+pub fn orphan(slice: &EndpointSlice) -> Skip {
+    Skip {
+        object: format!("EndpointSlice {}", object_key(&slice.metadata)),
+        field: format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+        reason: SkipReason::NoService,
+        detail: format!("service {} does not exist", slice_service(slice).unwrap_or_default()),
+    }
+}

@@ -1,0 +1,340 @@
+//! One service → its frontends. Each rule of SPEC.md "Service semantics" is one small step here.
+
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+use proxy_common::{proto, service::*};
+
+use super::{
+    Cidr, DEFAULT_AFFINITY_TIMEOUT, Desired, Endpoint, Frontend, FrontendEntry, FrontendKind, HEADLESS_LABEL, NodeInfo,
+    SERVICE_PROXY_NAME_LABEL, ServicePortName, Skip, SkipReason, addr::is_ipv6, object_key, parse_ipv4,
+};
+
+/// The frontends of one service and the skips found on the way. `slices` are the slices
+/// labelled with this service's name.
+pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> Desired {
+    let mut out = Desired::default();
+    let Some(spec) = service.spec.as_ref() else { return out };
+    if !is_proxied(service) {
+        return out;
+    }
+    let mut skips = Skips { object: format!("Service {}", object_key(&service.metadata)), out: Vec::new() };
+    let cluster_ips = addresses(&mut skips, cluster_ip_texts(service));
+    let external_ips = addresses(
+        &mut skips,
+        spec.external_ips.iter().flatten().enumerate().map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip.as_str())),
+    );
+    let lb_ips = addresses(&mut skips, lb_ip_texts(service));
+    let source_ranges = source_ranges(&mut skips, spec.load_balancer_source_ranges.iter().flatten());
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let ext_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let int_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let affinity_timeout = affinity_timeout(service);
+
+    for (index, port) in spec.ports.iter().flatten().enumerate() {
+        let Some((name, number, protocol)) = port_identity(&mut skips, index, port) else { continue };
+        let endpoints = resolve_endpoints(&mut skips, slices, &name, protocol, node);
+        let cluster = usable(&endpoints, |_| true);
+        let local = usable(&endpoints, |e| e.local);
+        let internal_set = if int_local { &local } else { &cluster };
+        let external_set = if ext_local { &local } else { &cluster };
+        let service_port = ServicePortName {
+            namespace: service.metadata.namespace.clone().unwrap_or_default(),
+            name: service.metadata.name.clone().unwrap_or_default(),
+            port: name,
+            proto: protocol,
+        };
+        let mut base_flags = 0;
+        if ext_local {
+            base_flags |= SVC_F_EXT_LOCAL;
+        }
+        if int_local {
+            base_flags |= SVC_F_INT_LOCAL;
+        }
+        if affinity_timeout != 0 {
+            base_flags |= SVC_F_AFFINITY;
+        }
+        let entry = |kind: FrontendKind| {
+            // internalTrafficPolicy applies to ClusterIPs only. Traffic from this node to an
+            // external frontend of an eTP=Local service goes to every endpoint, as kube-proxy's
+            // short-circuit to the cluster chain does.
+            let (set, internal) = if kind.is_external() {
+                (external_set, ext_local.then(|| cluster.endpoints.clone()))
+            } else {
+                (internal_set, None)
+            };
+            let mut flags = base_flags | kind_flag(kind);
+            if internal.is_some() {
+                flags |= SVC_F_TWO_SCOPES;
+            }
+            if set.fallback {
+                flags |= SVC_F_TERMINATING_FALLBACK;
+            }
+            FrontendEntry {
+                service: service_port.clone(),
+                kind,
+                flags,
+                affinity_timeout,
+                backends: set.endpoints.clone(),
+                internal,
+                source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() },
+            }
+        };
+        let mut add = |address: Ipv4Addr, port: u16, kind: FrontendKind| {
+            out.frontends.insert(Frontend { address, port, proto: protocol }, entry(kind));
+        };
+        for &ip in &cluster_ips {
+            add(ip, number, FrontendKind::ClusterIp);
+        }
+        if node_ports && let Some(node_port) = node_port(&mut skips, index, port) {
+            for &ip in &node.nodeport_addresses {
+                add(ip, node_port, FrontendKind::NodePort);
+            }
+        }
+        for &ip in &external_ips {
+            add(ip, number, FrontendKind::ExternalIp);
+        }
+        for &ip in &lb_ips {
+            add(ip, number, FrontendKind::LoadBalancer);
+        }
+    }
+    out.skipped = skips.out;
+    out
+}
+
+/// Headless services, ExternalName services and services of another proxy get no frontends.
+fn is_proxied(service: &Service) -> bool {
+    let labels = service.metadata.labels.as_ref();
+    let has_label = |l: &str| labels.is_some_and(|m| m.contains_key(l));
+    let spec = service.spec.as_ref();
+    let headless = spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+    let external_name = spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName");
+    !(has_label(SERVICE_PROXY_NAME_LABEL) || has_label(HEADLESS_LABEL) || headless || external_name)
+}
+
+fn kind_flag(kind: FrontendKind) -> u16 {
+    match kind {
+        FrontendKind::ClusterIp => SVC_F_CLUSTER_IP,
+        FrontendKind::NodePort => SVC_F_NODE_PORT,
+        FrontendKind::ExternalIp => SVC_F_EXTERNAL_IP,
+        FrontendKind::LoadBalancer => SVC_F_LOAD_BALANCER,
+    }
+}
+
+/// Collects skips for one object.
+struct Skips {
+    object: String,
+    out: Vec<Skip>,
+}
+
+impl Skips {
+    fn push(&mut self, field: String, reason: SkipReason, detail: impl Into<String>) {
+        self.out.push(Skip { object: self.object.clone(), field, reason, detail: detail.into() });
+    }
+}
+
+/// The ClusterIPs with their field names: `spec.clusterIPs`, or `spec.clusterIP` when the list
+/// is absent (older objects).
+fn cluster_ip_texts(service: &Service) -> Vec<(String, &str)> {
+    let spec = service.spec.as_ref();
+    let texts: Vec<(String, &str)> = match spec.and_then(|s| s.cluster_ips.as_ref()).filter(|ips| !ips.is_empty()) {
+        Some(ips) => ips.iter().enumerate().map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str())).collect(),
+        None => {
+            spec.and_then(|s| s.cluster_ip.as_deref()).map(|ip| ("spec.clusterIP".to_owned(), ip)).into_iter().collect()
+        }
+    };
+    texts.into_iter().filter(|(_, ip)| !ip.is_empty()).collect()
+}
+
+/// The LoadBalancer ingress IPs with their field names (hostname-only entries have none).
+fn lb_ip_texts(service: &Service) -> Vec<(String, &str)> {
+    let status = service.status.as_ref().and_then(|s| s.load_balancer.as_ref());
+    let ingress = status.and_then(|lb| lb.ingress.as_ref()).into_iter().flatten().enumerate();
+    ingress
+        .filter_map(|(i, entry)| Some((format!("status.loadBalancer.ingress[{i}].ip"), entry.ip.as_deref()?)))
+        .collect()
+}
+
+/// Parses addresses, skipping IPv6 ones and bad ones with a reason naming the field.
+fn addresses<'a>(skips: &mut Skips, texts: impl IntoIterator<Item = (String, &'a str)>) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for (field, text) in texts {
+        match parse_ipv4(text) {
+            Some(ip) => out.push(ip),
+            None if is_ipv6(text) => skips.push(field, SkipReason::Ipv6, text),
+            None => skips.push(field, SkipReason::BadAddress, format!("{text:?} is not an IPv4 address")),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn source_ranges<'a>(skips: &mut Skips, texts: impl Iterator<Item = &'a String>) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for (i, text) in texts.enumerate() {
+        match text.trim().parse::<Cidr>() {
+            Ok(cidr) => out.push(cidr),
+            Err(e) => skips.push(format!("spec.loadBalancerSourceRanges[{i}]"), SkipReason::BadAddress, e.to_string()),
+        }
+    }
+    out
+}
+
+fn affinity_timeout(service: &Service) -> u32 {
+    let spec = service.spec.as_ref();
+    if spec.and_then(|s| s.session_affinity.as_deref()) != Some("ClientIP") {
+        return 0;
+    }
+    let configured = spec
+        .and_then(|s| s.session_affinity_config.as_ref())
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match configured {
+        Some(t) if (1..=86_400).contains(&t) => t as u32,
+        _ => DEFAULT_AFFINITY_TIMEOUT,
+    }
+}
+
+/// A protocol name as Kubernetes writes it (absent means TCP).
+pub(crate) fn parse_protocol(text: Option<&str>) -> Option<u8> {
+    match text.unwrap_or("TCP") {
+        "TCP" => Some(proto::TCP),
+        "UDP" => Some(proto::UDP),
+        "SCTP" => Some(proto::SCTP),
+        _ => None,
+    }
+}
+
+fn valid_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|&p| p != 0)
+}
+
+/// (name, port, protocol) of a service port, or a skip.
+fn port_identity(skips: &mut Skips, index: usize, port: &ServicePort) -> Option<(String, u16, u8)> {
+    let Some(protocol) = parse_protocol(port.protocol.as_deref()) else {
+        let detail = format!("{:?} is not TCP, UDP or SCTP", port.protocol.as_deref().unwrap_or_default());
+        skips.push(format!("spec.ports[{index}].protocol"), SkipReason::UnknownProtocol, detail);
+        return None;
+    };
+    let Some(number) = valid_port(port.port) else {
+        skips.push(
+            format!("spec.ports[{index}].port"),
+            SkipReason::BadPort,
+            format!("{} is not in 1..=65535", port.port),
+        );
+        return None;
+    };
+    Some((port.name.clone().unwrap_or_default(), number, protocol))
+}
+
+fn node_port(skips: &mut Skips, index: usize, port: &ServicePort) -> Option<u16> {
+    let node_port = port.node_port.filter(|&p| p != 0)?;
+    let valid = valid_port(node_port);
+    if valid.is_none() {
+        skips.push(
+            format!("spec.ports[{index}].nodePort"),
+            SkipReason::BadPort,
+            format!("{node_port} is not in 1..=65535"),
+        );
+    }
+    valid
+}
+
+/// An endpoint with its readiness, before the fallback rule picks a set.
+struct Candidate {
+    endpoint: Endpoint,
+    ready: bool,
+    serving: bool,
+}
+
+/// The endpoints of the slices' port named `port_name` with `protocol`, deduplicated across
+/// slices (the first slice in name order wins).
+fn resolve_endpoints(
+    skips: &mut Skips,
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: u8,
+    node: &NodeInfo,
+) -> Vec<Candidate> {
+    let mut slices = slices.to_vec();
+    slices.sort_by_key(|s| s.metadata.name.clone());
+    let mut out: Vec<Candidate> = Vec::new();
+    for slice in slices {
+        let mut slice_skips =
+            Skips { object: format!("EndpointSlice {}", object_key(&slice.metadata)), out: Vec::new() };
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            "IPv6" => {
+                slice_skips.push("addressType".into(), SkipReason::Ipv6, "IPv6");
+                skips.out.append(&mut slice_skips.out);
+                continue;
+            }
+            other => {
+                slice_skips.push("addressType".into(), SkipReason::UnsupportedAddressType, other);
+                skips.out.append(&mut slice_skips.out);
+                continue;
+            }
+        }
+        let Some(port) = slice_port(&mut slice_skips, slice, port_name, protocol) else {
+            skips.out.append(&mut slice_skips.out);
+            continue;
+        };
+        for (i, endpoint) in slice.endpoints.iter().enumerate() {
+            // kube-proxy uses the first address of an endpoint.
+            let Some(text) = endpoint.addresses.first() else { continue };
+            let Some(address) = parse_ipv4(text) else {
+                let detail = format!("{text:?} is not an IPv4 address");
+                slice_skips.push(format!("endpoints[{i}].addresses[0]"), SkipReason::BadAddress, detail);
+                continue;
+            };
+            if out.iter().any(|c| c.endpoint.address == address && c.endpoint.port == port) {
+                continue;
+            }
+            let conditions = endpoint.conditions.as_ref();
+            // Absent `ready` and `serving` mean true, absent `terminating` false (the API's rule).
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let local = endpoint.node_name.as_deref() == Some(node.name.as_str()) && !node.name.is_empty();
+            out.push(Candidate { endpoint: Endpoint { address, port, local, terminating }, ready, serving });
+        }
+        skips.out.append(&mut slice_skips.out);
+    }
+    out
+}
+
+/// The slice's port for the service port `name`/`protocol`; absent names match the empty name.
+fn slice_port(skips: &mut Skips, slice: &EndpointSlice, name: &str, protocol: u8) -> Option<u16> {
+    let (i, port) = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
+        p.name.as_deref().unwrap_or("") == name && parse_protocol(p.protocol.as_deref()) == Some(protocol)
+    })?;
+    let valid = port.port.and_then(valid_port);
+    if valid.is_none() {
+        let detail = port.port.map_or("missing".into(), |p| format!("{p} is not in 1..=65535"));
+        skips.push(format!("ports[{i}].port"), SkipReason::BadPort, detail);
+    }
+    valid
+}
+
+/// A chosen backend set and whether it came from the terminating fallback.
+struct Usable {
+    endpoints: Vec<Endpoint>,
+    fallback: bool,
+}
+
+/// The ready endpoints among those `keep` admits; if none is ready, the serving and terminating
+/// ones (graceful termination), as kube-proxy does.
+fn usable(candidates: &[Candidate], keep: impl Fn(&Endpoint) -> bool) -> Usable {
+    let kept = || candidates.iter().filter(|c| keep(&c.endpoint));
+    let mut endpoints: Vec<Endpoint> = kept().filter(|c| c.ready).map(|c| c.endpoint).collect();
+    let fallback = endpoints.is_empty();
+    if fallback {
+        endpoints = kept().filter(|c| c.serving && c.endpoint.terminating).map(|c| c.endpoint).collect();
+    }
+    endpoints.sort();
+    Usable { fallback: fallback && !endpoints.is_empty(), endpoints }
+}

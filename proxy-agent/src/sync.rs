@@ -1,0 +1,388 @@
+//! The sync loop: keeps a store of the sources' objects, tracks which services changed (as
+//! kube-proxy's change trackers do), recomputes only those with the pure model, and hands the
+//! differences to the map writer. Bursts are coalesced by `--min-sync-period`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::{
+    datapath::writer::{MapStore, WriteStats, Writer},
+    metrics::Metrics,
+    model::{self, Cidr, Frontend, FrontendEntry, NodeInfo, Skip, SkipReason, object_key, slice_service},
+    source::{Change, Sourced, Update},
+};
+
+/// What the sync needs to know about this node.
+#[derive(Clone, Debug, Default)]
+pub struct SyncConfig {
+    /// This node's name (`--hostname-override`).
+    pub node_name: String,
+    /// `--nodeport-addresses`: node addresses in these blocks serve nodePorts (all if empty).
+    pub nodeport_cidrs: Vec<Cidr>,
+}
+
+/// The objects the sources sent, and which services need recomputing.
+#[derive(Default)]
+struct Store {
+    services: HashMap<String, Sourced<Service>>,
+    slices: HashMap<String, Sourced<EndpointSlice>>,
+    by_service: HashMap<String, BTreeSet<String>>,
+    node: Option<Arc<Node>>,
+    dirty: BTreeSet<String>,
+    all_dirty: bool,
+    /// Kinds that have had their first complete list: nothing is deleted before all have.
+    listed: [bool; 3],
+}
+
+/// The outcome of one sync, for the log line and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Services recomputed.
+    pub services: usize,
+    /// Map writes.
+    pub writes: WriteStats,
+    /// Frontends programmed after the sync.
+    pub frontends: usize,
+    /// Distinct backends programmed after the sync.
+    pub backends: usize,
+    /// Skips found.
+    pub skipped: usize,
+    /// Map operations that failed.
+    pub errors: u64,
+}
+
+/// Store, model and writer together.
+pub struct Syncer<S> {
+    store: Store,
+    writer: Writer<S>,
+    config: SyncConfig,
+    metrics: Metrics,
+    node_info: NodeInfo,
+    /// Whether the first full sync (and the sweep of an earlier agent's entries) is done.
+    swept: bool,
+    /// Frontends each service holds.
+    owned: HashMap<String, BTreeSet<Frontend>>,
+    /// The service holding each frontend.
+    holder: HashMap<Frontend, String>,
+    /// Services that wanted a frontend another service holds: recomputed when it is released.
+    contenders: HashMap<Frontend, BTreeSet<String>>,
+}
+
+impl<S: MapStore> Syncer<S> {
+    /// A syncer writing through `writer`.
+    pub fn new(writer: Writer<S>, config: SyncConfig, metrics: Metrics) -> Self {
+        let node_info = NodeInfo::from_node(&config.node_name, None, &config.nodeport_cidrs);
+        Self {
+            store: Store::default(),
+            writer,
+            config,
+            metrics,
+            node_info,
+            swept: false,
+            owned: HashMap::new(),
+            holder: HashMap::new(),
+            contenders: HashMap::new(),
+        }
+    }
+
+    /// The writer (for its store in tests and tools).
+    pub fn writer(&self) -> &Writer<S> {
+        &self.writer
+    }
+
+    /// Whether every kind has been listed once, so a sync may delete what is gone.
+    pub fn ready(&self) -> bool {
+        self.store.listed.iter().all(|l| *l)
+    }
+
+    /// Whether a sync has work to do.
+    pub fn pending(&self) -> bool {
+        self.store.all_dirty || !self.store.dirty.is_empty()
+    }
+
+    /// Takes one update from a source into the store, marking what it affects.
+    pub fn apply(&mut self, update: Update) {
+        match update {
+            Update::Services(change) => self.apply_services(change),
+            Update::Slices(change) => self.apply_slices(change),
+            Update::Nodes(change) => self.apply_nodes(change),
+        }
+    }
+
+    fn apply_services(&mut self, change: Change<Service>) {
+        let store = &mut self.store;
+        match change {
+            Change::Replace(list) => {
+                store.listed[0] = true;
+                let mut next: HashMap<String, Sourced<Service>> = HashMap::with_capacity(list.len());
+                for service in list {
+                    next.insert(object_key(&service.object.metadata), service);
+                }
+                for (key, old) in &store.services {
+                    if next.get(key).is_none_or(|new| new.object != old.object) {
+                        store.dirty.insert(key.clone());
+                    }
+                }
+                for key in next.keys().filter(|k| !store.services.contains_key(*k)) {
+                    store.dirty.insert(key.clone());
+                }
+                store.services = next;
+            }
+            Change::Apply(service) => {
+                let key = object_key(&service.object.metadata);
+                if store.services.get(&key).is_none_or(|old| old.object != service.object) {
+                    store.dirty.insert(key.clone());
+                    store.services.insert(key, service);
+                }
+            }
+            Change::Delete(key) => {
+                if store.services.remove(&key).is_some() {
+                    store.dirty.insert(key);
+                }
+            }
+        }
+    }
+
+    fn apply_slices(&mut self, change: Change<EndpointSlice>) {
+        match change {
+            Change::Replace(list) => {
+                self.store.listed[1] = true;
+                let next: HashMap<String, Sourced<EndpointSlice>> =
+                    list.into_iter().map(|s| (object_key(&s.object.metadata), s)).collect();
+                let gone: Vec<String> = self.store.slices.keys().filter(|k| !next.contains_key(*k)).cloned().collect();
+                for key in gone {
+                    self.remove_slice(&key);
+                }
+                for slice in next.into_values() {
+                    self.put_slice(slice);
+                }
+            }
+            Change::Apply(slice) => self.put_slice(slice),
+            Change::Delete(key) => self.remove_slice(&key),
+        }
+    }
+
+    fn put_slice(&mut self, slice: Sourced<EndpointSlice>) {
+        let key = object_key(&slice.object.metadata);
+        if self.store.slices.get(&key).is_some_and(|old| old.object == slice.object) {
+            return;
+        }
+        self.remove_slice(&key);
+        match slice_service(&slice.object) {
+            Some(service) => {
+                self.store.by_service.entry(service.clone()).or_default().insert(key.clone());
+                self.store.dirty.insert(service);
+            }
+            None => self.report(&model::missing_label(&slice.object), slice.origin.as_deref()),
+        }
+        self.store.slices.insert(key, slice);
+    }
+
+    fn remove_slice(&mut self, key: &str) {
+        let Some(old) = self.store.slices.remove(key) else { return };
+        if let Some(service) = slice_service(&old.object) {
+            if let Some(set) = self.store.by_service.get_mut(&service) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.store.by_service.remove(&service);
+                }
+            }
+            self.store.dirty.insert(service);
+        }
+    }
+
+    fn apply_nodes(&mut self, change: Change<Node>) {
+        let name = self.config.node_name.as_str();
+        let mine = |n: &Sourced<Node>| n.object.metadata.name.as_deref() == Some(name);
+        let node = match change {
+            Change::Replace(list) => {
+                self.store.listed[2] = true;
+                list.into_iter().find(mine).map(|n| n.object)
+            }
+            Change::Apply(node) if mine(&node) => Some(node.object),
+            Change::Apply(_) => return,
+            Change::Delete(key) if key.trim_start_matches('/') == name => None,
+            Change::Delete(_) => return,
+        };
+        let info = NodeInfo::from_node(name, node.as_deref(), &self.config.nodeport_cidrs);
+        self.store.node = node;
+        if info != self.node_info {
+            info!(node = name, addresses = ?info.nodeport_addresses, "node addresses for nodePorts");
+            self.node_info = info;
+            self.store.all_dirty = true;
+        }
+    }
+
+    fn report(&self, skip: &Skip, origin: Option<&str>) {
+        match skip.reason {
+            // IPv6 is not malformed: this datapath is IPv4 only.
+            SkipReason::Ipv6 => debug!(origin, "{skip}"),
+            _ => warn!(origin, "skipping {skip}"),
+        }
+        self.metrics.skipped(skip.reason);
+    }
+
+    /// Recomputes every changed service and writes the differences. Before every kind has been
+    /// listed once, nothing is done (a half-listed cluster must not look like deleted services).
+    pub fn sync(&mut self) -> SyncReport {
+        let mut report = SyncReport::default();
+        if !self.ready() {
+            return report;
+        }
+        let started = Instant::now();
+        let mut keys = std::mem::take(&mut self.store.dirty);
+        if std::mem::take(&mut self.store.all_dirty) {
+            keys.extend(self.store.services.keys().cloned());
+            keys.extend(self.owned.keys().cloned());
+        }
+        // Releasing a frontend can let a contender in: keep going until nothing is left.
+        while let Some(key) = keys.pop_first() {
+            report.services += 1;
+            let desired = self.compute(&key);
+            report.skipped += desired.skipped.len();
+            let origin = self.store.services.get(&key).and_then(|s| s.origin.clone());
+            for skip in &desired.skipped {
+                self.report(skip, origin.as_deref());
+            }
+            self.program(&key, desired.frontends, &mut report, &mut keys);
+        }
+        if !self.swept {
+            self.swept = true;
+            match self.writer.sweep() {
+                Ok(stats) => report.writes += stats,
+                Err(error) => {
+                    warn!(%error, "removing entries of an earlier agent failed");
+                    report.errors += 1;
+                }
+            }
+        }
+        report.frontends = self.writer.frontends();
+        report.backends = self.writer.backends();
+        self.metrics.synced(started.elapsed().as_secs_f64(), report.frontends, report.backends, report.errors);
+        report
+    }
+
+    fn compute(&self, key: &str) -> model::Desired {
+        let slice_keys = self.store.by_service.get(key);
+        let slices: Vec<&EndpointSlice> =
+            slice_keys.into_iter().flatten().filter_map(|k| self.store.slices.get(k)).map(|s| &*s.object).collect();
+        match self.store.services.get(key) {
+            Some(service) => model::service_frontends(&service.object, &slices, &self.node_info),
+            None => model::Desired { skipped: slices.into_iter().map(model::orphan).collect(), ..Default::default() },
+        }
+    }
+
+    fn program(
+        &mut self,
+        key: &str,
+        desired: BTreeMap<Frontend, FrontendEntry>,
+        report: &mut SyncReport,
+        requeue: &mut BTreeSet<String>,
+    ) {
+        let old = self.owned.remove(key).unwrap_or_default();
+        for frontend in old.iter().filter(|f| !desired.contains_key(f)) {
+            match self.writer.remove(*frontend) {
+                Ok(stats) => report.writes += stats,
+                Err(e) => self.write_failed(key, frontend, &e, report),
+            }
+            self.holder.remove(frontend);
+            if let Some(waiting) = self.contenders.remove(frontend) {
+                requeue.extend(waiting);
+            }
+        }
+        let mut owned = BTreeSet::new();
+        for (frontend, entry) in desired {
+            if let Some(holder) = self.holder.get(&frontend).filter(|h| h.as_str() != key) {
+                let skip = Skip {
+                    object: format!("Service {key}"),
+                    field: "frontend".into(),
+                    reason: SkipReason::FrontendConflict,
+                    detail: format!("{frontend} is already served for service {holder}"),
+                };
+                self.report(&skip, None);
+                self.contenders.entry(frontend).or_default().insert(key.to_owned());
+                continue;
+            }
+            if entry.backends.len() > usize::from(u16::MAX)
+                || entry.internal.as_ref().is_some_and(|i| i.len() > usize::from(u16::MAX))
+            {
+                let skip = Skip {
+                    object: format!("Service {key}"),
+                    field: "endpoints".into(),
+                    reason: SkipReason::MapFull,
+                    detail: format!(
+                        "{frontend} has {} endpoints; at most {} fit a service",
+                        entry.backends.len(),
+                        u16::MAX
+                    ),
+                };
+                self.report(&skip, None);
+                continue;
+            }
+            match self.writer.upsert(frontend, &entry) {
+                Ok(stats) => report.writes += stats,
+                Err(e) => {
+                    self.write_failed(key, &frontend, &e, report);
+                    continue;
+                }
+            }
+            self.holder.insert(frontend, key.to_owned());
+            owned.insert(frontend);
+        }
+        if !owned.is_empty() {
+            self.owned.insert(key.to_owned(), owned);
+        }
+    }
+
+    fn write_failed(&self, key: &str, frontend: &Frontend, error: &S::Error, report: &mut SyncReport) {
+        warn!(service = key, %frontend, %error, "writing the service maps failed");
+        report.errors += 1;
+    }
+}
+
+/// Runs the sync loop until every source has closed: applies updates as they come, and syncs
+/// at most once per `min_sync_period` (the first change of a burst waits at most that long).
+pub async fn run<S: MapStore>(mut syncer: Syncer<S>, mut updates: mpsc::Receiver<Update>, min_sync_period: Duration) {
+    let mut last_sync = Instant::now() - min_sync_period;
+    while let Some(update) = updates.recv().await {
+        syncer.apply(update);
+        let deadline = last_sync + min_sync_period;
+        loop {
+            // Take everything already queued, then wait out the rest of the period.
+            while let Ok(update) = updates.try_recv() {
+                syncer.apply(update);
+            }
+            match tokio::time::timeout_at(deadline.into(), updates.recv()).await {
+                Ok(Some(update)) => syncer.apply(update),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if !syncer.pending() || !syncer.ready() {
+            continue;
+        }
+        let started = Instant::now();
+        let report = syncer.sync();
+        last_sync = Instant::now();
+        info!(
+            services = report.services,
+            service_writes = report.writes.service_writes,
+            backend_writes = report.writes.backend_writes,
+            frontends = report.frontends,
+            backends = report.backends,
+            skipped = report.skipped,
+            errors = report.errors,
+            took_ms = format_args!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
+            "synced"
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! The `backends` map: backend id → endpoint address.
+
+use crate::user_pod;
+
+/// Key of the `backends` map. Ids are allocated by the agent; 0 is never used.
+pub type BackendId = u32;
+
+/// Value of the `backends` map: one endpoint (pod address and target port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Endpoint IPv4 address, network byte order.
+    pub address: [u8; 4],
+    /// Endpoint port (the resolved targetPort), host byte order.
+    pub port: u16,
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    /// `BACKEND_F_*` bits, for inspection.
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<Backend>() == 8);
+
+/// The endpoint runs on this node.
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
+/// The endpoint is terminating (used only as the graceful-termination fallback).
+pub const BACKEND_F_TERMINATING: u8 = 1 << 1;
+
+user_pod!(Backend);

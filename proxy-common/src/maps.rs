@@ -1,0 +1,19 @@
+//! Map names (as pinned under the bpffs root) and default sizes, the one place both sides take
+//! them from. The agent can resize maps at load time; the BPF object's sizes are the defaults.
+
+/// Frontends and backend slots ([`crate::service`]).
+pub const SERVICES: &str = "services";
+/// Backend id → endpoint ([`crate::backend`]).
+pub const BACKENDS: &str = "backends";
+/// ClientIP affinity LRU ([`crate::affinity`]).
+pub const AFFINITY: &str = "affinity";
+
+/// Default size of [`SERVICES`]: 10 000 services with 10 endpoints on two frontends each fit.
+pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
+/// Default size of [`BACKENDS`].
+pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
+/// Default size of [`AFFINITY`].
+pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
+
+/// Every map the agent pins, in the order `inspect` lists them.
+pub const ALL: &[&str] = &[SERVICES, BACKENDS, AFFINITY];

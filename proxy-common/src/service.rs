@@ -1,0 +1,93 @@
+//! The `services` map: frontends and their backend slots, laid out like Cilium's `lb4_key` /
+//! `lb4_service`.
+//!
+//! A service frontend (address, port, protocol) owns `count + 1` entries: slot 0 is the master
+//! entry with `count`, `flags`, `service_id` and the affinity timeout; slots `1..=count` each name
+//! one backend id. Selection reads slot 0, then slot `random % count + 1`. The agent writes new
+//! slots before it raises `count` and lowers `count` before it deletes slots, so a lookup never
+//! sees a slot that is not there; a backend set has no size cap.
+
+use crate::user_pod;
+
+/// Key of the `services` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network byte order.
+    pub address: [u8; 4],
+    /// Frontend port, host byte order.
+    pub port: u16,
+    /// 0: the master entry; `1..=count`: a backend slot.
+    pub slot: u16,
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    /// [`SCOPE_EXTERNAL`] or [`SCOPE_INTERNAL`].
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<ServiceKey>() == 12);
+
+/// The backend set used by traffic that enters the node from outside (and by every frontend whose
+/// master entry lacks [`SVC_F_TWO_SCOPES`]).
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// The backend set used by traffic from this node when the service has two scopes (a traffic
+/// policy of `Local` applies to one kind of traffic and not to the other).
+pub const SCOPE_INTERNAL: u8 = 1;
+
+impl ServiceKey {
+    /// The master entry (slot 0) of a frontend in the external scope.
+    pub const fn master(address: [u8; 4], port: u16, proto: u8) -> Self {
+        Self { address, port, slot: 0, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] }
+    }
+
+    /// The same frontend at another slot.
+    pub const fn with_slot(self, slot: u16) -> Self {
+        Self { slot, ..self }
+    }
+
+    /// The same frontend in another scope.
+    pub const fn with_scope(self, scope: u8) -> Self {
+        Self { scope, ..self }
+    }
+}
+
+/// Value of the `services` map. In the master entry every field but `backend_id` is meaningful;
+/// in a backend slot only `backend_id` is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Backend slot: the id of the backend (a key of the `backends` map). Master entry: 0.
+    pub backend_id: u32,
+    /// Master entry: number of backend slots. 0 means no usable endpoint: the connection is refused.
+    pub count: u16,
+    /// Master entry: `SVC_F_*` bits.
+    pub flags: u16,
+    /// Master entry: the service port's id, shared by all its frontends (ClientIP affinity is per
+    /// service port, as kube-proxy's `recent` lists are).
+    pub service_id: u32,
+    /// Master entry: `sessionAffinity: ClientIP` timeout in seconds; 0 means no affinity.
+    pub affinity_timeout: u32,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 16);
+
+/// The frontend is a ClusterIP.
+pub const SVC_F_CLUSTER_IP: u16 = 1 << 0;
+/// The frontend is a node address on a nodePort.
+pub const SVC_F_NODE_PORT: u16 = 1 << 1;
+/// The frontend is an `externalIPs` entry.
+pub const SVC_F_EXTERNAL_IP: u16 = 1 << 2;
+/// The frontend is a LoadBalancer ingress IP.
+pub const SVC_F_LOAD_BALANCER: u16 = 1 << 3;
+/// External traffic keeps its source address (`externalTrafficPolicy: Local`); otherwise it is
+/// SNATed to the node address.
+pub const SVC_F_EXT_LOCAL: u16 = 1 << 4;
+/// Traffic from this node only goes to this node's endpoints (`internalTrafficPolicy: Local`).
+pub const SVC_F_INT_LOCAL: u16 = 1 << 5;
+/// The frontend has a separate [`SCOPE_INTERNAL`] backend set for traffic from this node.
+pub const SVC_F_TWO_SCOPES: u16 = 1 << 6;
+/// `sessionAffinity: ClientIP`.
+pub const SVC_F_AFFINITY: u16 = 1 << 7;
+/// Only terminating endpoints are left, and they serve (graceful-termination fallback).
+pub const SVC_F_TERMINATING_FALLBACK: u16 = 1 << 8;
+
+user_pod!(ServiceKey, ServiceValue);

@@ -1,0 +1,116 @@
+//! Frontend lookup and backend selection, shared by every attach point so the socket path and
+//! the TC path cannot disagree on which backend wins.
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
+    backend::{Backend, BackendId},
+    service::{SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue},
+};
+
+use crate::maps::{AFFINITY, BACKENDS, SERVICES};
+
+/// Where a frontend lookup leads.
+pub enum Verdict {
+    /// Not a service frontend: leave the traffic alone.
+    NotAService,
+    /// A frontend with no usable endpoint: refuse (kube-proxy's REJECT).
+    NoBackend,
+    /// Send the traffic to this endpoint.
+    Backend(Backend),
+}
+
+/// Which backend set applies to the traffic.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Started on this node (socket path).
+    Node,
+    /// Entered the node from outside (TC path).
+    #[expect(dead_code, reason = "the TC NodePort path is the next attach point")]
+    External,
+}
+
+/// Looks up the frontend (address, port, proto) and picks a backend uniformly at random, or the
+/// client's remembered backend under ClientIP affinity. `client` identifies the client for
+/// affinity; its `service_id` is filled in here.
+#[inline(always)]
+pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origin: Origin) -> Verdict {
+    let mut key = ServiceKey::master(address, port, proto);
+    let Some(mut master) = master(&key) else {
+        return Verdict::NotAService;
+    };
+    if origin == Origin::Node && master.flags & SVC_F_TWO_SCOPES != 0 {
+        key = key.with_scope(SCOPE_INTERNAL);
+        match self::master(&key) {
+            Some(internal) => master = internal,
+            None => return Verdict::NoBackend,
+        }
+    }
+    if master.count == 0 {
+        return Verdict::NoBackend;
+    }
+    let affinity = master.flags & SVC_F_AFFINITY != 0;
+    let affinity_key = AffinityKey { service_id: master.service_id, ..client };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if affinity && let Some(backend) = remembered(&affinity_key, master.affinity_timeout, now) {
+        return Verdict::Backend(backend);
+    }
+    let Some((id, backend)) = pick(key, master.count) else {
+        return Verdict::NoBackend;
+    };
+    if affinity {
+        let value = AffinityValue { last_used_ns: now, backend_id: id, _pad: 0 };
+        // Losing the affinity record only costs stickiness for the next connection.
+        let _ = AFFINITY.insert(&affinity_key, &value, 0);
+    }
+    Verdict::Backend(backend)
+}
+
+#[inline(always)]
+fn master(key: &ServiceKey) -> Option<ServiceValue> {
+    // SAFETY: the value is copied out at once; the agent only replaces whole entries.
+    unsafe { SERVICES.get(key).copied() }
+}
+
+#[inline(always)]
+fn backend(id: BackendId) -> Option<Backend> {
+    // SAFETY: copied out at once, as above.
+    unsafe { BACKENDS.get(id).copied() }
+}
+
+/// Picks slot `random % count + 1`. The agent lowers `count` before it removes slots, but a
+/// lookup can race with that; one retry against the new count covers it.
+#[inline(always)]
+fn pick(key: ServiceKey, count: u16) -> Option<(BackendId, Backend)> {
+    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
+    if let Some(found) = slot_backend(key.with_slot(slot)) {
+        return Some(found);
+    }
+    let count = master(&key)?.count;
+    if count == 0 {
+        return None;
+    }
+    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
+    slot_backend(key.with_slot(slot))
+}
+
+#[inline(always)]
+fn slot_backend(key: ServiceKey) -> Option<(BackendId, Backend)> {
+    let id = master(&key)?.backend_id;
+    Some((id, backend(id)?))
+}
+
+/// The client's backend from the affinity map, if it was used within `timeout` seconds and
+/// still exists; refreshes its last use.
+#[inline(always)]
+fn remembered(key: &AffinityKey, timeout: u32, now: u64) -> Option<Backend> {
+    let entry = AFFINITY.get_ptr_mut(key)?;
+    // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
+    let (last_used, id) = unsafe { ((*entry).last_used_ns, (*entry).backend_id) };
+    if now.saturating_sub(last_used) > u64::from(timeout) * 1_000_000_000 {
+        return None;
+    }
+    let backend = backend(id)?;
+    unsafe { (*entry).last_used_ns = now };
+    Some(backend)
+}

@@ -1,0 +1,25 @@
+//! Every map of the datapath. Names and default sizes come from `proxy_common::maps` (the names
+//! are repeated as literals because the attribute needs one; the agent checks them at load).
+
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap},
+    macros::btf_map,
+};
+use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
+    backend::{Backend, BackendId},
+    maps::{AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, SERVICES_MAX_ENTRIES},
+    service::{ServiceKey, ServiceValue},
+};
+
+/// Frontends (slot 0) and their backend slots (1..=count).
+#[btf_map(name = "services")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// Backend id → endpoint.
+#[btf_map(name = "backends")]
+pub static BACKENDS: HashMap<BackendId, Backend, { BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// ClientIP session affinity: (client, service port) → (backend, last use).
+#[btf_map(name = "affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRIES as usize }> = LruHashMap::new();

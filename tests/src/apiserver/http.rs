@@ -1,0 +1,252 @@
+//! The HTTP side: routing, LIST, GET and the start of a WATCH, and Kubernetes JSON responses.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use super::selector::Selector;
+use super::watch::{self, WatchStream};
+use super::{Body, BodyError, Control, Filter, Kind, Shared};
+
+/// Accepts connections until aborted; dropping the `JoinSet` then stops every connection too.
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        while connections.try_join_next().is_some() {}
+        if !shared.control().available {
+            continue; // dropping the stream closes the connection at once
+        }
+        let shared = Arc::clone(&shared);
+        connections.spawn(async move {
+            let service = service_fn(move |req| handle(Arc::clone(&shared), req));
+            _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+/// A parsed request path.
+enum Route<'a> {
+    Version,
+    Api,
+    Apis,
+    Collection { kind: Kind, namespace: Option<&'a str> },
+    Object { kind: Kind, namespace: Option<&'a str>, name: &'a str },
+}
+
+fn route<'a>(segments: &[&'a str]) -> Option<Route<'a>> {
+    let (group_version, rest) = match segments {
+        ["version"] => return Some(Route::Version),
+        ["api"] => return Some(Route::Api),
+        ["apis"] => return Some(Route::Apis),
+        ["api", "v1", rest @ ..] => ("v1".to_owned(), rest),
+        ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(*ns), rest),
+        _ => (None, rest),
+    };
+    let (plural, name) = match rest {
+        [plural] => (*plural, None),
+        [plural, name] => (*plural, Some(*name)),
+        _ => return None,
+    };
+    let kind = Kind::ALL.into_iter().find(|k| k.plural() == plural && k.api_version() == group_version)?;
+    match (kind.namespaced(), namespace, name) {
+        (false, Some(_), _) => return None,   // cluster-scoped kinds have no namespace
+        (true, None, Some(_)) => return None, // a namespaced object is read within its namespace
+        _ => {}
+    }
+    Some(match name {
+        Some(name) => Route::Object { kind, namespace, name },
+        None => Route::Collection { kind, namespace },
+    })
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, BodyError> {
+    let control = shared.control();
+    shared.store().requests += 1;
+    if !control.available {
+        return Err("test API server is down".into()); // hyper closes the connection unanswered
+    }
+    if let Some(code) = control.fail_status {
+        return Ok(status(code, "InternalError", "injected failure by the test API server"));
+    }
+    if req.method() != Method::GET {
+        return Ok(status(405, "MethodNotAllowed", "the test API server only serves GET"));
+    }
+    let query: HashMap<String, String> =
+        form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes()).into_owned().collect();
+    let segments: Vec<&str> = req.uri().path().split('/').filter(|s| !s.is_empty()).collect();
+    Ok(match route(&segments) {
+        None => status(404, "NotFound", "the server could not find the requested resource"),
+        Some(Route::Version) => ok(json!({
+            "major": "1", "minor": "34", "gitVersion": "v1.34.0-proxy-tests", "gitCommit": "",
+            "gitTreeState": "clean", "buildDate": "1970-01-01T00:00:00Z", "goVersion": "go1.24",
+            "compiler": "gc", "platform": "linux/amd64",
+        })),
+        Some(Route::Api) => ok(json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})),
+        Some(Route::Apis) => {
+            let version = json!({"groupVersion": "discovery.k8s.io/v1", "version": "v1"});
+            ok(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": "discovery.k8s.io", "versions": [version], "preferredVersion": version},
+            ]}))
+        }
+        Some(Route::Object { kind, namespace, name }) => {
+            let key = (kind, kind.namespace(namespace), name.to_owned());
+            match shared.store().objects.get(&key) {
+                Some(object) => ok(object.clone()),
+                None => not_found(kind, name),
+            }
+        }
+        Some(Route::Collection { kind, namespace }) => {
+            let filter = match filter(kind, namespace, &query) {
+                Ok(filter) => filter,
+                Err(message) => return Ok(status(400, "BadRequest", &message)),
+            };
+            if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                start_watch(&shared, filter, &query, &control)
+            } else {
+                list(&shared, filter)
+            }
+        }
+    })
+}
+
+fn filter(kind: Kind, namespace: Option<&str>, query: &HashMap<String, String>) -> Result<Filter, String> {
+    let selector = |name| query.get(name).map(String::as_str).unwrap_or_default();
+    Ok(Filter {
+        kind,
+        namespace: namespace.map(str::to_owned),
+        labels: Selector::labels(selector("labelSelector"))?,
+        fields: Selector::fields(selector("fieldSelector"))?,
+    })
+}
+
+/// LIST: everything that matches, in one page (`limit` is ignored, no `continue` token).
+fn list(shared: &Shared, filter: Filter) -> Response<Body> {
+    let mut store = shared.store();
+    *store.lists.entry(filter.kind).or_default() += 1;
+    let items: Vec<&Value> = store
+        .objects
+        .iter()
+        .filter(|((kind, ..), object)| *kind == filter.kind && filter.matches(object))
+        .map(|(_, object)| object)
+        .collect();
+    ok(json!({
+        "kind": format!("{}List", filter.kind.name()),
+        "apiVersion": filter.kind.api_version(),
+        "metadata": {"resourceVersion": store.rv.to_string()},
+        "items": items,
+    }))
+}
+
+/// WATCH: replays the history after `resourceVersion` (or, without one, or with `0` or
+/// `sendInitialEvents=true`, sends the current objects as ADDED), then streams live changes.
+fn start_watch(shared: &Shared, filter: Filter, query: &HashMap<String, String>, control: &Control) -> Response<Body> {
+    let param = |name: &str| query.get(name).map(String::as_str);
+    let initial_events = param("sendInitialEvents") == Some("true");
+    let from = match param("resourceVersion").unwrap_or_default() {
+        "" | "0" => None,
+        rv => match rv.parse::<u64>() {
+            Ok(rv) => Some(rv),
+            Err(_) => {
+                return status(400, "BadRequest", &format!("invalid resource version: {rv}"));
+            }
+        },
+    };
+    let timeout = param("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(1800);
+    let bookmarks = param("allowWatchBookmarks") == Some("true");
+
+    let mut store = shared.store();
+    *store.watches.entry(filter.kind).or_default() += 1;
+    let mut backlog = VecDeque::new();
+    match from {
+        Some(rv) if rv < store.compacted && !initial_events => {
+            let message = format!("too old resource version: {rv} ({})", store.compacted);
+            return ok_lines([json!({"type": "ERROR", "object": status_json(410, "Expired", &message)})]);
+        }
+        Some(rv) if !initial_events => {
+            let after = store.history.partition_point(|c| c.rv <= rv);
+            backlog.extend(store.history[after..].iter().filter_map(|c| filter.event(c)));
+        }
+        _ => {
+            let current = store.objects.iter().filter(|((kind, ..), o)| *kind == filter.kind && filter.matches(o));
+            backlog.extend(current.map(|(_, object)| json!({"type": "ADDED", "object": object})));
+            if initial_events {
+                backlog.push_back(watch::bookmark(filter.kind, store.rv, true));
+            }
+        }
+    }
+    let stream = WatchStream {
+        kind: filter.kind,
+        filter,
+        backlog,
+        // Subscribing under the store lock: no change is missed or sent twice.
+        events: shared.events.subscribe(),
+        control: shared.control.subscribe(),
+        generation: control.generation,
+        progress: store.rv,
+        bookmarks: if bookmarks { WatchStream::ticker(control.bookmark_interval) } else { None },
+        deadline: tokio::time::Instant::now() + Duration::from_secs(timeout),
+    };
+    drop(store);
+    let body = StreamBody::new(stream.into_body()).boxed();
+    json_response(StatusCode::OK, body)
+}
+
+fn json_response(code: StatusCode, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
+    *response.status_mut() = code;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, "application/json".parse().expect("header"));
+    response
+}
+
+fn full(bytes: Vec<u8>) -> Body {
+    Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed()
+}
+
+fn ok(value: Value) -> Response<Body> {
+    json_response(StatusCode::OK, full(serde_json::to_vec(&value).expect("JSON values serialize")))
+}
+
+/// A complete watch response of the given events.
+fn ok_lines(events: impl IntoIterator<Item = Value>) -> Response<Body> {
+    let mut body = Vec::new();
+    for event in events {
+        serde_json::to_writer(&mut body, &event).expect("JSON values serialize");
+        body.push(b'\n');
+    }
+    json_response(StatusCode::OK, full(body))
+}
+
+fn status_json(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    let body = full(serde_json::to_vec(&status_json(code, reason, message)).expect("JSON values serialize"));
+    json_response(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
+}
+
+fn not_found(kind: Kind, name: &str) -> Response<Body> {
+    let mut response = status_json(404, "NotFound", &format!("{} \"{name}\" not found", kind.plural()));
+    response["details"] = json!({"name": name, "kind": kind.plural()});
+    json_response(StatusCode::NOT_FOUND, full(serde_json::to_vec(&response).expect("JSON values serialize")))
+}

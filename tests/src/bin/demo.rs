@@ -1,0 +1,202 @@
+//! `cargo xtask demo`: a real kernel load-balancing the seed's ClusterIP service between pods
+//! in network namespaces. Builds node-1 with the pods the example's EndpointSlice names, runs
+//! the agent on a copy of `examples/`, connects a hundred times from a client pod, then removes
+//! one endpoint from the manifest and shows the traffic move. Everything it made is removed at
+//! the end, also on Ctrl-C.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use proxy_agent::{model::parse_ipv4, source::manifests};
+use proxy_tests::{
+    agent::Agent,
+    client::{Tally, probe},
+    fixtures::{write_text, yaml},
+    topology::SingleNode,
+};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn main() -> ExitCode {
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+    match demo() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_interrupt() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; cleaning up");
+    }
+    Ok(())
+}
+
+/// A binary built next to this one.
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!("{} is missing: run the demo with `cargo xtask demo`", path.display());
+    }
+    Ok(path)
+}
+
+fn demo() -> anyhow::Result<()> {
+    let examples = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"));
+    let connections = 100;
+    let read = manifests::read_dir(&examples)?;
+    let service = read.services.first().context("no Service in the examples")?.object.clone();
+    let service_name = service.metadata.name.clone().unwrap_or_default();
+    let slice = read
+        .slices
+        .iter()
+        .find(|s| {
+            s.object.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) == Some(&service_name)
+        })
+        .context("no EndpointSlice for the example's service")?
+        .object
+        .clone();
+    let (vip, port) = frontend(&service)?;
+    let target_port = slice.ports.iter().flatten().find_map(|p| p.port).context("the slice has no port")? as u16;
+    let pods: Vec<(String, Ipv4Addr)> = slice
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let ip = parse_ipv4(e.addresses.first()?)?;
+            let name = e.target_ref.as_ref().and_then(|r| r.name.clone()).unwrap_or_else(|| format!("pod-{i}"));
+            Some((name, ip))
+        })
+        .collect();
+    if pods.len() < 2 {
+        bail!("the example's slice needs two endpoints");
+    }
+
+    println!("== building node-1 in network namespaces: {} pods serving :{target_port}, one client pod", pods.len());
+    let pod_refs: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    let topology = SingleNode::new(&pod_refs, target_port)?;
+    for pod in &topology.pods {
+        println!("   pod {:<32} {}", pod.name, pod.ip);
+    }
+    println!("   client pod {} in cgroup {}", topology.client.ip, topology.cgroup.path().display());
+
+    let work = tempdir()?;
+    for entry in std::fs::read_dir(&examples)? {
+        let path = entry?.path();
+        if path.is_file() {
+            std::fs::copy(&path, work.0.join(path.file_name().unwrap_or_default()))?;
+        }
+    }
+    println!("== starting proxy-agent --manifests {} --hostname-override node-1", work.0.display());
+    let agent = Agent::start(
+        &sibling("agent")?,
+        topology.cgroup.path(),
+        &["--manifests", &work.0.to_string_lossy(), "--hostname-override", "node-1"],
+    )?;
+    agent.wait_for_count(vip, port, Some(pods.len() as u16), Duration::from_secs(5))?;
+    println!(
+        "   maps pinned under {}; `bpftool map dump pinned {}/services` shows them",
+        agent.bpf_root().display(),
+        agent.bpf_root().display()
+    );
+    check_interrupt()?;
+
+    let probe_bin = sibling("probe")?;
+    let target = format!("{vip}:{port}");
+    println!("== {connections} connections from the client pod to {service_name} at {target}");
+    let before = probe(
+        &probe_bin,
+        &topology.client.ns,
+        Some(&topology.cgroup),
+        &["tcp", &target, &connections.to_string(), "1000"],
+    )?;
+    show(&before, &pods);
+    check_interrupt()?;
+
+    let (removed_name, removed_ip) = pods.last().cloned().context("two pods")?;
+    println!("== removing {removed_name} ({removed_ip}) from the EndpointSlice manifest");
+    let mut shrunk: EndpointSlice = (*slice).clone();
+    shrunk.endpoints.retain(|e| e.addresses.first().and_then(|a| parse_ipv4(a)) != Some(removed_ip));
+    let file = read
+        .slices
+        .iter()
+        .find(|s| s.object.metadata.name == slice.metadata.name)
+        .and_then(|s| s.origin.clone())
+        .context("slice origin")?;
+    let file_name = Path::new(file.split(" (").next().unwrap_or_default())
+        .file_name()
+        .and_then(|f| f.to_str())
+        .context("slice file")?
+        .to_owned();
+    let edited = Instant::now();
+    write_text(&work.0, &file_name, &(yaml(&*service) + &yaml(&shrunk)))?;
+    agent.wait_for_count(vip, port, Some(pods.len() as u16 - 1), Duration::from_secs(5))?;
+    println!("   the datapath followed the file in {:.1} ms", edited.elapsed().as_secs_f64() * 1e3);
+    check_interrupt()?;
+
+    println!("== {connections} connections again");
+    let after = probe(
+        &probe_bin,
+        &topology.client.ns,
+        Some(&topology.cgroup),
+        &["tcp", &target, &connections.to_string(), "1000"],
+    )?;
+    show(&after, &pods);
+    if after.from(&removed_name) != 0 {
+        bail!("{removed_name} still got traffic after its removal");
+    }
+    println!("== done; removing the namespaces, cgroup, programs and pins");
+    Ok(())
+}
+
+fn frontend(service: &Service) -> anyhow::Result<(Ipv4Addr, u16)> {
+    let spec = service.spec.as_ref().context("the service has no spec")?;
+    let ip =
+        spec.cluster_ip.as_deref().and_then(parse_ipv4).context("the example's service needs an IPv4 clusterIP")?;
+    let port = spec.ports.iter().flatten().next().context("the service has no port")?.port as u16;
+    Ok((ip, port))
+}
+
+fn show(tally: &Tally, pods: &[(String, Ipv4Addr)]) {
+    let total = tally.answered().max(1);
+    let mut rows: BTreeMap<&str, usize> = pods.iter().map(|(n, _)| (n.as_str(), 0)).collect();
+    for (name, count) in &tally.answers {
+        rows.insert(name, *count);
+    }
+    for (name, count) in rows {
+        println!("   {name:<32} {count:>4}  {}", "#".repeat(count * 50 / total));
+    }
+    for (kind, count) in &tally.errors {
+        println!("   error {kind:<26} {count:>4}");
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+fn tempdir() -> anyhow::Result<TempDir> {
+    let path = std::env::temp_dir().join(format!("proxy-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&path)?;
+    Ok(TempDir(path))
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,69 @@
+//! A test client: `probe tcp|udp ADDR:PORT [COUNT] [TIMEOUT_MS]` connects (or sends) COUNT
+//! times, one socket each, and prints `ok <answer>` or `err <kind>` per attempt. Bounded in count
+//! (at most 100 000) and in time: after 60 s the remaining attempts are reported as `err budget`. Run inside a test namespace and cgroup (see `proxy_tests::client`).
+
+use std::{
+    io::{BufRead as _, BufReader, ErrorKind},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::Duration,
+};
+
+fn kind(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => "refused",
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+        ErrorKind::PermissionDenied => "denied",
+        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => "unreachable",
+        ErrorKind::ConnectionReset => "reset",
+        _ => "other",
+    }
+}
+
+fn tcp(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(line.trim().to_owned())
+}
+
+fn udp(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"hello\n", addr)?;
+    let mut buf = [0u8; 512];
+    let (n, _) = socket.recv_from(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(proto), Some(Ok(addr))) = (args.first(), args.get(1).map(|a| a.parse::<SocketAddr>())) else {
+        eprintln!("usage: probe tcp|udp ADDR:PORT [COUNT] [TIMEOUT_MS]");
+        return ExitCode::from(2);
+    };
+    let count: usize = args.get(2).and_then(|c| c.parse().ok()).unwrap_or(1).min(100_000);
+    let timeout = Duration::from_millis(args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1000));
+    let attempt = match proto.as_str() {
+        "tcp" => tcp,
+        "udp" => udp,
+        _ => {
+            eprintln!("unknown protocol {proto}");
+            return ExitCode::from(2);
+        }
+    };
+    let budget = std::time::Instant::now() + Duration::from_secs(60);
+    for _ in 0..count {
+        if std::time::Instant::now() > budget {
+            println!("err budget");
+            continue;
+        }
+        match attempt(addr, timeout) {
+            Ok(answer) if !answer.is_empty() => println!("ok {answer}"),
+            Ok(_) => println!("err empty"),
+            Err(e) => println!("err {}", kind(&e)),
+        }
+    }
+    ExitCode::SUCCESS
+}

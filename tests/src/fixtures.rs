@@ -1,0 +1,148 @@
+//! Small builders for the objects tests feed the agent, instead of pages of YAML:
+//! `service("apigw-test1").cluster_ip("10.96.0.10").port(6666)` and
+//! `slice("apigw-test1", "a").port(80).endpoint("10.244.1.2")`.
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::Context as _;
+use k8s_openapi::Resource;
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::Serialize;
+
+/// A Service being built (namespace `default`, type ClusterIP).
+#[derive(Clone, Debug)]
+pub struct ServiceBuilder(Service);
+
+/// Starts a ClusterIP service named `name` in `default`.
+pub fn service(name: &str) -> ServiceBuilder {
+    ServiceBuilder(Service {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some("default".into()), ..Default::default() },
+        spec: Some(ServiceSpec { type_: Some("ClusterIP".into()), ..Default::default() }),
+        status: None,
+    })
+}
+
+impl ServiceBuilder {
+    fn spec(&mut self) -> &mut ServiceSpec {
+        self.0.spec.get_or_insert_with(Default::default)
+    }
+
+    /// Sets the ClusterIP (`clusterIP` and `clusterIPs`), written as given (malformed is fine).
+    pub fn cluster_ip(mut self, ip: &str) -> Self {
+        self.spec().cluster_ip = Some(ip.into());
+        self.spec().cluster_ips = Some(vec![ip.into()]);
+        self
+    }
+
+    /// Adds an unnamed TCP port (any i32, to test bad ones).
+    pub fn port(mut self, port: i32) -> Self {
+        self.spec().ports.get_or_insert_with(Vec::new).push(ServicePort {
+            port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Adds a named port with a protocol.
+    pub fn named_port(mut self, name: &str, port: i32, protocol: &str) -> Self {
+        self.spec().ports.get_or_insert_with(Vec::new).push(ServicePort {
+            name: Some(name.into()),
+            port,
+            protocol: Some(protocol.into()),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Makes it a NodePort service with `node_port` on its last port.
+    pub fn node_port(mut self, node_port: i32) -> Self {
+        self.spec().type_ = Some("NodePort".into());
+        if let Some(port) = self.spec().ports.as_mut().and_then(|p| p.last_mut()) {
+            port.node_port = Some(node_port);
+        }
+        self
+    }
+
+    /// The Service.
+    pub fn build(self) -> Service {
+        self.0
+    }
+}
+
+/// An EndpointSlice being built.
+#[derive(Clone, Debug)]
+pub struct SliceBuilder(EndpointSlice);
+
+/// Starts an IPv4 slice `<service>-<suffix>` labelled for `service` in `default`.
+pub fn slice(service: &str, suffix: &str) -> SliceBuilder {
+    let labels = BTreeMap::from([("kubernetes.io/service-name".to_owned(), service.to_owned())]);
+    SliceBuilder(EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-{suffix}")),
+            namespace: Some("default".into()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: Vec::new(),
+        ports: None,
+    })
+}
+
+impl SliceBuilder {
+    /// Adds an unnamed TCP port.
+    pub fn port(mut self, port: i32) -> Self {
+        self.0.ports.get_or_insert_with(Vec::new).push(EndpointPort {
+            port: Some(port),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Adds a ready endpoint on node-1.
+    pub fn endpoint(mut self, ip: &str) -> Self {
+        self.0.endpoints.push(Endpoint {
+            addresses: vec![ip.into()],
+            conditions: Some(EndpointConditions { ready: Some(true), serving: Some(true), terminating: Some(false) }),
+            node_name: Some("node-1".into()),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Adds ready endpoints.
+    pub fn endpoints<'a>(self, ips: impl IntoIterator<Item = &'a str>) -> Self {
+        ips.into_iter().fold(self, Self::endpoint)
+    }
+
+    /// The EndpointSlice.
+    pub fn build(self) -> EndpointSlice {
+        self.0
+    }
+}
+
+/// One YAML document for `object`, with `kind` and `apiVersion` as kubectl writes them.
+pub fn yaml<T: Serialize + Resource>(object: &T) -> String {
+    let mut value = serde_json::to_value(object).expect("k8s-openapi objects serialize");
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), T::API_VERSION.into());
+        map.insert("kind".into(), T::KIND.into());
+    }
+    format!("---\n{}", serde_yaml_ng::to_string(&value).expect("JSON values serialize as YAML"))
+}
+
+/// Writes text into `dir/file` atomically (write, then rename), as a careful editor does.
+pub fn write_text(dir: &Path, file: &str, text: &str) -> anyhow::Result<()> {
+    let staging = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&staging, text).with_context(|| format!("writing {}", staging.display()))?;
+    std::fs::rename(&staging, dir.join(file)).with_context(|| format!("renaming to {file}"))?;
+    Ok(())
+}

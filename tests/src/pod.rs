@@ -1,0 +1,94 @@
+//! Tiny servers that stand in for pods: each answers every TCP connection and UDP datagram with
+//! its own name, so a client can count which backend it reached.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+
+use crate::netns::Netns;
+
+/// Answer with the address the client reached instead of a fixed name (one namespace can then
+/// stand in for many endpoints).
+pub const ANSWER_LOCAL_ADDRESS: &str = "@address";
+
+/// A server bound inside a pod namespace; stops on drop.
+#[derive(Debug)]
+pub struct PodServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PodServer {
+    /// Serves `name` (or [`ANSWER_LOCAL_ADDRESS`]) on TCP and UDP `port` of every address in `ns`.
+    pub fn start(ns: &Netns, port: u16, name: &str) -> anyhow::Result<Self> {
+        let (tcp, udp) = std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<_> {
+                // Sockets live in the namespace they were created in, whichever thread uses them.
+                ns.enter()?;
+                let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+                let tcp = TcpListener::bind(any).with_context(|| format!("binding tcp {any} in {}", ns.name()))?;
+                let udp = UdpSocket::bind(any).with_context(|| format!("binding udp {any} in {}", ns.name()))?;
+                Ok((tcp, udp))
+            })
+            .join()
+            .expect("the bind thread does not panic")
+        })?;
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reply = format!("{name}\n").into_bytes();
+        let name_is_address = name == ANSWER_LOCAL_ADDRESS;
+        let tcp_thread = {
+            let (stop, reply) = (stop.clone(), reply.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut conn, _)) => {
+                            let _ = conn.set_nonblocking(false);
+                            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+                            let answer = match (name_is_address, conn.local_addr()) {
+                                (true, Ok(local)) => format!("{}\n", local.ip()).into_bytes(),
+                                _ => reply.clone(),
+                            };
+                            let _ = conn.write_all(&answer);
+                            // Drain what the client sent (requests of any size), then close.
+                            let mut buf = [0u8; 4096];
+                            while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        let udp_thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(&reply, peer);
+                    }
+                }
+            })
+        };
+        Ok(Self { stop, threads: vec![tcp_thread, udp_thread] })
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! ClusterIP socket load balancing on the real kernel: the agent (a real process) reads a
+//! manifest directory and programs the real BPF object, attached to a cgroup this test made;
+//! clients in pod namespaces inside that cgroup make real connections.
+
+use std::{net::Ipv4Addr, path::PathBuf, thread, time::Duration};
+
+use proxy_tests::{
+    agent::Agent,
+    client::{Tally, probe},
+    fixtures::{service, slice, write_text, yaml},
+    netns::run,
+    pod::{ANSWER_LOCAL_ADDRESS, PodServer},
+    topology::SingleNode,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const PORT: u16 = 6666;
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A manifest directory removed on drop.
+struct Manifests(PathBuf);
+
+impl Manifests {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("proxy-manifests-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the manifest directory");
+        Self(dir)
+    }
+
+    fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+
+    /// Writes the seed's service at VIP:PORT → :80 with these endpoints.
+    fn seed(&self, endpoints: &[Ipv4Addr]) {
+        let svc = service("apigw-test1").cluster_ip(&VIP.to_string()).port(PORT.into()).build();
+        let ips: Vec<String> = endpoints.iter().map(Ipv4Addr::to_string).collect();
+        let eps = slice("apigw-test1", "a").port(80).endpoints(ips.iter().map(String::as_str)).build();
+        write_text(&self.0, "apigw-test1.yaml", &(yaml(&svc) + &yaml(&eps))).expect("writing the manifest");
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pod_ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, n)
+}
+
+/// Builds node-1 with pods `pod-<n>` at 10.244.1.<n> and starts the agent on `manifests`.
+fn setup(pods: &[u8], manifests: &Manifests) -> (SingleNode, Agent) {
+    let names: Vec<(String, Ipv4Addr)> = pods.iter().map(|n| (format!("pod-{n}"), pod_ip(*n))).collect();
+    let refs: Vec<(&str, Ipv4Addr)> = names.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    let topology = SingleNode::new(&refs, 80).expect("building the namespaces");
+    let agent = Agent::start(
+        AGENT.as_ref(),
+        topology.cgroup.path(),
+        &["--manifests", &manifests.arg(), "--hostname-override", "node-1"],
+    )
+    .expect("starting the agent");
+    (topology, agent)
+}
+
+fn connect(topology: &SingleNode, target: &str, count: usize) -> Tally {
+    probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &["tcp", target, &count.to_string(), "500"])
+        .expect("running the probe")
+}
+
+/// Pearson's chi-square statistic of `counts` against a uniform spread.
+fn chi_square(counts: &[usize]) -> f64 {
+    let total: usize = counts.iter().sum();
+    let expected = total as f64 / counts.len() as f64;
+    counts.iter().map(|&c| (c as f64 - expected).powi(2) / expected).sum()
+}
+
+/// Chi-square critical values at p = 1e-6 for 1 and 2 degrees of freedom: a uniform pick
+/// exceeds them less than once in a million runs. (For 2 dof the tail is exp(-x/2).)
+const CHI2_CRITICAL_1E6: [f64; 2] = [23.928, 27.631];
+
+fn assert_uniform(pods: &[u8], connections: usize) {
+    let manifests = Manifests::new();
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|n| pod_ip(*n)).collect();
+    manifests.seed(&ips);
+    let (topology, agent) = setup(pods, &manifests);
+    agent.wait_for_count(VIP, PORT, Some(pods.len() as u16), WAIT).unwrap();
+    let tally = connect(&topology, &format!("{VIP}:{PORT}"), connections);
+    assert_eq!(tally.answered(), connections, "every connection is answered: {tally:?}");
+    let counts: Vec<usize> = pods.iter().map(|n| tally.from(&format!("pod-{n}"))).collect();
+    let chi2 = chi_square(&counts);
+    let critical = CHI2_CRITICAL_1E6[pods.len() - 2];
+    assert!(
+        chi2 < critical,
+        "spread {counts:?} over {} backends is not uniform (chi2 {chi2:.1} >= {critical})",
+        pods.len()
+    );
+}
+
+/// e2e row 1's core: a ClusterIP spreads connections uniformly over two backends.
+#[test]
+fn uniform_pick_between_two_backends() {
+    assert_uniform(&[2, 3], 600);
+}
+
+/// The same with three backends.
+#[test]
+fn uniform_pick_between_three_backends() {
+    assert_uniform(&[2, 3, 4], 900);
+}
+
+/// e2e row 1: endpoints added and removed while a client keeps connecting; every connection is
+/// answered, new endpoints get traffic, removed ones stop getting it.
+#[test]
+fn endpoints_follow_the_manifest_while_traffic_flows() {
+    let manifests = Manifests::new();
+    manifests.seed(&[pod_ip(2), pod_ip(3)]);
+    let (topology, agent) = setup(&[2, 3, 4], &manifests);
+    agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
+    let target = format!("{VIP}:{PORT}");
+
+    thread::scope(|s| {
+        let background = s.spawn(|| connect(&topology, &target, 1500));
+        manifests.seed(&[pod_ip(2), pod_ip(3), pod_ip(4)]);
+        agent.wait_for_count(VIP, PORT, Some(3), WAIT).unwrap();
+        let grown = connect(&topology, &target, 300);
+        assert!(grown.from("pod-4") > 0, "the added endpoint gets traffic: {grown:?}");
+        manifests.seed(&[pod_ip(2), pod_ip(4)]);
+        agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
+        let shrunk = connect(&topology, &target, 300);
+        assert_eq!(shrunk.from("pod-3"), 0, "the removed endpoint gets no new connection: {shrunk:?}");
+        assert_eq!(shrunk.answered(), 300, "{shrunk:?}");
+        let during = background.join().unwrap();
+        assert!(during.errors.is_empty(), "no connection failed while endpoints changed: {during:?}");
+        assert_eq!(during.answered(), 1500);
+    });
+}
+
+/// A service with 1000 endpoints (no cap on the backend set): one namespace holds all 1000
+/// addresses and answers with the address each connection reached.
+#[test]
+fn thousand_endpoint_service() {
+    const N: usize = 1000;
+    let endpoints: Vec<Ipv4Addr> =
+        (0..N).map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 100, 1)) + i as u32)).collect();
+    let manifests = Manifests::new();
+    manifests.seed(&endpoints);
+    let (mut topology, agent) = setup(&[], &manifests);
+    topology.add_pod("big", pod_ip(50), 81).unwrap();
+    let big = topology.pods.last_mut().unwrap();
+    big.stop();
+    let batch: String = endpoints.iter().map(|ip| format!("addr add {ip}/32 dev eth0\n")).collect();
+    let batch_file = std::env::temp_dir().join(format!("proxy-batch-{}", std::process::id()));
+    std::fs::write(&batch_file, batch).unwrap();
+    run("ip", &["-n", big.ns.name(), "-batch", &batch_file.to_string_lossy()]).unwrap();
+    let _ = std::fs::remove_file(&batch_file);
+    let _server = PodServer::start(&big.ns, 80, ANSWER_LOCAL_ADDRESS).unwrap();
+    topology.node.ip(&["route", "add", "10.244.100.0/22", "via", &pod_ip(50).to_string()]).unwrap();
+    agent.wait_for_count(VIP, PORT, Some(N as u16), WAIT).unwrap();
+
+    let tally = connect(&topology, &format!("{VIP}:{PORT}"), 5000);
+    assert_eq!(tally.answered(), 5000, "{:?}", tally.errors);
+    let wanted: std::collections::HashSet<String> = endpoints.iter().map(Ipv4Addr::to_string).collect();
+    assert!(tally.answers.keys().all(|a| wanted.contains(a)), "answers come only from the endpoints");
+    // 5000 uniform draws from 1000 reach about 993 distinct endpoints; 950 is > 6 sd below.
+    assert!(tally.answers.len() >= 950, "only {} of {N} endpoints reached", tally.answers.len());
+}
+
+/// Connections to addresses that are not service frontends are not touched: a pod directly,
+/// another port of the ClusterIP, an unused address in the service range.
+#[test]
+fn connects_to_other_addresses_are_untouched() {
+    let manifests = Manifests::new();
+    manifests.seed(&[pod_ip(2), pod_ip(3)]);
+    let (topology, agent) = setup(&[2, 3], &manifests);
+    agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
+    let direct = connect(&topology, &format!("{}:80", pod_ip(3)), 50);
+    assert_eq!(direct.from("pod-3"), 50, "a direct connection reaches exactly that pod: {direct:?}");
+    for target in [format!("{VIP}:7777"), "10.96.0.99:6666".to_owned()] {
+        let tally =
+            probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &["tcp", &target, "3", "300"]).unwrap();
+        assert_eq!(tally.answered(), 0, "{target} is not a frontend and must not be translated: {tally:?}");
+    }
+}
+
+/// Without the agent's program on the client's cgroup, the ClusterIP goes nowhere: the
+/// translation above is ours.
+#[test]
+fn clients_outside_the_cgroup_are_not_translated() {
+    let manifests = Manifests::new();
+    manifests.seed(&[pod_ip(2)]);
+    let (topology, agent) = setup(&[2], &manifests);
+    agent.wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
+    let inside = connect(&topology, &format!("{VIP}:{PORT}"), 5);
+    assert_eq!(inside.from("pod-2"), 5, "{inside:?}");
+    let outside =
+        probe(PROBE.as_ref(), &topology.client.ns, None, &["tcp", &format!("{VIP}:{PORT}"), "3", "300"]).unwrap();
+    assert_eq!(outside.answered(), 0, "{outside:?}");
+}
+
+/// e2e row 29: a service port with no endpoint refuses the connection at once (kube-proxy's
+/// REJECT), instead of timing out.
+#[test]
+fn no_endpoints_refuses_connections() {
+    let manifests = Manifests::new();
+    manifests.seed(&[]);
+    let (topology, agent) = setup(&[2], &manifests);
+    agent.wait_for_count(VIP, PORT, Some(0), WAIT).unwrap();
+    let tally = connect(&topology, &format!("{VIP}:{PORT}"), 5);
+    assert_eq!(tally.errors.get("refused"), Some(&5), "{tally:?}");
+}
+
+/// Malformed input is skipped with one log line naming the file and the field; the good
+/// service in the same directory is still served.
+#[test]
+fn malformed_manifests_are_skipped_and_the_rest_is_served() {
+    let manifests = Manifests::new();
+    manifests.seed(&[pod_ip(2)]);
+    write_text(&manifests.0, "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n").unwrap();
+    let bad_ip = service("bad-ip").cluster_ip("10.96.0.300").port(80).build();
+    let bad_port = service("bad-port").cluster_ip("10.96.0.11").port(70000).build();
+    write_text(&manifests.0, "bad.yaml", &(yaml(&bad_ip) + &yaml(&bad_port))).unwrap();
+    let (topology, mut agent) = setup(&[2], &manifests);
+    agent.wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
+    agent.wait_for_log("spec.clusterIPs[0]", WAIT).unwrap();
+    agent.wait_for_log("spec.ports[0].port", WAIT).unwrap();
+    let log = agent.log();
+    assert!(log.contains("broken.yaml"), "the unparseable file is named:\n{log}");
+    assert!(log.contains("default/bad-ip") && log.contains("10.96.0.300"), "the bad address is named:\n{log}");
+    assert!(log.contains("default/bad-port") && log.contains("70000"), "the bad port is named:\n{log}");
+    let frontends: Vec<_> = agent.maps().unwrap().services().filter(|(k, _)| k.slot == 0).map(|(k, _)| k).collect();
+    assert_eq!(frontends.len(), 1, "only the good frontend is programmed: {frontends:?}");
+    assert_eq!(agent.count(Ipv4Addr::new(10, 96, 0, 11), 70000u32 as u16).unwrap(), None);
+    let tally = connect(&topology, &format!("{VIP}:{PORT}"), 10);
+    assert_eq!(tally.from("pod-2"), 10, "{tally:?}");
+}
+
+/// The maps carry BTF: `bpftool map dump` prints keys and values with field names.
+#[test]
+fn bpftool_shows_maps_with_field_names() {
+    let manifests = Manifests::new();
+    manifests.seed(&[pod_ip(2), pod_ip(3)]);
+    let (_topology, agent) = setup(&[2, 3], &manifests);
+    agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
+    let dump =
+        run("bpftool", &["-j", "map", "dump", "pinned", &agent.bpf_root().join("services").to_string_lossy()]).unwrap();
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&dump).unwrap();
+    let master = entries
+        .iter()
+        .map(|e| e.get("formatted").unwrap_or(e))
+        .find(|e| e["key"]["slot"] == 0)
+        .unwrap_or_else(|| panic!("no master entry with named fields in {dump}"));
+    assert_eq!(master["key"]["address"], serde_json::json!(VIP.octets()));
+    assert_eq!(master["key"]["port"], PORT);
+    assert_eq!(master["value"]["count"], 2);
+    let backends =
+        run("bpftool", &["-j", "map", "dump", "pinned", &agent.bpf_root().join("backends").to_string_lossy()]).unwrap();
+    let backends: Vec<serde_json::Value> = serde_json::from_str(&backends).unwrap();
+    let mut addresses: Vec<_> =
+        backends.iter().map(|e| e.get("formatted").unwrap_or(e)["value"]["address"].clone()).collect();
+    addresses.sort_by_key(|a| a.to_string());
+    assert_eq!(addresses, vec![serde_json::json!(pod_ip(2).octets()), serde_json::json!(pod_ip(3).octets())]);
+}

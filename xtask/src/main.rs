@@ -1,0 +1,99 @@
+//! `cargo xtask <command>`: the one entry point a person needs. Every command first makes sure
+//! the machine has what the project needs (idempotent, cached), then runs cargo.
+
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, set up, demo and test the eBPF service proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: apt packages (iproute2, bpftool, ...), the nightly's rust-src,
+    /// bpf-linker built against the nightly's LLVM; mount bpffs. Safe to run again.
+    Setup,
+    /// Build the agent (with its embedded BPF object).
+    Build {
+        /// Build with optimisations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Load-balance the example ClusterIP service between pods in network namespaces (root).
+    Demo {
+        /// Directory of manifests to serve (default: examples/).
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+    },
+    /// Run every check and test: fmt, clippy -D warnings, unit tests, real-kernel end-to-end
+    /// tests (root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    match cli.command {
+        Cmd::Setup => setup::ensure(),
+        Cmd::Build { release } => {
+            setup::ensure()?;
+            let mut args = vec!["build", "--package", "proxy-agent"];
+            if release {
+                args.push("--release");
+            }
+            cargo(&args)
+        }
+        Cmd::Demo { manifests } => {
+            setup::ensure()?;
+            setup::require_root("the demo creates network namespaces and attaches BPF programs")?;
+            cargo(&["build", "--package", "proxy-tests", "--bins"])?;
+            let mut demo = Command::new(root.join("target/debug/demo"));
+            if let Some(dir) = manifests {
+                demo.arg(dir);
+            }
+            run(&mut demo)
+        }
+        Cmd::Test { args } => {
+            setup::ensure()?;
+            setup::require_root("the end-to-end tests create network namespaces and attach BPF programs")?;
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            let mut test = vec!["test", "--workspace", "--no-fail-fast"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&test)
+        }
+    }
+}
+
+/// The workspace root (this crate's parent).
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+}
+
+/// Runs cargo with the tool directories on PATH.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args))
+}
+
+/// Runs a command with the tool directories on PATH, failing if it fails.
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
+    command.env("PATH", setup::path_with_tools());
+    let status = command.status().with_context(|| format!("running {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}

@@ -11,7 +11,7 @@ use crate::{
     datapath::{self, Datapath, LoadOptions, writer::Writer},
     metrics::Metrics,
     model::Cidr,
-    source::manifests,
+    source::{kube, manifests},
     sync::{self, SyncConfig, Syncer},
 };
 
@@ -153,12 +153,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (_datapath, maps) = Datapath::load(&opts).context("loading the datapath")?;
     let metrics = Metrics::new();
     let config = SyncConfig { node_name: node_name(&args), nodeport_cidrs: args.nodeport_addresses.clone() };
+    let node_name = config.node_name.clone();
     info!(node = config.node_name, bpf_root = %opts.bpf_root.display(), cgroup = %opts.cgroup.display(), "datapath ready");
     let syncer = Syncer::new(Writer::new(maps), config, metrics.clone());
     let (updates_tx, updates) = mpsc::channel(1024);
     let source = match &args.manifests {
         Some(dir) => tokio::spawn(manifests::run(dir.clone(), updates_tx, metrics.clone())),
-        None => anyhow::bail!("no source: pass --manifests DIR (the Kubernetes API source is not built yet)"),
+        None => {
+            let client = kube::client(args.kubeconfig.as_deref()).await?;
+            tokio::spawn(async move {
+                kube::run(client, node_name, updates_tx).await;
+                Ok(())
+            })
+        }
     };
     let sync = tokio::spawn(sync::run(syncer, updates, args.min_sync_period));
     tokio::select! {

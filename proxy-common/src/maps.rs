@@ -8,6 +8,9 @@ pub const BACKENDS: &str = "backends";
 /// ClientIP affinity LRU ([`crate::affinity`]).
 pub const AFFINITY: &str = "affinity";
 
+/// Service id → service port name, for inspection ([`crate::service::ServiceName`]).
+pub const SERVICE_NAMES: &str = "service_names";
+
 /// Default size of [`SERVICES`]: 10 000 services with 10 endpoints on two frontends each fit.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 /// Default size of [`BACKENDS`].
@@ -15,5 +18,8 @@ pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
 /// Default size of [`AFFINITY`].
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 
+/// Default size of [`SERVICE_NAMES`].
+pub const SERVICE_NAMES_MAX_ENTRIES: u32 = 65_536;
+
 /// Every map the agent pins, in the order `inspect` lists them.
-pub const ALL: &[&str] = &[SERVICES, BACKENDS, AFFINITY];
+pub const ALL: &[&str] = &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY];

@@ -90,4 +90,29 @@ pub const SVC_F_AFFINITY: u16 = 1 << 7;
 /// Only terminating endpoints are left, and they serve (graceful-termination fallback).
 pub const SVC_F_TERMINATING_FALLBACK: u16 = 1 << 8;
 
-user_pod!(ServiceKey, ServiceValue);
+/// Value of the `service_names` map (key: [`ServiceValue::service_id`]): which service port an id
+/// stands for, so `inspect` and `bpftool` can name it. The datapath never reads it. Strings are
+/// NUL-padded UTF-8 (Kubernetes names fit: namespaces and services are at most 63 bytes, port
+/// names 15).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    /// The service's namespace.
+    pub namespace: [u8; 64],
+    /// The service's name.
+    pub name: [u8; 64],
+    /// The port's name (empty for an unnamed port).
+    pub port: [u8; 16],
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<ServiceName>() == 152);
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self { namespace: [0; 64], name: [0; 64], port: [0; 16], proto: 0, _pad: [0; 7] }
+    }
+}
+
+user_pod!(ServiceKey, ServiceValue, ServiceName);

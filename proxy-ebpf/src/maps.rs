@@ -8,8 +8,8 @@ use aya_ebpf::{
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
-    maps::{AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, SERVICES_MAX_ENTRIES},
-    service::{ServiceKey, ServiceValue},
+    maps::{AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SERVICES_MAX_ENTRIES},
+    service::{ServiceKey, ServiceName, ServiceValue},
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count).
@@ -19,6 +19,10 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX_ENTRIES as
 /// Backend id → endpoint.
 #[btf_map(name = "backends")]
 pub static BACKENDS: HashMap<BackendId, Backend, { BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// Service id → service port name. Written by the agent for inspection; never read here.
+#[btf_map(name = "service_names")]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName, { SERVICE_NAMES_MAX_ENTRIES as usize }> = HashMap::new();
 
 /// ClientIP session affinity: (client, service port) → (backend, last use).
 #[btf_map(name = "affinity")]

@@ -20,7 +20,7 @@ use aya::{
 use proxy_common::{
     backend::{Backend, BackendId},
     maps,
-    service::{ServiceKey, ServiceValue},
+    service::{ServiceKey, ServiceName, ServiceValue},
 };
 use tracing::{debug, info};
 
@@ -93,7 +93,8 @@ impl Datapath {
         loader
             .map_max_entries(maps::SERVICES, opts.services_max)
             .map_max_entries(maps::BACKENDS, opts.backends_max)
-            .map_max_entries(maps::AFFINITY, opts.affinity_max);
+            .map_max_entries(maps::AFFINITY, opts.affinity_max)
+            .map_max_entries(maps::SERVICE_NAMES, opts.services_max.min(maps::SERVICE_NAMES_MAX_ENTRIES));
         let mut ebpf = loader.load(OBJECT)?;
         let cgroup = fs::File::open(&opts.cgroup)
             .map_err(|source| DatapathError::Cgroup { path: opts.cgroup.clone(), source })?;
@@ -181,6 +182,7 @@ pub fn cleanup(root: &Path) -> io::Result<usize> {
 pub struct AyaMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendId, Backend>,
+    names: HashMap<MapData, u32, ServiceName>,
 }
 
 impl AyaMaps {
@@ -194,7 +196,11 @@ impl AyaMaps {
                 .ok_or(DatapathError::Map { name, source: MapError::InvalidName { name: name.into() } })?;
             HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
         }
-        Ok(Self { services: take(ebpf, maps::SERVICES)?, backends: take(ebpf, maps::BACKENDS)? })
+        Ok(Self {
+            services: take(ebpf, maps::SERVICES)?,
+            backends: take(ebpf, maps::BACKENDS)?,
+            names: take(ebpf, maps::SERVICE_NAMES)?,
+        })
     }
 
     /// Opens the maps pinned under `root` (for tools that run beside the agent).
@@ -206,12 +212,21 @@ impl AyaMaps {
             let data = MapData::from_pin(root.join(name)).map_err(|source| DatapathError::Map { name, source })?;
             HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|source| DatapathError::Map { name, source })
         }
-        Ok(Self { services: open(root, maps::SERVICES)?, backends: open(root, maps::BACKENDS)? })
+        Ok(Self {
+            services: open(root, maps::SERVICES)?,
+            backends: open(root, maps::BACKENDS)?,
+            names: open(root, maps::SERVICE_NAMES)?,
+        })
     }
 
     /// Every `services` entry.
     pub fn services(&self) -> impl Iterator<Item = (ServiceKey, ServiceValue)> + '_ {
         self.services.iter().filter_map(Result::ok)
+    }
+
+    /// Every `service_names` entry.
+    pub fn service_names(&self) -> impl Iterator<Item = (u32, ServiceName)> + '_ {
+        self.names.iter().filter_map(Result::ok)
     }
 
     /// Every `backends` entry.
@@ -248,11 +263,23 @@ impl MapStore for AyaMaps {
         absent_ok(self.backends.remove(&id))
     }
 
+    fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapError> {
+        self.names.insert(id, name, 0)
+    }
+
+    fn delete_service_name(&mut self, id: u32) -> Result<(), MapError> {
+        absent_ok(self.names.remove(&id))
+    }
+
     fn service_keys(&self) -> Vec<ServiceKey> {
         self.services.keys().filter_map(Result::ok).collect()
     }
 
     fn backend_ids(&self) -> Vec<BackendId> {
         self.backends.keys().filter_map(Result::ok).collect()
+    }
+
+    fn service_names(&self) -> Vec<(u32, ServiceName)> {
+        self.service_names().collect()
     }
 }

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
-    service::{SCOPE_INTERNAL, ServiceKey, ServiceValue},
+    service::{SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
 };
 
 use crate::model::{Endpoint, Frontend, FrontendEntry, ServicePortName};
@@ -30,10 +30,16 @@ pub trait MapStore {
     fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), Self::Error>;
     /// Deletes a `backends` entry (absent is fine).
     fn delete_backend(&mut self, id: BackendId) -> Result<(), Self::Error>;
+    /// Inserts or replaces a `service_names` entry.
+    fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), Self::Error>;
+    /// Deletes a `service_names` entry (absent is fine).
+    fn delete_service_name(&mut self, id: u32) -> Result<(), Self::Error>;
     /// Every `services` key present.
     fn service_keys(&self) -> Vec<ServiceKey>;
     /// Every `backends` id present.
     fn backend_ids(&self) -> Vec<BackendId>;
+    /// Every `service_names` entry present.
+    fn service_names(&self) -> Vec<(u32, ServiceName)>;
 }
 
 /// What is programmed for one frontend.
@@ -69,11 +75,13 @@ struct Ids<K> {
     ids: HashMap<K, (u32, usize)>,
     in_use: HashSet<u32>,
     next: u32,
+    /// Ids an earlier agent gave keys: a key gets its old id back (until the sweep).
+    reserved: HashMap<K, u32>,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
     fn new() -> Self {
-        Self { ids: HashMap::new(), in_use: HashSet::new(), next: 1 }
+        Self { ids: HashMap::new(), in_use: HashSet::new(), next: 1, reserved: HashMap::new() }
     }
 
     /// The id of `key`, taking a reference; `true` when the id is new.
@@ -82,12 +90,17 @@ impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
             *refs += 1;
             return (*id, false);
         }
-        // 0 is never an id; skip ids still in use after a wrap.
-        while self.next == 0 || self.in_use.contains(&self.next) {
-            self.next = self.next.wrapping_add(1);
-        }
-        let id = self.next;
-        self.next = self.next.wrapping_add(1);
+        let id = match self.reserved.remove(key) {
+            Some(id) => id,
+            None => {
+                // 0 is never an id; skip ids in use (or reserved) after a wrap.
+                while self.next == 0 || self.in_use.contains(&self.next) {
+                    self.next = self.next.wrapping_add(1);
+                }
+                self.next = self.next.wrapping_add(1);
+                self.next.wrapping_sub(1)
+            }
+        };
         self.in_use.insert(id);
         self.ids.insert(key.clone(), (id, 1));
         (id, true)
@@ -127,8 +140,14 @@ impl<S: MapStore> Writer<S> {
     pub fn new(store: S) -> Self {
         let mut backends = Ids::new();
         backends.next = store.backend_ids().into_iter().max().unwrap_or(0).wrapping_add(1);
+        // Service ids are kept across agents (their affinity entries stay valid), the rest start
+        // above them.
         let mut services = Ids::new();
-        services.next = backends.next;
+        for (id, name) in store.service_names() {
+            services.in_use.insert(id);
+            services.reserved.insert(service_port_name(&name), id);
+        }
+        services.next = services.in_use.iter().max().copied().unwrap_or(0).wrapping_add(1);
         Self { store, programmed: HashMap::new(), backends, backend_by_id: HashMap::new(), services }
     }
 
@@ -148,6 +167,10 @@ impl<S: MapStore> Writer<S> {
                 self.store.delete_backend(id)?;
                 stats.backend_writes += 1;
             }
+        }
+        for (_, id) in std::mem::take(&mut self.services.reserved) {
+            self.services.in_use.remove(&id);
+            self.store.delete_service_name(id)?;
         }
         Ok(stats)
     }
@@ -204,7 +227,10 @@ impl<S: MapStore> Writer<S> {
         taken: &mut Vec<Backend>,
     ) -> Result<(Programmed, WriteStats), S::Error> {
         let mut stats = WriteStats::default();
-        let (service_id, _) = self.services.acquire(&entry.service);
+        let (service_id, new_service) = self.services.acquire(&entry.service);
+        if new_service {
+            self.store.put_service_name(service_id, service_name(&entry.service))?;
+        }
         let old_external = old.map_or(&[][..], |o| &o.external[..]);
         let old_internal = old.and_then(|o| o.internal.as_deref());
         let external = self.layout(old_external, &entry.backends, frontend.proto, taken, &mut stats)?;
@@ -269,7 +295,9 @@ impl<S: MapStore> Writer<S> {
         for backend in taken {
             self.release_backend(backend);
         }
-        self.services.release(&entry.service);
+        if let Some(id) = self.services.release(&entry.service) {
+            let _ = self.store.delete_service_name(id);
+        }
         if let Some(old) = old {
             let _ = self.release(&old, &mut stats);
         }
@@ -365,7 +393,9 @@ impl<S: MapStore> Writer<S> {
                 result = result.and(deleted);
             }
         }
-        self.services.release(&old.service);
+        if let Some(id) = self.services.release(&old.service) {
+            result = result.and(self.store.delete_service_name(id));
+        }
         result
     }
 
@@ -375,6 +405,38 @@ impl<S: MapStore> Writer<S> {
         let id = self.backends.release(backend)?;
         self.backend_by_id.remove(&id);
         Some(self.store.delete_backend(id))
+    }
+}
+
+/// The `service_names` value of a service port (names longer than a field are cut, which
+/// Kubernetes' own limits never need).
+fn service_name(service: &ServicePortName) -> ServiceName {
+    fn copy<const N: usize>(text: &str) -> [u8; N] {
+        let mut out = [0; N];
+        let len = text.len().min(N);
+        out[..len].copy_from_slice(&text.as_bytes()[..len]);
+        out
+    }
+    ServiceName {
+        namespace: copy(&service.namespace),
+        name: copy(&service.name),
+        port: copy(&service.port),
+        proto: service.proto,
+        _pad: [0; 7],
+    }
+}
+
+/// The service port a `service_names` value names.
+fn service_port_name(name: &ServiceName) -> ServicePortName {
+    fn text(bytes: &[u8]) -> String {
+        let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+        String::from_utf8_lossy(&bytes[..end]).into_owned()
+    }
+    ServicePortName {
+        namespace: text(&name.namespace),
+        name: text(&name.name),
+        port: text(&name.port),
+        proto: name.proto,
     }
 }
 
@@ -526,6 +588,18 @@ mod tests {
     }
 
     impl MapStore for Recorder {
+        fn put_service_name(&mut self, _: u32, _: ServiceName) -> Result<(), Full> {
+            Ok(())
+        }
+
+        fn delete_service_name(&mut self, _: u32) -> Result<(), Full> {
+            Ok(())
+        }
+
+        fn service_names(&self) -> Vec<(u32, ServiceName)> {
+            Vec::new()
+        }
+
         type Error = Full;
 
         fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Full> {

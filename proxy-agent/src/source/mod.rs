@@ -1,6 +1,7 @@
 //! Where the cluster's objects come from. Every source (the manifest directory, the Kubernetes
 //! API) sends the same [`Update`]s, so the model and the datapath cannot tell them apart.
 
+pub mod kube;
 pub mod manifests;
 
 use std::sync::Arc;

@@ -1,0 +1,111 @@
+//! The Kubernetes API source: watches Services, EndpointSlices (all namespaces) and this node
+//! with kube-rs watchers. A (re)list is sent as one `Replace` once complete, so a half-listed
+//! cluster never looks like deleted services; errors, dropped watches and `410 Gone` are retried
+//! with backoff by the watcher (relisting when needed), never by exiting, and the datapath keeps
+//! its last state meanwhile.
+
+use std::{fmt::Debug, path::Path, sync::Arc};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    serde::de::DeserializeOwned,
+};
+use kube::{
+    Api, Client, Config, Resource, ResourceExt as _,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{Change, Sourced, Update};
+use crate::model::object_key;
+
+/// Errors that keep the source from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    /// The kubeconfig could not be read.
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig { path: String, source: kube::config::KubeconfigError },
+    /// No configuration was found (not in a cluster, no kubeconfig).
+    #[error("no Kubernetes configuration (not in a cluster, no kubeconfig; pass --kubeconfig or --manifests): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    /// The client could not be built.
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client from `--kubeconfig`, else the in-cluster config, else the usual kubeconfig search
+/// (`$KUBECONFIG`, `~/.kube/config`), as kube-proxy does.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let error = |source| KubeSourceError::Kubeconfig { path: path.display().to_string(), source };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(error)?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.map_err(error)?
+        }
+        None => Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Watches until `updates` closes.
+pub async fn run(client: Client, node_name: String, updates: mpsc::Sender<Update>) {
+    let node_config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    tokio::join!(
+        watch(Api::<Service>::all(client.clone()), watcher::Config::default(), updates.clone(), Update::Services),
+        watch(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), updates.clone(), Update::Slices),
+        watch(Api::<Node>::all(client), node_config, updates, Update::Nodes),
+    );
+}
+
+/// One kind's watch loop: turns watcher events into [`Change`]s.
+async fn watch<K>(api: Api<K>, config: watcher::Config, updates: mpsc::Sender<Update>, wrap: fn(Change<K>) -> Update)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let kind = K::kind(&()).into_owned();
+    // managedFields can be most of an object's size, and nothing here reads them.
+    let mut events = watcher(api, config).default_backoff().modify(|o| o.managed_fields_mut().clear()).boxed();
+    let mut listing: Vec<Sourced<K>> = Vec::new();
+    loop {
+        let event = match events.try_next().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return,
+            Err(error) => {
+                // The watcher relists or rewatches by itself after a backoff.
+                warn!(kind, %error, "watch failed; retrying with backoff");
+                continue;
+            }
+        };
+        let change = match event {
+            watcher::Event::Init => {
+                listing.clear();
+                continue;
+            }
+            watcher::Event::InitApply(object) => {
+                listing.push(Sourced::api(object));
+                continue;
+            }
+            watcher::Event::InitDone => {
+                info!(kind, objects = listing.len(), "listed");
+                Change::Replace(std::mem::take(&mut listing))
+            }
+            watcher::Event::Apply(object) => {
+                debug!(kind, object = object_key(object.meta()), "applied");
+                Change::Apply(Sourced { object: Arc::new(object), origin: None })
+            }
+            watcher::Event::Delete(object) => {
+                debug!(kind, object = object_key(object.meta()), "deleted");
+                Change::Delete(object_key(object.meta()))
+            }
+        };
+        if updates.send(wrap(change)).await.is_err() {
+            return;
+        }
+    }
+}

@@ -11,6 +11,7 @@ use crate::{
     datapath::{self, Datapath, LoadOptions, writer::Writer},
     metrics::Metrics,
     model::Cidr,
+    observe,
     source::{kube, manifests},
     sync::{self, SyncConfig, Syncer},
 };
@@ -27,7 +28,13 @@ pub struct Cli {
 
 /// Subcommands besides running the agent.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Show what the pinned maps hold (services, backends, affinity, conntrack); the agent need
+    /// not run.
+    Inspect(crate::inspect::InspectArgs),
+    /// Explain where a connect or packet from a client to address:port goes, and why.
+    Explain(crate::inspect::ExplainArgs),
+}
 
 /// Flags of the agent itself.
 #[derive(Debug, Args)]
@@ -77,6 +84,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = proxy_common::maps::AFFINITY_MAX_ENTRIES)]
     pub affinity_map_size: u32,
 
+    /// Size of the connection-tracking LRU map of the NodePort path (two entries per flow).
+    #[arg(long, value_name = "N", default_value_t = proxy_common::maps::CONNTRACK_MAX_ENTRIES)]
+    pub conntrack_map_size: u32,
+
+    /// Serve the health check (`GET /healthz`) here; empty disables it. Given twice, the last wins.
+    #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:10256", overrides_with = "healthz_bind_address")]
+    pub healthz_bind_address: observe::BindAddress,
+
+    /// Serve Prometheus metrics (`GET /metrics`) here; empty disables them. Given twice, the last wins.
+    #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:10249", overrides_with = "metrics_bind_address")]
+    pub metrics_bind_address: observe::BindAddress,
+
     /// Detach every program and remove every pin under --bpf-root, then exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -85,6 +104,9 @@ pub struct RunArgs {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 }
+
+/// How often the TC program is attached to interfaces that appeared since.
+const INTERFACE_RESCAN: Duration = Duration::from_secs(2);
 
 /// The binary's entry point.
 pub fn main() -> ExitCode {
@@ -100,7 +122,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         None if cli.run.cleanup => cleanup(&cli.run),
         None => runtime.block_on(run(cli.run)),
-        Some(command) => match command {},
+        Some(Command::Inspect(args)) => crate::inspect::run_inspect(&cli.run.bpf_root, &args).map_err(Into::into),
+        Some(Command::Explain(args)) => crate::inspect::run_explain(&cli.run.bpf_root, &args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,14 +172,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         services_max: args.services_map_size,
         backends_max: args.backends_map_size,
         affinity_max: args.affinity_map_size,
+        conntrack_max: args.conntrack_map_size,
     };
-    let (_datapath, maps) = Datapath::load(&opts).context("loading the datapath")?;
+    let (mut datapath, maps) = Datapath::load(&opts).context("loading the datapath")?;
     let metrics = Metrics::new();
+    let observe = observe::ObserveConfig {
+        healthz: args.healthz_bind_address,
+        metrics: args.metrics_bind_address,
+        bpf_root: opts.bpf_root.clone(),
+        cgroup: opts.cgroup.clone(),
+    };
+    let observer = observe::start(observe, metrics.clone());
     let config = SyncConfig { node_name: node_name(&args), nodeport_cidrs: args.nodeport_addresses.clone() };
     let node_name = config.node_name.clone();
     info!(node = config.node_name, bpf_root = %opts.bpf_root.display(), cgroup = %opts.cgroup.display(), "datapath ready");
     let syncer = Syncer::new(Writer::new(maps), config, metrics.clone());
     let (updates_tx, updates) = mpsc::channel(1024);
+    let updates = observer.track(updates);
     let source = match &args.manifests {
         Some(dir) => tokio::spawn(manifests::run(dir.clone(), updates_tx, metrics.clone())),
         None => {
@@ -167,12 +199,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             })
         }
     };
+    let mut node = syncer.node_updates();
+    let cluster_cidr = args.cluster_cidr;
     let sync = tokio::spawn(sync::run(syncer, updates, args.min_sync_period));
+    // The TC program goes on the node's interfaces, known once the Node is; pods' interfaces
+    // come and go, so look again when the node changes and periodically.
+    let interfaces = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INTERFACE_RESCAN);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = node.changed() => if changed.is_err() { return },
+            }
+            let info = node.borrow_and_update().clone();
+            let pod_cidrs: Vec<_> = info.pod_cidrs.iter().copied().chain(cluster_cidr).collect();
+            if let Err(error) = datapath.attach_interfaces(&info.nodeport_addresses, &pod_cidrs) {
+                tracing::warn!(%error, "attaching the TC program to new interfaces failed");
+            }
+        }
+    });
     tokio::select! {
         result = source => result.context("source task")?.context("source")?,
         _ = sync => {}
         _ = shutdown_signal() => info!("shutting down; programs and maps stay in place"),
     }
+    interfaces.abort();
     Ok(())
 }
 

@@ -6,11 +6,15 @@
 //! - [`sync`]: change tracking and the diff, feeding the writer;
 //! - [`datapath`]: loading and attaching the BPF object, and the map writer (the only code that
 //!   touches the maps);
-//! - [`metrics`]: what the agent reports.
+//! - [`metrics`]: what the agent reports;
+//! - [`inspect`]: `inspect` and `explain`, reading the pinned maps;
+//! - [`observe`]: the `/healthz` and `/metrics` servers, answered from the kernel's state.
 
 pub mod cli;
 pub mod datapath;
+pub mod inspect;
 pub mod metrics;
 pub mod model;
+pub mod observe;
 pub mod source;
 pub mod sync;

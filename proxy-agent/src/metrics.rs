@@ -1,6 +1,9 @@
 //! Prometheus metrics (`--metrics-bind-address`, `/metrics`), with the `prometheus-client` crate.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::SystemTime,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -13,6 +16,26 @@ use crate::model::SkipReason;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: String,
+    state: &'static str,
+}
+
+/// When syncs last succeeded and since when they fail, for `/healthz`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// The end of the last sync without failed map writes.
+    pub last_success: Option<SystemTime>,
+    /// The end of the first sync of the current run of failing ones (`None` if the last succeeded).
+    pub failing_since: Option<SystemTime>,
 }
 
 /// The agent's metrics; cheap to clone, shared by every part that counts something.
@@ -29,6 +52,11 @@ struct Inner {
     frontends: Gauge,
     backends: Gauge,
     last_sync: Gauge,
+    map_entries: Family<MapLabel, Gauge>,
+    map_capacity: Family<MapLabel, Gauge>,
+    map_fill: Family<MapLabel, Gauge<f64, AtomicU64>>,
+    program_links: Family<ProgramLabels, Gauge>,
+    status: Mutex<SyncStatus>,
 }
 
 impl Default for Metrics {
@@ -54,6 +82,18 @@ impl Metrics {
         registry.register("backends_programmed", "Distinct backends in the datapath", backends.clone());
         let last_sync = Gauge::default();
         registry.register("last_sync_timestamp_seconds", "Unix time of the last successful sync", last_sync.clone());
+        let map_entries = Family::<MapLabel, Gauge>::default();
+        registry.register("map_entries", "Entries in each pinned map, as the kernel has them", map_entries.clone());
+        let map_capacity = Family::<MapLabel, Gauge>::default();
+        registry.register("map_max_entries", "Size of each pinned map", map_capacity.clone());
+        let map_fill = Family::<MapLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register("map_fill_ratio", "Entries over size of each pinned map", map_fill.clone());
+        let program_links = Family::<ProgramLabels, Gauge>::default();
+        registry.register(
+            "program_links",
+            "Pinned program links by program and state (attached: the kernel runs the program where it belongs)",
+            program_links.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry: Mutex::new(registry),
@@ -63,6 +103,11 @@ impl Metrics {
                 frontends,
                 backends,
                 last_sync,
+                map_entries,
+                map_capacity,
+                map_fill,
+                program_links,
+                status: Mutex::new(SyncStatus::default()),
             }),
         }
     }
@@ -77,14 +122,53 @@ impl Metrics {
         self.inner.skipped.get_or_create(&ReasonLabel { reason: reason.as_str() }).get()
     }
 
-    /// Records one sync.
+    /// Records one sync; it succeeded if no map write failed.
     pub fn synced(&self, seconds: f64, frontends: usize, backends: usize, errors: u64) {
         self.inner.sync_duration.observe(seconds);
         self.inner.sync_errors.inc_by(errors);
         self.inner.frontends.set(frontends as i64);
         self.inner.backends.set(backends as i64);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        self.inner.last_sync.set(now.as_secs() as i64);
+        let now = SystemTime::now();
+        let mut status = self.inner.status.lock().unwrap_or_else(|e| e.into_inner());
+        if errors == 0 {
+            status.last_success = Some(now);
+            status.failing_since = None;
+            let unix = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            self.inner.last_sync.set(unix.as_secs() as i64);
+        } else {
+            status.failing_since.get_or_insert(now);
+        }
+    }
+
+    /// When syncs last succeeded and since when they fail.
+    pub fn sync_status(&self) -> SyncStatus {
+        *self.inner.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records how full a pinned map is.
+    pub fn map_filled(&self, map: &str, entries: u64, max_entries: u64) {
+        let label = MapLabel { map: map.to_owned() };
+        self.inner.map_entries.get_or_create(&label).set(entries as i64);
+        self.inner.map_capacity.get_or_create(&label).set(max_entries as i64);
+        let ratio = if max_entries == 0 { 0.0 } else { entries as f64 / max_entries as f64 };
+        self.inner.map_fill.get_or_create(&label).set(ratio);
+    }
+
+    /// Replaces the program link counts with `links`: one `(program, attached)` per pinned link.
+    pub fn program_links<'a>(&self, links: impl IntoIterator<Item = (&'a str, bool)>) {
+        let mut counts: std::collections::BTreeMap<&str, [i64; 2]> = std::collections::BTreeMap::new();
+        for (program, attached) in links {
+            counts.entry(program).or_default()[usize::from(!attached)] += 1;
+        }
+        // Both states of every program, so a detached link shows as a change of value, not a
+        // new series; links gone for good drop out.
+        let family = &self.inner.program_links;
+        family.clear();
+        for (program, [attached, detached]) in counts {
+            for (state, n) in [("attached", attached), ("detached", detached)] {
+                family.get_or_create(&ProgramLabels { program: program.to_owned(), state }).set(n);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -12,6 +12,7 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
+use proxy_common::config::NodeConfig;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -70,6 +71,8 @@ pub struct Syncer<S> {
     node_info: NodeInfo,
     /// Whether the first full sync (and the sweep of an earlier agent's entries) is done.
     swept: bool,
+    /// Publishes this node's info (for the TC attachment).
+    node_tx: tokio::sync::watch::Sender<NodeInfo>,
     /// Frontends each service holds.
     owned: HashMap<String, BTreeSet<Frontend>>,
     /// The service holding each frontend.
@@ -89,6 +92,7 @@ impl<S: MapStore> Syncer<S> {
             metrics,
             node_info,
             swept: false,
+            node_tx: tokio::sync::watch::Sender::new(NodeInfo::default()),
             owned: HashMap::new(),
             holder: HashMap::new(),
             contenders: HashMap::new(),
@@ -105,9 +109,15 @@ impl<S: MapStore> Syncer<S> {
         self.store.listed.iter().all(|l| *l)
     }
 
-    /// Whether a sync has work to do.
+    /// Whether a sync has work to do (the first one always has: it sweeps an earlier agent's
+    /// leftovers even when the cluster is empty).
     pub fn pending(&self) -> bool {
-        self.store.all_dirty || !self.store.dirty.is_empty()
+        self.store.all_dirty || !self.store.dirty.is_empty() || !self.swept
+    }
+
+    /// This node's info as it changes (addresses, pod ranges).
+    pub fn node_updates(&self) -> tokio::sync::watch::Receiver<NodeInfo> {
+        self.node_tx.subscribe()
     }
 
     /// Takes one update from a source into the store, marking what it affects.
@@ -218,6 +228,12 @@ impl<S: MapStore> Syncer<S> {
         self.store.node = node;
         if info != self.node_info {
             info!(node = name, addresses = ?info.nodeport_addresses, "node addresses for nodePorts");
+            // External traffic to externalIPs and LoadBalancer IPs is SNATed to the first one.
+            let snat_address = info.nodeport_addresses.first().map_or([0; 4], |a| a.octets());
+            if let Err(error) = self.writer.set_node_config(NodeConfig { snat_address, _pad: [0; 4] }) {
+                warn!(%error, "writing the node's settings to the config map failed");
+            }
+            self.node_tx.send_replace(info.clone());
             self.node_info = info;
             self.store.all_dirty = true;
         }

@@ -8,6 +8,8 @@
 
 pub mod affinity;
 pub mod backend;
+pub mod config;
+pub mod conntrack;
 pub mod maps;
 pub mod service;
 

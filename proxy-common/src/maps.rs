@@ -11,6 +11,11 @@ pub const AFFINITY: &str = "affinity";
 /// Service id → service port name, for inspection ([`crate::service::ServiceName`]).
 pub const SERVICE_NAMES: &str = "service_names";
 
+/// Per-flow NAT state of the TC path ([`crate::conntrack`]).
+pub const CONNTRACK: &str = "conntrack";
+/// The node's settings for the datapath ([`crate::config`]), one entry at index 0.
+pub const CONFIG: &str = "config";
+
 /// Default size of [`SERVICES`]: 10 000 services with 10 endpoints on two frontends each fit.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 /// Default size of [`BACKENDS`].
@@ -21,5 +26,8 @@ pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 /// Default size of [`SERVICE_NAMES`].
 pub const SERVICE_NAMES_MAX_ENTRIES: u32 = 65_536;
 
+/// Default size of [`CONNTRACK`] (two entries per flow).
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+
 /// Every map the agent pins, in the order `inspect` lists them.
-pub const ALL: &[&str] = &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY];
+pub const ALL: &[&str] = &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY, CONNTRACK, CONFIG];

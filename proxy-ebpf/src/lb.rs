@@ -14,10 +14,21 @@ use crate::maps::{AFFINITY, BACKENDS, SERVICES};
 pub enum Verdict {
     /// Not a service frontend: leave the traffic alone.
     NotAService,
-    /// A frontend with no usable endpoint: refuse (kube-proxy's REJECT).
-    NoBackend,
+    /// A frontend with no usable endpoint (its master's flags): refuse, as kube-proxy's REJECT
+    /// does, or drop for external traffic under `externalTrafficPolicy: Local`.
+    NoBackend(u16),
     /// Send the traffic to this endpoint.
-    Backend(Backend),
+    Backend(Selected),
+}
+
+/// A chosen backend.
+pub struct Selected {
+    /// The endpoint.
+    pub backend: Backend,
+    /// Its id.
+    pub id: BackendId,
+    /// The frontend master's `SVC_F_*` flags.
+    pub flags: u16,
 }
 
 /// Which backend set applies to the traffic.
@@ -26,7 +37,6 @@ pub enum Origin {
     /// Started on this node (socket path).
     Node,
     /// Entered the node from outside (TC path).
-    #[expect(dead_code, reason = "the TC NodePort path is the next attach point")]
     External,
 }
 
@@ -43,27 +53,27 @@ pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origi
         key = key.with_scope(SCOPE_INTERNAL);
         match self::master(&key) {
             Some(internal) => master = internal,
-            None => return Verdict::NoBackend,
+            None => return Verdict::NoBackend(master.flags),
         }
     }
     if master.count == 0 {
-        return Verdict::NoBackend;
+        return Verdict::NoBackend(master.flags);
     }
     let affinity = master.flags & SVC_F_AFFINITY != 0;
     let affinity_key = AffinityKey { service_id: master.service_id, ..client };
     let now = unsafe { bpf_ktime_get_ns() };
-    if affinity && let Some(backend) = remembered(&affinity_key, master.affinity_timeout, now) {
-        return Verdict::Backend(backend);
+    if affinity && let Some((id, backend)) = remembered(&affinity_key, master.affinity_timeout, now) {
+        return Verdict::Backend(Selected { backend, id, flags: master.flags });
     }
     let Some((id, backend)) = pick(key, master.count) else {
-        return Verdict::NoBackend;
+        return Verdict::NoBackend(master.flags);
     };
     if affinity {
         let value = AffinityValue { last_used_ns: now, backend_id: id, _pad: 0 };
         // Losing the affinity record only costs stickiness for the next connection.
         let _ = AFFINITY.insert(&affinity_key, &value, 0);
     }
-    Verdict::Backend(backend)
+    Verdict::Backend(Selected { backend, id, flags: master.flags })
 }
 
 #[inline(always)]
@@ -103,7 +113,7 @@ fn slot_backend(key: ServiceKey) -> Option<(BackendId, Backend)> {
 /// The client's backend from the affinity map, if it was used within `timeout` seconds and
 /// still exists; refreshes its last use.
 #[inline(always)]
-fn remembered(key: &AffinityKey, timeout: u32, now: u64) -> Option<Backend> {
+fn remembered(key: &AffinityKey, timeout: u32, now: u64) -> Option<(BackendId, Backend)> {
     let entry = AFFINITY.get_ptr_mut(key)?;
     // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
     let (last_used, id) = unsafe { ((*entry).last_used_ns, (*entry).backend_id) };
@@ -112,5 +122,5 @@ fn remembered(key: &AffinityKey, timeout: u32, now: u64) -> Option<Backend> {
     }
     let backend = backend(id)?;
     unsafe { (*entry).last_used_ns = now };
-    Some(backend)
+    Some((id, backend))
 }

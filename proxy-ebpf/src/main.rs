@@ -3,6 +3,7 @@
 //! - `maps`: every map, declared with BTF so `bpftool` prints field names.
 //! - `lb`: frontend lookup and backend selection, the one place that decides where traffic goes.
 //! - `sock`: cgroup sock_addr programs (socket load balancing for traffic started on the node).
+//! - `tc`: the TC ingress program (NodePort and external traffic: DNAT, SNAT, conntrack).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(target_arch = "bpf", deny(warnings))]
@@ -13,6 +14,8 @@ mod lb;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sock;
+#[cfg(target_arch = "bpf")]
+mod tc;
 
 /// Lets `cargo check --workspace` build this crate for the host; the real object is built for
 /// bpfel-unknown-none by proxy-agent's build.rs.

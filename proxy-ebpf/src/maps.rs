@@ -2,13 +2,18 @@
 //! are repeated as literals because the attribute needs one; the agent checks them at load).
 
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap},
+    btf_maps::{Array, HashMap, LruHashMap},
     macros::btf_map,
 };
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
-    maps::{AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES, SERVICES_MAX_ENTRIES},
+    config::NodeConfig,
+    conntrack::{CtKey, CtValue},
+    maps::{
+        AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
+        SERVICES_MAX_ENTRIES,
+    },
     service::{ServiceKey, ServiceName, ServiceValue},
 };
 
@@ -27,3 +32,11 @@ pub static SERVICE_NAMES: HashMap<u32, ServiceName, { SERVICE_NAMES_MAX_ENTRIES 
 /// ClientIP session affinity: (client, service port) → (backend, last use).
 #[btf_map(name = "affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// Per-flow NAT state of the TC path: original and reply direction of each flow.
+#[btf_map(name = "conntrack")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue, { CONNTRACK_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// The node's settings (index 0), written by the agent.
+#[btf_map(name = "config")]
+pub static CONFIG: Array<NodeConfig, 1> = Array::new();

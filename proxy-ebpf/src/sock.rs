@@ -38,14 +38,14 @@ fn translate(sa: &mut bpf_sock_addr, client: AffinityKey) -> i32 {
     let proto = sa.protocol as u8;
     match lb::select(address, port, proto, client, Origin::Node) {
         Verdict::NotAService => ALLOW,
-        Verdict::NoBackend => {
+        Verdict::NoBackend(_) => {
             // SAFETY: plain helper call, allowed from cgroup sock_addr programs.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             DENY
         }
-        Verdict::Backend(backend) => {
-            sa.user_ip4 = u32::from_ne_bytes(backend.address);
-            sa.user_port = u32::from(backend.port.to_be());
+        Verdict::Backend(selected) => {
+            sa.user_ip4 = u32::from_ne_bytes(selected.backend.address);
+            sa.user_port = u32::from(selected.backend.port.to_be());
             ALLOW
         }
     }

@@ -2,8 +2,9 @@
 //! up (links detached, pins removed) on drop.
 
 use std::{
+    collections::HashMap,
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -13,23 +14,76 @@ use anyhow::{Context as _, bail};
 use proxy_agent::datapath::AyaMaps;
 use proxy_common::service::ServiceKey;
 
+use crate::netns::Netns;
+
+/// The counts of one `synced` log line (one sync of the agent's loop).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Synced {
+    /// Services recomputed.
+    pub services: usize,
+    /// `services` map entries written or deleted.
+    pub service_writes: usize,
+    /// `backends` map entries written or deleted.
+    pub backend_writes: usize,
+    /// Frontends programmed after the sync.
+    pub frontends: usize,
+    /// Distinct backends programmed after the sync.
+    pub backends: usize,
+    /// Skips found.
+    pub skipped: usize,
+    /// Failed map operations.
+    pub errors: usize,
+}
+
+impl Synced {
+    /// Parses a log line such as `... INFO proxy_agent::sync: synced services=1 service_writes=3 ...`.
+    pub fn parse(line: &str) -> Option<Self> {
+        let (_, fields) = line.split_once(" synced ")?;
+        let mut synced = Self::default();
+        for (key, value) in fields.split_whitespace().filter_map(|f| f.split_once('=')) {
+            let slot = match key {
+                "services" => &mut synced.services,
+                "service_writes" => &mut synced.service_writes,
+                "backend_writes" => &mut synced.backend_writes,
+                "frontends" => &mut synced.frontends,
+                "backends" => &mut synced.backends,
+                "skipped" => &mut synced.skipped,
+                "errors" => &mut synced.errors,
+                _ => continue,
+            };
+            *slot = value.parse().ok()?;
+        }
+        Some(synced)
+    }
+}
+
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
     child: Option<Child>,
     bpf_root: PathBuf,
     log: PathBuf,
+    /// The network namespace the agent runs in (a node's), if not the test's own.
+    netns: Option<PathBuf>,
 }
 
 impl Agent {
     /// Starts `bin` with `--bpf-root` (a fresh directory under /sys/fs/bpf), `--cgroup-path
     /// cgroup` and `extra` flags, and waits until its first sync is done.
     pub fn start(bin: &Path, cgroup: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in(None, bin, cgroup, extra)
+    }
+
+    /// The same, with the agent running inside `netns` (a node's namespace: the TC program
+    /// attaches to its interfaces), entered with `nsenter --net` so bpffs and cgroup2 stay
+    /// visible.
+    pub fn start_in(netns: Option<&Netns>, bin: &Path, cgroup: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bpf_root = PathBuf::from(format!("/sys/fs/bpf/proxy-test-{}-{n}", std::process::id()));
         let log = std::env::temp_dir().join(format!("proxy-agent-{}-{n}.log", std::process::id()));
-        let mut agent = Self { child: None, bpf_root, log };
+        let netns = netns.map(Netns::path);
+        let mut agent = Self { child: None, bpf_root, log, netns };
         agent.spawn(bin, cgroup, extra)?;
         agent.wait_for_log("synced", Duration::from_secs(20))?;
         Ok(agent)
@@ -37,7 +91,15 @@ impl Agent {
 
     fn spawn(&mut self, bin: &Path, cgroup: &Path, extra: &[&str]) -> anyhow::Result<()> {
         let log = fs::File::create(&self.log).with_context(|| format!("creating {}", self.log.display()))?;
-        let child = Command::new(bin)
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut nsenter = Command::new("nsenter");
+                nsenter.arg(format!("--net={}", ns.display())).arg(bin);
+                nsenter
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .arg("--bpf-root")
             .arg(&self.bpf_root)
             .arg("--cgroup-path")
@@ -113,6 +175,106 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Kills the agent and starts `bin` again on the same bpffs root (the new agent adopts the
+    /// pinned maps and links), with a fresh log; does not wait for anything.
+    pub fn restart(&mut self, bin: &Path, cgroup: &Path, extra: &[&str]) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn(bin, cgroup, extra)
+    }
+
+    /// Every `synced` line logged so far, oldest first.
+    pub fn syncs(&self) -> Vec<Synced> {
+        self.log().lines().filter_map(Synced::parse).collect()
+    }
+
+    /// Waits for a `synced` line after the first `after` ones that satisfies `done`, and
+    /// returns it; fails with the log if the agent exits or time runs out.
+    pub fn wait_for_sync(
+        &mut self,
+        after: usize,
+        done: impl Fn(&Synced) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<Synced> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self.syncs().into_iter().skip(after).find(|s| done(s)) {
+                return Ok(found);
+            }
+            self.check_running()?;
+            if Instant::now() > deadline {
+                bail!("the agent logged no matching sync within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Fails with the log if the agent has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("the agent exited ({status}):\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    /// The backends (address and port) in the slots of a TCP frontend's external scope, in slot
+    /// order; `None` if the frontend has no master entry.
+    pub fn backends_of(&self, address: Ipv4Addr, port: u16) -> anyhow::Result<Option<Vec<SocketAddrV4>>> {
+        let maps = self.maps()?;
+        let master = ServiceKey::master(address.octets(), port, proxy_common::proto::TCP);
+        let services: HashMap<ServiceKey, _> = maps.services().collect();
+        let Some(value) = services.get(&master) else { return Ok(None) };
+        let backends: HashMap<_, _> = maps.backends().collect();
+        let mut out = Vec::with_capacity(usize::from(value.count));
+        for slot in 1..=value.count {
+            let entry =
+                services.get(&master.with_slot(slot)).with_context(|| format!("{address}:{port} slot {slot}"))?;
+            let backend = backends.get(&entry.backend_id).with_context(|| format!("backend {}", entry.backend_id))?;
+            out.push(SocketAddrV4::new(backend.address.into(), backend.port));
+        }
+        Ok(Some(out))
+    }
+
+    /// Waits until the frontend's slots hold exactly `want` (in any order; `None`: absent).
+    pub fn wait_for_backends(
+        &self,
+        address: Ipv4Addr,
+        port: u16,
+        want: Option<&[SocketAddrV4]>,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let sorted = |v: &[SocketAddrV4]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v
+        };
+        let want = want.map(sorted);
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Slots can be mid-rewrite while we read: a read error is retried like a mismatch.
+            let now = self.backends_of(address, port);
+            if let Ok(now) = &now
+                && now.as_deref().map(sorted) == want
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{address}:{port} has backends {now:?}, want {want:?} after {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs `<bin> --cleanup` on this agent's root, as an operator would.
+    pub fn cleanup(&self, bin: &Path) -> anyhow::Result<()> {
+        let out = Command::new(bin).arg("--cleanup").arg("--bpf-root").arg(&self.bpf_root).output()?;
+        if !out.status.success() {
+            bail!("--cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
     }
 
     /// Kills the agent (SIGKILL, by PID); its pinned programs and maps stay.

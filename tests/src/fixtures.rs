@@ -8,12 +8,28 @@ use anyhow::Context as _;
 use k8s_openapi::Resource;
 use k8s_openapi::{
     api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
+        core::v1::{LoadBalancerIngress, Node, NodeAddress, NodeSpec, NodeStatus, Service, ServicePort, ServiceSpec},
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Serialize;
+
+/// A Node named `name` with `ip` as its InternalIP and `pod_cidr` as its pod range.
+pub fn node(name: &str, ip: &str, pod_cidr: &str) -> Node {
+    Node {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: Some(NodeSpec {
+            pod_cidr: Some(pod_cidr.into()),
+            pod_cidrs: Some(vec![pod_cidr.into()]),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: ip.into() }]),
+            ..Default::default()
+        }),
+    }
+}
 
 /// A Service being built (namespace `default`, type ClusterIP).
 #[derive(Clone, Debug)]
@@ -70,6 +86,27 @@ impl ServiceBuilder {
         self
     }
 
+    /// Sets `externalTrafficPolicy`.
+    pub fn external_traffic_policy(mut self, policy: &str) -> Self {
+        self.spec().external_traffic_policy = Some(policy.into());
+        self
+    }
+
+    /// Adds `spec.externalIPs`.
+    pub fn external_ip(mut self, ip: &str) -> Self {
+        self.spec().external_ips.get_or_insert_with(Vec::new).push(ip.into());
+        self
+    }
+
+    /// Makes it a LoadBalancer with `ip` in `status.loadBalancer.ingress`.
+    pub fn load_balancer_ip(mut self, ip: &str) -> Self {
+        self.spec().type_ = Some("LoadBalancer".into());
+        let status = self.0.status.get_or_insert_with(Default::default);
+        let lb = status.load_balancer.get_or_insert_with(Default::default);
+        lb.ingress.get_or_insert_with(Vec::new).push(LoadBalancerIngress { ip: Some(ip.into()), ..Default::default() });
+        self
+    }
+
     /// The Service.
     pub fn build(self) -> Service {
         self.0
@@ -108,11 +145,27 @@ impl SliceBuilder {
     }
 
     /// Adds a ready endpoint on node-1.
-    pub fn endpoint(mut self, ip: &str) -> Self {
+    pub fn endpoint(self, ip: &str) -> Self {
+        self.endpoint_on(ip, "node-1")
+    }
+
+    /// Adds a ready endpoint on `node`.
+    pub fn endpoint_on(mut self, ip: &str, node: &str) -> Self {
         self.0.endpoints.push(Endpoint {
             addresses: vec![ip.into()],
             conditions: Some(EndpointConditions { ready: Some(true), serving: Some(true), terminating: Some(false) }),
-            node_name: Some("node-1".into()),
+            node_name: Some(node.into()),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Adds a named port with a protocol.
+    pub fn named_port(mut self, name: &str, port: i32, protocol: &str) -> Self {
+        self.0.ports.get_or_insert_with(Vec::new).push(EndpointPort {
+            name: Some(name.into()),
+            port: Some(port),
+            protocol: Some(protocol.into()),
             ..Default::default()
         });
         self

@@ -20,6 +20,33 @@ use crate::netns::Netns;
 /// stand in for many endpoints).
 pub const ANSWER_LOCAL_ADDRESS: &str = "@address";
 
+/// In a pod's name, replaced by the client's address as the pod sees it (to check SNAT).
+pub const PEER: &str = "{peer}";
+
+/// The line a pod answers: its name, with [`PEER`] filled in, or the address it was reached at.
+fn answer(name: &str, name_is_address: bool, local: Option<SocketAddr>, peer: SocketAddr) -> String {
+    match local {
+        Some(local) if name_is_address => format!("{}\n", local.ip()),
+        _ => format!("{}\n", name.replace(PEER, &peer.ip().to_string())),
+    }
+}
+
+/// Greets a TCP client, then echoes whatever it sends until it closes or idles for 10 s (so a
+/// client can hold a long-lived connection and check it still works).
+fn serve(mut conn: std::net::TcpStream, greeting: &str) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    if conn.write_all(greeting.as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = conn.read(&mut buf) {
+        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
+
 /// A server bound inside a pod namespace; stops on drop.
 #[derive(Debug)]
 pub struct PodServer {
@@ -45,24 +72,16 @@ impl PodServer {
         tcp.set_nonblocking(true)?;
         udp.set_read_timeout(Some(Duration::from_millis(20)))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let reply = format!("{name}\n").into_bytes();
+        let reply = name.to_owned();
         let name_is_address = name == ANSWER_LOCAL_ADDRESS;
         let tcp_thread = {
             let (stop, reply) = (stop.clone(), reply.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match tcp.accept() {
-                        Ok((mut conn, _)) => {
-                            let _ = conn.set_nonblocking(false);
-                            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-                            let answer = match (name_is_address, conn.local_addr()) {
-                                (true, Ok(local)) => format!("{}\n", local.ip()).into_bytes(),
-                                _ => reply.clone(),
-                            };
-                            let _ = conn.write_all(&answer);
-                            // Drain what the client sent (requests of any size), then close.
-                            let mut buf = [0u8; 4096];
-                            while conn.read(&mut buf).is_ok_and(|n| n > 0) {}
+                        Ok((conn, peer)) => {
+                            let answer = answer(&reply, name_is_address, conn.local_addr().ok(), peer);
+                            std::thread::spawn(move || serve(conn, &answer));
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
@@ -75,7 +94,8 @@ impl PodServer {
                 let mut buf = [0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                        let _ = udp.send_to(&reply, peer);
+                        let local = udp.local_addr().ok();
+                        let _ = udp.send_to(answer(&reply, name_is_address, local, peer).as_bytes(), peer);
                     }
                 }
             })

@@ -77,12 +77,120 @@ impl SingleNode {
 }
 
 fn add_pod(node: &Netns, index: usize, name: &str, ip: Ipv4Addr, port: Option<u16>) -> anyhow::Result<Pod> {
+    add_pod_on(node, index, name, ip, port, NODE1_POD_GATEWAY)
+}
+
+/// The external client's address (SPEC.md).
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+/// The nodes' addresses on the node network.
+pub const NODE_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(172, 18, 0, 2), Ipv4Addr::new(172, 18, 0, 3)];
+
+/// One node of [`TwoNodes`].
+#[derive(Debug)]
+pub struct Node {
+    /// `node-1` or `node-2`.
+    pub name: String,
+    /// Address on the node network.
+    pub ip: Ipv4Addr,
+    /// Its pods.
+    pub pods: Vec<Pod>,
+    /// A client pod on this node, inside `cgroup`.
+    pub client: Pod,
+    /// The cgroup of this node's client pod (its agent attaches there).
+    pub cgroup: Cgroup,
+    /// The node's namespace.
+    pub ns: Netns,
+}
+
+/// SPEC.md's two-node topology: node-1 (172.18.0.2) and node-2 (172.18.0.3) and an external
+/// client (172.18.0.100) on a bridge in a namespace of its own (the node network); each node
+/// has a pod bridge (10.244.<n>.1/24) with its pods, and routes to the other node's pods, as
+/// kind's CNI sets them. No namespace has a route anywhere else.
+#[derive(Debug)]
+pub struct TwoNodes {
+    /// node-1 and node-2.
+    pub nodes: Vec<Node>,
+    /// The external client's namespace.
+    pub client: Netns,
+    /// The node network's namespace (holds the bridge).
+    pub net: Netns,
+}
+
+impl TwoNodes {
+    /// Builds both nodes with pods `pods[i]` (names) on node i+1, serving on `port` and
+    /// answering with their name (where a name contains [`crate::pod::PEER`], the client address
+    /// they see). `offload: false` turns checksum offload off on every veth.
+    pub fn new(pods: [&[&str]; 2], port: u16, offload: bool) -> anyhow::Result<Self> {
+        let net = Netns::new("net")?;
+        net.ip(&["link", "add", "br0", "type", "bridge"])?;
+        net.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::new("ext")?;
+        veth(&net, "ext", &client, "eth0")?;
+        net.ip(&["link", "set", "ext", "master", "br0"])?;
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/16"), "dev", "eth0"])?;
+        let mut nodes = Vec::new();
+        for (i, names) in pods.iter().enumerate() {
+            let n = i + 1;
+            let ns = Netns::new(&format!("node{n}"))?;
+            veth(&net, &format!("node{n}"), &ns, "eth0")?;
+            net.ip(&["link", "set", &format!("node{n}"), "master", "br0"])?;
+            ns.ip(&["addr", "add", &format!("{}/16", NODE_IPS[i]), "dev", "eth0"])?;
+            ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+            ns.ip(&["addr", "add", &format!("10.244.{n}.1/24"), "dev", "br0"])?;
+            ns.ip(&["link", "set", "br0", "up"])?;
+            let other = 2 - i;
+            ns.ip(&["route", "add", &format!("10.244.{}.0/24", 3 - n), "via", &NODE_IPS[other - 1].to_string()])?;
+            ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            let mut built = Vec::new();
+            for (j, name) in names.iter().enumerate() {
+                let ip = Ipv4Addr::new(10, 244, n as u8, 2 + j as u8);
+                built.push(add_pod_on(&ns, j, name, ip, Some(port), Ipv4Addr::new(10, 244, n as u8, 1))?);
+            }
+            let client_pod = add_pod_on(
+                &ns,
+                names.len(),
+                "client",
+                Ipv4Addr::new(10, 244, n as u8, 200),
+                None,
+                Ipv4Addr::new(10, 244, n as u8, 1),
+            )?;
+            let cgroup = Cgroup::new(&format!("proxy-node{n}"))?;
+            nodes.push(Node {
+                name: format!("node-{n}"),
+                ip: NODE_IPS[i],
+                pods: built,
+                client: client_pod,
+                cgroup,
+                ns,
+            });
+        }
+        if !offload {
+            for ns in nodes.iter().map(|n| &n.ns).chain([&client, &net]) {
+                for link in ns.ip(&["-o", "link", "show", "type", "veth"])?.lines() {
+                    if let Some(name) = link.split(": ").nth(1).and_then(|n| n.split('@').next()) {
+                        ns.exec("ethtool", &["-K", name, "tx", "off", "rx", "off"])?;
+                    }
+                }
+            }
+        }
+        Ok(Self { nodes, client, net })
+    }
+}
+
+fn add_pod_on(
+    node: &Netns,
+    index: usize,
+    name: &str,
+    ip: Ipv4Addr,
+    port: Option<u16>,
+    gateway: Ipv4Addr,
+) -> anyhow::Result<Pod> {
     let ns = Netns::new("pod")?;
     let host_if = format!("veth{index}");
     veth(node, &host_if, &ns, "eth0")?;
     node.ip(&["link", "set", &host_if, "master", "br0"])?;
     ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-    ns.ip(&["route", "add", "default", "via", &NODE1_POD_GATEWAY.to_string()])?;
+    ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
     let server = port.map(|port| PodServer::start(&ns, port, name)).transpose()?;
     Ok(Pod { name: name.to_owned(), ip, server, ns })
 }

@@ -59,12 +59,10 @@ fn setup(pods: &[u8], manifests: &Manifests) -> (SingleNode, Agent) {
     let names: Vec<(String, Ipv4Addr)> = pods.iter().map(|n| (format!("pod-{n}"), pod_ip(*n))).collect();
     let refs: Vec<(&str, Ipv4Addr)> = names.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     let topology = SingleNode::new(&refs, 80).expect("building the namespaces");
-    let agent = Agent::start(
-        AGENT.as_ref(),
-        topology.cgroup.path(),
-        &["--manifests", &manifests.arg(), "--hostname-override", "node-1"],
-    )
-    .expect("starting the agent");
+    // The agent runs in node-1's namespace, as it would on a node.
+    let flags = ["--manifests", &manifests.arg(), "--hostname-override", "node-1"];
+    let agent = Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
+        .expect("starting the agent");
     (topology, agent)
 }
 

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the one entry point a person needs. Every command first makes sure
 //! the machine has what the project needs (idempotent, cached), then runs cargo.
 
+mod kind;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -31,6 +32,21 @@ enum Cmd {
         /// Directory of manifests to serve (default: examples/).
         #[arg(long)]
         manifests: Option<PathBuf>,
+    },
+    /// Measure the datapath (root): per-packet cost of the TC NodePort path with
+    /// BPF_PROG_TEST_RUN at 1 and 10 000 services, and the API-event-to-map latency. Prints a
+    /// table and writes target/bench/results.json.
+    Bench,
+    /// Run the agent on a kind cluster without kube-proxy: create (or reuse) it, build and load
+    /// the image, apply deploy/, deploy the sample and check it from a pod and via the nodePort.
+    /// Needs docker, kind and kubectl.
+    Run {
+        /// Print every command and manifest; run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The kind cluster's name.
+        #[arg(long, default_value = "proxy")]
+        name: String,
     },
     /// Run every check and test: fmt, clippy -D warnings, unit tests, real-kernel end-to-end
     /// tests (root).
@@ -65,6 +81,34 @@ fn main() -> anyhow::Result<()> {
             }
             run(&mut demo)
         }
+        Cmd::Bench => {
+            setup::ensure()?;
+            setup::require_root("the benchmarks load BPF programs and create namespaces")?;
+            cargo(&["build", "--release", "--package", "proxy-tests", "--bins"])?;
+            let out_dir = root.join("target/bench");
+            std::fs::create_dir_all(&out_dir)?;
+            let mut results = Vec::new();
+            for bench in ["bench_tc", "sync_latency"] {
+                let bin = root.join("target/release").join(bench);
+                if !bin.exists() {
+                    continue;
+                }
+                eprintln!("xtask: running {bench}");
+                let out = Command::new(&bin).arg("--json").env("PATH", setup::path_with_tools()).output()?;
+                eprint!("{}", String::from_utf8_lossy(&out.stderr));
+                if !out.status.success() {
+                    bail!("{bench} failed ({})", out.status);
+                }
+                let text = String::from_utf8_lossy(&out.stdout);
+                println!("{bench}: {text}");
+                results.push(format!("{{\"bench\": \"{bench}\", \"results\": {}}}", text.trim()));
+            }
+            let path = out_dir.join("results.json");
+            std::fs::write(&path, format!("[{}]\n", results.join(",\n")))?;
+            eprintln!("xtask: wrote {}", path.display());
+            Ok(())
+        }
+        Cmd::Run { dry_run, name } => kind::run(&root, &kind::Options { dry_run, name }, &mut std::io::stdout()),
         Cmd::Test { args } => {
             setup::ensure()?;
             setup::require_root("the end-to-end tests create network namespaces and attach BPF programs")?;

@@ -17,6 +17,7 @@ const APT: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("nft", "nftables"),
     ("nsenter", "util-linux"),
+    ("ethtool", "ethtool"),
 ];
 
 /// The bpf-linker release that builds against the nightly's LLVM 22.

@@ -5,20 +5,23 @@ mod bpffs;
 pub mod writer;
 
 use std::{
+    collections::BTreeSet,
     fs, io,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError},
+    maps::{Array, HashMap, MapData, MapError},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
     },
 };
 use proxy_common::{
     backend::{Backend, BackendId},
+    config::NodeConfig,
     maps,
     service::{ServiceKey, ServiceName, ServiceValue},
 };
@@ -26,12 +29,55 @@ use tracing::{debug, info};
 
 pub use self::bpffs::{ensure_bpffs, find_cgroup2_mount};
 use self::writer::MapStore;
+use crate::model::Cidr;
 
 /// The BPF object, built by build.rs from `proxy-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
 
 /// The cgroup programs and their names in the object (also their link pin names).
 const CGROUP_PROGRAMS: &[&str] = &["connect4"];
+/// The TC ingress program; its links are pinned as `links/tc_ingress-<interface>`.
+const TC_PROGRAM: &str = "tc_ingress";
+
+/// The interfaces of this network namespace that hold one of `addresses` or carry a route into
+/// one of `cidrs` (read from getifaddrs and /proc/self/net/route, both per network namespace).
+fn node_interfaces(addresses: &[Ipv4Addr], cidrs: &[Cidr]) -> io::Result<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    // SAFETY: getifaddrs fills a list freed below; every pointer is checked before use.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut head) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut entry = head;
+        while !entry.is_null() {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
+                let sin = &*(addr as *const libc::sockaddr_in);
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if addresses.contains(&ip) {
+                    names.insert(std::ffi::CStr::from_ptr((*entry).ifa_name).to_string_lossy().into_owned());
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    // Iface Destination Gateway Flags RefCnt Use Metric Mask ...; addresses in host-order hex of
+    // the network-order bytes.
+    for line in fs::read_to_string("/proc/self/net/route")?.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(iface), Some(dest)) = (fields.first(), fields.get(1).and_then(|d| u32::from_str_radix(d, 16).ok()))
+        else {
+            continue;
+        };
+        let dest = Ipv4Addr::from(dest.to_le_bytes());
+        if *iface != "lo" && dest != Ipv4Addr::UNSPECIFIED && cidrs.iter().any(|c| c.contains(dest)) {
+            names.insert((*iface).to_owned());
+        }
+    }
+    Ok(names)
+}
 
 /// Errors of loading, attaching and pinning.
 #[derive(Debug, thiserror::Error)]
@@ -69,13 +115,17 @@ pub struct LoadOptions {
     pub backends_max: u32,
     /// Size of the `affinity` map.
     pub affinity_max: u32,
+    /// Size of the `conntrack` map.
+    pub conntrack_max: u32,
 }
 
 /// The loaded and attached datapath. Links are pinned, so the programs stay attached when the
 /// agent exits (traffic keeps flowing) until `--cleanup` removes the pins.
 pub struct Datapath {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     root: PathBuf,
+    /// Interfaces the TC program is attached to (by this agent).
+    interfaces: BTreeSet<String>,
 }
 
 impl Datapath {
@@ -94,7 +144,8 @@ impl Datapath {
             .map_max_entries(maps::SERVICES, opts.services_max)
             .map_max_entries(maps::BACKENDS, opts.backends_max)
             .map_max_entries(maps::AFFINITY, opts.affinity_max)
-            .map_max_entries(maps::SERVICE_NAMES, opts.services_max.min(maps::SERVICE_NAMES_MAX_ENTRIES));
+            .map_max_entries(maps::SERVICE_NAMES, opts.services_max.min(maps::SERVICE_NAMES_MAX_ENTRIES))
+            .map_max_entries(maps::CONNTRACK, opts.conntrack_max);
         let mut ebpf = loader.load(OBJECT)?;
         let cgroup = fs::File::open(&opts.cgroup)
             .map_err(|source| DatapathError::Cgroup { path: opts.cgroup.clone(), source })?;
@@ -116,8 +167,68 @@ impl Datapath {
             replace_pinned_link(link, &links.join(name))?;
             info!(program = name, cgroup = %opts.cgroup.display(), "attached");
         }
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(TryInto::try_into)
+            .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        program.load().map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
         let maps = AyaMaps::open(&mut ebpf)?;
-        Ok((Self { _ebpf: ebpf, root: opts.bpf_root.clone() }, maps))
+        Ok((Self { ebpf, root: opts.bpf_root.clone(), interfaces: BTreeSet::new() }, maps))
+    }
+
+    /// Attaches the TC program to the node's interfaces that do not have it yet: those holding
+    /// one of `node_addresses` (NodePort traffic arrives there, and remote backends' replies)
+    /// and those routing into `pod_cidrs` (local backends' replies come from there: a pod
+    /// bridge, or kind's per-pod veths). Nothing else is touched: an agent run outside a node
+    /// attaches to no interface at all. Called again when the node changes and periodically, so
+    /// pods' interfaces created later are covered; returns the interfaces newly attached.
+    pub fn attach_interfaces(
+        &mut self,
+        node_addresses: &[Ipv4Addr],
+        pod_cidrs: &[Cidr],
+    ) -> Result<Vec<String>, DatapathError> {
+        let present = node_interfaces(node_addresses, pod_cidrs)
+            .map_err(|source| DatapathError::Bpffs { path: "/proc/self/net/route".into(), source })?;
+        let links = self.root.join("links");
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(TryInto::try_into)
+            .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        let mut added = Vec::new();
+        for name in present.iter().filter(|n| !self.interfaces.contains(*n)) {
+            let id = match program.attach(name, TcAttachType::Ingress) {
+                Ok(id) => id,
+                // An interface can vanish between listing and attaching (a pod going away).
+                Err(error) => {
+                    debug!(interface = name, %error, "not attaching the TC program");
+                    continue;
+                }
+            };
+            let pin = links.join(format!("{TC_PROGRAM}-{name}"));
+            let link = program.take_link(id).map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+            let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+                path: pin.clone(),
+                detail: e.to_string(),
+            })?;
+            replace_pinned_link(link, &pin)?;
+            info!(program = TC_PROGRAM, interface = name, "attached");
+            added.push(name.clone());
+        }
+        self.interfaces.extend(added.iter().cloned());
+        // Interfaces that went away take their links with them; forget their pins.
+        for gone in self.interfaces.iter().filter(|n| !present.contains(*n)) {
+            let _ = fs::remove_file(links.join(format!("{TC_PROGRAM}-{gone}")));
+        }
+        self.interfaces.retain(|n| present.contains(n));
+        Ok(added)
+    }
+
+    /// The loaded TC program (for `BPF_PROG_TEST_RUN` measurements).
+    pub fn tc_program(&self) -> Option<&SchedClassifier> {
+        self.ebpf.program(TC_PROGRAM).and_then(|p| p.try_into().ok())
     }
 
     /// The bpffs root of this datapath.
@@ -148,19 +259,16 @@ fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
 pub fn cleanup(root: &Path) -> io::Result<usize> {
     let mut removed = 0;
     let links = root.join("links");
-    for &name in CGROUP_PROGRAMS {
-        for path in [links.join(name), links.join(format!("{name}_new"))] {
-            if path.exists() {
-                // Unpinning the last reference detaches the link.
-                if let Ok(link) = PinnedLink::from_pin(&path) {
-                    let _ = link.unpin();
-                } else {
-                    fs::remove_file(&path)?;
-                }
-                removed += 1;
-            }
+    let mut link_ids = Vec::new();
+    for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
+        if let Ok(link) = PinnedLink::from_pin(entry.path()) {
+            link_ids.extend(FdLink::from(link).info().ok().map(|info| info.id()));
         }
+        // Removing the last pin of a link detaches it.
+        fs::remove_file(entry.path())?;
+        removed += 1;
     }
+    wait_for_release(&link_ids);
     for name in maps::ALL {
         let path = root.join(name);
         if path.exists() {
@@ -178,11 +286,25 @@ pub fn cleanup(root: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
+/// The kernel releases an unpinned link asynchronously (a work item, then RCU): wait, bounded,
+/// until none of `ids` is loaded, so that when `--cleanup` returns nothing of ours is attached.
+fn wait_for_release(ids: &[u32]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let live: BTreeSet<u32> = aya::programs::loaded_links().filter_map(Result::ok).map(|l| l.id()).collect();
+        if ids.iter().all(|id| !live.contains(id)) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// The service maps, written through [`writer::Writer`].
 pub struct AyaMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendId, Backend>,
     names: HashMap<MapData, u32, ServiceName>,
+    config: Array<MapData, NodeConfig>,
 }
 
 impl AyaMaps {
@@ -196,10 +318,15 @@ impl AyaMaps {
                 .ok_or(DatapathError::Map { name, source: MapError::InvalidName { name: name.into() } })?;
             HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
         }
+        let config = ebpf.take_map(maps::CONFIG).ok_or(DatapathError::Map {
+            name: maps::CONFIG,
+            source: MapError::InvalidName { name: maps::CONFIG.into() },
+        })?;
         Ok(Self {
             services: take(ebpf, maps::SERVICES)?,
             backends: take(ebpf, maps::BACKENDS)?,
             names: take(ebpf, maps::SERVICE_NAMES)?,
+            config: Array::try_from(config).map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?,
         })
     }
 
@@ -212,10 +339,14 @@ impl AyaMaps {
             let data = MapData::from_pin(root.join(name)).map_err(|source| DatapathError::Map { name, source })?;
             HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|source| DatapathError::Map { name, source })
         }
+        let config = MapData::from_pin(root.join(maps::CONFIG))
+            .map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?;
         Ok(Self {
             services: open(root, maps::SERVICES)?,
             backends: open(root, maps::BACKENDS)?,
             names: open(root, maps::SERVICE_NAMES)?,
+            config: Array::try_from(aya::maps::Map::Array(config))
+                .map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?,
         })
     }
 
@@ -271,12 +402,16 @@ impl MapStore for AyaMaps {
         absent_ok(self.names.remove(&id))
     }
 
+    fn put_config(&mut self, config: NodeConfig) -> Result<(), MapError> {
+        self.config.set(0, config, 0)
+    }
+
     fn service_keys(&self) -> Vec<ServiceKey> {
         self.services.keys().filter_map(Result::ok).collect()
     }
 
-    fn backend_ids(&self) -> Vec<BackendId> {
-        self.backends.keys().filter_map(Result::ok).collect()
+    fn backend_entries(&self) -> Vec<(BackendId, Backend)> {
+        self.backends().collect()
     }
 
     fn service_names(&self) -> Vec<(u32, ServiceName)> {

@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
+    config::NodeConfig,
     service::{SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
 };
 
@@ -34,10 +35,12 @@ pub trait MapStore {
     fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), Self::Error>;
     /// Deletes a `service_names` entry (absent is fine).
     fn delete_service_name(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// Writes the node's settings (`config` map).
+    fn put_config(&mut self, config: NodeConfig) -> Result<(), Self::Error>;
     /// Every `services` key present.
     fn service_keys(&self) -> Vec<ServiceKey>;
-    /// Every `backends` id present.
-    fn backend_ids(&self) -> Vec<BackendId>;
+    /// Every `backends` entry present.
+    fn backend_entries(&self) -> Vec<(BackendId, Backend)>;
     /// Every `service_names` entry present.
     fn service_names(&self) -> Vec<(u32, ServiceName)>;
 }
@@ -138,8 +141,13 @@ impl<S: MapStore> Writer<S> {
     /// above every id present, so nothing an old slot points to is overwritten, and
     /// [`Writer::sweep`] removes what the first full sync did not claim.
     pub fn new(store: S) -> Self {
+        // Backends keep their ids too: affinity entries and conntrack name backends by id.
         let mut backends = Ids::new();
-        backends.next = store.backend_ids().into_iter().max().unwrap_or(0).wrapping_add(1);
+        for (id, backend) in store.backend_entries() {
+            backends.in_use.insert(id);
+            backends.reserved.insert(backend, id);
+        }
+        backends.next = backends.in_use.iter().max().copied().unwrap_or(0).wrapping_add(1);
         // Service ids are kept across agents (their affinity entries stay valid), the rest start
         // above them.
         let mut services = Ids::new();
@@ -149,6 +157,11 @@ impl<S: MapStore> Writer<S> {
         }
         services.next = services.in_use.iter().max().copied().unwrap_or(0).wrapping_add(1);
         Self { store, programmed: HashMap::new(), backends, backend_by_id: HashMap::new(), services }
+    }
+
+    /// Writes the node's settings for the datapath.
+    pub fn set_node_config(&mut self, config: NodeConfig) -> Result<(), S::Error> {
+        self.store.put_config(config)
     }
 
     /// Deletes every map entry this writer did not program (an earlier agent's leftovers):
@@ -162,7 +175,10 @@ impl<S: MapStore> Writer<S> {
             self.store.delete_service(key)?;
             stats.service_writes += 1;
         }
-        for id in self.store.backend_ids() {
+        for (_, id) in std::mem::take(&mut self.backends.reserved) {
+            self.backends.in_use.remove(&id);
+        }
+        for (id, _) in self.store.backend_entries() {
             if !self.backend_by_id.contains_key(&id) {
                 self.store.delete_backend(id)?;
                 stats.backend_writes += 1;
@@ -600,6 +616,10 @@ mod tests {
             Vec::new()
         }
 
+        fn put_config(&mut self, _: NodeConfig) -> Result<(), Full> {
+            Ok(())
+        }
+
         type Error = Full;
 
         fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Full> {
@@ -622,8 +642,8 @@ mod tests {
             self.maps.services.keys().copied().collect()
         }
 
-        fn backend_ids(&self) -> Vec<BackendId> {
-            self.maps.backends.keys().copied().collect()
+        fn backend_entries(&self) -> Vec<(BackendId, Backend)> {
+            self.maps.backends.iter().map(|(id, backend)| (*id, *backend)).collect()
         }
     }
 
@@ -1029,15 +1049,19 @@ mod tests {
 
         let mut harness = Harness::over("takeover", maps);
         let ops = harness.program(&state([(a, entry("a", [2, 4]))]));
-        let new_ids: Vec<BackendId> =
-            ops.iter().filter_map(|op| if let Op::PutBackend(id, _) = op { Some(*id) } else { None }).collect();
-        assert_eq!(new_ids.len(), 2, "the writer does not know the earlier agent's ids: {ops:?}");
-        assert!(new_ids.iter().all(|&id| id > 41), "new ids start above every id present: {new_ids:?}");
+        let put: BTreeMap<BackendId, Backend> =
+            ops.iter().filter_map(|op| if let Op::PutBackend(id, b) = op { Some((*id, *b)) } else { None }).collect();
+        // Endpoint 2 was backend 40 before: it keeps that id (affinity and conntrack entries
+        // name it); endpoint 4 is new and gets an id above every id present.
+        assert_eq!(put.get(&40), Some(&backend(2)), "a surviving backend keeps its id: {put:?}");
+        let fresh: Vec<BackendId> = put.keys().copied().filter(|id| *id != 40).collect();
+        assert_eq!(fresh.len(), 1, "{put:?}");
+        assert!(fresh[0] > 41, "a new backend's id is above every id present: {fresh:?}");
 
         let swept = harness.sweep();
         let deleted: BTreeSet<BackendId> =
             swept.iter().filter_map(|op| if let Op::DeleteBackend(id) = op { Some(*id) } else { None }).collect();
-        assert_eq!(deleted, BTreeSet::from([7, 40, 41]), "the sweep deletes the earlier agent's backends");
+        assert_eq!(deleted, BTreeSet::from([7, 41]), "the sweep deletes the backends nobody claimed");
         assert!(harness.kernel.services.keys().all(|key| key.address == a.address.octets()), "`stale` is gone");
         let again = harness.sweep();
         assert!(again.is_empty(), "a second sweep finds nothing: {again:?}");

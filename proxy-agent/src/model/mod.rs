@@ -30,6 +30,9 @@ pub struct NodeInfo {
     pub name: String,
     /// Node addresses that serve nodePorts, already filtered by `--nodeport-addresses`.
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// The node's pod ranges (`spec.podCIDRs`): the TC program also attaches to interfaces
+    /// routing into them, where local backends' replies arrive.
+    pub pod_cidrs: Vec<Cidr>,
 }
 
 impl NodeInfo {
@@ -47,7 +50,11 @@ impl NodeInfo {
         let mut nodeport_addresses: Vec<Ipv4Addr> = addresses.collect();
         nodeport_addresses.sort();
         nodeport_addresses.dedup();
-        Self { name: name.to_owned(), nodeport_addresses }
+        let spec = node.and_then(|n| n.spec.as_ref());
+        let cidrs =
+            spec.and_then(|s| s.pod_cidrs.clone()).or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]));
+        let pod_cidrs = cidrs.into_iter().flatten().filter_map(|c| c.parse().ok()).collect();
+        Self { name: name.to_owned(), nodeport_addresses, pod_cidrs }
     }
 }
 

@@ -275,7 +275,7 @@ impl SliceBuilder {
 
 /// This node, serving nodePorts on `addresses`.
 fn node(addresses: &[&str]) -> NodeInfo {
-    NodeInfo { name: NODE.into(), nodeport_addresses: addresses.iter().map(|a| ip(a)).collect() }
+    NodeInfo { name: NODE.into(), nodeport_addresses: addresses.iter().map(|a| ip(a)).collect(), pod_cidrs: Vec::new() }
 }
 
 fn ip(text: &str) -> Ipv4Addr {

@@ -3,6 +3,7 @@
 
 pub mod kube;
 pub mod manifests;
+pub mod rbac;
 
 use std::sync::Arc;
 

@@ -103,11 +103,9 @@ fn demo() -> anyhow::Result<()> {
         }
     }
     println!("== starting proxy-agent --manifests {} --hostname-override node-1", work.0.display());
-    let agent = Agent::start(
-        &sibling("agent")?,
-        topology.cgroup.path(),
-        &["--manifests", &work.0.to_string_lossy(), "--hostname-override", "node-1"],
-    )?;
+    // The agent runs in node-1's namespace, as it would on a node.
+    let flags = ["--manifests", &work.0.to_string_lossy(), "--hostname-override", "node-1"];
+    let agent = Agent::start_in(Some(&topology.node), &sibling("agent")?, topology.cgroup.path(), &flags)?;
     agent.wait_for_count(vip, port, Some(pods.len() as u16), Duration::from_secs(5))?;
     println!(
         "   maps pinned under {}; `bpftool map dump pinned {}/services` shows them",

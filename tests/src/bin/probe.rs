@@ -1,5 +1,7 @@
 //! A test client: `probe tcp|udp ADDR:PORT [COUNT] [TIMEOUT_MS]` connects (or sends) COUNT
-//! times, one socket each, and prints `ok <answer>` or `err <kind>` per attempt. Bounded in count
+//! times, one socket each, and prints `ok <answer>` or `err <kind>` per attempt.
+//! `probe hold ADDR:PORT SECONDS` keeps one connection and round-trips a line every 100 ms for
+//! SECONDS, printing `ok <greeting>` if every round trip worked. Bounded in count
 //! (at most 100 000) and in time: after 60 s the remaining attempts are reported as `err budget`. Run inside a test namespace and cgroup (see `proxy_tests::client`).
 
 use std::{
@@ -37,6 +39,28 @@ fn udp(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
 }
 
+/// One long-lived connection that must keep working.
+fn hold(addr: SocketAddr, seconds: u64) -> std::io::Result<String> {
+    use std::io::Write as _;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting)?;
+    let until = std::time::Instant::now() + Duration::from_secs(seconds.min(60));
+    while std::time::Instant::now() < until {
+        writer.write_all(b"ping\n")?;
+        let mut echo = String::new();
+        reader.read_line(&mut echo)?;
+        if echo != "ping\n" {
+            return Err(std::io::Error::new(ErrorKind::InvalidData, "echo mismatch"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(greeting.trim().to_owned())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(proto), Some(Ok(addr))) = (args.first(), args.get(1).map(|a| a.parse::<SocketAddr>())) else {
@@ -45,6 +69,14 @@ fn main() -> ExitCode {
     };
     let count: usize = args.get(2).and_then(|c| c.parse().ok()).unwrap_or(1).min(100_000);
     let timeout = Duration::from_millis(args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1000));
+    if proto == "hold" {
+        let seconds = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+        match hold(addr, seconds) {
+            Ok(greeting) => println!("ok {greeting}"),
+            Err(e) => println!("err {}", kind(&e)),
+        }
+        return ExitCode::SUCCESS;
+    }
     let attempt = match proto.as_str() {
         "tcp" => tcp,
         "udp" => udp,

@@ -1,0 +1,517 @@
+//! `explain`: a connect or packet from a client to address:port/proto — where does it go, and
+//! why. Pure: decided from a [`Snapshot`] exactly as the kernel decides, step by step:
+//!
+//! - `lb::select` (proxy-ebpf/src/lb.rs): look up the frontend's slot-0 master in scope 0; not
+//!   there → not a service. Traffic from this node (the socket path) switches to the scope-1
+//!   master when the frontend has two scopes (a missing one refuses). `count == 0` → no backend.
+//!   With ClientIP affinity, a remembered backend used within the timeout that still exists in
+//!   `backends` wins; otherwise slot `random % count + 1`, so each slot has 1/count.
+//! - The socket path (sock.rs) keys affinity by the client's netns cookie and refuses a frontend
+//!   without backend with ECONNREFUSED.
+//! - The packet path (tc.rs) keys affinity by the client's address, drops a frontend without
+//!   backend when its master has `externalTrafficPolicy: Local` and otherwise lets the node's
+//!   stack answer (a reset or ICMP unreachable: kube-proxy's REJECT); a new flow is SNATed to
+//!   the node unless the policy is Local; packets of a tracked flow follow their conntrack entry.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
+    backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, BackendId},
+    service::*,
+};
+use serde::Serialize;
+
+use super::{
+    Snapshot,
+    pins::NetnsInfo,
+    view::{self, AffinityState, AffinityView, FrontendView, ServiceIndex},
+};
+use crate::model::proto_name;
+
+/// What to explain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Query {
+    /// The client's address.
+    pub from: Ipv4Addr,
+    /// The destination.
+    pub to: SocketAddrV4,
+    /// IP protocol number.
+    pub proto: u8,
+}
+
+/// Where traffic comes from, which decides the attach point and the backend set (`lb::Origin`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Started on this node: a connect()/sendmsg() in the agent's cgroup (socket path).
+    Node,
+    /// Entered the node from outside: a packet on a node interface (packet path).
+    Outside,
+}
+
+impl Origin {
+    /// The traffic in words.
+    pub fn words(self) -> &'static str {
+        match self {
+            Origin::Node => "from this node",
+            Origin::Outside => "from outside the node",
+        }
+    }
+
+    /// The attach point that handles it.
+    pub fn hook(self) -> &'static str {
+        match self {
+            Origin::Node => {
+                "socket path: connect()/sendmsg() by a process in the agent's cgroup, rewritten once at connect time"
+            }
+            Origin::Outside => {
+                "packet path: a packet arriving on a node interface, DNATed by TC and tracked in conntrack"
+            }
+        }
+    }
+}
+
+/// What happens to the traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// One of the candidates, uniformly at random.
+    Random,
+    /// The backend the client's fresh affinity entry names.
+    Sticky,
+    /// Refused: ECONNREFUSED on the socket path, the node stack's reset or ICMP port
+    /// unreachable on the packet path (kube-proxy's REJECT).
+    Refused,
+    /// Dropped (packet path, `externalTrafficPolicy: Local` without a local endpoint).
+    Dropped,
+}
+
+/// A backend the traffic may go to.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Candidate {
+    /// The backend id.
+    pub backend_id: BackendId,
+    /// `address:port/PROTO`; `None` when the id is missing from `backends`.
+    pub endpoint: Option<String>,
+    /// The endpoint address.
+    pub address: Option<Ipv4Addr>,
+    /// The endpoint port.
+    pub port: Option<u16>,
+    /// The slots naming it.
+    pub slots: Vec<u16>,
+    /// `slots.len() / count`.
+    pub probability: f64,
+    /// Runs on this node.
+    pub local: bool,
+    /// Terminating.
+    pub terminating: bool,
+}
+
+/// How one kind of traffic is handled.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PathExplanation {
+    /// The traffic this applies to (one origin, or both when they are handled alike).
+    pub origins: Vec<Origin>,
+    /// The backend set used: `external` (scope 0) or `internal` (scope 1).
+    pub scope: &'static str,
+    /// Why this backend set, and what else the path does (SNAT, source kept).
+    pub reasons: Vec<String>,
+    /// What happens.
+    pub verdict: Verdict,
+    /// The outcome in one sentence.
+    pub summary: String,
+    /// The backends of the set, with their probabilities (empty when refused or dropped).
+    pub candidates: Vec<Candidate>,
+    /// With [`Verdict::Sticky`]: the remembered backend.
+    pub sticky_to: Option<String>,
+}
+
+/// The ClientIP affinity entries that bear on the query.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AffinityExplanation {
+    /// The service port has `sessionAffinity: ClientIP`.
+    pub enabled: bool,
+    /// Its timeout.
+    pub timeout_seconds: Option<u32>,
+    /// Packet path: the entry keyed by the client's address (`--from`).
+    pub by_address: Option<AffinityView>,
+    /// Socket path: every entry of this service port, keyed by netns cookie (a connect's source
+    /// address is not known yet, so the kernel keys by the client's network namespace).
+    pub by_netns: Vec<AffinityView>,
+    /// The name of the one network namespace holding the client's address, if found.
+    pub client_netns: Option<String>,
+}
+
+/// The whole answer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Explanation {
+    /// The client.
+    pub from: Ipv4Addr,
+    /// `address:port/PROTO`.
+    pub to: String,
+    /// Whether the destination is a service frontend.
+    pub service_frontend: bool,
+    /// The frontend that matched, with its service, policies and backend sets.
+    pub frontend: Option<FrontendView>,
+    /// Per kind of traffic: the backend set, why, and the verdict.
+    pub paths: Vec<PathExplanation>,
+    /// Affinity entries for this client and service port.
+    pub affinity: Option<AffinityExplanation>,
+    /// What the maps and the named network namespaces tell about the client.
+    pub client: Vec<String>,
+    /// Hints: what else the destination is, inconsistencies in the maps.
+    pub notes: Vec<String>,
+}
+
+/// Answers `query` from `snapshot`.
+pub fn explain(snapshot: &Snapshot, query: &Query) -> Explanation {
+    let key = ServiceKey::master(query.to.ip().octets(), query.to.port(), query.proto);
+    let to = format!("{}:{}/{}", query.to.ip(), query.to.port(), proto_name(query.proto));
+    let client = client_notes(snapshot, query.from);
+    let Some(master) = snapshot.services.get(&key) else {
+        return Explanation {
+            from: query.from,
+            to,
+            service_frontend: false,
+            frontend: None,
+            paths: Vec::new(),
+            affinity: None,
+            client,
+            notes: not_a_frontend_notes(snapshot, query),
+        };
+    };
+    let frontend = view::frontend_view(snapshot, key, master);
+    let notes = frontend.problems.iter().map(|p| format!("map problem: {p}")).collect();
+    let index = ServiceIndex::new(snapshot);
+    let node = path(snapshot, &index, key, master, Origin::Node, query.from);
+    let outside = path(snapshot, &index, key, master, Origin::Outside, query.from);
+    let paths = if node.scope == outside.scope && node.verdict == outside.verdict && node.sticky_to == outside.sticky_to
+    {
+        vec![merge(node, outside)]
+    } else if master.flags & SVC_F_TWO_SCOPES != 0 {
+        // Outside first: scope 0 is the set externalTrafficPolicy shapes.
+        vec![outside, node]
+    } else {
+        vec![node, outside]
+    };
+    Explanation {
+        from: query.from,
+        to,
+        service_frontend: true,
+        affinity: affinity(snapshot, &index, master, query.from),
+        frontend: Some(frontend),
+        paths,
+        client,
+        notes,
+    }
+}
+
+/// One path for both origins when they use the same set with the same verdict; what only the
+/// packet path does is said as such.
+fn merge(node: PathExplanation, outside: PathExplanation) -> PathExplanation {
+    let mut reasons = node.reasons;
+    for reason in outside.reasons {
+        if !reasons.contains(&reason) {
+            reasons.push(format!("from outside: {reason}"));
+        }
+    }
+    let summary = if node.summary == outside.summary {
+        node.summary
+    } else {
+        // Same verdict: say it once ("refused: ..."), then how the packet path does it.
+        let rest = outside.summary.split_once(": ").map_or(outside.summary.as_str(), |(_, rest)| rest);
+        format!("{}; from outside, {rest}", node.summary)
+    };
+    PathExplanation { origins: vec![Origin::Node, Origin::Outside], reasons, summary, ..node }
+}
+
+/// One origin's path through `lb::select` and its attach point.
+fn path(
+    snapshot: &Snapshot,
+    index: &ServiceIndex,
+    key: ServiceKey,
+    master: &ServiceValue,
+    origin: Origin,
+    from: Ipv4Addr,
+) -> PathExplanation {
+    let mut reasons = Vec::new();
+    let (key, master) = if origin == Origin::Node && master.flags & SVC_F_TWO_SCOPES != 0 {
+        let internal = key.with_scope(SCOPE_INTERNAL);
+        match snapshot.services.get(&internal) {
+            Some(m) => (internal, m),
+            None => {
+                return PathExplanation {
+                    origins: vec![origin],
+                    scope: "internal",
+                    reasons: vec!["the frontend has two scopes, but its internal-scope master is missing".into()],
+                    verdict: Verdict::Refused,
+                    summary: "refused: connect() fails at once with ECONNREFUSED".into(),
+                    candidates: Vec::new(),
+                    sticky_to: None,
+                };
+            }
+        }
+    } else {
+        (key, master)
+    };
+    set_reasons(master.flags, key.scope, &mut reasons);
+    let scope = view::scope_name(key.scope);
+    if master.count == 0 {
+        let (verdict, summary) = no_backend(master.flags, origin);
+        if verdict == Verdict::Dropped {
+            reasons.push("externalTrafficPolicy Local and no endpoint on this node: no backend to send it to".into());
+        } else {
+            reasons.push("no usable endpoint (count 0)".into());
+        }
+        return PathExplanation {
+            origins: vec![origin],
+            scope,
+            reasons,
+            verdict,
+            summary,
+            candidates: Vec::new(),
+            sticky_to: None,
+        };
+    }
+    let candidates = candidates(snapshot, key, master.count);
+    if !candidates.is_empty() && candidates.iter().all(|c| c.terminating) {
+        reasons.push("no endpoint is ready: the serving, terminating ones are used (graceful termination)".into());
+    }
+    let external_kind = master.flags & (SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER) != 0;
+    if origin == Origin::Outside && external_kind {
+        reasons.push(if master.flags & SVC_F_EXT_LOCAL != 0 {
+            "a new flow keeps the client's source address (externalTrafficPolicy Local)".into()
+        } else {
+            "a new flow is SNATed to a node address, so replies come back through this node".into()
+        });
+        reasons.push("packets of a flow already in conntrack keep that flow's backend".into());
+    }
+    let n = master.count;
+    let mut verdict = Verdict::Random;
+    let mut summary = if n == 1 {
+        "to the only backend".to_owned()
+    } else {
+        format!("to one of {n} backends, uniformly at random (1/{n} each) per connection")
+    };
+    let mut sticky_to = None;
+    // The packet path keys affinity by the client's address; the socket path by the client's
+    // netns cookie, known here when exactly one named namespace holds `from`.
+    if master.flags & SVC_F_AFFINITY != 0
+        && let Some(key) = match origin {
+            Origin::Outside => Some(address_key(master.service_id, from)),
+            Origin::Node => client_netns(snapshot, from).map(|n| netns_key(master.service_id, n.cookie)),
+        }
+        && let Some((k, v)) = affinity_entry(snapshot, key)
+        && view::affinity_state(snapshot, index, &k, &v) == AffinityState::Fresh
+    {
+        let row = view::affinity_view(snapshot, index, &k, &v);
+        let backend = row.backend.clone().unwrap_or_default();
+        let client = if origin == Origin::Node { row.client.clone() } else { from.to_string() };
+        verdict = Verdict::Sticky;
+        summary = format!(
+            "to {backend}: {client} used it {:.0}s ago (ClientIP affinity, timeout {}s)",
+            row.age_seconds, master.affinity_timeout
+        );
+        sticky_to = Some(backend);
+    } else if master.flags & SVC_F_AFFINITY != 0 {
+        summary += "; the pick is remembered for the client (ClientIP affinity, see below)";
+    }
+    PathExplanation { origins: vec![origin], scope, reasons, verdict, summary, candidates, sticky_to }
+}
+
+/// Why a scope holds the backends it holds.
+fn set_reasons(flags: u16, scope: u8, reasons: &mut Vec<String>) {
+    let external_kind = flags & (SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER) != 0;
+    if flags & SVC_F_TWO_SCOPES != 0 {
+        if scope == SCOPE_INTERNAL {
+            reasons.push(
+                "the service has two backend sets (externalTrafficPolicy Local); traffic from this node is not \
+                 external traffic, so it may go to every endpoint (as kube-proxy does)"
+                    .into(),
+            );
+        } else {
+            reasons.push(
+                "the service has two backend sets (externalTrafficPolicy Local): traffic from outside goes only \
+                 to endpoints on this node"
+                    .into(),
+            );
+        }
+        return;
+    }
+    if flags & SVC_F_INT_LOCAL != 0 && !external_kind {
+        reasons.push("internalTrafficPolicy Local: only endpoints on this node".into());
+    } else if flags & SVC_F_EXT_LOCAL != 0 && external_kind {
+        reasons.push("externalTrafficPolicy Local: only endpoints on this node".into());
+    } else {
+        reasons.push("one backend set for all traffic: every usable endpoint of the service".into());
+    }
+}
+
+/// The verdict for a scope with `count == 0`, as each attach point handles `NoBackend`.
+fn no_backend(flags: u16, origin: Origin) -> (Verdict, String) {
+    match origin {
+        Origin::Node => {
+            (Verdict::Refused, "refused: connect() fails at once with ECONNREFUSED (kube-proxy's REJECT)".into())
+        }
+        Origin::Outside if flags & SVC_F_EXT_LOCAL != 0 => {
+            (Verdict::Dropped, "dropped: no endpoint on this node under externalTrafficPolicy Local".into())
+        }
+        Origin::Outside => (
+            Verdict::Refused,
+            "refused: the node's own stack answers with a TCP reset or ICMP port unreachable (kube-proxy's \
+             REJECT)"
+                .into(),
+        ),
+    }
+}
+
+/// The backends of one scope with their probabilities, in slot order of first appearance.
+fn candidates(snapshot: &Snapshot, key: ServiceKey, count: u16) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
+    for slot in 1..=count {
+        let Some(value) = snapshot.services.get(&key.with_slot(slot)) else { continue };
+        if let Some(c) = out.iter_mut().find(|c| c.backend_id == value.backend_id) {
+            c.slots.push(slot);
+            continue;
+        }
+        let backend = snapshot.backends.get(&value.backend_id);
+        out.push(Candidate {
+            backend_id: value.backend_id,
+            endpoint: backend.map(view::backend_text),
+            address: backend.map(|b| Ipv4Addr::from(b.address)),
+            port: backend.map(|b| b.port),
+            slots: vec![slot],
+            probability: 0.0,
+            local: backend.is_some_and(|b| b.flags & BACKEND_F_LOCAL != 0),
+            terminating: backend.is_some_and(|b| b.flags & BACKEND_F_TERMINATING != 0),
+        });
+    }
+    for c in &mut out {
+        c.probability = c.slots.len() as f64 / f64::from(count);
+    }
+    out
+}
+
+/// The affinity entry of `key` (`service_id` filled in by the caller).
+fn affinity_entry(snapshot: &Snapshot, key: AffinityKey) -> Option<(AffinityKey, AffinityValue)> {
+    snapshot.affinity.iter().flatten().find(|(k, _)| *k == key).copied()
+}
+
+/// The packet path's affinity key of `from`.
+fn address_key(service_id: u32, from: Ipv4Addr) -> AffinityKey {
+    AffinityKey { netns_cookie: 0, client: from.octets(), service_id }
+}
+
+/// The socket path's affinity key of a client in the namespace with `cookie`.
+fn netns_key(service_id: u32, cookie: u64) -> AffinityKey {
+    AffinityKey { netns_cookie: cookie, client: [0; 4], service_id }
+}
+
+/// The one namespace holding `from`, if exactly one does.
+fn client_netns(snapshot: &Snapshot, from: Ipv4Addr) -> Option<&NetnsInfo> {
+    let mut holding = snapshot.netns.iter().filter(|n| n.addresses.contains(&from));
+    let first = holding.next()?;
+    holding.next().is_none().then_some(first)
+}
+
+/// The affinity entries that bear on the query: `from`'s own, and the service's netns-keyed ones.
+fn affinity(
+    snapshot: &Snapshot,
+    index: &ServiceIndex,
+    master: &ServiceValue,
+    from: Ipv4Addr,
+) -> Option<AffinityExplanation> {
+    let enabled = master.flags & SVC_F_AFFINITY != 0;
+    let by_address = affinity_entry(snapshot, address_key(master.service_id, from))
+        .map(|(k, v)| view::affinity_view(snapshot, index, &k, &v));
+    let mut by_netns: Vec<AffinityView> = snapshot
+        .affinity
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.service_id == master.service_id && k.netns_cookie != 0)
+        .map(|(k, v)| view::affinity_view(snapshot, index, k, v))
+        .collect();
+    by_netns.sort_by(|a, b| a.client.cmp(&b.client));
+    if !enabled && by_address.is_none() && by_netns.is_empty() {
+        return None;
+    }
+    Some(AffinityExplanation {
+        enabled,
+        timeout_seconds: enabled.then_some(master.affinity_timeout),
+        by_address,
+        by_netns,
+        client_netns: client_netns(snapshot, from).map(|n| n.name.clone()),
+    })
+}
+
+/// What else the destination is, when it is not a frontend.
+fn not_a_frontend_notes(snapshot: &Snapshot, query: &Query) -> Vec<String> {
+    let address = query.to.ip().octets();
+    let mut notes = Vec::new();
+    let mut others: Vec<String> = snapshot
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot == 0 && k.scope == SCOPE_EXTERNAL && k.address == address)
+        .map(|(k, v)| format!("{}/{} ({})", k.port, proto_name(k.proto), view::service_label(snapshot, v.service_id)))
+        .collect();
+    if !others.is_empty() {
+        others.sort();
+        notes.push(format!(
+            "{} is a service address, but not on {}/{}: it serves {}",
+            query.to.ip(),
+            query.to.port(),
+            proto_name(query.proto),
+            others.join(", ")
+        ));
+    }
+    let index = ServiceIndex::new(snapshot);
+    for (id, backend) in &snapshot.backends {
+        if backend.address == address && backend.port == query.to.port() && backend.proto == query.proto {
+            let users: Vec<String> = index
+                .backends
+                .iter()
+                .filter(|(_, ids)| ids.contains(id))
+                .map(|(service, _)| view::service_label(snapshot, *service))
+                .collect();
+            notes.push(format!(
+                "{} is backend {id} (an endpoint of {}): addressed directly, it is not load balanced",
+                view::backend_text(backend),
+                if users.is_empty() { "no service".to_owned() } else { users.join(", ") }
+            ));
+        }
+    }
+    notes
+}
+
+/// Who the client is, when the maps know its address.
+fn client_notes(snapshot: &Snapshot, from: Ipv4Addr) -> Vec<String> {
+    let mut notes = Vec::new();
+    let holding: Vec<String> = snapshot
+        .netns
+        .iter()
+        .filter(|n| n.addresses.contains(&from))
+        .map(|n| format!("{} (cookie {})", n.name, n.cookie))
+        .collect();
+    match holding.len() {
+        0 => {}
+        1 => notes.push(format!("in network namespace {}", holding[0])),
+        _ => notes.push(format!(
+            "in several network namespaces ({}): which one's affinity entry applies is ambiguous",
+            holding.join(", ")
+        )),
+    }
+    let local_pod =
+        snapshot.backends.values().any(|b| Ipv4Addr::from(b.address) == from && b.flags & BACKEND_F_LOCAL != 0);
+    if local_pod {
+        notes.push("an endpoint on this node: its connects take the socket path (from this node)".to_owned());
+    }
+    let node_address = snapshot
+        .services
+        .iter()
+        .any(|(k, v)| k.slot == 0 && v.flags & SVC_F_NODE_PORT != 0 && Ipv4Addr::from(k.address) == from);
+    if node_address {
+        notes.push("this node's address: its connects take the socket path (from this node)".to_owned());
+    }
+    notes
+}

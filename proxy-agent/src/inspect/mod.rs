@@ -1,0 +1,244 @@
+//! `proxy-agent inspect` and `proxy-agent explain`: what the pinned maps hold, and where a
+//! connection goes and why. Both read the maps pinned under `--bpf-root`, so they work whether
+//! or not the agent runs, and never write anything.
+//!
+//! Three rooms, so that everything but the first is pure and unit-tested:
+//!
+//! - [`pins`]: the only I/O: reads the pinned maps, the monotonic clock and the names of network
+//!   namespaces into a [`Snapshot`];
+//! - [`view`] and [`explain`]: a snapshot → rows per map, and the answer to "from C to
+//!   address:port/proto", decided exactly as `proxy-ebpf/src/lb.rs` (and the attach points that
+//!   call it) decide;
+//! - [`render`]: tables for people, JSON (`-o json`) for scripts and tests.
+//!
+//! Adding a table (the conntrack map): read it in [`pins`] into the snapshot, add its rows in
+//! [`view`] and a renderer in [`render`], and decode it in [`run_inspect`]'s `Table::Conntrack` arm.
+
+pub mod explain;
+pub mod pins;
+pub mod render;
+#[cfg(test)]
+mod tests;
+pub mod view;
+
+use std::{
+    io::{self, Write as _},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapError;
+use proxy_common::proto;
+
+pub use self::{explain::Explanation, pins::Snapshot};
+
+/// Errors of reading the pinned maps. Each names the map or path and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// Nothing pinned under the root.
+    #[error(
+        "no maps pinned under {}: is the agent running (or has it run) with --bpf-root {}? \
+         Its maps stay pinned after it exits, until `--cleanup`",
+        root.display(),
+        root.display()
+    )]
+    NoMaps {
+        /// The `--bpf-root` directory.
+        root: PathBuf,
+    },
+    /// One map is missing while others are there.
+    #[error(
+        "map `{name}` is not pinned at {}: the agent pins it at start-up; restart the agent \
+         (a current version) with --bpf-root {}",
+        path.display(),
+        path.parent().unwrap_or(path).display()
+    )]
+    MissingMap {
+        /// The map's name.
+        name: &'static str,
+        /// Where it should be.
+        path: PathBuf,
+    },
+    /// Not allowed to open pins.
+    #[error("opening {} needs root (CAP_BPF and CAP_SYS_ADMIN): run inspect/explain as root", path.display())]
+    Permission {
+        /// The pin (or the directory above it).
+        path: PathBuf,
+    },
+    /// A map that does not open or read as this build expects.
+    #[error(
+        "map `{name}` at {}: {source} (was it pinned by another version of proxy-agent? \
+         `bpftool map show pinned {}` shows its key and value sizes)",
+        path.display(),
+        path.display()
+    )]
+    Map {
+        /// The map's name.
+        name: &'static str,
+        /// Its pin.
+        path: PathBuf,
+        /// What aya reported.
+        source: MapError,
+    },
+    /// The conntrack table is not there (or not decoded by this build).
+    #[error("{0}")]
+    Conntrack(String),
+    /// The monotonic clock could not be read.
+    #[error("reading CLOCK_MONOTONIC: {0}")]
+    Clock(io::Error),
+    /// Writing the output failed.
+    #[error("writing the output: {0}")]
+    Output(io::Error),
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// The map `inspect` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Table {
+    /// Frontends with their service, kind, policies and backends in slot order.
+    Services,
+    /// Backend ids with their endpoint and who uses them.
+    Backends,
+    /// ClientIP affinity entries with their age.
+    Affinity,
+    /// Per-flow NAT state of the packet path.
+    Conntrack,
+}
+
+/// A transport protocol as `--proto` takes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proto::TCP,
+            Protocol::Udp => proto::UDP,
+            Protocol::Sctp => proto::SCTP,
+        }
+    }
+}
+
+/// `proxy-agent inspect`.
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// The map to show.
+    #[arg(value_enum)]
+    pub table: Table,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+/// `proxy-agent explain`.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The client's address: a pod's, this node's or an external client's. It selects the
+    /// client's affinity entry (by address, or by the named network namespace holding it).
+    #[arg(long, value_name = "IP")]
+    pub from: Ipv4Addr,
+    /// The destination the client connects or sends to.
+    #[arg(long, value_name = "IP:PORT")]
+    pub to: SocketAddrV4,
+    /// The transport protocol.
+    #[arg(long, value_enum, default_value_t = Protocol::Tcp)]
+    pub proto: Protocol,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+/// The name the conntrack map is pinned under (`proxy_common::maps::CONNTRACK` once it lands).
+const CONNTRACK_MAP: &str = "conntrack";
+
+/// Renders `inspect <table>` for the maps under `root`.
+pub fn inspect(root: &Path, args: &InspectArgs) -> Result<String, InspectError> {
+    if args.table == Table::Conntrack {
+        return conntrack(root);
+    }
+    let mut snapshot = pins::read(root)?;
+    if snapshot.affinity.iter().flatten().any(|(k, _)| k.netns_cookie != 0) {
+        snapshot.netns = pins::netns();
+    }
+    Ok(match (args.table, args.output) {
+        (Table::Services, Format::Table) => render::services(&view::services(&snapshot), &snapshot.root),
+        (Table::Services, Format::Json) => render::json(&view::services(&snapshot)),
+        (Table::Backends, Format::Table) => render::backends(&view::backends(&snapshot), &snapshot.root),
+        (Table::Backends, Format::Json) => render::json(&view::backends(&snapshot)),
+        (Table::Affinity, Format::Table) => render::affinity(&view::affinity(&snapshot), &snapshot),
+        (Table::Affinity, Format::Json) => render::json(&view::affinity(&snapshot)),
+        (Table::Conntrack, _) => unreachable!("handled above"),
+    })
+}
+
+/// The conntrack table: the map is not decoded by this build yet; say where it is, or that it
+/// is absent.
+fn conntrack(root: &Path) -> Result<String, InspectError> {
+    // The same answer as the other tables when nothing is pinned at all.
+    pins::read(root)?;
+    let path = root.join(CONNTRACK_MAP);
+    match std::fs::symlink_metadata(&path) {
+        Ok(_) => Err(InspectError::Conntrack(format!(
+            "a conntrack map is pinned at {}, but this build of inspect does not decode it yet: \
+             `bpftool map dump pinned {}` prints its entries with field names",
+            path.display(),
+            path.display()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(InspectError::Permission { path }),
+        Err(_) => Err(InspectError::Conntrack(format!(
+            "no conntrack map pinned under {}: this datapath keeps no per-flow state there \
+             (the socket path needs none; the packet path pins `{CONNTRACK_MAP}` when it is loaded)",
+            root.display()
+        ))),
+    }
+}
+
+/// Renders `explain` for the maps under `root`.
+pub fn explain(root: &Path, args: &ExplainArgs) -> Result<String, InspectError> {
+    let mut snapshot = pins::read(root)?;
+    // To name netns-keyed affinity entries and find the client's namespace by its address.
+    snapshot.netns = pins::netns();
+    let query = explain::Query { from: args.from, to: args.to, proto: args.proto.number() };
+    let explanation = explain::explain(&snapshot, &query);
+    Ok(match args.output {
+        Format::Table => render::explanation(&explanation),
+        Format::Json => render::json(&explanation),
+    })
+}
+
+/// `proxy-agent inspect`: prints to stdout.
+pub fn run_inspect(root: &Path, args: &InspectArgs) -> Result<(), InspectError> {
+    print(&inspect(root, args)?)
+}
+
+/// `proxy-agent explain`: prints to stdout.
+pub fn run_explain(root: &Path, args: &ExplainArgs) -> Result<(), InspectError> {
+    print(&explain(root, args)?)
+}
+
+/// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
+fn print(text: &str) -> Result<(), InspectError> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(InspectError::Output(e)),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,317 @@
+//! What the kernel says about our pins, asked the way `bpftool` asks: a pinned link's info
+//! (`BPF_OBJ_GET_INFO_BY_FD`, as `bpftool link show`), the programs attached to a cgroup or an
+//! interface (`BPF_PROG_QUERY`, as `bpftool cgroup show` and `bpftool net show`), and how many
+//! entries a pinned map holds (`BPF_MAP_GET_NEXT_KEY`, as `bpftool map dump` walks it). aya 0.14
+//! keeps the link info's attachment fields and the query private, hence the few raw calls here.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::MetadataExt},
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapData;
+
+/// `enum bpf_cmd` values (linux/bpf.h).
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+
+/// `enum bpf_link_type` values.
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// A failed look at a pin.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// A bpf() command on a pin (or the object behind it) failed.
+    #[error("{call} on {path}: {source}")]
+    Bpf { call: &'static str, path: PathBuf, source: io::Error },
+    /// A pinned map could not be opened.
+    #[error("map {path}: {source}")]
+    Map { path: PathBuf, source: aya::maps::MapError },
+}
+
+/// Runs one bpf() command on `attr`, a `#[repr(C)]` prefix of `union bpf_attr`.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, initialised `#[repr(C)]` prefix of `union bpf_attr` for `cmd`
+    // (the kernel zero-extends a shorter attr), its size is passed along, and every pointer
+    // inside it points into a live buffer of the size the command expects.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// `attr.obj_get` of `BPF_OBJ_GET`.
+#[repr(C)]
+struct ObjGet {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Opens the object pinned at `path`.
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGet { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `attr.info` of `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+struct ObjInfo {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_link_info`: the common head, then the per-type union as bytes (its first field
+/// sits at offset 16: the union holds 64-bit members).
+#[repr(C, align(8))]
+struct RawLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    union: [u8; 64],
+}
+
+/// Where a link attaches, as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// A cgroup link: the cgroup's id (0 once detached) and the attach type.
+    Cgroup { cgroup_id: u64, attach_type: u32 },
+    /// A TCX link: the interface index (0 once detached) and the attach type.
+    Tcx { ifindex: u32, attach_type: u32 },
+    /// Another kind of link (`enum bpf_link_type`).
+    Other(u32),
+}
+
+/// A pinned link's info.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// The link id (`bpftool link show id N`).
+    pub id: u32,
+    /// The program it runs.
+    pub prog_id: u32,
+    /// Where it attaches.
+    pub attachment: Attachment,
+}
+
+fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    let mut raw = RawLinkInfo { link_type: 0, id: 0, prog_id: 0, _pad: 0, union: [0; 64] };
+    let mut attr = ObjInfo {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<RawLinkInfo>() as u32,
+        info: std::ptr::from_mut(&mut raw) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let u32_at =
+        |at: usize| u32::from_ne_bytes([raw.union[at], raw.union[at + 1], raw.union[at + 2], raw.union[at + 3]]);
+    let attachment = match raw.link_type {
+        // struct { __u64 cgroup_id; __u32 attach_type; } cgroup;
+        BPF_LINK_TYPE_CGROUP => {
+            let mut id = [0; 8];
+            id.copy_from_slice(&raw.union[..8]);
+            Attachment::Cgroup { cgroup_id: u64::from_ne_bytes(id), attach_type: u32_at(8) }
+        }
+        // struct { __u32 ifindex; __u32 attach_type; } tcx;
+        BPF_LINK_TYPE_TCX => Attachment::Tcx { ifindex: u32_at(0), attach_type: u32_at(4) },
+        other => Attachment::Other(other),
+    };
+    Ok(LinkInfo { id: raw.id, prog_id: raw.prog_id, attachment })
+}
+
+/// `attr.query` of `BPF_PROG_QUERY`.
+#[repr(C)]
+struct ProgQuery {
+    /// A cgroup fd, or an interface index for TCX.
+    target: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+}
+
+/// The ids of the programs attached directly (not inherited) to `target` for `attach_type`.
+fn prog_query(target: u32, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    loop {
+        let mut attr = ProgQuery {
+            target,
+            attach_type,
+            query_flags: 0,
+            attach_flags: 0,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: ids.len() as u32,
+            _pad: 0,
+        };
+        match bpf(BPF_PROG_QUERY, &mut attr) {
+            Ok(_) => {
+                ids.truncate(attr.prog_cnt as usize);
+                return Ok(ids);
+            }
+            // More programs than room: the kernel said how many.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && attr.prog_cnt as usize > ids.len() => {
+                ids = vec![0; attr.prog_cnt as usize];
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What became of one pinned link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedLink {
+    /// The pin's file name under `<bpf-root>/links`.
+    pub pin: String,
+    /// The program's name: the pin name up to its first `-` (`connect4`, `tc_ingress-eth0`).
+    pub program: String,
+    /// The kernel's answer, if the pin could be read.
+    pub info: Option<LinkInfo>,
+    /// Whether the kernel runs the program where the link says.
+    pub attached: bool,
+    /// Why not, when it matters: `None` when attached, and for a TC link whose interface went
+    /// away (the agent forgets those pins itself).
+    pub problem: Option<String>,
+}
+
+/// Checks every link pinned under `links_dir`: a cgroup link must be attached to `cgroup`
+/// (the link's cgroup id is the cgroup's, and the cgroup lists the link's program for its attach
+/// type); a TCX link to the interface it names (the interface lists the program).
+pub fn pinned_links(links_dir: &Path, cgroup: &Path) -> io::Result<Vec<PinnedLink>> {
+    let mut pins: Vec<String> = match fs::read_dir(links_dir) {
+        Ok(entries) => entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    // `<name>_new` is a link being swapped in by a starting agent.
+    pins.retain(|p| !p.ends_with("_new"));
+    pins.sort();
+    let cgroup_dir = fs::File::open(cgroup);
+    let cgroup_id = cgroup_dir.as_ref().ok().and_then(|f| f.metadata().ok()).map(|m| m.ino());
+    Ok(pins
+        .into_iter()
+        .map(|pin| {
+            let path = links_dir.join(&pin);
+            let program = pin.split_once('-').map_or(pin.as_str(), |(p, _)| p).to_owned();
+            let info = obj_get(&path).and_then(|fd| link_info(fd.as_fd()));
+            let (info, problem) = match info {
+                Ok(info) => (Some(info), check(&pin, &path, &info, cgroup, &cgroup_dir, cgroup_id)),
+                Err(e) => (None, Some(format!("link {}: cannot read it: {e}", path.display()))),
+            };
+            let attached = info.is_some() && problem.is_none() && !is_gone_interface(&info);
+            PinnedLink { pin, program, info, attached, problem }
+        })
+        .collect())
+}
+
+fn is_gone_interface(info: &Option<LinkInfo>) -> bool {
+    matches!(info, Some(LinkInfo { attachment: Attachment::Tcx { ifindex: 0, .. }, .. }))
+}
+
+/// Why `info` is not attached where it belongs, if it is not.
+fn check(
+    pin: &str,
+    path: &Path,
+    info: &LinkInfo,
+    cgroup: &Path,
+    cgroup_dir: &io::Result<fs::File>,
+    cgroup_id: Option<u64>,
+) -> Option<String> {
+    let link = format!("link {} (id {}, program id {})", path.display(), info.id, info.prog_id);
+    match info.attachment {
+        Attachment::Cgroup { cgroup_id: 0, .. } => Some(format!("{link} is detached from its cgroup")),
+        Attachment::Cgroup { cgroup_id: linked, attach_type } => {
+            let dir = match cgroup_dir {
+                Ok(dir) => dir,
+                Err(e) => return Some(format!("cgroup {}: {e}", cgroup.display())),
+            };
+            if Some(linked) != cgroup_id {
+                return Some(format!("{link} is attached to cgroup id {linked}, not to {}", cgroup.display()));
+            }
+            match prog_query(dir.as_raw_fd() as u32, attach_type) {
+                Ok(ids) if ids.contains(&info.prog_id) => None,
+                Ok(ids) => Some(format!(
+                    "{link}: cgroup {} runs programs {ids:?} for attach type {attach_type}, not ours",
+                    cgroup.display()
+                )),
+                Err(e) => Some(format!("querying the programs of cgroup {}: {e}", cgroup.display())),
+            }
+        }
+        Attachment::Tcx { ifindex: 0, .. } => {
+            // Detached: fine if its interface is gone (a pod went away), not if it is still here.
+            let interface = pin.split_once('-').map(|(_, i)| i)?;
+            let c_name = CString::new(interface).ok()?;
+            // SAFETY: if_nametoindex reads a NUL-terminated string.
+            let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+            (index != 0).then(|| format!("{link} is detached, but interface {interface} is still there"))
+        }
+        Attachment::Tcx { ifindex, attach_type } => match prog_query(ifindex, attach_type) {
+            Ok(ids) if ids.contains(&info.prog_id) => None,
+            Ok(ids) => Some(format!("{link}: interface {ifindex} runs programs {ids:?}, not ours")),
+            Err(e) => Some(format!("querying the programs of interface {ifindex}: {e}")),
+        },
+        Attachment::Other(_) => (info.prog_id == 0).then(|| format!("{link} has no program")),
+    }
+}
+
+/// `attr` of `BPF_MAP_GET_NEXT_KEY`.
+#[repr(C)]
+struct NextKey {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+}
+
+/// A pinned map's entry count and size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    /// Entries the kernel holds (for an array: its size).
+    pub entries: u64,
+    /// `max_entries`.
+    pub max_entries: u64,
+}
+
+/// Counts the entries of the map pinned at `path` by walking its keys.
+pub fn map_fill(path: &Path) -> Result<MapFill, KernelError> {
+    let map = MapData::from_pin(path).map_err(|source| KernelError::Map { path: path.to_owned(), source })?;
+    let info = map.info().map_err(|source| KernelError::Map { path: path.to_owned(), source })?;
+    let fd = map.fd().as_fd().as_raw_fd() as u32;
+    let key_size = (info.key_size() as usize).max(1);
+    let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
+    let max_entries = u64::from(info.max_entries());
+    let mut entries = 0u64;
+    let mut first = true;
+    // A key deleted under the walk restarts it from the top: bound it.
+    while entries <= 2 * max_entries {
+        let mut attr = NextKey {
+            map_fd: fd,
+            _pad: 0,
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                entries += 1;
+                first = false;
+                std::mem::swap(&mut key, &mut next);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(source) => {
+                return Err(KernelError::Bpf { call: "BPF_MAP_GET_NEXT_KEY", path: path.to_owned(), source });
+            }
+        }
+    }
+    Ok(MapFill { entries: entries.min(max_entries), max_entries })
+}

@@ -1,0 +1,37 @@
+//! What the Kubernetes API source does with the API, as RBAC rules: the least privilege the
+//! agent's ClusterRole must grant. Groups and resources come from the same k8s-openapi types
+//! [`super::kube`] watches, and the verbs from how it reads them (a kube-runtime watcher: an
+//! initial list, then a watch). `tests/tests/deploy.rs` checks the ClusterRole in `deploy/`
+//! against this table, and this table against the requests the source really makes of a test
+//! API server, so none of the three can drift silently.
+
+use k8s_openapi::{
+    Resource,
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+};
+
+/// The verbs of a kube-runtime `watcher`: it lists, then watches from the list's version.
+pub const WATCHER_VERBS: &[&str] = &["list", "watch"];
+
+/// One RBAC rule: verbs on one resource of one API group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// The API group (`""` for the core group).
+    pub api_group: &'static str,
+    /// The resource, plural (`services`).
+    pub resource: &'static str,
+    /// The verbs used, sorted.
+    pub verbs: &'static [&'static str],
+}
+
+const fn watched<K: Resource>() -> Access {
+    Access { api_group: K::GROUP, resource: K::URL_PATH_SEGMENT, verbs: WATCHER_VERBS }
+}
+
+/// Everything the Kubernetes API source does: watch Services and EndpointSlices in every
+/// namespace, and its own Node (a field selector on its name, which RBAC cannot narrow).
+/// The agent emits no Events and writes nothing.
+pub const ACCESS: &[Access] = &[watched::<Service>(), watched::<EndpointSlice>(), watched::<Node>()];

@@ -1,0 +1,699 @@
+//! The control plane end to end: the agent (a real process) watches the test API server over
+//! HTTP with the real kube client and programs the real BPF datapath, attached to a cgroup this
+//! test made; clients in pod namespaces inside that cgroup make real connections.
+//!
+//! Tests named `e2e_NN_...` reproduce row NN of `K8S_E2E_BEHAVIOURS.md`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    Resource,
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+};
+use proxy_common::{
+    backend::{Backend, BackendId},
+    service::{ServiceKey, ServiceValue},
+};
+use proxy_tests::{
+    agent::{Agent, Synced},
+    apiserver::ApiServer,
+    client::{Tally, probe},
+    fixtures::{service, slice},
+    netns::Netns,
+    topology::SingleNode,
+};
+use serde_json::json;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+/// Bound for waits on the agent while the API server is up.
+const WAIT: Duration = Duration::from_secs(10);
+/// Bound for waits that include the watchers' backoff (kube's default: 0.8 s doubling up to 30 s).
+const RECOVERY: Duration = Duration::from_secs(45);
+/// Every service of these tests listens here and targets port 80 of its pods.
+const PORT: u16 = 6666;
+const TARGET_PORT: u16 = 80;
+/// node-1's InternalIP (SPEC.md's address plan).
+const NODE1: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+
+fn vip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, 0, last)
+}
+
+fn pod_ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, n)
+}
+
+fn pod_name(n: u8) -> String {
+    format!("pod-{n}")
+}
+
+/// The backends of pods `pods` on the target port.
+fn backends(pods: &[u8]) -> Vec<SocketAddrV4> {
+    pods.iter().map(|n| SocketAddrV4::new(pod_ip(*n), TARGET_PORT)).collect()
+}
+
+/// A ClusterIP service `name` at `10.96.0.<last>:6666`.
+fn web(name: &str, last: u8) -> Service {
+    service(name).cluster_ip(&vip(last).to_string()).port(PORT.into()).build()
+}
+
+/// The slice `<name>-a` of service `name` with pods `pods` (ready, on node-1) on port 80.
+fn endpoints(name: &str, pods: &[u8]) -> EndpointSlice {
+    let ips: Vec<String> = pods.iter().map(|n| pod_ip(*n).to_string()).collect();
+    slice(name, "a").port(TARGET_PORT.into()).endpoints(ips.iter().map(String::as_str)).build()
+}
+
+/// `default/kubernetes`, which every real cluster has, so the agent's first list is never empty.
+fn kubernetes_service() -> (Service, EndpointSlice) {
+    let svc = service("kubernetes").cluster_ip("10.96.0.1").named_port("https", 443, "TCP").build();
+    let mut eps = slice("kubernetes", "a").port(6443).endpoint(&NODE1.to_string()).build();
+    if let Some(port) = eps.ports.as_mut().and_then(|p| p.first_mut()) {
+        port.name = Some("https".into());
+    }
+    (svc, eps)
+}
+
+/// node-1 (or another node) with an InternalIP.
+fn node(name: &str, internal_ip: Ipv4Addr) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": internal_ip.to_string()},
+            {"type": "Hostname", "address": name},
+        ]},
+    })
+}
+
+/// A kubeconfig file, removed on drop.
+struct Kubeconfig(PathBuf);
+
+impl Drop for Kubeconfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The test API server, node-1 with pods `pod-<n>` at 10.244.1.<n> (each answering its name on
+/// port 80) and a client pod, and the agent watching the server. The agent runs in node-1's
+/// namespace (its TC program attaches to every interface there, never to the machine's), and so
+/// does the API server, on that namespace's 127.0.0.1. Fields drop in order: the agent first,
+/// the runtime serving the API server last.
+struct Cluster {
+    agent: Agent,
+    server: ApiServer,
+    kubeconfig: Kubeconfig,
+    topology: SingleNode,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Cluster {
+    /// Builds the topology, starts the server with `default/kubernetes` and whatever `seed`
+    /// stores, then starts the agent (`extra` flags added) and waits for its first sync.
+    fn start(pods: &[u8], extra: &[&str], seed: impl FnOnce(&ApiServer)) -> Self {
+        let names: Vec<(String, Ipv4Addr)> = pods.iter().map(|n| (pod_name(*n), pod_ip(*n))).collect();
+        let refs: Vec<(&str, Ipv4Addr)> = names.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+        let topology = SingleNode::new(&refs, TARGET_PORT).expect("building the namespaces");
+        let (runtime, server) = api_server_in(&topology.node);
+        let (svc, eps) = kubernetes_service();
+        server.apply(&svc);
+        server.apply(&eps);
+        seed(&server);
+        let kubeconfig = kubeconfig(&server);
+        let agent = start_agent(&topology, &kubeconfig, extra).expect("starting the agent");
+        Self { agent, server, kubeconfig, topology, _runtime: runtime }
+    }
+
+    /// `count` TCP connections from the client pod to `address:port` (300 ms timeout each).
+    fn connect_to(&self, address: Ipv4Addr, port: u16, count: usize) -> Tally {
+        connect(&self.topology, &format!("{address}:{port}"), count)
+    }
+
+    /// `count` connections to `10.96.0.<last>:6666`.
+    fn connect(&self, last: u8, count: usize) -> Tally {
+        self.connect_to(vip(last), PORT, count)
+    }
+
+    /// Waits until `10.96.0.<last>:6666` has exactly the backends of `pods` (`None`: no frontend).
+    fn wait_for_pods(&self, last: u8, pods: Option<&[u8]>, timeout: Duration) {
+        let want = pods.map(backends);
+        self.agent.wait_for_backends(vip(last), PORT, want.as_deref(), timeout).unwrap();
+    }
+
+    /// Waits until every watch of the agent is open (kube's watcher opens a WATCH only after its
+    /// initial list has been consumed, so faults injected before would hit nothing).
+    fn wait_for_watches(&self) {
+        wait_until("the agent's watches are open", WAIT, || {
+            self.server.watch_count::<Service>() > 0
+                && self.server.watch_count::<EndpointSlice>() > 0
+                && self.server.watch_count::<Node>() > 0
+        });
+    }
+}
+
+fn kubeconfig(server: &ApiServer) -> Kubeconfig {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("proxy-kubeconfig-{}-{n}", std::process::id()));
+    server.write_kubeconfig(&path);
+    Kubeconfig(path)
+}
+
+/// Starts the test API server on 127.0.0.1 of `ns`, served by a runtime of its own.
+fn api_server_in(ns: &Netns) -> (tokio::runtime::Runtime, ApiServer) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the API server");
+    // The listening socket belongs to the namespace of the thread that binds it.
+    let server = thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().expect("entering the node's namespace");
+            runtime.block_on(ApiServer::start())
+        })
+        .join()
+        .expect("starting the API server")
+    });
+    (runtime, server)
+}
+
+/// Starts the agent in node-1's namespace, watching the server of `kubeconfig`.
+fn start_agent(topology: &SingleNode, kubeconfig: &Kubeconfig, extra: &[&str]) -> anyhow::Result<Agent> {
+    let flags = agent_flags(kubeconfig, extra);
+    Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
+}
+
+fn agent_flags<'a>(kubeconfig: &'a Kubeconfig, extra: &[&'a str]) -> Vec<&'a str> {
+    let path = kubeconfig.0.to_str().expect("a UTF-8 temp path");
+    let mut flags = vec!["--kubeconfig", path, "--hostname-override", "node-1"];
+    flags.extend_from_slice(extra);
+    flags
+}
+
+fn connect(topology: &SingleNode, target: &str, count: usize) -> Tally {
+    probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &["tcp", target, &count.to_string(), "300"])
+        .expect("running the probe")
+}
+
+/// Polls `done` every 10 ms; panics with `what` after `timeout`.
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?}: {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Asserts that every answer came from `pods`, and each of them answered at least once.
+fn assert_served_by(tally: &Tally, count: usize, pods: &[u8]) {
+    assert_eq!(tally.answered(), count, "every connection is answered: {tally:?}");
+    let names: BTreeSet<String> = pods.iter().map(|n| pod_name(*n)).collect();
+    let seen: BTreeSet<String> = tally.answers.keys().cloned().collect();
+    assert_eq!(seen, names, "answers come from exactly the current endpoints: {tally:?}");
+}
+
+/// The `services` and `backends` maps' entries.
+type Snapshot = (BTreeMap<ServiceKey, ServiceValue>, BTreeMap<BackendId, Backend>);
+
+fn snapshot(agent: &Agent) -> Snapshot {
+    let maps = agent.maps().expect("opening the pinned maps");
+    (maps.services().collect(), maps.backends().collect())
+}
+
+/// The `services` entries of every frontend address but `except`.
+fn entries_except(snapshot: &Snapshot, except: Ipv4Addr) -> BTreeMap<ServiceKey, ServiceValue> {
+    snapshot.0.iter().filter(|(k, _)| k.address != except.octets()).map(|(k, v)| (*k, *v)).collect()
+}
+
+/// The master entries (frontends) programmed, as (address, port).
+fn frontends(agent: &Agent) -> BTreeSet<(Ipv4Addr, u16)> {
+    let maps = agent.maps().expect("opening the pinned maps");
+    maps.services().filter(|(k, _)| k.slot == 0).map(|(k, _)| (Ipv4Addr::from(k.address), k.port)).collect()
+}
+
+/// Sums the counts of the agent's `synced` lines after the first `after`.
+fn syncs_since(agent: &Agent, after: usize) -> (Vec<Synced>, Synced) {
+    let lines: Vec<Synced> = agent.syncs().into_iter().skip(after).collect();
+    let total = lines.iter().fold(Synced::default(), |acc, s| Synced {
+        services: acc.services + s.services,
+        service_writes: acc.service_writes + s.service_writes,
+        backend_writes: acc.backend_writes + s.backend_writes,
+        skipped: acc.skipped + s.skipped,
+        errors: acc.errors + s.errors,
+        ..*s
+    });
+    (lines, total)
+}
+
+/// How many times the agent logged a complete list of `K` (kube's watcher `InitDone`).
+fn listed<K: Resource>(agent: &Agent) -> usize {
+    let kind = format!("kind=\"{}\"", K::KIND);
+    agent.log().lines().filter(|l| l.contains(" listed ") && l.contains(&kind)).count()
+}
+
+/// e2e row 1 (and row 29): a Service and then an EndpointSlice created through the API server;
+/// the ClusterIP refuses while it has no endpoint and then follows the endpoints 0→1→2→1→0.
+#[test]
+fn e2e_01_serve_a_basic_endpoint_from_pods() {
+    let c = Cluster::start(&[2, 3], &[], |_| {});
+    c.server.apply(&web("web", 10));
+    c.wait_for_pods(10, Some(&[]), WAIT);
+    let refused = c.connect(10, 5);
+    assert_eq!(refused.errors.get("refused"), Some(&5), "no endpoint yet: refused at once: {refused:?}");
+
+    c.server.apply(&endpoints("web", &[2]));
+    c.wait_for_pods(10, Some(&[2]), WAIT);
+    assert_served_by(&c.connect(10, 20), 20, &[2]);
+
+    c.server.apply(&endpoints("web", &[2, 3]));
+    c.wait_for_pods(10, Some(&[2, 3]), WAIT);
+    assert_served_by(&c.connect(10, 200), 200, &[2, 3]);
+
+    c.server.apply(&endpoints("web", &[3]));
+    c.wait_for_pods(10, Some(&[3]), WAIT);
+    assert_served_by(&c.connect(10, 20), 20, &[3]);
+
+    c.server.apply(&endpoints("web", &[]));
+    c.wait_for_pods(10, Some(&[]), WAIT);
+    let refused = c.connect(10, 5);
+    assert_eq!(refused.errors.get("refused"), Some(&5), "no endpoint left: refused: {refused:?}");
+}
+
+/// e2e row 64: endpoints scaled up and down one at a time while a client keeps connecting.
+/// Every answer comes from a current endpoint, new endpoints get traffic, removed ones get none,
+/// no connection fails, and each change is one sync of that service alone that rewrites at most
+/// two slots and the master entry.
+#[test]
+fn e2e_64_update_endpoints_while_traffic_flows() {
+    let mut c = Cluster::start(&[2, 3, 4], &[], |s| {
+        s.apply(&web("web", 10));
+        s.apply(&endpoints("web", &[2]));
+    });
+    c.wait_for_pods(10, Some(&[2]), WAIT);
+    let target = format!("{}:{PORT}", vip(10));
+    let steps: [&[u8]; 5] = [&[2, 3], &[2, 3, 4], &[3, 4], &[4], &[4, 2]];
+    let union: BTreeSet<String> = [2, 3, 4].map(pod_name).into();
+
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        let background = s.spawn(|| {
+            let mut total = Tally::default();
+            while !stop.load(Ordering::Relaxed) {
+                let tally = connect(&c.topology, &target, 50);
+                for (name, n) in tally.answers {
+                    *total.answers.entry(name).or_default() += n;
+                }
+                for (kind, n) in tally.errors {
+                    *total.errors.entry(kind).or_default() += n;
+                }
+            }
+            total
+        });
+        for pods in steps {
+            let before = c.agent.syncs().len();
+            c.server.apply(&endpoints("web", pods));
+            c.wait_for_pods(10, Some(pods), WAIT);
+            let sync = c.agent.wait_for_sync(before, |_| true, WAIT).unwrap();
+            assert_eq!(sync.services, 1, "one endpoint change recomputes that service only: {sync:?}");
+            assert!(sync.service_writes <= 3, "at most two slots and the master are written: {sync:?}");
+            assert_eq!(sync.backend_writes, 1, "one backend is added or removed: {sync:?}");
+            assert_served_by(&c.connect(10, 150), 150, pods);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let during = background.join().expect("the background client does not panic");
+        assert!(during.errors.is_empty(), "no connection failed while endpoints changed: {during:?}");
+        assert!(during.answered() > 0, "the background client ran: {during:?}");
+        let seen: BTreeSet<String> = during.answers.keys().cloned().collect();
+        assert!(seen.is_subset(&union), "answers only from endpoints: {during:?}");
+    });
+}
+
+/// e2e row 6: three services; deleting one stops its ClusterIP (connects no longer reach its
+/// old backend, its frontend and slots leave the maps) and leaves the other two alone.
+#[test]
+fn e2e_06_up_and_down_services() {
+    let mut c = Cluster::start(&[2, 3, 4], &[], |s| {
+        for (name, last, pod) in [("web-1", 11, 2), ("web-2", 12, 3), ("web-3", 13, 4)] {
+            s.apply(&web(name, last));
+            s.apply(&endpoints(name, &[pod]));
+        }
+    });
+    for (last, pod) in [(11, 2), (12, 3), (13, 4)] {
+        c.wait_for_pods(last, Some(&[pod]), WAIT);
+        assert_served_by(&c.connect(last, 10), 10, &[pod]);
+    }
+    let before = snapshot(&c.agent);
+
+    // The service goes first; its slice outlives it for a while (garbage collection is async).
+    assert!(c.server.delete::<Service>(None, "web-2"));
+    c.wait_for_pods(12, None, WAIT);
+    c.agent.wait_for_log("EndpointSlice default/web-2-a", WAIT).unwrap();
+    let after = snapshot(&c.agent);
+    assert!(
+        after.0.keys().all(|k| k.address != vip(12).octets()),
+        "no entry of the deleted frontend is left: {:?}",
+        after.0
+    );
+    assert!(
+        after.1.values().all(|b| b.address != pod_ip(3).octets()),
+        "the deleted service's only backend is gone: {:?}",
+        after.1
+    );
+    assert_eq!(entries_except(&after, vip(12)), entries_except(&before, vip(12)), "other services untouched");
+    let gone = c.connect(12, 3);
+    assert_eq!(gone.answered(), 0, "the deleted ClusterIP reaches no backend: {gone:?}");
+    assert_served_by(&c.connect(11, 10), 10, &[2]);
+    assert_served_by(&c.connect(13, 10), 10, &[4]);
+    let orphan = c.agent.log().lines().any(|l| l.contains("EndpointSlice default/web-2-a") && l.contains("no_service"));
+    assert!(orphan, "the orphaned slice is reported as such:\n{}", c.agent.log());
+
+    assert!(c.server.delete::<EndpointSlice>(None, "web-2-a"));
+    c.server.apply(&web("web-4", 14));
+    c.server.apply(&endpoints("web-4", &[3]));
+    c.wait_for_pods(14, Some(&[3]), WAIT);
+    assert_eq!(c.connect(12, 3).answered(), 0);
+    assert_served_by(&c.connect(14, 10), 10, &[3]);
+    c.agent.check_running().unwrap();
+}
+
+/// e2e row 7: a deleted service recreated with a new ClusterIP works at the new one only.
+#[test]
+fn e2e_07_works_after_the_service_has_been_recreated() {
+    let c = Cluster::start(&[2, 3], &[], |s| {
+        s.apply(&web("web", 10));
+        s.apply(&endpoints("web", &[2, 3]));
+    });
+    c.wait_for_pods(10, Some(&[2, 3]), WAIT);
+    assert!(c.server.delete::<Service>(None, "web"));
+    assert!(c.server.delete::<EndpointSlice>(None, "web-a"));
+    c.wait_for_pods(10, None, WAIT);
+    c.server.apply(&web("web", 20));
+    c.server.apply(&endpoints("web", &[2, 3]));
+    c.wait_for_pods(20, Some(&[2, 3]), WAIT);
+    assert_served_by(&c.connect(20, 100), 100, &[2, 3]);
+    assert_eq!(c.connect(10, 3).answered(), 0, "the old ClusterIP is gone");
+}
+
+/// e2e row 8: the agent is killed; traffic keeps flowing through the pinned programs and maps;
+/// changes made while it is down (an endpoint replaced, a service deleted) are applied by the
+/// next agent, which keeps the unchanged services' ids.
+#[test]
+fn e2e_08_works_after_restarting_the_agent() {
+    let mut c = Cluster::start(&[2, 3, 4], &[], |s| {
+        for (name, last, pods) in [("web-1", 11, &[2, 3][..]), ("web-2", 12, &[4][..])] {
+            s.apply(&web(name, last));
+            s.apply(&endpoints(name, pods));
+        }
+    });
+    c.wait_for_pods(11, Some(&[2, 3]), WAIT);
+    c.wait_for_pods(12, Some(&[4]), WAIT);
+    let kubernetes = ServiceKey::master([10, 96, 0, 1], 443, proxy_common::proto::TCP);
+    let master = snapshot(&c.agent).0[&kubernetes];
+    c.agent.kill();
+    assert_served_by(&c.connect(11, 50), 50, &[2, 3]);
+
+    c.server.apply(&endpoints("web-1", &[2, 4]));
+    assert!(c.server.delete::<Service>(None, "web-2"));
+    assert!(c.server.delete::<EndpointSlice>(None, "web-2-a"));
+    let flags = agent_flags(&c.kubeconfig, &[]);
+    c.agent.restart(AGENT.as_ref(), c.topology.cgroup.path(), &flags).unwrap();
+    c.agent.wait_for_log("synced", WAIT).unwrap();
+    c.wait_for_pods(11, Some(&[2, 4]), WAIT);
+    c.wait_for_pods(12, None, WAIT);
+    assert_served_by(&c.connect(11, 100), 100, &[2, 4]);
+    assert_eq!(c.connect(12, 3).answered(), 0, "the service deleted while the agent was down is gone");
+    assert_eq!(snapshot(&c.agent).0[&kubernetes], master, "an unchanged service keeps its master entry and id");
+}
+
+/// e2e rows 8 and 21 together: a client of a `sessionAffinity: ClientIP` service keeps its
+/// backend across an agent restart. The affinity map remembers backend ids, so the restarted
+/// agent must program the same endpoints under the same ids.
+#[test]
+fn session_affinity_survives_an_agent_restart() {
+    let mut c = Cluster::start(&[2, 3, 4, 5], &[], |s| {
+        let mut svc = web("sticky", 10);
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.session_affinity = Some("ClientIP".into());
+        }
+        s.apply(&svc);
+        s.apply(&endpoints("sticky", &[2, 3, 4, 5]));
+    });
+    c.wait_for_pods(10, Some(&[2, 3, 4, 5]), WAIT);
+    let first = c.connect(10, 20);
+    assert_eq!(first.answers.len(), 1, "ClientIP affinity: one backend for this client: {first:?}");
+    assert_eq!(first.answered(), 20);
+    let (before_services, before_backends) = snapshot(&c.agent);
+
+    let flags = agent_flags(&c.kubeconfig, &[]);
+    c.agent.restart(AGENT.as_ref(), c.topology.cgroup.path(), &flags).unwrap();
+    c.agent.wait_for_log("synced", WAIT).unwrap();
+    let (services, backends) = snapshot(&c.agent);
+    assert_eq!(
+        (services, backends),
+        (before_services, before_backends),
+        "the restarted agent adopts the programmed backend ids (affinity entries name them)"
+    );
+    let again = c.connect(10, 20);
+    assert_eq!(again.answers, first.answers, "the client sticks to its backend across the restart");
+}
+
+/// The watches are cut and the server has compacted its history (`410 Gone` on re-watch): the
+/// agent relists every kind, and since nothing changed it writes nothing at all. Then a change
+/// made while the watch was blind is picked up by the next relist, which rewrites that service
+/// alone.
+#[test]
+fn relist_after_410_rewrites_only_what_changed() {
+    let mut c = Cluster::start(&[2, 3, 4, 5], &[], |s| {
+        for (name, last, pod) in [("web-1", 11, 2), ("web-2", 12, 3), ("web-3", 13, 4)] {
+            s.apply(&web(name, last));
+            s.apply(&endpoints(name, &[pod]));
+        }
+    });
+    for (last, pod) in [(11, 2), (12, 3), (13, 4)] {
+        c.wait_for_pods(last, Some(&[pod]), WAIT);
+    }
+    c.wait_for_watches();
+    let before = snapshot(&c.agent);
+    let syncs = c.agent.syncs().len();
+    let lists =
+        [c.server.list_count::<Service>(), c.server.list_count::<EndpointSlice>(), c.server.list_count::<Node>()];
+    let logged = [listed::<Service>(&c.agent), listed::<EndpointSlice>(&c.agent), listed::<Node>(&c.agent)];
+
+    // Nothing changed: compaction, then every watch is cut; the re-watch gets 410 and relists.
+    c.server.compact();
+    c.server.drop_watches();
+    wait_until("the agent relisted every kind", RECOVERY, || {
+        listed::<Service>(&c.agent) > logged[0]
+            && listed::<EndpointSlice>(&c.agent) > logged[1]
+            && listed::<Node>(&c.agent) > logged[2]
+    });
+    assert!(c.server.list_count::<Service>() > lists[0], "services were listed again");
+    assert!(c.server.list_count::<EndpointSlice>() > lists[1], "slices were listed again");
+    assert!(c.server.list_count::<Node>() > lists[2], "nodes were listed again");
+    // Longer than --min-sync-period: a sync the relist caused would have been logged by now.
+    thread::sleep(Duration::from_millis(300));
+    let (lines, total) = syncs_since(&c.agent, syncs);
+    assert_eq!(
+        (total.service_writes, total.backend_writes),
+        (0, 0),
+        "a relist of an unchanged cluster writes no map entry: {lines:?}"
+    );
+    assert_eq!(snapshot(&c.agent), before, "the maps (entries, backend and service ids) are unchanged");
+    for (last, pod) in [(11, 2), (12, 3), (13, 4)] {
+        assert_served_by(&c.connect(last, 10), 10, &[pod]);
+    }
+
+    // A change the watch never delivers (stalled), then history is lost and the watch is cut.
+    c.wait_for_watches();
+    let syncs = c.agent.syncs().len();
+    let logged = listed::<EndpointSlice>(&c.agent);
+    c.server.set_stalled::<EndpointSlice>(true);
+    c.server.apply(&endpoints("web-2", &[3, 5]));
+    c.server.compact();
+    c.server.drop_watches();
+    c.server.set_stalled::<EndpointSlice>(false);
+    wait_until("the agent relisted the slices", RECOVERY, || listed::<EndpointSlice>(&c.agent) > logged);
+    assert!(c.agent.log().contains("too old resource version"), "the re-watch was answered 410:\n{}", c.agent.log());
+    c.wait_for_pods(12, Some(&[3, 5]), WAIT);
+    let sync = c.agent.wait_for_sync(syncs, |s| s.services > 0, WAIT).unwrap();
+    let (lines, total) = syncs_since(&c.agent, syncs);
+    assert_eq!(total.services, 1, "only the changed service is recomputed: {lines:?} (first {sync:?})");
+    assert_eq!((total.service_writes, total.backend_writes), (2, 1), "one slot and the master, one backend: {lines:?}");
+    assert_eq!(entries_except(&snapshot(&c.agent), vip(12)), entries_except(&before, vip(12)), "others untouched");
+    assert_served_by(&c.connect(12, 100), 100, &[3, 5]);
+    assert_served_by(&c.connect(11, 10), 10, &[2]);
+}
+
+/// e2e row 9: the API server goes away for a few seconds. The datapath keeps serving the
+/// existing service throughout (every connection answered by its endpoints), the agent keeps
+/// running and retries, and after recovery a newly created service works.
+#[test]
+fn e2e_09_apiserver_restart() {
+    let mut c = Cluster::start(&[2, 3, 4], &[], |s| {
+        s.apply(&web("web", 10));
+        s.apply(&endpoints("web", &[2, 3]));
+    });
+    c.wait_for_pods(10, Some(&[2, 3]), WAIT);
+    c.wait_for_watches();
+    let target = format!("{}:{PORT}", vip(10));
+
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        let background = s.spawn(|| {
+            let mut batches = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                batches.push(connect(&c.topology, &target, 20));
+                thread::sleep(Duration::from_millis(20));
+            }
+            batches
+        });
+        c.server.set_available(false);
+        let down = Instant::now();
+        c.agent.wait_for_log("watch failed", WAIT).unwrap();
+        thread::sleep(Duration::from_secs(4).saturating_sub(down.elapsed()));
+        c.agent.check_running().unwrap();
+        c.server.set_available(true);
+        c.server.apply(&web("web-new", 20));
+        c.server.apply(&endpoints("web-new", &[4]));
+        c.wait_for_pods(20, Some(&[4]), RECOVERY);
+        stop.store(true, Ordering::Relaxed);
+        let batches = background.join().expect("the background client does not panic");
+        assert!(batches.len() >= 10, "the client kept connecting through the outage: {} batches", batches.len());
+        let names: BTreeSet<String> = [2, 3].map(pod_name).into();
+        for tally in &batches {
+            assert_eq!(tally.answered(), 20, "every connection is answered during the outage: {tally:?}");
+            assert!(tally.answers.keys().all(|n| names.contains(n)), "answers from the endpoints only: {tally:?}");
+        }
+    });
+    assert_served_by(&c.connect(20, 10), 10, &[4]);
+    assert_served_by(&c.connect(10, 50), 50, &[2, 3]);
+}
+
+/// A stream of malformed objects: each is skipped with one log line naming it and the reason,
+/// and the good services (before and after) are served.
+#[test]
+fn malformed_objects_are_skipped_and_the_rest_is_served() {
+    let mut c = Cluster::start(&[2, 3, 4], &[], |s| {
+        s.apply(&web("web", 10));
+        s.apply(&endpoints("web", &[2]));
+    });
+    c.wait_for_pods(10, Some(&[2]), WAIT);
+    c.wait_for_watches();
+    let svc = |name: &str, ip: &str, port: i64, protocol: &str| {
+        json!({"metadata": {"name": name, "namespace": "default"},
+               "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
+                        "ports": [{"port": port, "protocol": protocol, "targetPort": 80}]}})
+    };
+    let eps = |name: &str, service: Option<&str>, addresses: &[&str]| {
+        let labels = service.map_or(json!({}), |s| json!({"kubernetes.io/service-name": s}));
+        let endpoints: Vec<_> = addresses
+            .iter()
+            .map(|a| json!({"addresses": [a], "conditions": {"ready": true}, "nodeName": "node-1"}))
+            .collect();
+        json!({"metadata": {"name": name, "namespace": "default", "labels": labels},
+               "addressType": "IPv4", "endpoints": endpoints, "ports": [{"port": 80, "protocol": "TCP"}]})
+    };
+    // (kind, object, namespace/name logged, reason logged)
+    let stream = [
+        ("Service", svc("bad-ip", "10.96.0.300", 6666, "TCP"), "default/bad-ip", "bad_address"),
+        ("Service", svc("bad-port", "10.96.0.31", 70000, "TCP"), "default/bad-port", "bad_port"),
+        ("Service", svc("bad-proto", "10.96.0.32", 6666, "ICMP"), "default/bad-proto", "unknown_protocol"),
+        ("Service", svc("half", "10.96.0.33", 6666, "TCP"), "", ""),
+        (
+            "EndpointSlice",
+            eps("half-a", Some("half"), &["10.244.1.999", "10.244.1.3"]),
+            "default/half-a",
+            "bad_address",
+        ),
+        ("EndpointSlice", eps("no-label", None, &["10.244.1.4"]), "default/no-label", "missing_service_label"),
+        ("EndpointSlice", eps("orphan-a", Some("missing"), &["10.244.1.4"]), "default/orphan-a", "no_service"),
+    ];
+    for (kind, object, ..) in &stream {
+        c.server.apply_raw(kind, object.clone());
+    }
+    c.server.apply(&web("after", 20));
+    c.server.apply(&endpoints("after", &[4]));
+    c.wait_for_pods(20, Some(&[4]), WAIT);
+    c.wait_for_pods(33, Some(&[3]), WAIT);
+    for (_, _, object, reason) in stream.iter().filter(|s| !s.2.is_empty()) {
+        let deadline = Instant::now() + WAIT;
+        while !c.agent.log().lines().any(|l| l.contains(object) && l.contains(reason)) {
+            c.agent.check_running().unwrap();
+            assert!(Instant::now() < deadline, "no log line names {object} and {reason}:\n{}", c.agent.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let log = c.agent.log();
+    assert!(log.contains("10.96.0.300") && log.contains("70000") && log.contains("ICMP"), "the bad values:\n{log}");
+    let want: BTreeSet<(Ipv4Addr, u16)> =
+        [(vip(1), 443), (vip(10), PORT), (vip(20), PORT), (vip(33), PORT)].into_iter().collect();
+    assert_eq!(frontends(&c.agent), want, "only the good frontends are programmed");
+    assert_served_by(&c.connect(10, 20), 20, &[2]);
+    assert_served_by(&c.connect(20, 20), 20, &[4]);
+    assert_served_by(&c.connect(33, 20), 20, &[3]);
+    c.agent.check_running().unwrap();
+}
+
+/// The NodePort service of e2e row 10 against node-1's Node object.
+fn nodeport_seed(server: &ApiServer) {
+    server.apply_raw("Node", node("node-1", NODE1));
+    server.apply_raw("Node", node("node-2", Ipv4Addr::new(172, 18, 0, 3)));
+    server.apply(&service("np").cluster_ip(&vip(40).to_string()).port(PORT.into()).node_port(30080).build());
+    server.apply(&endpoints("np", &[2, 3]));
+}
+
+/// e2e row 10: a NodePort service is served on node-1's InternalIP (from its Node object) at
+/// the nodePort, besides its ClusterIP; node-2's address is not ours; a new node address moves
+/// the frontend.
+#[test]
+fn e2e_10_nodeport_on_the_node_address() {
+    let c = Cluster::start(&[2, 3], &[], nodeport_seed);
+    c.wait_for_pods(40, Some(&[2, 3]), WAIT);
+    c.agent.wait_for_backends(NODE1, 30080, Some(&backends(&[2, 3])), WAIT).unwrap();
+    assert!(!frontends(&c.agent).contains(&(Ipv4Addr::new(172, 18, 0, 3), 30080)), "node-2's address is not ours");
+    assert_served_by(&c.connect_to(NODE1, 30080, 100), 100, &[2, 3]);
+
+    let moved = Ipv4Addr::new(172, 18, 0, 5);
+    c.server.apply_raw("Node", node("node-1", moved));
+    c.agent.wait_for_backends(moved, 30080, Some(&backends(&[2, 3])), WAIT).unwrap();
+    c.agent.wait_for_backends(NODE1, 30080, None, WAIT).unwrap();
+    c.wait_for_pods(40, Some(&[2, 3]), WAIT);
+}
+
+/// `--nodeport-addresses 10.0.0.0/8` leaves node-1's 172.18.0.2 out: no nodePort frontend,
+/// the ClusterIP still there.
+#[test]
+fn nodeport_addresses_filter_the_node_address() {
+    let c = Cluster::start(&[2, 3], &["--nodeport-addresses", "10.0.0.0/8"], nodeport_seed);
+    c.wait_for_pods(40, Some(&[2, 3]), WAIT);
+    let programmed = frontends(&c.agent);
+    assert!(programmed.iter().all(|(_, port)| *port != 30080), "no nodePort frontend: {programmed:?}");
+    assert_eq!(c.agent.count(NODE1, 30080).unwrap(), None);
+    assert_eq!(c.connect_to(NODE1, 30080, 3).answered(), 0);
+}
+
+/// An agent started against an empty cluster (no Service, no EndpointSlice, no Node yet) must
+/// still complete its first sync: that sync is where the entries an earlier agent left behind
+/// are swept, and the first `synced` line is what readiness waits for.
+#[test]
+fn first_sync_happens_on_an_empty_cluster() {
+    let topology = SingleNode::new(&[("pod-2", pod_ip(2))], TARGET_PORT).unwrap();
+    let (_runtime, server) = api_server_in(&topology.node);
+    let kubeconfig = kubeconfig(&server);
+    let agent = start_agent(&topology, &kubeconfig, &[]);
+    let agent = agent.expect("the agent completes a first sync on an empty cluster");
+    server.apply(&web("web", 10));
+    server.apply(&endpoints("web", &[2]));
+    agent.wait_for_backends(vip(10), PORT, Some(&backends(&[2])), WAIT).unwrap();
+}

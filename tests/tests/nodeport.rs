@@ -1,0 +1,238 @@
+//! NodePort and external traffic through the TC program, on SPEC.md's two-node topology: an
+//! external client (172.18.0.100) connects to a node's address on the nodePort (or to an
+//! external IP / LoadBalancer IP routed to node-1) and must reach pods on both nodes, with the
+//! replies finding their way back. One agent per node runs inside that node's namespace.
+
+use std::{net::Ipv4Addr, path::PathBuf, thread, time::Duration};
+
+use k8s_openapi::api::core::v1::Service;
+use proxy_tests::{
+    agent::Agent,
+    client::{Tally, probe},
+    fixtures::{node, service, slice, write_text, yaml},
+    pod::PEER,
+    topology::{CLIENT_IP, NODE_IPS, TwoNodes},
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+const NODE_PORT: u16 = 30066;
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A manifest directory both agents read, removed on drop.
+struct Manifests(PathBuf);
+
+impl Manifests {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("proxy-np-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nodes = yaml(&node("node-1", &NODE_IPS[0].to_string(), "10.244.1.0/24"))
+            + &yaml(&node("node-2", &NODE_IPS[1].to_string(), "10.244.2.0/24"));
+        write_text(&dir, "nodes.yaml", &nodes).unwrap();
+        Self(dir)
+    }
+
+    /// Writes `svc` with endpoints (address, node).
+    fn service(&self, svc: &Service, endpoints: &[(Ipv4Addr, &str)]) {
+        let name = svc.metadata.name.clone().unwrap();
+        // The slice's ports mirror the service's (name, protocol), all on target port 80.
+        let ports = svc.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
+        let with_ports = ports.iter().fold(slice(&name, "a"), |s, p| {
+            s.named_port(p.name.as_deref().unwrap_or(""), 80, p.protocol.as_deref().unwrap_or("TCP"))
+        });
+        let eps = endpoints.iter().fold(with_ports, |s, (ip, node)| s.endpoint_on(&ip.to_string(), node)).build();
+        write_text(&self.0, &format!("{name}.yaml"), &(yaml(svc) + &yaml(&eps))).unwrap();
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Both nodes with their agents; pods answer `<name> <client address as they see it>`.
+struct Cluster {
+    agents: Vec<Agent>,
+    topology: TwoNodes,
+}
+
+impl Cluster {
+    fn new(pods: [&[&str]; 2], offload: bool, manifests: &Manifests) -> Self {
+        let with_peer: Vec<Vec<String>> =
+            pods.iter().map(|names| names.iter().map(|n| format!("{n} {PEER}")).collect()).collect();
+        let refs: Vec<Vec<&str>> = with_peer.iter().map(|v| v.iter().map(String::as_str).collect()).collect();
+        let topology = TwoNodes::new([&refs[0], &refs[1]], 80, offload).expect("building the two-node topology");
+        let agents = topology
+            .nodes
+            .iter()
+            .map(|n| {
+                let flags =
+                    ["--manifests", &manifests.0.to_string_lossy(), "--hostname-override", &n.name].map(str::to_owned);
+                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+                Agent::start_in(Some(&n.ns), AGENT.as_ref(), n.cgroup.path(), &flags).expect("starting an agent")
+            })
+            .collect();
+        Self { agents, topology }
+    }
+
+    fn pod_ip(&self, node: usize, pod: usize) -> Ipv4Addr {
+        self.topology.nodes[node].pods[pod].ip
+    }
+
+    /// `count` connections (or datagrams) from the external client.
+    fn external(&self, proto: &str, target: &str, count: usize) -> Tally {
+        probe(PROBE.as_ref(), &self.topology.client, None, &[proto, target, &count.to_string(), "500"]).unwrap()
+    }
+}
+
+/// Answers per pod name, and the set of client addresses pods saw.
+fn split(tally: &Tally) -> (std::collections::BTreeMap<String, usize>, std::collections::BTreeSet<String>) {
+    let mut pods = std::collections::BTreeMap::new();
+    let mut peers = std::collections::BTreeSet::new();
+    for (answer, count) in &tally.answers {
+        let (pod, peer) = answer.split_once(' ').unwrap_or((answer, ""));
+        *pods.entry(pod.to_owned()).or_default() += count;
+        peers.insert(peer.to_owned());
+    }
+    (pods, peers)
+}
+
+fn seed(cluster: &Cluster, manifests: &Manifests, svc: Service) {
+    let endpoints = [(cluster.pod_ip(0, 0), "node-1"), (cluster.pod_ip(1, 0), "node-2")];
+    manifests.service(&svc, &endpoints);
+    for (agent, ip) in cluster.agents.iter().zip(NODE_IPS) {
+        agent.wait_for_count(ip, NODE_PORT, Some(2), WAIT).unwrap();
+    }
+}
+
+/// The seed's service, with the same port (and nodePort) for TCP and UDP.
+fn nodeport_service() -> proxy_tests::fixtures::ServiceBuilder {
+    service("apigw-test1")
+        .cluster_ip("10.96.0.10")
+        .named_port("tcp", 6666, "TCP")
+        .node_port(NODE_PORT.into())
+        .named_port("udp", 6666, "UDP")
+        .node_port(NODE_PORT.into())
+}
+
+fn nodeport_reaches_pods_on_both_nodes(offload: bool) {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &["pod-b"]], offload, &manifests);
+    seed(&cluster, &manifests, nodeport_service().build());
+    for proto in ["tcp", "udp"] {
+        let tally = cluster.external(proto, &format!("{}:{NODE_PORT}", NODE_IPS[0]), 400);
+        assert_eq!(tally.answered(), 400, "{proto}: every connection is answered: {tally:?}");
+        let (pods, peers) = split(&tally);
+        // Binomial(400, 1/2): each side below 120 has probability < 1e-18.
+        assert!(
+            pods.get("pod-a").copied().unwrap_or(0) > 120 && pods.get("pod-b").copied().unwrap_or(0) > 120,
+            "{proto}: spread {pods:?}"
+        );
+        // externalTrafficPolicy: Cluster: SNAT to the node's address, for local and remote pods.
+        assert_eq!(peers, [NODE_IPS[0].to_string()].into(), "{proto}: pods see node-1's address");
+    }
+}
+
+/// e2e row 10: a NodePort reaches pods on both nodes from outside; the pods see node-1's
+/// address (SNAT, kube-proxy's KUBE-MARK-MASQ), TCP and UDP, with checksum offload on.
+#[test]
+fn e2e_10_nodeport_reaches_pods_on_both_nodes() {
+    nodeport_reaches_pods_on_both_nodes(true);
+}
+
+/// The same with checksum offload off on every veth (full checksums computed in software).
+#[test]
+fn nodeport_works_without_checksum_offload() {
+    nodeport_reaches_pods_on_both_nodes(false);
+}
+
+/// e2e row 34: externalTrafficPolicy: Local keeps the client's address, serves only the node's
+/// own endpoints, and a node without local endpoints drops.
+#[test]
+fn e2e_34_external_traffic_policy_local() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &[]], true, &manifests);
+    let endpoints = [(cluster.pod_ip(0, 0), "node-1")];
+    manifests.service(&nodeport_service().external_traffic_policy("Local").build(), &endpoints);
+    cluster.agents[0].wait_for_count(NODE_IPS[0], NODE_PORT, Some(1), WAIT).unwrap();
+    cluster.agents[1].wait_for_count(NODE_IPS[1], NODE_PORT, Some(0), WAIT).unwrap();
+    let tally = cluster.external("tcp", &format!("{}:{NODE_PORT}", NODE_IPS[0]), 50);
+    let (pods, peers) = split(&tally);
+    assert_eq!(pods.get("pod-a"), Some(&50), "{tally:?}");
+    assert_eq!(peers, [CLIENT_IP.to_string()].into(), "the pod sees the client's own address");
+    let dropped = cluster.external("tcp", &format!("{}:{NODE_PORT}", NODE_IPS[1]), 3);
+    assert_eq!(dropped.answered(), 0, "node-2 has no local endpoint and drops: {dropped:?}");
+    assert_eq!(dropped.errors.get("timeout"), Some(&3), "dropped, not refused: {dropped:?}");
+}
+
+/// e2e row 11: external IPs and LoadBalancer ingress IPs routed to node-1 work like the nodePort.
+#[test]
+fn e2e_11_external_ip_and_load_balancer_ip() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
+    let external_ip = "172.18.1.10";
+    let lb_ip = "172.18.2.10";
+    for ip in [external_ip, lb_ip] {
+        cluster.topology.client.ip(&["route", "add", &format!("{ip}/32"), "via", &NODE_IPS[0].to_string()]).unwrap();
+    }
+    seed(&cluster, &manifests, nodeport_service().external_ip(external_ip).load_balancer_ip(lb_ip).build());
+    for ip in [external_ip, lb_ip] {
+        cluster.agents[0].wait_for_count(ip.parse().unwrap(), 6666, Some(2), WAIT).unwrap();
+        let tally = cluster.external("tcp", &format!("{ip}:6666"), 100);
+        assert_eq!(tally.answered(), 100, "{ip}: {tally:?}");
+        let (pods, peers) = split(&tally);
+        assert_eq!(pods.len(), 2, "{ip}: both pods answer: {pods:?}");
+        assert_eq!(peers, [NODE_IPS[0].to_string()].into(), "{ip}: SNAT to node-1's address");
+    }
+}
+
+/// Many parallel connections from the one client keep distinct, working flows (no SNAT port
+/// clash), and a long-lived connection keeps working while an unrelated service changes.
+#[test]
+fn parallel_flows_and_a_long_lived_connection() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
+    seed(&cluster, &manifests, nodeport_service().build());
+    let target = format!("{}:{NODE_PORT}", NODE_IPS[0]);
+    thread::scope(|s| {
+        let held = s.spawn(|| probe(PROBE.as_ref(), &cluster.topology.client, None, &["hold", &target, "4"]).unwrap());
+        let parallel: Vec<_> = (0..6).map(|_| s.spawn(|| cluster.external("tcp", &target, 150))).collect();
+        for i in 0..5 {
+            let other = service(&format!("other-{i}"))
+                .cluster_ip(&format!("10.96.1.{i}"))
+                .port(80)
+                .node_port(30100 + i)
+                .build();
+            manifests.service(&other, &[(cluster.pod_ip(1, 0), "node-2")]);
+            thread::sleep(Duration::from_millis(300));
+        }
+        for handle in parallel {
+            let tally = handle.join().unwrap();
+            assert_eq!(tally.answered(), 150, "parallel flows all work: {tally:?}");
+        }
+        let held = held.join().unwrap();
+        assert_eq!(held.answered(), 1, "the long-lived connection kept working: {held:?}");
+    });
+}
+
+/// Without the agent's programs nothing from the client reaches the pods: the tests above
+/// prove our datapath did the work.
+#[test]
+fn without_our_programs_the_nodeport_goes_nowhere() {
+    let manifests = Manifests::new();
+    let mut cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
+    seed(&cluster, &manifests, nodeport_service().build());
+    let target = format!("{}:{NODE_PORT}", NODE_IPS[0]);
+    assert_eq!(cluster.external("tcp", &target, 5).answered(), 5);
+    // As an operator would: stop the agents, then remove what they left.
+    for agent in &mut cluster.agents {
+        agent.kill();
+        agent.cleanup(AGENT.as_ref()).unwrap();
+    }
+    let tally = cluster.external("tcp", &target, 5);
+    assert_eq!(tally.answered(), 0, "{tally:?}");
+    assert_eq!(tally.errors.get("refused"), Some(&5), "the node itself answers with a reset: {tally:?}");
+}

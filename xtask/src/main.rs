@@ -100,8 +100,15 @@ fn main() -> anyhow::Result<()> {
                     bail!("{bench} failed ({})", out.status);
                 }
                 let text = String::from_utf8_lossy(&out.stdout);
-                println!("{bench}: {text}");
-                results.push(format!("{{\"bench\": \"{bench}\", \"results\": {}}}", text.trim()));
+                println!("{bench}:\n{text}");
+                let trimmed = text.trim();
+                // JSON output is kept as is; a text report is kept as a JSON string.
+                let value = if trimmed.starts_with('[') || trimmed.starts_with('{') {
+                    trimmed.to_owned()
+                } else {
+                    json_string(trimmed)
+                };
+                results.push(format!("{{\"bench\": \"{bench}\", \"results\": {value}}}"));
             }
             let path = out_dir.join("results.json");
             std::fs::write(&path, format!("[{}]\n", results.join(",\n")))?;
@@ -119,6 +126,22 @@ fn main() -> anyhow::Result<()> {
             cargo(&test)
         }
     }
+}
+
+/// `text` as a JSON string literal.
+fn json_string(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// The workspace root (this crate's parent).

@@ -219,9 +219,13 @@ fn merge(node: PathExplanation, outside: PathExplanation) -> PathExplanation {
     let summary = if node.summary == outside.summary {
         node.summary
     } else {
-        // Same verdict: say it once ("refused: ..."), then how the packet path does it.
-        let rest = outside.summary.split_once(": ").map_or(outside.summary.as_str(), |(_, rest)| rest);
-        format!("{}; from outside, {rest}", node.summary)
+        // Same verdict: say it once ("refused: ..."), then how the packet path does it, and
+        // the kube-proxy equivalent once.
+        let suffix = if node.summary.ends_with(REJECT) && outside.summary.ends_with(REJECT) { REJECT } else { "" };
+        let first = node.summary.strip_suffix(suffix).unwrap_or(&node.summary);
+        let rest = outside.summary.strip_suffix(suffix).unwrap_or(&outside.summary);
+        let rest = rest.split_once(": ").map_or(rest, |(_, rest)| rest);
+        format!("{first}; from outside, {rest}{suffix}")
     };
     PathExplanation { origins: vec![Origin::Node, Origin::Outside], reasons, summary, ..node }
 }
@@ -262,7 +266,7 @@ fn path(
         if verdict == Verdict::Dropped {
             reasons.push("externalTrafficPolicy Local and no endpoint on this node: no backend to send it to".into());
         } else {
-            reasons.push("no usable endpoint (count 0)".into());
+            reasons.push("the service port has no usable endpoint now (count 0)".into());
         }
         return PathExplanation {
             origins: vec![origin],
@@ -313,6 +317,11 @@ fn path(
             "to {backend}: {client} used it {:.0}s ago (ClientIP affinity, timeout {}s)",
             row.age_seconds, master.affinity_timeout
         );
+        if row.backend_left_service {
+            reasons.push(format!(
+                "{backend} is no longer a backend of this service, but the kernel only checks that its id still exists"
+            ));
+        }
         sticky_to = Some(backend);
     } else if master.flags & SVC_F_AFFINITY != 0 {
         summary += "; the pick is remembered for the client (ClientIP affinity, see below)";
@@ -348,6 +357,9 @@ fn set_reasons(flags: u16, scope: u8, reasons: &mut Vec<String>) {
     }
 }
 
+/// What a refusal is in kube-proxy's terms.
+const REJECT: &str = " (kube-proxy's REJECT)";
+
 /// The verdict for a scope with `count == 0`, as each attach point handles `NoBackend`.
 fn no_backend(flags: u16, origin: Origin) -> (Verdict, String) {
     match origin {
@@ -359,9 +371,7 @@ fn no_backend(flags: u16, origin: Origin) -> (Verdict, String) {
         }
         Origin::Outside => (
             Verdict::Refused,
-            "refused: the node's own stack answers with a TCP reset or ICMP port unreachable (kube-proxy's \
-             REJECT)"
-                .into(),
+            format!("refused: the node's own stack answers with a TCP reset or ICMP port unreachable{REJECT}"),
         ),
     }
 }

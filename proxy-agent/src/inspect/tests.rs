@@ -279,6 +279,14 @@ fn a_fresh_entry_to_a_backend_that_left_the_service_is_flagged() {
     let row = &view::affinity(&s)[0];
     assert_eq!(row.state, AffinityState::Fresh);
     assert!(row.backend_left_service);
+    let s = Snapshot {
+        netns: vec![NetnsInfo { cookie: 1, name: "pod-a".into(), addresses: vec![ip("10.244.1.200")] }],
+        ..s
+    };
+    let e = explain(&s, &query("10.244.1.200", "10.96.0.30", 80));
+    let node = e.paths.iter().find(|p| p.origins == [Origin::Node]).unwrap();
+    assert_eq!(node.sticky_to.as_deref(), Some("10.244.1.9:80/TCP"));
+    assert!(node.reasons.iter().any(|r| r.contains("no longer a backend of this service")), "{node:?}");
 }
 
 #[test]

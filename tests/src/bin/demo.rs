@@ -54,11 +54,12 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn demo() -> anyhow::Result<()> {
+    // demo [MANIFESTS_DIR] [CONNECTIONS]
     let examples = std::env::args()
         .nth(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"));
-    let connections = 100;
+    let connections: usize = std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(100).min(100_000);
     let read = manifests::read_dir(&examples)?;
     let service = read.services.first().context("no Service in the examples")?.object.clone();
     let service_name = service.metadata.name.clone().unwrap_or_default();

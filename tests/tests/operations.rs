@@ -1,0 +1,464 @@
+//! Operating the agent, against a real agent process and the real kernel: `/healthz` and
+//! `/metrics` scraped over HTTP (inside the node's network namespace, on 127.0.0.1), health
+//! that follows the kernel's attachment and not a flag, `--cleanup` leaving nothing, and SIGTERM
+//! leaving the datapath to a successor that adopts it while the service keeps answering.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use proxy_common::maps;
+use proxy_tests::{
+    agent::Agent,
+    cgroup::Cgroup,
+    client::{Tally, probe},
+    fixtures::{service, slice, write_text, yaml},
+    netns::{Netns, run},
+    topology::SingleNode,
+};
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const PORT: u16 = 6666;
+const WAIT: Duration = Duration::from_secs(5);
+/// The agent's servers, on loopback inside the node's namespace.
+const HEALTHZ: u16 = 10256;
+const METRICS: u16 = 10249;
+const SERVER_FLAGS: [&str; 4] =
+    ["--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249"];
+
+/// A manifest directory removed on drop.
+struct Manifests(PathBuf);
+
+impl Manifests {
+    /// The seed's service at VIP:PORT → :80 with `endpoints`, and `extra` YAML.
+    fn new(endpoints: &[Ipv4Addr], extra: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("proxy-ops-manifests-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the manifest directory");
+        let svc = service("apigw-test1").cluster_ip(&VIP.to_string()).port(PORT.into()).build();
+        let ips: Vec<String> = endpoints.iter().map(Ipv4Addr::to_string).collect();
+        let eps = slice("apigw-test1", "a").port(80).endpoints(ips.iter().map(String::as_str)).build();
+        write_text(&dir, "apigw-test1.yaml", &(yaml(&svc) + &yaml(&eps) + extra)).expect("writing the manifest");
+        Self(dir)
+    }
+
+    fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// node-1 as a bare namespace (no interfaces but `lo`), a cgroup, and the agent running in the
+/// namespace with both servers on its loopback.
+struct Bare {
+    // Field order: the agent goes first, then its namespace and cgroup.
+    agent: Agent,
+    _manifests: Manifests,
+    cgroup: Cgroup,
+    node: Netns,
+}
+
+fn bare(extra_yaml: &str, extra_flags: &[&str]) -> Bare {
+    let node = Netns::new("opsnode").expect("a namespace");
+    let cgroup = Cgroup::new("proxy-ops").expect("a cgroup");
+    let manifests = Manifests::new(&[Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)], extra_yaml);
+    let mut flags = vec!["--manifests".to_owned(), manifests.arg(), "--hostname-override".into(), "node-1".into()];
+    flags.extend(SERVER_FLAGS.iter().map(|f| (*f).to_owned()));
+    flags.extend(extra_flags.iter().map(|f| (*f).to_owned()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let agent = Agent::start_in(Some(&node), AGENT.as_ref(), cgroup.path(), &flags).expect("starting the agent");
+    agent.wait_for_count(VIP, PORT, Some(2), WAIT).expect("the service is programmed");
+    Bare { agent, _manifests: manifests, cgroup, node }
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` inside `ns` (from a thread that enters it),
+/// retrying the connect for a moment while the server starts.
+fn http(ns: &Netns, port: u16, method: &str, path: &str) -> Response {
+    thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().expect("entering the node's namespace");
+            let deadline = Instant::now() + WAIT;
+            let mut stream = loop {
+                match TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+                    Ok(stream) => break stream,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("connecting to 127.0.0.1:{port} in {}: {e}", ns.name()),
+                }
+            };
+            stream.set_read_timeout(Some(WAIT)).expect("timeout");
+            let request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).expect("sending the request");
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).expect("reading the response");
+            let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response: {raw:?}"));
+            let mut lines = head.lines();
+            let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
+            let headers = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            Response { status: status.expect("a status code"), headers, body: body.to_owned() }
+        })
+        .join()
+        .expect("the HTTP thread")
+    })
+}
+
+/// `/healthz`: the status and the JSON body.
+fn healthz(ns: &Netns) -> (u16, Value) {
+    let response = http(ns, HEALTHZ, "GET", "/healthz");
+    assert_eq!(response.headers.get("content-type").map(String::as_str), Some("application/json"));
+    let body = serde_json::from_str(&response.body).unwrap_or_else(|e| panic!("{e}: {:?}", response.body));
+    (response.status, body)
+}
+
+/// Polls `/healthz` until it answers `status`.
+fn wait_for_healthz(ns: &Netns, status: u16) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (now, body) = healthz(ns);
+        if now == status {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/healthz answers {now}, not {status}: {body}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn timestamp(body: &Value, field: &str) -> k8s_openapi::jiff::Timestamp {
+    body[field].as_str().and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{field} is an RFC 3339 time: {body}"))
+}
+
+/// The Prometheus text of `/metrics`, as `name{labels}` → value.
+fn metrics(ns: &Netns) -> BTreeMap<String, f64> {
+    let response = http(ns, METRICS, "GET", "/metrics");
+    assert_eq!(response.status, 200, "{}", response.body);
+    let content_type = response.headers.get("content-type").cloned().unwrap_or_default();
+    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    assert!(response.body.trim_end().ends_with("# EOF"), "a complete exposition");
+    response
+        .body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("a sample line: {l}"));
+            (series.to_owned(), value.parse().unwrap_or_else(|_| panic!("a number in {l}")))
+        })
+        .collect()
+}
+
+fn metric(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
+    *samples.get(series).unwrap_or_else(|| panic!("no {series} in /metrics: {:#?}", samples.keys()))
+}
+
+fn bpftool(args: &[&str]) -> Value {
+    let program = ["/usr/sbin/bpftool", "/sbin/bpftool", "bpftool"]
+        .into_iter()
+        .find(|p| !p.contains('/') || Path::new(p).exists())
+        .expect("bpftool");
+    let mut full = vec!["-j"];
+    full.extend_from_slice(args);
+    let out = run(program, &full).expect("bpftool (`cargo xtask setup` installs it)");
+    if out.trim().is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bpftool {args:?}: {e}: {out}"))
+}
+
+/// The programs attached directly to `cgroup`, as `bpftool cgroup show` lists them.
+fn cgroup_programs(cgroup: &Path) -> Vec<Value> {
+    let listed = bpftool(&["cgroup", "show", &cgroup.to_string_lossy()]);
+    listed.as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn healthz_is_200_with_its_json_body_after_a_sync() {
+    let node = bare("", &[]);
+    let (status, body) = healthz(&node.node);
+    assert_eq!(status, 200, "{body}");
+    let (updated, now) = (timestamp(&body, "lastUpdated"), timestamp(&body, "currentTime"));
+    assert!(updated <= now, "{body}");
+    let wall = k8s_openapi::jiff::Timestamp::try_from(SystemTime::now()).expect("now");
+    assert!(wall.duration_since(updated).as_secs() < 30, "the last sync was just now: {body}");
+    assert_eq!(body["problems"], Value::Array(Vec::new()));
+
+    // Only GET and HEAD of /healthz.
+    assert_eq!(http(&node.node, HEALTHZ, "GET", "/nope").status, 404);
+    let post = http(&node.node, HEALTHZ, "POST", "/healthz");
+    assert_eq!(post.status, 405);
+    assert_eq!(post.headers.get("allow").map(String::as_str), Some("GET, HEAD"));
+    assert_eq!(http(&node.node, HEALTHZ, "HEAD", "/healthz").status, 200);
+}
+
+/// The health check asks the kernel: a link detached under the agent (its pin still there)
+/// makes `/healthz` 503, although nothing in the agent changed.
+#[test]
+fn healthz_is_503_once_the_program_is_detached_under_it() {
+    let node = bare("", &[]);
+    wait_for_healthz(&node.node, 200);
+    assert_eq!(cgroup_programs(node.cgroup.path()).len(), 1, "connect4 on the test cgroup");
+    let pin = node.agent.bpf_root().join("links/connect4");
+    bpftool(&["link", "detach", "pinned", &pin.to_string_lossy()]);
+    assert!(pin.exists(), "the pin stays; only the kernel's attachment changed");
+    assert_eq!(cgroup_programs(node.cgroup.path()), Vec::<Value>::new());
+
+    let body = wait_for_healthz(&node.node, 503);
+    let problems = body["problems"].to_string();
+    assert!(problems.contains("connect4") && problems.contains("detached"), "{body}");
+    let samples = metrics(&node.node);
+    assert_eq!(metric(&samples, r#"proxy_program_links{program="connect4",state="detached"}"#), 1.0);
+    assert_eq!(metric(&samples, r#"proxy_program_links{program="connect4",state="attached"}"#), 0.0);
+}
+
+/// Removing the link's pin (its last reference) detaches the program: 503.
+#[test]
+fn healthz_is_503_once_the_links_pin_is_removed() {
+    let node = bare("", &[]);
+    wait_for_healthz(&node.node, 200);
+    std::fs::remove_file(node.agent.bpf_root().join("links/connect4")).expect("unpinning connect4");
+    let deadline = Instant::now() + WAIT;
+    while !cgroup_programs(node.cgroup.path()).is_empty() {
+        assert!(Instant::now() < deadline, "the program is still attached after its last pin went");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let body = wait_for_healthz(&node.node, 503);
+    assert!(body["problems"].to_string().contains("connect4 is gone"), "{body}");
+}
+
+#[test]
+fn metrics_report_what_was_programmed() {
+    // A second service with a malformed ClusterIP: skipped, counted by reason.
+    let bad = yaml(&service("broken").cluster_ip("10.96.0.999").port(80).build());
+    let node = bare(&bad, &["--services-map-size", "1024"]);
+    let samples = metrics(&node.node);
+    let maps_now = node.agent.maps().expect("the pinned maps");
+
+    assert_eq!(metric(&samples, "proxy_frontends_programmed"), 1.0);
+    assert_eq!(metric(&samples, "proxy_backends_programmed"), 2.0);
+    assert!(metric(&samples, r#"proxy_skipped_objects_total{reason="bad_address"}"#) >= 1.0);
+    assert!(metric(&samples, "proxy_sync_duration_seconds_count") >= 1.0);
+    let last_sync = metric(&samples, "proxy_last_sync_timestamp_seconds");
+    let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("after 1970").as_secs_f64();
+    assert!((unix - last_sync).abs() < 60.0, "last sync at {last_sync}, now {unix}");
+    assert_eq!(metric(&samples, r#"proxy_program_links{program="connect4",state="attached"}"#), 1.0);
+    assert_eq!(metric(&samples, r#"proxy_program_links{program="connect4",state="detached"}"#), 0.0);
+
+    // Map fill, per map, as the kernel has it.
+    let services = maps_now.services().count() as f64;
+    assert!(services >= 3.0, "a master entry and two slots at least");
+    assert_eq!(metric(&samples, r#"proxy_map_entries{map="services"}"#), services);
+    assert_eq!(metric(&samples, r#"proxy_map_max_entries{map="services"}"#), 1024.0);
+    assert_eq!(metric(&samples, r#"proxy_map_fill_ratio{map="services"}"#), services / 1024.0);
+    assert_eq!(metric(&samples, r#"proxy_map_entries{map="backends"}"#), maps_now.backends().count() as f64);
+    assert_eq!(metric(&samples, r#"proxy_map_entries{map="backends"}"#), 2.0);
+    assert_eq!(metric(&samples, r#"proxy_map_entries{map="service_names"}"#), maps_now.service_names().count() as f64);
+    assert_eq!(metric(&samples, r#"proxy_map_entries{map="affinity"}"#), 0.0);
+    for map in maps::ALL {
+        let series = format!(r#"proxy_map_max_entries{{map="{map}"}}"#);
+        assert!(metric(&samples, &series) > 0.0, "{series}");
+    }
+    if maps::ALL.contains(&"conntrack") {
+        assert_eq!(metric(&samples, r#"proxy_map_entries{map="conntrack"}"#), 0.0, "no NodePort traffic yet");
+    }
+    assert_eq!(http(&node.node, METRICS, "GET", "/healthz").status, 404, "the metrics server serves /metrics");
+}
+
+fn agent_cleanup(root: &Path) -> std::process::Output {
+    Command::new(AGENT).arg("--cleanup").arg("--bpf-root").arg(root).output().expect("running --cleanup")
+}
+
+fn link_exists(id: u32) -> bool {
+    let program = if Path::new("/usr/sbin/bpftool").exists() { "/usr/sbin/bpftool" } else { "bpftool" };
+    Command::new(program).args(["link", "show", "id", &id.to_string()]).output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn cleanup_leaves_nothing_and_is_safe_to_repeat() {
+    let mut node = bare("", &["--cluster-cidr", "10.244.0.0/16"]);
+    // An interface routing into the pod range: the TC program goes there too.
+    node.node.ip(&["link", "add", "ops0", "type", "veth", "peer", "name", "ops1"]).expect("a veth");
+    node.node.ip(&["addr", "add", "10.244.1.1/24", "dev", "ops0"]).expect("an address");
+    node.node.ip(&["link", "set", "ops0", "up"]).expect("up");
+    node.node.ip(&["link", "set", "ops1", "up"]).expect("up");
+    let root = node.agent.bpf_root().to_owned();
+    let links = root.join("links");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pinned = proxy_agent::observe::kernel::pinned_links(&links, node.cgroup.path()).expect("links");
+    while pinned.len() < 2 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        pinned = proxy_agent::observe::kernel::pinned_links(&links, node.cgroup.path()).expect("links");
+    }
+    let ids: Vec<u32> = pinned.iter().filter_map(|l| l.info.map(|i| i.id)).collect();
+    assert!(ids.len() >= 2, "connect4 and TC links are pinned: {pinned:?}");
+    assert!(ids.iter().all(|id| link_exists(*id)));
+
+    // The agent dies (SIGKILL): everything stays pinned and attached.
+    node.agent.kill();
+    assert_eq!(cgroup_programs(node.cgroup.path()).len(), 1);
+
+    let out = agent_cleanup(&root);
+    assert!(out.status.success(), "--cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!root.exists(), "the bpffs root is gone");
+    assert_eq!(cgroup_programs(node.cgroup.path()), Vec::<Value>::new(), "nothing on the cgroup");
+    for id in ids {
+        assert!(!link_exists(id), "link {id} is gone (bpftool link show id {id})");
+    }
+
+    // Twice, and on an empty or missing root: nothing to do, success.
+    let again = agent_cleanup(&root);
+    assert!(again.status.success(), "--cleanup again: {}", String::from_utf8_lossy(&again.stderr));
+    let empty = PathBuf::from(format!("/sys/fs/bpf/proxy-test-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).expect("an empty root");
+    let out = agent_cleanup(&empty);
+    assert!(out.status.success(), "--cleanup on an empty root: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!empty.exists());
+    let out = agent_cleanup(&empty);
+    assert!(out.status.success(), "--cleanup on a missing root: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The agent process running with `bpf_root` (by PID, from /proc).
+fn agent_pid(bpf_root: &Path) -> i32 {
+    let needle = bpf_root.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            args.contains(&needle) && !args.iter().any(|a| a == "--cleanup")
+        })
+        .expect("the agent's process")
+}
+
+/// Whether `pid` has exited (gone, or a zombie waiting for its parent).
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// The kernel's ids of the pinned maps (the same ids: the same maps).
+fn map_ids(root: &Path) -> Vec<u64> {
+    maps::ALL
+        .iter()
+        .map(|m| {
+            let shown = bpftool(&["map", "show", "pinned", &root.join(m).to_string_lossy()]);
+            shown["id"].as_u64().unwrap_or_else(|| panic!("map {m}: {shown}"))
+        })
+        .collect()
+}
+
+fn connect(topology: &SingleNode, count: usize) -> Tally {
+    let target = format!("{VIP}:{PORT}");
+    probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &["tcp", &target, &count.to_string(), "500"])
+        .expect("running the probe")
+}
+
+#[test]
+fn sigterm_leaves_the_datapath_and_a_new_agent_adopts_it() {
+    let pods = [("pod-2", Ipv4Addr::new(10, 244, 1, 2)), ("pod-3", Ipv4Addr::new(10, 244, 1, 3))];
+    let topology = SingleNode::new(&pods, 80).expect("building the namespaces");
+    let manifests = Manifests::new(&[pods[0].1, pods[1].1], "");
+    let mut flags = vec!["--manifests".to_owned(), manifests.arg(), "--hostname-override".into(), "node-1".into()];
+    // The node's pod bridge routes into the cluster's pod range: the TC program goes there.
+    flags.extend(["--cluster-cidr".to_owned(), "10.244.0.0/16".to_owned()]);
+    flags.extend(SERVER_FLAGS.iter().map(|f| (*f).to_owned()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut agent =
+        Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags).expect("the agent");
+    agent.wait_for_count(VIP, PORT, Some(2), WAIT).expect("programmed");
+    // Healthy with the TC program on the node's interfaces too.
+    let links = agent.bpf_root().join("links");
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_dir(&links)
+        .expect("links")
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("tc_"))
+    {
+        assert!(Instant::now() < deadline, "no TC link pinned:\n{}", agent.log());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let body = wait_for_healthz(&topology.node, 200);
+    assert_eq!(body["problems"], Value::Array(Vec::new()));
+    let root = agent.bpf_root().to_owned();
+    let maps_before = map_ids(&root);
+
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        // Connections all along: before, while no agent runs, and after the new one took over.
+        let traffic = s.spawn(|| {
+            let mut total = Tally::default();
+            while !stop.load(Ordering::Relaxed) {
+                let batch = connect(&topology, 20);
+                for (k, v) in batch.answers {
+                    *total.answers.entry(k).or_default() += v;
+                }
+                for (k, v) in batch.errors {
+                    *total.errors.entry(k).or_default() += v;
+                }
+            }
+            total
+        });
+
+        thread::sleep(Duration::from_millis(300));
+        let pid = agent_pid(&root);
+        // SAFETY: kill sends a signal to the agent this test started, by its PID.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + WAIT;
+        while !exited(pid) {
+            assert!(Instant::now() < deadline, "the agent did not exit on SIGTERM:\n{}", agent.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(agent.log().contains("programs and maps stay in place"), "{}", agent.log());
+        // No agent now: programs and maps stay, the service keeps answering.
+        assert_eq!(cgroup_programs(topology.cgroup.path()).len(), 1, "connect4 still attached");
+        assert_eq!(map_ids(&root), maps_before, "the maps are still pinned");
+        let meanwhile = connect(&topology, 50);
+        assert_eq!(meanwhile.answered(), 50, "answered with no agent running: {meanwhile:?}");
+
+        // The successor adopts the pinned maps (same map ids, the same entries).
+        agent.restart(AGENT.as_ref(), topology.cgroup.path(), &flags).expect("a new agent");
+        agent.wait_for_log("synced", Duration::from_secs(20)).expect("the new agent syncs");
+        assert_eq!(map_ids(&root), maps_before, "adopted, not recreated");
+        agent.wait_for_count(VIP, PORT, Some(2), WAIT).expect("still programmed");
+        wait_for_healthz(&topology.node, 200);
+        assert_eq!(cgroup_programs(topology.cgroup.path()).len(), 1, "one connect4: the old link was replaced");
+        thread::sleep(Duration::from_millis(300));
+
+        stop.store(true, Ordering::Relaxed);
+        let during = traffic.join().expect("the traffic thread");
+        assert!(during.errors.is_empty(), "no connection failed across the restart: {during:?}");
+        assert!(during.answered() > 0);
+        assert!(during.from("pod-2") > 0 && during.from("pod-3") > 0, "both backends served: {during:?}");
+    });
+}

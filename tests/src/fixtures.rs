@@ -199,3 +199,35 @@ pub fn write_text(dir: &Path, file: &str, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&staging, dir.join(file)).with_context(|| format!("renaming to {file}"))?;
     Ok(())
 }
+
+/// A fresh directory under the system's temp dir (`<prefix>-<pid>-<n>`), removed on drop: a
+/// manifest directory for an agent, or any scratch space a test needs.
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// Creates the directory.
+    pub fn new(prefix: &str) -> anyhow::Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The directory as a command-line argument.
+    pub fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -2,12 +2,12 @@
 //! manifest directory and programs the real BPF object, attached to a cgroup this test made;
 //! clients in pod namespaces inside that cgroup make real connections.
 
-use std::{net::Ipv4Addr, path::PathBuf, thread, time::Duration};
+use std::{net::Ipv4Addr, thread, time::Duration};
 
 use proxy_tests::{
     agent::Agent,
     client::{Tally, probe},
-    fixtures::{service, slice, write_text, yaml},
+    fixtures::{TempDir, service, slice, write_text, yaml},
     netns::run,
     pod::{ANSWER_LOCAL_ADDRESS, PodServer},
     topology::SingleNode,
@@ -19,20 +19,16 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const PORT: u16 = 6666;
 const WAIT: Duration = Duration::from_secs(5);
 
-/// A manifest directory removed on drop.
-struct Manifests(PathBuf);
+/// The agent's manifest directory (removed on drop).
+struct Manifests(TempDir);
 
 impl Manifests {
     fn new() -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("proxy-manifests-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("creating the manifest directory");
-        Self(dir)
+        Self(TempDir::new("proxy-manifests").expect("creating the manifest directory"))
     }
 
     fn arg(&self) -> String {
-        self.0.to_string_lossy().into_owned()
+        self.0.arg()
     }
 
     /// Writes the seed's service at VIP:PORT → :80 with these endpoints.
@@ -40,13 +36,7 @@ impl Manifests {
         let svc = service("apigw-test1").cluster_ip(&VIP.to_string()).port(PORT.into()).build();
         let ips: Vec<String> = endpoints.iter().map(Ipv4Addr::to_string).collect();
         let eps = slice("apigw-test1", "a").port(80).endpoints(ips.iter().map(String::as_str)).build();
-        write_text(&self.0, "apigw-test1.yaml", &(yaml(&svc) + &yaml(&eps))).expect("writing the manifest");
-    }
-}
-
-impl Drop for Manifests {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        write_text(self.0.path(), "apigw-test1.yaml", &(yaml(&svc) + &yaml(&eps))).expect("writing the manifest");
     }
 }
 
@@ -219,10 +209,10 @@ fn no_endpoints_refuses_connections() {
 fn malformed_manifests_are_skipped_and_the_rest_is_served() {
     let manifests = Manifests::new();
     manifests.seed(&[pod_ip(2)]);
-    write_text(&manifests.0, "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n").unwrap();
+    write_text(manifests.0.path(), "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n").unwrap();
     let bad_ip = service("bad-ip").cluster_ip("10.96.0.300").port(80).build();
     let bad_port = service("bad-port").cluster_ip("10.96.0.11").port(70000).build();
-    write_text(&manifests.0, "bad.yaml", &(yaml(&bad_ip) + &yaml(&bad_port))).unwrap();
+    write_text(manifests.0.path(), "bad.yaml", &(yaml(&bad_ip) + &yaml(&bad_port))).unwrap();
     let (topology, mut agent) = setup(&[2], &manifests);
     agent.wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
     agent.wait_for_log("spec.clusterIPs[0]", WAIT).unwrap();

@@ -3,13 +3,13 @@
 //! external IP / LoadBalancer IP routed to node-1) and must reach pods on both nodes, with the
 //! replies finding their way back. One agent per node runs inside that node's namespace.
 
-use std::{net::Ipv4Addr, path::PathBuf, thread, time::Duration};
+use std::{net::Ipv4Addr, thread, time::Duration};
 
 use k8s_openapi::api::core::v1::Service;
 use proxy_tests::{
     agent::Agent,
     client::{Tally, probe},
-    fixtures::{node, service, slice, write_text, yaml},
+    fixtures::{TempDir, node, service, slice, write_text, yaml},
     pod::PEER,
     topology::{CLIENT_IP, NODE_IPS, TwoNodes},
 };
@@ -19,18 +19,15 @@ const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const NODE_PORT: u16 = 30066;
 const WAIT: Duration = Duration::from_secs(5);
 
-/// A manifest directory both agents read, removed on drop.
-struct Manifests(PathBuf);
+/// The manifest directory both agents read (removed on drop), with both Nodes in it.
+struct Manifests(TempDir);
 
 impl Manifests {
     fn new() -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("proxy-np-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("proxy-np").unwrap();
         let nodes = yaml(&node("node-1", &NODE_IPS[0].to_string(), "10.244.1.0/24"))
             + &yaml(&node("node-2", &NODE_IPS[1].to_string(), "10.244.2.0/24"));
-        write_text(&dir, "nodes.yaml", &nodes).unwrap();
+        write_text(dir.path(), "nodes.yaml", &nodes).unwrap();
         Self(dir)
     }
 
@@ -43,13 +40,7 @@ impl Manifests {
             s.named_port(p.name.as_deref().unwrap_or(""), 80, p.protocol.as_deref().unwrap_or("TCP"))
         });
         let eps = endpoints.iter().fold(with_ports, |s, (ip, node)| s.endpoint_on(&ip.to_string(), node)).build();
-        write_text(&self.0, &format!("{name}.yaml"), &(yaml(svc) + &yaml(&eps))).unwrap();
-    }
-}
-
-impl Drop for Manifests {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        write_text(self.0.path(), &format!("{name}.yaml"), &(yaml(svc) + &yaml(&eps))).unwrap();
     }
 }
 
@@ -69,8 +60,7 @@ impl Cluster {
             .nodes
             .iter()
             .map(|n| {
-                let flags =
-                    ["--manifests", &manifests.0.to_string_lossy(), "--hostname-override", &n.name].map(str::to_owned);
+                let flags = ["--manifests", &manifests.0.arg(), "--hostname-override", &n.name].map(str::to_owned);
                 let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
                 Agent::start_in(Some(&n.ns), AGENT.as_ref(), n.cgroup.path(), &flags).expect("starting an agent")
             })

@@ -19,7 +19,7 @@ use proxy_agent::{model::parse_ipv4, source::manifests};
 use proxy_tests::{
     agent::Agent,
     client::{Tally, probe},
-    fixtures::{write_text, yaml},
+    fixtures::{TempDir, write_text, yaml},
     topology::SingleNode,
 };
 
@@ -96,16 +96,16 @@ fn demo() -> anyhow::Result<()> {
     }
     println!("   client pod {} in cgroup {}", topology.client.ip, topology.cgroup.path().display());
 
-    let work = tempdir()?;
+    let work = TempDir::new("proxy-demo")?;
     for entry in std::fs::read_dir(&examples)? {
         let path = entry?.path();
         if path.is_file() {
-            std::fs::copy(&path, work.0.join(path.file_name().unwrap_or_default()))?;
+            std::fs::copy(&path, work.path().join(path.file_name().unwrap_or_default()))?;
         }
     }
-    println!("== starting proxy-agent --manifests {} --hostname-override node-1", work.0.display());
+    println!("== starting proxy-agent --manifests {} --hostname-override node-1", work.path().display());
     // The agent runs in node-1's namespace, as it would on a node.
-    let flags = ["--manifests", &work.0.to_string_lossy(), "--hostname-override", "node-1"];
+    let flags = ["--manifests", &work.arg(), "--hostname-override", "node-1"];
     let agent = Agent::start_in(Some(&topology.node), &sibling("agent")?, topology.cgroup.path(), &flags)?;
     agent.wait_for_count(vip, port, Some(pods.len() as u16), Duration::from_secs(5))?;
     println!(
@@ -143,7 +143,7 @@ fn demo() -> anyhow::Result<()> {
         .context("slice file")?
         .to_owned();
     let edited = Instant::now();
-    write_text(&work.0, &file_name, &(yaml(&*service) + &yaml(&shrunk)))?;
+    write_text(work.path(), &file_name, &(yaml(&*service) + &yaml(&shrunk)))?;
     agent.wait_for_count(vip, port, Some(pods.len() as u16 - 1), Duration::from_secs(5))?;
     println!("   the datapath followed the file in {:.1} ms", edited.elapsed().as_secs_f64() * 1e3);
     check_interrupt()?;
@@ -182,20 +182,5 @@ fn show(tally: &Tally, pods: &[(String, Ipv4Addr)]) {
     }
     for (kind, count) in &tally.errors {
         println!("   error {kind:<26} {count:>4}");
-    }
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-fn tempdir() -> anyhow::Result<TempDir> {
-    let path = std::env::temp_dir().join(format!("proxy-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&path)?;
-    Ok(TempDir(path))
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -272,6 +272,14 @@ impl<S: MapStore> Syncer<S> {
             }
             self.program(&key, desired.frontends, &mut report, &mut keys);
         }
+        match self.writer.forget_gone() {
+            Ok(0) => {}
+            Ok(forgotten) => debug!(forgotten, "removed affinity and socket entries of departed backends"),
+            Err(error) => {
+                warn!(%error, "removing affinity entries of departed backends failed");
+                report.errors += 1;
+            }
+        }
         if !self.swept {
             self.swept = true;
             match self.writer.sweep() {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conntrack;
 pub mod maps;
 pub mod service;
+pub mod sock;
 
 /// IP protocol numbers as they appear in keys (`IPPROTO_*`).
 pub mod proto {

@@ -16,6 +16,11 @@ pub const CONNTRACK: &str = "conntrack";
 /// The node's settings for the datapath ([`crate::config`]), one entry at index 0.
 pub const CONFIG: &str = "config";
 
+/// Socket → frontend, for replies and `getpeername` ([`crate::sock`]).
+pub const SOCK_REV: &str = "sock_rev";
+/// Unconnected UDP socket → its backend ([`crate::sock`]).
+pub const SOCK_BACKEND: &str = "sock_backend";
+
 /// Default size of [`SERVICES`]: 10 000 services with 10 endpoints on two frontends each fit.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 /// Default size of [`BACKENDS`].
@@ -29,5 +34,8 @@ pub const SERVICE_NAMES_MAX_ENTRIES: u32 = 65_536;
 /// Default size of [`CONNTRACK`] (two entries per flow).
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 
+/// Default size of [`SOCK_REV`] and [`SOCK_BACKEND`].
+pub const SOCK_MAX_ENTRIES: u32 = 131_072;
+
 /// Every map the agent pins, in the order `inspect` lists them.
-pub const ALL: &[&str] = &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY, CONNTRACK, CONFIG];
+pub const ALL: &[&str] = &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY, CONNTRACK, SOCK_REV, SOCK_BACKEND, CONFIG];

@@ -29,6 +29,8 @@ pub struct Selected {
     pub id: BackendId,
     /// The frontend master's `SVC_F_*` flags.
     pub flags: u16,
+    /// The service port's id.
+    pub service_id: u32,
 }
 
 /// Which backend set applies to the traffic.
@@ -38,6 +40,12 @@ pub enum Origin {
     Node,
     /// Entered the node from outside (TC path).
     External,
+}
+
+/// Whether (address, port, proto) is a frontend that still has backends.
+#[inline(always)]
+pub fn serving(address: [u8; 4], port: u16, proto: u8) -> bool {
+    master(&ServiceKey::master(address, port, proto)).is_some_and(|m| m.count > 0)
 }
 
 /// Looks up the frontend (address, port, proto) and picks a backend uniformly at random, or the
@@ -63,7 +71,7 @@ pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origi
     let affinity_key = AffinityKey { service_id: master.service_id, ..client };
     let now = unsafe { bpf_ktime_get_ns() };
     if affinity && let Some((id, backend)) = remembered(&affinity_key, master.affinity_timeout, now) {
-        return Verdict::Backend(Selected { backend, id, flags: master.flags });
+        return Verdict::Backend(Selected { backend, id, flags: master.flags, service_id: master.service_id });
     }
     let Some((id, backend)) = pick(key, master.count) else {
         return Verdict::NoBackend(master.flags);
@@ -73,7 +81,7 @@ pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origi
         // Losing the affinity record only costs stickiness for the next connection.
         let _ = AFFINITY.insert(&affinity_key, &value, 0);
     }
-    Verdict::Backend(Selected { backend, id, flags: master.flags })
+    Verdict::Backend(Selected { backend, id, flags: master.flags, service_id: master.service_id })
 }
 
 #[inline(always)]
@@ -82,8 +90,9 @@ fn master(key: &ServiceKey) -> Option<ServiceValue> {
     unsafe { SERVICES.get(key).copied() }
 }
 
+/// The backend with this id, if it still exists.
 #[inline(always)]
-fn backend(id: BackendId) -> Option<Backend> {
+pub fn backend(id: BackendId) -> Option<Backend> {
     // SAFETY: copied out at once, as above.
     unsafe { BACKENDS.get(id).copied() }
 }

@@ -12,9 +12,10 @@ use proxy_common::{
     conntrack::{CtKey, CtValue},
     maps::{
         AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
-        SERVICES_MAX_ENTRIES,
+        SERVICES_MAX_ENTRIES, SOCK_MAX_ENTRIES,
     },
     service::{ServiceKey, ServiceName, ServiceValue},
+    sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
 };
 
 /// Frontends (slot 0) and their backend slots (1..=count).
@@ -40,3 +41,13 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue, { CONNTRACK_MAX_ENTRIES as usiz
 /// The node's settings (index 0), written by the agent.
 #[btf_map(name = "config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Socket and backend → the frontend it addressed: replies (`recvmsg`) and `getpeername` show
+/// the service address.
+#[btf_map(name = "sock_rev")]
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { SOCK_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// Unconnected UDP socket and frontend → the backend it keeps across `sendmsg` calls.
+#[btf_map(name = "sock_backend")]
+pub static SOCK_BACKEND: LruHashMap<SockBackendKey, SockBackendValue, { SOCK_MAX_ENTRIES as usize }> =
+    LruHashMap::new();

@@ -5,7 +5,7 @@ mod bpffs;
 pub mod writer;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashSet},
     fs, io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -20,10 +20,12 @@ use aya::{
     },
 };
 use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
     config::NodeConfig,
     maps,
     service::{ServiceKey, ServiceName, ServiceValue},
+    sock::{SockBackendKey, SockBackendValue},
 };
 use tracing::{debug, info};
 
@@ -35,7 +37,7 @@ use crate::model::Cidr;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
 
 /// The cgroup programs and their names in the object (also their link pin names).
-const CGROUP_PROGRAMS: &[&str] = &["connect4"];
+const CGROUP_PROGRAMS: &[&str] = &["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 /// The TC ingress program; its links are pinned as `links/tc_ingress-<interface>`.
 const TC_PROGRAM: &str = "tc_ingress";
 
@@ -301,6 +303,8 @@ fn wait_for_release(ids: &[u32]) {
 
 /// The service maps, written through [`writer::Writer`].
 pub struct AyaMaps {
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    sock_backend: HashMap<MapData, SockBackendKey, SockBackendValue>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendId, Backend>,
     names: HashMap<MapData, u32, ServiceName>,
@@ -323,6 +327,8 @@ impl AyaMaps {
             source: MapError::InvalidName { name: maps::CONFIG.into() },
         })?;
         Ok(Self {
+            affinity: lru(ebpf.take_map(maps::AFFINITY), maps::AFFINITY)?,
+            sock_backend: lru(ebpf.take_map(maps::SOCK_BACKEND), maps::SOCK_BACKEND)?,
             services: take(ebpf, maps::SERVICES)?,
             backends: take(ebpf, maps::BACKENDS)?,
             names: take(ebpf, maps::SERVICE_NAMES)?,
@@ -341,7 +347,10 @@ impl AyaMaps {
         }
         let config = MapData::from_pin(root.join(maps::CONFIG))
             .map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?;
+        let pinned = |name: &'static str| MapData::from_pin(root.join(name)).map(aya::maps::Map::LruHashMap).ok();
         Ok(Self {
+            affinity: lru(pinned(maps::AFFINITY), maps::AFFINITY)?,
+            sock_backend: lru(pinned(maps::SOCK_BACKEND), maps::SOCK_BACKEND)?,
             services: open(root, maps::SERVICES)?,
             backends: open(root, maps::BACKENDS)?,
             names: open(root, maps::SERVICE_NAMES)?,
@@ -364,6 +373,15 @@ impl AyaMaps {
     pub fn backends(&self) -> impl Iterator<Item = (BackendId, Backend)> + '_ {
         self.backends.iter().filter_map(Result::ok)
     }
+}
+
+/// An LRU hash map, or why not.
+fn lru<K: aya::Pod, V: aya::Pod>(
+    map: Option<aya::maps::Map>,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    let map = map.ok_or(DatapathError::Map { name, source: MapError::InvalidName { name: name.into() } })?;
+    HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })
 }
 
 /// Deleting an absent key is not an error for the writer.
@@ -404,6 +422,30 @@ impl MapStore for AyaMaps {
 
     fn put_config(&mut self, config: NodeConfig) -> Result<(), MapError> {
         self.config.set(0, config, 0)
+    }
+
+    fn forget(&mut self, gone: &HashSet<(u32, BackendId)>) -> Result<usize, MapError> {
+        let stale_affinity: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| gone.contains(&(k.service_id, v.backend_id)))
+            .map(|(k, _)| k)
+            .collect();
+        let stale_sockets: Vec<SockBackendKey> = self
+            .sock_backend
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| gone.contains(&(v.service_id, v.backend_id)))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale_affinity {
+            absent_ok(self.affinity.remove(key))?;
+        }
+        for key in &stale_sockets {
+            absent_ok(self.sock_backend.remove(key))?;
+        }
+        Ok(stale_affinity.len() + stale_sockets.len())
     }
 
     fn service_keys(&self) -> Vec<ServiceKey> {

@@ -35,6 +35,9 @@ pub trait MapStore {
     fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), Self::Error>;
     /// Deletes a `service_names` entry (absent is fine).
     fn delete_service_name(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// Deletes affinity and UDP-socket entries that keep a client on a backend which left that
+    /// service port; returns how many went.
+    fn forget(&mut self, gone: &HashSet<(u32, BackendId)>) -> Result<usize, Self::Error>;
     /// Writes the node's settings (`config` map).
     fn put_config(&mut self, config: NodeConfig) -> Result<(), Self::Error>;
     /// Every `services` key present.
@@ -134,6 +137,8 @@ pub struct Writer<S> {
     backends: Ids<Backend>,
     backend_by_id: HashMap<BackendId, Backend>,
     services: Ids<ServicePortName>,
+    /// (service id, backend id) pairs that stopped being valid since the last `forget_gone`.
+    gone: HashSet<(u32, BackendId)>,
 }
 
 impl<S: MapStore> Writer<S> {
@@ -156,7 +161,25 @@ impl<S: MapStore> Writer<S> {
             services.reserved.insert(service_port_name(&name), id);
         }
         services.next = services.in_use.iter().max().copied().unwrap_or(0).wrapping_add(1);
-        Self { store, programmed: HashMap::new(), backends, backend_by_id: HashMap::new(), services }
+        Self {
+            store,
+            programmed: HashMap::new(),
+            backends,
+            backend_by_id: HashMap::new(),
+            services,
+            gone: HashSet::new(),
+        }
+    }
+
+    /// Deletes the affinity and UDP-socket entries that still point at backends which left their
+    /// service since the last call (a client must not stay stuck to a removed endpoint that
+    /// another service still uses).
+    pub fn forget_gone(&mut self) -> Result<usize, S::Error> {
+        if self.gone.is_empty() {
+            return Ok(0);
+        }
+        let gone = std::mem::take(&mut self.gone);
+        self.store.forget(&gone)
     }
 
     /// Writes the node's settings for the datapath.
@@ -221,6 +244,18 @@ impl<S: MapStore> Writer<S> {
         let mut taken = Vec::new();
         match self.write(frontend, entry, old.as_ref(), &mut taken) {
             Ok((new, mut stats)) => {
+                if let Some(old) = &old {
+                    let kept: HashSet<BackendId> =
+                        new.external.iter().chain(new.internal.iter().flatten()).copied().collect();
+                    let service_id = old.master.service_id;
+                    self.gone.extend(
+                        old.external
+                            .iter()
+                            .chain(old.internal.iter().flatten())
+                            .filter(|id| !kept.contains(id))
+                            .map(|id| (service_id, *id)),
+                    );
+                }
                 self.programmed.insert(frontend, new);
                 if let Some(old) = old {
                     self.release(&old, &mut stats)?;
@@ -323,6 +358,8 @@ impl<S: MapStore> Writer<S> {
     pub fn remove(&mut self, frontend: Frontend) -> Result<WriteStats, S::Error> {
         let mut stats = WriteStats::default();
         let Some(old) = self.programmed.remove(&frontend) else { return Ok(stats) };
+        let service_id = old.master.service_id;
+        self.gone.extend(old.external.iter().chain(old.internal.iter().flatten()).map(|id| (service_id, *id)));
         let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
         self.store.delete_service(key)?;
         stats.service_writes += 1;
@@ -618,6 +655,10 @@ mod tests {
 
         fn put_config(&mut self, _: NodeConfig) -> Result<(), Full> {
             Ok(())
+        }
+
+        fn forget(&mut self, _: &HashSet<(u32, BackendId)>) -> Result<usize, Full> {
+            Ok(0)
         }
 
         type Error = Full;

@@ -84,13 +84,15 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn measure(services: u32) -> anyhow::Result<(f64, f64)> {
     let ns = Netns::new("bench")?;
     let cgroup = Cgroup::new("proxy-bench")?;
-    let bpf_root = std::path::PathBuf::from(format!("/sys/fs/bpf/proxy-bench-{}-{services}", std::process::id()));
+    let pins = Pins(std::path::PathBuf::from(format!("/sys/fs/bpf/proxy-bench-{}-{services}", std::process::id())));
+    let bpf_root = &pins.0;
     // Load and attach inside the throwaway namespace, on a thread of its own.
-    let result = std::thread::scope(|s| {
+    // `pins` outlives the scope: programs and pins go when this function returns.
+    std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<(f64, f64)> {
             ns.enter()?;
             let opts = LoadOptions {
-                bpf_root: bpf_root.clone(),
+                bpf_root: bpf_root.to_owned(),
                 cgroup: cgroup.path().to_owned(),
                 services_max: maps::SERVICES_MAX_ENTRIES,
                 backends_max: maps::BACKENDS_MAX_ENTRIES,
@@ -138,10 +140,17 @@ fn measure(services: u32) -> anyhow::Result<(f64, f64)> {
             Ok((median(new_flow), median(established)))
         })
         .join()
-        .expect("the bench thread does not panic")
-    });
-    let _ = proxy_agent::datapath::cleanup(&bpf_root);
-    result
+        .map_err(|_| anyhow::anyhow!("the bench thread panicked"))?
+    })
+}
+
+/// The bench's bpffs root: programs detached and pins removed on drop, also on failure.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = proxy_agent::datapath::cleanup(&self.0);
+    }
 }
 
 fn main() -> anyhow::Result<()> {

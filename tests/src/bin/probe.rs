@@ -1,5 +1,8 @@
 //! A test client: `probe tcp|udp ADDR:PORT [COUNT] [TIMEOUT_MS]` connects (or sends) COUNT
 //! times, one socket each, and prints `ok <answer>` or `err <kind>` per attempt.
+//! `tcp-peer`, `udp-peer` (unconnected, one socket per datagram) and `udp-connected` print
+//! `ok <answer>@<address the reply came from, or getpeername>`; `udp-sticky` sends COUNT
+//! datagrams from ONE unconnected socket, printing `ok <answer>@<source>` for each.
 //! `probe hold ADDR:PORT SECONDS` keeps one connection and round-trips a line every 100 ms for
 //! SECONDS, printing `ok <greeting>` if every round trip worked. Bounded in count
 //! (at most 100 000) and in time: after 60 s the remaining attempts are reported as `err budget`. Run inside a test namespace and cgroup (see `proxy_tests::client`).
@@ -28,6 +31,40 @@ fn tcp(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     Ok(line.trim().to_owned())
+}
+
+fn tcp_peer(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let peer = stream.peer_addr()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(format!("{}@{peer}", line.trim()))
+}
+
+fn udp_exchange(socket: &UdpSocket, addr: Option<SocketAddr>) -> std::io::Result<(String, SocketAddr)> {
+    match addr {
+        Some(addr) => socket.send_to(b"hello\n", addr)?,
+        None => socket.send(b"hello\n")?,
+    };
+    let mut buf = [0u8; 512];
+    let (n, from) = socket.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
+}
+
+fn udp_peer(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    let (answer, from) = udp_exchange(&socket, Some(addr))?;
+    Ok(format!("{answer}@{from}"))
+}
+
+fn udp_connected(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.connect(addr)?;
+    let (answer, _) = udp_exchange(&socket, None)?;
+    Ok(format!("{answer}@{}", socket.peer_addr()?))
 }
 
 fn udp(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
@@ -77,9 +114,28 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    if proto == "udp-sticky" {
+        let socket = match UdpSocket::bind("0.0.0.0:0").and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s)) {
+            Ok(socket) => socket,
+            Err(e) => {
+                eprintln!("binding a UDP socket: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for _ in 0..count {
+            match udp_exchange(&socket, Some(addr)) {
+                Ok((answer, from)) => println!("ok {answer}@{from}"),
+                Err(e) => println!("err {}", kind(&e)),
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     let attempt = match proto.as_str() {
         "tcp" => tcp,
         "udp" => udp,
+        "tcp-peer" => tcp_peer,
+        "udp-peer" => udp_peer,
+        "udp-connected" => udp_connected,
         _ => {
             eprintln!("unknown protocol {proto}");
             return ExitCode::from(2);

@@ -1,0 +1,120 @@
+//! UDP and peer addresses on the socket path: connected and unconnected UDP to a ClusterIP,
+//! replies and getpeername() showing the service address (not the pod's), one backend per
+//! unconnected socket, ECONNREFUSED without endpoints, and TCP's getpeername.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use proxy_tests::{
+    agent::Agent,
+    client::{Tally, probe},
+    fixtures::{TempDir, service, slice, write_text, yaml},
+    topology::SingleNode,
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
+const PORT: u16 = 53;
+const WAIT: Duration = Duration::from_secs(5);
+
+/// node-1 with pods pod-2 and pod-3 serving TCP and UDP on 5353, the agent on a DNS-like
+/// service 10.96.0.53:53 (TCP and UDP) → :5353 with `endpoints`.
+fn setup(endpoints: &[Ipv4Addr]) -> (SingleNode, Agent, TempDir) {
+    let topology =
+        SingleNode::new(&[("pod-2", Ipv4Addr::new(10, 244, 1, 2)), ("pod-3", Ipv4Addr::new(10, 244, 1, 3))], 5353)
+            .expect("building the namespaces");
+    let dir = TempDir::new("proxy-udp").unwrap();
+    let svc = service("dns")
+        .cluster_ip(&VIP.to_string())
+        .named_port("dns", PORT.into(), "UDP")
+        .named_port("dns-tcp", PORT.into(), "TCP")
+        .build();
+    let ips: Vec<String> = endpoints.iter().map(Ipv4Addr::to_string).collect();
+    let eps = ips
+        .iter()
+        .fold(slice("dns", "a").named_port("dns", 5353, "UDP").named_port("dns-tcp", 5353, "TCP"), |s, ip| {
+            s.endpoint(ip)
+        })
+        .build();
+    write_text(dir.path(), "dns.yaml", &(yaml(&svc) + &yaml(&eps))).unwrap();
+    let flags = ["--manifests", &dir.arg(), "--hostname-override", "node-1"];
+    let agent = Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
+        .expect("starting the agent");
+    agent.wait_for_count(VIP, PORT, Some(endpoints.len() as u16), WAIT).unwrap();
+    (topology, agent, dir)
+}
+
+fn run(topology: &SingleNode, mode: &str, count: usize) -> Tally {
+    let target = format!("{VIP}:{PORT}");
+    probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &[mode, &target, &count.to_string(), "500"])
+        .unwrap()
+}
+
+/// Answers split into (backend name, address the client saw it from).
+fn answers(tally: &Tally) -> Vec<(String, String)> {
+    tally
+        .answers
+        .iter()
+        .flat_map(|(a, n)| {
+            let (name, from) = a.split_once('@').unwrap_or((a, ""));
+            std::iter::repeat_n((name.to_owned(), from.to_owned()), *n)
+        })
+        .collect()
+}
+
+/// DNS-style request/response over an unconnected UDP socket: answered by the pods, and every
+/// reply appears to come from the service address (recvmsg4), not the pod.
+#[test]
+fn unconnected_udp_replies_come_from_the_service_address() {
+    let (topology, _agent, _dir) = setup(&[Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)]);
+    let tally = run(&topology, "udp-peer", 200);
+    assert_eq!(tally.answered(), 200, "{tally:?}");
+    let seen = answers(&tally);
+    assert!(seen.iter().all(|(_, from)| from == &format!("{VIP}:{PORT}")), "replies show the VIP: {tally:?}");
+    assert!(
+        seen.iter().any(|(n, _)| n == "pod-2") && seen.iter().any(|(n, _)| n == "pod-3"),
+        "both pods serve: {tally:?}"
+    );
+}
+
+/// A connected UDP socket: getpeername() shows the service address (getpeername4).
+#[test]
+fn connected_udp_getpeername_shows_the_service_address() {
+    let (topology, _agent, _dir) = setup(&[Ipv4Addr::new(10, 244, 1, 2)]);
+    let tally = run(&topology, "udp-connected", 20);
+    assert_eq!(tally.answers.get(&format!("pod-2@{VIP}:{PORT}")), Some(&20), "{tally:?}");
+}
+
+/// TCP: getpeername() shows the service address too, as with kube-proxy's DNAT.
+#[test]
+fn tcp_getpeername_shows_the_service_address() {
+    let (topology, _agent, _dir) = setup(&[Ipv4Addr::new(10, 244, 1, 3)]);
+    let target = format!("{VIP}:{PORT}");
+    let tally = probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &["tcp-peer", &target, "20", "500"])
+        .unwrap();
+    assert_eq!(tally.answers.get(&format!("pod-3@{target}")), Some(&20), "{tally:?}");
+}
+
+/// One unconnected socket keeps one backend across sendmsg calls (not a fresh pick per
+/// datagram): with two backends, 30 datagrams from one socket all reach the same pod, which a
+/// per-datagram pick would do with probability 2^-29.
+#[test]
+fn unconnected_udp_keeps_one_backend_per_socket() {
+    let (topology, _agent, _dir) = setup(&[Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)]);
+    for _ in 0..3 {
+        let tally = run(&topology, "udp-sticky", 30);
+        assert_eq!(tally.answered(), 30, "{tally:?}");
+        let pods: std::collections::BTreeSet<String> = answers(&tally).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(pods.len(), 1, "one socket, one backend: {tally:?}");
+    }
+}
+
+/// No endpoint: a UDP send to the service fails at once with ECONNREFUSED, like TCP's connect.
+#[test]
+fn udp_without_endpoints_is_refused() {
+    let (topology, _agent, _dir) = setup(&[]);
+    let udp = run(&topology, "udp", 3);
+    assert_eq!(udp.errors.get("refused"), Some(&3), "{udp:?}");
+    let tcp = run(&topology, "tcp", 3);
+    assert_eq!(tcp.errors.get("refused"), Some(&3), "{tcp:?}");
+}

@@ -21,6 +21,9 @@ pub const SOCK_REV: &str = "sock_rev";
 /// Unconnected UDP socket → its backend ([`crate::sock`]).
 pub const SOCK_BACKEND: &str = "sock_backend";
 
+/// `loadBalancerSourceRanges` per LoadBalancer frontend (LPM trie, value unused: `u8`).
+pub const SOURCE_RANGES: &str = "source_ranges";
+
 /// Default size of [`SERVICES`]: 10 000 services with 10 endpoints on two frontends each fit.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 /// Default size of [`BACKENDS`].
@@ -37,5 +40,9 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 /// Default size of [`SOCK_REV`] and [`SOCK_BACKEND`].
 pub const SOCK_MAX_ENTRIES: u32 = 131_072;
 
+/// Default size of [`SOURCE_RANGES`].
+pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
+
 /// Every map the agent pins, in the order `inspect` lists them.
-pub const ALL: &[&str] = &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY, CONNTRACK, SOCK_REV, SOCK_BACKEND, CONFIG];
+pub const ALL: &[&str] =
+    &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY, CONNTRACK, SOCK_REV, SOCK_BACKEND, SOURCE_RANGES, CONFIG];

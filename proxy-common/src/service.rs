@@ -89,6 +89,39 @@ pub const SVC_F_TWO_SCOPES: u16 = 1 << 6;
 pub const SVC_F_AFFINITY: u16 = 1 << 7;
 /// Only terminating endpoints are left, and they serve (graceful-termination fallback).
 pub const SVC_F_TERMINATING_FALLBACK: u16 = 1 << 8;
+/// `loadBalancerSourceRanges`: traffic from outside is admitted only from the client prefixes
+/// in the `source_ranges` map.
+pub const SVC_F_SOURCE_RANGES: u16 = 1 << 9;
+
+/// Data of a `source_ranges` LPM trie key (the trie's key is this behind a `u32` prefix
+/// length): a frontend, then a client prefix. The prefix length counts the
+/// [`SOURCE_RANGE_FRONTEND_BITS`] of the frontend fields plus the client prefix's length, so a
+/// lookup with the full client address matches the frontend exactly and the client by longest
+/// prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// Frontend address, network byte order.
+    pub address: [u8; 4],
+    /// Frontend port, network byte order (the trie compares bytes in order).
+    pub port_be: [u8; 2],
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    pub _pad: u8,
+    /// Client address (prefix), network byte order.
+    pub client: [u8; 4],
+}
+const _: () = assert!(size_of::<SourceRange>() == 12);
+
+/// Bits of a [`SourceRange`] before the client prefix.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+
+impl SourceRange {
+    /// The data for `client` at a frontend.
+    pub const fn new(address: [u8; 4], port: u16, proto: u8, client: [u8; 4]) -> Self {
+        Self { address, port_be: port.to_be_bytes(), proto, _pad: 0, client }
+    }
+}
 
 /// Value of the `service_names` map (key: [`ServiceValue::service_id`]): which service port an id
 /// stands for, so `inspect` and `bpftool` can name it. The datapath never reads it. Strings are
@@ -115,4 +148,4 @@ impl Default for ServiceName {
     }
 }
 
-user_pod!(ServiceKey, ServiceValue, ServiceName);
+user_pod!(ServiceKey, ServiceValue, ServiceName, SourceRange);

@@ -2,7 +2,7 @@
 //! are repeated as literals because the attribute needs one; the agent checks them at load).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap},
     macros::btf_map,
 };
 use proxy_common::{
@@ -12,9 +12,9 @@ use proxy_common::{
     conntrack::{CtKey, CtValue},
     maps::{
         AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
-        SERVICES_MAX_ENTRIES, SOCK_MAX_ENTRIES,
+        SERVICES_MAX_ENTRIES, SOCK_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
     },
-    service::{ServiceKey, ServiceName, ServiceValue},
+    service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
 };
 
@@ -51,3 +51,7 @@ pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { SOCK_MAX_ENTRIES as 
 #[btf_map(name = "sock_backend")]
 pub static SOCK_BACKEND: LruHashMap<SockBackendKey, SockBackendValue, { SOCK_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// `loadBalancerSourceRanges`: (frontend, client prefix) entries; a hit admits the client.
+#[btf_map(name = "source_ranges")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { SOURCE_RANGES_MAX_ENTRIES as usize }> = LpmTrie::new();

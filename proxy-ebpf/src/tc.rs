@@ -14,6 +14,7 @@ use aya_ebpf::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
         TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibLookup,
     },
+    btf_maps::lpm_trie::Key,
     helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
@@ -23,12 +24,12 @@ use proxy_common::{
     affinity::AffinityKey,
     conntrack::{CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN, expired},
     proto::{TCP, UDP},
-    service::{SVC_F_EXT_LOCAL, SVC_F_NODE_PORT},
+    service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_EXT_LOCAL, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SourceRange},
 };
 
 use crate::{
     lb::{self, Origin, Selected, Verdict},
-    maps::{CONFIG, CONNTRACK},
+    maps::{CONFIG, CONNTRACK, SOURCE_RANGES},
 };
 
 const ETH_HLEN: usize = 14;
@@ -127,11 +128,20 @@ fn handle(ctx: &TcContext, packet: &Packet) -> i32 {
         // Only a connection's first packet may open a flow; anything else is invalid (kube-proxy
         // drops ctstate INVALID).
         Verdict::Backend(_) if packet.proto == TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => TC_ACT_SHOT,
+        // loadBalancerSourceRanges: only listed clients, as kube-proxy's firewall chain.
+        Verdict::Backend(selected) if selected.flags & SVC_F_SOURCE_RANGES != 0 && !admitted(packet) => TC_ACT_SHOT,
         Verdict::Backend(selected) => match open_flow(packet, &key, &selected, now) {
             Some(to) => translate(ctx, packet, &to),
             None => TC_ACT_SHOT,
         },
     }
+}
+
+/// Whether the packet's client is inside one of its frontend's `loadBalancerSourceRanges`.
+fn admitted(packet: &Packet) -> bool {
+    let data = SourceRange::new(packet.dst, packet.dport, packet.proto, packet.src);
+    let key = Key::new(SOURCE_RANGE_FRONTEND_BITS + 32, data);
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 /// Refreshes a tracked flow's state for this packet.

@@ -8,7 +8,10 @@ use anyhow::Context as _;
 use k8s_openapi::Resource;
 use k8s_openapi::{
     api::{
-        core::v1::{LoadBalancerIngress, Node, NodeAddress, NodeSpec, NodeStatus, Service, ServicePort, ServiceSpec},
+        core::v1::{
+            ClientIPConfig, LoadBalancerIngress, Node, NodeAddress, NodeSpec, NodeStatus, Service, ServicePort,
+            ServiceSpec, SessionAffinityConfig,
+        },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -98,12 +101,40 @@ impl ServiceBuilder {
         self
     }
 
+    /// Adds a `loadBalancerSourceRanges` entry.
+    pub fn load_balancer_source_range(mut self, cidr: &str) -> Self {
+        self.spec().load_balancer_source_ranges.get_or_insert_with(Vec::new).push(cidr.into());
+        self
+    }
+
     /// Makes it a LoadBalancer with `ip` in `status.loadBalancer.ingress`.
     pub fn load_balancer_ip(mut self, ip: &str) -> Self {
         self.spec().type_ = Some("LoadBalancer".into());
         let status = self.0.status.get_or_insert_with(Default::default);
         let lb = status.load_balancer.get_or_insert_with(Default::default);
         lb.ingress.get_or_insert_with(Vec::new).push(LoadBalancerIngress { ip: Some(ip.into()), ..Default::default() });
+        self
+    }
+
+    /// Sets `sessionAffinity: ClientIP`, with `sessionAffinityConfig.clientIP.timeoutSeconds`
+    /// if given (the API's default is 10800 s).
+    pub fn session_affinity(mut self, timeout_seconds: Option<i32>) -> Self {
+        self.spec().session_affinity = Some("ClientIP".into());
+        self.spec().session_affinity_config = timeout_seconds
+            .map(|t| SessionAffinityConfig { client_ip: Some(ClientIPConfig { timeout_seconds: Some(t) }) });
+        self
+    }
+
+    /// Sets `sessionAffinity: None` explicitly (what the API server writes when it is absent).
+    pub fn no_session_affinity(mut self) -> Self {
+        self.spec().session_affinity = Some("None".into());
+        self.spec().session_affinity_config = None;
+        self
+    }
+
+    /// Sets `internalTrafficPolicy`.
+    pub fn internal_traffic_policy(mut self, policy: &str) -> Self {
+        self.spec().internal_traffic_policy = Some(policy.into());
         self
     }
 
@@ -154,6 +185,22 @@ impl SliceBuilder {
         self.0.endpoints.push(Endpoint {
             addresses: vec![ip.into()],
             conditions: Some(EndpointConditions { ready: Some(true), serving: Some(true), terminating: Some(false) }),
+            node_name: Some(node.into()),
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Adds an endpoint on `node` with explicit conditions (`ready`, `serving`, `terminating`),
+    /// as the EndpointSlice controller writes them for not-ready and terminating pods.
+    pub fn endpoint_with(mut self, ip: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Self {
+        self.0.endpoints.push(Endpoint {
+            addresses: vec![ip.into()],
+            conditions: Some(EndpointConditions {
+                ready: Some(ready),
+                serving: Some(serving),
+                terminating: Some(terminating),
+            }),
             node_name: Some(node.into()),
             ..Default::default()
         });

@@ -179,6 +179,46 @@ fn e2e_11_external_ip_and_load_balancer_ip() {
     }
 }
 
+/// loadBalancerSourceRanges: a client outside the listed CIDRs is dropped at the LoadBalancer
+/// IP (kube-proxy's firewall chain) but can still use the nodePort, which kube-proxy leaves
+/// open; a listed client is admitted.
+#[test]
+fn load_balancer_source_ranges_admit_only_listed_clients() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
+    let (allowed_ip, denied_ip) = ("172.18.2.10", "172.18.2.11");
+    for ip in [allowed_ip, denied_ip] {
+        cluster.topology.client.ip(&["route", "add", &format!("{ip}/32"), "via", &NODE_IPS[0].to_string()]).unwrap();
+    }
+    let endpoints = [(cluster.pod_ip(0, 0), "node-1"), (cluster.pod_ip(1, 0), "node-2")];
+    let admits = service("admits")
+        .cluster_ip("10.96.0.20")
+        .named_port("tcp", 6666, "TCP")
+        .node_port(30067)
+        .load_balancer_ip(allowed_ip)
+        .load_balancer_source_range(&format!("{CLIENT_IP}/32"))
+        .build();
+    let denies = service("denies")
+        .cluster_ip("10.96.0.21")
+        .named_port("tcp", 6666, "TCP")
+        .node_port(30068)
+        .load_balancer_ip(denied_ip)
+        .load_balancer_source_range("10.0.0.0/8")
+        .build();
+    manifests.service(&admits, &endpoints);
+    manifests.service(&denies, &endpoints);
+    for ip in [allowed_ip, denied_ip] {
+        cluster.agents[0].wait_for_count(ip.parse().unwrap(), 6666, Some(2), WAIT).unwrap();
+    }
+    let admitted = cluster.external("tcp", &format!("{allowed_ip}:6666"), 20);
+    assert_eq!(admitted.answered(), 20, "a listed client is admitted: {admitted:?}");
+    let dropped = cluster.external("tcp", &format!("{denied_ip}:6666"), 3);
+    assert_eq!(dropped.answered(), 0, "an unlisted client is dropped at the LoadBalancer IP: {dropped:?}");
+    assert_eq!(dropped.errors.get("timeout"), Some(&3), "dropped, not refused: {dropped:?}");
+    let nodeport = cluster.external("tcp", &format!("{}:30068", NODE_IPS[0]), 20);
+    assert_eq!(nodeport.answered(), 20, "the nodePort stays open to the same client: {nodeport:?}");
+}
+
 /// Many parallel connections from the one client keep distinct, working flows (no SNAT port
 /// clash), and a long-lived connection keeps working while an unrelated service changes.
 #[test]

@@ -13,7 +13,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError},
+    maps::{
+        Array, HashMap, MapData, MapError,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -24,14 +27,14 @@ use proxy_common::{
     backend::{Backend, BackendId},
     config::NodeConfig,
     maps,
-    service::{ServiceKey, ServiceName, ServiceValue},
+    service::{SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue},
 };
 use tracing::{debug, info};
 
 pub use self::bpffs::{ensure_bpffs, find_cgroup2_mount};
 use self::writer::MapStore;
-use crate::model::Cidr;
+use crate::model::{Cidr, Frontend};
 
 /// The BPF object, built by build.rs from `proxy-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy"));
@@ -303,6 +306,7 @@ fn wait_for_release(ids: &[u32]) {
 
 /// The service maps, written through [`writer::Writer`].
 pub struct AyaMaps {
+    source_ranges: LpmTrie<MapData, SourceRange, u8>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_backend: HashMap<MapData, SockBackendKey, SockBackendValue>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -326,7 +330,13 @@ impl AyaMaps {
             name: maps::CONFIG,
             source: MapError::InvalidName { name: maps::CONFIG.into() },
         })?;
+        let ranges = ebpf.take_map(maps::SOURCE_RANGES).ok_or(DatapathError::Map {
+            name: maps::SOURCE_RANGES,
+            source: MapError::InvalidName { name: maps::SOURCE_RANGES.into() },
+        })?;
         Ok(Self {
+            source_ranges: LpmTrie::try_from(ranges)
+                .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
             affinity: lru(ebpf.take_map(maps::AFFINITY), maps::AFFINITY)?,
             sock_backend: lru(ebpf.take_map(maps::SOCK_BACKEND), maps::SOCK_BACKEND)?,
             services: take(ebpf, maps::SERVICES)?,
@@ -348,7 +358,11 @@ impl AyaMaps {
         let config = MapData::from_pin(root.join(maps::CONFIG))
             .map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?;
         let pinned = |name: &'static str| MapData::from_pin(root.join(name)).map(aya::maps::Map::LruHashMap).ok();
+        let ranges = MapData::from_pin(root.join(maps::SOURCE_RANGES))
+            .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?;
         Ok(Self {
+            source_ranges: LpmTrie::try_from(aya::maps::Map::LpmTrie(ranges))
+                .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
             affinity: lru(pinned(maps::AFFINITY), maps::AFFINITY)?,
             sock_backend: lru(pinned(maps::SOCK_BACKEND), maps::SOCK_BACKEND)?,
             services: open(root, maps::SERVICES)?,
@@ -373,6 +387,12 @@ impl AyaMaps {
     pub fn backends(&self) -> impl Iterator<Item = (BackendId, Backend)> + '_ {
         self.backends.iter().filter_map(Result::ok)
     }
+}
+
+/// The `source_ranges` key admitting `cidr` at `frontend`.
+fn source_range_key(frontend: &Frontend, cidr: &Cidr) -> Key<SourceRange> {
+    let data = SourceRange::new(frontend.address.octets(), frontend.port, frontend.proto, cidr.network.octets());
+    Key::new(SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix), data)
 }
 
 /// An LRU hash map, or why not.
@@ -446,6 +466,14 @@ impl MapStore for AyaMaps {
             absent_ok(self.sock_backend.remove(key))?;
         }
         Ok(stale_affinity.len() + stale_sockets.len())
+    }
+
+    fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), MapError> {
+        self.source_ranges.insert(&source_range_key(frontend, cidr), 1, 0)
+    }
+
+    fn delete_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), MapError> {
+        absent_ok(self.source_ranges.remove(&source_range_key(frontend, cidr)))
     }
 
     fn service_keys(&self) -> Vec<ServiceKey> {

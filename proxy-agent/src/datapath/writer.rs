@@ -17,7 +17,7 @@ use proxy_common::{
     service::{SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
 };
 
-use crate::model::{Endpoint, Frontend, FrontendEntry, ServicePortName};
+use crate::model::{Cidr, Endpoint, Frontend, FrontendEntry, ServicePortName};
 
 /// The map operations the writer needs; the real implementation is over the pinned BPF maps.
 pub trait MapStore {
@@ -38,6 +38,10 @@ pub trait MapStore {
     /// Deletes affinity and UDP-socket entries that keep a client on a backend which left that
     /// service port; returns how many went.
     fn forget(&mut self, gone: &HashSet<(u32, BackendId)>) -> Result<usize, Self::Error>;
+    /// Admits clients in `cidr` at a frontend (`source_ranges` LPM trie).
+    fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Self::Error>;
+    /// Removes a `source_ranges` entry (absent is fine).
+    fn delete_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Self::Error>;
     /// Writes the node's settings (`config` map).
     fn put_config(&mut self, config: NodeConfig) -> Result<(), Self::Error>;
     /// Every `services` key present.
@@ -51,6 +55,8 @@ pub trait MapStore {
 /// What is programmed for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
+    /// `loadBalancerSourceRanges` entries written for the frontend.
+    ranges: Vec<Cidr>,
     master: ServiceValue,
     external: Vec<BackendId>,
     internal: Option<Vec<BackendId>>,
@@ -298,6 +304,11 @@ impl<S: MapStore> Writer<S> {
         };
         let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
         let internal_key = key.with_scope(SCOPE_INTERNAL);
+        // Admitted client ranges before the master that turns the check on.
+        let old_ranges = old.map_or(&[][..], |o| &o.ranges[..]);
+        for cidr in entry.source_ranges.iter().filter(|c| !old_ranges.contains(c)) {
+            self.store.put_source_range(&frontend, cidr)?;
+        }
         // The internal scope's slots and master before the master that points to it.
         if let Some(internal) = &internal {
             self.write_slots(internal_key, old_internal.unwrap_or(&[]), internal, &mut stats)?;
@@ -324,7 +335,11 @@ impl<S: MapStore> Writer<S> {
             let keep = internal.as_ref().map_or(0, Vec::len);
             self.trim_slots(internal_key, old_internal.len(), keep, &mut stats)?;
         }
-        Ok((Programmed { master, external, internal, service: entry.service.clone() }, stats))
+        for cidr in old_ranges.iter().filter(|c| !entry.source_ranges.contains(c)) {
+            self.store.delete_source_range(&frontend, cidr)?;
+        }
+        let ranges = entry.source_ranges.clone();
+        Ok((Programmed { ranges, master, external, internal, service: entry.service.clone() }, stats))
     }
 
     /// Undoes a failed upsert: removes every entry the frontend may have (old or new), then drops
@@ -343,6 +358,9 @@ impl<S: MapStore> Writer<S> {
         let _ = self.store.delete_service(key.with_scope(SCOPE_INTERNAL));
         let _ = self.trim_slots(key, external_len, 0, &mut stats);
         let _ = self.trim_slots(key.with_scope(SCOPE_INTERNAL), internal_len, 0, &mut stats);
+        for cidr in entry.source_ranges.iter().chain(old.iter().flat_map(|o| o.ranges.iter())) {
+            let _ = self.store.delete_source_range(&frontend, cidr);
+        }
         for backend in taken {
             self.release_backend(backend);
         }
@@ -364,6 +382,9 @@ impl<S: MapStore> Writer<S> {
         self.store.delete_service(key)?;
         stats.service_writes += 1;
         self.trim_slots(key, old.external.len(), 0, &mut stats)?;
+        for cidr in &old.ranges {
+            self.store.delete_source_range(&frontend, cidr)?;
+        }
         if let Some(internal) = &old.internal {
             self.store.delete_service(key.with_scope(SCOPE_INTERNAL))?;
             stats.service_writes += 1;
@@ -659,6 +680,14 @@ mod tests {
 
         fn forget(&mut self, _: &HashSet<(u32, BackendId)>) -> Result<usize, Full> {
             Ok(0)
+        }
+
+        fn put_source_range(&mut self, _: &Frontend, _: &Cidr) -> Result<(), Full> {
+            Ok(())
+        }
+
+        fn delete_source_range(&mut self, _: &Frontend, _: &Cidr) -> Result<(), Full> {
+            Ok(())
         }
 
         type Error = Full;

@@ -67,6 +67,9 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
                 (internal_set, None)
             };
             let mut flags = base_flags | kind_flag(kind);
+            if kind == FrontendKind::LoadBalancer && !source_ranges.is_empty() {
+                flags |= SVC_F_SOURCE_RANGES;
+            }
             if internal.is_some() {
                 flags |= SVC_F_TWO_SCOPES;
             }

@@ -272,9 +272,17 @@ impl<S: MapStore> Syncer<S> {
             }
             self.program(&key, desired.frontends, &mut report, &mut keys);
         }
-        match self.writer.forget_gone() {
-            Ok(0) => {}
-            Ok(forgotten) => debug!(forgotten, "removed affinity and socket entries of departed backends"),
+        match self.writer.forget_departed() {
+            Ok(departed) => {
+                if departed.entries > 0 {
+                    debug!(entries = departed.entries, "removed affinity and socket entries of departed backends");
+                }
+                match crate::datapath::sockets::destroy_udp(&departed.sockets) {
+                    Ok(0) => {}
+                    Ok(destroyed) => info!(destroyed, "destroyed UDP sockets still sent to departed backends"),
+                    Err(error) => warn!(%error, "destroying UDP sockets of departed backends failed"),
+                }
+            }
             Err(error) => {
                 warn!(%error, "removing affinity entries of departed backends failed");
                 report.errors += 1;

@@ -20,10 +20,22 @@ const WAIT: Duration = Duration::from_secs(5);
 /// node-1 with pods pod-2 and pod-3 serving TCP and UDP on 5353, the agent on a DNS-like
 /// service 10.96.0.53:53 (TCP and UDP) → :5353 with `endpoints`.
 fn setup(endpoints: &[Ipv4Addr]) -> (SingleNode, Agent, TempDir) {
-    let topology =
-        SingleNode::new(&[("pod-2", Ipv4Addr::new(10, 244, 1, 2)), ("pod-3", Ipv4Addr::new(10, 244, 1, 3))], 5353)
-            .expect("building the namespaces");
-    let dir = TempDir::new("proxy-udp").unwrap();
+    let (topology, dir) = topology();
+    write_endpoints(&dir, endpoints);
+    let flags = ["--manifests", &dir.arg(), "--hostname-override", "node-1"];
+    let agent = Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
+        .expect("starting the agent");
+    agent.wait_for_count(VIP, PORT, Some(endpoints.len() as u16), WAIT).unwrap();
+    (topology, agent, dir)
+}
+
+fn topology() -> (SingleNode, TempDir) {
+    let pods = [("pod-2", Ipv4Addr::new(10, 244, 1, 2)), ("pod-3", Ipv4Addr::new(10, 244, 1, 3))];
+    (SingleNode::new(&pods, 5353).expect("building the namespaces"), TempDir::new("proxy-udp").unwrap())
+}
+
+/// Writes the service with `endpoints`.
+fn write_endpoints(dir: &TempDir, endpoints: &[Ipv4Addr]) {
     let svc = service("dns")
         .cluster_ip(&VIP.to_string())
         .named_port("dns", PORT.into(), "UDP")
@@ -37,11 +49,6 @@ fn setup(endpoints: &[Ipv4Addr]) -> (SingleNode, Agent, TempDir) {
         })
         .build();
     write_text(dir.path(), "dns.yaml", &(yaml(&svc) + &yaml(&eps))).unwrap();
-    let flags = ["--manifests", &dir.arg(), "--hostname-override", "node-1"];
-    let agent = Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
-        .expect("starting the agent");
-    agent.wait_for_count(VIP, PORT, Some(endpoints.len() as u16), WAIT).unwrap();
-    (topology, agent, dir)
 }
 
 fn run(topology: &SingleNode, mode: &str, count: usize) -> Tally {
@@ -117,4 +124,29 @@ fn udp_without_endpoints_is_refused() {
     assert_eq!(udp.errors.get("refused"), Some(&3), "{udp:?}");
     let tcp = run(&topology, "tcp", 3);
     assert_eq!(tcp.errors.get("refused"), Some(&3), "{tcp:?}");
+}
+
+/// A connected UDP socket to a backend that leaves the service is destroyed (in the client's
+/// network namespace), so the client sees an error instead of talking to the old pod for as long
+/// as it keeps the socket; a new socket reaches the remaining backend. The old pod keeps
+/// answering here, so without the destroy the socket would go on working.
+#[test]
+fn udp_sockets_to_a_removed_backend_are_destroyed() {
+    let pod2 = Ipv4Addr::new(10, 244, 1, 2);
+    let pod3 = Ipv4Addr::new(10, 244, 1, 3);
+    let (topology, mut agent, dir) = setup(&[pod2]);
+    std::thread::scope(|s| {
+        let held = s.spawn(|| {
+            let target = format!("{VIP}:{PORT}");
+            probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &["udp-hold", &target, "6"]).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(800));
+        write_endpoints(&dir, &[pod3]);
+        agent.wait_for_log("destroyed UDP sockets", WAIT).unwrap();
+        let held = held.join().unwrap();
+        assert_eq!(held.answered(), 0, "the socket to the removed backend was destroyed: {held:?}");
+        assert_eq!(held.errors.len(), 1, "{held:?}");
+    });
+    let fresh = run(&topology, "udp-connected", 5);
+    assert_eq!(fresh.answers.get(&format!("pod-3@{VIP}:{PORT}")), Some(&5), "{fresh:?}");
 }

@@ -2,6 +2,7 @@
 //! bpffs root, attach the programs, and write the maps (only through [`writer::Writer`]).
 
 mod bpffs;
+pub mod sockets;
 pub mod writer;
 
 use std::{
@@ -28,7 +29,7 @@ use proxy_common::{
     config::NodeConfig,
     maps,
     service::{SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceName, ServiceValue, SourceRange},
-    sock::{SockBackendKey, SockBackendValue},
+    sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
 };
 use tracing::{debug, info};
 
@@ -306,6 +307,7 @@ fn wait_for_release(ids: &[u32]) {
 
 /// The service maps, written through [`writer::Writer`].
 pub struct AyaMaps {
+    sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     sock_backend: HashMap<MapData, SockBackendKey, SockBackendValue>,
@@ -335,6 +337,7 @@ impl AyaMaps {
             source: MapError::InvalidName { name: maps::SOURCE_RANGES.into() },
         })?;
         Ok(Self {
+            sock_rev: lru(ebpf.take_map(maps::SOCK_REV), maps::SOCK_REV)?,
             source_ranges: LpmTrie::try_from(ranges)
                 .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
             affinity: lru(ebpf.take_map(maps::AFFINITY), maps::AFFINITY)?,
@@ -361,6 +364,7 @@ impl AyaMaps {
         let ranges = MapData::from_pin(root.join(maps::SOURCE_RANGES))
             .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?;
         Ok(Self {
+            sock_rev: lru(pinned(maps::SOCK_REV), maps::SOCK_REV)?,
             source_ranges: LpmTrie::try_from(aya::maps::Map::LpmTrie(ranges))
                 .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
             affinity: lru(pinned(maps::AFFINITY), maps::AFFINITY)?,
@@ -466,6 +470,14 @@ impl MapStore for AyaMaps {
             absent_ok(self.sock_backend.remove(key))?;
         }
         Ok(stale_affinity.len() + stale_sockets.len())
+    }
+
+    fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)> {
+        self.sock_rev.iter().filter_map(Result::ok).collect()
+    }
+
+    fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<(), MapError> {
+        absent_ok(self.sock_rev.remove(&key))
     }
 
     fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), MapError> {

@@ -15,6 +15,7 @@ use proxy_common::{
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     config::NodeConfig,
     service::{SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
+    sock::{SockRevKey, SockRevValue},
 };
 
 use crate::model::{Cidr, Endpoint, Frontend, FrontendEntry, ServicePortName};
@@ -38,6 +39,10 @@ pub trait MapStore {
     /// Deletes affinity and UDP-socket entries that keep a client on a backend which left that
     /// service port; returns how many went.
     fn forget(&mut self, gone: &HashSet<(u32, BackendId)>) -> Result<usize, Self::Error>;
+    /// Every `sock_rev` entry (socket and backend → the frontend it addressed).
+    fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)>;
+    /// Deletes a `sock_rev` entry (absent is fine).
+    fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<(), Self::Error>;
     /// Admits clients in `cidr` at a frontend (`source_ranges` LPM trie).
     fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Self::Error>;
     /// Removes a `source_ranges` entry (absent is fine).
@@ -61,6 +66,15 @@ struct Programmed {
     external: Vec<BackendId>,
     internal: Option<Vec<BackendId>>,
     service: ServicePortName,
+}
+
+/// What [`Writer::forget_departed`] cleaned up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Departed {
+    /// Affinity and UDP-socket entries deleted.
+    pub entries: usize,
+    /// Cookies of sockets the socket path had sent to a departed backend.
+    pub sockets: HashSet<u64>,
 }
 
 /// Counts of what one call wrote, for logs and metrics.
@@ -177,15 +191,32 @@ impl<S: MapStore> Writer<S> {
         }
     }
 
-    /// Deletes the affinity and UDP-socket entries that still point at backends which left their
-    /// service since the last call (a client must not stay stuck to a removed endpoint that
-    /// another service still uses).
-    pub fn forget_gone(&mut self) -> Result<usize, S::Error> {
+    /// After backends left services: deletes the affinity and UDP-socket entries that still
+    /// point at them (a client must not stay stuck to a removed endpoint that another service
+    /// still uses), and the socket path's reverse entries of sockets sent to a backend that is
+    /// no longer behind that frontend. Returns those sockets' cookies, to be destroyed.
+    pub fn forget_departed(&mut self) -> Result<Departed, S::Error> {
         if self.gone.is_empty() {
-            return Ok(0);
+            return Ok(Departed::default());
         }
         let gone = std::mem::take(&mut self.gone);
-        self.store.forget(&gone)
+        let entries = self.store.forget(&gone)?;
+        let mut live: HashSet<([u8; 4], u16, [u8; 4], u16)> = HashSet::new();
+        for (frontend, programmed) in &self.programmed {
+            for id in programmed.external.iter().chain(programmed.internal.iter().flatten()) {
+                if let Some(b) = self.backend_by_id.get(id) {
+                    live.insert((frontend.address.octets(), frontend.port, b.address, b.port));
+                }
+            }
+        }
+        let mut sockets = HashSet::new();
+        for (key, frontend) in self.store.sock_rev_entries() {
+            if !live.contains(&(frontend.address, frontend.port, key.address, key.port)) {
+                self.store.delete_sock_rev(key)?;
+                sockets.insert(key.cookie);
+            }
+        }
+        Ok(Departed { entries, sockets })
     }
 
     /// Writes the node's settings for the datapath.
@@ -680,6 +711,14 @@ mod tests {
 
         fn forget(&mut self, _: &HashSet<(u32, BackendId)>) -> Result<usize, Full> {
             Ok(0)
+        }
+
+        fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)> {
+            Vec::new()
+        }
+
+        fn delete_sock_rev(&mut self, _: SockRevKey) -> Result<(), Full> {
+            Ok(())
         }
 
         fn put_source_range(&mut self, _: &Frontend, _: &Cidr) -> Result<(), Full> {

@@ -3,6 +3,8 @@
 //! `tcp-peer`, `udp-peer` (unconnected, one socket per datagram) and `udp-connected` print
 //! `ok <answer>@<address the reply came from, or getpeername>`; `udp-sticky` sends COUNT
 //! datagrams from ONE unconnected socket, printing `ok <answer>@<source>` for each.
+//! `probe udp-hold ADDR:PORT SECONDS` keeps one connected UDP socket, round-tripping every
+//! 100 ms, and prints `ok <first answer>` or, at the first failure, `err <kind>`.
 //! `probe hold ADDR:PORT SECONDS` keeps one connection and round-trips a line every 100 ms for
 //! SECONDS, printing `ok <greeting>` if every round trip worked. Bounded in count
 //! (at most 100 000) and in time: after 60 s the remaining attempts are reported as `err budget`. Run inside a test namespace and cgroup (see `proxy_tests::client`).
@@ -21,6 +23,7 @@ fn kind(e: &std::io::Error) -> &'static str {
         ErrorKind::PermissionDenied => "denied",
         ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => "unreachable",
         ErrorKind::ConnectionReset => "reset",
+        ErrorKind::ConnectionAborted => "aborted",
         _ => "other",
     }
 }
@@ -98,6 +101,20 @@ fn hold(addr: SocketAddr, seconds: u64) -> std::io::Result<String> {
     Ok(greeting.trim().to_owned())
 }
 
+/// One connected UDP socket that must keep working (or fail visibly).
+fn udp_hold(addr: SocketAddr, seconds: u64) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    socket.connect(addr)?;
+    let (first, _) = udp_exchange(&socket, None)?;
+    let until = std::time::Instant::now() + Duration::from_secs(seconds.min(60));
+    while std::time::Instant::now() < until {
+        udp_exchange(&socket, None)?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(first)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(proto), Some(Ok(addr))) = (args.first(), args.get(1).map(|a| a.parse::<SocketAddr>())) else {
@@ -106,6 +123,14 @@ fn main() -> ExitCode {
     };
     let count: usize = args.get(2).and_then(|c| c.parse().ok()).unwrap_or(1).min(100_000);
     let timeout = Duration::from_millis(args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1000));
+    if proto == "udp-hold" {
+        let seconds = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
+        match udp_hold(addr, seconds) {
+            Ok(first) => println!("ok {first}"),
+            Err(e) => println!("err {}", kind(&e)),
+        }
+        return ExitCode::SUCCESS;
+    }
     if proto == "hold" {
         let seconds = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
         match hold(addr, seconds) {

@@ -78,4 +78,32 @@ pub const fn expired(value_flags: u16, proto: u8, last_seen_ns: u64, now_ns: u64
     now_ns.saturating_sub(last_seen_ns) > timeout_s * 1_000_000_000
 }
 
-user_pod!(CtKey, CtValue);
+/// Key of the `fragments` LRU map: one fragmented IPv4 datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source address, network byte order.
+    pub src: [u8; 4],
+    /// Destination address, network byte order.
+    pub dst: [u8; 4],
+    /// The IPv4 identification field, host byte order.
+    pub id: u16,
+    /// IP protocol ([`crate::proto`]).
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<FragKey>() == 12);
+
+/// Value of the `fragments` map: the ports the first fragment carried, so the later ones
+/// (which carry none) find their flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragPorts {
+    /// Source port, host byte order.
+    pub sport: u16,
+    /// Destination port, host byte order.
+    pub dport: u16,
+}
+const _: () = assert!(size_of::<FragPorts>() == 4);
+
+user_pod!(CtKey, CtValue, FragKey, FragPorts);

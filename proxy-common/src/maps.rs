@@ -24,6 +24,9 @@ pub const SOCK_BACKEND: &str = "sock_backend";
 /// `loadBalancerSourceRanges` per LoadBalancer frontend (LPM trie, value unused: `u8`).
 pub const SOURCE_RANGES: &str = "source_ranges";
 
+/// Ports of fragmented datagrams in flight ([`crate::conntrack::FragKey`]).
+pub const FRAGMENTS: &str = "fragments";
+
 /// Default size of [`SERVICES`]: 10 000 services with 10 endpoints on two frontends each fit.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 /// Default size of [`BACKENDS`].
@@ -40,9 +43,12 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 /// Default size of [`SOCK_REV`] and [`SOCK_BACKEND`].
 pub const SOCK_MAX_ENTRIES: u32 = 131_072;
 
+/// Default size of [`FRAGMENTS`].
+pub const FRAGMENTS_MAX_ENTRIES: u32 = 8_192;
+
 /// Default size of [`SOURCE_RANGES`].
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
 
 /// Every map the agent pins, in the order `inspect` lists them.
 pub const ALL: &[&str] =
-    &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY, CONNTRACK, SOCK_REV, SOCK_BACKEND, SOURCE_RANGES, CONFIG];
+    &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY, CONNTRACK, SOCK_REV, SOCK_BACKEND, SOURCE_RANGES, FRAGMENTS, CONFIG];

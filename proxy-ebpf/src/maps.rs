@@ -9,10 +9,10 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
     config::NodeConfig,
-    conntrack::{CtKey, CtValue},
+    conntrack::{CtKey, CtValue, FragKey, FragPorts},
     maps::{
-        AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, SERVICE_NAMES_MAX_ENTRIES,
-        SERVICES_MAX_ENTRIES, SOCK_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+        AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
+        SERVICE_NAMES_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOCK_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
     },
     service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
@@ -55,3 +55,7 @@ pub static SOCK_BACKEND: LruHashMap<SockBackendKey, SockBackendValue, { SOCK_MAX
 /// `loadBalancerSourceRanges`: (frontend, client prefix) entries; a hit admits the client.
 #[btf_map(name = "source_ranges")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { SOURCE_RANGES_MAX_ENTRIES as usize }> = LpmTrie::new();
+
+/// Ports of fragmented datagrams in flight: the first fragment records them for the rest.
+#[btf_map(name = "fragments")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { FRAGMENTS_MAX_ENTRIES as usize }> = LruHashMap::new();

@@ -22,14 +22,16 @@ use aya_ebpf::{
 use network_types::ip::Ipv4Hdr;
 use proxy_common::{
     affinity::AffinityKey,
-    conntrack::{CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN, expired},
+    conntrack::{
+        CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, FragKey, FragPorts, SNAT_PORT_MAX, SNAT_PORT_MIN, expired,
+    },
     proto::{TCP, UDP},
     service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_EXT_LOCAL, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SourceRange},
 };
 
 use crate::{
     lb::{self, Origin, Selected, Verdict},
-    maps::{CONFIG, CONNTRACK, SOURCE_RANGES},
+    maps::{CONFIG, CONNTRACK, FRAGMENTS, SOURCE_RANGES},
 };
 
 const ETH_HLEN: usize = 14;
@@ -37,6 +39,9 @@ const ETH_P_IP: u16 = 0x0800;
 const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SRC: usize = ETH_HLEN + 12;
 const IP_DST: usize = ETH_HLEN + 16;
+/// IPv4 "more fragments" flag and fragment offset mask (in the host-order flags field).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 const TCP_CSUM: usize = 16;
 const TCP_FLAGS: usize = 13;
 const UDP_CSUM: usize = 6;
@@ -61,6 +66,8 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
 /// The fields of a TCP or UDP over IPv4 packet the datapath reads.
 struct Packet {
     l4: usize,
+    /// Whether the L4 header is in this packet (not a later fragment).
+    has_l4: bool,
     proto: u8,
     src: [u8; 4],
     dst: [u8; 4],
@@ -70,8 +77,8 @@ struct Packet {
 }
 
 impl Packet {
-    /// `None` for anything but an unfragmented (or first-fragment-free) TCP/UDP IPv4 packet:
-    /// such packets pass untouched.
+    /// `None` for anything but TCP/UDP over IPv4: such packets pass untouched. A later fragment
+    /// (no L4 header) gets the ports its first fragment recorded, or `None` if that was not seen.
     fn parse(ctx: &TcContext) -> Option<Self> {
         let ether_type: u16 = ctx.load(12).ok()?;
         if u16::from_be(ether_type) != ETH_P_IP {
@@ -79,25 +86,28 @@ impl Packet {
         }
         let ip: Ipv4Hdr = ctx.load(ETH_HLEN).ok()?;
         let ihl = usize::from(ip.vihl & 0x0f) * 4;
-        // Fragments carry no ports (or only the first does): leave them to the stack.
-        if ip.vihl >> 4 != 4 || ihl < 20 || u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        if ip.vihl >> 4 != 4 || ihl < 20 || (ip.proto != TCP && ip.proto != UDP) {
             return None;
         }
-        if ip.proto != TCP && ip.proto != UDP {
-            return None;
-        }
+        let frags = u16::from_be_bytes(ip.frags);
+        let frag =
+            FragKey { src: ip.src_addr, dst: ip.dst_addr, id: u16::from_be_bytes(ip.id), proto: ip.proto, _pad: 0 };
         let l4 = ETH_HLEN + ihl;
+        if frags & IP_OFFSET != 0 {
+            // SAFETY: copied out at once.
+            let ports = unsafe { FRAGMENTS.get(&frag).copied() }?;
+            let (sport, dport) = (ports.sport, ports.dport);
+            let (src, dst, proto) = (ip.src_addr, ip.dst_addr, ip.proto);
+            return Some(Self { l4, has_l4: false, proto, src, dst, sport, dport, tcp_flags: 0 });
+        }
         let ports: [u8; 4] = ctx.load(l4).ok()?;
         let tcp_flags = if ip.proto == TCP { ctx.load(l4 + TCP_FLAGS).ok()? } else { 0 };
-        Some(Self {
-            l4,
-            proto: ip.proto,
-            src: ip.src_addr,
-            dst: ip.dst_addr,
-            sport: u16::from_be_bytes([ports[0], ports[1]]),
-            dport: u16::from_be_bytes([ports[2], ports[3]]),
-            tcp_flags,
-        })
+        let (sport, dport) = (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
+        if frags & IP_MF != 0 {
+            // The first of several fragments: the rest will need these ports.
+            let _ = FRAGMENTS.insert(&frag, &FragPorts { sport, dport }, 0);
+        }
+        Some(Self { l4, has_l4: true, proto: ip.proto, src: ip.src_addr, dst: ip.dst_addr, sport, dport, tcp_flags })
     }
 
     fn key(&self) -> CtKey {
@@ -116,6 +126,10 @@ fn handle(ctx: &TcContext, packet: &Packet) -> i32 {
             let to = *value;
             return translate(ctx, packet, &to);
         }
+    }
+    if !packet.has_l4 {
+        // A later fragment of a flow that is not tracked: nothing to translate.
+        return TC_ACT_OK;
     }
     let client = AffinityKey { client: packet.src, ..AffinityKey::default() };
     match lb::select(packet.dst, packet.dport, packet.proto, client, Origin::External) {
@@ -232,8 +246,9 @@ fn translate(ctx: &TcContext, packet: &Packet, to: &CtValue) -> i32 {
 
 fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64> {
     let csum = packet.l4 + if packet.proto == TCP { TCP_CSUM } else { UDP_CSUM };
-    // A UDP checksum of zero means "none": keep it so.
-    let l4_csum = packet.proto == TCP || ctx.load::<u16>(csum)? != 0;
+    // A later fragment has no L4 header (its checksum was fixed in the first one); a UDP
+    // checksum of zero means "none": keep it so.
+    let l4_csum = packet.has_l4 && (packet.proto == TCP || ctx.load::<u16>(csum)? != 0);
     let mangled = if packet.proto == UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     for (offset, old, new) in [(IP_SRC, packet.src, to.src), (IP_DST, packet.dst, to.dst)] {
         if old == new {
@@ -247,7 +262,7 @@ fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64> {
         ctx.store(offset, &(new as u32), 0)?;
     }
     for (offset, old, new) in [(packet.l4, packet.sport, to.sport), (packet.l4 + 2, packet.dport, to.dport)] {
-        if old == new {
+        if old == new || !packet.has_l4 {
             continue;
         }
         if l4_csum {

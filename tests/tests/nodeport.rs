@@ -10,6 +10,7 @@ use proxy_tests::{
     agent::Agent,
     client::{Tally, probe},
     fixtures::{TempDir, node, service, slice, write_text, yaml},
+    netns::run,
     pod::PEER,
     topology::{CLIENT_IP, NODE_IPS, TwoNodes},
 };
@@ -176,6 +177,44 @@ fn e2e_11_external_ip_and_load_balancer_ip() {
         let (pods, peers) = split(&tally);
         assert_eq!(pods.len(), 2, "{ip}: both pods answer: {pods:?}");
         assert_eq!(peers, [NODE_IPS[0].to_string()].into(), "{ip}: SNAT to node-1's address");
+    }
+}
+
+/// Large requests through the NodePort: a 3000-byte UDP datagram arrives in two IPv4
+/// fragments (the later one has no ports: the first one's are remembered) and a 2 KB TCP
+/// request is echoed back, to pods on both nodes.
+#[test]
+fn large_requests_and_fragments_through_the_nodeport() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
+    seed(&cluster, &manifests, nodeport_service().build());
+    let target = format!("{}:{NODE_PORT}", NODE_IPS[0]);
+    for mode in ["udp-big", "tcp-big"] {
+        let tally = cluster.external(mode, &target, 40);
+        assert_eq!(tally.answered(), 40, "{mode}: {tally:?}");
+        assert_eq!(split(&tally).0.len(), 2, "{mode}: both pods answer: {tally:?}");
+    }
+    // The datagrams really were fragmented: node-1 recorded first fragments' ports.
+    let pinned = cluster.agents[0].bpf_root().join("fragments");
+    let fragments: Vec<serde_json::Value> =
+        serde_json::from_str(&run("bpftool", &["-j", "map", "dump", "pinned", &pinned.to_string_lossy()]).unwrap())
+            .unwrap();
+    assert!(!fragments.is_empty(), "no fragment was seen: the test did not test fragments");
+}
+
+/// A process on a node (in the agent's cgroup) reaches its own node's and the other node's
+/// address on the nodePort: the socket path translates those too.
+#[test]
+fn node_local_clients_reach_node_ports() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
+    seed(&cluster, &manifests, nodeport_service().build());
+    let node1 = &cluster.topology.nodes[0];
+    for ip in NODE_IPS {
+        let target = format!("{ip}:{NODE_PORT}");
+        let tally =
+            probe(PROBE.as_ref(), &node1.client.ns, Some(&node1.cgroup), &["tcp", &target, "20", "500"]).unwrap();
+        assert_eq!(tally.answered(), 20, "{target}: {tally:?}");
     }
 }
 

@@ -3,6 +3,8 @@
 //! `tcp-peer`, `udp-peer` (unconnected, one socket per datagram) and `udp-connected` print
 //! `ok <answer>@<address the reply came from, or getpeername>`; `udp-sticky` sends COUNT
 //! datagrams from ONE unconnected socket, printing `ok <answer>@<source>` for each.
+//! `udp-big` sends one 3000-byte datagram per attempt (fragmented on a 1500-byte MTU);
+//! `tcp-big` sends 2048 bytes after the greeting and checks they are echoed back.
 //! `probe udp-hold ADDR:PORT SECONDS` keeps one connected UDP socket, round-tripping every
 //! 100 ms, and prints `ok <first answer>` or, at the first failure, `err <kind>`.
 //! `probe hold ADDR:PORT SECONDS` keeps one connection and round-trips a line every 100 ms for
@@ -68,6 +70,33 @@ fn udp_connected(addr: SocketAddr, timeout: Duration) -> std::io::Result<String>
     socket.connect(addr)?;
     let (answer, _) = udp_exchange(&socket, None)?;
     Ok(format!("{answer}@{}", socket.peer_addr()?))
+}
+
+fn udp_big(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(&[b'x'; 3000], addr)?;
+    let mut buf = [0u8; 512];
+    let (n, _) = socket.recv_from(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+}
+
+fn tcp_big(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting)?;
+    let request = [b'y'; 2048];
+    writer.write_all(&request)?;
+    let mut echo = vec![0u8; request.len()];
+    reader.read_exact(&mut echo)?;
+    if echo != request {
+        return Err(std::io::Error::new(ErrorKind::InvalidData, "echo mismatch"));
+    }
+    Ok(greeting.trim().to_owned())
 }
 
 fn udp(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
@@ -159,6 +188,8 @@ fn main() -> ExitCode {
         "tcp" => tcp,
         "udp" => udp,
         "tcp-peer" => tcp_peer,
+        "tcp-big" => tcp_big,
+        "udp-big" => udp_big,
         "udp-peer" => udp_peer,
         "udp-connected" => udp_connected,
         _ => {

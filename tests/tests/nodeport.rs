@@ -202,6 +202,33 @@ fn large_requests_and_fragments_through_the_nodeport() {
     assert!(!fragments.is_empty(), "no fragment was seen: the test did not test fragments");
 }
 
+/// ICMP errors of tracked flows find their way back: UDP to a nodePort whose pods have nothing
+/// listening on the target port makes the pod answer "port unreachable" about the translated
+/// datagram; the TC path rewrites the quoted header back to what the client sent, so the
+/// client's connected socket sees "connection refused" instead of waiting for a timeout.
+#[test]
+fn icmp_errors_of_tracked_flows_reach_the_client() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
+    let svc = service("closed").cluster_ip("10.96.0.30").named_port("udp", 7000, "UDP").node_port(30070).build();
+    // Target port 81: the pods serve 80 only.
+    let eps = slice("closed", "a")
+        .named_port("udp", 81, "UDP")
+        .endpoint_on(&cluster.pod_ip(0, 0).to_string(), "node-1")
+        .endpoint_on(&cluster.pod_ip(1, 0).to_string(), "node-2")
+        .build();
+    write_text(manifests.0.path(), "closed.yaml", &(yaml(&svc) + &yaml(&eps))).unwrap();
+    let key = proxy_common::service::ServiceKey::master(NODE_IPS[0].octets(), 30070, proxy_common::proto::UDP);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cluster.agents[0].maps().unwrap().services().any(|(k, v)| k == key && v.count == 2) {
+        assert!(std::time::Instant::now() < deadline, "the UDP nodePort was not programmed");
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Few attempts: pods rate-limit their ICMP errors.
+    let tally = cluster.external("udp-connected", &format!("{}:30070", NODE_IPS[0]), 4);
+    assert_eq!(tally.errors.get("refused"), Some(&4), "the client sees the pods' port-unreachable: {tally:?}");
+}
+
 /// A process on a node (in the agent's cgroup) reaches its own node's and the other node's
 /// address on the nodePort: the socket path translates those too.
 #[test]

@@ -229,6 +229,37 @@ fn icmp_errors_of_tracked_flows_reach_the_client() {
     assert_eq!(tally.errors.get("refused"), Some(&4), "the client sees the pods' port-unreachable: {tally:?}");
 }
 
+/// `inspect conntrack` shows the NodePort flows as the test made them: from the client to
+/// node-1's nodePort, rewritten to come from node-1 (SNAT) and go to a pod on port 80, and the
+/// reply direction that undoes it.
+#[test]
+fn inspect_conntrack_shows_the_flows() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
+    seed(&cluster, &manifests, nodeport_service().build());
+    let target = format!("{}:{NODE_PORT}", NODE_IPS[0]);
+    assert_eq!(cluster.external("tcp", &target, 3).answered(), 3);
+    let out = std::process::Command::new(AGENT)
+        .args(["inspect", "conntrack", "-o", "json", "--bpf-root"])
+        .arg(cluster.agents[0].bpf_root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let original: Vec<_> = rows.iter().filter(|r| r["direction"] == "original").collect();
+    assert_eq!(original.len(), 3, "one original entry per connection: {rows:?}");
+    let pods = [format!("{}:80", cluster.pod_ip(0, 0)), format!("{}:80", cluster.pod_ip(1, 0))];
+    for row in &original {
+        assert!(row["from"].as_str().unwrap().starts_with(&format!("{CLIENT_IP}:")), "{row}");
+        assert_eq!(row["to"], target.as_str());
+        assert!(row["new_from"].as_str().unwrap().starts_with(&format!("{}:", NODE_IPS[0])), "SNAT: {row}");
+        assert!(pods.contains(&row["new_to"].as_str().unwrap().to_owned()), "to a pod: {row}");
+        assert_eq!(row["snat"], true);
+    }
+    let replies = rows.iter().filter(|r| r["direction"] == "reply").count();
+    assert_eq!(replies, 3, "each flow has its reply entry: {rows:?}");
+}
+
 /// A process on a node (in the agent's cgroup) reaches its own node's and the other node's
 /// address on the nodePort: the socket path translates those too.
 #[test]

@@ -11,8 +11,8 @@
 //!   call it) decide;
 //! - [`render`]: tables for people, JSON (`-o json`) for scripts and tests.
 //!
-//! Adding a table (the conntrack map): read it in [`pins`] into the snapshot, add its rows in
-//! [`view`] and a renderer in [`render`], and decode it in [`run_inspect`]'s `Table::Conntrack` arm.
+//! Adding a table: read its map in [`pins`] into the snapshot, add its rows in [`view`] and a
+//! renderer in [`render`], and a [`Table`] variant.
 
 pub mod explain;
 pub mod pins;
@@ -80,9 +80,6 @@ pub enum InspectError {
         /// What aya reported.
         source: MapError,
     },
-    /// The conntrack table is not there (or not decoded by this build).
-    #[error("{0}")]
-    Conntrack(String),
     /// The monotonic clock could not be read.
     #[error("reading CLOCK_MONOTONIC: {0}")]
     Clock(io::Error),
@@ -166,14 +163,8 @@ pub struct ExplainArgs {
     pub output: Format,
 }
 
-/// The name the conntrack map is pinned under (`proxy_common::maps::CONNTRACK` once it lands).
-const CONNTRACK_MAP: &str = "conntrack";
-
 /// Renders `inspect <table>` for the maps under `root`.
 pub fn inspect(root: &Path, args: &InspectArgs) -> Result<String, InspectError> {
-    if args.table == Table::Conntrack {
-        return conntrack(root);
-    }
     let mut snapshot = pins::read(root)?;
     if snapshot.affinity.iter().flatten().any(|(k, _)| k.netns_cookie != 0) {
         snapshot.netns = pins::netns();
@@ -185,30 +176,9 @@ pub fn inspect(root: &Path, args: &InspectArgs) -> Result<String, InspectError> 
         (Table::Backends, Format::Json) => render::json(&view::backends(&snapshot)),
         (Table::Affinity, Format::Table) => render::affinity(&view::affinity(&snapshot), &snapshot),
         (Table::Affinity, Format::Json) => render::json(&view::affinity(&snapshot)),
-        (Table::Conntrack, _) => unreachable!("handled above"),
+        (Table::Conntrack, Format::Table) => render::conntrack(&view::conntrack(&snapshot), &snapshot),
+        (Table::Conntrack, Format::Json) => render::json(&view::conntrack(&snapshot)),
     })
-}
-
-/// The conntrack table: the map is not decoded by this build yet; say where it is, or that it
-/// is absent.
-fn conntrack(root: &Path) -> Result<String, InspectError> {
-    // The same answer as the other tables when nothing is pinned at all.
-    pins::read(root)?;
-    let path = root.join(CONNTRACK_MAP);
-    match std::fs::symlink_metadata(&path) {
-        Ok(_) => Err(InspectError::Conntrack(format!(
-            "a conntrack map is pinned at {}, but this build of inspect does not decode it yet: \
-             `bpftool map dump pinned {}` prints its entries with field names",
-            path.display(),
-            path.display()
-        ))),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(InspectError::Permission { path }),
-        Err(_) => Err(InspectError::Conntrack(format!(
-            "no conntrack map pinned under {}: this datapath keeps no per-flow state there \
-             (the socket path needs none; the packet path pins `{CONNTRACK_MAP}` when it is loaded)",
-            root.display()
-        ))),
-    }
 }
 
 /// Renders `explain` for the maps under `root`.

@@ -13,6 +13,7 @@ use aya::maps::{HashMap, Map, MapData, MapError};
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
+    conntrack::{CtKey, CtValue},
     maps,
     service::{ServiceKey, ServiceName, ServiceValue},
 };
@@ -33,6 +34,8 @@ pub struct Snapshot {
     pub names: BTreeMap<u32, ServiceName>,
     /// Every `affinity` entry; `None` when the map is not pinned.
     pub affinity: Option<Vec<(AffinityKey, AffinityValue)>>,
+    /// Every `conntrack` entry; `None` when the map is not pinned.
+    pub conntrack: Option<Vec<(CtKey, CtValue)>>,
     /// CLOCK_MONOTONIC now, in ns: the clock `bpf_ktime_get_ns()` reads.
     pub now_ns: u64,
     /// The network namespaces found (`/run/netns/<name>`, and `self`, the one inspect runs in),
@@ -60,9 +63,14 @@ pub fn read(root: &Path) -> Result<Snapshot, InspectError> {
         Err(InspectError::MissingMap { .. }) => None,
         Err(e) => return Err(e),
     };
+    let conntrack = match entries::<CtKey, CtValue>(root, maps::CONNTRACK) {
+        Ok(entries) => Some(entries),
+        Err(InspectError::MissingMap { .. }) => None,
+        Err(e) => return Err(e),
+    };
     // The clock after the maps: an entry written while we read is never "in the future".
     let now_ns = monotonic_now_ns()?;
-    Ok(Snapshot { root: root.to_owned(), services, backends, names, affinity, now_ns, netns: Vec::new() })
+    Ok(Snapshot { root: root.to_owned(), services, backends, names, affinity, conntrack, now_ns, netns: Vec::new() })
 }
 
 fn has_any_map(root: &Path) -> bool {

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::{
     Snapshot,
     explain::{Explanation, Origin, PathExplanation},
-    view::{AffinityView, BackendView, FrontendView, ScopeView},
+    view::{AffinityView, BackendView, ConntrackView, FrontendView, ScopeView},
 };
 
 /// Backends listed per row of the services table; the rest are counted (`-o json` has all).
@@ -299,4 +299,41 @@ fn affinity_line(e: &AffinityView) -> String {
     let backend = e.backend.clone().unwrap_or_else(|| format!("backend #{} (gone)", e.backend_id));
     let client = if e.path == "socket" { format!("{} ", e.client) } else { String::new() };
     format!("{client}→ {backend}, last used {} ago: {}", age(e.age_seconds), affinity_state(e))
+}
+
+/// The `inspect conntrack` table.
+pub fn conntrack(entries: &[ConntrackView], snapshot: &Snapshot) -> String {
+    if snapshot.conntrack.is_none() {
+        return format!("no conntrack map pinned under {}\n", snapshot.root.display());
+    }
+    if entries.is_empty() {
+        return "no conntrack entries: flows appear when traffic from outside reaches a NodePort, an external IP \
+                or a LoadBalancer IP\n"
+            .to_owned();
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let mut state = Vec::new();
+            if e.snat {
+                state.push("snat");
+            }
+            if e.closing {
+                state.push("closing");
+            }
+            if e.expired {
+                state.push("expired");
+            }
+            vec![
+                e.direction.to_owned(),
+                e.proto.to_owned(),
+                format!("{} → {}", e.from, e.to),
+                format!("{} → {}", e.new_from, e.new_to),
+                e.backend_id.to_string(),
+                age(e.idle_seconds),
+                if state.is_empty() { "-".to_owned() } else { state.join(",") },
+            ]
+        })
+        .collect();
+    grid(&["DIRECTION", "PROTO", "PACKET", "REWRITTEN TO", "BACKEND", "IDLE", "STATE"], &rows)
 }

@@ -3,12 +3,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
 };
 
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
+    conntrack::{CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, expired},
     service::*,
 };
 use serde::Serialize;
@@ -527,4 +528,56 @@ pub fn affinity(snapshot: &Snapshot) -> Vec<AffinityView> {
         (&a.service, a.service_id, a.path, &a.client).cmp(&(&b.service, b.service_id, b.path, &b.client))
     });
     out
+}
+
+/// One `conntrack` entry: a direction of a flow of the packet path.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConntrackView {
+    /// `original` (client → frontend, as it arrives) or `reply` (backend → client or node).
+    pub direction: &'static str,
+    /// `TCP` or `UDP`.
+    pub proto: &'static str,
+    /// The packet as it arrives: source.
+    pub from: SocketAddrV4,
+    /// The packet as it arrives: destination.
+    pub to: SocketAddrV4,
+    /// What the packet is rewritten to: source.
+    pub new_from: SocketAddrV4,
+    /// What the packet is rewritten to: destination.
+    pub new_to: SocketAddrV4,
+    /// The flow's backend id.
+    pub backend_id: BackendId,
+    /// The source was SNATed to a node address (externalTrafficPolicy: Cluster).
+    pub snat: bool,
+    /// A FIN or RST was seen: the flow is closing.
+    pub closing: bool,
+    /// Seconds since the flow's last packet (refreshed at most once a second).
+    pub idle_seconds: f64,
+    /// Whether the kernel would treat the entry as expired now.
+    pub expired: bool,
+}
+
+/// Every conntrack entry, original directions first, then by client.
+pub fn conntrack(snapshot: &Snapshot) -> Vec<ConntrackView> {
+    let addr = |a: [u8; 4], p: u16| SocketAddrV4::new(Ipv4Addr::from(a), p);
+    let mut rows: Vec<ConntrackView> = snapshot
+        .conntrack
+        .iter()
+        .flatten()
+        .map(|(k, v)| ConntrackView {
+            direction: if v.flags & CT_F_REPLY != 0 { "reply" } else { "original" },
+            proto: proto_name(k.proto),
+            from: addr(k.src, k.sport),
+            to: addr(k.dst, k.dport),
+            new_from: addr(v.src, v.sport),
+            new_to: addr(v.dst, v.dport),
+            backend_id: v.backend_id,
+            snat: v.flags & CT_F_SNAT != 0,
+            closing: v.flags & CT_F_CLOSING != 0,
+            idle_seconds: snapshot.now_ns.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+            expired: expired(v.flags, k.proto, v.last_seen_ns, snapshot.now_ns),
+        })
+        .collect();
+    rows.sort_by(|a, b| (a.direction != "original", a.from, a.to).cmp(&(b.direction != "original", b.from, b.to)));
+    rows
 }

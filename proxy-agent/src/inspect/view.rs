@@ -578,6 +578,6 @@ pub fn conntrack(snapshot: &Snapshot) -> Vec<ConntrackView> {
             expired: expired(v.flags, k.proto, v.last_seen_ns, snapshot.now_ns),
         })
         .collect();
-    rows.sort_by(|a, b| (a.direction != "original", a.from, a.to).cmp(&(b.direction != "original", b.from, b.to)));
+    rows.sort_by_key(|r| (r.direction != "original", r.from, r.to));
     rows
 }

@@ -162,6 +162,7 @@ fn node_name(args: &RunArgs) -> String {
 /// Runs the agent until SIGINT or SIGTERM. Programs and pinned maps stay in place on exit, so
 /// traffic keeps flowing and the next agent adopts them.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    crate::preflight::check(&args.bpf_root, args.cgroup_path.as_deref())?;
     let cgroup = match &args.cgroup_path {
         Some(path) => path.clone(),
         None => datapath::find_cgroup2_mount().context("finding the cgroup v2 mount - pass --cgroup-path")?,
@@ -200,6 +201,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let mut node = syncer.node_updates();
+    tokio::spawn(observe::service_health::run(syncer.health_checks()));
     let cluster_cidr = args.cluster_cidr;
     let sync = tokio::spawn(sync::run(syncer, updates, args.min_sync_period));
     // The TC program goes on the node's interfaces, known once the Node is; pods' interfaces

@@ -16,5 +16,6 @@ pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod observe;
+pub mod preflight;
 pub mod source;
 pub mod sync;

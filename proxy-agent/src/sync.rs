@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::{
     datapath::writer::{MapStore, WriteStats, Writer},
     metrics::Metrics,
-    model::{self, Cidr, Frontend, FrontendEntry, NodeInfo, Skip, SkipReason, object_key, slice_service},
+    model::{self, Cidr, Frontend, FrontendEntry, HealthCheck, NodeInfo, Skip, SkipReason, object_key, slice_service},
     source::{Change, Sourced, Update},
 };
 
@@ -73,12 +73,19 @@ pub struct Syncer<S> {
     swept: bool,
     /// Publishes this node's info (for the TC attachment).
     node_tx: tokio::sync::watch::Sender<NodeInfo>,
+    /// Each service's `healthCheckNodePort`, by service key.
+    health_checks: HashMap<String, (u16, HealthCheck)>,
+    /// Publishes the health checks to serve, by port.
+    health_tx: tokio::sync::watch::Sender<BTreeMap<u16, HealthCheck>>,
     /// Frontends each service holds.
     owned: HashMap<String, BTreeSet<Frontend>>,
     /// The service holding each frontend.
     holder: HashMap<Frontend, String>,
     /// Services that wanted a frontend another service holds: recomputed when it is released.
     contenders: HashMap<Frontend, BTreeSet<String>>,
+    /// Services refused because a map write failed (a full map): retried on every sync, after
+    /// that sync's other changes, which may have freed room.
+    refused: BTreeSet<String>,
 }
 
 impl<S: MapStore> Syncer<S> {
@@ -93,9 +100,12 @@ impl<S: MapStore> Syncer<S> {
             node_info,
             swept: false,
             node_tx: tokio::sync::watch::Sender::new(NodeInfo::default()),
+            health_checks: HashMap::new(),
+            health_tx: tokio::sync::watch::Sender::new(BTreeMap::new()),
             owned: HashMap::new(),
             holder: HashMap::new(),
             contenders: HashMap::new(),
+            refused: BTreeSet::new(),
         }
     }
 
@@ -261,16 +271,30 @@ impl<S: MapStore> Syncer<S> {
             keys.extend(self.store.services.keys().cloned());
             keys.extend(self.owned.keys().cloned());
         }
-        // Releasing a frontend can let a contender in: keep going until nothing is left.
-        while let Some(key) = keys.pop_first() {
-            report.services += 1;
-            let desired = self.compute(&key);
-            report.skipped += desired.skipped.len();
-            let origin = self.store.services.get(&key).and_then(|s| s.origin.clone());
-            for skip in &desired.skipped {
-                self.report(skip, origin.as_deref());
+        let mut health_changed = false;
+        // Refused services go last: the changes before them may free the room they need.
+        let mut retry = std::mem::take(&mut self.refused);
+        loop {
+            // Releasing a frontend can let a contender in: keep going until nothing is left.
+            while let Some(key) = keys.pop_first() {
+                retry.remove(&key);
+                report.services += 1;
+                let desired = self.compute(&key);
+                health_changed |= self.set_health_check(&key, desired.health_check.clone());
+                report.skipped += desired.skipped.len();
+                let origin = self.store.services.get(&key).and_then(|s| s.origin.clone());
+                for skip in &desired.skipped {
+                    self.report(skip, origin.as_deref());
+                }
+                self.program(&key, desired.frontends, &mut report, &mut keys);
             }
-            self.program(&key, desired.frontends, &mut report, &mut keys);
+            if retry.is_empty() {
+                break;
+            }
+            keys = std::mem::take(&mut retry);
+        }
+        if health_changed {
+            self.publish_health_checks();
         }
         match self.writer.forget_departed() {
             Ok(departed) => {
@@ -302,6 +326,37 @@ impl<S: MapStore> Syncer<S> {
         report.backends = self.writer.backends();
         self.metrics.synced(started.elapsed().as_secs_f64(), report.frontends, report.backends, report.errors);
         report
+    }
+
+    /// Records a service's health check; whether anything changed.
+    fn set_health_check(&mut self, key: &str, check: Option<(u16, HealthCheck)>) -> bool {
+        let changed = self.health_checks.get(key) != check.as_ref();
+        match check {
+            Some(check) => self.health_checks.insert(key.to_owned(), check),
+            None => self.health_checks.remove(key),
+        };
+        changed
+    }
+
+    /// Publishes every `healthCheckNodePort` to serve (a port claimed twice goes to the first
+    /// service by namespace/name).
+    fn publish_health_checks(&self) {
+        let mut by_port = BTreeMap::new();
+        let mut services: Vec<_> = self.health_checks.iter().collect();
+        services.sort_by_key(|(key, _)| *key);
+        for (key, (port, check)) in services {
+            if by_port.contains_key(port) {
+                warn!(service = key, port, "healthCheckNodePort is already served for another service");
+                continue;
+            }
+            by_port.insert(*port, check.clone());
+        }
+        self.health_tx.send_replace(by_port);
+    }
+
+    /// The `healthCheckNodePort`s to serve, as they change.
+    pub fn health_checks(&self) -> tokio::sync::watch::Receiver<BTreeMap<u16, HealthCheck>> {
+        self.health_tx.subscribe()
     }
 
     fn compute(&self, key: &str) -> model::Desired {
@@ -365,7 +420,8 @@ impl<S: MapStore> Syncer<S> {
                 Ok(stats) => report.writes += stats,
                 Err(e) => {
                     self.write_failed(key, &frontend, &e, report);
-                    continue;
+                    self.refuse(key, old.union(&owned), report, requeue);
+                    return;
                 }
             }
             self.holder.insert(frontend, key.to_owned());
@@ -376,10 +432,56 @@ impl<S: MapStore> Syncer<S> {
         }
     }
 
+    /// Refuses a service as a whole after a failed write: removes every frontend it still holds
+    /// (the writer has already removed the one that failed), so it is absent rather than half
+    /// there, and remembers it for the next syncs.
+    fn refuse<'a>(
+        &mut self,
+        key: &str,
+        held: impl Iterator<Item = &'a Frontend>,
+        report: &mut SyncReport,
+        requeue: &mut BTreeSet<String>,
+    ) {
+        for frontend in held {
+            if self.holder.get(frontend).is_none_or(|h| h != key) {
+                continue;
+            }
+            match self.writer.remove(*frontend) {
+                Ok(stats) => report.writes += stats,
+                Err(e) => self.write_failed(key, frontend, &e, report),
+            }
+            self.holder.remove(frontend);
+            if let Some(waiting) = self.contenders.remove(frontend) {
+                requeue.extend(waiting);
+            }
+        }
+        warn!(service = key, "service refused as a whole (no room in the maps?); retried on every sync");
+        self.refused.insert(key.to_owned());
+    }
+
     fn write_failed(&self, key: &str, frontend: &Frontend, error: &S::Error, report: &mut SyncReport) {
-        warn!(service = key, %frontend, %error, "writing the service maps failed");
+        let error = error_chain(error);
+        warn!(service = key, %frontend, error, "writing the service maps failed");
         report.errors += 1;
     }
+}
+
+/// An error with its sources (a map write's errno is in a source), and what to do when it says
+/// the map is full (`E2BIG` from a full BPF hash map).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut full = false;
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        full |= cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(libc::E2BIG));
+        source = cause.source();
+    }
+    if full {
+        text.push_str(" (the map is full: raise --services-map-size or --backends-map-size)");
+    }
+    text
 }
 
 /// Runs the sync loop until every source has closed: applies updates as they come, and syncs

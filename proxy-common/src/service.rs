@@ -70,6 +70,12 @@ pub struct ServiceValue {
 }
 const _: () = assert!(size_of::<ServiceValue>() == 16);
 
+/// Set in a master's `service_id` when its backend set holds only this node's endpoints (a
+/// traffic policy of `Local`): ClientIP affinity is remembered per backend set, so a client's
+/// pick from the cluster-wide set never overrides the local one (as kube-proxy's per-chain
+/// `recent` lists do). The rest of the id names the service port (`service_names`).
+pub const SERVICE_ID_LOCAL_SET: u32 = 1 << 31;
+
 /// The frontend is a ClusterIP.
 pub const SVC_F_CLUSTER_IP: u16 = 1 << 0;
 /// The frontend is a node address on a nodePort.

@@ -42,6 +42,14 @@ pub enum Origin {
     External,
 }
 
+/// Whether the frontend's cluster-wide backend set (its internal scope, present whenever a
+/// Local policy gives it two) has any backend.
+#[inline(always)]
+pub fn cluster_has_backends(address: [u8; 4], port: u16, proto: u8) -> bool {
+    let key = ServiceKey::master(address, port, proto).with_scope(SCOPE_INTERNAL);
+    master(&key).is_some_and(|m| m.count > 0)
+}
+
 /// Whether (address, port, proto) is a frontend that still has backends.
 #[inline(always)]
 pub fn serving(address: [u8; 4], port: u16, proto: u8) -> bool {

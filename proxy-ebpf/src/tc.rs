@@ -203,8 +203,13 @@ fn handle(ctx: &TcContext, packet: &Packet) -> i32 {
     let client = AffinityKey { client: packet.src, ..AffinityKey::default() };
     match lb::select(packet.dst, packet.dport, packet.proto, client, Origin::External) {
         Verdict::NotAService => TC_ACT_OK,
-        // No local endpoint under eTP=Local: drop, as kube-proxy does.
-        Verdict::NoBackend(flags) if flags & SVC_F_EXT_LOCAL != 0 => TC_ACT_SHOT,
+        // No local endpoint under eTP=Local while other nodes have some: drop, as kube-proxy
+        // does (with no endpoint anywhere it rejects, below).
+        Verdict::NoBackend(flags)
+            if flags & SVC_F_EXT_LOCAL != 0 && lb::cluster_has_backends(packet.dst, packet.dport, packet.proto) =>
+        {
+            TC_ACT_SHOT
+        }
         // No endpoint at all: the node's own stack answers (TCP RST, ICMP port unreachable),
         // which is kube-proxy's REJECT.
         Verdict::NoBackend(_) => TC_ACT_OK,

@@ -101,6 +101,12 @@ impl ServiceBuilder {
         self
     }
 
+    /// Sets `healthCheckNodePort`.
+    pub fn health_check_node_port(mut self, port: i32) -> Self {
+        self.spec().health_check_node_port = Some(port);
+        self
+    }
+
     /// Adds a `loadBalancerSourceRanges` entry.
     pub fn load_balancer_source_range(mut self, cidr: &str) -> Self {
         self.spec().load_balancer_source_ranges.get_or_insert_with(Vec::new).push(cidr.into());

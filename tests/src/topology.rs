@@ -54,7 +54,9 @@ impl SingleNode {
     /// 10.244.1.200.
     pub fn new(pods: &[(&str, Ipv4Addr)], port: u16) -> anyhow::Result<Self> {
         let node = Netns::new("node1")?;
-        node.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // A fixed MAC: a bridge otherwise takes its lowest port's, which changes as pods are
+        // added, and pods that cached the old one lose the gateway until their ARP entry expires.
+        node.ip(&["link", "add", "br0", "address", "02:00:0a:f4:01:01", "type", "bridge"])?;
         node.ip(&["addr", "add", &format!("{NODE1_POD_GATEWAY}/24"), "dev", "br0"])?;
         node.ip(&["link", "set", "br0", "up"])?;
         // A new namespace does not forward; the node routes between its pods.
@@ -135,7 +137,7 @@ impl TwoNodes {
             veth(&net, &format!("node{n}"), &ns, "eth0")?;
             net.ip(&["link", "set", &format!("node{n}"), "master", "br0"])?;
             ns.ip(&["addr", "add", &format!("{}/16", NODE_IPS[i]), "dev", "eth0"])?;
-            ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+            ns.ip(&["link", "add", "br0", "address", &format!("02:00:0a:f4:{n:02x}:01"), "type", "bridge"])?;
             ns.ip(&["addr", "add", &format!("10.244.{n}.1/24"), "dev", "br0"])?;
             ns.ip(&["link", "set", "br0", "up"])?;
             let other = 2 - i;

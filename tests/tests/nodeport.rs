@@ -260,6 +260,69 @@ fn inspect_conntrack_shows_the_flows() {
     assert_eq!(replies, 3, "each flow has its reply entry: {rows:?}");
 }
 
+/// e2e rows 35 and 34's health check: a LoadBalancer with externalTrafficPolicy Local serves
+/// kube-proxy's health check on its healthCheckNodePort: 200 with the local endpoint count on
+/// the node with a ready endpoint, 503 on the node without one, 503 when only a terminating
+/// endpoint is left (which still serves the nodePort), and no server once the policy is Cluster.
+#[test]
+fn e2e_35_health_check_node_port() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &[]], true, &manifests);
+    let lb = |policy: &str| {
+        nodeport_service()
+            .external_traffic_policy(policy)
+            .load_balancer_ip("172.18.3.10")
+            .health_check_node_port(32000)
+            .build()
+    };
+    let pod_a = cluster.pod_ip(0, 0).to_string();
+    let write = |svc: &Service, terminating: bool| {
+        let endpoint = if terminating {
+            slice("apigw-test1", "a").endpoint_with(&pod_a, "node-1", false, true, true)
+        } else {
+            slice("apigw-test1", "a").endpoint_on(&pod_a, "node-1")
+        };
+        let eps = endpoint.named_port("tcp", 80, "TCP").named_port("udp", 80, "UDP").build();
+        write_text(manifests.0.path(), "apigw-test1.yaml", &(yaml(svc) + &yaml(&eps))).unwrap();
+    };
+    let health = |node: usize| {
+        let target = format!("{}:32000", NODE_IPS[node]);
+        probe(PROBE.as_ref(), &cluster.topology.client, None, &["http", &target, "1", "500"]).unwrap()
+    };
+    let wait_for = |node: usize, want: &str| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let tally = health(node);
+            if tally.answers.keys().any(|a| a.starts_with(want)) {
+                return tally;
+            }
+            assert!(std::time::Instant::now() < deadline, "node-{} health check: want {want}, got {tally:?}", node + 1);
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    write(&lb("Local"), false);
+    let ok = wait_for(0, "200 ");
+    let body: serde_json::Value =
+        serde_json::from_str(ok.answers.keys().next().unwrap().trim_start_matches("200 ")).unwrap();
+    assert_eq!(body["localEndpoints"], 1);
+    assert_eq!(body["service"]["name"], "apigw-test1");
+    assert_eq!(body["service"]["namespace"], "default");
+    let none = wait_for(1, "503 ");
+    assert!(none.answers.keys().any(|a| a.contains("\"localEndpoints\":0")), "{none:?}");
+    // Only a terminating endpoint left: the check fails, the nodePort still serves (fallback).
+    write(&lb("Local"), true);
+    wait_for(0, "503 ");
+    let served = cluster.external("tcp", &format!("{}:{NODE_PORT}", NODE_IPS[0]), 5);
+    assert_eq!(served.answered(), 5, "the terminating endpoint still serves: {served:?}");
+    // externalTrafficPolicy Cluster: no health check server any more.
+    write(&lb("Cluster"), false);
+    let deadline = std::time::Instant::now() + WAIT;
+    while health(0).errors.get("refused").is_none() {
+        assert!(std::time::Instant::now() < deadline, "the health check port was not released");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A process on a node (in the agent's cgroup) reaches its own node's and the other node's
 /// address on the nodePort: the socket path translates those too.
 #[test]

@@ -14,7 +14,9 @@ use std::collections::{HashMap, HashSet};
 use proxy_common::{
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     config::NodeConfig,
-    service::{SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
+    service::{
+        SCOPE_INTERNAL, SERVICE_ID_LOCAL_SET, SVC_F_EXT_LOCAL, SVC_F_INT_LOCAL, ServiceKey, ServiceName, ServiceValue,
+    },
     sock::{SockRevKey, SockRevValue},
 };
 
@@ -326,11 +328,17 @@ impl<S: MapStore> Writer<S> {
             Some(set) => Some(self.layout(old_internal.unwrap_or(&[]), set, frontend.proto, taken, &mut stats)?),
             None => None,
         };
+        // The external scope's set is node-local under a Local policy; the internal scope (when
+        // there is one) is the cluster-wide set.
+        let local_set = match entry.kind.is_external() {
+            true => entry.flags & SVC_F_EXT_LOCAL != 0,
+            false => entry.flags & SVC_F_INT_LOCAL != 0,
+        };
         let master = ServiceValue {
             backend_id: 0,
             count: external.len() as u16,
             flags: entry.flags,
-            service_id,
+            service_id: if local_set { service_id | SERVICE_ID_LOCAL_SET } else { service_id },
             affinity_timeout: entry.affinity_timeout,
         };
         let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
@@ -407,8 +415,7 @@ impl<S: MapStore> Writer<S> {
     pub fn remove(&mut self, frontend: Frontend) -> Result<WriteStats, S::Error> {
         let mut stats = WriteStats::default();
         let Some(old) = self.programmed.remove(&frontend) else { return Ok(stats) };
-        let service_id = old.master.service_id;
-        self.gone.extend(old.external.iter().chain(old.internal.iter().flatten()).map(|id| (service_id, *id)));
+        self.departed(&old, None);
         let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
         self.store.delete_service(key)?;
         stats.service_writes += 1;
@@ -428,6 +435,20 @@ impl<S: MapStore> Writer<S> {
     /// Every frontend currently programmed.
     pub fn programmed(&self) -> impl Iterator<Item = &Frontend> {
         self.programmed.keys()
+    }
+
+    /// Records the (affinity id, backend) pairs `old` had and `new` no longer has, per backend
+    /// set (the external set under the master's id, the internal one under the plain id).
+    fn departed(&mut self, old: &Programmed, new: Option<&Programmed>) {
+        let plain = old.master.service_id & !SERVICE_ID_LOCAL_SET;
+        let sets = [
+            (old.master.service_id, &old.external[..], new.map(|n| &n.external[..])),
+            (plain, old.internal.as_deref().unwrap_or(&[]), new.and_then(|n| n.internal.as_deref())),
+        ];
+        for (id, had, has) in sets {
+            let has: HashSet<BackendId> = has.unwrap_or(&[]).iter().copied().collect();
+            self.gone.extend(had.iter().filter(|b| !has.contains(b)).map(|b| (id, *b)));
+        }
     }
 
     /// Takes a reference on the backend of every endpoint (writing entries for new ones) and

@@ -47,7 +47,7 @@ impl ServiceRef {
 
 /// The service port behind `id`, from `service_names`.
 pub fn service_ref(snapshot: &Snapshot, id: u32) -> Option<ServiceRef> {
-    let name = snapshot.names.get(&id)?;
+    let name = snapshot.names.get(&(id & !SERVICE_ID_LOCAL_SET))?;
     Some(ServiceRef { namespace: text(&name.namespace), name: text(&name.name), port_name: text(&name.port) })
 }
 

@@ -3,6 +3,8 @@
 //! (SPEC.md) lives here, so the manifest directory and the API server feed the same code.
 
 pub mod addr;
+#[cfg(test)]
+mod proptests;
 mod service;
 #[cfg(test)]
 mod tests;
@@ -232,6 +234,21 @@ pub struct Desired {
     pub frontends: BTreeMap<Frontend, FrontendEntry>,
     /// Everything skipped on the way.
     pub skipped: Vec<Skip>,
+    /// The `healthCheckNodePort` this node serves for the service, if any.
+    pub health_check: Option<(u16, HealthCheck)>,
+}
+
+/// What a service's `healthCheckNodePort` reports (kube-proxy's service health server): a
+/// LoadBalancer with `externalTrafficPolicy: Local` asks each node whether it has local
+/// endpoints, so the cloud load balancer sends traffic only to nodes that do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The service's namespace.
+    pub namespace: String,
+    /// The service's name.
+    pub name: String,
+    /// Ready endpoints on this node (terminating ones do not count: 503 when only they are left).
+    pub local_endpoints: usize,
 }
 
 /// `namespace/name` of an object.

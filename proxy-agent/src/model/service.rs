@@ -9,8 +9,9 @@ use k8s_openapi::api::{
 use proxy_common::{proto, service::*};
 
 use super::{
-    Cidr, DEFAULT_AFFINITY_TIMEOUT, Desired, Endpoint, Frontend, FrontendEntry, FrontendKind, HEADLESS_LABEL, NodeInfo,
-    SERVICE_PROXY_NAME_LABEL, ServicePortName, Skip, SkipReason, addr::is_ipv6, object_key, parse_ipv4,
+    Cidr, DEFAULT_AFFINITY_TIMEOUT, Desired, Endpoint, Frontend, FrontendEntry, FrontendKind, HEADLESS_LABEL,
+    HealthCheck, NodeInfo, SERVICE_PROXY_NAME_LABEL, ServicePortName, Skip, SkipReason, addr::is_ipv6, object_key,
+    parse_ipv4,
 };
 
 /// The frontends of one service and the skips found on the way. `slices` are the slices
@@ -104,8 +105,33 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
             add(ip, number, FrontendKind::LoadBalancer);
         }
     }
+    out.health_check = health_check(service, slices, node);
     out.skipped = skips.out;
     out
+}
+
+/// The `healthCheckNodePort` of a LoadBalancer with `externalTrafficPolicy: Local`, with the
+/// number of distinct ready endpoints on this node.
+fn health_check(service: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> Option<(u16, HealthCheck)> {
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer") || spec.external_traffic_policy.as_deref() != Some("Local") {
+        return None;
+    }
+    let port = valid_port(spec.health_check_node_port?)?;
+    let local_ready: std::collections::BTreeSet<&str> = slices
+        .iter()
+        .filter(|s| s.address_type == "IPv4")
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str()))
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter_map(|e| e.addresses.first().map(String::as_str))
+        .collect();
+    let check = HealthCheck {
+        namespace: service.metadata.namespace.clone().unwrap_or_default(),
+        name: service.metadata.name.clone().unwrap_or_default(),
+        local_endpoints: local_ready.len(),
+    };
+    Some((port, check))
 }
 
 /// Headless services, ExternalName services and services of another proxy get no frontends.

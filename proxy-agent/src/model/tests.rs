@@ -1216,3 +1216,36 @@ fn a_bad_service_does_not_affect_another() {
     let good = entry(&desired, tcp("10.96.0.11", 80), "the good service serves");
     assert_eq!(endpoints(&good.backends), strings(&["10.244.2.3:8080"]));
 }
+
+#[test]
+fn health_check_node_port_counts_ready_local_endpoints() {
+    let with_port = |policy: &str, type_: &str| {
+        let mut svc = service("web")
+            .cluster_ip("10.96.0.10")
+            .named_port("", 80)
+            .type_(type_)
+            .external_traffic_policy(policy)
+            .build();
+        svc.spec.as_mut().unwrap().health_check_node_port = Some(32000);
+        svc
+    };
+    let slices = [slice("web", "web-a")
+        .named_port("", 8080)
+        .endpoint("10.244.1.2")
+        .on_node(NODE)
+        .endpoint("10.244.1.3")
+        .on_node(NODE)
+        .not_ready()
+        .terminating()
+        .endpoint("10.244.2.2")
+        .on_node("node-2")
+        .build()];
+    let here = node(&["172.18.0.2"]);
+    let desired = compute(&with_port("Local", "LoadBalancer"), &slices, &here);
+    let (port, check) = desired.health_check.expect("a LoadBalancer with eTP Local and a healthCheckNodePort");
+    assert_eq!(port, 32000);
+    assert_eq!((check.namespace.as_str(), check.name.as_str()), ("default", "web"));
+    assert_eq!(check.local_endpoints, 1, "the ready local endpoint only: not the terminating one, not node-2's");
+    assert_eq!(compute(&with_port("Cluster", "LoadBalancer"), &slices, &here).health_check, None, "eTP Cluster");
+    assert_eq!(compute(&with_port("Local", "NodePort"), &slices, &here).health_check, None, "not a LoadBalancer");
+}

@@ -6,6 +6,7 @@
 mod health;
 mod http;
 pub mod kernel;
+pub mod service_health;
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 

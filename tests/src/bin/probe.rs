@@ -3,6 +3,7 @@
 //! `tcp-peer`, `udp-peer` (unconnected, one socket per datagram) and `udp-connected` print
 //! `ok <answer>@<address the reply came from, or getpeername>`; `udp-sticky` sends COUNT
 //! datagrams from ONE unconnected socket, printing `ok <answer>@<source>` for each.
+//! `http` sends `GET /` and prints `ok <status code> <body>`.
 //! `udp-big` sends one 3000-byte datagram per attempt (fragmented on a 1500-byte MTU);
 //! `tcp-big` sends 2048 bytes after the greeting and checks they are echoed back.
 //! `probe udp-hold ADDR:PORT SECONDS` keeps one connected UDP socket, round-tripping every
@@ -70,6 +71,18 @@ fn udp_connected(addr: SocketAddr, timeout: Duration) -> std::io::Result<String>
     socket.connect(addr)?;
     let (answer, _) = udp_exchange(&socket, None)?;
     Ok(format!("{answer}@{}", socket.peer_addr()?))
+}
+
+fn http_get(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: probe\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).unwrap_or("?").to_owned();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
+    Ok(format!("{status} {body}"))
 }
 
 fn udp_big(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
@@ -189,6 +202,7 @@ fn main() -> ExitCode {
         "udp" => udp,
         "tcp-peer" => tcp_peer,
         "tcp-big" => tcp_big,
+        "http" => http_get,
         "udp-big" => udp_big,
         "udp-peer" => udp_peer,
         "udp-connected" => udp_connected,

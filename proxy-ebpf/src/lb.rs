@@ -1,7 +1,7 @@
 //! Frontend lookup and backend selection, shared by every attach point so the socket path and
 //! the TC path cannot disagree on which backend wins.
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
@@ -77,7 +77,7 @@ pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origi
     }
     let affinity = master.flags & SVC_F_AFFINITY != 0;
     let affinity_key = AffinityKey { service_id: master.service_id, ..client };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = if affinity { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
     if affinity && let Some((id, backend)) = remembered(&affinity_key, master.affinity_timeout, now) {
         return Verdict::Backend(Selected { backend, id, flags: master.flags, service_id: master.service_id });
     }

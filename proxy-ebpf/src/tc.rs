@@ -15,7 +15,7 @@ use aya_ebpf::{
         TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibLookup,
     },
     btf_maps::lpm_trie::Key,
-    helpers::{bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
+    helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
@@ -132,6 +132,15 @@ fn icmp_error(ctx: &TcContext) -> Option<i32> {
     Some(forward(ctx, ip.src_addr, to.dst))
 }
 
+/// The Ethernet and IPv4 headers (without options) as they sit in the packet.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Head {
+    _macs: [u8; 12],
+    ether_type: [u8; 2],
+    ip: Ipv4Hdr,
+}
+
 /// The fields of a TCP or UDP over IPv4 packet the datapath reads.
 struct Packet {
     l4: usize,
@@ -149,11 +158,12 @@ impl Packet {
     /// `None` for anything but TCP/UDP over IPv4: such packets pass untouched. A later fragment
     /// (no L4 header) gets the ports its first fragment recorded, or `None` if that was not seen.
     fn parse(ctx: &TcContext) -> Option<Self> {
-        let ether_type: u16 = ctx.load(12).ok()?;
-        if u16::from_be(ether_type) != ETH_P_IP {
+        // Ethernet and IPv4 headers in one load.
+        let head: Head = ctx.load(0).ok()?;
+        if u16::from_be_bytes(head.ether_type) != ETH_P_IP {
             return None;
         }
-        let ip: Ipv4Hdr = ctx.load(ETH_HLEN).ok()?;
+        let ip = head.ip;
         let ihl = usize::from(ip.vihl & 0x0f) * 4;
         if ip.vihl >> 4 != 4 || ihl < 20 || (ip.proto != TCP && ip.proto != UDP) {
             return None;
@@ -169,8 +179,13 @@ impl Packet {
             let (src, dst, proto) = (ip.src_addr, ip.dst_addr, ip.proto);
             return Some(Self { l4, has_l4: false, proto, src, dst, sport, dport, tcp_flags: 0 });
         }
-        let ports: [u8; 4] = ctx.load(l4).ok()?;
-        let tcp_flags = if ip.proto == TCP { ctx.load(l4 + TCP_FLAGS).ok()? } else { 0 };
+        // Ports (and TCP's flags) in one load.
+        let (ports, tcp_flags) = if ip.proto == TCP {
+            let tcp: [u8; 14] = ctx.load(l4).ok()?;
+            ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS])
+        } else {
+            (ctx.load::<[u8; 4]>(l4).ok()?, 0)
+        };
         let (sport, dport) = (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
         if frags & IP_MF != 0 {
             // The first of several fragments: the rest will need these ports.
@@ -185,9 +200,10 @@ impl Packet {
 }
 
 fn handle(ctx: &TcContext, packet: &Packet) -> i32 {
-    let now = unsafe { bpf_ktime_get_ns() };
     let key = packet.key();
     if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+        // The clock only where it is needed: most packets that reach here are for no frontend.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
         let value = unsafe { &mut *entry };
         if !expired(value.flags, packet.proto, value.last_seen_ns, now) {
@@ -218,7 +234,7 @@ fn handle(ctx: &TcContext, packet: &Packet) -> i32 {
         Verdict::Backend(_) if packet.proto == TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => TC_ACT_SHOT,
         // loadBalancerSourceRanges: only listed clients, as kube-proxy's firewall chain.
         Verdict::Backend(selected) if selected.flags & SVC_F_SOURCE_RANGES != 0 && !admitted(packet) => TC_ACT_SHOT,
-        Verdict::Backend(selected) => match open_flow(packet, &key, &selected, now) {
+        Verdict::Backend(selected) => match open_flow(packet, &key, &selected, unsafe { bpf_ktime_get_coarse_ns() }) {
             Some(to) => translate(ctx, packet, &to),
             None => TC_ACT_SHOT,
         },
@@ -324,27 +340,40 @@ fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64> {
     // checksum of zero means "none": keep it so.
     let l4_csum = packet.has_l4 && (packet.proto == TCP || ctx.load::<u16>(csum)? != 0);
     let mangled = if packet.proto == UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
-    for (offset, old, new) in [(IP_SRC, packet.src, to.src), (IP_DST, packet.dst, to.dst)] {
-        if old == new {
-            continue;
-        }
-        let (old, new) = (u64::from(u32::from_ne_bytes(old)), u64::from(u32::from_ne_bytes(new)));
+    // Source and destination address are adjacent: one checksum difference, one store. The
+    // L4 checksum covers them through the pseudo header.
+    let old = [u32::from_ne_bytes(packet.src), u32::from_ne_bytes(packet.dst)];
+    let new = [u32::from_ne_bytes(to.src), u32::from_ne_bytes(to.dst)];
+    if old != new {
+        let diff = csum_diff(&old, &new)?;
+        ctx.l3_csum_replace(IP_CSUM, 0, diff, 0)?;
         if l4_csum {
-            ctx.l4_csum_replace(csum, old, new, u64::from(BPF_F_PSEUDO_HDR) | mangled | 4)?;
+            ctx.l4_csum_replace(csum, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
         }
-        ctx.l3_csum_replace(IP_CSUM, old, new, 4)?;
-        ctx.store(offset, &(new as u32), 0)?;
+        ctx.store(IP_SRC, &new, 0)?;
     }
-    for (offset, old, new) in [(packet.l4, packet.sport, to.sport), (packet.l4 + 2, packet.dport, to.dport)] {
-        if old == new || !packet.has_l4 {
-            continue;
-        }
+    // So are the ports, in the L4 header itself.
+    let port_word = |sport: u16, dport: u16| {
+        let (s, d) = (sport.to_be_bytes(), dport.to_be_bytes());
+        [u32::from_ne_bytes([s[0], s[1], d[0], d[1]])]
+    };
+    let (old, new) = (port_word(packet.sport, packet.dport), port_word(to.sport, to.dport));
+    if packet.has_l4 && old != new {
         if l4_csum {
-            ctx.l4_csum_replace(csum, u64::from(old.to_be()), u64::from(new.to_be()), mangled | 2)?;
+            ctx.l4_csum_replace(csum, 0, csum_diff(&old, &new)?, mangled)?;
         }
-        ctx.store(offset, &new.to_be(), 0)?;
+        ctx.store(packet.l4, &new, 0)?;
     }
     Ok(())
+}
+
+/// The one's-complement checksum difference between two runs of 32-bit words (`bpf_csum_diff`),
+/// for the `*_csum_replace` helpers' "precomputed difference" form.
+fn csum_diff<const N: usize>(old: &[u32; N], new: &[u32; N]) -> Result<u64, i64> {
+    let size = (N * 4) as u32;
+    // SAFETY: both pointers are valid for `size` bytes; the helper only reads them.
+    let diff = unsafe { bpf_csum_diff(old.as_ptr().cast_mut(), size, new.as_ptr().cast_mut(), size, 0) };
+    if diff < 0 { Err(diff) } else { Ok(diff as u64) }
 }
 
 /// Sends a translated packet out of the interface the routing table picks for it.

@@ -10,7 +10,7 @@ use tracing::{error, info};
 use crate::{
     datapath::{self, Datapath, LoadOptions, writer::Writer},
     metrics::Metrics,
-    model::Cidr,
+    model::{Cidr, NodeInfo},
     observe,
     source::{kube, manifests},
     sync::{self, SyncConfig, Syncer},
@@ -175,7 +175,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         affinity_max: args.affinity_map_size,
         conntrack_max: args.conntrack_map_size,
     };
-    let (mut datapath, maps) = Datapath::load(&opts).context("loading the datapath")?;
+    let (datapath, maps) = Datapath::load(&opts).context("loading the datapath")?;
     let metrics = Metrics::new();
     let observe = observe::ObserveConfig {
         healthz: args.healthz_bind_address,
@@ -187,7 +187,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = SyncConfig { node_name: node_name(&args), nodeport_cidrs: args.nodeport_addresses.clone() };
     let node_name = config.node_name.clone();
     info!(node = config.node_name, bpf_root = %opts.bpf_root.display(), cgroup = %opts.cgroup.display(), "datapath ready");
-    let syncer = Syncer::new(Writer::new(maps), config, metrics.clone());
+    let mut syncer = Syncer::new(Writer::new(maps), config, metrics.clone());
     let (updates_tx, updates) = mpsc::channel(1024);
     let updates = observer.track(updates);
     let source = match &args.manifests {
@@ -202,22 +202,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut node = syncer.node_updates();
     tokio::spawn(observe::service_health::run(syncer.health_checks()));
+    // The TC program goes on the node's interfaces, known once the Node is: attached as soon as
+    // the node changes, before the sync that programs its frontends, and again periodically
+    // for pods' interfaces that appear later.
     let cluster_cidr = args.cluster_cidr;
+    let datapath = std::sync::Arc::new(std::sync::Mutex::new(datapath));
+    let attach = {
+        let datapath = datapath.clone();
+        move |info: &NodeInfo| {
+            let pod_cidrs: Vec<_> = info.pod_cidrs.iter().copied().chain(cluster_cidr).collect();
+            let mut datapath = datapath.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(error) = datapath.attach_interfaces(&info.nodeport_addresses, &pod_cidrs) {
+                tracing::warn!(%error, "attaching the TC program to the node's interfaces failed");
+            }
+        }
+    };
+    syncer.on_node_change(Box::new(attach.clone()));
     let sync = tokio::spawn(sync::run(syncer, updates, args.min_sync_period));
-    // The TC program goes on the node's interfaces, known once the Node is; pods' interfaces
-    // come and go, so look again when the node changes and periodically.
     let interfaces = tokio::spawn(async move {
         let mut tick = tokio::time::interval(INTERFACE_RESCAN);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                changed = node.changed() => if changed.is_err() { return },
-            }
+            tick.tick().await;
             let info = node.borrow_and_update().clone();
-            let pod_cidrs: Vec<_> = info.pod_cidrs.iter().copied().chain(cluster_cidr).collect();
-            if let Err(error) = datapath.attach_interfaces(&info.nodeport_addresses, &pod_cidrs) {
-                tracing::warn!(%error, "attaching the TC program to new interfaces failed");
-            }
+            attach(&info);
         }
     });
     tokio::select! {

@@ -62,6 +62,9 @@ pub struct SyncReport {
     pub errors: u64,
 }
 
+/// What runs when this node's info changes.
+pub type NodeHook = Box<dyn FnMut(&NodeInfo) + Send>;
+
 /// Store, model and writer together.
 pub struct Syncer<S> {
     store: Store,
@@ -71,8 +74,11 @@ pub struct Syncer<S> {
     node_info: NodeInfo,
     /// Whether the first full sync (and the sweep of an earlier agent's entries) is done.
     swept: bool,
-    /// Publishes this node's info (for the TC attachment).
+    /// Publishes this node's info.
     node_tx: tokio::sync::watch::Sender<NodeInfo>,
+    /// Runs when this node's info changes, before the sync that follows (the TC attachment:
+    /// a frontend must not be programmed before its node's interfaces carry the program).
+    node_hook: Option<NodeHook>,
     /// Each service's `healthCheckNodePort`, by service key.
     health_checks: HashMap<String, (u16, HealthCheck)>,
     /// Publishes the health checks to serve, by port.
@@ -100,6 +106,7 @@ impl<S: MapStore> Syncer<S> {
             node_info,
             swept: false,
             node_tx: tokio::sync::watch::Sender::new(NodeInfo::default()),
+            node_hook: None,
             health_checks: HashMap::new(),
             health_tx: tokio::sync::watch::Sender::new(BTreeMap::new()),
             owned: HashMap::new(),
@@ -123,6 +130,11 @@ impl<S: MapStore> Syncer<S> {
     /// leftovers even when the cluster is empty).
     pub fn pending(&self) -> bool {
         self.store.all_dirty || !self.store.dirty.is_empty() || !self.swept
+    }
+
+    /// Sets what runs when this node's info changes, before the sync that follows.
+    pub fn on_node_change(&mut self, hook: NodeHook) {
+        self.node_hook = Some(hook);
     }
 
     /// This node's info as it changes (addresses, pod ranges).
@@ -242,6 +254,9 @@ impl<S: MapStore> Syncer<S> {
             let snat_address = info.nodeport_addresses.first().map_or([0; 4], |a| a.octets());
             if let Err(error) = self.writer.set_node_config(NodeConfig { snat_address, _pad: [0; 4] }) {
                 warn!(%error, "writing the node's settings to the config map failed");
+            }
+            if let Some(hook) = &mut self.node_hook {
+                hook(&info);
             }
             self.node_tx.send_replace(info.clone());
             self.node_info = info;

@@ -206,7 +206,14 @@ fn handle(ctx: &TcContext, packet: &Packet) -> i32 {
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
         let value = unsafe { &mut *entry };
-        if !expired(value.flags, packet.proto, value.last_seen_ns, now) {
+        // A new connection on the tuple of a closing one starts a new flow; and a flow whose
+        // backend is gone (removed from every service) is not followed.
+        let reopened =
+            packet.proto == TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && value.flags & CT_F_CLOSING != 0;
+        if !reopened
+            && !expired(value.flags, packet.proto, value.last_seen_ns, now)
+            && lb::backend(value.backend_id).is_some()
+        {
             track(value, packet, now);
             let to = *value;
             return translate(ctx, packet, &to);

@@ -45,6 +45,13 @@ const CGROUP_PROGRAMS: &[&str] = &["connect4", "sendmsg4", "recvmsg4", "getpeern
 /// The TC ingress program; its links are pinned as `links/tc_ingress-<interface>`.
 const TC_PROGRAM: &str = "tc_ingress";
 
+/// Whether this network namespace has an interface called `name`.
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
 /// The interfaces of this network namespace that hold one of `addresses` or carry a route into
 /// one of `cidrs` (read from getifaddrs and /proc/self/net/route, both per network namespace).
 fn node_interfaces(addresses: &[Ipv4Addr], cidrs: &[Cidr]) -> io::Result<BTreeSet<String>> {
@@ -224,11 +231,13 @@ impl Datapath {
             added.push(name.clone());
         }
         self.interfaces.extend(added.iter().cloned());
-        // Interfaces that went away take their links with them; forget their pins.
-        for gone in self.interfaces.iter().filter(|n| !present.contains(*n)) {
-            let _ = fs::remove_file(links.join(format!("{TC_PROGRAM}-{gone}")));
+        // Interfaces that no longer exist (a pod gone) took their links with them; forget their
+        // pins. One that merely is not wanted now keeps its program: detaching is --cleanup's.
+        let gone: Vec<String> = self.interfaces.iter().filter(|n| !interface_exists(n)).cloned().collect();
+        for name in &gone {
+            let _ = fs::remove_file(links.join(format!("{TC_PROGRAM}-{name}")));
+            self.interfaces.remove(name);
         }
-        self.interfaces.retain(|n| present.contains(n));
         Ok(added)
     }
 

@@ -1,0 +1,859 @@
+//! Reliability (issue 8), on SPEC.md's two-node topology with the agents inside the node
+//! namespaces: restarts under load, full maps, state that went stale while the agent was down,
+//! least privilege, and a clean shutdown followed by `--cleanup`.
+//!
+//! Every test is bounded in time; traffic stays inside the namespaces the test made, and
+//! everything it made (namespaces, cgroups, pins, client processes) goes away on drop, also
+//! when an assertion fails.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
+    os::{fd::FromRawFd as _, unix::fs::PermissionsExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use k8s_openapi::api::core::v1::Service;
+use proxy_common::{
+    backend::Backend,
+    service::{ServiceKey, ServiceValue},
+};
+use proxy_tests::{
+    agent::{Agent, Synced},
+    cgroup::Cgroup,
+    client::{Tally, command_in, probe},
+    fixtures::{ServiceBuilder, TempDir, node, service, slice, write_text, yaml},
+    netns::{Netns, run},
+    topology::{NODE_IPS, Node, TwoNodes},
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+const PROBE: &str = env!("CARGO_BIN_EXE_probe");
+const WAIT: Duration = Duration::from_secs(10);
+/// Every service listens on this port (ClusterIP) and targets port 80 of its pods.
+const PORT: u16 = 6666;
+const TARGET_PORT: u16 = 80;
+
+fn vip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, 0, last)
+}
+
+/// A TCP service `name` at 10.96.0.<last>:6666 with nodePort `node_port`.
+fn nodeport(name: &str, last: u8, node_port: u16) -> ServiceBuilder {
+    service(name).cluster_ip(&vip(last).to_string()).named_port("tcp", PORT.into(), "TCP").node_port(node_port.into())
+}
+
+/// The manifest directory the agents read, with both Nodes in it; removed on drop.
+struct Manifests(TempDir);
+
+impl Manifests {
+    fn new() -> Self {
+        let dir = TempDir::new("proxy-reliability").expect("a manifest directory");
+        let nodes = yaml(&node("node-1", &NODE_IPS[0].to_string(), "10.244.1.0/24"))
+            + &yaml(&node("node-2", &NODE_IPS[1].to_string(), "10.244.2.0/24"));
+        write_text(dir.path(), "nodes.yaml", &nodes).expect("writing the nodes");
+        Self(dir)
+    }
+
+    /// Writes `svc` with one slice of `endpoints` (address, node) on port 80, for each of the
+    /// service's ports (by name and protocol).
+    fn service(&self, svc: &Service, endpoints: &[(Ipv4Addr, &str)]) {
+        let name = svc.metadata.name.clone().expect("a named service");
+        let ports = svc.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
+        let with_ports = ports.iter().fold(slice(&name, "a"), |s, p| {
+            s.named_port(p.name.as_deref().unwrap_or(""), TARGET_PORT.into(), p.protocol.as_deref().unwrap_or("TCP"))
+        });
+        let eps = endpoints.iter().fold(with_ports, |s, (ip, node)| s.endpoint_on(&ip.to_string(), node)).build();
+        write_text(self.0.path(), &format!("{name}.yaml"), &(yaml(svc) + &yaml(&eps))).expect("writing a service");
+    }
+
+    /// Deletes service `name` (and its slice).
+    fn delete(&self, name: &str) {
+        std::fs::remove_file(self.0.path().join(format!("{name}.yaml"))).expect("deleting a service");
+    }
+}
+
+/// The two nodes, pods `pod-a` (10.244.1.2, node-1) and `pod-b` (10.244.2.2, node-2) each
+/// answering with its name, and an agent in node-1's namespace (and in node-2's if asked).
+/// Fields drop in order: agents first, then the namespaces.
+struct Cluster {
+    agents: Vec<Agent>,
+    flags: Vec<Vec<String>>,
+    topology: TwoNodes,
+    manifests: Manifests,
+}
+
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+const BOTH: [(Ipv4Addr, &str); 2] = [(POD_A, "node-1"), (POD_B, "node-2")];
+
+impl Cluster {
+    /// Builds the topology, writes the services `seed` makes, and starts agents on the first
+    /// `nodes` nodes with `extra` flags.
+    fn start(nodes: usize, extra: &[&str], seed: impl FnOnce(&Manifests)) -> Self {
+        let topology = TwoNodes::new([&["pod-a"], &["pod-b"]], TARGET_PORT, true).expect("building the topology");
+        let manifests = Manifests::new();
+        seed(&manifests);
+        let mut cluster = Self { agents: Vec::new(), flags: Vec::new(), topology, manifests };
+        for i in 0..nodes {
+            let node = &cluster.topology.nodes[i];
+            let mut flags = vec!["--manifests".to_owned(), cluster.manifests.0.arg()];
+            flags.extend(["--hostname-override".to_owned(), node.name.clone()]);
+            flags.extend(extra.iter().map(|f| (*f).to_owned()));
+            let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let agent = Agent::start_in(Some(&node.ns), AGENT.as_ref(), node.cgroup.path(), &refs).expect("an agent");
+            cluster.agents.push(agent);
+            cluster.flags.push(flags);
+        }
+        cluster
+    }
+
+    /// SIGKILLs node `i`'s agent and starts a new one on the same pins; returns its first sync
+    /// and the time from the kill to that sync.
+    fn restart(&mut self, i: usize) -> (Synced, Duration) {
+        restart(&mut self.agents[i], &self.flags[i], &self.topology.nodes[i])
+    }
+
+    /// Kills node `i`'s agent (SIGKILL): its pins and links stay.
+    fn kill(&mut self, i: usize) {
+        self.agents[i].kill();
+    }
+
+    /// Starts node `i`'s agent again after [`Cluster::kill`]; returns its first sync.
+    fn start_again(&mut self, i: usize) -> Synced {
+        self.restart(i).0
+    }
+
+    /// `count` TCP connections from node-1's client pod (inside node-1's cgroup).
+    fn connects_from_pod(&self, target: SocketAddrV4, count: usize) -> Tally {
+        let node = &self.topology.nodes[0];
+        let args = ["tcp", &target.to_string(), &count.to_string(), "1000"];
+        probe(PROBE.as_ref(), &node.client.ns, Some(&node.cgroup), &args).expect("probing from the client pod")
+    }
+
+    /// `count` TCP connections from the external client.
+    fn connects_from_outside(&self, target: SocketAddrV4, count: usize) -> Tally {
+        let args = ["tcp", &target.to_string(), &count.to_string(), "1000"];
+        probe(PROBE.as_ref(), &self.topology.client, None, &args).expect("probing from outside")
+    }
+}
+
+fn node1(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(NODE_IPS[0], port)
+}
+
+fn clusterip(last: u8) -> SocketAddrV4 {
+    SocketAddrV4::new(vip(last), PORT)
+}
+
+/// SIGKILLs `agent` and starts a new one on the same pins (it adopts the maps and links);
+/// returns once the new one has logged its first sync, with the time from the kill to it.
+fn restart(agent: &mut Agent, flags: &[String], node: &Node) -> (Synced, Duration) {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    agent.restart(AGENT.as_ref(), node.cgroup.path(), &flags).expect("restarting the agent");
+    let first = agent.wait_for_sync(0, |_| true, Duration::from_secs(20)).expect("the first sync");
+    (first, started.elapsed())
+}
+
+// ---- a paced client loop, in probe processes ----
+
+/// Probe processes started by a load loop, killed (by PID) if the test fails before they end.
+struct Clients(Vec<Child>);
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What a load loop did.
+#[derive(Debug, Default)]
+struct Load {
+    tally: Tally,
+    attempted: usize,
+    took: Duration,
+}
+
+/// About `per_second` new TCP connections per second to `target` for `duration`, from `ns`
+/// (inside `cgroup` if given): every 100 ms a probe process makes a tenth of them, one socket
+/// each, with a 1 s timeout (a dropped SYN is retransmitted only after 1 s, so it shows as a
+/// failure). Bounded: `duration` plus the probes' own bound.
+fn load(ns: &Netns, cgroup: Option<&Cgroup>, target: SocketAddrV4, per_second: usize, duration: Duration) -> Load {
+    const TICK: Duration = Duration::from_millis(100);
+    let per_tick = (per_second / 10).max(1);
+    let started = Instant::now();
+    let mut clients = Clients(Vec::new());
+    let mut next = started;
+    while next.duration_since(started) < duration {
+        let child = command_in(ns, cgroup, PROBE.as_ref())
+            .expect("a probe command")
+            .args(["tcp", &target.to_string(), &per_tick.to_string(), "1000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting a probe");
+        clients.0.push(child);
+        next += TICK;
+        thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let mut out = Load { attempted: clients.0.len() * per_tick, ..Load::default() };
+    for child in std::mem::take(&mut clients.0) {
+        let output = child.wait_with_output().expect("waiting for a probe");
+        assert!(output.status.success(), "probe: {}", String::from_utf8_lossy(&output.stderr));
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let (status, what) = line.split_once(' ').unwrap_or((line, ""));
+            let into = if status == "ok" { &mut out.tally.answers } else { &mut out.tally.errors };
+            *into.entry(what.to_owned()).or_default() += 1;
+        }
+    }
+    out.took = started.elapsed();
+    out
+}
+
+/// The `services` and `backends` maps under `root`.
+type Snapshot = (BTreeMap<ServiceKey, ServiceValue>, BTreeMap<u32, Backend>);
+
+fn snapshot(root: &Path) -> Snapshot {
+    let maps = proxy_agent::datapath::AyaMaps::from_pins(root).expect("opening the pinned maps");
+    (maps.services().collect(), maps.backends().collect())
+}
+
+/// Watches the master entries of `frontends` (TCP) under `root` until `stop`, returning every
+/// moment one was missing, had another count than `count`, or named a slot or backend that was
+/// not there: what a flush (or a half-written service) would look like to the kernel.
+fn watch_masters(root: &Path, frontends: &[SocketAddrV4], count: u16, stop: &AtomicBool) -> (usize, Vec<String>) {
+    let maps = proxy_agent::datapath::AyaMaps::from_pins(root).expect("opening the pinned maps");
+    let masters: Vec<ServiceKey> =
+        frontends.iter().map(|f| ServiceKey::master(f.ip().octets(), f.port(), proxy_common::proto::TCP)).collect();
+    let mut reads = 0;
+    let mut problems = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let services: BTreeMap<ServiceKey, ServiceValue> = maps.services().collect();
+        let backends: BTreeSet<u32> = maps.backends().map(|(id, _)| id).collect();
+        reads += 1;
+        for master in &masters {
+            let problem = match services.get(master) {
+                None => Some("no master entry".to_owned()),
+                Some(value) if value.count != count => Some(format!("count {}", value.count)),
+                Some(_) => (1..=count).find_map(|slot| match services.get(&master.with_slot(slot)) {
+                    None => Some(format!("slot {slot} missing")),
+                    Some(v) if !backends.contains(&v.backend_id) => Some(format!("backend {} missing", v.backend_id)),
+                    Some(_) => None,
+                }),
+            };
+            if let Some(problem) = problem
+                && problems.len() < 20
+            {
+                problems.push(format!("{master:?}: {problem}"));
+            }
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    (reads, problems)
+}
+
+/// Issue 8 item 1: SIGKILL and restart node-1's agent twice while clients open ~200 new
+/// connections per second to a ClusterIP (from a pod, socket path) and to a NodePort (from
+/// outside, TC path) for 20 s, and one long-lived connection to each is held: nothing fails, the
+/// kernel never sees a frontend missing or half written, and each new agent adopts the maps
+/// (same entries, same backend and service ids) instead of flushing them.
+#[test]
+fn restart_under_load_drops_nothing() {
+    const LOAD: Duration = Duration::from_secs(20);
+    let mut cluster = Cluster::start(2, &[], |m| m.service(&nodeport("web", 10, 30066).build(), &BOTH));
+    for agent in &cluster.agents {
+        agent.wait_for_count(vip(10), PORT, Some(2), WAIT).expect("programmed");
+    }
+    let root = cluster.agents[0].bpf_root().to_owned();
+    let frontends = [clusterip(10), node1(30066)];
+    // Both paths work, to both pods, before anything happens.
+    let pod = cluster.connects_from_pod(clusterip(10), 40);
+    let outside = cluster.connects_from_outside(node1(30066), 40);
+    for tally in [&pod, &outside] {
+        assert_eq!(tally.answered(), 40, "{tally:?}");
+        assert!(tally.from("pod-a") > 0 && tally.from("pod-b") > 0, "both pods answer: {tally:?}");
+    }
+    let before = snapshot(&root);
+
+    let stop = AtomicBool::new(false);
+    let Cluster { agents, flags, topology, .. } = &mut cluster;
+    let node = &topology.nodes[0];
+    let (restarts, held, loads, (reads, problems)) = thread::scope(|s| {
+        let hold_seconds = (LOAD.as_secs() + 4).to_string();
+        let hold = |ns: &'static str| {
+            let (netns, cgroup, target) = match ns {
+                "pod" => (&node.client.ns, Some(&node.cgroup), clusterip(10)),
+                _ => (&topology.client, None, node1(30066)),
+            };
+            let args = ["hold".to_owned(), target.to_string(), hold_seconds.clone()];
+            s.spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                probe(PROBE.as_ref(), netns, cgroup, &args).expect("holding a connection")
+            })
+        };
+        let held = [hold("pod"), hold("outside")];
+        let loads = [
+            s.spawn(|| load(&node.client.ns, Some(&node.cgroup), clusterip(10), 200, LOAD)),
+            s.spawn(|| load(&topology.client, None, node1(30066), 200, LOAD)),
+        ];
+        let watcher = s.spawn(|| watch_masters(&root, &frontends, 2, &stop));
+        // Two SIGKILLs and restarts while the load runs.
+        let began = Instant::now();
+        let mut restarts = Vec::new();
+        for at in [Duration::from_secs(4), Duration::from_secs(11)] {
+            thread::sleep((began + at).saturating_duration_since(Instant::now()));
+            restarts.push(restart(&mut agents[0], &flags[0], node));
+        }
+        let loads = loads.map(|l| l.join().expect("a load loop"));
+        let held = held.map(|h| h.join().expect("a held connection"));
+        stop.store(true, Ordering::Relaxed);
+        (restarts, held, loads, watcher.join().expect("the map watcher"))
+    });
+
+    let names = ["ClusterIP from a pod", "NodePort from outside"];
+    for (name, load) in names.iter().zip(&loads) {
+        eprintln!(
+            "{name}: {} connections attempted in {:.1} s, {} answered, failures {:?}",
+            load.attempted,
+            load.took.as_secs_f64(),
+            load.tally.answered(),
+            load.tally.errors
+        );
+        assert!(load.attempted >= 3_000, "{name}: about 200 per second: {load:?}");
+        assert_eq!(load.tally.answered(), load.attempted, "{name}: zero failed connections: {load:?}");
+        assert!(load.tally.from("pod-a") > 0 && load.tally.from("pod-b") > 0, "{name}: both pods: {load:?}");
+    }
+    for (name, held) in names.iter().zip(&held) {
+        assert_eq!(held.answered(), 1, "{name}: the long-lived connection kept working: {held:?}");
+    }
+    for (i, (first, took)) in restarts.iter().enumerate() {
+        eprintln!("restart {}: first sync {:?} after {took:?} (from the SIGKILL)", i + 1, first);
+        assert_eq!(first.errors, 0, "restart {}: {first:?}", i + 1);
+        assert_eq!((first.frontends, first.backends), (2, 2), "restart {}: everything re-synced: {first:?}", i + 1);
+    }
+    eprintln!("map watcher: {reads} reads of the masters across both restarts, problems: {problems:?}");
+    assert!(reads > 100, "the watcher kept reading ({reads})");
+    assert!(problems.is_empty(), "the kernel never saw a frontend missing or half written: {problems:?}");
+    // Adopted, not rebuilt: the same entries with the same ids, and at most one write per entry
+    // in each new agent's first sync (rewriting what is there; a flush and refill would be two).
+    let after = snapshot(&root);
+    assert_eq!(after, before, "the maps hold the same entries and ids as before the restarts");
+    for (first, _) in &restarts {
+        assert!(first.service_writes <= before.0.len(), "{first:?} vs {} entries", before.0.len());
+        assert!(first.backend_writes <= before.1.len(), "{first:?} vs {} backends", before.1.len());
+    }
+}
+
+// ---- full maps ----
+
+/// `GET /metrics` from the agent of `ns` (on that namespace's 127.0.0.1:10249): every sample.
+fn metrics(ns: &Netns) -> BTreeMap<String, f64> {
+    let text = thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().expect("entering the node's namespace");
+            let deadline = Instant::now() + WAIT;
+            loop {
+                match TcpStream::connect("127.0.0.1:10249") {
+                    Ok(mut stream) => {
+                        stream.set_read_timeout(Some(WAIT)).expect("a timeout");
+                        stream
+                            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                            .expect("GET");
+                        let mut text = String::new();
+                        stream.read_to_string(&mut text).expect("reading /metrics");
+                        return text;
+                    }
+                    Err(e) if Instant::now() > deadline => panic!("no metrics server: {e}"),
+                    Err(_) => thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        })
+        .join()
+        .expect("the metrics thread")
+    });
+    let body = text.split_once("\r\n\r\n").map_or(text.as_str(), |(_, body)| body);
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(series, value)| Some((series.to_owned(), value.parse().ok()?)))
+        .collect()
+}
+
+/// Issue 8 item 6: with a `services` map of 12 entries, `a` (ClusterIP and nodePort, two
+/// backends: 6 entries) and `b` (ClusterIP, two backends: 3) fit and `c` (6 more) does not:
+/// `c` is refused as a whole (not even its ClusterIP, which alone would fit), with a log line
+/// and `proxy_sync_errors_total`; `a` and `b` keep working; deleting `b` lets `c` in on the
+/// very next sync.
+#[test]
+fn a_service_that_does_not_fit_is_refused_whole_and_let_in_when_room_frees() {
+    let flags = ["--services-map-size", "12", "--backends-map-size", "16"];
+    let mut cluster = Cluster::start(1, &flags, |m| {
+        m.service(&nodeport("a", 11, 30011).build(), &BOTH);
+        m.service(&service("b").cluster_ip(&vip(12).to_string()).named_port("tcp", PORT.into(), "TCP").build(), &BOTH);
+        m.service(&nodeport("c", 13, 30013).build(), &BOTH);
+    });
+    let agent = &cluster.agents[0];
+    for (address, port) in [(vip(11), PORT), (NODE_IPS[0], 30011), (vip(12), PORT)] {
+        agent.wait_for_count(address, port, Some(2), WAIT).expect("a and b are programmed");
+    }
+    for (address, port) in [(vip(13), PORT), (NODE_IPS[0], 30013)] {
+        assert_eq!(agent.count(address, port).expect("reading the maps"), None, "c is refused as a whole");
+    }
+    let log = agent.log();
+    assert!(log.contains("writing the service maps failed") && log.contains("service=\"default/c\""), "{log}");
+    assert!(log.contains("refused as a whole"), "{log}");
+    assert!(log.contains("the map is full: raise --services-map-size"), "the line says what to do: {log}");
+    let errors = metrics(&cluster.topology.nodes[0].ns).get("proxy_sync_errors_total").copied().unwrap_or(0.0);
+    assert!(errors >= 1.0, "proxy_sync_errors_total counts the failed write: {errors}");
+    let failing = agent.syncs().into_iter().find(|s| s.errors > 0).expect("a sync with errors");
+    assert_eq!(failing.frontends, 3, "a's two frontends and b's: {failing:?}");
+    // Everything already programmed keeps working.
+    for target in [clusterip(11), clusterip(12)] {
+        let tally = cluster.connects_from_pod(target, 30);
+        assert_eq!(tally.answered(), 30, "{target} from a pod: {tally:?}");
+    }
+    let tally = cluster.connects_from_outside(node1(30011), 30);
+    assert_eq!(tally.answered(), 30, "a's nodePort from outside: {tally:?}");
+    let tally = cluster.connects_from_outside(node1(30013), 5);
+    assert_eq!(tally.answered(), 0, "c's nodePort is not served: {tally:?}");
+
+    // Room frees: b goes, c comes in on the same sync.
+    let seen = agent.syncs().len();
+    cluster.manifests.delete("b");
+    let synced = cluster.agents[0].wait_for_sync(seen, |s| s.frontends == 4, WAIT).expect("a sync with c in");
+    let agent = &cluster.agents[0];
+    assert_eq!(synced.errors, 0, "c fits now: {synced:?}");
+    assert_eq!(agent.count(vip(12), PORT).expect("reading the maps"), None, "b is gone");
+    for (address, port) in [(vip(13), PORT), (NODE_IPS[0], 30013)] {
+        assert_eq!(agent.count(address, port).expect("reading the maps"), Some(2), "c is in");
+    }
+    let tally = cluster.connects_from_pod(clusterip(13), 30);
+    assert_eq!(tally.answered(), 30, "c from a pod: {tally:?}");
+    assert!(tally.from("pod-a") > 0 && tally.from("pod-b") > 0, "{tally:?}");
+    let tally = cluster.connects_from_outside(node1(30013), 30);
+    assert_eq!(tally.answered(), 30, "c's nodePort from outside: {tally:?}");
+    let tally = cluster.connects_from_pod(clusterip(11), 30);
+    assert_eq!(tally.answered(), 30, "a still works: {tally:?}");
+}
+
+// ---- stale state after a restart ----
+
+/// Issue 8 item 4, each case on its own service, all changed while node-1's agent was down:
+/// `zero` scales to zero, `gone` is deleted, `shrunk` loses pod-b. After the restarted agent's
+/// first sync, no new connection (ClusterIP from a pod, NodePort from outside) reaches a backend
+/// that is no longer there for it.
+#[test]
+fn no_new_flow_reaches_a_backend_removed_while_the_agent_was_down() {
+    let cases = [("zero", 21, 30021), ("gone", 22, 30022), ("shrunk", 23, 30023)];
+    let mut cluster = Cluster::start(1, &[], |m| {
+        for (name, last, node_port) in cases {
+            m.service(&nodeport(name, last, node_port).build(), &BOTH);
+        }
+    });
+    for (_, last, node_port) in cases {
+        cluster.agents[0].wait_for_count(vip(last), PORT, Some(2), WAIT).expect("programmed");
+        cluster.agents[0].wait_for_count(NODE_IPS[0], node_port, Some(2), WAIT).expect("programmed");
+        // Flows to both pods before, on both paths (conntrack and affinity-free selection).
+        for tally in
+            [cluster.connects_from_pod(clusterip(last), 30), cluster.connects_from_outside(node1(node_port), 30)]
+        {
+            assert!(tally.from("pod-a") > 0 && tally.from("pod-b") > 0, "{tally:?}");
+        }
+    }
+
+    cluster.kill(0);
+    let web = |name: &str, last: u8, node_port: u16| nodeport(name, last, node_port).build();
+    cluster.manifests.service(&web("zero", 21, 30021), &[]);
+    cluster.manifests.delete("gone");
+    cluster.manifests.service(&web("shrunk", 23, 30023), &[(POD_A, "node-1")]);
+    // Meanwhile the kernel still serves the old state (nothing reads the files).
+    assert_eq!(cluster.connects_from_pod(clusterip(22), 10).answered(), 10);
+
+    let first = cluster.start_again(0);
+    eprintln!("first sync after the restart: {first:?}");
+    assert_eq!(first.errors, 0, "{first:?}");
+    for (what, tally) in [
+        ("ClusterIP", cluster.connects_from_pod(clusterip(21), 20)),
+        ("NodePort", cluster.connects_from_outside(node1(30021), 20)),
+    ] {
+        assert_eq!(tally.answered(), 0, "zero, {what}: no endpoint, no answer: {tally:?}");
+        assert_eq!(tally.errors.get("refused"), Some(&20), "zero, {what}: refused (kube-proxy's REJECT): {tally:?}");
+    }
+    for (what, tally) in [
+        ("ClusterIP", cluster.connects_from_pod(clusterip(22), 20)),
+        ("NodePort", cluster.connects_from_outside(node1(30022), 20)),
+    ] {
+        assert_eq!(tally.answered(), 0, "gone, {what}: nothing serves a deleted service: {tally:?}");
+    }
+    for (what, tally) in [
+        ("ClusterIP", cluster.connects_from_pod(clusterip(23), 100)),
+        ("NodePort", cluster.connects_from_outside(node1(30023), 100)),
+    ] {
+        assert_eq!(tally.from("pod-a"), 100, "shrunk, {what}: only pod-a: {tally:?}");
+    }
+}
+
+/// A TCP connection from the external client's fixed source `port` to `target`, closed with a
+/// reset (no TIME_WAIT, so the same 4-tuple can open again at once): the answer, or the error.
+fn connect_from(ns: &Netns, port: u16, target: SocketAddrV4) -> Result<String, String> {
+    thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().map_err(|e| e.to_string())?;
+            // SAFETY: plain socket calls on a descriptor this function owns; it ends in a TcpStream.
+            let stream = unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error().to_string());
+                }
+                let stream = TcpStream::from_raw_fd(fd);
+                let one: libc::c_int = 1;
+                let size = |n: usize| n as libc::socklen_t;
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const i32).cast(), size(4));
+                let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+                let linger_size = size(size_of::<libc::linger>());
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    linger_size,
+                );
+                let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
+                let tv_size = size(size_of::<libc::timeval>());
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    tv_size,
+                );
+                let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                    sin_zero: [0; 8],
+                };
+                let sin_size = size(size_of::<libc::sockaddr_in>());
+                let local = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+                if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), sin_size) != 0 {
+                    return Err(format!("bind :{port}: {}", std::io::Error::last_os_error()));
+                }
+                let remote = sockaddr(target);
+                if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), sin_size) != 0 {
+                    return Err(format!("connect: {}", std::io::Error::last_os_error()));
+                }
+                stream
+            };
+            stream.set_read_timeout(Some(Duration::from_secs(1))).map_err(|e| e.to_string())?;
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).map_err(|e| e.to_string())?;
+            Ok(line.trim().to_owned())
+        })
+        .join()
+        .expect("the client thread")
+    })
+}
+
+/// A new TCP flow that happens to reuse the 4-tuple of a flow closed moments before (a client
+/// with a fixed source port, or port reuse under load) must not be sent to a backend removed
+/// while the agent was down.
+#[test]
+fn a_reused_tcp_tuple_does_not_reach_a_removed_backend() {
+    let mut cluster = Cluster::start(1, &[], |m| m.service(&nodeport("web", 10, 30066).build(), &BOTH));
+    cluster.agents[0].wait_for_count(NODE_IPS[0], 30066, Some(2), WAIT).expect("programmed");
+    // A source port whose flow went to pod-b.
+    let port = (40_000..40_064)
+        .find(|port| connect_from(&cluster.topology.client, *port, node1(30066)).as_deref() == Ok("pod-b"))
+        .expect("one of 64 flows reaches pod-b");
+    cluster.kill(0);
+    cluster.manifests.service(&nodeport("web", 10, 30066).build(), &[(POD_A, "node-1")]);
+    cluster.start_again(0);
+    let answer = connect_from(&cluster.topology.client, port, node1(30066));
+    assert_eq!(answer.as_deref(), Ok("pod-a"), "a new flow from port {port} after pod-b left the service");
+}
+
+/// A UDP client that keeps one socket (a fixed source port) is moved off a backend removed
+/// while the agent was down, once the restarted agent has synced (kube-proxy deletes the UDP
+/// conntrack entries of removed endpoints for this reason).
+#[test]
+fn a_udp_flow_from_outside_leaves_a_removed_backend() {
+    let udp = |name: &str| {
+        service(name).cluster_ip(&vip(10).to_string()).named_port("udp", PORT.into(), "UDP").node_port(30066).build()
+    };
+    let mut cluster = Cluster::start(1, &[], |m| m.service(&udp("dns"), &BOTH));
+    let ask = |socket: &UdpSocket| -> Option<String> {
+        socket.send_to(b"hello\n", node1(30066)).ok()?;
+        let mut buf = [0u8; 512];
+        let (n, _) = socket.recv_from(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    };
+    let (socket, answers) = thread::scope(|s| {
+        s.spawn(|| {
+            cluster.topology.client.enter().expect("entering the client's namespace");
+            // Sockets keep the namespace they were made in.
+            let sockets: Vec<UdpSocket> =
+                (0..32).map(|_| UdpSocket::bind("0.0.0.0:0").expect("a UDP socket")).collect();
+            for socket in &sockets {
+                socket.set_read_timeout(Some(Duration::from_secs(1))).expect("a timeout");
+            }
+            let socket = sockets.into_iter().find(|s| ask(s).as_deref() == Some("pod-b")).expect("a flow to pod-b");
+            let answers: Vec<Option<String>> = (0..3).map(|_| ask(&socket)).collect();
+            (socket, answers)
+        })
+        .join()
+        .expect("the client thread")
+    });
+    assert!(answers.iter().all(|a| a.as_deref() == Some("pod-b")), "one socket, one flow: {answers:?}");
+    cluster.kill(0);
+    cluster.manifests.service(&udp("dns"), &[(POD_A, "node-1")]);
+    cluster.start_again(0);
+    let after: Vec<Option<String>> = (0..5).map(|_| ask(&socket)).collect();
+    assert!(
+        after.iter().all(|a| a.as_deref() != Some("pod-b")),
+        "after the sync, the flow no longer reaches pod-b: {after:?}"
+    );
+}
+
+// ---- least privilege ----
+
+/// Runs the agent in `ns` under `setpriv` with `privileges` (setpriv's options), waits (bounded)
+/// for it to exit, and returns its stderr lines and whether it failed.
+fn agent_with(
+    ns: &Netns,
+    cgroup: &Cgroup,
+    bpf_root: &Path,
+    manifests: &Manifests,
+    privileges: &[&str],
+) -> (bool, Vec<String>) {
+    let mut command = Command::new("nsenter");
+    command.arg(format!("--net={}", ns.path().display())).arg("setpriv").args(privileges).arg("--").arg(AGENT);
+    command.arg("--bpf-root").arg(bpf_root).arg("--cgroup-path").arg(cgroup.path());
+    command.args(["--manifests", &manifests.0.arg(), "--hostname-override", "node-1"]);
+    let child = command
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the agent under setpriv");
+    let mut clients = Clients(vec![child]);
+    let deadline = Instant::now() + WAIT;
+    while clients.0[0].try_wait().expect("waiting for the agent").is_none() {
+        if Instant::now() > deadline {
+            drop(clients);
+            let _ = proxy_agent::datapath::cleanup(bpf_root);
+            panic!("the agent kept running under {privileges:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let child = clients.0.pop().expect("the agent");
+    let output = child.wait_with_output().expect("the agent's output");
+    let lines = String::from_utf8_lossy(&output.stderr).lines().map(str::to_owned).collect();
+    (!output.status.success(), lines)
+}
+
+/// Issue 8 item 8: without its capabilities the agent refuses to start, in one line naming
+/// what is missing, and touches nothing; pinned maps are readable only by root.
+#[test]
+fn without_capabilities_the_agent_says_what_is_missing_in_one_line() {
+    let ns = Netns::new("preflight").expect("a namespace");
+    let cgroup = Cgroup::new("proxy-preflight").expect("a cgroup");
+    let manifests = Manifests::new();
+    manifests.service(&nodeport("web", 10, 30066).build(), &BOTH);
+    let root = PathBuf::from(format!("/sys/fs/bpf/proxy-test-preflight-{}", std::process::id()));
+    /// setpriv's options, the names the line must carry, and names it must not.
+    struct Case {
+        name: &'static str,
+        privileges: &'static [&'static str],
+        named: &'static [&'static str],
+        not_named: &'static [&'static str],
+    }
+    let cases = [
+        Case {
+            name: "every capability dropped",
+            privileges: &["--bounding-set=-all", "--inh-caps=-all"],
+            named: &["CAP_BPF or CAP_SYS_ADMIN", "CAP_NET_ADMIN"],
+            not_named: &[],
+        },
+        Case {
+            name: "CAP_NET_ADMIN dropped",
+            privileges: &["--bounding-set=-net_admin", "--inh-caps=-all"],
+            named: &["CAP_NET_ADMIN"],
+            not_named: &["CAP_BPF"],
+        },
+    ];
+    for Case { name: case, privileges, named, not_named } in cases {
+        let (failed, lines) = agent_with(&ns, &cgroup, &root, &manifests, privileges);
+        assert!(failed, "{case}: the agent exits with an error: {lines:?}");
+        assert_eq!(lines.len(), 1, "{case}: one line: {lines:?}");
+        let line = &lines[0];
+        assert!(line.contains("preflight: missing"), "{case}: {line}");
+        for name in named {
+            assert!(line.contains(name), "{case}: names {name}: {line}");
+        }
+        for name in not_named {
+            assert!(!line.contains(name), "{case}: does not name {name}: {line}");
+        }
+        assert!(!root.exists(), "{case}: nothing was pinned");
+        assert_eq!(bpftool_cgroup(cgroup.path()), 0, "{case}: nothing attached");
+        eprintln!("{case}: {line}");
+    }
+
+    // With its capabilities it starts, and what it pins is root's alone.
+    let agent_flags = ["--manifests", &manifests.0.arg(), "--hostname-override", "node-1"];
+    let agent = Agent::start_in(Some(&ns), AGENT.as_ref(), cgroup.path(), &agent_flags).expect("the agent");
+    let mut pins = Vec::new();
+    for entry in std::fs::read_dir(agent.bpf_root()).expect("the pins").flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            let mode = entry.metadata().expect("a pin's metadata").permissions().mode();
+            pins.push((entry.file_name().to_string_lossy().into_owned(), mode & 0o777));
+        }
+    }
+    assert!(!pins.is_empty());
+    for (pin, mode) in &pins {
+        assert_eq!(mode & 0o077, 0, "{pin} is root's alone: {mode:o}");
+    }
+}
+
+/// How many programs `bpftool cgroup show` lists on `cgroup`.
+fn bpftool_cgroup(cgroup: &Path) -> usize {
+    let out = run("bpftool", &["-j", "cgroup", "show", &cgroup.to_string_lossy()]).expect("bpftool cgroup show");
+    serde_json::from_str::<serde_json::Value>(out.trim()).ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0)
+}
+
+// ---- clean shutdown and cleanup ----
+
+/// The PID of the agent running with `bpf_root` (from /proc).
+fn agent_pid(bpf_root: &Path) -> i32 {
+    let needle = bpf_root.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.contains(&needle.as_bytes()) && !args.contains(&b"--cleanup".as_slice())
+        })
+        .expect("the agent's process")
+}
+
+/// Whether `pid` has exited (gone, or a zombie).
+fn exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(true, |stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+}
+
+/// What BPF programs and qdiscs sit on the interfaces of `ns`: TCX programs (asked of the
+/// kernel for every interface, from inside the namespace), legacy tc and XDP programs
+/// (`bpftool net show`), and any clsact/ingress qdisc.
+fn attached_in(ns: &Netns) -> Vec<String> {
+    let links = ns.ip(&["-o", "link", "show"]).expect("ip link show");
+    let names: Vec<String> =
+        links.lines().filter_map(|l| l.split(": ").nth(1)?.split('@').next().map(str::to_owned)).collect();
+    let mut found: Vec<String> = thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().expect("entering the namespace");
+            let mut found = Vec::new();
+            for name in &names {
+                for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+                    let programs = SchedClassifier::query_tcx(name, direction).map(|(_, p)| p).unwrap_or_default();
+                    found.extend(programs.iter().map(|p| {
+                        format!("{} {name} tcx {direction:?}: {}", ns.name(), p.name_as_str().unwrap_or("?"))
+                    }));
+                }
+            }
+            found
+        })
+        .join()
+        .expect("the query thread")
+    });
+    let net = ns.exec("bpftool", &["-j", "net", "show"]).expect("bpftool net show");
+    let value: serde_json::Value = serde_json::from_str(net.trim()).expect("bpftool's JSON");
+    for table in value.as_array().into_iter().flatten() {
+        for (kind, entries) in table.as_object().into_iter().flatten() {
+            for entry in entries.as_array().into_iter().flatten() {
+                found.push(format!("{} {kind}: {entry}", ns.name()));
+            }
+        }
+    }
+    let qdiscs = ns.exec("tc", &["qdisc", "show"]).expect("tc qdisc show");
+    found.extend(
+        qdiscs.lines().filter(|l| l.contains("clsact") || l.contains("ingress")).map(|l| format!("{}: {l}", ns.name())),
+    );
+    found
+}
+
+/// `count` connections to the ClusterIP from a pod and to both nodePorts from outside must
+/// see `want` answers each.
+fn answered_everywhere(cluster: &Cluster, what: &str, want: usize) {
+    let from_pod = cluster.connects_from_pod(clusterip(10), 50);
+    assert_eq!(from_pod.answered(), want, "{what}: ClusterIP from a pod: {from_pod:?}");
+    for ip in NODE_IPS {
+        let outside = cluster.connects_from_outside(SocketAddrV4::new(ip, 30066), 50);
+        assert_eq!(outside.answered(), want, "{what}: NodePort of {ip} from outside: {outside:?}");
+    }
+}
+
+/// Issue 8 item 7: SIGTERM both agents: traffic keeps flowing on both paths with no agent
+/// running; then `--cleanup` leaves no pin, nothing on the cgroups and nothing on any interface
+/// of the test's namespaces, and the service addresses stop working (it was our programs).
+#[test]
+fn sigterm_keeps_traffic_flowing_and_cleanup_leaves_nothing() {
+    let mut cluster = Cluster::start(2, &[], |m| m.service(&nodeport("web", 10, 30066).build(), &BOTH));
+    for (agent, ip) in cluster.agents.iter().zip(NODE_IPS) {
+        agent.wait_for_count(ip, 30066, Some(2), WAIT).expect("programmed");
+    }
+    // The TC program is on each node's interfaces (eth0 and the pod bridge).
+    let deadline = Instant::now() + WAIT;
+    while cluster.topology.nodes.iter().any(|n| attached_in(&n.ns).len() < 2) {
+        assert!(
+            Instant::now() < deadline,
+            "TC programs attached: {:?}",
+            cluster.topology.nodes.iter().map(|n| attached_in(&n.ns)).collect::<Vec<_>>()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    for agent in &cluster.agents {
+        let pid = agent_pid(agent.bpf_root());
+        // SAFETY: kill sends SIGTERM to the agent this test started, by its PID.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + WAIT;
+        while !exited(pid) {
+            assert!(Instant::now() < deadline, "the agent did not exit on SIGTERM:\n{}", agent.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(agent.log().contains("shutting down"), "{}", agent.log());
+    }
+    let roots: Vec<PathBuf> = cluster.agents.iter().map(|a| a.bpf_root().to_owned()).collect();
+    answered_everywhere(&cluster, "no agent running", 50);
+
+    for agent in &mut cluster.agents {
+        agent.kill();
+        agent.cleanup(AGENT.as_ref()).expect("--cleanup");
+    }
+    for root in &roots {
+        assert!(!root.exists(), "{} is gone", root.display());
+    }
+    for node in &cluster.topology.nodes {
+        assert_eq!(bpftool_cgroup(node.cgroup.path()), 0, "nothing on {}'s cgroup", node.name);
+    }
+    let topology = &cluster.topology;
+    let namespaces =
+        topology.nodes.iter().flat_map(|n| [&n.ns, &n.client.ns].into_iter().chain(n.pods.iter().map(|p| &p.ns)));
+    let left: Vec<String> = namespaces.chain([&topology.client, &topology.net]).flat_map(attached_in).collect();
+    assert!(left.is_empty(), "nothing left on any interface: {left:?}");
+    answered_everywhere(&cluster, "after --cleanup", 0);
+}

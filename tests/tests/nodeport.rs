@@ -323,6 +323,63 @@ fn e2e_35_health_check_node_port() {
     }
 }
 
+/// A UDP flow from outside whose backend leaves the service is flushed (kube-proxy deletes such
+/// conntrack entries), even when that endpoint lives on in another service: the client's next
+/// datagram on the same socket reaches a remaining backend.
+#[test]
+fn udp_flows_leave_a_backend_removed_from_the_service() {
+    let manifests = Manifests::new();
+    let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
+    let (pod_a, pod_b) = (cluster.pod_ip(0, 0), cluster.pod_ip(1, 0));
+    let udp = service("dns").cluster_ip("10.96.0.40").named_port("udp", 53, "UDP").node_port(30053).build();
+    let other = service("keeps-pod-b").cluster_ip("10.96.0.41").named_port("udp", 53, "UDP").build();
+    manifests.service(&other, &[(pod_b, "node-2")]);
+    manifests.service(&udp, &[(pod_a, "node-1"), (pod_b, "node-2")]);
+    let programmed = |count: u16| {
+        let key = proxy_common::service::ServiceKey::master(NODE_IPS[0].octets(), 30053, proxy_common::proto::UDP);
+        let deadline = std::time::Instant::now() + WAIT;
+        while !cluster.agents[0].maps().unwrap().services().any(|(k, v)| k == key && v.count == count) {
+            assert!(std::time::Instant::now() < deadline, "the UDP nodePort does not have {count} backends");
+            thread::sleep(Duration::from_millis(10));
+        }
+    };
+    programmed(2);
+    let target = std::net::SocketAddr::from((NODE_IPS[0], 30053));
+    thread::scope(|s| {
+        s.spawn(|| {
+            cluster.topology.client.enter().unwrap();
+            let ask = |socket: &std::net::UdpSocket| -> Option<String> {
+                socket.send_to(b"hello\n", target).ok()?;
+                let mut buf = [0u8; 512];
+                let (n, _) = socket.recv_from(&mut buf).ok()?;
+                Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+            };
+            // A socket whose flow went to pod-b (each socket is its own flow).
+            let socket = (0..32)
+                .map(|_| {
+                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                    socket
+                })
+                .find(|socket| ask(socket).is_some_and(|a| a.starts_with("pod-b")))
+                .expect("one of 32 flows reaches pod-b");
+            manifests.service(&udp, &[(pod_a, "node-1")]);
+            programmed(1);
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                let answer = ask(&socket);
+                if answer.as_deref().is_some_and(|a| a.starts_with("pod-a")) {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "the flow stayed on pod-b: {answer:?}");
+                thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .join()
+        .unwrap();
+    });
+}
+
 /// A process on a node (in the agent's cgroup) reaches its own node's and the other node's
 /// address on the nodePort: the socket path translates those too.
 #[test]

@@ -27,6 +27,7 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
     config::NodeConfig,
+    conntrack::{CtKey, CtValue},
     maps,
     service::{SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
@@ -316,6 +317,7 @@ fn wait_for_release(ids: &[u32]) {
 
 /// The service maps, written through [`writer::Writer`].
 pub struct AyaMaps {
+    conntrack: HashMap<MapData, CtKey, CtValue>,
     sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
@@ -346,6 +348,7 @@ impl AyaMaps {
             source: MapError::InvalidName { name: maps::SOURCE_RANGES.into() },
         })?;
         Ok(Self {
+            conntrack: lru(ebpf.take_map(maps::CONNTRACK), maps::CONNTRACK)?,
             sock_rev: lru(ebpf.take_map(maps::SOCK_REV), maps::SOCK_REV)?,
             source_ranges: LpmTrie::try_from(ranges)
                 .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
@@ -373,6 +376,7 @@ impl AyaMaps {
         let ranges = MapData::from_pin(root.join(maps::SOURCE_RANGES))
             .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?;
         Ok(Self {
+            conntrack: lru(pinned(maps::CONNTRACK), maps::CONNTRACK)?,
             sock_rev: lru(pinned(maps::SOCK_REV), maps::SOCK_REV)?,
             source_ranges: LpmTrie::try_from(aya::maps::Map::LpmTrie(ranges))
                 .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
@@ -479,6 +483,14 @@ impl MapStore for AyaMaps {
             absent_ok(self.sock_backend.remove(key))?;
         }
         Ok(stale_affinity.len() + stale_sockets.len())
+    }
+
+    fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+
+    fn delete_conntrack(&mut self, key: CtKey) -> Result<(), MapError> {
+        absent_ok(self.conntrack.remove(&key))
     }
 
     fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)> {

@@ -14,6 +14,8 @@ use std::collections::{HashMap, HashSet};
 use proxy_common::{
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     config::NodeConfig,
+    conntrack::{CT_F_REPLY, CtKey, CtValue},
+    proto,
     service::{
         SCOPE_INTERNAL, SERVICE_ID_LOCAL_SET, SVC_F_EXT_LOCAL, SVC_F_INT_LOCAL, ServiceKey, ServiceName, ServiceValue,
     },
@@ -41,6 +43,10 @@ pub trait MapStore {
     /// Deletes affinity and UDP-socket entries that keep a client on a backend which left that
     /// service port; returns how many went.
     fn forget(&mut self, gone: &HashSet<(u32, BackendId)>) -> Result<usize, Self::Error>;
+    /// Every `conntrack` entry.
+    fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)>;
+    /// Deletes a `conntrack` entry (absent is fine).
+    fn delete_conntrack(&mut self, key: CtKey) -> Result<(), Self::Error>;
     /// Every `sock_rev` entry (socket and backend → the frontend it addressed).
     fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)>;
     /// Deletes a `sock_rev` entry (absent is fine).
@@ -73,7 +79,7 @@ struct Programmed {
 /// What [`Writer::forget_departed`] cleaned up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Departed {
-    /// Affinity and UDP-socket entries deleted.
+    /// Affinity, UDP-socket and UDP conntrack entries deleted.
     pub entries: usize,
     /// Cookies of sockets the socket path had sent to a departed backend.
     pub sockets: HashSet<u64>,
@@ -218,7 +224,22 @@ impl<S: MapStore> Writer<S> {
                 sockets.insert(key.cookie);
             }
         }
-        Ok(Departed { entries, sockets })
+        // UDP flows of the packet path to a backend that left their frontend are flushed, as
+        // kube-proxy deletes their conntrack entries: the next datagram picks a live backend.
+        // TCP flows are left to finish.
+        let mut flows = 0;
+        for (key, value) in self.store.conntrack_entries() {
+            if key.proto != proto::UDP {
+                continue;
+            }
+            let frontend = if value.flags & CT_F_REPLY != 0 { (value.src, value.sport) } else { (key.dst, key.dport) };
+            let backend = self.backend_by_id.get(&value.backend_id).map(|b| (b.address, b.port));
+            if !backend.is_some_and(|(address, port)| live.contains(&(frontend.0, frontend.1, address, port))) {
+                self.store.delete_conntrack(key)?;
+                flows += 1;
+            }
+        }
+        Ok(Departed { entries: entries + flows, sockets })
     }
 
     /// Writes the node's settings for the datapath.
@@ -736,6 +757,14 @@ mod tests {
 
         fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)> {
             Vec::new()
+        }
+
+        fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
+            Vec::new()
+        }
+
+        fn delete_conntrack(&mut self, _: CtKey) -> Result<(), Full> {
+            Ok(())
         }
 
         fn delete_sock_rev(&mut self, _: SockRevKey) -> Result<(), Full> {

@@ -184,7 +184,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup: opts.cgroup.clone(),
     };
     let observer = observe::start(observe, metrics.clone());
-    let config = SyncConfig { node_name: node_name(&args), nodeport_cidrs: args.nodeport_addresses.clone() };
+    let host_netns_cookie = datapath::netns_cookie().unwrap_or_else(|error| {
+        tracing::warn!(%error, "cannot read this network namespace's cookie: no localhost nodePorts");
+        0
+    });
+    let config =
+        SyncConfig { node_name: node_name(&args), nodeport_cidrs: args.nodeport_addresses.clone(), host_netns_cookie };
     let node_name = config.node_name.clone();
     info!(node = config.node_name, bpf_root = %opts.bpf_root.display(), cgroup = %opts.cgroup.display(), "datapath ready");
     let mut syncer = Syncer::new(Writer::new(maps), config, metrics.clone());

@@ -30,6 +30,8 @@ pub struct SyncConfig {
     pub node_name: String,
     /// `--nodeport-addresses`: node addresses in these blocks serve nodePorts (all if empty).
     pub nodeport_cidrs: Vec<Cidr>,
+    /// The agent's (the node's) network namespace cookie, for loopback nodePorts; 0: unknown.
+    pub host_netns_cookie: u64,
 }
 
 /// The objects the sources sent, and which services need recomputing.
@@ -98,7 +100,7 @@ impl<S: MapStore> Syncer<S> {
     /// A syncer writing through `writer`.
     pub fn new(writer: Writer<S>, config: SyncConfig, metrics: Metrics) -> Self {
         let node_info = NodeInfo::from_node(&config.node_name, None, &config.nodeport_cidrs);
-        Self {
+        let mut syncer = Self {
             store: Store::default(),
             writer,
             config,
@@ -113,6 +115,18 @@ impl<S: MapStore> Syncer<S> {
             holder: HashMap::new(),
             contenders: HashMap::new(),
             refused: BTreeSet::new(),
+        };
+        syncer.write_node_config();
+        syncer
+    }
+
+    /// Writes the node's settings for the datapath: the SNAT address for traffic to externalIPs
+    /// and LoadBalancer IPs (the first nodePort address) and the node's netns cookie.
+    fn write_node_config(&mut self) {
+        let snat_address = self.node_info.nodeport_addresses.first().map_or([0; 4], |a| a.octets());
+        let config = NodeConfig { snat_address, _pad: [0; 4], host_netns_cookie: self.config.host_netns_cookie };
+        if let Err(error) = self.writer.set_node_config(config) {
+            warn!(%error, "writing the node's settings to the config map failed");
         }
     }
 
@@ -250,16 +264,12 @@ impl<S: MapStore> Syncer<S> {
         self.store.node = node;
         if info != self.node_info {
             info!(node = name, addresses = ?info.nodeport_addresses, "node addresses for nodePorts");
-            // External traffic to externalIPs and LoadBalancer IPs is SNATed to the first one.
-            let snat_address = info.nodeport_addresses.first().map_or([0; 4], |a| a.octets());
-            if let Err(error) = self.writer.set_node_config(NodeConfig { snat_address, _pad: [0; 4] }) {
-                warn!(%error, "writing the node's settings to the config map failed");
-            }
             if let Some(hook) = &mut self.node_hook {
                 hook(&info);
             }
             self.node_tx.send_replace(info.clone());
             self.node_info = info;
+            self.write_node_config();
             self.store.all_dirty = true;
         }
     }

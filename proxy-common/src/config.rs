@@ -10,7 +10,11 @@ pub struct NodeConfig {
     /// address (externalIPs, LoadBalancer IPs), network byte order. Zero: not known yet.
     pub snat_address: [u8; 4],
     pub _pad: [u8; 4],
+    /// The node's own network namespace cookie: loopback frontends (`127.0.0.1:<nodePort>`)
+    /// are translated only for sockets there (host-network processes), never for a pod's own
+    /// loopback. Zero: not known, no loopback translation.
+    pub host_netns_cookie: u64,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 8);
+const _: () = assert!(size_of::<NodeConfig>() == 16);
 
 user_pod!(NodeConfig);

@@ -20,7 +20,7 @@ use proxy_common::{
 
 use crate::{
     lb::{self, Origin, Verdict},
-    maps::{SOCK_BACKEND, SOCK_REV},
+    maps::{CONFIG, SOCK_BACKEND, SOCK_REV},
 };
 
 /// Allow the operation (with whatever the program rewrote).
@@ -77,6 +77,10 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         return ALLOW;
     }
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // 127.0.0.1:<nodePort> is the node's, not a pod's own loopback.
+    if address[0] == 127 && !in_host_netns(netns_cookie) {
+        return ALLOW;
+    }
     let client = AffinityKey { netns_cookie, ..AffinityKey::default() };
     match lb::select(address, port, proto, client, Origin::Node) {
         Verdict::NotAService => ALLOW,
@@ -95,6 +99,12 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
             ALLOW
         }
     }
+}
+
+/// Whether a socket's network namespace is the node's own.
+#[inline(always)]
+fn in_host_netns(netns_cookie: u64) -> bool {
+    CONFIG.get(0).is_some_and(|c| c.host_netns_cookie != 0 && c.host_netns_cookie == netns_cookie)
 }
 
 /// The backend an unconnected UDP socket already uses for this frontend, if it is still there

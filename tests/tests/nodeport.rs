@@ -381,7 +381,8 @@ fn udp_flows_leave_a_backend_removed_from_the_service() {
 }
 
 /// A process on a node (in the agent's cgroup) reaches its own node's and the other node's
-/// address on the nodePort: the socket path translates those too.
+/// address on the nodePort, and a host-network one 127.0.0.1 on the nodePort: the socket path
+/// translates those too.
 #[test]
 fn node_local_clients_reach_node_ports() {
     let manifests = Manifests::new();
@@ -394,6 +395,13 @@ fn node_local_clients_reach_node_ports() {
             probe(PROBE.as_ref(), &node1.client.ns, Some(&node1.cgroup), &["tcp", &target, "20", "500"]).unwrap();
         assert_eq!(tally.answered(), 20, "{target}: {tally:?}");
     }
+    // Localhost nodePorts: a host-network process on node-1 reaches 127.0.0.1:<nodePort>, as
+    // with kube-proxy's iptables mode; a pod's own loopback stays its own.
+    let localhost = format!("127.0.0.1:{NODE_PORT}");
+    let host = probe(PROBE.as_ref(), &node1.ns, Some(&node1.cgroup), &["tcp", &localhost, "20", "500"]).unwrap();
+    assert_eq!(host.answered(), 20, "from the node's own namespace: {host:?}");
+    let pod = probe(PROBE.as_ref(), &node1.client.ns, Some(&node1.cgroup), &["tcp", &localhost, "3", "500"]).unwrap();
+    assert_eq!(pod.errors.get("refused"), Some(&3), "a pod's 127.0.0.1 is its own: {pod:?}");
 }
 
 /// loadBalancerSourceRanges: a client outside the listed CIDRs is dropped at the LoadBalancer

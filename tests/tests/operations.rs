@@ -198,6 +198,17 @@ fn cgroup_programs(cgroup: &Path) -> Vec<Value> {
     listed.as_array().cloned().unwrap_or_default()
 }
 
+/// The socket programs the agent attaches to its cgroup, one link each.
+const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "getpeername4", "recvmsg4", "sendmsg4"];
+
+/// The names of the programs attached to `cgroup`, sorted.
+fn program_names(cgroup: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        cgroup_programs(cgroup).iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn healthz_is_200_with_its_json_body_after_a_sync() {
     let node = bare("", &[]);
@@ -223,11 +234,11 @@ fn healthz_is_200_with_its_json_body_after_a_sync() {
 fn healthz_is_503_once_the_program_is_detached_under_it() {
     let node = bare("", &[]);
     wait_for_healthz(&node.node, 200);
-    assert_eq!(cgroup_programs(node.cgroup.path()).len(), 1, "connect4 on the test cgroup");
+    assert_eq!(program_names(node.cgroup.path()), SOCKET_PROGRAMS, "the socket programs on the test cgroup");
     let pin = node.agent.bpf_root().join("links/connect4");
     bpftool(&["link", "detach", "pinned", &pin.to_string_lossy()]);
     assert!(pin.exists(), "the pin stays; only the kernel's attachment changed");
-    assert_eq!(cgroup_programs(node.cgroup.path()), Vec::<Value>::new());
+    assert!(!program_names(node.cgroup.path()).contains(&"connect4".to_owned()), "connect4 is detached");
 
     let body = wait_for_healthz(&node.node, 503);
     let problems = body["problems"].to_string();
@@ -244,7 +255,7 @@ fn healthz_is_503_once_the_links_pin_is_removed() {
     wait_for_healthz(&node.node, 200);
     std::fs::remove_file(node.agent.bpf_root().join("links/connect4")).expect("unpinning connect4");
     let deadline = Instant::now() + WAIT;
-    while !cgroup_programs(node.cgroup.path()).is_empty() {
+    while program_names(node.cgroup.path()).contains(&"connect4".to_owned()) {
         assert!(Instant::now() < deadline, "the program is still attached after its last pin went");
         thread::sleep(Duration::from_millis(20));
     }
@@ -321,7 +332,7 @@ fn cleanup_leaves_nothing_and_is_safe_to_repeat() {
 
     // The agent dies (SIGKILL): everything stays pinned and attached.
     node.agent.kill();
-    assert_eq!(cgroup_programs(node.cgroup.path()).len(), 1);
+    assert_eq!(program_names(node.cgroup.path()), SOCKET_PROGRAMS);
 
     let out = agent_cleanup(&root);
     assert!(out.status.success(), "--cleanup: {}", String::from_utf8_lossy(&out.stderr));
@@ -418,7 +429,9 @@ fn sigterm_leaves_the_datapath_and_a_new_agent_adopts_it() {
         // Connections all along: before, while no agent runs, and after the new one took over.
         let traffic = s.spawn(|| {
             let mut total = Tally::default();
-            while !stop.load(Ordering::Relaxed) {
+            // Bounded: a failed assertion on the main thread must not leave this running.
+            let until = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
                 let batch = connect(&topology, 20);
                 for (k, v) in batch.answers {
                     *total.answers.entry(k).or_default() += v;
@@ -441,7 +454,7 @@ fn sigterm_leaves_the_datapath_and_a_new_agent_adopts_it() {
         }
         assert!(agent.log().contains("programs and maps stay in place"), "{}", agent.log());
         // No agent now: programs and maps stay, the service keeps answering.
-        assert_eq!(cgroup_programs(topology.cgroup.path()).len(), 1, "connect4 still attached");
+        assert_eq!(program_names(topology.cgroup.path()), SOCKET_PROGRAMS, "the socket programs stay attached");
         assert_eq!(map_ids(&root), maps_before, "the maps are still pinned");
         let meanwhile = connect(&topology, 50);
         assert_eq!(meanwhile.answered(), 50, "answered with no agent running: {meanwhile:?}");
@@ -452,7 +465,7 @@ fn sigterm_leaves_the_datapath_and_a_new_agent_adopts_it() {
         assert_eq!(map_ids(&root), maps_before, "adopted, not recreated");
         agent.wait_for_count(VIP, PORT, Some(2), WAIT).expect("still programmed");
         wait_for_healthz(&topology.node, 200);
-        assert_eq!(cgroup_programs(topology.cgroup.path()).len(), 1, "one connect4: the old link was replaced");
+        assert_eq!(program_names(topology.cgroup.path()), SOCKET_PROGRAMS, "one of each: the old links were replaced");
         thread::sleep(Duration::from_millis(300));
 
         stop.store(true, Ordering::Relaxed);

@@ -46,6 +46,29 @@ const CGROUP_PROGRAMS: &[&str] = &["connect4", "sendmsg4", "recvmsg4", "getpeern
 /// The TC ingress program; its links are pinned as `links/tc_ingress-<interface>`.
 const TC_PROGRAM: &str = "tc_ingress";
 
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`), what
+/// `bpf_get_netns_cookie` gives programs for sockets there.
+pub fn netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a u64 buffer of the length passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// Whether this network namespace has an interface called `name`.
 fn interface_exists(name: &str) -> bool {
     let Ok(name) = std::ffi::CString::new(name) else { return false };

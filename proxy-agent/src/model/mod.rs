@@ -35,6 +35,9 @@ pub struct NodeInfo {
     /// The node's pod ranges (`spec.podCIDRs`): the TC program also attaches to interfaces
     /// routing into them, where local backends' replies arrive.
     pub pod_cidrs: Vec<Cidr>,
+    /// Serve nodePorts on 127.0.0.1 too (to the node's own processes), as kube-proxy's
+    /// iptables mode does unless `--nodeport-addresses` leaves out 127.0.0.0/8.
+    pub localhost_nodeports: bool,
 }
 
 impl NodeInfo {
@@ -56,7 +59,8 @@ impl NodeInfo {
         let cidrs =
             spec.and_then(|s| s.pod_cidrs.clone()).or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]));
         let pod_cidrs = cidrs.into_iter().flatten().filter_map(|c| c.parse().ok()).collect();
-        Self { name: name.to_owned(), nodeport_addresses, pod_cidrs }
+        let localhost_nodeports = filter.is_empty() || filter.iter().any(|c| c.contains(Ipv4Addr::LOCALHOST));
+        Self { name: name.to_owned(), nodeport_addresses, pod_cidrs, localhost_nodeports }
     }
 }
 

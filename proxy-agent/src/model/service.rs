@@ -97,6 +97,9 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
             for &ip in &node.nodeport_addresses {
                 add(ip, node_port, FrontendKind::NodePort);
             }
+            if node.localhost_nodeports {
+                add(Ipv4Addr::LOCALHOST, node_port, FrontendKind::NodePort);
+            }
         }
         for &ip in &external_ips {
             add(ip, number, FrontendKind::ExternalIp);

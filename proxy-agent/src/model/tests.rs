@@ -275,7 +275,12 @@ impl SliceBuilder {
 
 /// This node, serving nodePorts on `addresses`.
 fn node(addresses: &[&str]) -> NodeInfo {
-    NodeInfo { name: NODE.into(), nodeport_addresses: addresses.iter().map(|a| ip(a)).collect(), pod_cidrs: Vec::new() }
+    NodeInfo {
+        name: NODE.into(),
+        nodeport_addresses: addresses.iter().map(|a| ip(a)).collect(),
+        pod_cidrs: Vec::new(),
+        localhost_nodeports: false,
+    }
 }
 
 fn ip(text: &str) -> Ipv4Addr {
@@ -1248,4 +1253,20 @@ fn health_check_node_port_counts_ready_local_endpoints() {
     assert_eq!(check.local_endpoints, 1, "the ready local endpoint only: not the terminating one, not node-2's");
     assert_eq!(compute(&with_port("Cluster", "LoadBalancer"), &slices, &here).health_check, None, "eTP Cluster");
     assert_eq!(compute(&with_port("Local", "NodePort"), &slices, &here).health_check, None, "not a LoadBalancer");
+}
+
+#[test]
+fn localhost_node_ports_when_the_filter_allows_them() {
+    let svc = service("web").cluster_ip("10.96.0.10").named_port("", 80).node_port(30080).build();
+    let mut here = node(&["172.18.0.2"]);
+    here.localhost_nodeports = true;
+    let desired = compute(&svc, &[], &here);
+    let localhost = entry(&desired, tcp("127.0.0.1", 30080), "localhost nodePort");
+    assert_eq!(localhost.kind, FrontendKind::NodePort);
+    here.localhost_nodeports = false;
+    assert!(!compute(&svc, &[], &here).frontends.contains_key(&tcp("127.0.0.1", 30080)), "left out by the filter");
+    let cidrs = |list: &[&str]| list.iter().map(|c| c.parse().unwrap()).collect::<Vec<Cidr>>();
+    assert!(NodeInfo::from_node(NODE, None, &[]).localhost_nodeports, "no --nodeport-addresses: served");
+    assert!(NodeInfo::from_node(NODE, None, &cidrs(&["127.0.0.0/8"])).localhost_nodeports);
+    assert!(!NodeInfo::from_node(NODE, None, &cidrs(&["172.18.0.0/16"])).localhost_nodeports);
 }

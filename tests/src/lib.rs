@@ -4,8 +4,10 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod bench;
 pub mod cgroup;
 pub mod client;
+pub mod conformance;
 pub mod fixtures;
 pub mod netns;
 pub mod pod;

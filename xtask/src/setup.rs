@@ -18,6 +18,10 @@ const APT: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("nsenter", "util-linux"),
     ("ethtool", "ethtool"),
+    // The benchmark's TC floor: a minimal C program compiled for BPF.
+    ("clang", "clang"),
+    // A header package has no command: `found` joins an absolute path as that path itself.
+    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
 ];
 
 /// The bpf-linker release that builds against the nightly's LLVM 22.

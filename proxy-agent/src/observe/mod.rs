@@ -101,15 +101,18 @@ pub fn start(config: ObserveConfig, metrics: Metrics) -> Observer {
     }
     if let Some(address) = config.metrics.0 {
         let (health, root) = (health.clone(), config.bpf_root.clone());
-        let handler: http::Handler = Arc::new(move |path| {
-            (path == "/metrics").then(|| {
+        let handler: http::Handler = Arc::new(move |path| match path {
+            "/metrics" => {
                 collect(&metrics, &health, &root);
-                http::reply(
+                Some(http::reply(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     metrics.encode(),
-                )
-            })
+                ))
+            }
+            // kube-proxy names its mode here (iptables, ipvs, nftables).
+            "/proxyMode" => Some(http::reply(StatusCode::OK, "text/plain", "ebpf".into())),
+            _ => None,
         });
         tokio::spawn(serve("--metrics-bind-address", address, "/metrics", handler));
     }

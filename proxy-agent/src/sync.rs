@@ -403,14 +403,7 @@ impl<S: MapStore> Syncer<S> {
     ) {
         let old = self.owned.remove(key).unwrap_or_default();
         for frontend in old.iter().filter(|f| !desired.contains_key(f)) {
-            match self.writer.remove(*frontend) {
-                Ok(stats) => report.writes += stats,
-                Err(e) => self.write_failed(key, frontend, &e, report),
-            }
-            self.holder.remove(frontend);
-            if let Some(waiting) = self.contenders.remove(frontend) {
-                requeue.extend(waiting);
-            }
+            self.release_frontend(key, frontend, report, requeue);
         }
         let mut owned = BTreeSet::new();
         for (frontend, entry) in desired {
@@ -471,17 +464,28 @@ impl<S: MapStore> Syncer<S> {
             if self.holder.get(frontend).is_none_or(|h| h != key) {
                 continue;
             }
-            match self.writer.remove(*frontend) {
-                Ok(stats) => report.writes += stats,
-                Err(e) => self.write_failed(key, frontend, &e, report),
-            }
-            self.holder.remove(frontend);
-            if let Some(waiting) = self.contenders.remove(frontend) {
-                requeue.extend(waiting);
-            }
+            self.release_frontend(key, frontend, report, requeue);
         }
         warn!(service = key, "service refused as a whole (no room in the maps?); retried on every sync");
         self.refused.insert(key.to_owned());
+    }
+
+    /// Removes `frontend` of service `key` from the maps and lets services that wanted it in.
+    fn release_frontend(
+        &mut self,
+        key: &str,
+        frontend: &Frontend,
+        report: &mut SyncReport,
+        requeue: &mut BTreeSet<String>,
+    ) {
+        match self.writer.remove(*frontend) {
+            Ok(stats) => report.writes += stats,
+            Err(e) => self.write_failed(key, frontend, &e, report),
+        }
+        self.holder.remove(frontend);
+        if let Some(waiting) = self.contenders.remove(frontend) {
+            requeue.extend(waiting);
+        }
     }
 
     fn write_failed(&self, key: &str, frontend: &Frontend, error: &S::Error, report: &mut SyncReport) {

@@ -320,11 +320,13 @@ fn the_report_is_read_and_judged() {
         tests,
         gap: if tests.is_empty() { "needs X" } else { "" },
     };
+    let partly = conformance::Row { gap: "needs Y", ..row(5, &["s::e2e_01_a"], Reproducible::Yes) };
     let judged = [
         row(1, &["s::e2e_01_a"], Reproducible::Yes),
         row(2, &["s::e2e_01_a", "s::e2e_02_b"], Reproducible::Yes),
         row(3, &[], Reproducible::YesStar),
         row(4, &[], Reproducible::No),
+        partly,
     ]
     .map(|r| (r, conformance::judge(&r, &keyed, |t| (t == "s::e2e_02_b").then(|| "flaky".to_owned()))));
     assert_eq!(judged[0].1, Verdict::Pass);
@@ -336,8 +338,9 @@ fn the_report_is_read_and_judged() {
     );
     assert_eq!(judged[2].1, Verdict::Missing("needs X".into()));
     assert_eq!(judged[3].1, Verdict::NotApplicable("needs X".into()));
+    assert_eq!(judged[4].1, Verdict::Missing("needs Y (what is proven passes: `s::e2e_01_a`)".into()));
     let table = conformance::render(&judged, "Run by a test.");
-    assert!(table.contains("**1 of 83 pass** (1 fail, 1 have no test yet; 1 rows need a cluster"), "{table}");
+    assert!(table.contains("**1 of 83 pass** (1 fail, 2 miss a behaviour or a test; 1 rows need a cluster"), "{table}");
     assert!(table.contains("| 1 | t |  | yes | pass | `s::e2e_01_a` |"), "{table}");
 }
 

@@ -279,8 +279,9 @@ fn run_conformance(root: &std::path::Path, quick: bool) -> anyhow::Result<()> {
          tests that reproduce it here (`suite::test`: a file of `tests/tests/` and a test in it; the \
          table is `tests/src/conformance.rs`) and how they did. {}\n\n\
          *pass*: every test of the row passed. *fail*: a test failed; *known* gives the reason its \
-         `#[ignore]` states (known failures run all the same). *missing*: no test yet, and what the \
-         row needs. *n/a*: needs DNS, kubelet or a controller's trigger; not counted.",
+         `#[ignore]` states (known failures run all the same). *missing*: what the row needs that \
+         nothing proves yet, a behaviour the datapath lacks or a test (tests that prove part of the \
+         row are named). *n/a*: needs DNS, kubelet or a controller's trigger; not counted.",
         if quick { " --quick" } else { "" },
         kernel.trim(),
         started.elapsed().as_secs_f64() / 60.0,

@@ -209,17 +209,13 @@ impl<S: MapStore> Writer<S> {
         }
         let gone = std::mem::take(&mut self.gone);
         let entries = self.store.forget(&gone)?;
-        let mut live: HashSet<([u8; 4], u16, [u8; 4], u16)> = HashSet::new();
-        for (frontend, programmed) in &self.programmed {
-            for id in programmed.external.iter().chain(programmed.internal.iter().flatten()) {
-                if let Some(b) = self.backend_by_id.get(id) {
-                    live.insert((frontend.address.octets(), frontend.port, b.address, b.port));
-                }
-            }
-        }
         let mut sockets = HashSet::new();
         for (key, frontend) in self.store.sock_rev_entries() {
-            if !live.contains(&(frontend.address, frontend.port, key.address, key.port)) {
+            // sock_rev does not record the protocol: either frontend will do.
+            let live = [proto::TCP, proto::UDP]
+                .iter()
+                .any(|&p| self.behind(frontend.address, frontend.port, p, key.address, key.port));
+            if !live {
                 self.store.delete_sock_rev(key)?;
                 sockets.insert(key.cookie);
             }
@@ -234,12 +230,26 @@ impl<S: MapStore> Writer<S> {
             }
             let frontend = if value.flags & CT_F_REPLY != 0 { (value.src, value.sport) } else { (key.dst, key.dport) };
             let backend = self.backend_by_id.get(&value.backend_id).map(|b| (b.address, b.port));
-            if !backend.is_some_and(|(address, port)| live.contains(&(frontend.0, frontend.1, address, port))) {
+            if !backend.is_some_and(|(address, port)| self.behind(frontend.0, frontend.1, proto::UDP, address, port)) {
                 self.store.delete_conntrack(key)?;
                 flows += 1;
             }
         }
         Ok(Departed { entries: entries + flows, sockets })
+    }
+
+    /// Whether backend (address, port) is behind the programmed frontend (address, port, proto).
+    /// Looks at that one frontend only: it runs once per socket or flow entry, after syncs that
+    /// removed backends, and must stay cheap however many services there are.
+    fn behind(&self, address: [u8; 4], port: u16, proto: u8, backend: [u8; 4], backend_port: u16) -> bool {
+        let frontend = Frontend { address: address.into(), port, proto };
+        let Some(programmed) = self.programmed.get(&frontend) else { return false };
+        programmed
+            .external
+            .iter()
+            .chain(programmed.internal.iter().flatten())
+            .filter_map(|id| self.backend_by_id.get(id))
+            .any(|b| b.address == backend && b.port == backend_port)
     }
 
     /// Writes the node's settings for the datapath.

@@ -417,7 +417,11 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
                 vec![
                     s(r, "datapath"),
                     format!("{} × 10", count(f(r, &["services"]).unwrap_or(0.0))),
-                    format!("{} s", num(f(r, &["seconds"]), 4)),
+                    if r["timed_out"].as_bool() == Some(true) {
+                        format!("> {} s (killed at the timeout)", num(f(r, &["seconds"]), 0))
+                    } else {
+                        format!("{} s", num(f(r, &["seconds"]), 4))
+                    },
                     notes,
                 ]
             })

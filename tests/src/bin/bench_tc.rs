@@ -69,7 +69,7 @@ fn syn_to(sport: u16, dport: u16) -> Vec<u8> {
     ip[9] = TCP;
     ip[12..16].copy_from_slice(&CLIENT.octets());
     ip[16..20].copy_from_slice(&NODE.octets());
-    let sum = checksum(ip);
+    let sum = proxy_tests::bench::checksum(ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let tcp = &mut packet[34..54];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -78,14 +78,6 @@ fn syn_to(sport: u16, dport: u16) -> Vec<u8> {
     tcp[13] = 0x02;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
     packet
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
-    while sum > 0xffff {
-        sum = (sum >> 16) + (sum & 0xffff);
-    }
-    !(sum as u16)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

@@ -72,6 +72,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub min_sync_period: Duration,
 
+    /// How often the maps are checked against what was programmed (entries deleted or changed
+    /// outside the agent are put back, stale affinity, socket and flow entries removed), and
+    /// half of how long `/healthz` tolerates a problem, such as an unreachable API server.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sync_period: Duration,
+
     /// Size of the services map (frontends and backend slots).
     #[arg(long, value_name = "N", default_value_t = proxy_common::maps::SERVICES_MAX_ENTRIES)]
     pub services_map_size: u32,
@@ -182,6 +188,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: args.metrics_bind_address,
         bpf_root: opts.bpf_root.clone(),
         cgroup: opts.cgroup.clone(),
+        health_timeout: args.sync_period * 2,
     };
     let observer = observe::start(observe, metrics.clone());
     let host_netns_cookie = datapath::netns_cookie().unwrap_or_else(|error| {
@@ -200,7 +207,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => {
             let client = kube::client(args.kubeconfig.as_deref()).await?;
             tokio::spawn(async move {
-                kube::run(client, node_name, updates_tx).await;
+                kube::run(client, node_name, updates_tx, metrics).await;
                 Ok(())
             })
         }
@@ -223,11 +230,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     syncer.on_node_change(Box::new(attach.clone()));
-    let sync = tokio::spawn(sync::run(syncer, updates, args.min_sync_period));
+    let sync = tokio::spawn(sync::run(syncer, updates, args.min_sync_period, args.sync_period));
+    let sync_period = args.sync_period;
     let interfaces = tokio::spawn(async move {
         let mut tick = tokio::time::interval(INTERFACE_RESCAN);
+        let mut checked = tokio::time::Instant::now();
         loop {
             tick.tick().await;
+            if checked.elapsed() >= sync_period {
+                checked = tokio::time::Instant::now();
+                restore_links(&datapath);
+            }
             let info = node.borrow_and_update().clone();
             attach(&info);
         }
@@ -239,6 +252,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     interfaces.abort();
     Ok(())
+}
+
+/// The periodic check of the links (`--sync-period`): programs detached under the agent are
+/// attached again.
+fn restore_links(datapath: &std::sync::Mutex<Datapath>) {
+    let mut datapath = datapath.lock().unwrap_or_else(|e| e.into_inner());
+    match datapath.restore_links() {
+        Ok(lost) if lost.is_empty() => {}
+        Ok(lost) => tracing::warn!(?lost, "links removed or detached outside the agent; attaching again"),
+        Err(error) => tracing::warn!(%error, "checking the program links failed"),
+    }
 }
 
 async fn shutdown_signal() {

@@ -24,6 +24,11 @@ struct MapLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProgramLabels {
     program: String,
     state: &'static str,
@@ -56,7 +61,10 @@ struct Inner {
     map_capacity: Family<MapLabel, Gauge>,
     map_fill: Family<MapLabel, Gauge<f64, AtomicU64>>,
     program_links: Family<ProgramLabels, Gauge>,
+    source_up: Family<KindLabel, Gauge>,
     status: Mutex<SyncStatus>,
+    /// Since when each kind's watch has failed (absent: it works).
+    source_failing: Mutex<std::collections::BTreeMap<String, SystemTime>>,
 }
 
 impl Default for Metrics {
@@ -94,6 +102,12 @@ impl Metrics {
             "Pinned program links by program and state (attached: the kernel runs the program where it belongs)",
             program_links.clone(),
         );
+        let source_up = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "source_up",
+            "1 while the watch of a kind works, 0 while the API server does not answer it",
+            source_up.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry: Mutex::new(registry),
@@ -107,7 +121,9 @@ impl Metrics {
                 map_capacity,
                 map_fill,
                 program_links,
+                source_up,
                 status: Mutex::new(SyncStatus::default()),
+                source_failing: Mutex::default(),
             }),
         }
     }
@@ -143,6 +159,23 @@ impl Metrics {
     /// When syncs last succeeded and since when they fail.
     pub fn sync_status(&self) -> SyncStatus {
         *self.inner.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records whether the watch of `kind` works: a failure starts (or continues) an outage, an
+    /// event ends it.
+    pub fn source(&self, kind: &str, up: bool) {
+        self.inner.source_up.get_or_create(&KindLabel { kind: kind.to_owned() }).set(i64::from(up));
+        let mut failing = self.inner.source_failing.lock().unwrap_or_else(|e| e.into_inner());
+        match up {
+            true => failing.remove(kind),
+            false => Some(*failing.entry(kind.to_owned()).or_insert_with(SystemTime::now)),
+        };
+    }
+
+    /// The kinds whose watch fails, with since when.
+    pub fn source_failing(&self) -> Vec<(String, SystemTime)> {
+        let failing = self.inner.source_failing.lock().unwrap_or_else(|e| e.into_inner());
+        failing.iter().map(|(kind, since)| (kind.clone(), *since)).collect()
     }
 
     /// Records how full a pinned map is.

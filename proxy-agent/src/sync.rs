@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::{
-    datapath::writer::{MapStore, WriteStats, Writer},
+    datapath::writer::{Departed, MapStore, WriteStats, Writer},
     metrics::Metrics,
     model::{self, Cidr, Frontend, FrontendEntry, HealthCheck, NodeInfo, Skip, SkipReason, object_key, slice_service},
     source::{Change, Sourced, Update},
@@ -321,22 +321,8 @@ impl<S: MapStore> Syncer<S> {
         if health_changed {
             self.publish_health_checks();
         }
-        match self.writer.forget_departed() {
-            Ok(departed) => {
-                if departed.entries > 0 {
-                    debug!(entries = departed.entries, "removed affinity and socket entries of departed backends");
-                }
-                match crate::datapath::sockets::destroy_udp(&departed.sockets) {
-                    Ok(0) => {}
-                    Ok(destroyed) => info!(destroyed, "destroyed UDP sockets still sent to departed backends"),
-                    Err(error) => warn!(%error, "destroying UDP sockets of departed backends failed"),
-                }
-            }
-            Err(error) => {
-                warn!(%error, "removing affinity entries of departed backends failed");
-                report.errors += 1;
-            }
-        }
+        let departed = self.writer.forget_departed();
+        self.forget(departed, &mut report);
         if !self.swept {
             self.swept = true;
             match self.writer.sweep() {
@@ -351,6 +337,65 @@ impl<S: MapStore> Syncer<S> {
         report.backends = self.writer.backends();
         self.metrics.synced(started.elapsed().as_secs_f64(), report.frontends, report.backends, report.errors);
         report
+    }
+
+    /// The periodic full check (`--sync-period`, as kube-proxy's full resync): retries refused
+    /// services, puts back map entries deleted or changed under the agent, rewrites the node's
+    /// settings, and removes affinity, socket and UDP flow entries whose backend is no longer
+    /// behind their service (whatever events were missed). Nothing before the first full sync.
+    pub fn resync(&mut self) -> SyncReport {
+        if !self.swept {
+            return SyncReport::default();
+        }
+        let mut report = if self.refused.is_empty() { SyncReport::default() } else { self.sync() };
+        let started = Instant::now();
+        self.write_node_config();
+        match self.writer.restore() {
+            Ok(stats) => {
+                if stats != WriteStats::default() {
+                    warn!(
+                        service_writes = stats.service_writes,
+                        backend_writes = stats.backend_writes,
+                        "restored map entries that were deleted or changed outside the agent"
+                    );
+                }
+                report.writes += stats;
+            }
+            Err(error) => {
+                warn!(error = error_chain(&error), "restoring the service maps failed");
+                report.errors += 1;
+            }
+        }
+        let stale = self.writer.forget_stale();
+        self.forget(stale, &mut report);
+        report.frontends = self.writer.frontends();
+        report.backends = self.writer.backends();
+        self.metrics.synced(started.elapsed().as_secs_f64(), report.frontends, report.backends, report.errors);
+        report
+    }
+
+    /// Logs what [`Writer::forget_departed`] or [`Writer::forget_stale`] removed, and destroys
+    /// the UDP sockets still sent to departed backends.
+    fn forget(&self, departed: Result<Departed, S::Error>, report: &mut SyncReport) {
+        match departed {
+            Ok(departed) => {
+                if departed.entries > 0 {
+                    debug!(
+                        entries = departed.entries,
+                        "removed affinity, socket and flow entries of departed backends"
+                    );
+                }
+                match crate::datapath::sockets::destroy_udp(&departed.sockets) {
+                    Ok(0) => {}
+                    Ok(destroyed) => info!(destroyed, "destroyed UDP sockets still sent to departed backends"),
+                    Err(error) => warn!(%error, "destroying UDP sockets of departed backends failed"),
+                }
+            }
+            Err(error) => {
+                warn!(error = error_chain(&error), "removing affinity entries of departed backends failed");
+                report.errors += 1;
+            }
+        }
     }
 
     /// Records a service's health check; whether anything changed.
@@ -514,10 +559,36 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Runs the sync loop until every source has closed: applies updates as they come, and syncs
-/// at most once per `min_sync_period` (the first change of a burst waits at most that long).
-pub async fn run<S: MapStore>(mut syncer: Syncer<S>, mut updates: mpsc::Receiver<Update>, min_sync_period: Duration) {
+/// at most once per `min_sync_period` (the first change of a burst waits at most that long);
+/// every `sync_period` checks the maps against what was programmed ([`Syncer::resync`]).
+pub async fn run<S: MapStore>(
+    mut syncer: Syncer<S>,
+    mut updates: mpsc::Receiver<Update>,
+    min_sync_period: Duration,
+    sync_period: Duration,
+) {
     let mut last_sync = Instant::now() - min_sync_period;
-    while let Some(update) = updates.recv().await {
+    let mut resync = tokio::time::interval_at((Instant::now() + sync_period).into(), sync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let update = tokio::select! {
+            update = updates.recv() => match update {
+                Some(update) => update,
+                None => return,
+            },
+            _ = resync.tick() => {
+                let started = Instant::now();
+                let report = syncer.resync();
+                debug!(
+                    service_writes = report.writes.service_writes,
+                    backend_writes = report.writes.backend_writes,
+                    errors = report.errors,
+                    took_ms = format_args!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
+                    "checked the maps against what was programmed"
+                );
+                continue;
+            }
+        };
         syncer.apply(update);
         let deadline = last_sync + min_sync_period;
         loop {

@@ -81,3 +81,25 @@ pub fn probe(probe_bin: &Path, ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str
     }
     Ok(tally)
 }
+
+/// A plain HTTP/1.1 GET from inside `ns` (a thread that enters it): the status and the body.
+pub fn http_get(ns: &Netns, to: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter()?;
+            let timeout = std::time::Duration::from_secs(5);
+            let mut conn =
+                std::net::TcpStream::connect_timeout(&to, timeout).with_context(|| format!("connecting to {to}"))?;
+            conn.set_read_timeout(Some(timeout))?;
+            write!(conn, "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            conn.read_to_string(&mut response).with_context(|| format!("reading the answer of {to}{path}"))?;
+            let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            Ok((status, body))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the HTTP thread panicked"))?
+    })
+}

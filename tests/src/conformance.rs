@@ -673,8 +673,8 @@ pub const ROWS: &[Row] = &[
         title: "Networking: should recreate its iptables rules if they are deleted [Disruptive]",
         conformance: false,
         reproducible: Reproducible::Yes,
-        tests: &[],
-        gap: "missing: the agent writes map entries only on changes and never checks them against what it programmed (no periodic full resync, kube-proxy's --sync-period): entries deleted under it stay deleted until the next change of that service or a restart; /healthz checks links, not map contents",
+        tests: &["reliability::wiped_maps_and_links_are_restored_by_the_periodic_check"],
+        gap: "",
     },
     Row {
         number: 75,

@@ -27,7 +27,7 @@ use proxy_common::{
 use proxy_tests::{
     agent::{Agent, Synced},
     apiserver::ApiServer,
-    client::{Tally, probe},
+    client::{Tally, http_get, probe},
     fixtures::{service, slice},
     netns::Netns,
     topology::SingleNode,
@@ -578,6 +578,45 @@ fn e2e_09_apiserver_restart() {
     });
     assert_served_by(&c.connect(20, 10), 10, &[4]);
     assert_served_by(&c.connect(10, 50), 50, &[2, 3]);
+}
+
+/// Issue 8 item 3: with `--sync-period 1s`, `/healthz` tolerates problems for twice that, 2 s.
+/// The API server goes away: the datapath keeps serving, `/healthz` answers 503 naming the
+/// unanswered watches once the outage is longer than the window (never before), and 200 again
+/// once the agent has reconnected.
+#[test]
+fn healthz_turns_unhealthy_after_the_api_outage_window_and_back_after_recovery() {
+    const WINDOW: Duration = Duration::from_secs(2);
+    let c = Cluster::start(&[2, 3], &["--sync-period", "1s"], |s| {
+        s.apply(&web("web", 10));
+        s.apply(&endpoints("web", &[2, 3]));
+    });
+    c.wait_for_pods(10, Some(&[2, 3]), WAIT);
+    c.wait_for_watches();
+    let healthz = || {
+        let to = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 10256));
+        http_get(&c.topology.node, to, "/healthz").expect("asking /healthz")
+    };
+    wait_until("/healthz answers 200 after the first sync", WAIT, || healthz().0 == 200);
+
+    c.server.set_available(false);
+    let down = Instant::now();
+    let mut body = String::new();
+    wait_until("/healthz answers 503 during the outage", WAIT, || {
+        let (status, text) = healthz();
+        body = text;
+        status == 503
+    });
+    let unhealthy_after = down.elapsed();
+    assert!(unhealthy_after >= WINDOW, "503 only after the window: after {unhealthy_after:?}: {body}");
+    assert!(body.contains("the API server has not answered"), "the problem is named: {body}");
+    assert_served_by(&c.connect(10, 50), 50, &[2, 3]);
+
+    c.server.set_available(true);
+    wait_until("/healthz answers 200 after recovery", RECOVERY, || healthz().0 == 200);
+    c.server.apply(&web("web-new", 20));
+    c.server.apply(&endpoints("web-new", &[4]));
+    c.wait_for_pods(20, Some(&[4]), RECOVERY);
 }
 
 /// A stream of malformed objects: each is skipped with one log line naming it and the reason,

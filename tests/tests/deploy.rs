@@ -189,7 +189,8 @@ async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
     server.apply(&slice("apigw-test1", "a").port(80).endpoint("10.244.1.2").build());
     let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("URL"))).expect("client");
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let source = tokio::spawn(proxy_agent::source::kube::run(client, "node-1".into(), tx));
+    let source =
+        tokio::spawn(proxy_agent::source::kube::run(client, "node-1".into(), tx, proxy_agent::metrics::Metrics::new()));
     let mut listed = BTreeSet::new();
     tokio::time::timeout(Duration::from_secs(15), async {
         while listed.len() < 3 {

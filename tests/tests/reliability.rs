@@ -20,7 +20,9 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use k8s_openapi::api::core::v1::Service;
+use proxy_agent::datapath::writer::MapStore as _;
 use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
     backend::Backend,
     service::{ServiceKey, ServiceValue},
 };
@@ -504,6 +506,77 @@ fn no_new_flow_reaches_a_backend_removed_while_the_agent_was_down() {
         ("NodePort", cluster.connects_from_outside(node1(30023), 100)),
     ] {
         assert_eq!(tally.from("pod-a"), 100, "shrunk, {what}: only pod-a: {tally:?}");
+    }
+}
+
+/// Polls `done` every 50 ms until it holds; panics naming `what` after [`WAIT`].
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {WAIT:?}: {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// e2e row 74 (the eBPF analog of "should recreate its iptables rules if they are deleted") and
+/// issue 8 item 4's periodic reconciliation, with `--sync-period 1s`: someone flushes the
+/// `services` and `backends` maps and unpins every program link (which detaches the programs),
+/// and rewrites an affinity entry to a backend that is not behind its service. Without any
+/// change in the cluster, the periodic check puts the maps and links back and removes the stale
+/// affinity entry; then ClusterIP (socket path) and NodePort (TC path) serve both pods again.
+#[test]
+fn wiped_maps_and_links_are_restored_by_the_periodic_check() {
+    let mut cluster = Cluster::start(1, &["--sync-period", "1s"], |m| {
+        m.service(&nodeport("web", 30, 30030).build(), &BOTH);
+        m.service(&nodeport("sticky", 31, 30031).session_affinity(None).build(), &BOTH);
+    });
+    for last in [30, 31] {
+        cluster.agents[0].wait_for_count(vip(last), PORT, Some(2), WAIT).expect("programmed");
+    }
+    let root = cluster.agents[0].bpf_root().to_owned();
+
+    // An affinity entry, scribbled to name a backend no service has.
+    let sticky = cluster.connects_from_pod(clusterip(31), 5);
+    assert_eq!(sticky.answered(), 5, "{sticky:?}");
+    let affinity_pin = aya::maps::MapData::from_pin(root.join(proxy_common::maps::AFFINITY)).expect("affinity pin");
+    let mut affinity: aya::maps::HashMap<_, AffinityKey, AffinityValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(affinity_pin)).expect("the affinity map");
+    let (key, value) = affinity.iter().next().expect("the connects left an affinity entry").expect("reading it");
+    const NO_SUCH_BACKEND: u32 = 0x7fff_fff0;
+    affinity.insert(key, AffinityValue { backend_id: NO_SUCH_BACKEND, ..value }, 0).expect("rewriting the entry");
+
+    // Flush the service maps and unpin every link.
+    let mut maps = proxy_agent::datapath::AyaMaps::from_pins(&root).expect("opening the pinned maps");
+    let (services, backends) = snapshot(&root);
+    for key in services.keys() {
+        maps.delete_service(*key).expect("deleting a services entry");
+    }
+    for id in backends.keys() {
+        maps.delete_backend(*id).expect("deleting a backends entry");
+    }
+    let links: Vec<PathBuf> =
+        std::fs::read_dir(root.join("links")).expect("links/").map(|e| e.expect("an entry").path()).collect();
+    assert!(links.len() >= 5, "four cgroup links and at least one TC link: {links:?}");
+    for link in &links {
+        std::fs::remove_file(link).expect("unpinning a link");
+    }
+
+    let agent = &mut cluster.agents[0];
+    agent.wait_for_log("restored map entries", WAIT).expect("the agent restores the maps");
+    agent.wait_for_log("links removed or detached outside the agent", WAIT).expect("the agent restores the links");
+    wait_until("every link is pinned again", || links.iter().all(|l| l.exists()));
+    assert_eq!(snapshot(&root), (services, backends), "the maps hold what they held before the flush");
+    wait_until("the stale affinity entry is removed", || {
+        affinity.get(&key, 0).map_or(true, |v| v.backend_id != NO_SUCH_BACKEND)
+    });
+    let attached = bpftool_cgroup(cluster.topology.nodes[0].cgroup.path());
+    assert_eq!(attached, 4, "the four socket programs are attached to the node's cgroup again");
+    for (what, tally) in [
+        ("ClusterIP", cluster.connects_from_pod(clusterip(30), 40)),
+        ("NodePort", cluster.connects_from_outside(node1(30030), 40)),
+    ] {
+        assert_eq!(tally.answered(), 40, "{what}: {tally:?}");
+        assert!(tally.from("pod-a") > 0 && tally.from("pod-b") > 0, "{what}: both pods serve again: {tally:?}");
     }
 }
 

@@ -6,7 +6,7 @@ pub mod sockets;
 pub mod writer;
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::BTreeSet,
     fs, io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -161,6 +161,8 @@ pub struct LoadOptions {
 pub struct Datapath {
     ebpf: Ebpf,
     root: PathBuf,
+    /// The cgroup the socket programs attach to.
+    cgroup: PathBuf,
     /// Interfaces the TC program is attached to (by this agent).
     interfaces: BTreeSet<String>,
 }
@@ -184,26 +186,6 @@ impl Datapath {
             .map_max_entries(maps::SERVICE_NAMES, opts.services_max.min(maps::SERVICE_NAMES_MAX_ENTRIES))
             .map_max_entries(maps::CONNTRACK, opts.conntrack_max);
         let mut ebpf = loader.load(OBJECT)?;
-        let cgroup = fs::File::open(&opts.cgroup)
-            .map_err(|source| DatapathError::Cgroup { path: opts.cgroup.clone(), source })?;
-        for &name in CGROUP_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(ProgramError::UnexpectedProgramType)
-                .and_then(TryInto::try_into)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            program.load().map_err(|source| DatapathError::Program { name, source })?;
-            let id = program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = program.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
-            let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
-                path: links.join(name),
-                detail: e.to_string(),
-            })?;
-            replace_pinned_link(link, &links.join(name))?;
-            info!(program = name, cgroup = %opts.cgroup.display(), "attached");
-        }
         let program: &mut SchedClassifier = ebpf
             .program_mut(TC_PROGRAM)
             .ok_or(ProgramError::UnexpectedProgramType)
@@ -211,7 +193,71 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
         program.load().map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
         let maps = AyaMaps::open(&mut ebpf)?;
-        Ok((Self { ebpf, root: opts.bpf_root.clone(), interfaces: BTreeSet::new() }, maps))
+        let mut datapath =
+            Self { ebpf, root: opts.bpf_root.clone(), cgroup: opts.cgroup.clone(), interfaces: BTreeSet::new() };
+        for &name in CGROUP_PROGRAMS {
+            let program: &mut CgroupSockAddr = datapath
+                .ebpf
+                .program_mut(name)
+                .ok_or(ProgramError::UnexpectedProgramType)
+                .and_then(TryInto::try_into)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            program.load().map_err(|source| DatapathError::Program { name, source })?;
+            datapath.attach_cgroup(name)?;
+        }
+        Ok((datapath, maps))
+    }
+
+    /// Attaches the loaded cgroup program `name` to the cgroup and pins its link, replacing the
+    /// link pinned there before only once the new one is in.
+    fn attach_cgroup(&mut self, name: &'static str) -> Result<(), DatapathError> {
+        let cgroup = fs::File::open(&self.cgroup)
+            .map_err(|source| DatapathError::Cgroup { path: self.cgroup.clone(), source })?;
+        let pin = self.root.join("links").join(name);
+        let program: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(TryInto::try_into)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let id = program
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let link = program.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
+        let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+            path: pin.clone(),
+            detail: e.to_string(),
+        })?;
+        replace_pinned_link(link, &pin)?;
+        info!(program = name, cgroup = %self.cgroup.display(), "attached");
+        Ok(())
+    }
+
+    /// Puts back programs whose link was removed or detached under the agent (a deleted pin,
+    /// `bpftool link detach`), checked against the kernel as `/healthz` does: cgroup programs
+    /// are attached again at once, TC links are forgotten so that the next
+    /// [`Datapath::attach_interfaces`] attaches them again. Returns the links lost.
+    pub fn restore_links(&mut self) -> Result<Vec<String>, DatapathError> {
+        let links = self.root.join("links");
+        let present = crate::observe::kernel::pinned_links(&links, &self.cgroup)
+            .map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?;
+        let attached: BTreeSet<&str> = present.iter().filter(|l| l.attached).map(|l| l.pin.as_str()).collect();
+        let mut lost = Vec::new();
+        for &name in CGROUP_PROGRAMS.iter().filter(|name| !attached.contains(*name)) {
+            self.attach_cgroup(name)?;
+            lost.push(name.to_owned());
+        }
+        let interfaces: Vec<String> = self
+            .interfaces
+            .iter()
+            .filter(|i| !attached.contains(format!("{TC_PROGRAM}-{i}").as_str()) && interface_exists(i))
+            .cloned()
+            .collect();
+        for interface in interfaces {
+            self.interfaces.remove(&interface);
+            lost.push(format!("{TC_PROGRAM}-{interface}"));
+        }
+        Ok(lost)
     }
 
     /// Attaches the TC program to the node's interfaces that do not have it yet: those holding
@@ -484,19 +530,19 @@ impl MapStore for AyaMaps {
         self.config.set(0, config, 0)
     }
 
-    fn forget(&mut self, gone: &HashSet<(u32, BackendId)>) -> Result<usize, MapError> {
+    fn forget(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, MapError> {
         let stale_affinity: Vec<AffinityKey> = self
             .affinity
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| gone.contains(&(k.service_id, v.backend_id)))
+            .filter(|(k, v)| gone(k.service_id, v.backend_id))
             .map(|(k, _)| k)
             .collect();
         let stale_sockets: Vec<SockBackendKey> = self
             .sock_backend
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, v)| gone.contains(&(v.service_id, v.backend_id)))
+            .filter(|(_, v)| gone(v.service_id, v.backend_id))
             .map(|(k, _)| k)
             .collect();
         for key in &stale_affinity {
@@ -532,8 +578,8 @@ impl MapStore for AyaMaps {
         absent_ok(self.source_ranges.remove(&source_range_key(frontend, cidr)))
     }
 
-    fn service_keys(&self) -> Vec<ServiceKey> {
-        self.services.keys().filter_map(Result::ok).collect()
+    fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.services().collect()
     }
 
     fn backend_entries(&self) -> Vec<(BackendId, Backend)> {

@@ -41,8 +41,8 @@ pub trait MapStore {
     /// Deletes a `service_names` entry (absent is fine).
     fn delete_service_name(&mut self, id: u32) -> Result<(), Self::Error>;
     /// Deletes affinity and UDP-socket entries that keep a client on a backend which left that
-    /// service port; returns how many went.
-    fn forget(&mut self, gone: &HashSet<(u32, BackendId)>) -> Result<usize, Self::Error>;
+    /// service port (`gone(service id, backend id)` says which); returns how many went.
+    fn forget(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, Self::Error>;
     /// Every `conntrack` entry.
     fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)>;
     /// Deletes a `conntrack` entry (absent is fine).
@@ -57,8 +57,8 @@ pub trait MapStore {
     fn delete_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Self::Error>;
     /// Writes the node's settings (`config` map).
     fn put_config(&mut self, config: NodeConfig) -> Result<(), Self::Error>;
-    /// Every `services` key present.
-    fn service_keys(&self) -> Vec<ServiceKey>;
+    /// Every `services` entry present.
+    fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)>;
     /// Every `backends` entry present.
     fn backend_entries(&self) -> Vec<(BackendId, Backend)>;
     /// Every `service_names` entry present.
@@ -208,7 +208,25 @@ impl<S: MapStore> Writer<S> {
             return Ok(Departed::default());
         }
         let gone = std::mem::take(&mut self.gone);
-        let entries = self.store.forget(&gone)?;
+        self.forget_where(&|service, backend| gone.contains(&(service, backend)))
+    }
+
+    /// The periodic check behind [`Writer::forget_departed`]: deletes every affinity, socket
+    /// and UDP flow entry whose backend is not behind its service now, whatever the events
+    /// said (entries an earlier agent left, or ones an event was lost for).
+    pub fn forget_stale(&mut self) -> Result<Departed, S::Error> {
+        self.gone.clear();
+        let mut live = HashSet::new();
+        for p in self.programmed.values() {
+            let plain = p.master.service_id & !SERVICE_ID_LOCAL_SET;
+            live.extend(p.external.iter().map(|b| (p.master.service_id, *b)));
+            live.extend(p.internal.iter().flatten().map(|b| (plain, *b)));
+        }
+        self.forget_where(&|service, backend| !live.contains(&(service, backend)))
+    }
+
+    fn forget_where(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<Departed, S::Error> {
+        let entries = self.store.forget(gone)?;
         let mut sockets = HashSet::new();
         for (key, frontend) in self.store.sock_rev_entries() {
             // sock_rev does not record the protocol: either frontend will do.
@@ -261,26 +279,94 @@ impl<S: MapStore> Writer<S> {
     /// masters first, then slots, then backends.
     pub fn sweep(&mut self) -> Result<WriteStats, S::Error> {
         let mut stats = WriteStats::default();
-        let mut stale: Vec<ServiceKey> =
-            self.store.service_keys().into_iter().filter(|key| !self.is_programmed(key)).collect();
+        let services: Vec<ServiceKey> = self.store.service_entries().into_iter().map(|(key, _)| key).collect();
+        for (_, id) in std::mem::take(&mut self.backends.reserved) {
+            self.backends.in_use.remove(&id);
+        }
+        let backends: Vec<BackendId> = self.store.backend_entries().into_iter().map(|(id, _)| id).collect();
+        self.delete_unprogrammed(services, backends, &mut stats)?;
+        for (_, id) in std::mem::take(&mut self.services.reserved) {
+            self.services.in_use.remove(&id);
+            self.store.delete_service_name(id)?;
+        }
+        Ok(stats)
+    }
+
+    /// Deletes the `services` keys and backend ids among those given that this writer did not
+    /// program: masters first, then slots, then backends.
+    fn delete_unprogrammed(
+        &mut self,
+        services: Vec<ServiceKey>,
+        backends: Vec<BackendId>,
+        stats: &mut WriteStats,
+    ) -> Result<(), S::Error> {
+        let mut stale: Vec<ServiceKey> = services.into_iter().filter(|key| !self.is_programmed(key)).collect();
         stale.sort_by_key(|k| (k.slot, k.scope));
         for key in stale {
             self.store.delete_service(key)?;
             stats.service_writes += 1;
         }
-        for (_, id) in std::mem::take(&mut self.backends.reserved) {
-            self.backends.in_use.remove(&id);
+        for id in backends.into_iter().filter(|id| !self.backend_by_id.contains_key(id)) {
+            self.store.delete_backend(id)?;
+            stats.backend_writes += 1;
         }
-        for (id, _) in self.store.backend_entries() {
-            if !self.backend_by_id.contains_key(&id) {
-                self.store.delete_backend(id)?;
+        Ok(())
+    }
+
+    /// Compares the maps with what this writer programmed and puts back whatever differs:
+    /// entries deleted or changed under the agent are rewritten, entries nobody programmed are
+    /// deleted (kube-proxy's periodic full sync restores its rules the same way). Writes in
+    /// [`Writer::upsert`]'s order: backends, names and source ranges, slots, then masters;
+    /// deletions as the sweep does them. Only after the first sweep (ids reserved from an
+    /// earlier agent are settled by then).
+    pub fn restore(&mut self) -> Result<WriteStats, S::Error> {
+        let mut stats = WriteStats::default();
+        let backends: HashMap<BackendId, Backend> = self.store.backend_entries().into_iter().collect();
+        for (id, backend) in &self.backend_by_id {
+            if backends.get(id) != Some(backend) {
+                self.store.put_backend(*id, *backend)?;
                 stats.backend_writes += 1;
             }
         }
-        for (_, id) in std::mem::take(&mut self.services.reserved) {
-            self.services.in_use.remove(&id);
-            self.store.delete_service_name(id)?;
+        let names: HashMap<u32, ServiceName> = self.store.service_names().into_iter().collect();
+        for (service, (id, _)) in &self.services.ids {
+            let name = service_name(service);
+            if names.get(id) != Some(&name) {
+                self.store.put_service_name(*id, name)?;
+            }
         }
+        let present: HashMap<ServiceKey, ServiceValue> = self.store.service_entries().into_iter().collect();
+        let mut masters = Vec::with_capacity(self.programmed.len());
+        for (frontend, p) in &self.programmed {
+            // Idempotent, and LPM trie lookups do not say which prefix matched: simply rewritten.
+            for cidr in &p.ranges {
+                self.store.put_source_range(frontend, cidr)?;
+            }
+            let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+            let scopes = [(key, Some(&p.external)), (key.with_scope(SCOPE_INTERNAL), p.internal.as_ref())];
+            for (scope, ids) in scopes {
+                for (i, &backend_id) in ids.into_iter().flatten().enumerate() {
+                    let slot = scope.with_slot(i as u16 + 1);
+                    let value = ServiceValue { backend_id, ..ServiceValue::default() };
+                    if present.get(&slot) != Some(&value) {
+                        self.store.put_service(slot, value)?;
+                        stats.service_writes += 1;
+                    }
+                }
+            }
+            if let Some(internal) = &p.internal {
+                masters
+                    .push((key.with_scope(SCOPE_INTERNAL), ServiceValue { count: internal.len() as u16, ..p.master }));
+            }
+            masters.push((key, p.master));
+        }
+        for (key, value) in masters {
+            if present.get(&key) != Some(&value) {
+                self.store.put_service(key, value)?;
+                stats.service_writes += 1;
+            }
+        }
+        self.delete_unprogrammed(present.into_keys().collect(), backends.into_keys().collect(), &mut stats)?;
         Ok(stats)
     }
 
@@ -761,7 +847,7 @@ mod tests {
             Ok(())
         }
 
-        fn forget(&mut self, _: &HashSet<(u32, BackendId)>) -> Result<usize, Full> {
+        fn forget(&mut self, _: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, Full> {
             Ok(0)
         }
 
@@ -807,8 +893,8 @@ mod tests {
             self.delete(Op::DeleteBackend(id))
         }
 
-        fn service_keys(&self) -> Vec<ServiceKey> {
-            self.maps.services.keys().copied().collect()
+        fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)> {
+            self.maps.services.iter().map(|(key, value)| (*key, *value)).collect()
         }
 
         fn backend_entries(&self) -> Vec<(BackendId, Backend)> {
@@ -962,6 +1048,21 @@ mod tests {
             self.leftovers = false;
             self.check();
             ops
+        }
+
+        /// The periodic check: puts back what differs from the last state. The maps may be half
+        /// written when it starts (that is why it runs), so only the end is checked.
+        fn restore(&mut self) -> WriteStats {
+            let stats = self.writer.restore().unwrap();
+            let ops = self.writer.store().ops[self.replayed..].to_vec();
+            for op in &ops {
+                self.kernel.apply(*op);
+            }
+            self.replayed += ops.len();
+            assert_eq!(self.kernel, self.writer.store().maps, "{}: replay and store disagree", self.label);
+            assert_eq!(stats, counts(&ops), "{}: the restore's stats count what it wrote", self.label);
+            self.check();
+            stats
         }
 
         /// Replays the operations recorded since the last call on the kernel maps, checking after
@@ -1236,6 +1337,36 @@ mod tests {
         assert!(again.is_empty(), "a second sweep finds nothing: {again:?}");
         harness.program(&State::new());
         assert_eq!(harness.kernel, Maps::default());
+    }
+
+    #[test]
+    fn restore_puts_back_entries_deleted_or_changed_under_the_writer() {
+        let (a, b, foreign) = (frontend(10), frontend(11), frontend(99));
+        let mut harness = Harness::new("restore");
+        harness.program(&state([(a, with_internal(entry("a", [1, 2, 3]), [2])), (b, entry("b", [3, 4]))]));
+        harness.sweep();
+        assert_eq!(harness.restore(), WriteStats::default(), "maps as programmed: nothing is written");
+
+        // Someone deletes and scribbles on entries (`bpftool map delete/update`).
+        let master = |f: Frontend| ServiceKey::master(f.address.octets(), f.port, f.proto);
+        let slot = |backend_id| ServiceValue { backend_id, ..ServiceValue::default() };
+        let maps = &mut harness.writer.store.maps;
+        maps.services.remove(&master(a));
+        maps.services.remove(&master(b).with_slot(2));
+        maps.services.insert(master(a).with_scope(SCOPE_INTERNAL).with_slot(1), slot(999));
+        let some_backend = *maps.backends.keys().min().unwrap();
+        maps.backends.remove(&some_backend);
+        maps.services.insert(master(foreign), ServiceValue { count: 1, ..ServiceValue::default() });
+        maps.services.insert(master(foreign).with_slot(1), slot(12_345));
+        maps.backends.insert(12_345, backends(&[endpoint(9)], TCP)[0]);
+        harness.kernel = maps.clone();
+
+        let stats = harness.restore();
+        // Master of a, slot 2 of b, a's internal slot, the foreign master and slot.
+        assert_eq!(stats.service_writes, 5, "{stats:?}");
+        // The deleted backend back, the foreign one gone.
+        assert_eq!(stats.backend_writes, 2, "{stats:?}");
+        assert_eq!(harness.restore(), WriteStats::default(), "restored maps need nothing more");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - an update has waited longer than the timeout for the sync loop to take it (kube-proxy's
 //!   "oldest pending update");
 //! - syncs have failed (map writes) for longer than the timeout;
+//! - the API server has not answered a watch for longer than the timeout (the datapath keeps
+//!   its last state meanwhile, but it may be stale: the node should not take new traffic);
 //! - a cgroup link pinned when the agent started is gone, or any pinned link is not attached
 //!   where it belongs (see [`super::kernel::pinned_links`]).
 
@@ -21,8 +23,8 @@ use tokio::sync::mpsc;
 use super::kernel::{self, Attachment, PinnedLink};
 use crate::{metrics::Metrics, source::Update};
 
-/// How long a pending update or a run of failing syncs is tolerated: kube-proxy's default
-/// (twice its 30 s sync period).
+/// How long a pending update, a run of failing syncs or an API outage is tolerated by default:
+/// kube-proxy's (twice its 30 s `--sync-period`; the agent uses twice its own).
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The health state shared by the sync path and the `/healthz` server; cheap to clone.
@@ -98,8 +100,8 @@ impl Report {
 
 impl Health {
     /// Health for the links pinned under `bpf_root/links` that attach to `cgroup`; the cgroup
-    /// links pinned now are the ones that must stay.
-    pub fn new(metrics: Metrics, bpf_root: PathBuf, cgroup: PathBuf) -> Self {
+    /// links pinned now are the ones that must stay. Problems are tolerated for `timeout`.
+    pub fn new(metrics: Metrics, bpf_root: PathBuf, cgroup: PathBuf, timeout: Duration) -> Self {
         let links_dir = bpf_root.join("links");
         let required = kernel::pinned_links(&links_dir, &cgroup)
             .unwrap_or_default()
@@ -107,7 +109,7 @@ impl Health {
             .filter(|l| matches!(l.info.map(|i| i.attachment), Some(Attachment::Cgroup { .. })))
             .map(|l| l.pin)
             .collect();
-        Self::with_timeout(metrics, links_dir, cgroup, required, HEALTH_TIMEOUT)
+        Self::with_timeout(metrics, links_dir, cgroup, required, timeout)
     }
 
     fn with_timeout(
@@ -185,6 +187,11 @@ impl Health {
         };
         if let Some(waited) = oldest.filter(|w| *w > inner.timeout) {
             problems.push(format!("an update has waited {:.0} s for the sync loop", waited.as_secs_f64()));
+        }
+        for (kind, since) in inner.metrics.source_failing() {
+            if secs(since) > inner.timeout.as_secs_f64() {
+                problems.push(format!("the API server has not answered the {kind} watch for {:.0} s", secs(since)));
+            }
         }
         let links = match kernel::pinned_links(&inner.links_dir, &inner.cgroup) {
             Ok(links) => links,

@@ -65,6 +65,8 @@ pub struct ObserveConfig {
     pub bpf_root: PathBuf,
     /// The cgroup the socket programs attach to.
     pub cgroup: PathBuf,
+    /// How long `/healthz` tolerates a problem (twice `--sync-period`).
+    pub health_timeout: Duration,
 }
 
 /// The running servers and the health state they answer from.
@@ -89,7 +91,7 @@ impl Observer {
 /// kube-proxy, an address that cannot be bound is logged and retried, never fatal: the
 /// datapath matters more than its probes.
 pub fn start(config: ObserveConfig, metrics: Metrics) -> Observer {
-    let health = Health::new(metrics.clone(), config.bpf_root.clone(), config.cgroup.clone());
+    let health = Health::new(metrics.clone(), config.bpf_root.clone(), config.cgroup.clone(), config.health_timeout);
     let required: Vec<&str> = health.required_links().collect();
     if required.is_empty() {
         warn!(bpf_root = %config.bpf_root.display(), "no cgroup link is pinned: /healthz will not see the socket programs");

@@ -4,7 +4,7 @@
 //! with backoff by the watcher (relisting when needed), never by exiting, and the datapath keeps
 //! its last state meanwhile.
 
-use std::{fmt::Debug, path::Path, sync::Arc};
+use std::{fmt::Debug, path::Path, sync::Arc, time::Duration};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
@@ -16,6 +16,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
+    api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -23,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{Change, Sourced, Update};
-use crate::model::object_key;
+use crate::{metrics::Metrics, model::object_key};
 
 /// Errors that keep the source from starting.
 #[derive(Debug, thiserror::Error)]
@@ -53,22 +54,70 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError
     Ok(Client::try_from(config)?)
 }
 
-/// Watches until `updates` closes.
-pub async fn run(client: Client, node_name: String, updates: mpsc::Sender<Update>) {
+/// Watches until `updates` closes; `metrics` learns whether each watch works (`/healthz` turns
+/// unhealthy when the API server stays away).
+pub async fn run(client: Client, node_name: String, updates: mpsc::Sender<Update>, metrics: Metrics) {
     let node_config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let all = watcher::Config::default;
     tokio::join!(
-        watch(Api::<Service>::all(client.clone()), watcher::Config::default(), updates.clone(), Update::Services),
-        watch(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), updates.clone(), Update::Slices),
-        watch(Api::<Node>::all(client), node_config, updates, Update::Nodes),
+        watch(Api::<Service>::all(client.clone()), all(), updates.clone(), Update::Services, &metrics),
+        watch(Api::<EndpointSlice>::all(client.clone()), all(), updates.clone(), Update::Slices, &metrics),
+        watch(Api::<Node>::all(client), node_config, updates, Update::Nodes, &metrics),
     );
 }
 
-/// One kind's watch loop: turns watcher events into [`Change`]s.
-async fn watch<K>(api: Api<K>, config: watcher::Config, updates: mpsc::Sender<Update>, wrap: fn(Change<K>) -> Update)
-where
+/// How often a kind whose watch failed is asked for again (a list of one object), to learn
+/// when the API server answers: a watch that comes back says nothing until something changes.
+const RECOVERY_PROBE: Duration = Duration::from_secs(1);
+
+/// One kind's watch loop, beside the probe that notices when the API server is back.
+async fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    updates: mpsc::Sender<Update>,
+    wrap: fn(Change<K>) -> Update,
+    metrics: &Metrics,
+) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let kind = K::kind(&()).into_owned();
+    let params = ListParams { field_selector: config.field_selector.clone(), limit: Some(1), ..Default::default() };
+    tokio::select! {
+        () = follow(api.clone(), config, updates, wrap, metrics, &kind) => {}
+        () = probe_while_failing(&api, &params, metrics, &kind) => {}
+    }
+}
+
+/// While the watch of `kind` fails, lists one object every [`RECOVERY_PROBE`]; an answer marks
+/// the kind reachable again (for `/healthz`). Never returns.
+async fn probe_while_failing<K>(api: &Api<K>, params: &ListParams, metrics: &Metrics, kind: &str)
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    loop {
+        tokio::time::sleep(RECOVERY_PROBE).await;
+        if !metrics.source_failing().iter().any(|(failing, _)| failing == kind) {
+            continue;
+        }
+        // The client retries some answers by itself for minutes: bounded here.
+        if let Ok(Ok(_)) = tokio::time::timeout(RECOVERY_PROBE, api.list(params)).await {
+            info!(kind, "the API server answers again");
+            metrics.source(kind, true);
+        }
+    }
+}
+
+/// Turns watcher events into [`Change`]s.
+async fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    updates: mpsc::Sender<Update>,
+    wrap: fn(Change<K>) -> Update,
+    metrics: &Metrics,
+    kind: &str,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
     // managedFields can be most of an object's size, and nothing here reads them.
     let mut events = watcher(api, config).default_backoff().modify(|o| o.managed_fields_mut().clear()).boxed();
     let mut listing: Vec<Sourced<K>> = Vec::new();
@@ -79,9 +128,11 @@ where
             Err(error) => {
                 // The watcher relists or rewatches by itself after a backoff.
                 warn!(kind, %error, "watch failed; retrying with backoff");
+                metrics.source(kind, false);
                 continue;
             }
         };
+        metrics.source(kind, true);
         let change = match event {
             watcher::Event::Init => {
                 listing.clear();

@@ -230,6 +230,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     syncer.on_node_change(Box::new(attach.clone()));
+    if datapath.lock().unwrap_or_else(|e| e.into_inner()).upgrading() {
+        // The new maps are filled by the first sync; only then may the new programs serve.
+        let (datapath, attach, node) = (datapath.clone(), attach.clone(), syncer.node_updates());
+        syncer.on_first_sync(Box::new(move || {
+            let result = datapath.lock().unwrap_or_else(|e| e.into_inner()).finish_upgrade();
+            match result {
+                Ok(()) => attach(&node.borrow()),
+                Err(error) => error!(%error, "swapping to the new map layout failed; the old programs keep serving"),
+            }
+        }));
+    }
     let sync = tokio::spawn(sync::run(syncer, updates, args.min_sync_period, args.sync_period));
     let sync_period = args.sync_period;
     let interfaces = tokio::spawn(async move {

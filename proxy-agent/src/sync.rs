@@ -81,6 +81,8 @@ pub struct Syncer<S> {
     /// Runs when this node's info changes, before the sync that follows (the TC attachment:
     /// a frontend must not be programmed before its node's interfaces carry the program).
     node_hook: Option<NodeHook>,
+    /// Runs once, after the first full sync (an upgrade's swap to the new maps).
+    first_sync_hook: Option<Box<dyn FnOnce() + Send>>,
     /// Each service's `healthCheckNodePort`, by service key.
     health_checks: HashMap<String, (u16, HealthCheck)>,
     /// Publishes the health checks to serve, by port.
@@ -109,6 +111,7 @@ impl<S: MapStore> Syncer<S> {
             swept: false,
             node_tx: tokio::sync::watch::Sender::new(NodeInfo::default()),
             node_hook: None,
+            first_sync_hook: None,
             health_checks: HashMap::new(),
             health_tx: tokio::sync::watch::Sender::new(BTreeMap::new()),
             owned: HashMap::new(),
@@ -149,6 +152,11 @@ impl<S: MapStore> Syncer<S> {
     /// Sets what runs when this node's info changes, before the sync that follows.
     pub fn on_node_change(&mut self, hook: NodeHook) {
         self.node_hook = Some(hook);
+    }
+
+    /// Sets what runs once the first full sync is done.
+    pub fn on_first_sync(&mut self, hook: Box<dyn FnOnce() + Send>) {
+        self.first_sync_hook = Some(hook);
     }
 
     /// This node's info as it changes (addresses, pod ranges).
@@ -331,6 +339,9 @@ impl<S: MapStore> Syncer<S> {
                     warn!(%error, "removing entries of an earlier agent failed");
                     report.errors += 1;
                 }
+            }
+            if let Some(hook) = self.first_sync_hook.take() {
+                hook();
             }
         }
         report.frontends = self.writer.frontends();

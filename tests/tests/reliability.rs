@@ -509,6 +509,95 @@ fn no_new_flow_reaches_a_backend_removed_while_the_agent_was_down() {
     }
 }
 
+/// Issue 8 item 2, an upgrade that changes map layouts, under load. Node-1's agent is killed
+/// and started again (1) over pins made exactly what agents before layout versions left (layout
+/// 1: the same maps, no `layout-v<N>` record), and (2) with `--services-map-size` and
+/// `--backends-map-size` changed, so those two maps no longer fit and must be replaced (see
+/// `proxy_agent::datapath::layout`). Meanwhile clients open ~200 connections per second on
+/// both paths and hold one long-lived connection each. The new agent shares the maps that fit
+/// (the flows' conntrack among them) and replaces the two others: new maps, backends carried
+/// over, first sync, then the swap of programs and pins. No connection fails, the long-lived
+/// ones keep working, ids are kept, the new sizes are in place, and the old maps are released.
+#[test]
+fn an_upgrade_that_changes_map_layouts_drops_nothing() {
+    const LOAD: Duration = Duration::from_secs(8);
+    const SERVICES_SIZE: u32 = 100_000;
+    const BACKENDS_SIZE: u32 = 50_000;
+    let mut cluster = Cluster::start(1, &[], |m| m.service(&nodeport("web", 50, 30050).build(), &BOTH));
+    cluster.agents[0].wait_for_count(vip(50), PORT, Some(2), WAIT).expect("programmed");
+    let root = cluster.agents[0].bpf_root().to_owned();
+    let record = root.join(format!("layout-v{}", proxy_common::maps::LAYOUT_VERSION));
+    assert!(record.is_dir(), "the agent records its layout beside the pins");
+    let info = |name: &str| {
+        let map = aya::maps::MapData::from_pin(root.join(name)).expect("a pinned map");
+        let info = map.info().expect("its info");
+        (info.id(), info.max_entries())
+    };
+    let old: BTreeMap<&str, (u32, u32)> = proxy_common::maps::ALL.iter().map(|m| (*m, info(m))).collect();
+    assert!(
+        old[proxy_common::maps::SERVICES].1 != SERVICES_SIZE && old[proxy_common::maps::BACKENDS].1 != BACKENDS_SIZE
+    );
+    let before = snapshot(&root);
+
+    let Cluster { agents, flags, topology, .. } = &mut cluster;
+    let node = &topology.nodes[0];
+    let sizes = ["--services-map-size", &SERVICES_SIZE.to_string(), "--backends-map-size", &BACKENDS_SIZE.to_string()]
+        .map(str::to_owned);
+    flags[0].extend(sizes);
+    let (upgrade, held, loads) = thread::scope(|s| {
+        let hold_seconds = (LOAD.as_secs() + 3).to_string();
+        let hold = |netns, cgroup, target: SocketAddrV4| {
+            let args = ["hold".to_owned(), target.to_string(), hold_seconds.clone()];
+            s.spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                probe(PROBE.as_ref(), netns, cgroup, &args).expect("holding a connection")
+            })
+        };
+        let held =
+            [hold(&node.client.ns, Some(&node.cgroup), clusterip(50)), hold(&topology.client, None, node1(30050))];
+        let loads = [
+            s.spawn(|| load(&node.client.ns, Some(&node.cgroup), clusterip(50), 200, LOAD)),
+            s.spawn(|| load(&topology.client, None, node1(30050), 200, LOAD)),
+        ];
+        thread::sleep(Duration::from_secs(3));
+        agents[0].kill();
+        std::fs::remove_dir(&record).expect("making the pins layout 1's");
+        let upgrade = restart(&mut agents[0], &flags[0], node);
+        agents[0].wait_for_log("upgrade done", WAIT).expect("the agent swaps to the new maps");
+        (upgrade, held.map(|h| h.join().expect("a held connection")), loads.map(|l| l.join().expect("a load loop")))
+    });
+
+    eprintln!("upgrade: first sync {:?} after {:?} (from the SIGKILL)", upgrade.0, upgrade.1);
+    let names = ["ClusterIP from a pod", "NodePort from outside"];
+    for (name, load) in names.iter().zip(&loads) {
+        let (attempted, answered) = (load.attempted, load.tally.answered());
+        eprintln!("{name}: {attempted} attempted, {answered} answered, failures {:?}", load.tally.errors);
+        assert!(attempted >= 1_200, "{name}: about 200 per second: {load:?}");
+        assert_eq!(answered, attempted, "{name}: zero failed connections: {load:?}");
+    }
+    for (name, held) in names.iter().zip(&held) {
+        assert_eq!(held.answered(), 1, "{name}: the long-lived connection kept working: {held:?}");
+    }
+    let replaced = [proxy_common::maps::SERVICES, proxy_common::maps::BACKENDS];
+    for name in proxy_common::maps::ALL {
+        let (id, size) = info(name);
+        match replaced.contains(name) {
+            true => assert_ne!(id, old[name].0, "{name} is a new map"),
+            false => assert_eq!((id, size), old[name], "{name} is shared with the old programs"),
+        }
+    }
+    assert_eq!((info(replaced[0]).1, info(replaced[1]).1), (SERVICES_SIZE, BACKENDS_SIZE), "the new sizes");
+    assert_eq!(snapshot(&root), before, "the same services and backends, with the same ids");
+    assert!(record.is_dir(), "the layout is recorded again");
+    assert!(!root.join(format!("upgrade-v{}", proxy_common::maps::LAYOUT_VERSION)).exists(), "no staging left");
+    wait_until("the replaced maps are released", || {
+        let live: BTreeSet<u32> = aya::maps::loaded_maps().filter_map(Result::ok).map(|m| m.id()).collect();
+        replaced.iter().all(|name| !live.contains(&old[name].0))
+    });
+    let attached = bpftool_cgroup(cluster.topology.nodes[0].cgroup.path());
+    assert_eq!(attached, 4, "the four socket programs, once each");
+}
+
 /// Polls `done` every 50 ms until it holds; panics naming `what` after [`WAIT`].
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;

@@ -2,11 +2,12 @@
 //! bpffs root, attach the programs, and write the maps (only through [`writer::Writer`]).
 
 mod bpffs;
+pub mod layout;
 pub mod sockets;
 pub mod writer;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -29,6 +30,7 @@ use proxy_common::{
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
     maps,
+    maps::LAYOUT_VERSION,
     service::{SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
 };
@@ -137,6 +139,9 @@ pub enum DatapathError {
     /// A map is missing from the object or has the wrong type.
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: MapError },
+    /// Carrying state over to a new map layout failed.
+    #[error("upgrading the map layout: {0}")]
+    Upgrade(String),
 }
 
 /// Where and how to load the datapath.
@@ -165,26 +170,48 @@ pub struct Datapath {
     cgroup: PathBuf,
     /// Interfaces the TC program is attached to (by this agent).
     interfaces: BTreeSet<String>,
+    /// Pinned maps being replaced by new ones (see [`layout`]): nothing is attached until
+    /// [`Datapath::finish_upgrade`].
+    replacing: Vec<&'static str>,
 }
 
 impl Datapath {
     /// Loads the object, reusing maps already pinned under the root (an earlier agent's), and
     /// attaches the programs, replacing an earlier agent's links only once the new ones are in.
     pub fn load(opts: &LoadOptions) -> Result<(Self, AyaMaps), DatapathError> {
-        ensure_bpffs(&opts.bpf_root).map_err(|source| DatapathError::Bpffs { path: opts.bpf_root.clone(), source })?;
-        let links = opts.bpf_root.join("links");
-        fs::create_dir_all(&links).map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?;
-        let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, opts.bpf_root.join(m))).collect();
+        let root = &opts.bpf_root;
+        let bpffs_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DatapathError::Bpffs { path, source }
+        };
+        ensure_bpffs(root).map_err(bpffs_error(root))?;
+        let links = root.join("links");
+        fs::create_dir_all(&links).map_err(bpffs_error(&links))?;
+        let sizes = BTreeMap::from([
+            (maps::SERVICES, opts.services_max),
+            (maps::BACKENDS, opts.backends_max),
+            (maps::AFFINITY, opts.affinity_max),
+            (maps::SERVICE_NAMES, opts.services_max.min(maps::SERVICE_NAMES_MAX_ENTRIES)),
+            (maps::CONNTRACK, opts.conntrack_max),
+        ]);
+        // Pinned maps the new programs cannot share stay with the old programs until the swap.
+        let wanted = layout::wanted(OBJECT, &sizes).map_err(DatapathError::Upgrade)?;
+        let pinned = layout::pinned(root).map_err(bpffs_error(root))?;
+        let replacing = pinned.map(|p| layout::to_replace(root, p, &wanted)).unwrap_or_default();
+        if !replacing.is_empty() {
+            let staging = layout::staging(root);
+            layout::fresh_staging(root).map_err(bpffs_error(&staging))?;
+            info!(from = pinned, to = LAYOUT_VERSION, maps = ?replacing, "replacing maps the new programs cannot share");
+        }
+        let pin_dir = |name: &str| if replacing.contains(&name) { layout::staging(root) } else { root.clone() };
+        let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir(m).join(m))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        loader
-            .map_max_entries(maps::SERVICES, opts.services_max)
-            .map_max_entries(maps::BACKENDS, opts.backends_max)
-            .map_max_entries(maps::AFFINITY, opts.affinity_max)
-            .map_max_entries(maps::SERVICE_NAMES, opts.services_max.min(maps::SERVICE_NAMES_MAX_ENTRIES))
-            .map_max_entries(maps::CONNTRACK, opts.conntrack_max);
+        for (name, size) in &sizes {
+            loader.map_max_entries(name, *size);
+        }
         let mut ebpf = loader.load(OBJECT)?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(TC_PROGRAM)
@@ -192,20 +219,73 @@ impl Datapath {
             .and_then(TryInto::try_into)
             .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
         program.load().map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
-        let maps = AyaMaps::open(&mut ebpf)?;
-        let mut datapath =
-            Self { ebpf, root: opts.bpf_root.clone(), cgroup: opts.cgroup.clone(), interfaces: BTreeSet::new() };
         for &name in CGROUP_PROGRAMS {
-            let program: &mut CgroupSockAddr = datapath
-                .ebpf
+            let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .ok_or(ProgramError::UnexpectedProgramType)
                 .and_then(TryInto::try_into)
                 .map_err(|source| DatapathError::Program { name, source })?;
             program.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let maps = AyaMaps::open(&mut ebpf)?;
+        let mut datapath =
+            Self { ebpf, root: root.clone(), cgroup: opts.cgroup.clone(), interfaces: BTreeSet::new(), replacing };
+        if datapath.upgrading() {
+            let staging = layout::staging(root);
+            layout::carry(root, &staging, &datapath.replacing, false)
+                .map_err(|e| DatapathError::Upgrade(e.to_string()))?;
+            return Ok((datapath, maps));
+        }
+        for &name in CGROUP_PROGRAMS {
             datapath.attach_cgroup(name)?;
         }
+        layout::record(root).map_err(bpffs_error(root))?;
         Ok((datapath, maps))
+    }
+
+    /// Whether this agent is replacing maps (see [`layout`]) and has not swapped yet: its
+    /// programs are not attached, the old ones serve.
+    pub fn upgrading(&self) -> bool {
+        !self.replacing.is_empty()
+    }
+
+    /// Completes an upgrade after the first full sync filled the new maps (see [`layout`]): the
+    /// new programs replace the old ones on the cgroup and on every interface the old TC
+    /// program was on, the flows that started meanwhile are carried over, and the new maps take
+    /// the old ones' pins. Nothing to do when not upgrading.
+    pub fn finish_upgrade(&mut self) -> Result<(), DatapathError> {
+        let replacing = std::mem::take(&mut self.replacing);
+        if replacing.is_empty() {
+            return Ok(());
+        }
+        let staging = layout::staging(&self.root);
+        let carry = |root: &Path| {
+            layout::carry(root, &staging, &replacing, true).map_err(|e| DatapathError::Upgrade(e.to_string()))
+        };
+        // Flows the old programs started since the first carry, right before the swap, and
+        // again once the old programs are gone (those started in between).
+        carry(&self.root)?;
+        let links = self.root.join("links");
+        let old_links = pinned_link_ids(&links);
+        let prefix = format!("{TC_PROGRAM}-");
+        let tc_interfaces: Vec<String> = fs::read_dir(&links)
+            .map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix(&prefix).map(str::to_owned))
+            .filter(|name| !name.ends_with("_new") && interface_exists(name))
+            .collect();
+        for name in tc_interfaces {
+            self.attach_tc(&name)?;
+        }
+        for &name in CGROUP_PROGRAMS {
+            self.attach_cgroup(name)?;
+        }
+        wait_for_release(&old_links);
+        carry(&self.root)?;
+        layout::swap_pins(&self.root, &staging, &replacing)
+            .map_err(|source| DatapathError::Bpffs { path: staging, source })?;
+        info!(layout = LAYOUT_VERSION, "upgrade done: the new programs serve from the new maps");
+        Ok(())
     }
 
     /// Attaches the loaded cgroup program `name` to the cgroup and pins its link, replacing the
@@ -238,6 +318,9 @@ impl Datapath {
     /// are attached again at once, TC links are forgotten so that the next
     /// [`Datapath::attach_interfaces`] attaches them again. Returns the links lost.
     pub fn restore_links(&mut self) -> Result<Vec<String>, DatapathError> {
+        if self.upgrading() {
+            return Ok(Vec::new());
+        }
         let links = self.root.join("links");
         let present = crate::observe::kernel::pinned_links(&links, &self.cgroup)
             .map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?;
@@ -271,36 +354,20 @@ impl Datapath {
         node_addresses: &[Ipv4Addr],
         pod_cidrs: &[Cidr],
     ) -> Result<Vec<String>, DatapathError> {
+        if self.upgrading() {
+            // The old program serves until the swap attaches the new one.
+            return Ok(Vec::new());
+        }
         let present = node_interfaces(node_addresses, pod_cidrs)
             .map_err(|source| DatapathError::Bpffs { path: "/proc/self/net/route".into(), source })?;
-        let links = self.root.join("links");
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or(ProgramError::UnexpectedProgramType)
-            .and_then(TryInto::try_into)
-            .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        let missing: Vec<String> = present.into_iter().filter(|n| !self.interfaces.contains(n)).collect();
         let mut added = Vec::new();
-        for name in present.iter().filter(|n| !self.interfaces.contains(*n)) {
-            let id = match program.attach(name, TcAttachType::Ingress) {
-                Ok(id) => id,
-                // An interface can vanish between listing and attaching (a pod going away).
-                Err(error) => {
-                    debug!(interface = name, %error, "not attaching the TC program");
-                    continue;
-                }
-            };
-            let pin = links.join(format!("{TC_PROGRAM}-{name}"));
-            let link = program.take_link(id).map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
-            let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
-                path: pin.clone(),
-                detail: e.to_string(),
-            })?;
-            replace_pinned_link(link, &pin)?;
-            info!(program = TC_PROGRAM, interface = name, "attached");
-            added.push(name.clone());
+        for name in missing {
+            if self.attach_tc(&name)? {
+                added.push(name);
+            }
         }
-        self.interfaces.extend(added.iter().cloned());
+        let links = self.root.join("links");
         // Interfaces that no longer exist (a pod gone) took their links with them; forget their
         // pins. One that merely is not wanted now keeps its program: detaching is --cleanup's.
         let gone: Vec<String> = self.interfaces.iter().filter(|n| !interface_exists(n)).cloned().collect();
@@ -309,6 +376,35 @@ impl Datapath {
             self.interfaces.remove(name);
         }
         Ok(added)
+    }
+
+    /// Attaches the TC program to interface `name` and pins the link, replacing the link pinned
+    /// there before only once the new one is in. `false` when the interface went away meanwhile.
+    fn attach_tc(&mut self, name: &str) -> Result<bool, DatapathError> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(TryInto::try_into)
+            .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        let id = match program.attach(name, TcAttachType::Ingress) {
+            Ok(id) => id,
+            // An interface can vanish between listing and attaching (a pod going away).
+            Err(error) => {
+                debug!(interface = name, %error, "not attaching the TC program");
+                return Ok(false);
+            }
+        };
+        let pin = self.root.join("links").join(format!("{TC_PROGRAM}-{name}"));
+        let link = program.take_link(id).map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+            path: pin.clone(),
+            detail: e.to_string(),
+        })?;
+        replace_pinned_link(link, &pin)?;
+        info!(program = TC_PROGRAM, interface = name, "attached");
+        self.interfaces.insert(name.to_owned());
+        Ok(true)
     }
 
     /// The loaded TC program (for `BPF_PROG_TEST_RUN` measurements).
@@ -344,11 +440,8 @@ fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
 pub fn cleanup(root: &Path) -> io::Result<usize> {
     let mut removed = 0;
     let links = root.join("links");
-    let mut link_ids = Vec::new();
+    let link_ids = pinned_link_ids(&links);
     for entry in fs::read_dir(&links).into_iter().flatten().flatten() {
-        if let Ok(link) = PinnedLink::from_pin(entry.path()) {
-            link_ids.extend(FdLink::from(link).info().ok().map(|info| info.id()));
-        }
         // Removing the last pin of a link detaches it.
         fs::remove_file(entry.path())?;
         removed += 1;
@@ -361,6 +454,8 @@ pub fn cleanup(root: &Path) -> io::Result<usize> {
             removed += 1;
         }
     }
+    // An upgrade's new maps, and the layout records.
+    layout::remove_all(root)?;
     for dir in [links.as_path(), root] {
         match fs::remove_dir(dir) {
             Ok(()) => {}
@@ -369,6 +464,14 @@ pub fn cleanup(root: &Path) -> io::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// The ids of the links pinned in `links`.
+fn pinned_link_ids(links: &Path) -> Vec<u32> {
+    let pins = fs::read_dir(links).into_iter().flatten().flatten();
+    pins.filter_map(|entry| PinnedLink::from_pin(entry.path()).ok())
+        .filter_map(|link| FdLink::from(link).info().ok().map(|info| info.id()))
+        .collect()
 }
 
 /// The kernel releases an unpinned link asynchronously (a work item, then RCU): wait, bounded,

@@ -17,7 +17,12 @@ use std::{
 use aya::maps::MapData;
 
 /// `enum bpf_cmd` values (linux/bpf.h).
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+/// `BPF_MAP_UPDATE_ELEM` flags.
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
@@ -287,13 +292,26 @@ pub struct MapFill {
 pub fn map_fill(path: &Path) -> Result<MapFill, KernelError> {
     let map = MapData::from_pin(path).map_err(|source| KernelError::Map { path: path.to_owned(), source })?;
     let info = map.info().map_err(|source| KernelError::Map { path: path.to_owned(), source })?;
-    let fd = map.fd().as_fd().as_raw_fd() as u32;
-    let key_size = (info.key_size() as usize).max(1);
-    let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
     let max_entries = u64::from(info.max_entries());
+    let entries = walk_keys(path, &map, info.key_size(), max_entries, |_| Ok(()))?;
+    Ok(MapFill { entries: entries.min(max_entries), max_entries })
+}
+
+/// Calls `f` with every key of `map` (pinned at `path`, keys of `key_size` bytes); returns how
+/// many keys there were. A key deleted under the walk restarts it from the top: bounded to
+/// twice `max_entries` steps.
+fn walk_keys(
+    path: &Path,
+    map: &MapData,
+    key_size: u32,
+    max_entries: u64,
+    mut f: impl FnMut(&[u8]) -> Result<(), KernelError>,
+) -> Result<u64, KernelError> {
+    let fd = map.fd().as_fd().as_raw_fd() as u32;
+    let key_size = (key_size as usize).max(1);
+    let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
     let mut entries = 0u64;
     let mut first = true;
-    // A key deleted under the walk restarts it from the top: bound it.
     while entries <= 2 * max_entries {
         let mut attr = NextKey {
             map_fd: fd,
@@ -306,6 +324,7 @@ pub fn map_fill(path: &Path) -> Result<MapFill, KernelError> {
                 entries += 1;
                 first = false;
                 std::mem::swap(&mut key, &mut next);
+                f(&key)?;
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(source) => {
@@ -313,5 +332,66 @@ pub fn map_fill(path: &Path) -> Result<MapFill, KernelError> {
             }
         }
     }
-    Ok(MapFill { entries: entries.min(max_entries), max_entries })
+    Ok(entries)
+}
+
+/// `attr` of `BPF_MAP_LOOKUP_ELEM` and `BPF_MAP_UPDATE_ELEM`.
+#[repr(C)]
+struct Elem {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Why a map's entries were not copied.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// The two maps differ in type, key size or value size: their entries do not fit.
+    #[error("{from} (type {}, key {} B, value {} B) and {to} (type {}, key {} B, value {} B) differ", .shapes.0.0, .shapes.0.1, .shapes.0.2, .shapes.1.0, .shapes.1.1, .shapes.1.2)]
+    Layout { from: PathBuf, to: PathBuf, shapes: ((u32, u32, u32), (u32, u32, u32)) },
+    /// Reading or writing failed.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+/// Copies every entry of the map pinned at `from` into the map pinned at `to`, byte for byte
+/// (the two must have the same type, key and value sizes); with `only_missing`, entries `to`
+/// already has are kept. Entries deleted during the copy are skipped, an entry that does not
+/// fit (a full map) ends the copy with an error. Returns how many entries were written.
+pub fn copy_map(from: &Path, to: &Path, only_missing: bool) -> Result<u64, CopyError> {
+    let open = |path: &Path| -> Result<(MapData, aya::maps::MapInfo), KernelError> {
+        let map = MapData::from_pin(path).map_err(|source| KernelError::Map { path: path.to_owned(), source })?;
+        let info = map.info().map_err(|source| KernelError::Map { path: path.to_owned(), source })?;
+        Ok((map, info))
+    };
+    let ((source, source_info), (target, target_info)) = (open(from)?, open(to)?);
+    let shape = |i: &aya::maps::MapInfo| (i.map_type().map_or(u32::MAX, |t| t as u32), i.key_size(), i.value_size());
+    if shape(&source_info) != shape(&target_info) {
+        let shapes = (shape(&source_info), shape(&target_info));
+        return Err(CopyError::Layout { from: from.to_owned(), to: to.to_owned(), shapes });
+    }
+    let (source_fd, target_fd) = (source.fd().as_fd().as_raw_fd() as u32, target.fd().as_fd().as_raw_fd() as u32);
+    let mut value = vec![0u8; (source_info.value_size() as usize).max(1)];
+    let flags = if only_missing { BPF_NOEXIST } else { BPF_ANY };
+    let mut written = 0;
+    walk_keys(from, &source, source_info.key_size(), u64::from(source_info.max_entries()), |key| {
+        let mut lookup =
+            Elem { map_fd: source_fd, _pad: 0, key: key.as_ptr() as u64, value: value.as_mut_ptr() as u64, flags: 0 };
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut lookup) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(source) => return Err(KernelError::Bpf { call: "BPF_MAP_LOOKUP_ELEM", path: from.to_owned(), source }),
+        }
+        let mut update =
+            Elem { map_fd: target_fd, _pad: 0, key: key.as_ptr() as u64, value: value.as_ptr() as u64, flags };
+        match bpf(BPF_MAP_UPDATE_ELEM, &mut update) {
+            Ok(_) => written += 1,
+            Err(e) if only_missing && e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => return Err(KernelError::Bpf { call: "BPF_MAP_UPDATE_ELEM", path: to.to_owned(), source }),
+        }
+        Ok(())
+    })?;
+    Ok(written)
 }

@@ -1,0 +1,263 @@
+//! Upgrades across map layouts. The layout of the maps (their key and value types and what
+//! their bits mean) has a version, [`LAYOUT_VERSION`], recorded beside the pins as an empty
+//! directory `layout-v<N>` under the bpf root (bpffs holds only BPF objects and directories);
+//! maps pinned before versions were recorded are layout 1. Each map notes the version in which
+//! it last changed ([`maps::CHANGED_IN`]).
+//!
+//! A starting agent reuses every pinned map that has not changed since the pinned layout and
+//! has the size it asks for (`--*-map-size`): old and new programs then share it, and nothing
+//! is lost. A map that changed or is resized is *replaced*, while the old programs keep serving
+//! from the old map:
+//! 1. the object is loaded with a new map pinned under `upgrade-v<N>/`, attaching nothing;
+//! 2. the entries are carried over ([`carry`]) where key and value still fit: backends and
+//!    service names first (every id stays what flow and affinity entries name), then flows,
+//!    affinity and socket entries; a map whose entries do not fit starts empty (logged), and the
+//!    services map is rebuilt by the sync;
+//! 3. the first full sync fills the new maps;
+//! 4. [`super::Datapath::finish_upgrade`] swaps: the new programs replace the old ones (each
+//!    link replaced only once the new one is attached), the flows the old programs started
+//!    meanwhile are carried again, and the new maps take the old ones' pins.
+//!
+//! Only a replaced `conntrack` map has a window: a NodePort flow whose first packets cross two
+//! interfaces while one runs the old program and the other the new one (tens of milliseconds)
+//! can lose its translation.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapData;
+use proxy_common::maps::{self, LAYOUT_VERSION};
+use tracing::{info, warn};
+
+use crate::observe::kernel::{self, CopyError};
+
+/// The maps whose entries an upgrade carries over, ids first. The others are rebuilt (services,
+/// source ranges, config) or short-lived (fragments).
+const CARRIED: &[&str] =
+    &[maps::BACKENDS, maps::SERVICE_NAMES, maps::CONNTRACK, maps::AFFINITY, maps::SOCK_REV, maps::SOCK_BACKEND];
+
+/// The flow and socket maps: carried again at the swap, for flows that started meanwhile.
+const FLOWS: &[&str] = &[maps::CONNTRACK, maps::AFFINITY, maps::SOCK_REV, maps::SOCK_BACKEND];
+
+/// What decides whether a pinned map can serve the new programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// `enum bpf_map_type`.
+    pub map_type: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// `max_entries`.
+    pub max_entries: u32,
+}
+
+/// The shapes of the object's maps, with `max_entries` overridden as the loader will.
+pub fn wanted(object: &[u8], max_entries: &BTreeMap<&str, u32>) -> Result<BTreeMap<String, Shape>, String> {
+    let object = aya_obj::Object::parse(object).map_err(|e| format!("parsing the BPF object: {e}"))?;
+    Ok(object
+        .maps
+        .iter()
+        .map(|(name, map)| {
+            let shape = Shape {
+                map_type: map.map_type(),
+                key_size: map.key_size(),
+                value_size: map.value_size(),
+                max_entries: max_entries.get(name.as_str()).copied().unwrap_or_else(|| map.max_entries()),
+            };
+            (name.clone(), shape)
+        })
+        .collect())
+}
+
+/// The shape of the map pinned at `path`.
+fn pinned_shape(path: &Path) -> Result<Shape, aya::maps::MapError> {
+    let info = MapData::from_pin(path)?.info()?;
+    Ok(Shape {
+        map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+    })
+}
+
+/// The pinned maps the new programs cannot share: changed since layout `pinned` (see
+/// [`pinned`]), or of another shape than `wanted`. Maps not pinned yet are simply created.
+pub fn to_replace(root: &Path, pinned: u32, wanted: &BTreeMap<String, Shape>) -> Vec<&'static str> {
+    let mut replace = Vec::new();
+    for &name in maps::ALL {
+        let path = root.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let shape = pinned_shape(&path);
+        let why = match (&shape, wanted.get(name)) {
+            _ if maps::changed_in(name) > pinned => format!("changed in layout {}", maps::changed_in(name)),
+            (Ok(have), Some(want)) if have == want => continue,
+            (Ok(have), want) => format!("pinned {have:?}, wanted {want:?}"),
+            (Err(e), _) => format!("cannot read it: {e}"),
+        };
+        info!(map = name, why, "replacing the map");
+        replace.push(name);
+    }
+    replace
+}
+
+fn marker(version: u32) -> String {
+    format!("layout-v{version}")
+}
+
+/// Where an upgrade to this agent's layout pins its new maps until the swap.
+pub fn staging(root: &Path) -> PathBuf {
+    root.join(format!("upgrade-v{LAYOUT_VERSION}"))
+}
+
+/// The layout of the maps pinned under `root`: `None` when none is pinned, 1 for maps pinned
+/// before layouts were recorded.
+pub fn pinned(root: &Path) -> io::Result<Option<u32>> {
+    let mut recorded = None;
+    for entry in fs::read_dir(root)? {
+        let name = entry?.file_name();
+        if let Some(version) = name.to_str().and_then(|n| n.strip_prefix("layout-v")).and_then(|v| v.parse().ok()) {
+            recorded = recorded.max(Some(version));
+        }
+    }
+    if recorded.is_some() {
+        return Ok(recorded);
+    }
+    Ok(maps::ALL.iter().any(|m| root.join(m).exists()).then_some(1))
+}
+
+/// Records that the maps pinned under `root` have this agent's layout.
+pub fn record(root: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("layout-v") && name != marker(LAYOUT_VERSION) {
+            fs::remove_dir(entry.path())?;
+        }
+    }
+    match fs::create_dir(root.join(marker(LAYOUT_VERSION))) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Removes every upgrade's staging directory and every layout record under `root` (for
+/// `--cleanup`, after the maps).
+pub fn remove_all(root: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(root).into_iter().flatten() {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("upgrade-v") {
+            remove_pins(&entry.path())?;
+        } else if name.starts_with("layout-v") {
+            fs::remove_dir(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// An empty staging directory for an upgrade (a crashed upgrade's pins are removed: that one
+/// starts over from the maps still in use).
+pub fn fresh_staging(root: &Path) -> io::Result<PathBuf> {
+    let dir = staging(root);
+    remove_pins(&dir)?;
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Removes `dir` and the pins in it, if it exists.
+fn remove_pins(dir: &Path) -> io::Result<()> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                fs::remove_file(entry?.path())?;
+            }
+            fs::remove_dir(dir)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Copies the entries of the `replaced` maps that are carried over from their pins under `from`
+/// to the new maps under `to`; with `only_flows`, just the flow and socket maps, keeping the
+/// entries already there (the new programs' own). A map whose entries do not fit is skipped
+/// with a warning; returns the entries copied.
+pub fn carry(from: &Path, to: &Path, replaced: &[&str], only_flows: bool) -> Result<u64, CopyError> {
+    let mut copied = 0;
+    let carried = if only_flows { FLOWS } else { CARRIED };
+    for name in carried.iter().filter(|m| replaced.contains(m)) {
+        match kernel::copy_map(&from.join(name), &to.join(name), only_flows) {
+            Ok(n) => {
+                info!(map = name, entries = n, "carried over to the new map");
+                copied += n;
+            }
+            Err(error @ CopyError::Layout { .. }) => {
+                warn!(%error, "map {name}: its entries do not fit, starting it empty")
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(copied)
+}
+
+/// Puts the `replaced` maps pinned under `staging` in place of those under `root` (whose
+/// programs are detached by now) and records the new layout.
+pub fn swap_pins(root: &Path, staging: &Path, replaced: &[&str]) -> io::Result<()> {
+    for name in replaced {
+        let (old, new) = (root.join(name), staging.join(name));
+        match fs::remove_file(&old) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        fs::rename(&new, &old)?;
+    }
+    remove_pins(staging)?;
+    record(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch directory standing in for the bpf root (the records are plain directories;
+    /// a plain file stands in for a pinned map).
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("proxy-layout-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_pinned_layout_is_the_recorded_one_or_1_for_unrecorded_maps() {
+        let root = scratch("pinned");
+        assert_eq!(pinned(&root).unwrap(), None, "nothing pinned");
+        fs::write(root.join(maps::CONNTRACK), b"").unwrap();
+        assert_eq!(pinned(&root).unwrap(), Some(1), "maps without a record are layout 1's");
+        fs::create_dir(root.join("layout-v1")).unwrap();
+        record(&root).unwrap();
+        assert_eq!(pinned(&root).unwrap(), Some(LAYOUT_VERSION));
+        assert!(!root.join("layout-v1").exists(), "one record: the older one goes");
+        remove_all(&root).unwrap();
+        assert_eq!(pinned(&root).unwrap(), Some(1), "--cleanup removes the records (the map is the test's)");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_map_changed_since_the_pinned_layout_is_replaced_whatever_its_shape() {
+        let root = scratch("replace");
+        // An unreadable pin (a plain file) is replaced too; an absent one is just created.
+        fs::write(root.join(maps::SERVICES), b"").unwrap();
+        let replaced = to_replace(&root, LAYOUT_VERSION, &BTreeMap::new());
+        assert_eq!(replaced, vec![maps::SERVICES]);
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

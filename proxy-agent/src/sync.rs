@@ -271,7 +271,7 @@ impl<S: MapStore> Syncer<S> {
         let info = NodeInfo::from_node(name, node.as_deref(), &self.config.nodeport_cidrs);
         self.store.node = node;
         if info != self.node_info {
-            info!(node = name, addresses = ?info.nodeport_addresses, "node addresses for nodePorts");
+            info!(node = name, addresses = ?info.nodeport_addresses, zone = %info.zone, "node addresses for nodePorts");
             if let Some(hook) = &mut self.node_hook {
                 hook(&info);
             }

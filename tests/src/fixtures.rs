@@ -12,7 +12,7 @@ use k8s_openapi::{
             ClientIPConfig, LoadBalancerIngress, Node, NodeAddress, NodeSpec, NodeStatus, Service, ServicePort,
             ServiceSpec, SessionAffinityConfig,
         },
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -32,6 +32,13 @@ pub fn node(name: &str, ip: &str, pod_cidr: &str) -> Node {
             ..Default::default()
         }),
     }
+}
+
+/// The same, labelled `topology.kubernetes.io/zone: zone` (as the cloud provider labels it).
+pub fn node_in_zone(name: &str, ip: &str, pod_cidr: &str, zone: &str) -> Node {
+    let mut node = node(name, ip, pod_cidr);
+    node.metadata.labels = Some(BTreeMap::from([("topology.kubernetes.io/zone".to_owned(), zone.to_owned())]));
+    node
 }
 
 /// A Service being built (namespace `default`, type ClusterIP).
@@ -138,6 +145,13 @@ impl ServiceBuilder {
         self
     }
 
+    /// Sets `trafficDistribution` (the EndpointSlice controller reads it; the proxy reads the
+    /// hints the controller writes).
+    pub fn traffic_distribution(mut self, distribution: &str) -> Self {
+        self.spec().traffic_distribution = Some(distribution.into());
+        self
+    }
+
     /// Sets `internalTrafficPolicy`.
     pub fn internal_traffic_policy(mut self, policy: &str) -> Self {
         self.spec().internal_traffic_policy = Some(policy.into());
@@ -211,6 +225,25 @@ impl SliceBuilder {
             ..Default::default()
         });
         self
+    }
+
+    /// Sets `hints.forNodes` of the last endpoint.
+    pub fn for_nodes(mut self, nodes: &[&str]) -> Self {
+        let hints = self.hints();
+        hints.for_nodes = Some(nodes.iter().map(|n| ForNode { name: (*n).into() }).collect());
+        self
+    }
+
+    /// Sets `hints.forZones` of the last endpoint.
+    pub fn for_zones(mut self, zones: &[&str]) -> Self {
+        let hints = self.hints();
+        hints.for_zones = Some(zones.iter().map(|z| ForZone { name: (*z).into() }).collect());
+        self
+    }
+
+    fn hints(&mut self) -> &mut EndpointHints {
+        let endpoint = self.0.endpoints.last_mut().expect("add an endpoint first");
+        endpoint.hints.get_or_insert_with(Default::default)
     }
 
     /// Adds a named port with a protocol.

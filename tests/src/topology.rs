@@ -84,13 +84,19 @@ fn add_pod(node: &Netns, index: usize, name: &str, ip: Ipv4Addr, port: Option<u1
 
 /// The external client's address (SPEC.md).
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
-/// The nodes' addresses on the node network.
-pub const NODE_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(172, 18, 0, 2), Ipv4Addr::new(172, 18, 0, 3)];
+/// The address of node `i + 1` on the node network: 172.18.0.2 for node-1, 172.18.0.3 for
+/// node-2, and so on.
+pub const fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 18, 0, 2 + i as u8)
+}
 
-/// One node of [`TwoNodes`].
+/// The two nodes' addresses on the node network.
+pub const NODE_IPS: [Ipv4Addr; 2] = [node_ip(0), node_ip(1)];
+
+/// One node of [`Nodes`].
 #[derive(Debug)]
 pub struct Node {
-    /// `node-1` or `node-2`.
+    /// `node-1`, `node-2` ...
     pub name: String,
     /// Address on the node network.
     pub ip: Ipv4Addr,
@@ -104,13 +110,16 @@ pub struct Node {
     pub ns: Netns,
 }
 
-/// SPEC.md's two-node topology: node-1 (172.18.0.2) and node-2 (172.18.0.3) and an external
-/// client (172.18.0.100) on a bridge in a namespace of its own (the node network); each node
-/// has a pod bridge (10.244.<n>.1/24) with its pods, and routes to the other node's pods, as
-/// kind's CNI sets them. No namespace has a route anywhere else.
+/// SPEC.md's two-node topology (see [`Nodes`]).
+pub type TwoNodes = Nodes<2>;
+
+/// SPEC.md's multi-node topology with `N` nodes: node-n (172.18.0.<n+1>) and an external client
+/// (172.18.0.100) on a bridge in a namespace of its own (the node network); each node has a pod
+/// bridge (10.244.<n>.1/24) with its pods, and routes to every other node's pods, as kind's CNI
+/// sets them. No namespace has a route anywhere else.
 #[derive(Debug)]
-pub struct TwoNodes {
-    /// node-1 and node-2.
+pub struct Nodes<const N: usize> {
+    /// node-1 to node-N.
     pub nodes: Vec<Node>,
     /// The external client's namespace.
     pub client: Netns,
@@ -118,11 +127,11 @@ pub struct TwoNodes {
     pub net: Netns,
 }
 
-impl TwoNodes {
-    /// Builds both nodes with pods `pods[i]` (names) on node i+1, serving on `port` and
+impl<const N: usize> Nodes<N> {
+    /// Builds the nodes with pods `pods[i]` (names) on node i+1, serving on `port` and
     /// answering with their name (where a name contains [`crate::pod::PEER`], the client address
     /// they see). `offload: false` turns checksum offload off on every veth.
-    pub fn new(pods: [&[&str]; 2], port: u16, offload: bool) -> anyhow::Result<Self> {
+    pub fn new(pods: [&[&str]; N], port: u16, offload: bool) -> anyhow::Result<Self> {
         let net = Netns::new("net")?;
         net.ip(&["link", "add", "br0", "type", "bridge"])?;
         net.ip(&["link", "set", "br0", "up"])?;
@@ -136,12 +145,13 @@ impl TwoNodes {
             let ns = Netns::new(&format!("node{n}"))?;
             veth(&net, &format!("node{n}"), &ns, "eth0")?;
             net.ip(&["link", "set", &format!("node{n}"), "master", "br0"])?;
-            ns.ip(&["addr", "add", &format!("{}/16", NODE_IPS[i]), "dev", "eth0"])?;
+            ns.ip(&["addr", "add", &format!("{}/16", node_ip(i)), "dev", "eth0"])?;
             ns.ip(&["link", "add", "br0", "address", &format!("02:00:0a:f4:{n:02x}:01"), "type", "bridge"])?;
             ns.ip(&["addr", "add", &format!("10.244.{n}.1/24"), "dev", "br0"])?;
             ns.ip(&["link", "set", "br0", "up"])?;
-            let other = 2 - i;
-            ns.ip(&["route", "add", &format!("10.244.{}.0/24", 3 - n), "via", &NODE_IPS[other - 1].to_string()])?;
+            for other in (0..N).filter(|&o| o != i) {
+                ns.ip(&["route", "add", &format!("10.244.{}.0/24", other + 1), "via", &node_ip(other).to_string()])?;
+            }
             ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
             let mut built = Vec::new();
             for (j, name) in names.iter().enumerate() {
@@ -157,14 +167,7 @@ impl TwoNodes {
                 Ipv4Addr::new(10, 244, n as u8, 1),
             )?;
             let cgroup = Cgroup::new(&format!("proxy-node{n}"))?;
-            nodes.push(Node {
-                name: format!("node-{n}"),
-                ip: NODE_IPS[i],
-                pods: built,
-                client: client_pod,
-                cgroup,
-                ns,
-            });
+            nodes.push(Node { name: format!("node-{n}"), ip: node_ip(i), pods: built, client: client_pod, cgroup, ns });
         }
         if !offload {
             for ns in nodes.iter().map(|n| &n.ns).chain([&client, &net]) {

@@ -4,7 +4,8 @@
 //! the other suites, as `proxy_tests::conformance::ROWS` lists them, and writes `CONFORMANCE.md`.
 //!
 //! Every test builds SPEC.md's two-node topology in network namespaces (node-1 172.18.0.2 and
-//! node-2 172.18.0.3 with their pods, an external client 172.18.0.100), runs one agent inside
+//! node-2 172.18.0.3 with their pods, an external client 172.18.0.100; the traffic-distribution
+//! rows add nodes, 172.18.0.4 and on, to have upstream's zones), runs one agent inside
 //! each node's namespace on a manifest directory the test writes, and makes real connections:
 //! from client pods and node processes inside the node's cgroup (the socket path), and from the
 //! external client (the TC path). Everything is removed on drop, also when a test fails.
@@ -40,10 +41,10 @@ use proxy_tests::{
     cgroup::Cgroup,
     client::{Tally, probe},
     conformance::{self, Outcome, QUICK_ENV, REPRODUCIBLE_ROWS, ROWS, Reproducible, Verdict},
-    fixtures::{SliceBuilder, TempDir, node, service, slice, write_text, yaml},
+    fixtures::{SliceBuilder, TempDir, node, node_in_zone, service, slice, write_text, yaml},
     netns::{Netns, veth},
     pod::{ANSWER_LOCAL_ADDRESS, PodServer},
-    topology::{CLIENT_IP, NODE_IPS, Node, Pod, TwoNodes},
+    topology::{CLIENT_IP, NODE_IPS, Node, Nodes, Pod, node_ip},
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
@@ -62,16 +63,27 @@ fn quick() -> bool {
     std::env::var_os(QUICK_ENV).is_some()
 }
 
-/// The agents' manifest directory (removed on drop), with both Nodes in it.
+/// The agents' manifest directory (removed on drop), with every Node in it.
 struct Manifests(TempDir);
 
 impl Manifests {
-    fn new() -> Self {
-        let dir = TempDir::new("proxy-conformance").expect("creating the manifest directory");
-        let nodes = yaml(&node("node-1", &NODE_IPS[0].to_string(), "10.244.1.0/24"))
-            + &yaml(&node("node-2", &NODE_IPS[1].to_string(), "10.244.2.0/24"));
-        write_text(dir.path(), "nodes.yaml", &nodes).expect("writing the Nodes");
-        Self(dir)
+    /// The directory with Nodes node-1 to node-N, node i+1 in `zones[i]` (no zone label if empty).
+    fn new(zones: &[&str]) -> Self {
+        let manifests = Self(TempDir::new("proxy-conformance").expect("creating the manifest directory"));
+        manifests.put_nodes(zones);
+        manifests
+    }
+
+    /// Writes (or replaces) the Nodes, node i+1 in `zones[i]`.
+    fn put_nodes(&self, zones: &[&str]) {
+        let nodes = zones.iter().enumerate().fold(String::new(), |text, (i, zone)| {
+            let (name, ip, pod_cidr) =
+                (format!("node-{}", i + 1), node_ip(i).to_string(), format!("10.244.{}.0/24", i + 1));
+            let node =
+                if zone.is_empty() { node(&name, &ip, &pod_cidr) } else { node_in_zone(&name, &ip, &pod_cidr, zone) };
+            text + &yaml(&node)
+        });
+        write_text(self.0.path(), "nodes.yaml", &nodes).expect("writing the Nodes");
     }
 
     /// Writes (or replaces) `<name>.yaml` with a service and its slices, atomically.
@@ -98,20 +110,25 @@ enum Who {
     Outside,
 }
 
-/// Both nodes, each with its agent, and the manifest directory they read. Fields drop in order:
-/// the agents first, the namespaces next, the directory last.
-struct Cluster {
+/// The nodes (two unless a test needs more), each with its agent, and the manifest directory they
+/// read. Fields drop in order: the agents first, the namespaces next, the directory last.
+struct Cluster<const N: usize = 2> {
     agents: Vec<Agent>,
-    topology: TwoNodes,
+    topology: Nodes<N>,
     manifests: Manifests,
 }
 
-impl Cluster {
+impl<const N: usize> Cluster<N> {
     /// Builds the topology with pods `pods[i]` on node i+1 (each answering its name on TCP and
-    /// UDP port 80) and starts both agents.
-    fn new(pods: [&[&str]; 2]) -> Self {
-        let manifests = Manifests::new();
-        let topology = TwoNodes::new(pods, 80, true).expect("building the two-node topology");
+    /// UDP port 80) and starts every node's agent.
+    fn new(pods: [&[&str]; N]) -> Self {
+        Self::zoned(pods, [""; N])
+    }
+
+    /// The same, with node i+1 labelled in `zones[i]`.
+    fn zoned(pods: [&[&str]; N], zones: [&str; N]) -> Self {
+        let manifests = Manifests::new(&zones);
+        let topology = Nodes::new(pods, 80, true).expect("building the multi-node topology");
         let agents = topology
             .nodes
             .iter()
@@ -156,17 +173,17 @@ impl Cluster {
         wait_for(&self.agents[node], address, port, proto, count);
     }
 
-    /// [`Self::wait`] on both agents.
+    /// [`Self::wait`] on every agent.
     fn wait_both(&self, address: Ipv4Addr, port: u16, proto: u8, count: Option<u16>) {
-        for node in 0..2 {
+        for node in 0..N {
             self.wait(node, address, port, proto, count);
         }
     }
 
     /// Waits until each node's agent has `count` backends for its own address on `node_port`.
     fn wait_node_ports(&self, node_port: u16, proto: u8, count: Option<u16>) {
-        for (node, ip) in NODE_IPS.iter().enumerate() {
-            self.wait(node, *ip, node_port, proto, count);
+        for node in 0..N {
+            self.wait(node, node_ip(node), node_port, proto, count);
         }
     }
 }
@@ -1757,6 +1774,131 @@ fn e2e_76_endpoint_ips_in_separate_slices() {
 #[test]
 fn e2e_77_mirrored_slices_same_ip() {
     one_ip_two_slices("endpointslicemirroring-controller.k8s.io");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic distribution (topology-aware routing)
+// ---------------------------------------------------------------------------------------------
+
+/// Stands in for the EndpointSlice controller's hints for a service's `trafficDistribution`
+/// (pkg/controller/endpointslice, the `trafficdist` heuristics): with PreferClose and
+/// PreferSameZone every endpoint is hinted for its node's zone, with PreferSameNode for its node
+/// too. Writes the service `web` (VIP:80) with one ready endpoint per `(node, pod)` of `servers`,
+/// node i+1 being in `zones[i]`.
+fn distribute<const N: usize>(c: &Cluster<N>, distribution: &str, zones: [&str; N], servers: &[(usize, usize)]) {
+    let svc = service("web").cluster_ip(&VIP.to_string()).port(80).traffic_distribution(distribution).build();
+    let eps = servers.iter().fold(slice("web", "a").port(80), |eps, &(node, pod)| {
+        let name = c.node(node).name.as_str();
+        let eps = eps.endpoint_on(&c.pod_ip(node, pod), name).for_zones(&[zones[node]]);
+        if distribution == "PreferSameNode" { eps.for_nodes(&[name]) } else { eps }
+    });
+    c.manifests.put(&svc, &[eps.build()]);
+}
+
+/// For each `(node, servers)`: once that node's agent has programmed exactly those servers for
+/// the ClusterIP, 40 connections from the node's client pod are answered by exactly them (with
+/// at most three servers, one is missed with probability below 3·(2/3)^40 < 1e-6).
+fn assert_distribution<const N: usize>(c: &Cluster<N>, expect: &[(usize, &[(usize, usize)])], what: &str) {
+    for &(node, servers) in expect {
+        let ips: Vec<String> = servers.iter().map(|&(n, p)| c.pod_ip(n, p)).collect();
+        wait_backends(&c.agents[node], VIP, 80, TCP, &ips.iter().map(String::as_str).collect::<Vec<_>>());
+        let names: Vec<&str> = servers.iter().map(|&(n, p)| c.pod(n, p).name.as_str()).collect();
+        let tally = c.probe(Who::Pod(node), "tcp", &at(VIP, 80), 40);
+        assert_served(&tally, 40, &names, &format!("{what}: node-{}'s client", node + 1));
+    }
+}
+
+/// Upstream's zones for rows 78 and 80: one node in each of three zones.
+const THREE_ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
+
+/// Rows 78 and 80 (upstream's `allocateClientsAndServers`): servers on node-1 (zone-a) and
+/// node-2 (zone-b), a client on every node. node-1's and node-2's clients reach only the server
+/// of their zone; node-3's, with none in zone-c, reaches both.
+fn same_zone(distribution: &str) -> Cluster<3> {
+    let c = Cluster::zoned([&["server-1"], &["server-2"], &[]], THREE_ZONES);
+    distribute(&c, distribution, THREE_ZONES, &[(0, 0), (1, 0)]);
+    assert_distribution(&c, &[(0, &[(0, 0)]), (1, &[(1, 0)]), (2, &[(0, 0), (1, 0)])], distribution);
+    c
+}
+
+/// Upstream's zones for rows 79, 81 and 82: two nodes in zone-a, two in zone-b, one in zone-c.
+const FIVE_NODES: [&str; 5] = ["zone-a", "zone-a", "zone-b", "zone-b", "zone-c"];
+
+/// Rows 79, 81 and 82 (upstream's `allocateMultiNodeClientsAndServers`, on the five of its
+/// six nodes that hold a pod): in zone-a a server and a client on node-1 and on node-2; in
+/// zone-b a client on node-3 and a server on node-4; in zone-c only a client, on node-5. Clients
+/// reach `zone_a[i]` from zone-a's node i+1, zone-b's server from node-3, and every server
+/// from node-5.
+fn multi_node(distribution: &str, zone_a: [&[(usize, usize)]; 2]) {
+    let c = Cluster::zoned([&["server-1"], &["server-2"], &[], &["server-4"], &[]], FIVE_NODES);
+    let servers = [(0, 0), (1, 0), (3, 0)];
+    distribute(&c, distribution, FIVE_NODES, &servers);
+    let expect: [(usize, &[(usize, usize)]); 4] = [(0, zone_a[0]), (1, zone_a[1]), (2, &[(3, 0)]), (4, &servers)];
+    assert_distribution(&c, &expect, distribution);
+}
+
+/// e2e row 78 (yes*: the test stands in for the EndpointSlice controller by writing the hints
+/// itself, see [`distribute`]): PreferClose keeps each client in its zone when its zone has an
+/// endpoint, and falls back to every zone when it has none (see [`same_zone`]). Then node-3 is
+/// relabelled into zone-a: its agent re-runs the service and its client reaches node-1's
+/// server only.
+#[test]
+fn e2e_78_prefer_close_routes_to_the_same_zone() {
+    let c = same_zone("PreferClose");
+    c.manifests.put_nodes(&["zone-a", "zone-b", "zone-a"]);
+    assert_distribution(&c, &[(2, &[(0, 0)])], "node-3 relabelled into zone-a");
+}
+
+/// e2e row 79 (yes*: the test stands in for the EndpointSlice controller by writing the hints
+/// itself, see [`distribute`]): PreferClose with two nodes per zone (see [`multi_node`]): both
+/// zone-a clients reach both zone-a servers, zone-b's client the server on the other node of
+/// its zone, zone-c's every server.
+#[test]
+fn e2e_79_prefer_close_across_nodes_of_a_zone() {
+    let zone_a: &[(usize, usize)] = &[(0, 0), (1, 0)];
+    multi_node("PreferClose", [zone_a, zone_a]);
+}
+
+/// e2e row 80 (yes*: the test stands in for the EndpointSlice controller by writing the hints
+/// itself, see [`distribute`]): as row 78 with PreferSameZone.
+#[test]
+fn e2e_80_prefer_same_zone_routes_to_the_same_zone() {
+    same_zone("PreferSameZone");
+}
+
+/// e2e row 81 (yes*: the test stands in for the EndpointSlice controller by writing the hints
+/// itself, see [`distribute`]): as row 79 with PreferSameZone.
+#[test]
+fn e2e_81_prefer_same_zone_across_nodes_of_a_zone() {
+    let zone_a: &[(usize, usize)] = &[(0, 0), (1, 0)];
+    multi_node("PreferSameZone", [zone_a, zone_a]);
+}
+
+/// e2e row 82 (yes*: the test stands in for the EndpointSlice controller by writing the hints
+/// itself, see [`distribute`]): PreferSameNode on upstream's layout (see [`multi_node`]): each
+/// zone-a client reaches only the server on its own node, zone-b's client, with no server on
+/// its node, falls back to its zone's, and zone-c's to every server.
+#[test]
+fn e2e_82_prefer_same_node_falls_back_to_the_zone_then_all() {
+    multi_node("PreferSameNode", [&[(0, 0)], &[(1, 0)]]);
+}
+
+/// e2e row 83 (yes*: the test stands in for the EndpointSlice controller by writing the hints
+/// itself, see [`distribute`]): PreferSameNode with a server and a client on each of two nodes
+/// of one zone. Each client reaches its own node's server; when node-1's endpoint is deleted
+/// (its server keeps running, so a stale route to it would show) both reach node-2's; when it
+/// is back, each its own again.
+#[test]
+fn e2e_83_prefer_same_node_falls_back_when_the_local_endpoint_goes() {
+    let zones = ["zone-a", "zone-a"];
+    let c = Cluster::zoned([&["server-1"], &["server-2"]], zones);
+    let own: [(usize, &[(usize, usize)]); 2] = [(0, &[(0, 0)]), (1, &[(1, 0)])];
+    distribute(&c, "PreferSameNode", zones, &[(0, 0), (1, 0)]);
+    assert_distribution(&c, &own, "both endpoints");
+    distribute(&c, "PreferSameNode", zones, &[(1, 0)]);
+    assert_distribution(&c, &[(0, &[(1, 0)]), (1, &[(1, 0)])], "node-1's endpoint deleted");
+    distribute(&c, "PreferSameNode", zones, &[(0, 0), (1, 0)]);
+    assert_distribution(&c, &own, "node-1's endpoint recreated");
 }
 
 // ---------------------------------------------------------------------------------------------

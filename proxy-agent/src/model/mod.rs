@@ -22,6 +22,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services with this label are not proxied (headless).
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The Node label naming the node's zone (topology hints name zones by it).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
@@ -38,11 +40,14 @@ pub struct NodeInfo {
     /// Serve nodePorts on 127.0.0.1 too (to the node's own processes), as kube-proxy's
     /// iptables mode does unless `--nodeport-addresses` leaves out 127.0.0.0/8.
     pub localhost_nodeports: bool,
+    /// The node's zone (its `topology.kubernetes.io/zone` label), empty when unlabelled: endpoints
+    /// hinted for this zone are preferred (topology-aware routing).
+    pub zone: String,
 }
 
 impl NodeInfo {
     /// Takes the node's IPv4 InternalIP/ExternalIP addresses, keeping those inside `filter` (all
-    /// of them when `filter` is empty, as kube-proxy does).
+    /// of them when `filter` is empty, as kube-proxy does), and its zone label.
     pub fn from_node(name: &str, node: Option<&Node>, filter: &[Cidr]) -> Self {
         let addresses = node
             .and_then(|n| n.status.as_ref())
@@ -60,7 +65,9 @@ impl NodeInfo {
             spec.and_then(|s| s.pod_cidrs.clone()).or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]));
         let pod_cidrs = cidrs.into_iter().flatten().filter_map(|c| c.parse().ok()).collect();
         let localhost_nodeports = filter.is_empty() || filter.iter().any(|c| c.contains(Ipv4Addr::LOCALHOST));
-        Self { name: name.to_owned(), nodeport_addresses, pod_cidrs, localhost_nodeports }
+        let zone =
+            node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(ZONE_LABEL)).cloned().unwrap_or_default();
+        Self { name: name.to_owned(), nodeport_addresses, pod_cidrs, localhost_nodeports, zone }
     }
 }
 

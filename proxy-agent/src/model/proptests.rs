@@ -33,7 +33,13 @@ const NODE: &str = "node-1";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
 
 fn node() -> NodeInfo {
-    NodeInfo { name: NODE.into(), nodeport_addresses: vec![NODE_IP], pod_cidrs: Vec::new(), localhost_nodeports: false }
+    NodeInfo {
+        name: NODE.into(),
+        nodeport_addresses: vec![NODE_IP],
+        pod_cidrs: Vec::new(),
+        localhost_nodeports: false,
+        zone: String::new(),
+    }
 }
 
 // ---- plans: what each field is meant to be ----

@@ -38,8 +38,10 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         let Some((name, number, protocol)) = port_identity(&mut skips, index, port) else { continue };
         let endpoints = resolve_endpoints(&mut skips, slices, &name, protocol, node);
-        let cluster = usable(&endpoints, |_| true);
-        let local = usable(&endpoints, |e| e.local);
+        // Topology hints narrow the cluster-wide set only: a Local policy already keeps to this node.
+        let topology = Topology::from_hints(&endpoints, node);
+        let cluster = usable(&endpoints, |c| topology.admits(c, node));
+        let local = usable(&endpoints, |c| c.endpoint.local);
         let internal_set = if int_local { &local } else { &cluster };
         let external_set = if ext_local { &local } else { &cluster };
         let service_port = ServicePortName {
@@ -276,11 +278,60 @@ fn node_port(skips: &mut Skips, index: usize, port: &ServicePort) -> Option<u16>
     valid
 }
 
-/// An endpoint with its readiness, before the fallback rule picks a set.
+/// An endpoint with its readiness and topology hints, before the fallback rule picks a set.
 struct Candidate {
     endpoint: Endpoint,
     ready: bool,
     serving: bool,
+    /// The nodes of `hints.forNodes`.
+    for_nodes: Vec<String>,
+    /// The zones of `hints.forZones`.
+    for_zones: Vec<String>,
+}
+
+/// Which hints narrow the cluster-wide set (kube-proxy's topology mode, which the EndpointSlice
+/// controller's hints for `trafficDistribution` drive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// No hints apply: every endpoint.
+    Any,
+    /// Only endpoints hinted for this node.
+    SameNode,
+    /// Only endpoints hinted for this node's zone.
+    SameZone,
+}
+
+impl Topology {
+    /// kube-proxy's rule (pkg/proxy/topology.go `topologyModeFromHints`, PreferSameNode on): a
+    /// kind of hint applies when every ready endpoint carries one (hints being rolled out must
+    /// not shrink the set) and one of them names this node, or else this node's zone; otherwise
+    /// every endpoint is used. Node hints come first, so PreferSameNode falls back to the zone.
+    fn from_hints(candidates: &[Candidate], node: &NodeInfo) -> Self {
+        let applies = |hints: fn(&Candidate) -> &[String], mine: &str| {
+            let mut ready = candidates.iter().filter(|c| c.ready);
+            !mine.is_empty()
+                && ready.clone().all(|c| !hints(c).is_empty())
+                && ready.any(|c| hints(c).iter().any(|h| h == mine))
+        };
+        if applies(|c| &c.for_nodes, &node.name) {
+            Topology::SameNode
+        } else if applies(|c| &c.for_zones, &node.zone) {
+            Topology::SameZone
+        } else {
+            Topology::Any
+        }
+    }
+
+    /// Whether `candidate` may be in the cluster-wide set. Some ready endpoint always passes
+    /// when hints apply, so the terminating fallback only ever sees [`Topology::Any`], which
+    /// ignores topology as kube-proxy's does.
+    fn admits(self, candidate: &Candidate, node: &NodeInfo) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::SameNode => candidate.for_nodes.contains(&node.name),
+            Topology::SameZone => candidate.for_zones.contains(&node.zone),
+        }
+    }
 }
 
 /// The endpoints of the slices' port named `port_name` with `protocol`, deduplicated across
@@ -332,7 +383,16 @@ fn resolve_endpoints(
             let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let local = endpoint.node_name.as_deref() == Some(node.name.as_str()) && !node.name.is_empty();
-            out.push(Candidate { endpoint: Endpoint { address, port, local, terminating }, ready, serving });
+            let hints = endpoint.hints.as_ref();
+            let for_nodes = hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone());
+            let for_zones = hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone());
+            out.push(Candidate {
+                endpoint: Endpoint { address, port, local, terminating },
+                ready,
+                serving,
+                for_nodes: for_nodes.collect(),
+                for_zones: for_zones.collect(),
+            });
         }
         skips.out.append(&mut slice_skips.out);
     }
@@ -360,8 +420,8 @@ struct Usable {
 
 /// The ready endpoints among those `keep` admits; if none is ready, the serving and terminating
 /// ones (graceful termination), as kube-proxy does.
-fn usable(candidates: &[Candidate], keep: impl Fn(&Endpoint) -> bool) -> Usable {
-    let kept = || candidates.iter().filter(|c| keep(&c.endpoint));
+fn usable(candidates: &[Candidate], keep: impl Fn(&Candidate) -> bool) -> Usable {
+    let kept = || candidates.iter().filter(|c| keep(c));
     let mut endpoints: Vec<Endpoint> = kept().filter(|c| c.ready).map(|c| c.endpoint).collect();
     let fallback = endpoints.is_empty();
     if fallback {

@@ -253,6 +253,25 @@ impl SliceBuilder {
         self
     }
 
+    /// `hints.forNodes` of the last endpoint.
+    fn for_nodes(mut self, nodes: &[&str]) -> Self {
+        let hints = self.hints();
+        hints.for_nodes = Some(nodes.iter().map(|n| discovery::ForNode { name: (*n).into() }).collect());
+        self
+    }
+
+    /// `hints.forZones` of the last endpoint.
+    fn for_zones(mut self, zones: &[&str]) -> Self {
+        let hints = self.hints();
+        hints.for_zones = Some(zones.iter().map(|z| discovery::ForZone { name: (*z).into() }).collect());
+        self
+    }
+
+    fn hints(&mut self) -> &mut discovery::EndpointHints {
+        let endpoint = self.0.endpoints.last_mut().expect("add an endpoint first");
+        endpoint.hints.get_or_insert_with(discovery::EndpointHints::default)
+    }
+
     fn serving(mut self) -> Self {
         self.conditions().serving = Some(true);
         self
@@ -280,6 +299,7 @@ fn node(addresses: &[&str]) -> NodeInfo {
         nodeport_addresses: addresses.iter().map(|a| ip(a)).collect(),
         pod_cidrs: Vec::new(),
         localhost_nodeports: false,
+        zone: String::new(),
     }
 }
 
@@ -591,6 +611,23 @@ fn nodeport_addresses_come_from_the_node() {
     );
 }
 
+#[test]
+fn the_zone_comes_from_the_node_label() {
+    let labelled = Node {
+        metadata: ObjectMeta {
+            name: Some(NODE.into()),
+            labels: Some([(ZONE_LABEL.to_owned(), "zone-a".to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    };
+    assert_eq!(NodeInfo::from_node(NODE, Some(&labelled), &[]).zone, "zone-a");
+    let unlabelled =
+        Node { metadata: ObjectMeta { name: Some(NODE.into()), ..ObjectMeta::default() }, ..Node::default() };
+    assert_eq!(NodeInfo::from_node(NODE, Some(&unlabelled), &[]).zone, "", "no label: no zone");
+    assert_eq!(NodeInfo::from_node(NODE, None, &[]).zone, "", "no Node object: no zone");
+}
+
 // ---- backends ----
 
 #[test]
@@ -900,6 +937,148 @@ fn traffic_policies_choose_local_endpoints() {
                 let want = case.internal == Some("Local");
                 broken.check_eq(case.rule, &format!("{frontend} SVC_F_INT_LOCAL"), int_local, want);
             }
+        }
+    }
+    broken.assert_none();
+}
+
+/// Topology-aware routing (kube-proxy's pkg/proxy/topology.go): this node is node-1 in zone-a
+/// unless a case says otherwise; endpoints A (node-1), B (node-2) and C (node-3) carry the
+/// hints the EndpointSlice controller would write for the service's `trafficDistribution`.
+#[test]
+fn topology_hints_narrow_the_cluster_wide_set() {
+    struct Case {
+        rule: &'static str,
+        zone: &'static str,
+        external: Option<&'static str>,
+        internal: Option<&'static str>,
+        slice: SliceBuilder,
+        /// ClusterIP backends.
+        cluster_ip: &'static [&'static str],
+        /// NodePort backends for traffic from outside the node.
+        node_port_outside: &'static [&'static str],
+        /// NodePort backends for traffic from this node.
+        node_port_inside: &'static [&'static str],
+        /// Whether the ClusterIP's set is the terminating fallback.
+        fallback: bool,
+    }
+    const A: &str = "10.244.1.2:8080";
+    const B: &str = "10.244.2.3:8080";
+    const C: &str = "10.244.3.4:8080";
+    const ALL: &[&str] = &[A, B, C];
+    let a = |s: SliceBuilder| s.endpoint("10.244.1.2").on_node(NODE);
+    let b = |s: SliceBuilder| s.endpoint("10.244.2.3").on_node("node-2");
+    let c = |s: SliceBuilder| s.endpoint("10.244.3.4").on_node("node-3");
+    let web = || slice("web", "web-a").port(8080);
+    // PreferSameNode: each endpoint hinted for its node and its zone.
+    let same_node = || {
+        let s = a(web()).for_nodes(&[NODE]).for_zones(&["zone-a"]);
+        let s = b(s).for_nodes(&["node-2"]).for_zones(&["zone-a"]);
+        c(s).for_nodes(&["node-3"]).for_zones(&["zone-b"])
+    };
+    // PreferClose / PreferSameZone: each endpoint hinted for its zone.
+    let same_zone = || c(b(a(web()).for_zones(&["zone-a"])).for_zones(&["zone-a"])).for_zones(&["zone-b"]);
+    // Hints that leave this node's own endpoint out of zone-a (to tell the Local sets apart).
+    let elsewhere = || c(b(a(web()).for_zones(&["zone-b"])).for_zones(&["zone-a"])).for_zones(&["zone-b"]);
+    let case = |rule, zone, slice, want: &'static [&'static str]| Case {
+        rule,
+        zone,
+        external: None,
+        internal: None,
+        slice,
+        cluster_ip: want,
+        node_port_outside: want,
+        node_port_inside: want,
+        fallback: false,
+    };
+    let cases = [
+        case("no hints: every endpoint", "zone-a", c(b(a(web()))), ALL),
+        case("every endpoint hinted for a node, one for this node: only those", "zone-a", same_node(), &[A]),
+        case(
+            "node hints, none for this node: the zone hints decide",
+            "zone-a",
+            c(b(web()).for_nodes(&["node-2"]).for_zones(&["zone-a"])).for_nodes(&["node-3"]).for_zones(&["zone-b"]),
+            &[B],
+        ),
+        case(
+            "a node hint missing on one endpoint: the zone hints decide",
+            "zone-a",
+            c(b(a(web()).for_nodes(&[NODE]).for_zones(&["zone-a"])).for_zones(&["zone-a"])).for_zones(&["zone-b"]),
+            &[A, B],
+        ),
+        case("every endpoint hinted for a zone, some for this one: only those", "zone-a", same_zone(), &[A, B]),
+        case(
+            "a zone hint missing on one ready endpoint: every endpoint",
+            "zone-a",
+            c(b(a(web()).for_zones(&["zone-a"])).for_zones(&["zone-a"])),
+            ALL,
+        ),
+        case("no endpoint hinted for this zone: every endpoint", "zone-c", same_zone(), ALL),
+        case("a node without a zone label ignores zone hints", "", same_zone(), ALL),
+        case("a node without a zone label still follows node hints", "", same_node(), &[A]),
+        case(
+            "endpoints that are not ready need no hints",
+            "zone-a",
+            same_zone().endpoint("10.244.3.5").on_node("node-3").not_ready(),
+            &[A, B],
+        ),
+        Case {
+            internal: Some("Local"),
+            node_port_outside: &[B],
+            node_port_inside: &[B],
+            ..case(
+                "internalTrafficPolicy Local: the ClusterIP keeps this node's endpoints whatever the hints",
+                "zone-a",
+                elsewhere(),
+                &[A],
+            )
+        },
+        Case {
+            external: Some("Local"),
+            node_port_outside: &[A],
+            ..case(
+                "externalTrafficPolicy Local: outside traffic keeps this node's endpoints, this node's own follows the hints",
+                "zone-a",
+                elsewhere(),
+                &[B],
+            )
+        },
+        Case {
+            fallback: true,
+            ..case(
+                "nothing ready: every serving terminating endpoint, whatever its hints",
+                "zone-a",
+                c(a(web()).not_ready().serving().terminating().for_zones(&["zone-a"]))
+                    .not_ready()
+                    .serving()
+                    .terminating()
+                    .for_zones(&["zone-b"]),
+                &[A, C],
+            )
+        },
+    ];
+    let mut broken = Broken::default();
+    for case in cases {
+        let mut builder = service("web").cluster_ip("10.96.0.10").port(80).node_port(30080);
+        if let Some(policy) = case.external {
+            builder = builder.external_traffic_policy(policy);
+        }
+        if let Some(policy) = case.internal {
+            builder = builder.internal_traffic_policy(policy);
+        }
+        let node = NodeInfo { zone: case.zone.into(), ..node(&["172.18.0.2"]) };
+        let desired = compute(&builder.build(), &[case.slice.build()], &node);
+
+        if let Some(cluster_ip) = broken.frontend(&desired, tcp("10.96.0.10", 80), case.rule) {
+            broken.check_eq(case.rule, "ClusterIP", endpoints(&cluster_ip.backends), strings(case.cluster_ip));
+            let fallback = cluster_ip.flags & SVC_F_TERMINATING_FALLBACK != 0;
+            broken.check_eq(case.rule, "ClusterIP terminating fallback", fallback, case.fallback);
+        }
+        if let Some(node_port) = broken.frontend(&desired, tcp("172.18.0.2", 30080), case.rule) {
+            let outside = endpoints(&node_port.backends);
+            broken.check_eq(case.rule, "NodePort from outside", outside, strings(case.node_port_outside));
+            let inside = endpoints(node_port.internal.as_ref().unwrap_or(&node_port.backends));
+            broken.check_eq(case.rule, "NodePort from this node", inside, strings(case.node_port_inside));
         }
     }
     broken.assert_none();

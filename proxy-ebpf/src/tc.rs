@@ -23,7 +23,8 @@ use network_types::ip::Ipv4Hdr;
 use proxy_common::{
     affinity::AffinityKey,
     conntrack::{
-        CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, FragKey, FragPorts, SNAT_PORT_MAX, SNAT_PORT_MIN, expired,
+        CT_F_CLOSING, CT_F_FIN, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, FragKey, FragPorts,
+        SNAT_PORT_MAX, SNAT_PORT_MIN, expired, with_close_bits,
     },
     proto::{TCP, UDP},
     service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_EXT_LOCAL, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SourceRange},
@@ -255,13 +256,39 @@ fn admitted(packet: &Packet) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
-/// Refreshes a tracked flow's state for this packet.
+/// Refreshes a tracked flow's state for this packet. A FIN half-closes the flow (both entries
+/// learn it: the one it went through and the other direction's); FINs both ways or a RST close
+/// it. Only the first FIN or RST of an entry does more than the usual refresh.
 fn track(value: &mut CtValue, packet: &Packet, now: u64) {
-    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && value.flags & CT_F_CLOSING == 0 {
-        value.flags |= CT_F_CLOSING;
+    let (here, there) = if packet.tcp_flags & TCP_RST != 0 {
+        (CT_F_CLOSING, CT_F_CLOSING)
+    } else if packet.tcp_flags & TCP_FIN != 0 {
+        (CT_F_FIN, CT_F_PEER_FIN)
+    } else {
+        (0, 0)
+    };
+    if here != 0 && value.flags & here == 0 {
+        value.flags = with_close_bits(value.flags, here);
         value.last_seen_ns = now;
+        mark_other_direction(value, there, now);
     } else if now.saturating_sub(value.last_seen_ns) > REFRESH_NS {
         value.last_seen_ns = now;
+    }
+}
+
+/// Adds `bits` to the flow's other entry: the one keyed by the reverse of `value`'s
+/// translated tuple (reply ↔ original).
+fn mark_other_direction(value: &CtValue, bits: u16, now: u64) {
+    let key =
+        CtKey { src: value.dst, dst: value.src, sport: value.dport, dport: value.sport, proto: TCP, _pad: [0; 3] };
+    let Some(other) = CONNTRACK.get_ptr_mut(&key) else { return };
+    // SAFETY: the pointer comes from a successful lookup; fields are plain integers. Two CPUs
+    // closing both directions at once may lose a bit: that flow then keeps the close-wait
+    // timeout, as long as kube-proxy keeps a half-closed one.
+    let other = unsafe { &mut *other };
+    if (other.flags ^ value.flags) & CT_F_REPLY != 0 && other.backend_id == value.backend_id {
+        other.flags = with_close_bits(other.flags, bits);
+        other.last_seen_ns = now;
     }
 }
 

@@ -497,8 +497,8 @@ pub const ROWS: &[Row] = &[
         title: "KubeProxy: should set TCP CLOSE_WAIT timeout [Privileged]",
         conformance: false,
         reproducible: Reproducible::Yes,
-        tests: &[],
-        gap: "missing: the TC path's conntrack expires a flow 10 s (CT_TIMEOUT_CLOSING_S) after the first FIN in either direction; kube-proxy keeps a half-closed (CLOSE_WAIT) flow for 1 h: proxy-common/src/conntrack.rs expired() and proxy-ebpf/src/tc.rs track() need a CLOSE_WAIT state (FIN seen one way only) with a 3600 s timeout, the 10 s closing timeout only after FINs both ways or a RST",
+        tests: &["conformance::e2e_52_half_closed_flow_lives_an_hour"],
+        gap: "",
     },
     Row {
         number: 53,

@@ -56,6 +56,10 @@ pub const CT_F_CLOSING: u16 = 1 << 2;
 pub const CT_F_FIN: u16 = 1 << 3;
 /// A FIN went the other way (set by the packet that hit the flow's other entry).
 pub const CT_F_PEER_FIN: u16 = 1 << 4;
+/// The backend is a local address of the node (a hostNetwork endpoint): the flow is not
+/// SNATed, the node's stack delivers its packets, and its replies, which leave through the
+/// stack, are reverse-translated by the TC egress program.
+pub const CT_F_LOCAL: u16 = 1 << 5;
 
 /// Idle timeout of an established TCP flow.
 pub const CT_TIMEOUT_TCP_S: u64 = 6 * 3600;

@@ -666,7 +666,7 @@ pub const ROWS: &[Row] = &[
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_73_host_network_endpoints"],
-        gap: "known bug: through the TC path, a nodePort whose picked endpoint is the receiving node's own address (a hostNetwork endpoint) does not answer: the packet is DNATed to a local address and SNATed to the node's own address, and the reply, local traffic, never passes the ingress-only TC hook to be translated back (proxy-ebpf/src/tc.rs); the connections that pick node-2's own endpoint time out",
+        gap: "",
     },
     Row {
         number: 74,

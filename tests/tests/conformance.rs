@@ -1757,7 +1757,13 @@ fn host_network_netcheck(c: &Cluster) -> [PodServer; 2] {
 
 /// e2e row 73: rows 54-72 again with hostNetwork endpoints (each node's own address, port
 /// 8080) and, as upstream, a hostNetwork client: node-1 reaches both nodes' servers through the
-/// ClusterIP and its own nodePort, TCP and UDP, with large requests too; a pod as well.
+/// ClusterIP and its own nodePort, TCP and UDP, with large requests too; a pod as well. Through
+/// the TC path too: node-1's processes reach node-2's nodePorts and the external client both
+/// nodes' nodePorts, where every other connection picks the receiving node's own endpoint (the
+/// node delivers it to itself, and its replies leave through the stack, where the egress
+/// program translates them back): every attempt is answered, by both endpoints, and every UDP
+/// answer comes from the nodePort address the client sent to (a TCP connection whose answers
+/// came from another address would not get established at all).
 #[test]
 fn e2e_73_host_network_endpoints() {
     let c = Cluster::new([&[], &[]]);
@@ -1775,6 +1781,16 @@ fn e2e_73_host_network_endpoints() {
         for from in [Who::Host(0), Who::Pod(0)] {
             assert_served(&c.probe(from, mode, &to, 40), 40, &hosts, &format!("{from:?} → {to} ({mode})"));
         }
+    }
+    for (from, node) in [(Who::Host(0), 1), (Who::Outside, 1), (Who::Outside, 0)] {
+        let (tcp, udp) = (at(NODE_IPS[node], http), at(NODE_IPS[node], udp));
+        for mode in ["tcp", "tcp-big"] {
+            assert_served(&c.probe(from, mode, &tcp, 40), 40, &hosts, &format!("{from:?} → {tcp} ({mode})"));
+        }
+        let from_node_port: Vec<String> = hosts.iter().map(|h| format!("{h}@{udp}")).collect();
+        let from_node_port: Vec<&str> = from_node_port.iter().map(String::as_str).collect();
+        let what = format!("{from:?} → {udp} (udp)");
+        assert_served(&c.probe(from, "udp-peer", &udp, 40), 40, &from_node_port, &what);
     }
 }
 

@@ -1,5 +1,6 @@
-//! TC ingress program: traffic that arrives from outside the node for a NodePort, an external
-//! IP or a LoadBalancer IP, and the replies of such flows.
+//! TC programs: the ingress one takes traffic that arrives from outside the node for a
+//! NodePort, an external IP or a LoadBalancer IP, and the replies of such flows; the egress one
+//! only the replies of flows whose backend is the node itself (a hostNetwork endpoint).
 //!
 //! A new flow picks a backend with the same selection as the socket path ([`crate::lb`]),
 //! records both directions in `conntrack`, DNATs to the backend and, under
@@ -8,11 +9,16 @@
 //! their conntrack entry, so the client sees the address and port it connected to. Translated
 //! packets are forwarded with a FIB lookup and `bpf_redirect_neigh`, which also keeps the kernel
 //! from dropping a reply whose new source is a local address as martian.
+//!
+//! A backend at one of the node's own addresses is the exception: its packets are DNATed but
+//! not SNATed (the node would otherwise see its own address as a martian source) and handed
+//! to the stack; its replies leave through the stack, past no ingress hook, so the egress
+//! program on the node's interfaces translates them back.
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibLookup,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibLookup,
     },
     btf_maps::lpm_trie::Key,
     helpers::{bpf_csum_diff, bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
@@ -23,7 +29,8 @@ use network_types::ip::Ipv4Hdr;
 use proxy_common::{
     affinity::AffinityKey,
     conntrack::{
-        CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, FragKey, FragPorts, SNAT_PORT_MAX, SNAT_PORT_MIN, expired,
+        CT_F_CLOSING, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, FragKey, FragPorts,
+        SNAT_PORT_MAX, SNAT_PORT_MIN, expired, with_close_bits,
     },
     proto::{TCP, UDP},
     service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_EXT_LOCAL, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SourceRange},
@@ -157,6 +164,9 @@ struct Packet {
 impl Packet {
     /// `None` for anything but TCP/UDP over IPv4: such packets pass untouched. A later fragment
     /// (no L4 header) gets the ports its first fragment recorded, or `None` if that was not seen.
+    /// Inlined into each program: a BPF-to-BPF call returning this `Option` would carry BTF
+    /// the kernel rejects (a niche-tagged union).
+    #[inline(always)]
     fn parse(ctx: &TcContext) -> Option<Self> {
         // Ethernet and IPv4 headers in one load.
         let head: Head = ctx.load(0).ok()?;
@@ -241,11 +251,60 @@ fn handle(ctx: &TcContext, packet: &Packet) -> i32 {
         Verdict::Backend(_) if packet.proto == TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN => TC_ACT_SHOT,
         // loadBalancerSourceRanges: only listed clients, as kube-proxy's firewall chain.
         Verdict::Backend(selected) if selected.flags & SVC_F_SOURCE_RANGES != 0 && !admitted(packet) => TC_ACT_SHOT,
-        Verdict::Backend(selected) => match open_flow(packet, &key, &selected, unsafe { bpf_ktime_get_coarse_ns() }) {
-            Some(to) => translate(ctx, packet, &to),
-            None => TC_ACT_SHOT,
-        },
+        Verdict::Backend(selected) => new_flow(ctx, packet, &key, &selected),
     }
+}
+
+/// The TC egress program, on the interfaces holding a node address: replies of flows to a
+/// backend at the node's own address (a hostNetwork endpoint), which the stack sends, get the
+/// frontend back as their source. Everything else leaves untouched.
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    // Such replies are made on this node; a packet that came in somewhere (forwarded, or
+    // redirected here by the ingress program) is not one: it leaves at the cost of one load.
+    // SAFETY: the context pointer is the program's own skb.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return TC_ACT_OK;
+    }
+    let Some(packet) = Packet::parse(&ctx) else { return TC_ACT_OK };
+    let Some(entry) = CONNTRACK.get_ptr_mut(&packet.key()) else { return TC_ACT_OK };
+    // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
+    let value = unsafe { &mut *entry };
+    if value.flags & (CT_F_LOCAL | CT_F_REPLY) != CT_F_LOCAL | CT_F_REPLY {
+        return TC_ACT_OK;
+    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if expired(value.flags, packet.proto, value.last_seen_ns, now) {
+        return TC_ACT_OK;
+    }
+    track(value, &packet, now);
+    let to = *value;
+    // Already on its way out of the interface the stack routed it to.
+    if rewrite(&ctx, &packet, &to).is_err() { TC_ACT_SHOT } else { TC_ACT_OK }
+}
+
+/// Opens a flow to `selected` for the connection's first packet, translates it and sends it on.
+fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, selected: &Selected) -> i32 {
+    let snat = if selected.flags & SVC_F_EXT_LOCAL == 0 {
+        match snat_address(selected.flags, packet.dst) {
+            Some(address) => Some(address),
+            None => return TC_ACT_SHOT,
+        }
+    } else {
+        None
+    };
+    // The route the translated packet takes, looked up once: it also tells whether the backend
+    // is one of the node's own addresses (not forwarded: local).
+    let route = route(ctx, snat.unwrap_or(packet.src), selected.backend.address);
+    let local = route.0 == BPF_FIB_LKUP_RET_NOT_FWDED;
+    let snat = if local { None } else { snat };
+    let Some(to) = open_flow(packet, key, selected, snat, local, unsafe { bpf_ktime_get_coarse_ns() }) else {
+        return TC_ACT_SHOT;
+    };
+    if rewrite(ctx, packet, &to).is_err() {
+        return TC_ACT_SHOT;
+    }
+    deliver(route)
 }
 
 /// Whether the packet's client is inside one of its frontend's `loadBalancerSourceRanges`.
@@ -255,20 +314,55 @@ fn admitted(packet: &Packet) -> bool {
     SOURCE_RANGES.get(&key).is_some()
 }
 
-/// Refreshes a tracked flow's state for this packet.
+/// Refreshes a tracked flow's state for this packet. A FIN half-closes the flow (both entries
+/// learn it: the one it went through and the other direction's); FINs both ways or a RST close
+/// it. Only the first FIN or RST of an entry does more than the usual refresh.
 fn track(value: &mut CtValue, packet: &Packet, now: u64) {
-    if packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 && value.flags & CT_F_CLOSING == 0 {
-        value.flags |= CT_F_CLOSING;
+    let (here, there) = if packet.tcp_flags & TCP_RST != 0 {
+        (CT_F_CLOSING, CT_F_CLOSING)
+    } else if packet.tcp_flags & TCP_FIN != 0 {
+        (CT_F_FIN, CT_F_PEER_FIN)
+    } else {
+        (0, 0)
+    };
+    if here != 0 && value.flags & here == 0 {
+        value.flags = with_close_bits(value.flags, here);
         value.last_seen_ns = now;
+        mark_other_direction(value, there, now);
     } else if now.saturating_sub(value.last_seen_ns) > REFRESH_NS {
         value.last_seen_ns = now;
     }
 }
 
-/// Records a new flow in both directions and returns the original direction's translation.
-fn open_flow(packet: &Packet, key: &CtKey, selected: &Selected, now: u64) -> Option<CtValue> {
+/// Adds `bits` to the flow's other entry: the one keyed by the reverse of `value`'s
+/// translated tuple (reply ↔ original).
+fn mark_other_direction(value: &CtValue, bits: u16, now: u64) {
+    let key =
+        CtKey { src: value.dst, dst: value.src, sport: value.dport, dport: value.sport, proto: TCP, _pad: [0; 3] };
+    let Some(other) = CONNTRACK.get_ptr_mut(&key) else { return };
+    // SAFETY: the pointer comes from a successful lookup; fields are plain integers. Two CPUs
+    // closing both directions at once may lose a bit: that flow then keeps the close-wait
+    // timeout, as long as kube-proxy keeps a half-closed one.
+    let other = unsafe { &mut *other };
+    if (other.flags ^ value.flags) & CT_F_REPLY != 0 && other.backend_id == value.backend_id {
+        other.flags = with_close_bits(other.flags, bits);
+        other.last_seen_ns = now;
+    }
+}
+
+/// Records a new flow in both directions and returns the original direction's translation:
+/// `snat`: the node address to translate the source to (with a free port); `local`: the backend
+/// is one of the node's own addresses.
+fn open_flow(
+    packet: &Packet,
+    key: &CtKey,
+    selected: &Selected,
+    snat: Option<[u8; 4]>,
+    local: bool,
+    now: u64,
+) -> Option<CtValue> {
     let backend = selected.backend;
-    let snat = selected.flags & SVC_F_EXT_LOCAL == 0;
+    let local = if local { CT_F_LOCAL } else { 0 };
     let mut forward = CtValue {
         src: packet.src,
         dst: backend.address,
@@ -276,7 +370,7 @@ fn open_flow(packet: &Packet, key: &CtKey, selected: &Selected, now: u64) -> Opt
         dport: backend.port,
         backend_id: selected.id,
         last_seen_ns: now,
-        flags: 0,
+        flags: local,
         _pad: [0; 6],
     };
     let reply = CtValue {
@@ -286,7 +380,7 @@ fn open_flow(packet: &Packet, key: &CtKey, selected: &Selected, now: u64) -> Opt
         dport: packet.sport,
         backend_id: selected.id,
         last_seen_ns: now,
-        flags: CT_F_REPLY,
+        flags: CT_F_REPLY | local,
         _pad: [0; 6],
     };
     let mut reply_key = CtKey {
@@ -297,8 +391,8 @@ fn open_flow(packet: &Packet, key: &CtKey, selected: &Selected, now: u64) -> Opt
         proto: packet.proto,
         _pad: [0; 3],
     };
-    if snat {
-        forward.src = snat_address(selected.flags, packet.dst)?;
+    if let Some(address) = snat {
+        forward.src = address;
         forward.flags |= CT_F_SNAT;
         reply_key.dst = forward.src;
         let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
@@ -385,6 +479,12 @@ fn csum_diff<const N: usize>(old: &[u32; N], new: &[u32; N]) -> Result<u64, i64>
 
 /// Sends a translated packet out of the interface the routing table picks for it.
 fn forward(ctx: &TcContext, src: [u8; 4], dst: [u8; 4]) -> i32 {
+    deliver(route(ctx, src, dst))
+}
+
+/// The FIB's answer for a packet from `src` to `dst` that arrived on this packet's interface:
+/// the `BPF_FIB_LKUP_RET_*` code and the interface to send it out of.
+fn route(ctx: &TcContext, src: [u8; 4], dst: [u8; 4]) -> (u32, u32) {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: FibLookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -395,10 +495,15 @@ fn forward(ctx: &TcContext, src: [u8; 4], dst: [u8; 4]) -> i32 {
     let size = size_of::<FibLookup>() as i32;
     // SAFETY: params is a valid bpf_fib_lookup of `size` bytes.
     let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &mut params, size, 0) } as u32;
+    (rc, params.ifindex)
+}
+
+/// Redirects to the route's interface, resolving the next hop; with no route to forward on (a
+/// local destination among them), lets the stack decide.
+fn deliver((rc, ifindex): (u32, u32)) -> i32 {
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        // No route: let the stack decide.
         return TC_ACT_OK;
     }
     // SAFETY: a null neighbour means "resolve the next hop from the FIB".
-    unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }

@@ -497,8 +497,8 @@ pub const ROWS: &[Row] = &[
         title: "KubeProxy: should set TCP CLOSE_WAIT timeout [Privileged]",
         conformance: false,
         reproducible: Reproducible::Yes,
-        tests: &[],
-        gap: "missing: the TC path's conntrack expires a flow 10 s (CT_TIMEOUT_CLOSING_S) after the first FIN in either direction; kube-proxy keeps a half-closed (CLOSE_WAIT) flow for 1 h: proxy-common/src/conntrack.rs expired() and proxy-ebpf/src/tc.rs track() need a CLOSE_WAIT state (FIN seen one way only) with a 3600 s timeout, the 10 s closing timeout only after FINs both ways or a RST",
+        tests: &["conformance::e2e_52_half_closed_flow_lives_an_hour"],
+        gap: "",
     },
     Row {
         number: 53,
@@ -666,7 +666,7 @@ pub const ROWS: &[Row] = &[
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_73_host_network_endpoints"],
-        gap: "known bug: through the TC path, a nodePort whose picked endpoint is the receiving node's own address (a hostNetwork endpoint) does not answer: the packet is DNATed to a local address and SNATed to the node's own address, and the reply, local traffic, never passes the ingress-only TC hook to be translated back (proxy-ebpf/src/tc.rs); the connections that pick node-2's own endpoint time out",
+        gap: "",
     },
     Row {
         number: 74,

@@ -33,6 +33,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{
+    conntrack::{CT_F_CLOSING, CT_TIMEOUT_CLOSE_WAIT_S, CT_TIMEOUT_CLOSING_S, CtKey, CtValue, expired, timeout_s},
     proto::{SCTP, TCP, UDP},
     service::{ServiceKey, ServiceValue},
 };
@@ -1392,6 +1393,114 @@ fn e2e_51_out_of_window_packet_causes_no_reset() {
     }
 }
 
+/// The first connection `listener` accepts within [`WAIT`].
+fn accept(listener: &TcpListener) -> TcpStream {
+    listener.set_nonblocking(true).expect("a non-blocking listener");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false).expect("a blocking connection");
+                return conn;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("no connection accepted within {WAIT:?}: {e}"),
+        }
+    }
+}
+
+/// The TC-path conntrack entries of the external client's flow from `client_port`, as node
+/// `node`'s datapath holds them, with the clock they were read at (the programs' monotonic
+/// clock): the original direction (keyed by the client's packet) and the reply direction
+/// (rewritten to the client).
+fn client_flow(c: &Cluster, node: usize, client_port: u16) -> (u64, Vec<(CtKey, CtValue)>) {
+    let snapshot = proxy_agent::inspect::pins::read(c.agents[node].bpf_root()).expect("reading the pinned maps");
+    let client = (CLIENT_IP.octets(), client_port);
+    let entries = snapshot
+        .conntrack
+        .expect("the conntrack map is pinned")
+        .into_iter()
+        .filter(|(k, v)| (k.src, k.sport) == client || (v.dst, v.dport) == client)
+        .collect();
+    (snapshot.now_ns, entries)
+}
+
+/// e2e row 52: kube-proxy sets conntrack's CLOSE_WAIT timeout to an hour, so a half-closed TCP
+/// connection keeps working in the direction still open. The external client connects through
+/// node-1's nodePort (TC path, SNAT) to a server in pod-b on node-2, sends a line and
+/// half-closes (shutdown(SHUT_WR)); the server reads the line and the FIN. Longer than the
+/// 10 s closing timeout later, both conntrack entries of the flow are half-closed, not
+/// closing, with about an hour left; and the open direction still carries 4 MB from the server
+/// to the client, more than any window, so the client's ACKs must still be translated. Once the
+/// server closes too, FINs went both ways and the flow is closing (10 s).
+#[test]
+fn e2e_52_half_closed_flow_lives_an_hour() {
+    const PORT: u16 = 9052;
+    const NODE_PORT: u16 = 30052;
+    const BULK: usize = 4 << 20;
+    const NS: u64 = 1_000_000_000;
+    let c = Cluster::new([&[], &["pod-b"]]);
+    let listener = in_netns(&c.pod(1, 0).ns, || TcpListener::bind(("0.0.0.0", PORT)).expect("binding the server"));
+    let port = i32::from(PORT);
+    let svc =
+        service("close-wait").cluster_ip(&VIP.to_string()).named_port("tcp", port, "TCP").node_port(NODE_PORT.into());
+    let eps = slice("close-wait", "a").named_port("tcp", port, "TCP").endpoint_on(&c.pod_ip(1, 0), "node-2").build();
+    c.manifests.put(&svc.build(), &[eps]);
+    c.wait(0, NODE_IPS[0], NODE_PORT, TCP, Some(1));
+
+    let frontend = SocketAddr::from((NODE_IPS[0], NODE_PORT));
+    let mut client = in_netns(&c.topology.client, || TcpStream::connect_timeout(&frontend, WAIT))
+        .expect("connecting through node-1's nodePort");
+    let mut server = accept(&listener);
+    for conn in [&client, &server] {
+        conn.set_read_timeout(Some(Duration::from_secs(5))).expect("a read timeout");
+        conn.set_write_timeout(Some(WAIT)).expect("a write timeout");
+    }
+    client.write_all(b"request\n").expect("sending the request");
+    client.shutdown(std::net::Shutdown::Write).expect("half-closing the client");
+    let mut request = Vec::new();
+    server.read_to_end(&mut request).expect("the server reads the request and the client's FIN");
+    assert_eq!(request, b"request\n");
+
+    let client_port = client.local_addr().expect("the client's address").port();
+    thread::sleep(Duration::from_secs(CT_TIMEOUT_CLOSING_S + 3));
+    let (now, entries) = client_flow(&c, 0, client_port);
+    assert_eq!(entries.len(), 2, "the flow's original and reply entries: {entries:?}");
+    for (key, value) in &entries {
+        let idle = now.saturating_sub(value.last_seen_ns);
+        let left = (timeout_s(value.flags, TCP) * NS).saturating_sub(idle);
+        assert_eq!(value.flags & CT_F_CLOSING, 0, "{key:?} → {value:?}: half-closed is not closing");
+        assert!(!expired(value.flags, TCP, value.last_seen_ns, now), "{key:?} → {value:?} expired after {idle} ns");
+        assert!(
+            left <= CT_TIMEOUT_CLOSE_WAIT_S * NS && left > (CT_TIMEOUT_CLOSE_WAIT_S - 60) * NS,
+            "{key:?} → {value:?}: {left} ns left, want about {CT_TIMEOUT_CLOSE_WAIT_S} s"
+        );
+    }
+
+    let received = thread::scope(|s| {
+        s.spawn(move || {
+            let _ = server.write_all(&vec![b'z'; BULK]);
+        });
+        let (mut received, mut buf) = (0, vec![0u8; 1 << 16]);
+        loop {
+            match client.read(&mut buf) {
+                Ok(0) => break Ok(received),
+                Ok(n) => received += n,
+                Err(e) => break Err(format!("{e} after {received} bytes")),
+            }
+        }
+    });
+    assert_eq!(received, Ok(BULK), "the server's 4 MB reach the half-closed client, then its FIN");
+    let (now, entries) = client_flow(&c, 0, client_port);
+    assert_eq!(entries.len(), 2, "the flow's original and reply entries: {entries:?}");
+    for (key, value) in &entries {
+        assert_ne!(value.flags & CT_F_CLOSING, 0, "{key:?} → {value:?}: FINs went both ways, so the flow is closing");
+        assert_eq!(timeout_s(value.flags, TCP), CT_TIMEOUT_CLOSING_S, "{key:?} → {value:?} at {now}");
+    }
+}
+
 /// A plain HTTP/1.1 GET from inside `ns`: (status, body).
 fn http_get(ns: &Netns, to: SocketAddr, path: &str) -> (u16, String) {
     in_netns(ns, || {
@@ -1665,7 +1774,13 @@ fn host_network_netcheck(c: &Cluster) -> [PodServer; 2] {
 
 /// e2e row 73: rows 54-72 again with hostNetwork endpoints (each node's own address, port
 /// 8080) and, as upstream, a hostNetwork client: node-1 reaches both nodes' servers through the
-/// ClusterIP and its own nodePort, TCP and UDP, with large requests too; a pod as well.
+/// ClusterIP and its own nodePort, TCP and UDP, with large requests too; a pod as well. Through
+/// the TC path too: node-1's processes reach node-2's nodePorts and the external client both
+/// nodes' nodePorts, where every other connection picks the receiving node's own endpoint (the
+/// node delivers it to itself, and its replies leave through the stack, where the egress
+/// program translates them back): every attempt is answered, by both endpoints, and every UDP
+/// answer comes from the nodePort address the client sent to (a TCP connection whose answers
+/// came from another address would not get established at all).
 #[test]
 fn e2e_73_host_network_endpoints() {
     let c = Cluster::new([&[], &[]]);
@@ -1683,6 +1798,16 @@ fn e2e_73_host_network_endpoints() {
         for from in [Who::Host(0), Who::Pod(0)] {
             assert_served(&c.probe(from, mode, &to, 40), 40, &hosts, &format!("{from:?} → {to} ({mode})"));
         }
+    }
+    for (from, node) in [(Who::Host(0), 1), (Who::Outside, 1), (Who::Outside, 0)] {
+        let (tcp, udp) = (at(NODE_IPS[node], http), at(NODE_IPS[node], udp));
+        for mode in ["tcp", "tcp-big"] {
+            assert_served(&c.probe(from, mode, &tcp, 40), 40, &hosts, &format!("{from:?} → {tcp} ({mode})"));
+        }
+        let from_node_port: Vec<String> = hosts.iter().map(|h| format!("{h}@{udp}")).collect();
+        let from_node_port: Vec<&str> = from_node_port.iter().map(String::as_str).collect();
+        let what = format!("{from:?} → {udp} (udp)");
+        assert_served(&c.probe(from, "udp-peer", &udp, 40), 40, &from_node_port, &what);
     }
 }
 

@@ -19,7 +19,7 @@ use proxy_tests::{
     agent::Agent,
     cgroup::Cgroup,
     client::{Tally, probe},
-    fixtures::{service, slice, write_text, yaml},
+    fixtures::{node, service, slice, write_text, yaml},
     netns::{Netns, run},
     topology::SingleNode,
 };
@@ -312,20 +312,39 @@ fn link_exists(id: u32) -> bool {
 
 #[test]
 fn cleanup_leaves_nothing_and_is_safe_to_repeat() {
-    let mut node = bare("", &["--cluster-cidr", "10.244.0.0/16"]);
-    // An interface routing into the pod range: the TC program goes there too.
-    node.node.ip(&["link", "add", "ops0", "type", "veth", "peer", "name", "ops1"]).expect("a veth");
-    node.node.ip(&["addr", "add", "10.244.1.1/24", "dev", "ops0"]).expect("an address");
-    node.node.ip(&["link", "set", "ops0", "up"]).expect("up");
-    node.node.ip(&["link", "set", "ops1", "up"]).expect("up");
+    let mut node = bare(&yaml(&node("node-1", "172.18.0.2", "10.244.1.0/24")), &["--cluster-cidr", "10.244.0.0/16"]);
+    // An interface routing into the pod range: the TC ingress program goes there; and one
+    // holding the node's address: both TC programs go there.
+    for (interface, peer, address) in [("ops0", "ops1", "10.244.1.1/24"), ("ops2", "ops3", "172.18.0.2/16")] {
+        node.node.ip(&["link", "add", interface, "type", "veth", "peer", "name", peer]).expect("a veth");
+        node.node.ip(&["addr", "add", address, "dev", interface]).expect("an address");
+        node.node.ip(&["link", "set", interface, "up"]).expect("up");
+        node.node.ip(&["link", "set", peer, "up"]).expect("up");
+    }
     let root = node.agent.bpf_root().to_owned();
     let links = root.join("links");
+    let want = ["tc_ingress-ops0", "tc_ingress-ops2", "tc_egress-ops2"];
+    // Asked from inside the node's namespace, where the interface indexes mean its interfaces.
+    let pinned_now = || {
+        thread::scope(|s| {
+            s.spawn(|| {
+                node.node.enter().expect("entering the node's namespace");
+                proxy_agent::observe::kernel::pinned_links(&links, node.cgroup.path()).expect("links")
+            })
+            .join()
+            .expect("the thread in the node's namespace does not panic")
+        })
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut pinned = proxy_agent::observe::kernel::pinned_links(&links, node.cgroup.path()).expect("links");
-    while pinned.len() < 2 && Instant::now() < deadline {
+    let mut pinned = pinned_now();
+    while !want.iter().all(|w| pinned.iter().any(|l| l.pin == *w)) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
-        pinned = proxy_agent::observe::kernel::pinned_links(&links, node.cgroup.path()).expect("links");
+        pinned = pinned_now();
     }
+    for pin in want {
+        assert!(pinned.iter().any(|l| l.pin == pin && l.attached), "{pin} is pinned and attached: {pinned:?}");
+    }
+    assert!(!pinned.iter().any(|l| l.pin == "tc_egress-ops0"), "no egress program on a pod-side interface");
     let ids: Vec<u32> = pinned.iter().filter_map(|l| l.info.map(|i| i.id)).collect();
     assert!(ids.len() >= 2, "connect4 and TC links are pinned: {pinned:?}");
     assert!(ids.iter().all(|id| link_exists(*id)));

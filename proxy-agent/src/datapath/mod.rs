@@ -47,6 +47,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 const CGROUP_PROGRAMS: &[&str] = &["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 /// The TC ingress program; its links are pinned as `links/tc_ingress-<interface>`.
 const TC_PROGRAM: &str = "tc_ingress";
+/// The TC egress program (replies of hostNetwork backends); links `links/tc_egress-<interface>`.
+const TC_EGRESS_PROGRAM: &str = "tc_egress";
 
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`), what
 /// `bpf_get_netns_cookie` gives programs for sockets there.
@@ -168,8 +170,10 @@ pub struct Datapath {
     root: PathBuf,
     /// The cgroup the socket programs attach to.
     cgroup: PathBuf,
-    /// Interfaces the TC program is attached to (by this agent).
+    /// Interfaces the TC ingress program is attached to (by this agent).
     interfaces: BTreeSet<String>,
+    /// Interfaces the TC egress program is attached to (by this agent).
+    egress_interfaces: BTreeSet<String>,
     /// Pinned maps being replaced by new ones (see [`layout`]): nothing is attached until
     /// [`Datapath::finish_upgrade`].
     replacing: Vec<&'static str>,
@@ -213,12 +217,9 @@ impl Datapath {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader.load(OBJECT)?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or(ProgramError::UnexpectedProgramType)
-            .and_then(TryInto::try_into)
-            .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
-        program.load().map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        for name in [TC_PROGRAM, TC_EGRESS_PROGRAM] {
+            classifier(&mut ebpf, name)?.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
         for &name in CGROUP_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -228,8 +229,14 @@ impl Datapath {
             program.load().map_err(|source| DatapathError::Program { name, source })?;
         }
         let maps = AyaMaps::open(&mut ebpf)?;
-        let mut datapath =
-            Self { ebpf, root: root.clone(), cgroup: opts.cgroup.clone(), interfaces: BTreeSet::new(), replacing };
+        let mut datapath = Self {
+            ebpf,
+            root: root.clone(),
+            cgroup: opts.cgroup.clone(),
+            interfaces: BTreeSet::new(),
+            egress_interfaces: BTreeSet::new(),
+            replacing,
+        };
         if datapath.upgrading() {
             let staging = layout::staging(root);
             layout::carry(root, &staging, &datapath.replacing, false)
@@ -267,15 +274,18 @@ impl Datapath {
         carry(&self.root)?;
         let links = self.root.join("links");
         let old_links = pinned_link_ids(&links);
-        let prefix = format!("{TC_PROGRAM}-");
-        let tc_interfaces: Vec<String> = fs::read_dir(&links)
-            .map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix(&prefix).map(str::to_owned))
-            .filter(|name| !name.ends_with("_new") && interface_exists(name))
-            .collect();
-        for name in tc_interfaces {
-            self.attach_tc(&name)?;
+        let tc = [(TC_PROGRAM, TcAttachType::Ingress), (TC_EGRESS_PROGRAM, TcAttachType::Egress)];
+        for (program, kind) in tc {
+            // Every interface the old program is on, as its pins say.
+            let prefix = format!("{program}-");
+            let on: BTreeSet<String> = fs::read_dir(&links)
+                .map_err(|source| DatapathError::Bpffs { path: links.clone(), source })?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix(&prefix).map(str::to_owned))
+                .filter(|name| !name.ends_with("_new"))
+                .collect();
+            let attached = if program == TC_PROGRAM { &mut self.interfaces } else { &mut self.egress_interfaces };
+            attach_tc(&mut self.ebpf, program, kind, &on, attached, &links)?;
         }
         for &name in CGROUP_PROGRAMS {
             self.attach_cgroup(name)?;
@@ -330,81 +340,55 @@ impl Datapath {
             self.attach_cgroup(name)?;
             lost.push(name.to_owned());
         }
-        let interfaces: Vec<String> = self
-            .interfaces
-            .iter()
-            .filter(|i| !attached.contains(format!("{TC_PROGRAM}-{i}").as_str()) && interface_exists(i))
-            .cloned()
-            .collect();
-        for interface in interfaces {
-            self.interfaces.remove(&interface);
-            lost.push(format!("{TC_PROGRAM}-{interface}"));
+        for (program, attached_to) in
+            [(TC_PROGRAM, &mut self.interfaces), (TC_EGRESS_PROGRAM, &mut self.egress_interfaces)]
+        {
+            let pin = |interface: &str| format!("{program}-{interface}");
+            let detached: Vec<String> = attached_to
+                .iter()
+                .filter(|i| !attached.contains(pin(i).as_str()) && interface_exists(i))
+                .cloned()
+                .collect();
+            for interface in detached {
+                attached_to.remove(&interface);
+                lost.push(pin(&interface));
+            }
         }
         Ok(lost)
     }
 
-    /// Attaches the TC program to the node's interfaces that do not have it yet: those holding
-    /// one of `node_addresses` (NodePort traffic arrives there, and remote backends' replies)
-    /// and those routing into `pod_cidrs` (local backends' replies come from there: a pod
-    /// bridge, or kind's per-pod veths). Nothing else is touched: an agent run outside a node
-    /// attaches to no interface at all. Called again when the node changes and periodically, so
-    /// pods' interfaces created later are covered; returns the interfaces newly attached.
+    /// Attaches the TC ingress program to the node's interfaces that do not have it yet: those
+    /// holding one of `node_addresses` (NodePort traffic arrives there, and remote backends'
+    /// replies) and those routing into `pod_cidrs` (local backends' replies come from there: a
+    /// pod bridge, or kind's per-pod veths); and the TC egress program to the first kind only
+    /// (the replies of hostNetwork backends leave the node there). Nothing else is touched: an
+    /// agent run outside a node attaches to no interface at all. Called again when the node
+    /// changes and periodically, so pods' interfaces created later are covered; returns the
+    /// interfaces newly attached.
     pub fn attach_interfaces(
         &mut self,
         node_addresses: &[Ipv4Addr],
         pod_cidrs: &[Cidr],
     ) -> Result<Vec<String>, DatapathError> {
         if self.upgrading() {
-            // The old program serves until the swap attaches the new one.
+            // The old programs serve until the swap attaches the new ones.
             return Ok(Vec::new());
         }
-        let present = node_interfaces(node_addresses, pod_cidrs)
-            .map_err(|source| DatapathError::Bpffs { path: "/proc/self/net/route".into(), source })?;
-        let missing: Vec<String> = present.into_iter().filter(|n| !self.interfaces.contains(n)).collect();
-        let mut added = Vec::new();
-        for name in missing {
-            if self.attach_tc(&name)? {
-                added.push(name);
-            }
-        }
+        let lookup_error = |source| DatapathError::Bpffs { path: "/proc/self/net/route".into(), source };
+        let present = node_interfaces(node_addresses, pod_cidrs).map_err(lookup_error)?;
+        let node_facing = node_interfaces(node_addresses, &[]).map_err(lookup_error)?;
         let links = self.root.join("links");
-        // Interfaces that no longer exist (a pod gone) took their links with them; forget their
-        // pins. One that merely is not wanted now keeps its program: detaching is --cleanup's.
-        let gone: Vec<String> = self.interfaces.iter().filter(|n| !interface_exists(n)).cloned().collect();
-        for name in &gone {
-            let _ = fs::remove_file(links.join(format!("{TC_PROGRAM}-{name}")));
-            self.interfaces.remove(name);
-        }
+        let added =
+            attach_tc(&mut self.ebpf, TC_PROGRAM, TcAttachType::Ingress, &present, &mut self.interfaces, &links)?;
+        attach_tc(
+            &mut self.ebpf,
+            TC_EGRESS_PROGRAM,
+            TcAttachType::Egress,
+            &node_facing,
+            &mut self.egress_interfaces,
+            &links,
+        )?;
         Ok(added)
-    }
-
-    /// Attaches the TC program to interface `name` and pins the link, replacing the link pinned
-    /// there before only once the new one is in. `false` when the interface went away meanwhile.
-    fn attach_tc(&mut self, name: &str) -> Result<bool, DatapathError> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or(ProgramError::UnexpectedProgramType)
-            .and_then(TryInto::try_into)
-            .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
-        let id = match program.attach(name, TcAttachType::Ingress) {
-            Ok(id) => id,
-            // An interface can vanish between listing and attaching (a pod going away).
-            Err(error) => {
-                debug!(interface = name, %error, "not attaching the TC program");
-                return Ok(false);
-            }
-        };
-        let pin = self.root.join("links").join(format!("{TC_PROGRAM}-{name}"));
-        let link = program.take_link(id).map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
-        let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
-            path: pin.clone(),
-            detail: e.to_string(),
-        })?;
-        replace_pinned_link(link, &pin)?;
-        info!(program = TC_PROGRAM, interface = name, "attached");
-        self.interfaces.insert(name.to_owned());
-        Ok(true)
     }
 
     /// The loaded TC program (for `BPF_PROG_TEST_RUN` measurements).
@@ -416,6 +400,58 @@ impl Datapath {
     pub fn root(&self) -> &Path {
         &self.root
     }
+}
+
+/// The TC program `name` of the object.
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(ProgramError::UnexpectedProgramType)
+        .and_then(TryInto::try_into)
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+/// Attaches TC program `name` (`kind`: ingress or egress) to each of `wanted` not in
+/// `attached` yet, pinning its links as `links/<name>-<interface>`, and forgets the
+/// interfaces of `attached` that are gone (their links went with them). Returns the
+/// interfaces newly attached.
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    kind: TcAttachType,
+    wanted: &BTreeSet<String>,
+    attached: &mut BTreeSet<String>,
+    links: &Path,
+) -> Result<Vec<String>, DatapathError> {
+    let program = classifier(ebpf, name)?;
+    let mut added = Vec::new();
+    for interface in wanted.iter().filter(|n| !attached.contains(*n)) {
+        let id = match program.attach(interface, kind) {
+            Ok(id) => id,
+            // An interface can vanish between listing and attaching (a pod going away).
+            Err(error) => {
+                debug!(interface, %error, program = name, "not attaching the TC program");
+                continue;
+            }
+        };
+        let pin = links.join(format!("{name}-{interface}"));
+        let link = program.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
+        let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+            path: pin.clone(),
+            detail: e.to_string(),
+        })?;
+        replace_pinned_link(link, &pin)?;
+        info!(program = name, interface, "attached");
+        added.push(interface.clone());
+    }
+    attached.extend(added.iter().cloned());
+    // Interfaces that no longer exist (a pod gone) took their links with them; forget their
+    // pins. One that merely is not wanted now keeps its program: detaching is --cleanup's.
+    let gone: Vec<String> = attached.iter().filter(|n| !interface_exists(n)).cloned().collect();
+    for interface in &gone {
+        let _ = fs::remove_file(links.join(format!("{name}-{interface}")));
+        attached.remove(interface);
+    }
+    Ok(added)
 }
 
 /// Pins `link` at `path`; an earlier link pinned there (an earlier agent's) is detached only

@@ -318,6 +318,12 @@ pub fn conntrack(entries: &[ConntrackView], snapshot: &Snapshot) -> String {
             if e.snat {
                 state.push("snat");
             }
+            if e.local {
+                state.push("local");
+            }
+            if e.close_wait {
+                state.push("close_wait");
+            }
             if e.closing {
                 state.push("closing");
             }

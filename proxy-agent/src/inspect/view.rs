@@ -9,7 +9,7 @@ use std::{
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
-    conntrack::{CT_F_CLOSING, CT_F_REPLY, CT_F_SNAT, expired},
+    conntrack::{CT_F_CLOSING, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, expired, timeout_s},
     service::*,
 };
 use serde::Serialize;
@@ -549,8 +549,14 @@ pub struct ConntrackView {
     pub backend_id: BackendId,
     /// The source was SNATed to a node address (externalTrafficPolicy: Cluster).
     pub snat: bool,
-    /// A FIN or RST was seen: the flow is closing.
+    /// The backend is the node itself (hostNetwork): no SNAT, replies translated on egress.
+    pub local: bool,
+    /// A FIN went one way only: the flow is half-closed (CLOSE_WAIT), the other way still open.
+    pub close_wait: bool,
+    /// FINs went both ways, or a RST: the flow is closing.
     pub closing: bool,
+    /// The idle timeout the entry's state gives it.
+    pub timeout_seconds: u64,
     /// Seconds since the flow's last packet (refreshed at most once a second).
     pub idle_seconds: f64,
     /// Whether the kernel would treat the entry as expired now.
@@ -573,7 +579,10 @@ pub fn conntrack(snapshot: &Snapshot) -> Vec<ConntrackView> {
             new_to: addr(v.dst, v.dport),
             backend_id: v.backend_id,
             snat: v.flags & CT_F_SNAT != 0,
+            local: v.flags & CT_F_LOCAL != 0,
+            close_wait: v.flags & CT_F_CLOSING == 0 && v.flags & (CT_F_FIN | CT_F_PEER_FIN) != 0,
             closing: v.flags & CT_F_CLOSING != 0,
+            timeout_seconds: timeout_s(v.flags, k.proto),
             idle_seconds: snapshot.now_ns.saturating_sub(v.last_seen_ns) as f64 / 1e9,
             expired: expired(v.flags, k.proto, v.last_seen_ns, snapshot.now_ns),
         })

@@ -40,7 +40,7 @@ use proxy_common::{
 use proxy_tests::{
     agent::Agent,
     cgroup::Cgroup,
-    client::{Tally, probe},
+    client::{Tally, http_get, probe},
     conformance::{self, Outcome, QUICK_ENV, REPRODUCIBLE_ROWS, ROWS, Reproducible, Verdict},
     fixtures::{SliceBuilder, TempDir, node, node_in_zone, service, slice, write_text, yaml},
     netns::{Netns, veth},
@@ -1501,20 +1501,6 @@ fn e2e_52_half_closed_flow_lives_an_hour() {
     }
 }
 
-/// A plain HTTP/1.1 GET from inside `ns`: (status, body).
-fn http_get(ns: &Netns, to: SocketAddr, path: &str) -> (u16, String) {
-    in_netns(ns, || {
-        let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("connecting");
-        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(conn, "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n").expect("sending the request");
-        let mut response = String::new();
-        conn.read_to_string(&mut response).expect("reading the response");
-        let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        (status, body)
-    })
-}
-
 /// e2e row 53: kube-proxy's URLs on every node: `/healthz` on port 10256 answers 200 with
 /// `lastUpdated`, and `/proxyMode` on the metrics port 10249 names the proxy's mode.
 #[test]
@@ -1522,10 +1508,10 @@ fn e2e_53_proxy_mode_url() {
     let c = Cluster::new([&[], &[]]);
     for node in 0..2 {
         let ns = &c.node(node).ns;
-        let (status, body) = http_get(ns, SocketAddr::from(([127, 0, 0, 1], 10256)), "/healthz");
+        let (status, body) = http_get(ns, SocketAddr::from(([127, 0, 0, 1], 10256)), "/healthz").expect("GET /healthz");
         assert_eq!(status, 200, "node-{}: /healthz: {body}", node + 1);
         assert!(body.contains("lastUpdated"), "node-{}: /healthz: {body}", node + 1);
-        let (status, body) = http_get(ns, SocketAddr::from(([127, 0, 0, 1], 10249)), "/proxyMode");
+        let (status, body) = http_get(ns, SocketAddr::from(([127, 0, 0, 1], 10249)), "/proxyMode").expect("GET /proxyMode");
         assert_eq!(status, 200, "node-{}: /proxyMode: {body}", node + 1);
         assert!(!body.trim().is_empty(), "node-{}: /proxyMode names the mode", node + 1);
     }

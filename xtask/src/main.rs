@@ -68,7 +68,8 @@ enum Cmd {
         quick: bool,
     },
     /// Run every check and test: fmt, clippy -D warnings, unit tests, real-kernel end-to-end
-    /// tests, then `bench --quick` to prove the benchmark runs (root; timings are not judged).
+    /// tests (the conformance rows in their quick mode), then `bench --quick` to prove the
+    /// benchmark runs (root; timings are not judged).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter; then `bench --quick` is skipped).
         #[arg(trailing_var_arg = true)]
@@ -110,7 +111,10 @@ fn main() -> anyhow::Result<()> {
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
             let mut test = vec!["test", "--workspace", "--no-fail-fast"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)?;
+            // The conformance rows in their quick mode (short affinity timeouts); the full suite
+            // is `cargo xtask conformance`.
+            let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            run(Command::new(cargo_bin).args(&test).env(conformance::QUICK_ENV, "1"))?;
             // Last: prove the benchmark runs end to end (its timings are reported, never judged).
             if args.is_empty() {
                 bench(&root, true)

@@ -1511,7 +1511,8 @@ fn e2e_53_proxy_mode_url() {
         let (status, body) = http_get(ns, SocketAddr::from(([127, 0, 0, 1], 10256)), "/healthz").expect("GET /healthz");
         assert_eq!(status, 200, "node-{}: /healthz: {body}", node + 1);
         assert!(body.contains("lastUpdated"), "node-{}: /healthz: {body}", node + 1);
-        let (status, body) = http_get(ns, SocketAddr::from(([127, 0, 0, 1], 10249)), "/proxyMode").expect("GET /proxyMode");
+        let (status, body) =
+            http_get(ns, SocketAddr::from(([127, 0, 0, 1], 10249)), "/proxyMode").expect("GET /proxyMode");
         assert_eq!(status, 200, "node-{}: /proxyMode: {body}", node + 1);
         assert!(!body.trim().is_empty(), "node-{}: /proxyMode names the mode", node + 1);
     }

@@ -387,7 +387,12 @@ fn e2e_06_up_and_down_services() {
     c.agent.check_running().unwrap();
 }
 
-/// e2e row 7: a deleted service recreated with a new ClusterIP works at the new one only.
+/// e2e row 7: a deleted service recreated with a new ClusterIP works at the new one only; its
+/// slice has a new name, as the EndpointSlice controller's `generateName` gives. The old slice
+/// goes first, and the test waits until the agent has seen that: the Service and EndpointSlice
+/// watches are separate streams, and an old slice whose deletion arrives after the new Service
+/// would briefly serve it, then empty it until the new slice arrives (what made this test
+/// flaky once).
 #[test]
 fn e2e_07_works_after_the_service_has_been_recreated() {
     let c = Cluster::start(&[2, 3], &[], |s| {
@@ -395,11 +400,13 @@ fn e2e_07_works_after_the_service_has_been_recreated() {
         s.apply(&endpoints("web", &[2, 3]));
     });
     c.wait_for_pods(10, Some(&[2, 3]), WAIT);
-    assert!(c.server.delete::<Service>(None, "web"));
     assert!(c.server.delete::<EndpointSlice>(None, "web-a"));
+    c.wait_for_pods(10, Some(&[]), WAIT);
+    assert!(c.server.delete::<Service>(None, "web"));
     c.wait_for_pods(10, None, WAIT);
     c.server.apply(&web("web", 20));
-    c.server.apply(&endpoints("web", &[2, 3]));
+    let ips = [2, 3].map(|n| pod_ip(n).to_string());
+    c.server.apply(&slice("web", "b").port(TARGET_PORT.into()).endpoints(ips.iter().map(String::as_str)).build());
     c.wait_for_pods(20, Some(&[2, 3]), WAIT);
     assert_served_by(&c.connect(20, 100), 100, &[2, 3]);
     assert_eq!(c.connect(10, 3).answered(), 0, "the old ClusterIP is gone");

@@ -220,7 +220,7 @@ impl SkipReason {
 }
 
 /// One skipped object or field, with what was wrong, for one log line and one metric.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Skip {
     /// `Service ns/name` or `EndpointSlice ns/name`.
     pub object: String,

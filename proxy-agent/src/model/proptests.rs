@@ -485,6 +485,9 @@ impl ServicePlan {
 
     fn oracle(&self, node: &NodeInfo) -> Oracle {
         let mut out = Oracle::default();
+        if self.kind == Kind::NoSpec {
+            out.skips.insert((self.object(), "spec".into(), SkipReason::Unparseable));
+        }
         if !self.proxied() {
             return out;
         }
@@ -572,7 +575,10 @@ impl ServicePlan {
                 continue;
             }
             for (i, endpoint) in slice.endpoints.iter().enumerate() {
-                let Some(first) = endpoint.addresses.first() else { continue };
+                let Some(first) = endpoint.addresses.first() else {
+                    skips.insert((object.clone(), format!("endpoints[{i}].addresses"), SkipReason::BadAddress));
+                    continue;
+                };
                 if !matches!(judge(&first.text()), Judged::V4(_)) {
                     skips.insert((object.clone(), format!("endpoints[{i}].addresses[0]"), SkipReason::BadAddress));
                 }

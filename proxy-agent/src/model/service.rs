@@ -18,11 +18,15 @@ use super::{
 /// labelled with this service's name.
 pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> Desired {
     let mut out = Desired::default();
-    let Some(spec) = service.spec.as_ref() else { return out };
+    let mut skips = Skips { object: format!("Service {}", object_key(&service.metadata)), out: Vec::new() };
+    let Some(spec) = service.spec.as_ref() else {
+        skips.push("spec".into(), SkipReason::Unparseable, "missing");
+        out.skipped = skips.out;
+        return out;
+    };
     if !is_proxied(service) {
         return out;
     }
-    let mut skips = Skips { object: format!("Service {}", object_key(&service.metadata)), out: Vec::new() };
     let cluster_ips = addresses(&mut skips, cluster_ip_texts(service));
     let external_ips = addresses(
         &mut skips,
@@ -111,7 +115,9 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
         }
     }
     out.health_check = health_check(service, slices, node);
-    out.skipped = skips.out;
+    // Each service port reads the slices again: one report per skipped field.
+    let mut seen = std::collections::HashSet::new();
+    out.skipped = skips.out.into_iter().filter(|skip| seen.insert(skip.clone())).collect();
     out
 }
 
@@ -346,6 +352,7 @@ fn resolve_endpoints(
     let mut slices = slices.to_vec();
     slices.sort_by_key(|s| s.metadata.name.clone());
     let mut out: Vec<Candidate> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for slice in slices {
         let mut slice_skips =
             Skips { object: format!("EndpointSlice {}", object_key(&slice.metadata)), out: Vec::new() };
@@ -357,7 +364,8 @@ fn resolve_endpoints(
                 continue;
             }
             other => {
-                slice_skips.push("addressType".into(), SkipReason::UnsupportedAddressType, other);
+                let detail = if other.is_empty() { "missing" } else { other };
+                slice_skips.push("addressType".into(), SkipReason::UnsupportedAddressType, detail);
                 skips.out.append(&mut slice_skips.out);
                 continue;
             }
@@ -368,13 +376,16 @@ fn resolve_endpoints(
         };
         for (i, endpoint) in slice.endpoints.iter().enumerate() {
             // kube-proxy uses the first address of an endpoint.
-            let Some(text) = endpoint.addresses.first() else { continue };
+            let Some(text) = endpoint.addresses.first() else {
+                slice_skips.push(format!("endpoints[{i}].addresses"), SkipReason::BadAddress, "empty");
+                continue;
+            };
             let Some(address) = parse_ipv4(text) else {
                 let detail = format!("{text:?} is not an IPv4 address");
                 slice_skips.push(format!("endpoints[{i}].addresses[0]"), SkipReason::BadAddress, detail);
                 continue;
             };
-            if out.iter().any(|c| c.endpoint.address == address && c.endpoint.port == port) {
+            if !seen.insert((address, port)) {
                 continue;
             }
             let conditions = endpoint.conditions.as_ref();

@@ -1278,6 +1278,40 @@ fn malformed_parts_are_skipped_with_a_reason_naming_the_field() {
             want: ("EndpointSlice default/web-fqdn", "addressType", UnsupportedAddressType, "FQDN"),
             still_served: Some(tcp("10.96.0.10", 80)),
         },
+        Case {
+            rule: "a slice without an addressType says it is missing",
+            service: web().build(),
+            slices: vec![slice("web", "web-x").address_type("").port(8080).endpoint("10.244.1.2").build()],
+            want: ("EndpointSlice default/web-x", "addressType", UnsupportedAddressType, "missing"),
+            still_served: Some(tcp("10.96.0.10", 80)),
+        },
+        Case {
+            rule: "a slice skipped for a service of two ports is reported once, not per port",
+            service: service("web").cluster_ip("10.96.0.10").named_port("a", 80).named_port("b", 81).build(),
+            slices: vec![
+                slice("web", "web-fqdn").address_type("FQDN").named_port("a", 8080).endpoint("db.example.com").build(),
+            ],
+            want: ("EndpointSlice default/web-fqdn", "addressType", UnsupportedAddressType, "FQDN"),
+            still_served: Some(tcp("10.96.0.10", 81)),
+        },
+        Case {
+            rule: "an endpoint without addresses is skipped, the others are used",
+            service: web().build(),
+            slices: vec![{
+                let mut slice = slice("web", "web-a").port(8080).endpoint("10.244.1.2").build();
+                slice.endpoints.push(discovery::Endpoint::default());
+                slice
+            }],
+            want: ("EndpointSlice default/web-a", "endpoints[1].addresses", BadAddress, "empty"),
+            still_served: Some(tcp("10.96.0.10", 80)),
+        },
+        Case {
+            rule: "a Service without a spec",
+            service: Service { spec: None, ..web().build() },
+            slices: vec![],
+            want: ("Service default/web", "spec", Unparseable, "missing"),
+            still_served: None,
+        },
     ];
     let mut broken = Broken::default();
     for case in cases {

@@ -75,7 +75,7 @@ pub struct RunArgs {
     /// How often the maps are checked against what was programmed (entries deleted or changed
     /// outside the agent are put back, stale affinity, socket and flow entries removed), and
     /// half of how long `/healthz` tolerates a problem, such as an unreachable API server.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = positive_duration)]
     pub sync_period: Duration,
 
     /// Size of the services map (frontends and backend slots).
@@ -109,6 +109,15 @@ pub struct RunArgs {
     /// Log verbosity: -v for debug, -vv for trace (RUST_LOG overrides).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+}
+
+/// A duration greater than zero (`1s`, `500ms`).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be greater than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// How often the TC program is attached to interfaces that appeared since.

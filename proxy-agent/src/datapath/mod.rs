@@ -21,7 +21,7 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkError, PinnedLink},
     },
 };
 use proxy_common::{
@@ -314,11 +314,7 @@ impl Datapath {
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|source| DatapathError::Program { name, source })?;
         let link = program.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
-        let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
-            path: pin.clone(),
-            detail: e.to_string(),
-        })?;
-        replace_pinned_link(link, &pin)?;
+        pin_link(link, &pin)?;
         info!(program = name, cgroup = %self.cgroup.display(), "attached");
         Ok(())
     }
@@ -435,11 +431,7 @@ fn attach_tc(
         };
         let pin = links.join(format!("{name}-{interface}"));
         let link = program.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
-        let link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
-            path: pin.clone(),
-            detail: e.to_string(),
-        })?;
-        replace_pinned_link(link, &pin)?;
+        pin_link(link, &pin)?;
         info!(program = name, interface, "attached");
         added.push(interface.clone());
     }
@@ -452,6 +444,12 @@ fn attach_tc(
         attached.remove(interface);
     }
     Ok(added)
+}
+
+/// Pins a program's new `link` at `pin` (see [`replace_pinned_link`]).
+fn pin_link(link: impl TryInto<FdLink, Error = LinkError>, pin: &Path) -> Result<(), DatapathError> {
+    let link = link.try_into().map_err(|e| DatapathError::Pin { path: pin.to_owned(), detail: e.to_string() })?;
+    replace_pinned_link(link, pin)
 }
 
 /// Pins `link` at `path`; an earlier link pinned there (an earlier agent's) is detached only

@@ -310,7 +310,7 @@ fn the_daemonsets_flags_are_flags_the_agent_accepts() {
     let off = Cli::try_parse_from(["proxy-agent", "--metrics-bind-address="]).expect("an empty address");
     assert_eq!(off.run.metrics_bind_address.0, None);
     // kube-proxy's --sync-period: 30 s unless given; a zero period is refused at parse time.
-    assert_eq!(run.sync_period, std::time::Duration::from_secs(30));
+    assert_eq!(run.sync_period, Duration::from_secs(30));
     let zero = Cli::try_parse_from(["proxy-agent", "--sync-period", "0s"]).expect_err("a zero period");
     assert!(zero.to_string().contains("greater than zero"), "{zero}");
 

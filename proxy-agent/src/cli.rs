@@ -215,6 +215,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(dir) => tokio::spawn(manifests::run(dir.clone(), updates_tx, metrics.clone())),
         None => {
             let client = kube::client(args.kubeconfig.as_deref()).await?;
+            let events = kube::refusal_events(client.clone(), node_name.clone());
+            syncer.on_refused(Box::new(move |service, message| {
+                let _ = events.send((service.to_owned(), message.to_owned()));
+            }));
             tokio::spawn(async move {
                 kube::run(client, node_name, updates_tx, metrics).await;
                 Ok(())

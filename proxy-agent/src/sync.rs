@@ -67,6 +67,10 @@ pub struct SyncReport {
 /// What runs when this node's info changes.
 pub type NodeHook = Box<dyn FnMut(&NodeInfo) + Send>;
 
+/// What runs when a service is refused (`namespace/name`, why): the Kubernetes source posts an
+/// Event on the Service.
+pub type RefusalHook = Box<dyn FnMut(&str, &str) + Send>;
+
 /// Store, model and writer together.
 pub struct Syncer<S> {
     store: Store,
@@ -83,6 +87,8 @@ pub struct Syncer<S> {
     node_hook: Option<NodeHook>,
     /// Runs once, after the first full sync (an upgrade's swap to the new maps).
     first_sync_hook: Option<Box<dyn FnOnce() + Send>>,
+    /// Runs when a service is refused.
+    refusal_hook: Option<RefusalHook>,
     /// Each service's `healthCheckNodePort`, by service key.
     health_checks: HashMap<String, (u16, HealthCheck)>,
     /// Publishes the health checks to serve, by port.
@@ -112,6 +118,7 @@ impl<S: MapStore> Syncer<S> {
             node_tx: tokio::sync::watch::Sender::new(NodeInfo::default()),
             node_hook: None,
             first_sync_hook: None,
+            refusal_hook: None,
             health_checks: HashMap::new(),
             health_tx: tokio::sync::watch::Sender::new(BTreeMap::new()),
             owned: HashMap::new(),
@@ -152,6 +159,11 @@ impl<S: MapStore> Syncer<S> {
     /// Sets what runs when this node's info changes, before the sync that follows.
     pub fn on_node_change(&mut self, hook: NodeHook) {
         self.node_hook = Some(hook);
+    }
+
+    /// Sets what runs when a service is refused (a map write failed).
+    pub fn on_refused(&mut self, hook: RefusalHook) {
+        self.refusal_hook = Some(hook);
     }
 
     /// Sets what runs once the first full sync is done.
@@ -493,8 +505,14 @@ impl<S: MapStore> Syncer<S> {
             match self.writer.upsert(frontend, &entry) {
                 Ok(stats) => report.writes += stats,
                 Err(e) => {
-                    self.write_failed(key, &frontend, &e, report);
+                    let error = self.write_failed(key, &frontend, &e, report);
                     self.refuse(key, old.union(&owned), report, requeue);
+                    if let Some(hook) = &mut self.refusal_hook {
+                        hook(
+                            key,
+                            &format!("not programmed: writing {frontend} failed: {error}; retried on every sync"),
+                        );
+                    }
                     return;
                 }
             }
@@ -536,7 +554,7 @@ impl<S: MapStore> Syncer<S> {
     ) {
         match self.writer.remove(*frontend) {
             Ok(stats) => report.writes += stats,
-            Err(e) => self.write_failed(key, frontend, &e, report),
+            Err(e) => _ = self.write_failed(key, frontend, &e, report),
         }
         self.holder.remove(frontend);
         if let Some(waiting) = self.contenders.remove(frontend) {
@@ -544,10 +562,12 @@ impl<S: MapStore> Syncer<S> {
         }
     }
 
-    fn write_failed(&self, key: &str, frontend: &Frontend, error: &S::Error, report: &mut SyncReport) {
+    /// Logs and counts a failed write; returns the error with its causes.
+    fn write_failed(&self, key: &str, frontend: &Frontend, error: &S::Error, report: &mut SyncReport) -> String {
         let error = error_chain(error);
         warn!(service = key, %frontend, error, "writing the service maps failed");
         report.errors += 1;
+        error
     }
 }
 

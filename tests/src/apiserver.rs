@@ -178,6 +178,8 @@ struct Store {
     requests: usize,
     lists: HashMap<Kind, usize>,
     watches: HashMap<Kind, usize>,
+    /// Events written (`create` or `patch`, the object after the write), in order.
+    posted_events: Vec<(String, Value)>,
 }
 
 struct Shared {
@@ -229,6 +231,12 @@ impl ApiServer {
         });
         let task = tokio::spawn(http::serve(listener, Arc::clone(&shared)));
         ApiServer { addr, shared, task }
+    }
+
+    /// The Events clients wrote (events.k8s.io/v1), in order: the verb (`create`, `patch`) and
+    /// the Event after the write.
+    pub fn posted_events(&self) -> Vec<(String, Value)> {
+        self.shared.store().posted_events.clone()
     }
 
     /// The base URL, `http://127.0.0.1:PORT`.

@@ -626,6 +626,34 @@ fn healthz_turns_unhealthy_after_the_api_outage_window_and_back_after_recovery()
     c.wait_for_pods(20, Some(&[4]), RECOVERY);
 }
 
+/// Issue 8 item 6, in a cluster: a service that does not fit the maps (`--services-map-size 6`:
+/// `kubernetes` takes two entries, `web` three, `big` would need four) is refused, and the agent
+/// posts a Warning Event on it, which `kubectl describe service big` shows; `web` keeps working.
+#[test]
+fn a_service_that_does_not_fit_gets_a_warning_event() {
+    let c = Cluster::start(&[2, 3, 4], &["--services-map-size", "6"], |s| {
+        s.apply(&web("web", 10));
+        s.apply(&endpoints("web", &[2, 3]));
+    });
+    c.wait_for_pods(10, Some(&[2, 3]), WAIT);
+    c.server.apply(&web("big", 20));
+    c.server.apply(&endpoints("big", &[2, 3, 4]));
+    wait_until("an Event on the refused service", WAIT, || !c.server.posted_events().is_empty());
+    let (verb, event) = c.server.posted_events().remove(0);
+    assert_eq!(verb, "create");
+    assert_eq!(
+        (event["regarding"]["kind"].as_str(), event["regarding"]["name"].as_str()),
+        (Some("Service"), Some("big"))
+    );
+    assert_eq!(event["metadata"]["namespace"], "default", "{event}");
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("ServiceNotProgrammed")));
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(note.contains("not programmed") && note.contains("map is full"), "the note says why: {note}");
+    assert_eq!(event["reportingInstance"], "node-1", "{event}");
+    c.wait_for_pods(20, None, WAIT);
+    assert_served_by(&c.connect(10, 20), 20, &[2, 3]);
+}
+
 /// A stream of malformed objects: each is skipped with one log line naming it and the reason,
 /// and the good services (before and after) are served.
 #[test]

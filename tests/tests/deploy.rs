@@ -176,7 +176,7 @@ fn observed<K: Resource>(server: &ApiServer, grants: &mut Grants) {
 }
 
 /// The other side of the derivation: the real Kubernetes source, run against a real HTTP API
-/// server, makes exactly the requests the table lists (and no other: no get, no events).
+/// server, makes exactly the requests the table lists (and no other: no get, no other write).
 #[tokio::test]
 async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
     let server = ApiServer::start().await;
@@ -189,8 +189,12 @@ async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
     server.apply(&slice("apigw-test1", "a").port(80).endpoint("10.244.1.2").build());
     let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("URL"))).expect("client");
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let source =
-        tokio::spawn(proxy_agent::source::kube::run(client, "node-1".into(), tx, proxy_agent::metrics::Metrics::new()));
+    let source = tokio::spawn(proxy_agent::source::kube::run(
+        client.clone(),
+        "node-1".into(),
+        tx,
+        proxy_agent::metrics::Metrics::new(),
+    ));
     let mut listed = BTreeSet::new();
     tokio::time::timeout(Duration::from_secs(15), async {
         while listed.len() < 3 {
@@ -212,6 +216,19 @@ async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
     })
     .await
     .expect("the source lists and watches all three kinds within 15 s");
+    // A service the agent cannot program, twice: an Event, then its series.
+    let events = proxy_agent::source::kube::refusal_events(client, "node-1".into());
+    for _ in 0..2 {
+        events.send(("default/apigw-test1".into(), "not programmed: the maps are full".into())).expect("the sender");
+        let want = server.posted_events().len() + 1;
+        tokio::time::timeout(Duration::from_secs(15), async {
+            while server.posted_events().len() < want {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the Event is posted within 15 s");
+    }
     // Let anything else it might do happen.
     tokio::time::sleep(Duration::from_millis(300)).await;
     source.abort();
@@ -220,7 +237,13 @@ async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
     observed::<Service>(&server, &mut grants);
     observed::<EndpointSlice>(&server, &mut grants);
     observed::<Node>(&server, &mut grants);
+    let posted = server.posted_events();
+    let verbs = posted.iter().map(|(verb, _)| verb.clone()).collect();
+    grants.insert(("events.k8s.io".into(), "events".into()), verbs);
     assert_eq!(grants, table_grants(), "what the source did vs proxy-agent/src/source/rbac.rs");
+    let (_, event) = posted.last().expect("an Event");
+    assert_eq!(event["regarding"]["name"], "apigw-test1", "{event}");
+    assert_eq!(event["series"]["count"], 2, "the repeat is counted in the series: {event}");
     let counted: usize = [
         server.list_count::<Service>() + server.watch_count::<Service>(),
         server.list_count::<EndpointSlice>() + server.watch_count::<EndpointSlice>(),
@@ -228,7 +251,11 @@ async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
     ]
     .iter()
     .sum();
-    assert_eq!(server.request_count(), counted, "every request the source made was a list or a watch");
+    assert_eq!(
+        server.request_count(),
+        counted + posted.len(),
+        "every request the source made was a list, a watch or an Event"
+    );
 }
 
 fn pod_spec(daemonset: &DaemonSet) -> &PodSpec {

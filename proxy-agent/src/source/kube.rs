@@ -9,7 +9,7 @@ use std::{fmt::Debug, path::Path, sync::Arc, time::Duration};
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Service},
+        core::v1::{Node, ObjectReference, Service},
         discovery::v1::EndpointSlice,
     },
     serde::de::DeserializeOwned,
@@ -18,7 +18,11 @@ use kube::{
     Api, Client, Config, Resource, ResourceExt as _,
     api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt as _, watcher},
+    runtime::{
+        WatchStreamExt as _,
+        events::{Event, EventType, Recorder, Reporter},
+        watcher,
+    },
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -64,6 +68,38 @@ pub async fn run(client: Client, node_name: String, updates: mpsc::Sender<Update
         watch(Api::<EndpointSlice>::all(client.clone()), all(), updates.clone(), Update::Slices, &metrics),
         watch(Api::<Node>::all(client), node_config, updates, Update::Nodes, &metrics),
     );
+}
+
+/// Posts a Warning Event on a Service for every `(namespace/name, message)` received, as
+/// `proxy-agent` on this node (`kubectl describe service` shows it), until the channel closes.
+/// Repeats of one event become a series (the API's `series.count`), not new objects.
+pub fn refusal_events(client: Client, node_name: String) -> mpsc::UnboundedSender<(String, String)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
+    let reporter = Reporter { controller: "proxy-agent".into(), instance: Some(node_name) };
+    let recorder = Recorder::new(client, reporter);
+    tokio::spawn(async move {
+        while let Some((service, message)) = rx.recv().await {
+            let (namespace, name) = service.split_once('/').unwrap_or(("", service.as_str()));
+            let reference = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Service".into()),
+                namespace: Some(namespace.into()),
+                name: Some(name.into()),
+                ..ObjectReference::default()
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "ServiceNotProgrammed".into(),
+                note: Some(message),
+                action: "Program".into(),
+                secondary: None,
+            };
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                warn!(service, %error, "posting an Event on the service failed");
+            }
+        }
+    });
+    tx
 }
 
 /// How often a kind whose watch failed is asked for again (a list of one object), to learn

@@ -31,7 +31,16 @@ const fn watched<K: Resource>() -> Access {
     Access { api_group: K::GROUP, resource: K::URL_PATH_SEGMENT, verbs: WATCHER_VERBS }
 }
 
+/// The verbs of kube-runtime's event `Recorder`: it creates an Event, and patches its series
+/// when the same one recurs.
+pub const EVENT_VERBS: &[&str] = &["create", "patch"];
+
 /// Everything the Kubernetes API source does: watch Services and EndpointSlices in every
-/// namespace, and its own Node (a field selector on its name, which RBAC cannot narrow).
-/// The agent emits no Events and writes nothing.
-pub const ACCESS: &[Access] = &[watched::<Service>(), watched::<EndpointSlice>(), watched::<Node>()];
+/// namespace, and its own Node (a field selector on its name, which RBAC cannot narrow); post
+/// Events (`events.k8s.io`) on Services it cannot program. It writes nothing else.
+pub const ACCESS: &[Access] = &[
+    watched::<Service>(),
+    watched::<EndpointSlice>(),
+    watched::<Node>(),
+    Access { api_group: "events.k8s.io", resource: "events", verbs: EVENT_VERBS },
+];

@@ -87,8 +87,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if let Some(code) = control.fail_status {
         return Ok(status(code, "InternalError", "injected failure by the test API server"));
     }
+    if req.method() == Method::POST || req.method() == Method::PATCH {
+        return Ok(write_event(&shared, req).await);
+    }
     if req.method() != Method::GET {
-        return Ok(status(405, "MethodNotAllowed", "the test API server only serves GET"));
+        return Ok(status(405, "MethodNotAllowed", "the test API server only serves GET, and writes Events"));
     }
     let query: HashMap<String, String> =
         form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes()).into_owned().collect();
@@ -126,6 +129,74 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             }
         }
     })
+}
+
+/// POST and PATCH (a JSON merge patch) of `events.k8s.io/v1` Events, what kube-runtime's event
+/// `Recorder` sends: kept, in order, for tests to read. Nothing else can be written.
+async fn write_event(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let create = req.method() == Method::POST;
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (namespace, name) = match segments[..] {
+        ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"] if create => (ns, None),
+        ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", name] if !create => (ns, Some(name)),
+        _ => return status(405, "MethodNotAllowed", "the test API server writes events.k8s.io/v1 Events only"),
+    };
+    let body = match req.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => return status(400, "BadRequest", &e.to_string()),
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "the body is not JSON");
+    };
+    let mut store = shared.store();
+    store.uids += 1;
+    let n = store.uids;
+    let object = match name {
+        None => {
+            let mut object = body;
+            let meta = &mut object["metadata"];
+            if meta["name"].as_str().is_none_or(str::is_empty) {
+                meta["name"] = json!(format!("{}{n}", meta["generateName"].as_str().unwrap_or("event-")));
+            }
+            meta["namespace"] = json!(namespace);
+            meta["uid"] = json!(format!("event-uid-{n}"));
+            object
+        }
+        Some(name) => {
+            let stored = store.posted_events.iter().rev().map(|(_, e)| e).find(|e| {
+                e["metadata"]["name"].as_str() == Some(name) && e["metadata"]["namespace"].as_str() == Some(namespace)
+            });
+            let Some(mut object) = stored.cloned() else {
+                return status(404, "NotFound", &format!("events \"{name}\" not found"));
+            };
+            merge(&mut object, body);
+            object
+        }
+    };
+    let mut object = object;
+    object["metadata"]["resourceVersion"] = json!(n.to_string());
+    store.posted_events.push((if create { "create" } else { "patch" }.to_owned(), object.clone()));
+    let code = if create { StatusCode::CREATED } else { StatusCode::OK };
+    json_response(code, full(serde_json::to_vec(&object).unwrap_or_default()))
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: Value) {
+    match patch {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            for (key, value) in fields {
+                match value {
+                    Value::Null => _ = target.as_object_mut().map(|t| t.remove(&key)),
+                    value => merge(&mut target[key.as_str()], value),
+                }
+            }
+        }
+        other => *target = other,
+    }
 }
 
 fn filter(kind: Kind, namespace: Option<&str>, query: &HashMap<String, String>) -> Result<Filter, String> {

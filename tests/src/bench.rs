@@ -1159,8 +1159,8 @@ impl Usage {
 }
 
 /// The agent under measurement: the `agent` binary next to the bench, started inside `ns` with
-/// `nsenter --net` (bpffs and cgroup2 stay visible), logging at `info` (as in production) to a
-/// file; killed by its pid, its links detached and pins removed on drop.
+/// `nsenter --net` (bpffs and cgroup2 stay visible), logging at `info` (as in production; the
+/// sync loop at `debug`) to a file; killed by its pid, its links detached and pins removed on drop.
 #[derive(Debug)]
 pub struct BenchAgent {
     child: Option<Child>,
@@ -1193,7 +1193,8 @@ impl BenchAgent {
             .arg(cgroup.path())
             .args(["--healthz-bind-address=", "--metrics-bind-address="])
             .args(flags)
-            .env("RUST_LOG", "info")
+            // The sync loop's debug lines say what the periodic check (`--sync-period`) took.
+            .env("RUST_LOG", "info,proxy_agent::sync=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -10,6 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     net::Ipv4Addr,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -228,7 +229,7 @@ impl Datapath {
                 .map_err(|source| DatapathError::Program { name, source })?;
             program.load().map_err(|source| DatapathError::Program { name, source })?;
         }
-        let maps = AyaMaps::open(&mut ebpf)?;
+        let maps = AyaMaps::open(&mut ebpf, |name| pin_dir(name).join(name))?;
         let mut datapath = Self {
             ebpf,
             root: root.clone(),
@@ -521,21 +522,59 @@ fn wait_for_release(ids: &[u32]) {
     }
 }
 
+/// A hash map (plain or LRU) with a second handle on it for batch reads.
+struct Hash<K, V> {
+    map: HashMap<MapData, K, V>,
+    fd: OwnedFd,
+}
+
+impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
+    /// `map`, and a second handle from its pin.
+    fn new(map: Result<HashMap<MapData, K, V>, DatapathError>, pin: &Path) -> Result<Self, DatapathError> {
+        let fd = crate::observe::kernel::open_pinned(pin)
+            .map_err(|source| DatapathError::Bpffs { path: pin.to_owned(), source })?;
+        Ok(Self { map: map?, fd })
+    }
+
+    /// Every entry, thousands per system call; one at a time on kernels without batch reads.
+    fn entries(&self) -> Vec<(K, V)> {
+        match crate::observe::kernel::dump(self.fd.as_fd()) {
+            Ok(entries) => entries,
+            Err(_) => self.map.iter().filter_map(Result::ok).collect(),
+        }
+    }
+}
+
+impl<K, V> std::ops::Deref for Hash<K, V> {
+    type Target = HashMap<MapData, K, V>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl<K, V> std::ops::DerefMut for Hash<K, V> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
 /// The service maps, written through [`writer::Writer`].
 pub struct AyaMaps {
-    conntrack: HashMap<MapData, CtKey, CtValue>,
-    sock_rev: HashMap<MapData, SockRevKey, SockRevValue>,
+    conntrack: Hash<CtKey, CtValue>,
+    sock_rev: Hash<SockRevKey, SockRevValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
-    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
-    sock_backend: HashMap<MapData, SockBackendKey, SockBackendValue>,
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, BackendId, Backend>,
-    names: HashMap<MapData, u32, ServiceName>,
+    affinity: Hash<AffinityKey, AffinityValue>,
+    sock_backend: Hash<SockBackendKey, SockBackendValue>,
+    services: Hash<ServiceKey, ServiceValue>,
+    backends: Hash<BackendId, Backend>,
+    names: Hash<u32, ServiceName>,
     config: Array<MapData, NodeConfig>,
 }
 
 impl AyaMaps {
-    fn open(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+    /// The object's maps, pinned at `pin(name)`.
+    fn open(ebpf: &mut Ebpf, pin: impl Fn(&str) -> PathBuf) -> Result<Self, DatapathError> {
         fn take<K: aya::Pod, V: aya::Pod>(
             ebpf: &mut Ebpf,
             name: &'static str,
@@ -554,40 +593,46 @@ impl AyaMaps {
             source: MapError::InvalidName { name: maps::SOURCE_RANGES.into() },
         })?;
         Ok(Self {
-            conntrack: lru(ebpf.take_map(maps::CONNTRACK), maps::CONNTRACK)?,
-            sock_rev: lru(ebpf.take_map(maps::SOCK_REV), maps::SOCK_REV)?,
+            conntrack: Hash::new(lru(ebpf.take_map(maps::CONNTRACK), maps::CONNTRACK), &pin(maps::CONNTRACK))?,
+            sock_rev: Hash::new(lru(ebpf.take_map(maps::SOCK_REV), maps::SOCK_REV), &pin(maps::SOCK_REV))?,
             source_ranges: LpmTrie::try_from(ranges)
                 .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
-            affinity: lru(ebpf.take_map(maps::AFFINITY), maps::AFFINITY)?,
-            sock_backend: lru(ebpf.take_map(maps::SOCK_BACKEND), maps::SOCK_BACKEND)?,
-            services: take(ebpf, maps::SERVICES)?,
-            backends: take(ebpf, maps::BACKENDS)?,
-            names: take(ebpf, maps::SERVICE_NAMES)?,
+            affinity: Hash::new(lru(ebpf.take_map(maps::AFFINITY), maps::AFFINITY), &pin(maps::AFFINITY))?,
+            sock_backend: Hash::new(
+                lru(ebpf.take_map(maps::SOCK_BACKEND), maps::SOCK_BACKEND),
+                &pin(maps::SOCK_BACKEND),
+            )?,
+            services: Hash::new(take(ebpf, maps::SERVICES), &pin(maps::SERVICES))?,
+            backends: Hash::new(take(ebpf, maps::BACKENDS), &pin(maps::BACKENDS))?,
+            names: Hash::new(take(ebpf, maps::SERVICE_NAMES), &pin(maps::SERVICE_NAMES))?,
             config: Array::try_from(config).map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?,
         })
     }
 
     /// Opens the maps pinned under `root` (for tools that run beside the agent).
     pub fn from_pins(root: &Path) -> Result<Self, DatapathError> {
-        fn open<K: aya::Pod, V: aya::Pod>(
-            root: &Path,
-            name: &'static str,
-        ) -> Result<HashMap<MapData, K, V>, DatapathError> {
-            let data = MapData::from_pin(root.join(name)).map_err(|source| DatapathError::Map { name, source })?;
-            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|source| DatapathError::Map { name, source })
+        fn open<K: aya::Pod, V: aya::Pod>(root: &Path, name: &'static str) -> Result<Hash<K, V>, DatapathError> {
+            let data = MapData::from_pin(root.join(name)).map_err(|source| DatapathError::Map { name, source });
+            let map = data.and_then(|data| {
+                HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|source| DatapathError::Map { name, source })
+            });
+            Hash::new(map, &root.join(name))
+        }
+        fn open_lru<K: aya::Pod, V: aya::Pod>(root: &Path, name: &'static str) -> Result<Hash<K, V>, DatapathError> {
+            let data = MapData::from_pin(root.join(name)).map(aya::maps::Map::LruHashMap).ok();
+            Hash::new(lru(data, name), &root.join(name))
         }
         let config = MapData::from_pin(root.join(maps::CONFIG))
             .map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?;
-        let pinned = |name: &'static str| MapData::from_pin(root.join(name)).map(aya::maps::Map::LruHashMap).ok();
         let ranges = MapData::from_pin(root.join(maps::SOURCE_RANGES))
             .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?;
         Ok(Self {
-            conntrack: lru(pinned(maps::CONNTRACK), maps::CONNTRACK)?,
-            sock_rev: lru(pinned(maps::SOCK_REV), maps::SOCK_REV)?,
+            conntrack: open_lru(root, maps::CONNTRACK)?,
+            sock_rev: open_lru(root, maps::SOCK_REV)?,
             source_ranges: LpmTrie::try_from(aya::maps::Map::LpmTrie(ranges))
                 .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
-            affinity: lru(pinned(maps::AFFINITY), maps::AFFINITY)?,
-            sock_backend: lru(pinned(maps::SOCK_BACKEND), maps::SOCK_BACKEND)?,
+            affinity: open_lru(root, maps::AFFINITY)?,
+            sock_backend: open_lru(root, maps::SOCK_BACKEND)?,
             services: open(root, maps::SERVICES)?,
             backends: open(root, maps::BACKENDS)?,
             names: open(root, maps::SERVICE_NAMES)?,
@@ -598,17 +643,17 @@ impl AyaMaps {
 
     /// Every `services` entry.
     pub fn services(&self) -> impl Iterator<Item = (ServiceKey, ServiceValue)> + '_ {
-        self.services.iter().filter_map(Result::ok)
+        self.services.entries().into_iter()
     }
 
     /// Every `service_names` entry.
     pub fn service_names(&self) -> impl Iterator<Item = (u32, ServiceName)> + '_ {
-        self.names.iter().filter_map(Result::ok)
+        self.names.entries().into_iter()
     }
 
     /// Every `backends` entry.
     pub fn backends(&self) -> impl Iterator<Item = (BackendId, Backend)> + '_ {
-        self.backends.iter().filter_map(Result::ok)
+        self.backends.entries().into_iter()
     }
 }
 
@@ -670,15 +715,15 @@ impl MapStore for AyaMaps {
     fn forget(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, MapError> {
         let stale_affinity: Vec<AffinityKey> = self
             .affinity
-            .iter()
-            .filter_map(Result::ok)
+            .entries()
+            .into_iter()
             .filter(|(k, v)| gone(k.service_id, v.backend_id))
             .map(|(k, _)| k)
             .collect();
         let stale_sockets: Vec<SockBackendKey> = self
             .sock_backend
-            .iter()
-            .filter_map(Result::ok)
+            .entries()
+            .into_iter()
             .filter(|(_, v)| gone(v.service_id, v.backend_id))
             .map(|(k, _)| k)
             .collect();
@@ -692,7 +737,7 @@ impl MapStore for AyaMaps {
     }
 
     fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+        self.conntrack.entries()
     }
 
     fn delete_conntrack(&mut self, key: CtKey) -> Result<(), MapError> {
@@ -700,7 +745,7 @@ impl MapStore for AyaMaps {
     }
 
     fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)> {
-        self.sock_rev.iter().filter_map(Result::ok).collect()
+        self.sock_rev.entries()
     }
 
     fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<(), MapError> {

@@ -20,6 +20,7 @@ use aya::maps::MapData;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_MAP_UPDATE_ELEM` flags.
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
@@ -333,6 +334,70 @@ fn walk_keys(
         }
     }
     Ok(entries)
+}
+
+/// `attr.batch` of `BPF_MAP_LOOKUP_BATCH`.
+#[repr(C)]
+struct Batch {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Opens the map pinned at `path` for [`dump`].
+pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
+    obj_get(path)
+}
+
+/// Every entry of a hash map (plain or LRU), read in batches of thousands per system call
+/// (`BPF_MAP_LOOKUP_BATCH`) instead of two calls per entry. `K` and `V` must be the map's key
+/// and value types (plain `#[repr(C)]` data, as every type of `proxy_common` is).
+pub fn dump<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>> {
+    const CHUNK: usize = 4096;
+    let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
+    let mut keys = vec![0u8; CHUNK * key_size];
+    let mut values = vec![0u8; CHUNK * value_size];
+    // The batch token: a bucket index for hash maps.
+    let (mut token, mut next) = (0u64, 0u64);
+    let mut out = Vec::new();
+    let mut first = true;
+    loop {
+        let mut attr = Batch {
+            in_batch: if first { 0 } else { std::ptr::from_mut(&mut token) as u64 },
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        for i in 0..attr.count as usize {
+            // SAFETY: the kernel filled `count` keys and values of the map's sizes, which are
+            // those of the plain-data types `K` and `V`; unaligned reads of Pod types are sound.
+            let entry = unsafe {
+                (
+                    std::ptr::read_unaligned(keys.as_ptr().add(i * key_size).cast::<K>()),
+                    std::ptr::read_unaligned(values.as_ptr().add(i * value_size).cast::<V>()),
+                )
+            };
+            out.push(entry);
+        }
+        match result {
+            Ok(_) => {}
+            // The end of the map (the last entries came with it).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        first = false;
+        token = next;
+    }
 }
 
 /// `attr` of `BPF_MAP_LOOKUP_ELEM` and `BPF_MAP_UPDATE_ELEM`.

@@ -138,15 +138,16 @@ impl Metrics {
         self.inner.skipped.get_or_create(&ReasonLabel { reason: reason.as_str() }).get()
     }
 
-    /// Records one sync; it succeeded if no map write failed.
-    pub fn synced(&self, seconds: f64, frontends: usize, backends: usize, errors: u64) {
+    /// Records one sync; it succeeded if no map write failed (services refused for lack of room
+    /// are counted as errors, but leave the sync successful).
+    pub fn synced(&self, seconds: f64, report: &crate::sync::SyncReport) {
         self.inner.sync_duration.observe(seconds);
-        self.inner.sync_errors.inc_by(errors);
-        self.inner.frontends.set(frontends as i64);
-        self.inner.backends.set(backends as i64);
+        self.inner.sync_errors.inc_by(report.errors + report.refused);
+        self.inner.frontends.set(report.frontends as i64);
+        self.inner.backends.set(report.backends as i64);
         let now = SystemTime::now();
         let mut status = self.inner.status.lock().unwrap_or_else(|e| e.into_inner());
-        if errors == 0 {
+        if report.errors == 0 {
             status.last_success = Some(now);
             status.failing_since = None;
             let unix = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

@@ -60,8 +60,12 @@ pub struct SyncReport {
     pub backends: usize,
     /// Skips found.
     pub skipped: usize,
-    /// Map operations that failed.
+    /// Map operations that failed (a failing sync, for `/healthz`).
     pub errors: u64,
+    /// Services refused because a map was full: logged, counted and retried, but the sync did
+    /// what it could, so `/healthz` stays healthy (one oversized service must not take every
+    /// node out of its load balancers).
+    pub refused: u64,
 }
 
 /// What runs when this node's info changes.
@@ -358,7 +362,7 @@ impl<S: MapStore> Syncer<S> {
         }
         report.frontends = self.writer.frontends();
         report.backends = self.writer.backends();
-        self.metrics.synced(started.elapsed().as_secs_f64(), report.frontends, report.backends, report.errors);
+        self.metrics.synced(started.elapsed().as_secs_f64(), &report);
         report
     }
 
@@ -393,7 +397,7 @@ impl<S: MapStore> Syncer<S> {
         self.forget(stale, &mut report);
         report.frontends = self.writer.frontends();
         report.backends = self.writer.backends();
-        self.metrics.synced(started.elapsed().as_secs_f64(), report.frontends, report.backends, report.errors);
+        self.metrics.synced(started.elapsed().as_secs_f64(), &report);
         report
     }
 
@@ -564,9 +568,13 @@ impl<S: MapStore> Syncer<S> {
 
     /// Logs and counts a failed write; returns the error with its causes.
     fn write_failed(&self, key: &str, frontend: &Frontend, error: &S::Error, report: &mut SyncReport) -> String {
+        let full = is_full(error);
         let error = error_chain(error);
         warn!(service = key, %frontend, error, "writing the service maps failed");
-        report.errors += 1;
+        match full {
+            true => report.refused += 1,
+            false => report.errors += 1,
+        }
         error
     }
 }
@@ -575,18 +583,28 @@ impl<S: MapStore> Syncer<S> {
 /// the map is full (`E2BIG` from a full BPF hash map).
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
-    let mut full = false;
     let mut source = error.source();
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());
-        full |= cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(libc::E2BIG));
         source = cause.source();
     }
-    if full {
+    if is_full(error) {
         text.push_str(" (the map is full: raise --services-map-size or --backends-map-size)");
     }
     text
+}
+
+/// Whether a map write failed because the map is full (`E2BIG` from a BPF hash map).
+fn is_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(libc::E2BIG)) {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Runs the sync loop until every source has closed: applies updates as they come, and syncs
@@ -646,6 +664,7 @@ pub async fn run<S: MapStore>(
             backends = report.backends,
             skipped = report.skipped,
             errors = report.errors,
+            refused = report.refused,
             took_ms = format_args!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
             "synced"
         );

@@ -33,6 +33,8 @@ pub struct Synced {
     pub skipped: usize,
     /// Failed map operations.
     pub errors: usize,
+    /// Services refused for lack of room.
+    pub refused: usize,
 }
 
 impl Synced {
@@ -49,6 +51,7 @@ impl Synced {
                 "backends" => &mut synced.backends,
                 "skipped" => &mut synced.skipped,
                 "errors" => &mut synced.errors,
+                "refused" => &mut synced.refused,
                 _ => continue,
             };
             *slot = value.parse().ok()?;

@@ -628,10 +628,13 @@ fn healthz_turns_unhealthy_after_the_api_outage_window_and_back_after_recovery()
 
 /// Issue 8 item 6, in a cluster: a service that does not fit the maps (`--services-map-size 6`:
 /// `kubernetes` takes two entries, `web` three, `big` would need four) is refused, and the agent
-/// posts a Warning Event on it, which `kubectl describe service big` shows; `web` keeps working.
+/// posts a Warning Event on it, which `kubectl describe service big` shows; `web` keeps working,
+/// and the node stays healthy past `/healthz`'s window (2 s with `--sync-period 1s`, the refused
+/// service retried every second): one oversized service must not take every node out of its
+/// load balancers.
 #[test]
 fn a_service_that_does_not_fit_gets_a_warning_event() {
-    let c = Cluster::start(&[2, 3, 4], &["--services-map-size", "6"], |s| {
+    let c = Cluster::start(&[2, 3, 4], &["--services-map-size", "6", "--sync-period", "1s"], |s| {
         s.apply(&web("web", 10));
         s.apply(&endpoints("web", &[2, 3]));
     });
@@ -652,6 +655,12 @@ fn a_service_that_does_not_fit_gets_a_warning_event() {
     assert_eq!(event["reportingInstance"], "node-1", "{event}");
     c.wait_for_pods(20, None, WAIT);
     assert_served_by(&c.connect(10, 20), 20, &[2, 3]);
+    thread::sleep(Duration::from_secs(3));
+    let to = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 10256));
+    let (status, body) = http_get(&c.topology.node, to, "/healthz").expect("asking /healthz");
+    assert_eq!(status, 200, "healthy with a refused service: {body}");
+    let refusals = c.agent.log().matches("writing the service maps failed").count();
+    assert!(refusals >= 2, "the refused service was retried meanwhile ({refusals} attempts)");
 }
 
 /// A stream of malformed objects: each is skipped with one log line naming it and the reason,

@@ -421,7 +421,8 @@ fn a_service_that_does_not_fit_is_refused_whole_and_let_in_when_room_frees() {
     assert!(log.contains("the map is full: raise --services-map-size"), "the line says what to do: {log}");
     let errors = metrics(&cluster.topology.nodes[0].ns).get("proxy_sync_errors_total").copied().unwrap_or(0.0);
     assert!(errors >= 1.0, "proxy_sync_errors_total counts the failed write: {errors}");
-    let failing = agent.syncs().into_iter().find(|s| s.errors > 0).expect("a sync with errors");
+    let failing = agent.syncs().into_iter().find(|s| s.refused > 0).expect("a sync that refused a service");
+    assert_eq!(failing.errors, 0, "a refusal for lack of room is not a failing sync: {failing:?}");
     assert_eq!(failing.frontends, 3, "a's two frontends and b's: {failing:?}");
     // Everything already programmed keeps working.
     for target in [clusterip(11), clusterip(12)] {

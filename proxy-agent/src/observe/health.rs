@@ -5,7 +5,8 @@
 //! - no sync has succeeded yet (the first one needs every kind listed);
 //! - an update has waited longer than the timeout for the sync loop to take it (kube-proxy's
 //!   "oldest pending update");
-//! - syncs have failed (map writes) for longer than the timeout;
+//! - syncs have failed (map writes) for longer than the timeout (a service refused because a
+//!   map is full is not a failing sync: one oversized service must not drain every node);
 //! - the API server has not answered a watch for longer than the timeout (the datapath keeps
 //!   its last state meanwhile, but it may be stale: the node should not take new traffic);
 //! - a cgroup link pinned when the agent started is gone, or any pinned link is not attached
@@ -224,6 +225,11 @@ impl Health {
 mod tests {
     use super::*;
 
+    /// A sync report with `errors` failed writes and `refused` services.
+    fn sync_report(errors: u64, refused: u64) -> crate::sync::SyncReport {
+        crate::sync::SyncReport { frontends: 1, backends: 2, errors, refused, ..Default::default() }
+    }
+
     fn health(timeout: Duration) -> (Health, Metrics) {
         let metrics = Metrics::new();
         let dir = std::env::temp_dir().join(format!("proxy-health-unit-{}", std::process::id()));
@@ -237,28 +243,38 @@ mod tests {
         let report = health.check();
         assert!(!report.healthy);
         assert!(report.problems[0].starts_with("no successful sync yet"), "{:?}", report.problems);
-        metrics.synced(0.001, 1, 2, 0);
+        metrics.synced(0.001, &sync_report(0, 0));
         assert!(health.check().healthy, "{:?}", health.check().problems);
     }
 
     #[test]
     fn failing_syncs_are_tolerated_for_the_timeout_only() {
         let (health, metrics) = health(Duration::from_millis(50));
-        metrics.synced(0.001, 1, 2, 0);
-        metrics.synced(0.001, 1, 2, 3);
+        metrics.synced(0.001, &sync_report(0, 0));
+        metrics.synced(0.001, &sync_report(3, 0));
         assert!(health.check().healthy, "a failing sync is not late yet");
         std::thread::sleep(Duration::from_millis(80));
         let report = health.check();
         assert!(!report.healthy);
         assert!(report.problems[0].starts_with("syncs have failed"), "{:?}", report.problems);
-        metrics.synced(0.001, 1, 2, 0);
+        metrics.synced(0.001, &sync_report(0, 0));
         assert!(health.check().healthy);
+    }
+
+    #[test]
+    fn a_service_refused_for_lack_of_room_leaves_the_node_healthy() {
+        let (health, metrics) = health(Duration::from_millis(50));
+        metrics.synced(0.001, &sync_report(0, 1));
+        std::thread::sleep(Duration::from_millis(80));
+        metrics.synced(0.001, &sync_report(0, 1));
+        assert!(health.check().healthy, "{:?}", health.check().problems);
+        assert!(metrics.encode().contains("proxy_sync_errors_total 2"), "refusals are counted");
     }
 
     #[tokio::test]
     async fn an_update_the_sync_loop_does_not_take_in_time_is_unhealthy() {
         let (health, metrics) = health(Duration::from_millis(50));
-        metrics.synced(0.001, 0, 0, 0);
+        metrics.synced(0.001, &sync_report(0, 0));
         let (tx, rx) = mpsc::channel(8);
         let mut to_sync = health.track(rx);
         tx.send(Update::Nodes(crate::source::Change::Replace(Vec::new()))).await.unwrap();

@@ -76,6 +76,16 @@ struct Programmed {
     service: ServicePortName,
 }
 
+impl Programmed {
+    /// Its backend sets, each with the service id its affinity and socket entries carry: the
+    /// external set under the master's id (local-set bit included), the internal one (empty when
+    /// there is none) under the plain id.
+    fn sets(&self) -> [(u32, &[BackendId]); 2] {
+        let plain = self.master.service_id & !SERVICE_ID_LOCAL_SET;
+        [(self.master.service_id, &self.external), (plain, self.internal.as_deref().unwrap_or(&[]))]
+    }
+}
+
 /// What [`Writer::forget_departed`] cleaned up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Departed {
@@ -217,10 +227,8 @@ impl<S: MapStore> Writer<S> {
     pub fn forget_stale(&mut self) -> Result<Departed, S::Error> {
         self.gone.clear();
         let mut live = HashSet::new();
-        for p in self.programmed.values() {
-            let plain = p.master.service_id & !SERVICE_ID_LOCAL_SET;
-            live.extend(p.external.iter().map(|b| (p.master.service_id, *b)));
-            live.extend(p.internal.iter().flatten().map(|b| (plain, *b)));
+        for (id, set) in self.programmed.values().flat_map(Programmed::sets) {
+            live.extend(set.iter().map(|b| (id, *b)));
         }
         self.forget_where(&|service, backend| !live.contains(&(service, backend)))
     }
@@ -401,16 +409,7 @@ impl<S: MapStore> Writer<S> {
         match self.write(frontend, entry, old.as_ref(), &mut taken) {
             Ok((new, mut stats)) => {
                 if let Some(old) = &old {
-                    let kept: HashSet<BackendId> =
-                        new.external.iter().chain(new.internal.iter().flatten()).copied().collect();
-                    let service_id = old.master.service_id;
-                    self.gone.extend(
-                        old.external
-                            .iter()
-                            .chain(old.internal.iter().flatten())
-                            .filter(|id| !kept.contains(id))
-                            .map(|id| (service_id, *id)),
-                    );
+                    self.departed(old, Some(&new));
                 }
                 self.programmed.insert(frontend, new);
                 if let Some(old) = old {
@@ -557,13 +556,9 @@ impl<S: MapStore> Writer<S> {
     /// Records the (affinity id, backend) pairs `old` had and `new` no longer has, per backend
     /// set (the external set under the master's id, the internal one under the plain id).
     fn departed(&mut self, old: &Programmed, new: Option<&Programmed>) {
-        let plain = old.master.service_id & !SERVICE_ID_LOCAL_SET;
-        let sets = [
-            (old.master.service_id, &old.external[..], new.map(|n| &n.external[..])),
-            (plain, old.internal.as_deref().unwrap_or(&[]), new.and_then(|n| n.internal.as_deref())),
-        ];
-        for (id, had, has) in sets {
-            let has: HashSet<BackendId> = has.unwrap_or(&[]).iter().copied().collect();
+        let now = new.map(Programmed::sets);
+        for (i, (id, had)) in old.sets().into_iter().enumerate() {
+            let has: HashSet<BackendId> = now.map_or(&[][..], |sets| sets[i].1).iter().copied().collect();
             self.gone.extend(had.iter().filter(|b| !has.contains(b)).map(|b| (id, *b)));
         }
     }

@@ -157,6 +157,10 @@ async fn follow<K>(
     // managedFields can be most of an object's size, and nothing here reads them.
     let mut events = watcher(api, config).default_backoff().modify(|o| o.managed_fields_mut().clear()).boxed();
     let mut listing: Vec<Sourced<K>> = Vec::new();
+    // Whether the last report said the watch works: every object of a list is an event, and
+    // only a change needs the shared metrics (a failure is always reported: rare, and the
+    // recovery probe may have said "up" meanwhile).
+    let mut reported_up = false;
     loop {
         let event = match events.try_next().await {
             Ok(Some(event)) => event,
@@ -165,10 +169,14 @@ async fn follow<K>(
                 // The watcher relists or rewatches by itself after a backoff.
                 warn!(kind, %error, "watch failed; retrying with backoff");
                 metrics.source(kind, false);
+                reported_up = false;
                 continue;
             }
         };
-        metrics.source(kind, true);
+        if !reported_up {
+            metrics.source(kind, true);
+            reported_up = true;
+        }
         let change = match event {
             watcher::Event::Init => {
                 listing.clear();

@@ -280,6 +280,28 @@ impl Agent {
         Ok(())
     }
 
+    /// Stops the agent with SIGTERM, as a rolling update does, and waits (at most `timeout`)
+    /// until it has exited; its pinned programs and maps stay. The child is the agent itself:
+    /// `nsenter` without `--fork` execs it in place.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let Some(child) = self.child.as_mut() else { bail!("the agent is not running") };
+        let pid = i32::try_from(child.id()).context("the agent's pid")?;
+        // SAFETY: kill sends a signal to the process this handle started, by its PID; the
+        // child is not reaped yet, so the PID is still its own.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("sending SIGTERM to the agent");
+        }
+        let deadline = Instant::now() + timeout;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("the agent did not exit within {timeout:?} of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = None;
+        Ok(())
+    }
+
     /// Kills the agent (SIGKILL, by PID); its pinned programs and maps stay.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -239,6 +239,20 @@ impl ApiServer {
         self.shared.store().posted_events.clone()
     }
 
+    /// Starts a server on `runtime` listening on 127.0.0.1 inside the network namespace `ns`
+    /// (a listening socket belongs to the namespace of the thread that binds it), so that an
+    /// agent running there reaches it.
+    pub fn start_in(runtime: &tokio::runtime::Runtime, ns: &crate::netns::Netns) -> anyhow::Result<ApiServer> {
+        std::thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<ApiServer> {
+                ns.enter()?;
+                Ok(runtime.block_on(ApiServer::start()))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread starting the test API server panicked"))?
+        })
+    }
+
     /// The base URL, `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

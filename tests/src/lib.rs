@@ -12,3 +12,14 @@ pub mod fixtures;
 pub mod netns;
 pub mod pod;
 pub mod topology;
+
+use std::time::{Duration, Instant};
+
+/// Polls `done` every 10 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

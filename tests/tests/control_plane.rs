@@ -31,6 +31,7 @@ use proxy_tests::{
     fixtures::{service, slice},
     netns::Netns,
     topology::SingleNode,
+    wait_until,
 };
 use serde_json::json;
 
@@ -176,15 +177,7 @@ fn api_server_in(ns: &Netns) -> (tokio::runtime::Runtime, ApiServer) {
         .enable_all()
         .build()
         .expect("a tokio runtime for the API server");
-    // The listening socket belongs to the namespace of the thread that binds it.
-    let server = thread::scope(|s| {
-        s.spawn(|| {
-            ns.enter().expect("entering the node's namespace");
-            runtime.block_on(ApiServer::start())
-        })
-        .join()
-        .expect("starting the API server")
-    });
+    let server = ApiServer::start_in(&runtime, ns).expect("starting the API server in the node's namespace");
     (runtime, server)
 }
 
@@ -204,15 +197,6 @@ fn agent_flags<'a>(kubeconfig: &'a Kubeconfig, extra: &[&'a str]) -> Vec<&'a str
 fn connect(topology: &SingleNode, target: &str, count: usize) -> Tally {
     probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &["tcp", target, &count.to_string(), "300"])
         .expect("running the probe")
-}
-
-/// Polls `done` every 10 ms; panics with `what` after `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?}: {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Asserts that every answer came from `pods`, and each of them answered at least once.

@@ -373,30 +373,6 @@ fn cleanup_leaves_nothing_and_is_safe_to_repeat() {
     assert!(out.status.success(), "--cleanup on a missing root: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// The agent process running with `bpf_root` (by PID, from /proc).
-fn agent_pid(bpf_root: &Path) -> i32 {
-    let needle = bpf_root.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<String> =
-                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-            args.contains(&needle) && !args.iter().any(|a| a == "--cleanup")
-        })
-        .expect("the agent's process")
-}
-
-/// Whether `pid` has exited (gone, or a zombie waiting for its parent).
-fn exited(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    }
-}
-
 /// The kernel's ids of the pinned maps (the same ids: the same maps).
 fn map_ids(root: &Path) -> Vec<u64> {
     maps::ALL
@@ -463,14 +439,7 @@ fn sigterm_leaves_the_datapath_and_a_new_agent_adopts_it() {
         });
 
         thread::sleep(Duration::from_millis(300));
-        let pid = agent_pid(&root);
-        // SAFETY: kill sends a signal to the agent this test started, by its PID.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + WAIT;
-        while !exited(pid) {
-            assert!(Instant::now() < deadline, "the agent did not exit on SIGTERM:\n{}", agent.log());
-            thread::sleep(Duration::from_millis(20));
-        }
+        agent.terminate(WAIT).expect("the agent exits on SIGTERM");
         assert!(agent.log().contains("programs and maps stay in place"), "{}", agent.log());
         // No agent now: programs and maps stay, the service keeps answering.
         assert_eq!(program_names(topology.cgroup.path()), SOCKET_PROGRAMS, "the socket programs stay attached");

@@ -33,6 +33,7 @@ use proxy_tests::{
     fixtures::{ServiceBuilder, TempDir, node, service, slice, write_text, yaml},
     netns::{Netns, run},
     topology::{NODE_IPS, Node, TwoNodes},
+    wait_until,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
@@ -591,21 +592,12 @@ fn an_upgrade_that_changes_map_layouts_drops_nothing() {
     assert_eq!(snapshot(&root), before, "the same services and backends, with the same ids");
     assert!(record.is_dir(), "the layout is recorded again");
     assert!(!root.join(format!("upgrade-v{}", proxy_common::maps::LAYOUT_VERSION)).exists(), "no staging left");
-    wait_until("the replaced maps are released", || {
+    wait_until("the replaced maps are released", WAIT, || {
         let live: BTreeSet<u32> = aya::maps::loaded_maps().filter_map(Result::ok).map(|m| m.id()).collect();
         replaced.iter().all(|name| !live.contains(&old[name].0))
     });
     let attached = bpftool_cgroup(cluster.topology.nodes[0].cgroup.path());
     assert_eq!(attached, 4, "the four socket programs, once each");
-}
-
-/// Polls `done` every 50 ms until it holds; panics naming `what` after [`WAIT`].
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out after {WAIT:?}: {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// e2e row 74 (the eBPF analog of "should recreate its iptables rules if they are deleted") and
@@ -654,9 +646,9 @@ fn wiped_maps_and_links_are_restored_by_the_periodic_check() {
     let agent = &mut cluster.agents[0];
     agent.wait_for_log("restored map entries", WAIT).expect("the agent restores the maps");
     agent.wait_for_log("links removed or detached outside the agent", WAIT).expect("the agent restores the links");
-    wait_until("every link is pinned again", || links.iter().all(|l| l.exists()));
+    wait_until("every link is pinned again", WAIT, || links.iter().all(|l| l.exists()));
     assert_eq!(snapshot(&root), (services, backends), "the maps hold what they held before the flush");
-    wait_until("the stale affinity entry is removed", || {
+    wait_until("the stale affinity entry is removed", WAIT, || {
         affinity.get(&key, 0).map_or(true, |v| v.backend_id != NO_SUCH_BACKEND)
     });
     let attached = bpftool_cgroup(cluster.topology.nodes[0].cgroup.path());
@@ -901,27 +893,6 @@ fn bpftool_cgroup(cgroup: &Path) -> usize {
 
 // ---- clean shutdown and cleanup ----
 
-/// The PID of the agent running with `bpf_root` (from /proc).
-fn agent_pid(bpf_root: &Path) -> i32 {
-    let needle = bpf_root.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.contains(&needle.as_bytes()) && !args.contains(&b"--cleanup".as_slice())
-        })
-        .expect("the agent's process")
-}
-
-/// Whether `pid` has exited (gone, or a zombie).
-fn exited(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_or(true, |stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-}
-
 /// What BPF programs and qdiscs sit on the interfaces of `ns`: TCX programs (asked of the
 /// kernel for every interface, from inside the namespace), legacy tc and XDP programs
 /// (`bpftool net show`), and any clsact/ingress qdisc.
@@ -992,15 +963,8 @@ fn sigterm_keeps_traffic_flowing_and_cleanup_leaves_nothing() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    for agent in &cluster.agents {
-        let pid = agent_pid(agent.bpf_root());
-        // SAFETY: kill sends SIGTERM to the agent this test started, by its PID.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let deadline = Instant::now() + WAIT;
-        while !exited(pid) {
-            assert!(Instant::now() < deadline, "the agent did not exit on SIGTERM:\n{}", agent.log());
-            thread::sleep(Duration::from_millis(20));
-        }
+    for agent in &mut cluster.agents {
+        agent.terminate(WAIT).expect("the agent exits on SIGTERM");
         assert!(agent.log().contains("shutting down"), "{}", agent.log());
     }
     let roots: Vec<PathBuf> = cluster.agents.iter().map(|a| a.bpf_root().to_owned()).collect();

@@ -365,15 +365,7 @@ fn ours_changes_run(
     let ns = Netns::new("bench-api")?;
     let cgroup = Cgroup::new("proxy-bench")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    // The listening socket belongs to the namespace of the thread that binds it.
-    let server = thread::scope(|s| {
-        s.spawn(|| -> anyhow::Result<ApiServer> {
-            ns.enter()?;
-            Ok(runtime.block_on(ApiServer::start()))
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the server thread panicked"))?
-    })?;
+    let server = ApiServer::start_in(&runtime, &ns)?;
     progress.say(format!("ours: {n} services × {ENDPOINTS} endpoints into the test API server"));
     for svc in services {
         server.apply(&service(&svc.name).cluster_ip(&svc.vip.to_string()).port(svc.port.into()).build());

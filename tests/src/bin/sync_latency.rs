@@ -96,15 +96,7 @@ fn measure() -> anyhow::Result<()> {
     let ns = Netns::new("latency")?;
     let cgroup = Cgroup::new("proxy-latency")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    // The listening socket belongs to the namespace of the thread that binds it.
-    let server = thread::scope(|s| {
-        s.spawn(|| -> anyhow::Result<ApiServer> {
-            ns.enter()?;
-            Ok(runtime.block_on(ApiServer::start()))
-        })
-        .join()
-        .expect("the server thread does not panic")
-    })?;
+    let server = ApiServer::start_in(&runtime, &ns)?;
     server.apply(&service("bench").cluster_ip("10.96.0.10").port(PORT.into()).build());
     server.apply(&bench_slice(0));
     let kubeconfig = TempFile(std::env::temp_dir().join(format!("proxy-latency-kubeconfig-{}", std::process::id())));

@@ -156,39 +156,40 @@ impl Drop for Pins {
 
 /// The map key of `address:port`/TCP: address and port in network order, as the program reads them.
 fn key(address: Ipv4Addr, port: u16) -> [u8; 8] {
-    let mut k = [0u8; 8];
-    k[..4].copy_from_slice(&address.octets());
-    k[4..6].copy_from_slice(&port.to_be_bytes());
+    let mut k = value(address, port);
     k[6] = 6;
     k
 }
 
+/// `address:port` in network order, padded to 8 bytes (the ladder's endpoint value).
+fn value(address: Ipv4Addr, port: u16) -> [u8; 8] {
+    let mut v = [0u8; 8];
+    v[..4].copy_from_slice(&address.octets());
+    v[4..6].copy_from_slice(&port.to_be_bytes());
+    v
+}
+
+/// (src, dst, sport, dport) in network order: the head of the ladder's conntrack key and value.
+fn tuple(out: &mut [u8], (src, sport, dst, dport): (Ipv4Addr, u16, Ipv4Addr, u16)) {
+    out[..4].copy_from_slice(&src.octets());
+    out[4..8].copy_from_slice(&dst.octets());
+    out[8..10].copy_from_slice(&sport.to_be_bytes());
+    out[10..12].copy_from_slice(&dport.to_be_bytes());
+}
+
 /// The ladder's conntrack key of (src, sport, dst, dport)/TCP.
-fn ct_key((src, sport, dst, dport): (Ipv4Addr, u16, Ipv4Addr, u16)) -> [u8; 16] {
+fn ct_key(flow: (Ipv4Addr, u16, Ipv4Addr, u16)) -> [u8; 16] {
     let mut k = [0u8; 16];
-    k[..4].copy_from_slice(&src.octets());
-    k[4..8].copy_from_slice(&dst.octets());
-    k[8..10].copy_from_slice(&sport.to_be_bytes());
-    k[10..12].copy_from_slice(&dport.to_be_bytes());
+    tuple(&mut k, flow);
     k[12] = 6;
     k
 }
 
 /// The ladder's conntrack value: translate to (src, sport, dst, dport), backend 1.
-fn ct_value((src, sport, dst, dport): (Ipv4Addr, u16, Ipv4Addr, u16)) -> [u8; 32] {
+fn ct_value(flow: (Ipv4Addr, u16, Ipv4Addr, u16)) -> [u8; 32] {
     let mut v = [0u8; 32];
-    v[..4].copy_from_slice(&src.octets());
-    v[4..8].copy_from_slice(&dst.octets());
-    v[8..10].copy_from_slice(&sport.to_be_bytes());
-    v[10..12].copy_from_slice(&dport.to_be_bytes());
+    tuple(&mut v, flow);
     v[12..16].copy_from_slice(&1u32.to_ne_bytes());
-    v
-}
-
-fn value(address: Ipv4Addr, port: u16) -> [u8; 8] {
-    let mut v = [0u8; 8];
-    v[..4].copy_from_slice(&address.octets());
-    v[4..6].copy_from_slice(&port.to_be_bytes());
     v
 }
 

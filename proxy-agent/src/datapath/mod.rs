@@ -199,10 +199,16 @@ impl Datapath {
             (maps::SERVICE_NAMES, opts.services_max.min(maps::SERVICE_NAMES_MAX_ENTRIES)),
             (maps::CONNTRACK, opts.conntrack_max),
         ]);
-        // Pinned maps the new programs cannot share stay with the old programs until the swap.
-        let wanted = layout::wanted(OBJECT, &sizes).map_err(DatapathError::Upgrade)?;
+        // Pinned maps the new programs cannot share stay with the old programs until the swap
+        // (the object is parsed for its maps' shapes only when there are pinned maps).
         let pinned = layout::pinned(root).map_err(bpffs_error(root))?;
-        let replacing = pinned.map(|p| layout::to_replace(root, p, &wanted)).unwrap_or_default();
+        let replacing = match pinned {
+            Some(version) => {
+                let wanted = layout::wanted(OBJECT, &sizes).map_err(DatapathError::Upgrade)?;
+                layout::to_replace(root, version, &wanted)
+            }
+            None => Vec::new(),
+        };
         if !replacing.is_empty() {
             let staging = layout::staging(root);
             layout::fresh_staging(root).map_err(bpffs_error(&staging))?;

@@ -113,12 +113,13 @@ fn in_host_netns(netns_cookie: u64) -> bool {
 
 /// The backend an unconnected UDP socket already uses for this frontend, if it is still there
 /// and the frontend still serves this node's traffic (the agent also deletes entries whose
-/// backend left the service).
+/// backend left the service). The scope is the socket path's: a frontend with two scopes and
+/// no local endpoint serves nothing from outside, yet serves the node.
 #[inline(always)]
 fn kept_backend(key: &SockBackendKey) -> Option<Backend> {
     // SAFETY: copied out at once.
     let kept = unsafe { SOCK_BACKEND.get(key).copied() }?;
-    if !lb::serving(key.address, key.port, key.proto, Origin::External) {
+    if !lb::serving(key.address, key.port, key.proto, Origin::Node) {
         return None;
     }
     lb::backend(kept.backend_id)

@@ -1,7 +1,7 @@
 //! Observability: the `/healthz` server (`--healthz-bind-address`, what kubelet probes and
 //! cloud load balancers ask) and the Prometheus `/metrics` server (`--metrics-bind-address`),
 //! both answered from the kernel's state at request time: pinned links and their attachment,
-//! pinned maps and their fill.
+//! pinned maps and their fill, and the datapath's drop counters ([`drops`]).
 
 pub mod drops;
 mod health;

@@ -62,6 +62,7 @@ struct Inner {
     map_fill: Family<MapLabel, Gauge<f64, AtomicU64>>,
     program_links: Family<ProgramLabels, Gauge>,
     source_up: Family<KindLabel, Gauge>,
+    drops: Family<ReasonLabel, Counter>,
     status: Mutex<SyncStatus>,
     /// Since when each kind's watch has failed (absent: it works).
     source_failing: Mutex<std::collections::BTreeMap<String, SystemTime>>,
@@ -108,6 +109,12 @@ impl Metrics {
             "1 while the watch of a kind works, 0 while the API server does not answer it",
             source_up.clone(),
         );
+        let drops = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "datapath_drops",
+            "Packets and socket calls the datapath dropped or refused, by reason (summed over CPUs)",
+            drops.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry: Mutex::new(registry),
@@ -122,6 +129,7 @@ impl Metrics {
                 map_fill,
                 program_links,
                 source_up,
+                drops,
                 status: Mutex::new(SyncStatus::default()),
                 source_failing: Mutex::default(),
             }),
@@ -202,6 +210,14 @@ impl Metrics {
             for (state, n) in [("attached", attached), ("detached", detached)] {
                 family.get_or_create(&ProgramLabels { program: program.to_owned(), state }).set(n);
             }
+        }
+    }
+
+    /// Sets the drop counters to the kernel's counts (which only grow while the map lives).
+    pub fn datapath_drops(&self, counts: &[crate::observe::drops::DropCount]) {
+        for count in counts {
+            let counter = self.inner.drops.get_or_create(&ReasonLabel { reason: count.reason });
+            counter.inner().store(count.count, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -10,6 +10,7 @@ pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;
+pub mod drop;
 pub mod maps;
 pub mod service;
 pub mod sock;

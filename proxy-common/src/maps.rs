@@ -27,6 +27,10 @@ pub const SOURCE_RANGES: &str = "source_ranges";
 /// Ports of fragmented datagrams in flight ([`crate::conntrack::FragKey`]).
 pub const FRAGMENTS: &str = "fragments";
 
+/// Packets and socket calls dropped or refused, per reason ([`crate::drop`]): a per-CPU array
+/// of `u64` counters indexed by reason.
+pub const DROPS: &str = "drops";
+
 /// Default size of [`SERVICES`]: 10 000 services with 10 endpoints on two frontends each fit.
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 /// Default size of [`BACKENDS`].
@@ -49,14 +53,29 @@ pub const FRAGMENTS_MAX_ENTRIES: u32 = 8_192;
 /// Default size of [`SOURCE_RANGES`].
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
 
+/// Size of [`DROPS`]: room for reasons added later without a new map layout.
+pub const DROPS_MAX_ENTRIES: u32 = 64;
+
 /// Every map the agent pins, in the order `inspect` lists them.
-pub const ALL: &[&str] =
-    &[SERVICES, BACKENDS, SERVICE_NAMES, AFFINITY, CONNTRACK, SOCK_REV, SOCK_BACKEND, SOURCE_RANGES, FRAGMENTS, CONFIG];
+pub const ALL: &[&str] = &[
+    SERVICES,
+    BACKENDS,
+    SERVICE_NAMES,
+    AFFINITY,
+    CONNTRACK,
+    SOCK_REV,
+    SOCK_BACKEND,
+    SOURCE_RANGES,
+    FRAGMENTS,
+    CONFIG,
+    DROPS,
+];
 
 /// The version of the maps' layout: their names, key and value types, and what their fields
 /// and bits mean, recorded beside the pins. Bump it with any change to a type these maps hold,
 /// and note the new version against the changed maps in [`CHANGED_IN`]. Maps pinned before
-/// versions were recorded are layout 1 (layout 2 added the record, and changed no map).
+/// versions were recorded are layout 1 (layout 2 added the record, and changed no map). A new
+/// map changes no pinned one: an agent adopting older pins creates it, so it needs no bump.
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// The layout version in which each map last changed in a way its older entries or programs
@@ -76,6 +95,8 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     (SOURCE_RANGES, 1),
     (FRAGMENTS, 1),
     (CONFIG, 1),
+    // Added after layout 2 and never changed since: any pinned `drops` map fits.
+    (DROPS, 1),
 ];
 
 /// The layout version in which map `name` last changed ([`CHANGED_IN`]).

@@ -50,10 +50,24 @@ pub fn cluster_has_backends(address: [u8; 4], port: u16, proto: u8) -> bool {
     master(&key).is_some_and(|m| m.count > 0)
 }
 
-/// Whether (address, port, proto) is a frontend that still has backends.
+/// Whether (address, port, proto) is a frontend that still has backends for `origin`'s traffic
+/// (the set [`select`] would pick from).
 #[inline(always)]
-pub fn serving(address: [u8; 4], port: u16, proto: u8) -> bool {
-    master(&ServiceKey::master(address, port, proto)).is_some_and(|m| m.count > 0)
+pub fn serving(address: [u8; 4], port: u16, proto: u8, origin: Origin) -> bool {
+    let key = ServiceKey::master(address, port, proto);
+    master(&key).and_then(|m| in_scope(key, m, origin)).is_some_and(|(_, m)| m.count > 0)
+}
+
+/// The backend set `origin`'s traffic uses at a frontend whose external-scope master is
+/// (`key`, `master`): traffic from the node uses the internal scope when the frontend has two.
+/// `None`: that set's master is missing (no backend for this traffic).
+#[inline(always)]
+fn in_scope(key: ServiceKey, master: ServiceValue, origin: Origin) -> Option<(ServiceKey, ServiceValue)> {
+    if origin == Origin::Node && master.flags & SVC_F_TWO_SCOPES != 0 {
+        let key = key.with_scope(SCOPE_INTERNAL);
+        return self::master(&key).map(|internal| (key, internal));
+    }
+    Some((key, master))
 }
 
 /// Looks up the frontend (address, port, proto) and picks a backend uniformly at random, or the
@@ -61,22 +75,19 @@ pub fn serving(address: [u8; 4], port: u16, proto: u8) -> bool {
 /// affinity; its `service_id` is filled in here.
 #[inline(always)]
 pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origin: Origin) -> Verdict {
-    let mut key = ServiceKey::master(address, port, proto);
-    let Some(mut master) = master(&key) else {
+    let key = ServiceKey::master(address, port, proto);
+    let Some(external) = master(&key) else {
         return Verdict::NotAService;
     };
-    if origin == Origin::Node && master.flags & SVC_F_TWO_SCOPES != 0 {
-        key = key.with_scope(SCOPE_INTERNAL);
-        match self::master(&key) {
-            Some(internal) => master = internal,
-            None => return Verdict::NoBackend(master.flags),
-        }
-    }
+    let Some((key, master)) = in_scope(key, external, origin) else {
+        return Verdict::NoBackend(external.flags);
+    };
     if master.count == 0 {
         return Verdict::NoBackend(master.flags);
     }
     let affinity = master.flags & SVC_F_AFFINITY != 0;
     let affinity_key = AffinityKey { service_id: master.service_id, ..client };
+    // SAFETY: a plain helper call without arguments.
     let now = if affinity { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
     if affinity && let Some((id, backend)) = remembered(&affinity_key, master.affinity_timeout, now) {
         return Verdict::Backend(Selected { backend, id, flags: master.flags, service_id: master.service_id });
@@ -87,7 +98,7 @@ pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origi
     if affinity {
         let value = AffinityValue { last_used_ns: now, backend_id: id, _pad: 0 };
         // Losing the affinity record only costs stickiness for the next connection.
-        let _ = AFFINITY.insert(&affinity_key, &value, 0);
+        let _ = AFFINITY.insert(affinity_key, value, 0);
     }
     Verdict::Backend(Selected { backend, id, flags: master.flags, service_id: master.service_id })
 }
@@ -109,6 +120,7 @@ pub fn backend(id: BackendId) -> Option<Backend> {
 /// lookup can race with that; one retry against the new count covers it.
 #[inline(always)]
 fn pick(key: ServiceKey, count: u16) -> Option<(BackendId, Backend)> {
+    // SAFETY: a plain helper call without arguments (and below).
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
     if let Some(found) = slot_backend(key.with_slot(slot)) {
         return Some(found);
@@ -117,6 +129,7 @@ fn pick(key: ServiceKey, count: u16) -> Option<(BackendId, Backend)> {
     if count == 0 {
         return None;
     }
+    // SAFETY: as above.
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
     slot_backend(key.with_slot(slot))
 }
@@ -138,6 +151,7 @@ fn remembered(key: &AffinityKey, timeout: u32, now: u64) -> Option<(BackendId, B
         return None;
     }
     let backend = backend(id)?;
+    // SAFETY: the same pointer, still valid: the entry lives in the map.
     unsafe { (*entry).last_used_ns = now };
     Some((id, backend))
 }

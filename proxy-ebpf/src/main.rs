@@ -1,13 +1,18 @@
 //! The kernel side of the load balancer.
 //!
 //! - `maps`: every map, declared with BTF so `bpftool` prints field names.
+//! - `drops`: the per-reason count of every packet or socket call dropped or refused.
 //! - `lb`: frontend lookup and backend selection, the one place that decides where traffic goes.
 //! - `sock`: cgroup sock_addr programs (socket load balancing for traffic started on the node).
-//! - `tc`: the TC ingress program (NodePort and external traffic: DNAT, SNAT, conntrack).
+//! - `tc`: the TC ingress and egress programs (NodePort and external traffic: DNAT, SNAT,
+//!   conntrack), split by job under `tc/`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(target_arch = "bpf", deny(warnings))]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
+#[cfg(target_arch = "bpf")]
+mod drops;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

@@ -2,7 +2,7 @@
 //! are repeated as literals because the attribute needs one; the agent checks them at load).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
@@ -11,7 +11,7 @@ use proxy_common::{
     config::NodeConfig,
     conntrack::{CtKey, CtValue, FragKey, FragPorts},
     maps::{
-        AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
+        AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, DROPS_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
         SERVICE_NAMES_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOCK_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
     },
     service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
@@ -59,3 +59,8 @@ pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { SOURCE_RANGES_MAX_ENTRIES a
 /// Ports of fragmented datagrams in flight: the first fragment records them for the rest.
 #[btf_map(name = "fragments")]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { FRAGMENTS_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// Packets and socket calls dropped or refused, per CPU, indexed by reason
+/// (`proxy_common::drop`).
+#[btf_map(name = "drops")]
+pub static DROPS: PerCpuArray<u64, { DROPS_MAX_ENTRIES as usize }> = PerCpuArray::new();

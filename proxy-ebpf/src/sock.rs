@@ -14,11 +14,13 @@ use aya_ebpf::{
 use proxy_common::{
     affinity::AffinityKey,
     backend::Backend,
+    drop,
     proto::UDP,
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
 };
 
 use crate::{
+    drops,
     lb::{self, Origin, Verdict},
     maps::{CONFIG, SOCK_BACKEND, SOCK_REV},
 };
@@ -66,7 +68,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
     let (address, port, proto) = destination(sa);
-    // SAFETY: plain helper calls on the program's own context.
+    // SAFETY: a plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let sticky_key = SockBackendKey { cookie, address, port, proto, _pad: 0 };
     if sticky
@@ -76,6 +78,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
         rewrite(sa, cookie, &backend, address, port);
         return ALLOW;
     }
+    // SAFETY: as above.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // 127.0.0.1:<nodePort> is the node's, not a pod's own loopback.
     if address[0] == 127 && !in_host_netns(netns_cookie) {
@@ -85,6 +88,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     match lb::select(address, port, proto, client, Origin::Node) {
         Verdict::NotAService => ALLOW,
         Verdict::NoBackend(_) => {
+            drops::count(if sticky { drop::SENDMSG_REFUSED } else { drop::CONNECT_REFUSED });
             // SAFETY: plain helper call, allowed from cgroup sock_addr programs.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             DENY
@@ -93,7 +97,7 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
             if sticky && proto == UDP {
                 let value = SockBackendValue { backend_id: selected.id, service_id: selected.service_id };
                 // Losing it only means the socket's next datagram is picked afresh.
-                let _ = SOCK_BACKEND.insert(&sticky_key, &value, 0);
+                let _ = SOCK_BACKEND.insert(sticky_key, value, 0);
             }
             rewrite(sa, cookie, &selected.backend, address, port);
             ALLOW
@@ -108,13 +112,14 @@ fn in_host_netns(netns_cookie: u64) -> bool {
 }
 
 /// The backend an unconnected UDP socket already uses for this frontend, if it is still there
-/// and the frontend still serves (the agent also deletes entries whose backend left the
-/// service).
+/// and the frontend still serves this node's traffic (the agent also deletes entries whose
+/// backend left the service). The scope is the socket path's: a frontend with two scopes and
+/// no local endpoint serves nothing from outside, yet serves the node.
 #[inline(always)]
 fn kept_backend(key: &SockBackendKey) -> Option<Backend> {
     // SAFETY: copied out at once.
     let kept = unsafe { SOCK_BACKEND.get(key).copied() }?;
-    if !lb::serving(key.address, key.port, key.proto) {
+    if !lb::serving(key.address, key.port, key.proto, Origin::Node) {
         return None;
     }
     lb::backend(kept.backend_id)
@@ -125,7 +130,7 @@ fn rewrite(sa: &mut bpf_sock_addr, cookie: u64, backend: &Backend, address: [u8;
     let key = SockRevKey { cookie, address: backend.address, port: backend.port, _pad: [0; 2] };
     let value = SockRevValue { address, port, _pad: [0; 2] };
     // Without it replies show the backend's address: worse, not broken.
-    let _ = SOCK_REV.insert(&key, &value, 0);
+    let _ = SOCK_REV.insert(key, value, 0);
     sa.user_ip4 = u32::from_ne_bytes(backend.address);
     sa.user_port = u32::from(backend.port.to_be());
 }
@@ -136,10 +141,11 @@ fn restore_frontend(ctx: &SockAddrContext) {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
     let (address, port, _) = destination(sa);
+    // SAFETY: a plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevKey { cookie, address, port, _pad: [0; 2] };
     // SAFETY: copied out at once.
-    if let Some(frontend) = unsafe { SOCK_REV.get(&key).copied() } {
+    if let Some(frontend) = unsafe { SOCK_REV.get(key).copied() } {
         sa.user_ip4 = u32::from_ne_bytes(frontend.address);
         sa.user_port = u32::from(frontend.port.to_be());
     }

@@ -530,7 +530,7 @@ pub const ROWS: &[Row] = &[
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &[],
-        gap: "SCTP: this kernel has no SCTP (CONFIG_IP_SCTP is not set, socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails with EPROTONOSUPPORT), so no SCTP client or server can run here; on an SCTP kernel the TC path would still need SCTP parsing and checksum (CRC32c) handling in proxy-ebpf/src/tc.rs, which knows TCP and UDP only",
+        gap: "SCTP: this kernel has no SCTP (CONFIG_IP_SCTP is not set, socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails with EPROTONOSUPPORT), so no SCTP client or server can run here; on an SCTP kernel the TC path would still need SCTP parsing and checksum (CRC32c) handling in proxy-ebpf/src/tc/ (packet.rs, nat.rs), which knows TCP and UDP only",
     },
     Row {
         number: 57,
@@ -554,7 +554,7 @@ pub const ROWS: &[Row] = &[
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &[],
-        gap: "SCTP: this kernel has no SCTP (CONFIG_IP_SCTP is not set, socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails with EPROTONOSUPPORT), so no SCTP client or server can run here; on an SCTP kernel the TC path would still need SCTP parsing and checksum (CRC32c) handling in proxy-ebpf/src/tc.rs, which knows TCP and UDP only",
+        gap: "SCTP: this kernel has no SCTP (CONFIG_IP_SCTP is not set, socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails with EPROTONOSUPPORT), so no SCTP client or server can run here; on an SCTP kernel the TC path would still need SCTP parsing and checksum (CRC32c) handling in proxy-ebpf/src/tc/ (packet.rs, nat.rs), which knows TCP and UDP only",
     },
     Row {
         number: 60,
@@ -578,7 +578,7 @@ pub const ROWS: &[Row] = &[
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &[],
-        gap: "SCTP: this kernel has no SCTP (CONFIG_IP_SCTP is not set, socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails with EPROTONOSUPPORT), so no SCTP client or server can run here; on an SCTP kernel the TC path would still need SCTP parsing and checksum (CRC32c) handling in proxy-ebpf/src/tc.rs, which knows TCP and UDP only",
+        gap: "SCTP: this kernel has no SCTP (CONFIG_IP_SCTP is not set, socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) fails with EPROTONOSUPPORT), so no SCTP client or server can run here; on an SCTP kernel the TC path would still need SCTP parsing and checksum (CRC32c) handling in proxy-ebpf/src/tc/ (packet.rs, nat.rs), which knows TCP and UDP only",
     },
     Row {
         number: 63,

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod client;
 pub mod conformance;
 pub mod fixtures;
+pub mod frames;
 pub mod netns;
 pub mod pod;
 pub mod topology;

@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, thread, time::Duration};
 use k8s_openapi::api::core::v1::Service;
 use proxy_tests::{
     agent::Agent,
-    client::{Tally, probe},
+    client::{Tally, http_get, probe},
     fixtures::{TempDir, node, service, slice, write_text, yaml},
     netns::run,
     pod::PEER,
@@ -442,6 +442,26 @@ fn load_balancer_source_ranges_admit_only_listed_clients() {
     assert_eq!(dropped.errors.get("timeout"), Some(&3), "dropped, not refused: {dropped:?}");
     let nodeport = cluster.external("tcp", &format!("{}:30068", NODE_IPS[0]), 20);
     assert_eq!(nodeport.answered(), 20, "the nodePort stays open to the same client: {nodeport:?}");
+    // Every dropped SYN (three attempts, each maybe retransmitted) is counted, and both
+    // /metrics and `inspect drops` show the same count (no traffic is dropped in between).
+    let node1 = &cluster.topology.nodes[0];
+    let (status, body) = http_get(&node1.ns, "127.0.0.1:10249".parse().unwrap(), "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let series = r#"proxy_datapath_drops_total{reason="source_range_denied"}"#;
+    let scraped: f64 = body
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{body}"));
+    assert!(scraped >= 3.0, "each denied SYN counted: {scraped}");
+    let out = std::process::Command::new(AGENT)
+        .args(["inspect", "drops", "-o", "json", "--bpf-root"])
+        .arg(cluster.agents[0].bpf_root())
+        .output()
+        .expect("running inspect drops");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("inspect drops -o json");
+    let row = rows.iter().find(|r| r["reason"] == "source_range_denied").expect("a source_range_denied row");
+    assert_eq!(row["count"].as_f64(), Some(scraped), "inspect and /metrics agree: {rows:?}");
 }
 
 /// Many parallel connections from the one client keep distinct, working flows (no SNAT port

@@ -463,3 +463,39 @@ fn sigterm_leaves_the_datapath_and_a_new_agent_adopts_it() {
         assert!(during.from("pod-2") > 0 && during.from("pod-3") > 0, "both backends served: {during:?}");
     });
 }
+
+/// Pins left by an agent from before the `drops` map (layout 2 without it) are adopted as they
+/// are: the successor keeps every other map (same ids), creates `drops` beside them, and its
+/// programs count into the new map (a refused connect shows in `/metrics`).
+#[test]
+fn pins_from_before_the_drops_map_are_adopted_and_the_map_created() {
+    let node = Netns::new("opsnode").expect("a namespace");
+    let cgroup = Cgroup::new("proxy-ops").expect("a cgroup");
+    let manifests = Manifests::new(&[], "");
+    let mut flags = vec!["--manifests".to_owned(), manifests.arg(), "--hostname-override".into(), "node-1".into()];
+    flags.extend(SERVER_FLAGS.iter().map(|f| (*f).to_owned()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut agent = Agent::start_in(Some(&node), AGENT.as_ref(), cgroup.path(), &flags).expect("starting the agent");
+    agent.wait_for_count(VIP, PORT, Some(0), WAIT).expect("the service is programmed, without endpoints");
+    let root = agent.bpf_root().to_owned();
+    agent.terminate(WAIT).expect("the agent exits on SIGTERM");
+    std::fs::remove_file(root.join(maps::DROPS)).expect("unpinning drops, as an older agent never pinned it");
+    let others: Vec<&str> = maps::ALL.iter().copied().filter(|m| *m != maps::DROPS).collect();
+    let ids = |names: &[&str]| -> Vec<u64> {
+        names
+            .iter()
+            .map(|m| bpftool(&["map", "show", "pinned", &root.join(m).to_string_lossy()])["id"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    let before = ids(&others);
+
+    agent.restart(AGENT.as_ref(), cgroup.path(), &flags).expect("a new agent");
+    agent.wait_for_log("synced", Duration::from_secs(20)).expect("the new agent syncs");
+    assert_eq!(ids(&others), before, "every other map adopted, not recreated");
+    assert!(root.join(maps::DROPS).exists(), "the drops map is pinned");
+    let target = format!("{VIP}:{PORT}");
+    let refused = probe(PROBE.as_ref(), &node, Some(&cgroup), &["tcp", &target, "1", "500"]).expect("probing");
+    assert_eq!(refused.errors.get("refused"), Some(&1), "{refused:?}");
+    let samples = metrics(&node);
+    assert_eq!(metric(&samples, r#"proxy_datapath_drops_total{reason="connect_refused"}"#), 1.0);
+}

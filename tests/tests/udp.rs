@@ -150,3 +150,43 @@ fn udp_sockets_to_a_removed_backend_are_destroyed() {
     let fresh = run(&topology, "udp-connected", 5);
     assert_eq!(fresh.answers.get(&format!("pod-3@{VIP}:{PORT}")), Some(&5), "{fresh:?}");
 }
+
+/// Defect 7: a frontend with two scopes (an externalIP under `externalTrafficPolicy: Local`)
+/// whose endpoints are all on another node serves nothing from outside (its external scope is
+/// empty) yet serves this node (its internal scope has both pods). An unconnected UDP socket
+/// here keeps one backend across datagrams, as it does for a ClusterIP: the check that the
+/// kept backend's frontend still serves reads the socket path's scope, not the external one
+/// (which made every datagram pick afresh: 30 datagrams hit one pod with probability 2^-29).
+#[test]
+fn unconnected_udp_keeps_one_backend_at_an_etp_local_frontend_without_local_endpoints() {
+    const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 53);
+    let (topology, dir) = topology();
+    let svc = service("dns")
+        .cluster_ip(&VIP.to_string())
+        .external_ip(&EXTERNAL_IP.to_string())
+        .external_traffic_policy("Local")
+        .named_port("dns", PORT.into(), "UDP")
+        .named_port("dns-tcp", PORT.into(), "TCP")
+        .build();
+    let eps = slice("dns", "a")
+        .named_port("dns", 5353, "UDP")
+        .named_port("dns-tcp", 5353, "TCP")
+        .endpoint_on("10.244.1.2", "node-2")
+        .endpoint_on("10.244.1.3", "node-2")
+        .build();
+    write_text(dir.path(), "dns.yaml", &(yaml(&svc) + &yaml(&eps))).unwrap();
+    let flags = ["--manifests", &dir.arg(), "--hostname-override", "node-1"];
+    let agent = Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
+        .expect("starting the agent");
+    agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
+    agent.wait_for_count(EXTERNAL_IP, PORT, Some(0), WAIT).expect("no local endpoint: the external scope is empty");
+    let target = format!("{EXTERNAL_IP}:{PORT}");
+    for _ in 0..3 {
+        let tally =
+            probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &["udp-sticky", &target, "30", "500"])
+                .unwrap();
+        assert_eq!(tally.answered(), 30, "the node reaches the remote endpoints: {tally:?}");
+        let pods: std::collections::BTreeSet<String> = answers(&tally).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(pods.len(), 1, "one socket, one backend: {tally:?}");
+    }
+}

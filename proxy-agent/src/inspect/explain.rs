@@ -8,7 +8,7 @@
 //!   `backends` wins; otherwise slot `random % count + 1`, so each slot has 1/count.
 //! - The socket path (sock.rs) keys affinity by the client's netns cookie and refuses a frontend
 //!   without backend with ECONNREFUSED.
-//! - The packet path (tc.rs) keys affinity by the client's address, drops a frontend without
+//! - The packet path (tc/) keys affinity by the client's address, drops a frontend without
 //!   backend when its master has `externalTrafficPolicy: Local` and otherwise lets the node's
 //!   stack answer (a reset or ICMP unreachable: kube-proxy's REJECT); a new flow is SNATed to
 //!   the node unless the policy is Local; packets of a tracked flow follow their conntrack entry.

@@ -14,6 +14,7 @@
 //! Adding a table: read its map in [`pins`] into the snapshot, add its rows in [`view`] and a
 //! renderer in [`render`], and a [`Table`] variant.
 
+pub mod drops;
 pub mod explain;
 pub mod pins;
 pub mod render;
@@ -109,6 +110,8 @@ pub enum Table {
     Affinity,
     /// Per-flow NAT state of the packet path.
     Conntrack,
+    /// Packets and socket calls the datapath dropped or refused, per reason.
+    Drops,
 }
 
 /// A transport protocol as `--proto` takes it.
@@ -165,6 +168,10 @@ pub struct ExplainArgs {
 
 /// Renders `inspect <table>` for the maps under `root`.
 pub fn inspect(root: &Path, args: &InspectArgs) -> Result<String, InspectError> {
+    if args.table == Table::Drops {
+        // Counters, not entries: read on their own.
+        return drops::inspect(root, args.output);
+    }
     let mut snapshot = pins::read(root)?;
     if snapshot.affinity.iter().flatten().any(|(k, _)| k.netns_cookie != 0) {
         snapshot.netns = pins::netns();
@@ -178,6 +185,8 @@ pub fn inspect(root: &Path, args: &InspectArgs) -> Result<String, InspectError> 
         (Table::Affinity, Format::Json) => render::json(&view::affinity(&snapshot)),
         (Table::Conntrack, Format::Table) => render::conntrack(&view::conntrack(&snapshot), &snapshot),
         (Table::Conntrack, Format::Json) => render::json(&view::conntrack(&snapshot)),
+        // Returned above without a snapshot; correct here too.
+        (Table::Drops, format) => drops::inspect(root, format)?,
     })
 }
 

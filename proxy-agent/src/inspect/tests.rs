@@ -396,7 +396,7 @@ fn a_missing_internal_master_refuses_node_traffic() {
 
 #[test]
 fn a_cluster_ip_with_the_etp_local_flag_and_no_endpoint_is_dropped_from_outside() {
-    // tc.rs drops NoBackend whenever the master has SVC_F_EXT_LOCAL, and the model sets it on
+    // tc/mod.rs drops NoBackend whenever the master has SVC_F_EXT_LOCAL, and the model sets it on
     // the ClusterIP frontends of an eTP=Local service too.
     let s =
         snapshot().frontend("10.96.0.20", 80, SCOPE_EXTERNAL, SVC_F_CLUSTER_IP | SVC_F_EXT_LOCAL, 4, 0, &[]).build();

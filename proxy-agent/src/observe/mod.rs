@@ -1,8 +1,9 @@
 //! Observability: the `/healthz` server (`--healthz-bind-address`, what kubelet probes and
 //! cloud load balancers ask) and the Prometheus `/metrics` server (`--metrics-bind-address`),
 //! both answered from the kernel's state at request time: pinned links and their attachment,
-//! pinned maps and their fill.
+//! pinned maps and their fill, and the datapath's drop counters ([`drops`]).
 
+pub mod drops;
 mod health;
 mod http;
 pub mod kernel;
@@ -163,6 +164,11 @@ fn collect(metrics: &Metrics, health: &Health, root: &std::path::Path) {
             Ok(fill) => metrics.map_filled(name, fill.entries, fill.max_entries),
             Err(error) => warn!(%error, "reading the fill of a map"),
         }
+    }
+    // A few dozen counters: cheap at every scrape.
+    match drops::read(&root.join(maps::DROPS)) {
+        Ok(counts) => metrics.datapath_drops(&counts),
+        Err(error) => warn!(%error, "reading the drop counters"),
     }
     // The check records the links' attachment in the metrics.
     let _ = health.check();

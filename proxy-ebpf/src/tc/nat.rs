@@ -1,0 +1,90 @@
+//! Address and port translation: the SNAT address and port of a new flow, and the rewrite of a
+//! packet's addresses, ports and checksums.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    helpers::{bpf_csum_diff, bpf_get_prandom_u32},
+    programs::TcContext,
+};
+use proxy_common::{
+    conntrack::{CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    proto::{TCP, UDP},
+    service::SVC_F_NODE_PORT,
+};
+
+use super::packet::{IP_CSUM, IP_SRC, Packet};
+use crate::maps::{CONFIG, CONNTRACK};
+
+/// Attempts at a free SNAT port before the new flow is dropped.
+const SNAT_TRIES: u32 = 16;
+
+/// The node address to SNAT to: the frontend itself when it is a node address (NodePort),
+/// else the node's configured address.
+pub fn snat_address(flags: u16, frontend: [u8; 4]) -> Option<[u8; 4]> {
+    if flags & SVC_F_NODE_PORT != 0 {
+        return Some(frontend);
+    }
+    let address = CONFIG.get(0)?.snat_address;
+    (address != [0; 4]).then_some(address)
+}
+
+/// Claims a free SNAT port for a flow whose reply entry is `reply` under `reply_key` (its
+/// destination port is set to the port): a port is ours only if no flow holds that reply
+/// tuple yet, so the reply entry is inserted here (`reply_key` with that port). `None`: every
+/// port tried was taken.
+pub fn claim_port(mut reply_key: CtKey, reply: &CtValue) -> Option<u16> {
+    let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: a plain helper call without arguments.
+        let random = unsafe { bpf_get_prandom_u32() };
+        let port = SNAT_PORT_MIN + (random % span) as u16;
+        reply_key.dport = port;
+        if CONNTRACK.insert(reply_key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// Rewrites the packet to `to`: addresses, ports, the IPv4 and the L4 checksum.
+pub fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64> {
+    let csum = packet.l4_csum();
+    // A later fragment has no L4 header (its checksum was fixed in the first one); a UDP
+    // checksum of zero means "none": keep it so.
+    let l4_csum = packet.has_l4 && (packet.proto == TCP || ctx.load::<u16>(csum)? != 0);
+    let mangled = if packet.proto == UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    // Source and destination address are adjacent: one checksum difference, one store. The
+    // L4 checksum covers them through the pseudo header.
+    let old = [u32::from_ne_bytes(packet.src), u32::from_ne_bytes(packet.dst)];
+    let new = [u32::from_ne_bytes(to.src), u32::from_ne_bytes(to.dst)];
+    if old != new {
+        let diff = csum_diff(&old, &new)?;
+        ctx.l3_csum_replace(IP_CSUM, 0, diff, 0)?;
+        if l4_csum {
+            ctx.l4_csum_replace(csum, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
+        }
+        ctx.store(IP_SRC, &new, 0)?;
+    }
+    // So are the ports, in the L4 header itself.
+    let port_word = |sport: u16, dport: u16| {
+        let (s, d) = (sport.to_be_bytes(), dport.to_be_bytes());
+        [u32::from_ne_bytes([s[0], s[1], d[0], d[1]])]
+    };
+    let (old, new) = (port_word(packet.sport, packet.dport), port_word(to.sport, to.dport));
+    if packet.has_l4 && old != new {
+        if l4_csum {
+            ctx.l4_csum_replace(csum, 0, csum_diff(&old, &new)?, mangled)?;
+        }
+        ctx.store(packet.l4, &new, 0)?;
+    }
+    Ok(())
+}
+
+/// The one's-complement checksum difference between two runs of 32-bit words (`bpf_csum_diff`),
+/// for the `*_csum_replace` helpers' "precomputed difference" form.
+fn csum_diff<const N: usize>(old: &[u32; N], new: &[u32; N]) -> Result<u64, i64> {
+    let size = (N * 4) as u32;
+    // SAFETY: both pointers are valid for `size` bytes; the helper only reads them.
+    let diff = unsafe { bpf_csum_diff(old.as_ptr().cast_mut(), size, new.as_ptr().cast_mut(), size, 0) };
+    if diff < 0 { Err(diff) } else { Ok(diff as u64) }
+}

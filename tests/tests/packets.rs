@@ -1,0 +1,435 @@
+//! The TC ingress program packet by packet, with `BPF_PROG_TEST_RUN` (aya's `TestRun`), in
+//! the style of Cilium's `bpf/tests`: each case seeds the maps through the agent's real writer,
+//! runs one hand-built frame (`proxy_tests::frames`) through the real object, and checks the
+//! verdict, the frame that comes out (addresses, ports, checksums recomputed independently) and
+//! the drop counters. Each case opens with a one-line `Flow:` comment.
+//!
+//! The object is loaded by the agent's own datapath code into a throwaway network namespace
+//! (where the program's FIB lookups run: an interface on the node network with a route to
+//! the pod network, forwarding on) and cgroup; everything is removed on drop.
+//!
+//! Checksum offload: `BPF_PROG_TEST_RUN` builds its skb with `CHECKSUM_NONE` and `__sk_buff`
+//! has no field to ask for `CHECKSUM_PARTIAL`, so the offload case cannot be driven from here;
+//! the full-checksum case is, and so is UDP's "no checksum" (0), which must stay 0. The offload
+//! path is covered end to end by the NodePort tests over veths with offload on.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+};
+
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{TestRun as _, TestRunOptions},
+};
+use proxy_agent::{
+    datapath::{Datapath, LoadOptions, writer::Writer},
+    model::{Cidr, Endpoint, Frontend, FrontendEntry, FrontendKind, ServicePortName},
+    observe::drops,
+};
+use proxy_common::{
+    conntrack::{CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    drop, maps,
+    proto::{TCP, UDP},
+    service::{SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES},
+};
+use proxy_tests::{
+    cgroup::Cgroup,
+    frames::{self, ACK, ICMP, ICMP_DEST_UNREACH, MORE_FRAGMENTS, SYN},
+    netns::{Netns, require_root},
+};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(172, 18, 0, 100), 40000);
+const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+const NODE_PORT: u16 = 30066;
+const LB_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 255, 1);
+const TARGET_PORT: u16 = 80;
+
+/// `TC_ACT_OK`: the packet goes on into the stack.
+const PASS: u32 = 0;
+/// `TC_ACT_SHOT`: dropped.
+const SHOT: u32 = 2;
+/// `TC_ACT_REDIRECT`: sent out of the interface the FIB picked (`bpf_redirect_neigh`).
+const REDIRECT: u32 = 7;
+
+fn nodeport() -> SocketAddrV4 {
+    SocketAddrV4::new(NODE, NODE_PORT)
+}
+
+fn pod(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(POD, port)
+}
+
+fn endpoint(address: Ipv4Addr, local: bool) -> Endpoint {
+    Endpoint { address, port: TARGET_PORT, local, terminating: false }
+}
+
+/// A frontend entry of `kind` with `flags` and `backends`.
+fn entry(kind: FrontendKind, proto: u8, flags: u16, backends: Vec<Endpoint>) -> FrontendEntry {
+    FrontendEntry {
+        service: ServicePortName { namespace: "packets".into(), name: "web".into(), port: String::new(), proto },
+        kind,
+        flags,
+        affinity_timeout: 0,
+        backends,
+        internal: None,
+        source_ranges: Vec::new(),
+    }
+}
+
+/// One case's datapath: the real object loaded in a namespace of its own, maps written by
+/// the real writer, and the ingress program to run frames through.
+struct Bed {
+    datapath: Datapath,
+    writer: Writer<proxy_agent::datapath::AyaMaps>,
+    root: PathBuf,
+    ifindex: u32,
+}
+
+/// What one run returned.
+struct Out {
+    verdict: u32,
+    frame: Vec<u8>,
+}
+
+impl Bed {
+    /// Programs `entry` at `frontend`.
+    fn service(&mut self, frontend: SocketAddrV4, proto: u8, entry: &FrontendEntry) {
+        let frontend = Frontend { address: *frontend.ip(), port: frontend.port(), proto };
+        self.writer.upsert(frontend, entry).expect("writing the service");
+    }
+
+    /// Runs `frame` through the ingress program as if it arrived on the node's interface.
+    fn ingress(&self, frame: &[u8]) -> Out {
+        let program = self.datapath.tc_program().expect("the TC ingress program");
+        // struct __sk_buff up to `ifindex`: len, pkt_type, mark, queue_mapping, protocol,
+        // vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex.
+        let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&self.ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&self.ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 64];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        Out { verdict: result.return_value, frame: out }
+    }
+
+    /// Every drop reason's count (reasons at 0 left out).
+    fn drops(&self) -> BTreeMap<&'static str, u64> {
+        let counts = drops::read(&self.root.join(maps::DROPS)).expect("reading the drop counters");
+        counts.into_iter().filter(|c| c.count > 0).map(|c| (c.reason, c.count)).collect()
+    }
+
+    fn conntrack(&self) -> HashMap<MapData, CtKey, CtValue> {
+        let data = MapData::from_pin(self.root.join(maps::CONNTRACK)).expect("the pinned conntrack map");
+        HashMap::try_from(Map::LruHashMap(data)).expect("conntrack is an LRU hash")
+    }
+}
+
+/// Removes the bed's pins (programs detached) on drop, also when the case fails.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = proxy_agent::datapath::cleanup(&self.0);
+    }
+}
+
+/// Runs `case` against a fresh datapath in a throwaway namespace, on a thread that entered
+/// it (BPF_PROG_TEST_RUN's FIB lookups use the caller's namespace).
+fn with_bed(name: &str, case: impl FnOnce(&mut Bed) + Send) {
+    require_root().expect("packet tests load BPF programs");
+    let ns = Netns::new("pkt").expect("a test namespace");
+    // A veth pair with both ends in the namespace (no dummy driver needed), so eth0 has a carrier.
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]).expect("a veth pair");
+    ns.ip(&["addr", "add", &format!("{NODE}/16"), "dev", "eth0"]).expect("the node address");
+    for link in ["eth0", "eth1"] {
+        ns.ip(&["link", "set", link, "up"]).expect("link up");
+    }
+    ns.ip(&["route", "add", "10.244.0.0/16", "dev", "eth0"]).expect("the pod route");
+    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).expect("forwarding on");
+    let cgroup = Cgroup::new("proxy-packets").expect("a test cgroup");
+    let pins = Pins(PathBuf::from(format!("/sys/fs/bpf/proxy-packets-{name}-{}", std::process::id())));
+    std::thread::scope(|s| {
+        let run = s.spawn(|| {
+            ns.enter().expect("entering the test namespace");
+            let ifindex = ifindex_by_name("eth0");
+            let opts = LoadOptions {
+                bpf_root: pins.0.clone(),
+                cgroup: cgroup.path().to_owned(),
+                services_max: 1024,
+                backends_max: 1024,
+                affinity_max: 1024,
+                conntrack_max: 16_384,
+            };
+            let (datapath, store) = Datapath::load(&opts).expect("loading the datapath");
+            let mut bed = Bed { datapath, writer: Writer::new(store), root: pins.0.clone(), ifindex };
+            case(&mut bed);
+        });
+        if let Err(panic) = run.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+/// The index of `name` in the thread's namespace (not from /sys, which shows the namespace it
+/// was mounted in).
+fn ifindex_by_name(name: &str) -> u32 {
+    let name = std::ffi::CString::new(name).expect("an interface name");
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name:?} in the test namespace");
+    index
+}
+
+/// The ports of the reply entry a SNATed flow opened: the node-side source port it was given.
+fn snat_port(bed: &Bed, backend: SocketAddrV4, proto: u8) -> u16 {
+    let ports: Vec<u16> = bed
+        .conntrack()
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| {
+            v.flags & CT_F_REPLY != 0 && k.src == backend.ip().octets() && k.sport == backend.port() && k.proto == proto
+        })
+        .map(|(k, _)| k.dport)
+        .collect();
+    assert_eq!(ports.len(), 1, "one flow to {backend}: {ports:?}");
+    ports[0]
+}
+
+fn nodeport_service(bed: &mut Bed, proto: u8) {
+    let web = entry(FrontendKind::NodePort, proto, SVC_F_NODE_PORT, vec![endpoint(POD, false)]);
+    bed.service(nodeport(), proto, &web);
+}
+
+#[test]
+fn a_nodeport_syn_is_dnated_and_snated_with_correct_checksums() {
+    // Flow: client:40000 → node:30066 SYN  ⇒  node:P → pod:80 SYN (P a SNAT port), redirected.
+    with_bed("syn", |bed| {
+        nodeport_service(bed, TCP);
+        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+        assert_eq!(out.verdict, REDIRECT);
+        let seen = frames::seen(&out.frame);
+        assert_eq!((*seen.src.ip(), seen.dst), (NODE, pod(TARGET_PORT)), "DNAT to the pod, SNAT to the node");
+        assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&seen.src.port()), "a SNAT port: {seen:?}");
+        assert_eq!(seen.src.port(), snat_port(bed, pod(TARGET_PORT), TCP), "the port the flow's reply entry holds");
+        assert!(frames::ip_checksum_ok(&out.frame), "IPv4 checksum");
+        assert!(frames::frame_l4_checksum_ok(&out.frame), "TCP checksum");
+        assert_eq!(bed.drops(), BTreeMap::new());
+    });
+}
+
+#[test]
+fn the_reply_is_translated_back_to_the_nodeport() {
+    // Flow: pod:80 → node:P SYN-ACK (a flow's reply)  ⇒  node:30066 → client:40000, redirected.
+    with_bed("reply", |bed| {
+        nodeport_service(bed, TCP);
+        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN)).verdict, REDIRECT);
+        let port = snat_port(bed, pod(TARGET_PORT), TCP);
+        let out = bed.ingress(&frames::tcp_frame(pod(TARGET_PORT), SocketAddrV4::new(NODE, port), SYN | ACK));
+        assert_eq!(out.verdict, REDIRECT);
+        assert_eq!(frames::seen(&out.frame), frames::Seen { src: nodeport(), dst: CLIENT, proto: TCP });
+        assert!(frames::ip_checksum_ok(&out.frame) && frames::frame_l4_checksum_ok(&out.frame), "checksums");
+    });
+}
+
+#[test]
+fn an_icmp_error_quoting_a_tracked_flow_reaches_the_client_as_about_its_own_packet() {
+    // Flow: gw → node ICMP unreachable quoting node:P → pod:80  ⇒  gw → client, quoting
+    // client:40000 → node:30066.
+    with_bed("icmp", |bed| {
+        nodeport_service(bed, TCP);
+        let syn = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+        // The translated packet's IPv4 header and first 8 bytes, as a router quotes them.
+        let quoted = [frames::ip_header(&syn.frame), &frames::ip_payload(&syn.frame)[..8]].concat();
+        let icmp = frames::icmp_error(ICMP_DEST_UNREACH, 3, &quoted);
+        let out = bed.ingress(&frames::ethernet(&frames::ipv4(GATEWAY, NODE, ICMP, 9, 0, &icmp)));
+        assert_eq!(out.verdict, REDIRECT);
+        let ip = frames::ip_header(&out.frame);
+        assert_eq!((&ip[12..16], &ip[16..20]), (&GATEWAY.octets()[..], &CLIENT.ip().octets()[..]), "to the client");
+        assert!(frames::ip_checksum_ok(&out.frame), "outer IPv4 checksum");
+        let message = frames::ip_payload(&out.frame);
+        assert_eq!(frames::checksum(message), 0, "ICMP checksum");
+        let inner = &message[8..];
+        assert_eq!(frames::checksum(&inner[..20]), 0, "the quoted header's checksum");
+        let quoted = frames::seen(&frames::ethernet(&frames::ipv4(
+            Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]),
+            Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]),
+            TCP,
+            0,
+            0,
+            &inner[20..],
+        )));
+        assert_eq!((quoted.src, quoted.dst), (CLIENT, nodeport()), "the client's own packet, as it sent it");
+    });
+}
+
+#[test]
+fn fragments_follow_their_first_one_and_reassemble_with_a_correct_checksum() {
+    // Flow: client → node:30066 UDP in two fragments  ⇒  node:P → pod:80, both; the
+    // reassembled datagram's UDP checksum holds under the new addresses.
+    with_bed("frags", |bed| {
+        nodeport_service(bed, UDP);
+        let datagram = frames::udp(CLIENT, nodeport(), &[7u8; 64], true);
+        let (first, rest) = datagram.split_at(40);
+        let frag = |frag, part: &[u8]| frames::ethernet(&frames::ipv4(*CLIENT.ip(), NODE, UDP, 77, frag, part));
+        let first = bed.ingress(&frag(MORE_FRAGMENTS, first));
+        let later = bed.ingress(&frag(40 / 8, rest));
+        assert_eq!((first.verdict, later.verdict), (REDIRECT, REDIRECT));
+        let seen = frames::seen(&first.frame);
+        assert_eq!((*seen.src.ip(), seen.dst), (NODE, pod(TARGET_PORT)));
+        let later_ip = frames::ip_header(&later.frame);
+        assert_eq!((&later_ip[12..16], &later_ip[16..20]), (&NODE.octets()[..], &POD.octets()[..]), "same addresses");
+        assert!(frames::ip_checksum_ok(&first.frame) && frames::ip_checksum_ok(&later.frame), "IPv4 checksums");
+        assert_eq!(frames::ip_payload(&later.frame), rest, "a later fragment's payload is not touched");
+        let whole: Vec<u8> = [frames::ip_payload(&first.frame), frames::ip_payload(&later.frame)].concat();
+        assert!(frames::l4_checksum_ok(NODE, POD, UDP, &whole), "UDP checksum of the reassembled datagram");
+        assert_eq!(bed.drops(), BTreeMap::new());
+    });
+}
+
+#[test]
+fn a_later_fragment_without_its_first_passes_untouched_and_is_counted() {
+    // Flow: client → node, a later fragment never preceded by its first  ⇒  passed as is; +1.
+    with_bed("lonefrag", |bed| {
+        nodeport_service(bed, UDP);
+        let frame = frames::ethernet(&frames::ipv4(*CLIENT.ip(), NODE, UDP, 78, 5, &[1u8; 24]));
+        let out = bed.ingress(&frame);
+        assert_eq!((out.verdict, &out.frame), (PASS, &frame));
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::FRAGMENT_WITHOUT_STATE), 1)]));
+    });
+}
+
+#[test]
+fn a_udp_datagram_without_a_checksum_keeps_none() {
+    // Flow: client:40000 → node:30066 UDP, checksum 0  ⇒  node:P → pod:80, checksum still 0.
+    with_bed("udp0", |bed| {
+        nodeport_service(bed, UDP);
+        let datagram = frames::udp(CLIENT, nodeport(), b"hello", false);
+        let out = bed.ingress(&frames::ethernet(&frames::ipv4(*CLIENT.ip(), NODE, UDP, 5, 0, &datagram)));
+        assert_eq!(out.verdict, REDIRECT);
+        assert_eq!((*frames::seen(&out.frame).src.ip(), frames::seen(&out.frame).dst), (NODE, pod(TARGET_PORT)));
+        assert!(frames::ip_checksum_ok(&out.frame));
+        assert_eq!(&frames::ip_payload(&out.frame)[6..8], &[0, 0], "no checksum stays no checksum");
+    });
+}
+
+#[test]
+fn a_client_outside_the_source_ranges_is_dropped_and_counted() {
+    // Flow: client → lb:80 SYN, ranges 192.0.2.0/24 only  ⇒  dropped; source_range_denied +1.
+    with_bed("ranges", |bed| {
+        let flags = SVC_F_LOAD_BALANCER | SVC_F_SOURCE_RANGES;
+        let mut lb = entry(FrontendKind::LoadBalancer, TCP, flags, vec![endpoint(POD, false)]);
+        lb.source_ranges = vec!["192.0.2.0/24".parse::<Cidr>().expect("a CIDR")];
+        bed.service(SocketAddrV4::new(LB_IP, 80), TCP, &lb);
+        let out = bed.ingress(&frames::tcp_frame(CLIENT, SocketAddrV4::new(LB_IP, 80), SYN));
+        assert_eq!(out.verdict, SHOT);
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::SOURCE_RANGE_DENIED), 1)]));
+        assert_eq!(bed.conntrack().keys().count(), 0, "no flow opened");
+    });
+}
+
+#[test]
+fn etp_local_without_a_local_endpoint_is_dropped_and_counted() {
+    // Flow: client → node:30066 SYN, eTP=Local, the only endpoint remote  ⇒  dropped;
+    // no_local_endpoint +1.
+    with_bed("local", |bed| {
+        let flags = SVC_F_NODE_PORT | SVC_F_EXT_LOCAL | SVC_F_TWO_SCOPES;
+        let mut web = entry(FrontendKind::NodePort, TCP, flags, Vec::new());
+        web.internal = Some(vec![endpoint(Ipv4Addr::new(10, 244, 2, 2), false)]);
+        bed.service(nodeport(), TCP, &web);
+        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+        assert_eq!(out.verdict, SHOT);
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::NO_LOCAL_ENDPOINT), 1)]));
+    });
+}
+
+#[test]
+fn no_endpoint_anywhere_goes_to_the_stack_to_be_reset_and_is_counted() {
+    // Flow: client → node:30066 SYN, no endpoint  ⇒  passed untouched (the stack answers
+    // with a RST: kube-proxy's REJECT); no_endpoint +1.
+    with_bed("none", |bed| {
+        bed.service(nodeport(), TCP, &entry(FrontendKind::NodePort, TCP, SVC_F_NODE_PORT, Vec::new()));
+        let frame = frames::tcp_frame(CLIENT, nodeport(), SYN);
+        let out = bed.ingress(&frame);
+        assert_eq!((out.verdict, &out.frame), (PASS, &frame));
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::NO_ENDPOINT), 1)]));
+    });
+}
+
+#[test]
+fn a_mid_connection_packet_without_a_flow_is_dropped_and_counted() {
+    // Flow: client → node:30066 ACK, no tracked flow  ⇒  dropped (ctstate INVALID);
+    // not_a_new_connection +1.
+    with_bed("invalid", |bed| {
+        nodeport_service(bed, TCP);
+        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), ACK));
+        assert_eq!(out.verdict, SHOT);
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::NOT_A_NEW_CONNECTION), 1)]));
+    });
+}
+
+#[test]
+fn a_new_flow_whose_snat_ports_are_all_taken_is_dropped_and_taken_ports_are_kept() {
+    // Flow: client → node:30066 SYN, every node:P ← pod:80 reply tuple already held  ⇒
+    // dropped; snat_ports_exhausted +1; the holders' entries unchanged.
+    with_bed("snat", |bed| {
+        nodeport_service(bed, TCP);
+        let mut conntrack = bed.conntrack();
+        let holder = CtValue { dst: [172, 18, 0, 101], flags: CT_F_REPLY, ..CtValue::default() };
+        let key = |port| CtKey {
+            src: POD.octets(),
+            dst: NODE.octets(),
+            sport: TARGET_PORT,
+            dport: port,
+            proto: TCP,
+            _pad: [0; 3],
+        };
+        for port in SNAT_PORT_MIN..=SNAT_PORT_MAX {
+            conntrack.insert(key(port), holder, 0).expect("holding a SNAT port");
+        }
+        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+        assert_eq!(out.verdict, SHOT);
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::SNAT_PORTS_EXHAUSTED), 1)]));
+        let conntrack = bed.conntrack();
+        for port in SNAT_PORT_MIN..=SNAT_PORT_MAX {
+            assert_eq!(conntrack.get(&key(port), 0).expect("still held"), holder, "port {port}");
+        }
+        let client_flow = CtKey {
+            src: CLIENT.ip().octets(),
+            dst: NODE.octets(),
+            sport: CLIENT.port(),
+            dport: NODE_PORT,
+            proto: TCP,
+            _pad: [0; 3],
+        };
+        assert!(conntrack.get(&client_flow, 0).is_err(), "no flow opened");
+    });
+}
+
+#[test]
+fn traffic_for_no_service_passes_byte_for_byte() {
+    // Flow: client → node:22 SYN, and a UDP datagram to node:53  ⇒  both passed, unchanged;
+    // nothing counted.
+    with_bed("other", |bed| {
+        nodeport_service(bed, TCP);
+        let ssh = frames::tcp_frame(CLIENT, SocketAddrV4::new(NODE, 22), SYN);
+        let dns = SocketAddrV4::new(NODE, 53);
+        let dns = frames::ethernet(&frames::ipv4(*CLIENT.ip(), NODE, UDP, 3, 0, &frames::udp(CLIENT, dns, b"q", true)));
+        for frame in [ssh, dns] {
+            let out = bed.ingress(&frame);
+            assert_eq!((out.verdict, &out.frame), (PASS, &frame));
+        }
+        assert_eq!(bed.drops(), BTreeMap::new());
+        assert_eq!(bed.conntrack().keys().count(), 0);
+    });
+}

@@ -430,8 +430,8 @@ impl<S: MapStore> Syncer<S> {
                             service = key,
                             %frontend,
                             error,
-                            "service refused as a whole: writing the service maps failed; retried on every sync, \
-                             logged again when it is programmed or deleted"
+                            "service refused as a whole (a map write failed); retried on every sync, logged \
+                             again when it is programmed or deleted"
                         );
                     } else {
                         debug!(service = key, %frontend, error, "service still refused");

@@ -8,11 +8,11 @@ use std::{any::Any, collections::HashMap, error::Error as StdError, future::Futu
 use tokio::task::{Id, JoinSet};
 
 /// What a task returns: `Err` when it fails.
-pub type TaskResult = Result<(), Box<dyn StdError + Send + Sync>>;
+pub(crate) type TaskResult = Result<(), Box<dyn StdError + Send + Sync>>;
 
 /// Why a task ended, though every task should run until the agent stops.
 #[derive(Debug, thiserror::Error)]
-pub enum TaskEnded {
+pub(crate) enum TaskEnded {
     /// The task panicked (a bug: the log has the panic's location).
     #[error("the {task} task panicked: {message}")]
     Panicked {
@@ -46,20 +46,20 @@ pub enum TaskEnded {
 
 /// The agent's long-running tasks, by name. Dropping it aborts those still running.
 #[derive(Debug, Default)]
-pub struct Tasks {
+pub(crate) struct Tasks {
     set: JoinSet<TaskResult>,
     names: HashMap<Id, &'static str>,
 }
 
 impl Tasks {
     /// Runs `task` as `name` on the current runtime.
-    pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = TaskResult> + Send + 'static) {
+    pub(crate) fn spawn(&mut self, name: &'static str, task: impl Future<Output = TaskResult> + Send + 'static) {
         let handle = self.set.spawn(task);
         self.names.insert(handle.id(), name);
     }
 
     /// Waits until the first task ends and says why; with no task, waits forever.
-    pub async fn first_ended(&mut self) -> TaskEnded {
+    pub(crate) async fn first_ended(&mut self) -> TaskEnded {
         let Some(joined) = self.set.join_next_with_id().await else { return std::future::pending().await };
         let name = |id: Id| self.names.get(&id).copied().unwrap_or("unnamed");
         match joined {
@@ -78,7 +78,7 @@ impl Tasks {
 
 /// The text of a panic's payload (`panic!` with a literal gives `&str`, with arguments a
 /// `String`).
-pub fn panic_message(payload: &(dyn Any + Send)) -> &str {
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
     match payload.downcast_ref::<&str>() {
         Some(text) => text,
         None => payload.downcast_ref::<String>().map_or("(a panic without a message)", String::as_str),

@@ -1,9 +1,14 @@
 //! The command line: kube-proxy's flag names where the meaning is the same.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
@@ -14,6 +19,7 @@ use crate::{
     observe,
     source::{kube, manifests},
     sync::{self, SyncConfig, Syncer},
+    tasks::{Tasks, panic_message},
 };
 
 /// eBPF service load balancer: a drop-in replacement for kube-proxy.
@@ -109,6 +115,22 @@ pub struct RunArgs {
     /// Log verbosity: -v for debug, -vv for trace (RUST_LOG overrides).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+
+    /// Log format: `text` for people (coloured only on a terminal), `json` for log shippers
+    /// (one object per line).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event; ANSI colours only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per event: `timestamp`, `level`, `target`, and `fields` with `message`
+    /// and the event's named fields.
+    Json,
 }
 
 /// A duration greater than zero (`1s`, `500ms`).
@@ -126,7 +148,8 @@ const INTERFACE_RESCAN: Duration = Duration::from_secs(2);
 /// The binary's entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.run.verbose);
+    init_logging(cli.run.verbose, cli.run.log_format);
+    log_panics();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -149,7 +172,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -157,7 +180,33 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        // A file or a pipe (`kubectl logs`) would show colour codes raw; NO_COLOR is the
+        // convention for turning them off on a terminal too.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal() && no_color_unset()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Whether the `NO_COLOR` convention (no-color.org: set and not empty) leaves colours on.
+fn no_color_unset() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Logs panics through `tracing`, so a panic is one line in the log's format (a JSON line for
+/// log shippers) with where it happened; `RUST_BACKTRACE=1` adds the backtrace.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        let backtrace = std::backtrace::Backtrace::capture();
+        let backtrace = match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => backtrace.to_string(),
+            _ => String::new(),
+        };
+        let thread = std::thread::current();
+        error!(thread = thread.name(), location, backtrace, "panicked: {}", panic_message(info.payload()));
+    }));
 }
 
 fn cleanup(args: &RunArgs) -> anyhow::Result<()> {
@@ -167,16 +216,32 @@ fn cleanup(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn node_name(args: &RunArgs) -> String {
-    if let Some(name) = &args.hostname_override {
-        return name.clone();
-    }
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+/// Where Linux keeps the host name (what Go's `os.Hostname` reads for kube-proxy).
+const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
+
+/// This node's name as kube-proxy derives it: `--hostname-override`, else the host name read
+/// from `hostname_file`; trimmed and lowercased. An empty name is an error: no endpoint would be
+/// local, so all `externalTrafficPolicy: Local` traffic from outside would be dropped.
+fn node_name(hostname_override: Option<&str>, hostname_file: &Path) -> anyhow::Result<String> {
+    let name = match hostname_override.map(str::trim).filter(|n| !n.is_empty()) {
+        Some(name) => name.to_owned(),
+        None => std::fs::read_to_string(hostname_file).with_context(|| {
+            format!("reading the host name from {} - pass --hostname-override", hostname_file.display())
+        })?,
+    };
+    let name = name.trim();
+    anyhow::ensure!(
+        !name.is_empty(),
+        "the host name in {} is empty - pass --hostname-override with this node's name",
+        hostname_file.display()
+    );
+    Ok(name.to_lowercase())
 }
 
 /// Runs the agent until SIGINT or SIGTERM. Programs and pinned maps stay in place on exit, so
 /// traffic keeps flowing and the next agent adopts them.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let node_name = node_name(args.hostname_override.as_deref(), Path::new(HOSTNAME_FILE))?;
     crate::preflight::check(&args.bpf_root, args.cgroup_path.as_deref())?;
     let cgroup = match &args.cgroup_path {
         Some(path) => path.clone(),
@@ -205,26 +270,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         0
     });
     let config =
-        SyncConfig { node_name: node_name(&args), nodeport_cidrs: args.nodeport_addresses.clone(), host_netns_cookie };
-    let node_name = config.node_name.clone();
+        SyncConfig { node_name: node_name.clone(), nodeport_cidrs: args.nodeport_addresses.clone(), host_netns_cookie };
     info!(node = config.node_name, bpf_root = %opts.bpf_root.display(), cgroup = %opts.cgroup.display(), "datapath ready");
     let mut syncer = Syncer::new(Writer::new(maps), config, metrics.clone());
     let (updates_tx, updates) = mpsc::channel(1024);
     let updates = observer.track(updates);
-    let source = match &args.manifests {
-        Some(dir) => tokio::spawn(manifests::run(dir.clone(), updates_tx, metrics.clone())),
+    let mut tasks = Tasks::default();
+    match &args.manifests {
+        Some(dir) => {
+            let source = manifests::run(dir.clone(), updates_tx, metrics.clone());
+            tasks.spawn("source", async move { Ok(source.await?) });
+        }
         None => {
             let client = kube::client(args.kubeconfig.as_deref()).await?;
             let events = kube::refusal_events(client.clone(), node_name.clone());
             syncer.on_refused(Box::new(move |service, message| {
                 let _ = events.send((service.to_owned(), message.to_owned()));
             }));
-            tokio::spawn(async move {
+            tasks.spawn("source", async move {
                 kube::run(client, node_name, updates_tx, metrics).await;
                 Ok(())
-            })
+            });
         }
-    };
+    }
     let mut node = syncer.node_updates();
     tokio::spawn(observe::service_health::run(syncer.health_checks()));
     // The TC program goes on the node's interfaces, known once the Node is: attached as soon as
@@ -254,9 +322,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }));
     }
-    let sync = tokio::spawn(sync::run(syncer, updates, args.min_sync_period, args.sync_period));
+    let sync = sync::run(syncer, updates, args.min_sync_period, args.sync_period);
+    tasks.spawn("sync", async move {
+        sync.await;
+        Ok(())
+    });
     let sync_period = args.sync_period;
-    let interfaces = tokio::spawn(async move {
+    tasks.spawn("interfaces", async move {
         let mut tick = tokio::time::interval(INTERFACE_RESCAN);
         let mut checked = tokio::time::Instant::now();
         loop {
@@ -269,13 +341,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             attach(&info);
         }
     });
+    // Every task runs until the agent stops: the first to end is a failure (exit status 1,
+    // so the DaemonSet restarts the agent). Dropping `tasks` aborts the others.
     tokio::select! {
-        result = source => result.context("source task")?.context("source")?,
-        _ = sync => {}
-        _ = shutdown_signal() => info!("shutting down; programs and maps stay in place"),
+        ended = tasks.first_ended() => Err(ended.into()),
+        () = shutdown_signal() => {
+            info!("shutting down; programs and maps stay in place");
+            Ok(())
+        }
     }
-    interfaces.abort();
-    Ok(())
 }
 
 /// The periodic check of the links (`--sync-period`): programs detached under the agent are
@@ -295,5 +369,52 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host name file with `content`, removed on drop.
+    struct HostnameFile(PathBuf);
+
+    impl HostnameFile {
+        fn new(content: &str) -> Self {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!("proxy-hostname-{}-{n}", std::process::id()));
+            std::fs::write(&path, content).expect("writing the host name file");
+            Self(path)
+        }
+    }
+
+    impl Drop for HostnameFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_node_name_is_the_override_else_the_host_name_trimmed_and_lowercased() {
+        let file = HostnameFile::new("Node-1.Example\n");
+        assert_eq!(node_name(Some("node-7"), &file.0).unwrap(), "node-7");
+        assert_eq!(node_name(None, &file.0).unwrap(), "node-1.example");
+        assert_eq!(node_name(Some(" "), &file.0).unwrap(), "node-1.example", "an empty override is no override");
+    }
+
+    #[test]
+    fn an_empty_host_name_is_an_error_naming_the_flag() {
+        let file = HostnameFile::new("\n");
+        let error = format!("{:#}", node_name(None, &file.0).unwrap_err());
+        assert!(error.contains("is empty - pass --hostname-override"), "{error}");
+    }
+
+    #[test]
+    fn an_unreadable_host_name_is_an_error_naming_the_file_and_the_flag() {
+        let missing = std::env::temp_dir().join(format!("proxy-no-hostname-{}", std::process::id()));
+        let error = format!("{:#}", node_name(None, &missing).unwrap_err());
+        assert!(error.contains(&missing.display().to_string()), "{error}");
+        assert!(error.contains("pass --hostname-override"), "{error}");
     }
 }

@@ -7,6 +7,7 @@
 //! - [`datapath`]: loading and attaching the BPF object, and the map writer (the only code that
 //!   touches the maps);
 //! - [`metrics`]: what the agent reports;
+//! - `tasks`: the long-running tasks, whose first end stops the agent;
 //! - [`inspect`]: `inspect` and `explain`, reading the pinned maps;
 //! - [`observe`]: the `/healthz` and `/metrics` servers, answered from the kernel's state.
 
@@ -19,3 +20,4 @@ pub mod observe;
 pub mod preflight;
 pub mod source;
 pub mod sync;
+pub(crate) mod tasks;

@@ -1,8 +1,10 @@
 //! The agent under test, as a real process with its own bpffs root; killed by PID and cleaned
-//! up (links detached, pins removed) on drop.
+//! up (links detached, pins removed) on drop. It logs JSON (`--log-format json`), and tests
+//! match on a line's message, target and named fields, not on free text.
 
 use std::{
     collections::HashMap,
+    ffi::OsString,
     fs,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -13,6 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use proxy_agent::datapath::AyaMaps;
 use proxy_common::service::ServiceKey;
+use serde_json::{Map, Value};
 
 use crate::netns::Netns;
 
@@ -38,25 +41,65 @@ pub struct Synced {
 }
 
 impl Synced {
-    /// Parses a log line such as `... INFO proxy_agent::sync: synced services=1 service_writes=3 ...`.
-    pub fn parse(line: &str) -> Option<Self> {
-        let (_, fields) = line.split_once(" synced ")?;
-        let mut synced = Self::default();
-        for (key, value) in fields.split_whitespace().filter_map(|f| f.split_once('=')) {
-            let slot = match key {
-                "services" => &mut synced.services,
-                "service_writes" => &mut synced.service_writes,
-                "backend_writes" => &mut synced.backend_writes,
-                "frontends" => &mut synced.frontends,
-                "backends" => &mut synced.backends,
-                "skipped" => &mut synced.skipped,
-                "errors" => &mut synced.errors,
-                "refused" => &mut synced.refused,
-                _ => continue,
-            };
-            *slot = value.parse().ok()?;
+    /// The counts of a `synced` line; `None` for any other line.
+    pub fn from_log(line: &LogLine) -> Option<Self> {
+        if line.message != "synced" {
+            return None;
         }
-        Some(synced)
+        let count = |name: &str| line.field(name).and_then(Value::as_u64).and_then(|n| usize::try_from(n).ok());
+        Some(Self {
+            services: count("services")?,
+            service_writes: count("service_writes")?,
+            backend_writes: count("backend_writes")?,
+            frontends: count("frontends")?,
+            backends: count("backends")?,
+            skipped: count("skipped")?,
+            errors: count("errors")?,
+            refused: count("refused")?,
+        })
+    }
+}
+
+/// One line of the agent's JSON log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogLine {
+    /// `ERROR`, `WARN`, `INFO`, `DEBUG` or `TRACE`.
+    pub level: String,
+    /// The module that logged it (`proxy_agent::sync`).
+    pub target: String,
+    /// The message.
+    pub message: String,
+    /// The named fields, without the message.
+    pub fields: Map<String, Value>,
+}
+
+impl LogLine {
+    /// Parses one line as tracing-subscriber's JSON formatter writes it; `None` for anything
+    /// else (a line another process wrote, such as `nsenter`'s errors).
+    pub fn parse(line: &str) -> Option<Self> {
+        let Value::Object(mut object) = serde_json::from_str(line).ok()? else { return None };
+        let Some(Value::Object(mut fields)) = object.remove("fields") else { return None };
+        let text = |v: Option<Value>| match v {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let message = text(fields.remove("message"))?;
+        Some(Self { level: text(object.remove("level"))?, target: text(object.remove("target"))?, message, fields })
+    }
+
+    /// A named field.
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.fields.get(name)
+    }
+
+    /// A named field that is a string.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.field(name).and_then(Value::as_str)
+    }
+
+    /// Whether the message or a string field contains `needle`.
+    pub fn mentions(&self, needle: &str) -> bool {
+        self.message.contains(needle) || self.fields.values().filter_map(Value::as_str).any(|v| v.contains(needle))
     }
 }
 
@@ -68,6 +111,8 @@ pub struct Agent {
     log: PathBuf,
     /// The network namespace the agent runs in (a node's), if not the test's own.
     netns: Option<PathBuf>,
+    /// A command the agent runs behind (it execs its arguments in place), if any.
+    wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -81,35 +126,51 @@ impl Agent {
     /// attaches to its interfaces), entered with `nsenter --net` so bpffs and cgroup2 stay
     /// visible.
     pub fn start_in(netns: Option<&Netns>, bin: &Path, cgroup: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut agent = Self::launch(netns, &[], bin, cgroup, extra)?;
+        agent.wait_for_sync(0, |_| true, Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts `bin` as [`Agent::start_in`] does, behind `wrapper` (a command that execs its
+    /// arguments in place, such as `unshare --uts`), and waits for nothing: for tests of how the
+    /// agent stops.
+    pub fn launch(
+        netns: Option<&Netns>,
+        wrapper: &[&str],
+        bin: &Path,
+        cgroup: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bpf_root = PathBuf::from(format!("/sys/fs/bpf/proxy-test-{}-{n}", std::process::id()));
         let log = std::env::temp_dir().join(format!("proxy-agent-{}-{n}.log", std::process::id()));
         let netns = netns.map(Netns::path);
-        let mut agent = Self { child: None, bpf_root, log, netns };
+        let wrapper = wrapper.iter().map(ToString::to_string).collect();
+        let mut agent = Self { child: None, bpf_root, log, netns, wrapper };
         agent.spawn(bin, cgroup, extra)?;
-        agent.wait_for_log("synced", Duration::from_secs(20))?;
         Ok(agent)
     }
 
     fn spawn(&mut self, bin: &Path, cgroup: &Path, extra: &[&str]) -> anyhow::Result<()> {
         let log = fs::File::create(&self.log).with_context(|| format!("creating {}", self.log.display()))?;
-        let mut command = match &self.netns {
-            Some(ns) => {
-                let mut nsenter = Command::new("nsenter");
-                nsenter.arg(format!("--net={}", ns.display())).arg(bin);
-                nsenter
-            }
-            None => Command::new(bin),
-        };
+        // nsenter (without --fork) and the wrapper exec in place: the child is the agent.
+        let mut argv: Vec<OsString> = Vec::new();
+        if let Some(ns) = &self.netns {
+            argv.extend(["nsenter".into(), format!("--net={}", ns.display()).into()]);
+        }
+        argv.extend(self.wrapper.iter().map(OsString::from));
+        argv.push(bin.into());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
         let child = command
             .arg("--bpf-root")
             .arg(&self.bpf_root)
             .arg("--cgroup-path")
             .arg(cgroup)
+            .args(["--log-format", "json"])
             .args(extra)
             .env("RUST_LOG", "debug")
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -124,16 +185,27 @@ impl Agent {
         &self.bpf_root
     }
 
-    /// The agent's log so far.
+    /// The agent's log so far, as written (for failure messages).
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the log contains `needle`; fails with the log if the agent exits or time runs out.
+    /// The agent's log lines so far, oldest first.
+    pub fn lines(&self) -> Vec<LogLine> {
+        self.log().lines().filter_map(LogLine::parse).collect()
+    }
+
+    /// Whether a log line so far has a message or string field containing `needle`.
+    pub fn mentions(&self, needle: &str) -> bool {
+        self.lines().iter().any(|l| l.mentions(needle))
+    }
+
+    /// Waits until a log line's message or string field contains `needle`; fails with the log if
+    /// the agent exits or time runs out.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log().contains(needle) {
+            if self.mentions(needle) {
                 return Ok(());
             }
             if let Some(child) = self.child.as_mut()
@@ -189,7 +261,23 @@ impl Agent {
 
     /// Every `synced` line logged so far, oldest first.
     pub fn syncs(&self) -> Vec<Synced> {
-        self.log().lines().filter_map(Synced::parse).collect()
+        self.lines().iter().filter_map(Synced::from_log).collect()
+    }
+
+    /// Waits until the agent exits (at most `timeout`) and returns its exit status.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(child) = self.child.as_mut() else { bail!("the agent is not running") };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not exit within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits for a `synced` line after the first `after` ones that satisfies `done`, and

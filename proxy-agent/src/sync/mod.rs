@@ -1,25 +1,41 @@
-//! The sync loop: keeps a store of the sources' objects, tracks which services changed (as
-//! kube-proxy's change trackers do), recomputes only those with the pure model, and hands the
-//! differences to the map writer. Bursts are coalesced by `--min-sync-period`.
+//! The sync layer: takes the sources' updates, recomputes the services that changed with the
+//! pure model, and hands the differences to the map writer. One job per file:
+//!
+//! - [`tracker`]: what changed (kube-proxy's change trackers; no-op updates dropped);
+//! - [`claims`]: who owns a frontend two services ask for;
+//! - [`refusals`]: services refused for lack of room, logged when that starts and ends;
+//! - [`run`]: the loop, coalescing bursts (`--min-sync-period`) and the periodic check
+//!   (`--sync-period`);
+//! - this file: the [`Syncer`], which programs one service at a time through the writer.
+
+mod claims;
+mod refusals;
+mod run;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
+mod tracker;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Node;
 use proxy_common::config::NodeConfig;
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+pub use self::run::run;
+use self::{
+    claims::Claims,
+    refusals::Refusals,
+    tracker::{Kind, Tracker},
+};
 use crate::{
     datapath::writer::{Departed, MapStore, WriteStats, Writer},
     metrics::Metrics,
-    model::{self, Cidr, Frontend, FrontendEntry, HealthCheck, NodeInfo, Skip, SkipReason, object_key, slice_service},
+    model::{self, Cidr, Frontend, FrontendEntry, HealthCheck, NodeInfo, Skip, SkipReason},
     source::{Change, Sourced, Update},
 };
 
@@ -32,19 +48,6 @@ pub struct SyncConfig {
     pub nodeport_cidrs: Vec<Cidr>,
     /// The agent's (the node's) network namespace cookie, for loopback nodePorts; 0: unknown.
     pub host_netns_cookie: u64,
-}
-
-/// The objects the sources sent, and which services need recomputing.
-#[derive(Default)]
-struct Store {
-    services: HashMap<String, Sourced<Service>>,
-    slices: HashMap<String, Sourced<EndpointSlice>>,
-    by_service: HashMap<String, BTreeSet<String>>,
-    node: Option<Arc<Node>>,
-    dirty: BTreeSet<String>,
-    all_dirty: bool,
-    /// Kinds that have had their first complete list: nothing is deleted before all have.
-    listed: [bool; 3],
 }
 
 /// The outcome of one sync, for the log line and tests.
@@ -75,9 +78,9 @@ pub type NodeHook = Box<dyn FnMut(&NodeInfo) + Send>;
 /// Event on the Service.
 pub type RefusalHook = Box<dyn FnMut(&str, &str) + Send>;
 
-/// Store, model and writer together.
+/// Tracker, model and writer together.
 pub struct Syncer<S> {
-    store: Store,
+    tracker: Tracker,
     writer: Writer<S>,
     config: SyncConfig,
     metrics: Metrics,
@@ -97,15 +100,11 @@ pub struct Syncer<S> {
     health_checks: HashMap<String, (u16, HealthCheck)>,
     /// Publishes the health checks to serve, by port.
     health_tx: tokio::sync::watch::Sender<BTreeMap<u16, HealthCheck>>,
-    /// Frontends each service holds.
-    owned: HashMap<String, BTreeSet<Frontend>>,
-    /// The service holding each frontend.
-    holder: HashMap<Frontend, String>,
-    /// Services that wanted a frontend another service holds: recomputed when it is released.
-    contenders: HashMap<Frontend, BTreeSet<String>>,
+    /// Who holds each frontend, and who waits for it.
+    claims: Claims,
     /// Services refused because a map write failed (a full map): retried on every sync, after
     /// that sync's other changes, which may have freed room.
-    refused: BTreeSet<String>,
+    refusals: Refusals,
 }
 
 impl<S: MapStore> Syncer<S> {
@@ -113,7 +112,7 @@ impl<S: MapStore> Syncer<S> {
     pub fn new(writer: Writer<S>, config: SyncConfig, metrics: Metrics) -> Self {
         let node_info = NodeInfo::from_node(&config.node_name, None, &config.nodeport_cidrs);
         let mut syncer = Self {
-            store: Store::default(),
+            tracker: Tracker::default(),
             writer,
             config,
             metrics,
@@ -125,10 +124,8 @@ impl<S: MapStore> Syncer<S> {
             refusal_hook: None,
             health_checks: HashMap::new(),
             health_tx: tokio::sync::watch::Sender::new(BTreeMap::new()),
-            owned: HashMap::new(),
-            holder: HashMap::new(),
-            contenders: HashMap::new(),
-            refused: BTreeSet::new(),
+            claims: Claims::default(),
+            refusals: Refusals::default(),
         };
         syncer.write_node_config();
         syncer
@@ -151,13 +148,13 @@ impl<S: MapStore> Syncer<S> {
 
     /// Whether every kind has been listed once, so a sync may delete what is gone.
     pub fn ready(&self) -> bool {
-        self.store.listed.iter().all(|l| *l)
+        self.tracker.ready()
     }
 
     /// Whether a sync has work to do (the first one always has: it sweeps an earlier agent's
     /// leftovers even when the cluster is empty).
     pub fn pending(&self) -> bool {
-        self.store.all_dirty || !self.store.dirty.is_empty() || !self.swept
+        self.tracker.pending() || !self.swept
     }
 
     /// Sets what runs when this node's info changes, before the sync that follows.
@@ -180,94 +177,16 @@ impl<S: MapStore> Syncer<S> {
         self.node_tx.subscribe()
     }
 
-    /// Takes one update from a source into the store, marking what it affects.
+    /// Takes one update from a source, marking what it affects.
     pub fn apply(&mut self, update: Update) {
         match update {
-            Update::Services(change) => self.apply_services(change),
-            Update::Slices(change) => self.apply_slices(change),
+            Update::Services(change) => self.tracker.services_changed(change),
+            Update::Slices(change) => {
+                for slice in self.tracker.slices_changed(change) {
+                    self.report(&model::missing_label(&slice.object), slice.origin.as_deref());
+                }
+            }
             Update::Nodes(change) => self.apply_nodes(change),
-        }
-    }
-
-    fn apply_services(&mut self, change: Change<Service>) {
-        let store = &mut self.store;
-        match change {
-            Change::Replace(list) => {
-                store.listed[0] = true;
-                let mut next: HashMap<String, Sourced<Service>> = HashMap::with_capacity(list.len());
-                for service in list {
-                    next.insert(object_key(&service.object.metadata), service);
-                }
-                for (key, old) in &store.services {
-                    if next.get(key).is_none_or(|new| new.object != old.object) {
-                        store.dirty.insert(key.clone());
-                    }
-                }
-                for key in next.keys().filter(|k| !store.services.contains_key(*k)) {
-                    store.dirty.insert(key.clone());
-                }
-                store.services = next;
-            }
-            Change::Apply(service) => {
-                let key = object_key(&service.object.metadata);
-                if store.services.get(&key).is_none_or(|old| old.object != service.object) {
-                    store.dirty.insert(key.clone());
-                    store.services.insert(key, service);
-                }
-            }
-            Change::Delete(key) => {
-                if store.services.remove(&key).is_some() {
-                    store.dirty.insert(key);
-                }
-            }
-        }
-    }
-
-    fn apply_slices(&mut self, change: Change<EndpointSlice>) {
-        match change {
-            Change::Replace(list) => {
-                self.store.listed[1] = true;
-                let next: HashMap<String, Sourced<EndpointSlice>> =
-                    list.into_iter().map(|s| (object_key(&s.object.metadata), s)).collect();
-                let gone: Vec<String> = self.store.slices.keys().filter(|k| !next.contains_key(*k)).cloned().collect();
-                for key in gone {
-                    self.remove_slice(&key);
-                }
-                for slice in next.into_values() {
-                    self.put_slice(slice);
-                }
-            }
-            Change::Apply(slice) => self.put_slice(slice),
-            Change::Delete(key) => self.remove_slice(&key),
-        }
-    }
-
-    fn put_slice(&mut self, slice: Sourced<EndpointSlice>) {
-        let key = object_key(&slice.object.metadata);
-        if self.store.slices.get(&key).is_some_and(|old| old.object == slice.object) {
-            return;
-        }
-        self.remove_slice(&key);
-        match slice_service(&slice.object) {
-            Some(service) => {
-                self.store.by_service.entry(service.clone()).or_default().insert(key.clone());
-                self.store.dirty.insert(service);
-            }
-            None => self.report(&model::missing_label(&slice.object), slice.origin.as_deref()),
-        }
-        self.store.slices.insert(key, slice);
-    }
-
-    fn remove_slice(&mut self, key: &str) {
-        let Some(old) = self.store.slices.remove(key) else { return };
-        if let Some(service) = slice_service(&old.object) {
-            if let Some(set) = self.store.by_service.get_mut(&service) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.store.by_service.remove(&service);
-                }
-            }
-            self.store.dirty.insert(service);
         }
     }
 
@@ -276,7 +195,7 @@ impl<S: MapStore> Syncer<S> {
         let mine = |n: &Sourced<Node>| n.object.metadata.name.as_deref() == Some(name);
         let node = match change {
             Change::Replace(list) => {
-                self.store.listed[2] = true;
+                self.tracker.listed(Kind::Nodes);
                 list.into_iter().find(mine).map(|n| n.object)
             }
             Change::Apply(node) if mine(&node) => Some(node.object),
@@ -285,7 +204,6 @@ impl<S: MapStore> Syncer<S> {
             Change::Delete(_) => return,
         };
         let info = NodeInfo::from_node(name, node.as_deref(), &self.config.nodeport_cidrs);
-        self.store.node = node;
         if info != self.node_info {
             info!(node = name, addresses = ?info.nodeport_addresses, zone = %info.zone, "node addresses for nodePorts");
             if let Some(hook) = &mut self.node_hook {
@@ -294,7 +212,7 @@ impl<S: MapStore> Syncer<S> {
             self.node_tx.send_replace(info.clone());
             self.node_info = info;
             self.write_node_config();
-            self.store.all_dirty = true;
+            self.tracker.mark_all();
         }
     }
 
@@ -315,14 +233,10 @@ impl<S: MapStore> Syncer<S> {
             return report;
         }
         let started = Instant::now();
-        let mut keys = std::mem::take(&mut self.store.dirty);
-        if std::mem::take(&mut self.store.all_dirty) {
-            keys.extend(self.store.services.keys().cloned());
-            keys.extend(self.owned.keys().cloned());
-        }
+        let mut keys = self.tracker.take_dirty(self.claims.services());
         let mut health_changed = false;
         // Refused services go last: the changes before them may free the room they need.
-        let mut retry = std::mem::take(&mut self.refused);
+        let mut retry = self.refusals.services();
         loop {
             // Releasing a frontend can let a contender in: keep going until nothing is left.
             while let Some(key) = keys.pop_first() {
@@ -331,7 +245,7 @@ impl<S: MapStore> Syncer<S> {
                 let desired = self.compute(&key);
                 health_changed |= self.set_health_check(&key, desired.health_check.clone());
                 report.skipped += desired.skipped.len();
-                let origin = self.store.services.get(&key).and_then(|s| s.origin.clone());
+                let origin = self.tracker.service(&key).and_then(|s| s.origin.clone());
                 for skip in &desired.skipped {
                     self.report(skip, origin.as_deref());
                 }
@@ -374,7 +288,7 @@ impl<S: MapStore> Syncer<S> {
         if !self.swept {
             return SyncReport::default();
         }
-        let mut report = if self.refused.is_empty() { SyncReport::default() } else { self.sync() };
+        let mut report = if self.refusals.is_empty() { SyncReport::default() } else { self.sync() };
         let started = Instant::now();
         self.write_node_config();
         match self.writer.restore() {
@@ -457,15 +371,15 @@ impl<S: MapStore> Syncer<S> {
     }
 
     fn compute(&self, key: &str) -> model::Desired {
-        let slice_keys = self.store.by_service.get(key);
-        let slices: Vec<&EndpointSlice> =
-            slice_keys.into_iter().flatten().filter_map(|k| self.store.slices.get(k)).map(|s| &*s.object).collect();
-        match self.store.services.get(key) {
+        let slices = self.tracker.slices_of(key);
+        match self.tracker.service(key) {
             Some(service) => model::service_frontends(&service.object, &slices, &self.node_info),
             None => model::Desired { skipped: slices.into_iter().map(model::orphan).collect(), ..Default::default() },
         }
     }
 
+    /// Programs service `key`'s frontends: releases those it no longer has, writes the others
+    /// unless another service holds them, and refuses the service as a whole if a write fails.
     fn program(
         &mut self,
         key: &str,
@@ -473,13 +387,13 @@ impl<S: MapStore> Syncer<S> {
         report: &mut SyncReport,
         requeue: &mut BTreeSet<String>,
     ) {
-        let old = self.owned.remove(key).unwrap_or_default();
+        let old = self.claims.take_owned(key);
         for frontend in old.iter().filter(|f| !desired.contains_key(f)) {
             self.release_frontend(key, frontend, report, requeue);
         }
         let mut owned = BTreeSet::new();
         for (frontend, entry) in desired {
-            if let Some(holder) = self.holder.get(&frontend).filter(|h| h.as_str() != key) {
+            if let Some(holder) = self.claims.held_by_other(&frontend, key) {
                 let skip = Skip {
                     object: format!("Service {key}"),
                     field: "frontend".into(),
@@ -487,7 +401,7 @@ impl<S: MapStore> Syncer<S> {
                     detail: format!("{frontend} is already served for service {holder}"),
                 };
                 self.report(&skip, None);
-                self.contenders.entry(frontend).or_default().insert(key.to_owned());
+                self.claims.contend(frontend, key);
                 continue;
             }
             if entry.backends.len() > usize::from(u16::MAX)
@@ -509,8 +423,19 @@ impl<S: MapStore> Syncer<S> {
             match self.writer.upsert(frontend, &entry) {
                 Ok(stats) => report.writes += stats,
                 Err(e) => {
-                    let error = self.write_failed(key, &frontend, &e, report);
+                    let error = count_failure(&e, report);
                     self.refuse(key, old.union(&owned), report, requeue);
+                    if self.refusals.start(key) {
+                        warn!(
+                            service = key,
+                            %frontend,
+                            error,
+                            "service refused as a whole (a map write failed); retried on every sync, logged \
+                             again when it is programmed or deleted"
+                        );
+                    } else {
+                        debug!(service = key, %frontend, error, "service still refused");
+                    }
                     if let Some(hook) = &mut self.refusal_hook {
                         hook(
                             key,
@@ -520,17 +445,21 @@ impl<S: MapStore> Syncer<S> {
                     return;
                 }
             }
-            self.holder.insert(frontend, key.to_owned());
+            self.claims.claim(frontend, key);
             owned.insert(frontend);
         }
-        if !owned.is_empty() {
-            self.owned.insert(key.to_owned(), owned);
+        self.claims.set_owned(key, owned);
+        if self.refusals.end(key) {
+            match self.tracker.service(key) {
+                Some(_) => info!(service = key, "service no longer refused: programmed"),
+                None => info!(service = key, "service no longer refused: deleted"),
+            }
         }
     }
 
     /// Refuses a service as a whole after a failed write: removes every frontend it still holds
     /// (the writer has already removed the one that failed), so it is absent rather than half
-    /// there, and remembers it for the next syncs.
+    /// there.
     fn refuse<'a>(
         &mut self,
         key: &str,
@@ -539,13 +468,10 @@ impl<S: MapStore> Syncer<S> {
         requeue: &mut BTreeSet<String>,
     ) {
         for frontend in held {
-            if self.holder.get(frontend).is_none_or(|h| h != key) {
-                continue;
+            if self.claims.holds(key, frontend) {
+                self.release_frontend(key, frontend, report, requeue);
             }
-            self.release_frontend(key, frontend, report, requeue);
         }
-        warn!(service = key, "service refused as a whole (no room in the maps?); retried on every sync");
-        self.refused.insert(key.to_owned());
     }
 
     /// Removes `frontend` of service `key` from the maps and lets services that wanted it in.
@@ -558,25 +484,23 @@ impl<S: MapStore> Syncer<S> {
     ) {
         match self.writer.remove(*frontend) {
             Ok(stats) => report.writes += stats,
-            Err(e) => _ = self.write_failed(key, frontend, &e, report),
+            Err(e) => {
+                let error = count_failure(&e, report);
+                warn!(service = key, %frontend, error, "removing a frontend from the service maps failed");
+            }
         }
-        self.holder.remove(frontend);
-        if let Some(waiting) = self.contenders.remove(frontend) {
-            requeue.extend(waiting);
-        }
+        requeue.extend(self.claims.release(frontend));
     }
+}
 
-    /// Logs and counts a failed write; returns the error with its causes.
-    fn write_failed(&self, key: &str, frontend: &Frontend, error: &S::Error, report: &mut SyncReport) -> String {
-        let full = is_full(error);
-        let error = error_chain(error);
-        warn!(service = key, %frontend, error, "writing the service maps failed");
-        match full {
-            true => report.refused += 1,
-            false => report.errors += 1,
-        }
-        error
+/// Counts a failed write (a full map is a refusal, anything else an error); returns the error
+/// with its causes.
+fn count_failure(error: &(dyn std::error::Error + 'static), report: &mut SyncReport) -> String {
+    match is_full(error) {
+        true => report.refused += 1,
+        false => report.errors += 1,
     }
+    error_chain(error)
 }
 
 /// An error with its sources (a map write's errno is in a source), and what to do when it says
@@ -605,68 +529,4 @@ fn is_full(error: &(dyn std::error::Error + 'static)) -> bool {
         source = cause.source();
     }
     false
-}
-
-/// Runs the sync loop until every source has closed: applies updates as they come, and syncs
-/// at most once per `min_sync_period` (the first change of a burst waits at most that long);
-/// every `sync_period` checks the maps against what was programmed ([`Syncer::resync`]).
-pub async fn run<S: MapStore>(
-    mut syncer: Syncer<S>,
-    mut updates: mpsc::Receiver<Update>,
-    min_sync_period: Duration,
-    sync_period: Duration,
-) {
-    let mut last_sync = Instant::now() - min_sync_period;
-    let mut resync = tokio::time::interval_at((Instant::now() + sync_period).into(), sync_period);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let update = tokio::select! {
-            update = updates.recv() => match update {
-                Some(update) => update,
-                None => return,
-            },
-            _ = resync.tick() => {
-                let started = Instant::now();
-                let report = syncer.resync();
-                debug!(
-                    service_writes = report.writes.service_writes,
-                    backend_writes = report.writes.backend_writes,
-                    errors = report.errors,
-                    took_ms = format_args!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
-                    "checked the maps against what was programmed"
-                );
-                continue;
-            }
-        };
-        syncer.apply(update);
-        let deadline = last_sync + min_sync_period;
-        loop {
-            // Take everything already queued, then wait out the rest of the period.
-            while let Ok(update) = updates.try_recv() {
-                syncer.apply(update);
-            }
-            match tokio::time::timeout_at(deadline.into(), updates.recv()).await {
-                Ok(Some(update)) => syncer.apply(update),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        if !syncer.pending() || !syncer.ready() {
-            continue;
-        }
-        let started = Instant::now();
-        let report = syncer.sync();
-        last_sync = Instant::now();
-        info!(
-            services = report.services,
-            service_writes = report.writes.service_writes,
-            backend_writes = report.writes.backend_writes,
-            frontends = report.frontends,
-            backends = report.backends,
-            skipped = report.skipped,
-            errors = report.errors,
-            refused = report.refused,
-            took_ms = format_args!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
-            "synced"
-        );
-    }
 }

@@ -1,0 +1,92 @@
+//! Who owns a contested frontend. Two services can ask for the same address, port and protocol
+//! (the same externalIP on two services, say); the maps hold one. The first to be programmed
+//! holds it; the others wait as contenders and are recomputed when the holder lets it go.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::model::Frontend;
+
+/// Which service holds each frontend, and which wait for it.
+#[derive(Debug, Default)]
+pub(crate) struct Claims {
+    /// Frontends each service holds.
+    owned: HashMap<String, BTreeSet<Frontend>>,
+    /// The service holding each frontend.
+    holder: HashMap<Frontend, String>,
+    /// Services that wanted a frontend another service holds.
+    contenders: HashMap<Frontend, BTreeSet<String>>,
+}
+
+impl Claims {
+    /// The service other than `key` that holds `frontend`, if any.
+    pub(crate) fn held_by_other(&self, frontend: &Frontend, key: &str) -> Option<&str> {
+        self.holder.get(frontend).map(String::as_str).filter(|h| *h != key)
+    }
+
+    /// Whether `key` holds `frontend`.
+    pub(crate) fn holds(&self, key: &str, frontend: &Frontend) -> bool {
+        self.holder.get(frontend).is_some_and(|h| h == key)
+    }
+
+    /// Records that `key` waits for `frontend`, held by another service.
+    pub(crate) fn contend(&mut self, frontend: Frontend, key: &str) {
+        self.contenders.entry(frontend).or_default().insert(key.to_owned());
+    }
+
+    /// Takes the frontends `key` holds, to be given back with [`Self::set_owned`] once the
+    /// service is reprogrammed.
+    pub(crate) fn take_owned(&mut self, key: &str) -> BTreeSet<Frontend> {
+        self.owned.remove(key).unwrap_or_default()
+    }
+
+    /// Records that `key` holds `frontend`.
+    pub(crate) fn claim(&mut self, frontend: Frontend, key: &str) {
+        self.holder.insert(frontend, key.to_owned());
+    }
+
+    /// Records the frontends `key` holds after it was reprogrammed.
+    pub(crate) fn set_owned(&mut self, key: &str, owned: BTreeSet<Frontend>) {
+        if !owned.is_empty() {
+            self.owned.insert(key.to_owned(), owned);
+        }
+    }
+
+    /// Lets `frontend` go; returns the services that waited for it, to recompute.
+    pub(crate) fn release(&mut self, frontend: &Frontend) -> BTreeSet<String> {
+        self.holder.remove(frontend);
+        self.contenders.remove(frontend).unwrap_or_default()
+    }
+
+    /// Every service that holds a frontend.
+    pub(crate) fn services(&self) -> impl Iterator<Item = &String> {
+        self.owned.keys()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn frontend() -> Frontend {
+        Frontend { address: Ipv4Addr::new(192, 0, 2, 1), port: 80, proto: proxy_common::proto::TCP }
+    }
+
+    #[test]
+    fn the_first_claim_holds_and_a_contender_is_handed_the_frontend_on_release() {
+        let mut claims = Claims::default();
+        claims.claim(frontend(), "default/a");
+        claims.set_owned("default/a", [frontend()].into());
+        assert_eq!(claims.held_by_other(&frontend(), "default/b"), Some("default/a"));
+        assert_eq!(claims.held_by_other(&frontend(), "default/a"), None, "a holds it itself");
+        claims.contend(frontend(), "default/b");
+
+        let owned = claims.take_owned("default/a");
+        let waiting: BTreeSet<String> = owned.iter().flat_map(|f| claims.release(f)).collect();
+        assert_eq!(waiting, BTreeSet::from(["default/b".to_owned()]), "b is to be recomputed");
+        assert_eq!(claims.held_by_other(&frontend(), "default/b"), None, "free for b now");
+        assert!(claims.release(&frontend()).is_empty(), "the contender is handed over once");
+        assert_eq!(claims.services().count(), 0);
+    }
+}

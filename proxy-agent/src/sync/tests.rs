@@ -1,0 +1,163 @@
+//! The syncer over in-memory maps, as kube-proxy's change-tracker tests: what a change writes,
+//! and what it must not.
+
+use std::{net::Ipv4Addr, sync::Arc};
+
+use super::{
+    testing::{MemMaps, NODE, node, service, slice, with_external_ip},
+    *,
+};
+use crate::datapath::writer::Writer;
+
+fn sourced<T>(object: T) -> Sourced<T> {
+    Sourced { object: Arc::new(object), origin: None }
+}
+
+fn syncer(maps: MemMaps) -> Syncer<MemMaps> {
+    let config = SyncConfig { node_name: NODE.into(), ..SyncConfig::default() };
+    Syncer::new(Writer::new(maps), config, Metrics::new())
+}
+
+fn vip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, 0, last)
+}
+
+fn pod(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, last)
+}
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+
+/// Lists every kind once: `services` with one slice each (`(name, last octet, endpoints)`),
+/// and this node.
+fn list_all(syncer: &mut Syncer<MemMaps>, services: &[(&str, u8, &[u8])]) {
+    let svcs = services.iter().map(|(name, last, _)| sourced(service(name, *last))).collect();
+    let slices = services.iter().map(|(name, _, eps)| sourced(slice(name, "a", eps))).collect();
+    syncer.apply(Update::Services(Change::Replace(svcs)));
+    syncer.apply(Update::Slices(Change::Replace(slices)));
+    syncer.apply(Update::Nodes(Change::Replace(vec![sourced(node(NODE, NODE_IP))])));
+}
+
+fn maps(syncer: &Syncer<MemMaps>) -> &MemMaps {
+    syncer.writer().store()
+}
+
+#[test]
+fn nothing_is_deleted_before_every_kind_is_listed() {
+    // An earlier agent programmed `web`; the maps keep it.
+    let mut first = syncer(MemMaps::with_room(64));
+    list_all(&mut first, &[("web", 10, &[2, 3])]);
+    first.sync();
+    let left = maps(&first).clone();
+    assert_eq!(left.backends_of(vip(10), 80), Some(vec![pod(2), pod(3)]));
+
+    // The next agent hears "no services" and its node before any slice list.
+    let mut next = syncer(left);
+    next.apply(Update::Services(Change::Replace(Vec::new())));
+    next.apply(Update::Nodes(Change::Replace(vec![sourced(node(NODE, NODE_IP))])));
+    next.apply(Update::Slices(Change::Apply(sourced(slice("other", "a", &[4])))));
+    let report = next.sync();
+    assert_eq!(report, SyncReport::default(), "no sync before the slices are listed");
+    assert_eq!(maps(&next).backends_of(vip(10), 80), Some(vec![pod(2), pod(3)]), "web still served");
+
+    next.apply(Update::Slices(Change::Replace(Vec::new())));
+    next.sync();
+    assert_eq!(maps(&next).backends_of(vip(10), 80), None, "listed everything: web is really gone");
+    assert!(maps(&next).services.is_empty() && maps(&next).backends.is_empty(), "{:?}", maps(&next));
+}
+
+#[test]
+fn a_no_op_update_writes_nothing() {
+    let mut syncer = syncer(MemMaps::with_room(64));
+    list_all(&mut syncer, &[("web", 10, &[2, 3])]);
+    syncer.sync();
+    let writes = maps(&syncer).writes;
+    syncer.apply(Update::Services(Change::Apply(sourced(service("web", 10)))));
+    syncer.apply(Update::Slices(Change::Apply(sourced(slice("web", "a", &[2, 3])))));
+    syncer.apply(Update::Nodes(Change::Apply(sourced(node(NODE, NODE_IP)))));
+    syncer.apply(Update::Nodes(Change::Apply(sourced(node("node-2", Ipv4Addr::new(172, 18, 0, 3))))));
+    assert!(!syncer.pending(), "the same objects again are no change");
+    let report = syncer.sync();
+    assert_eq!((report.services, report.writes), (0, WriteStats::default()));
+    assert_eq!(maps(&syncer).writes, writes);
+}
+
+#[test]
+fn one_endpoint_change_recomputes_its_service_only() {
+    let mut syncer = syncer(MemMaps::with_room(64));
+    list_all(&mut syncer, &[("a", 1, &[2]), ("b", 2, &[3])]);
+    syncer.sync();
+    syncer.apply(Update::Slices(Change::Apply(sourced(slice("b", "a", &[3, 4])))));
+    let report = syncer.sync();
+    assert_eq!(report.services, 1);
+    assert_eq!(maps(&syncer).backends_of(vip(2), 80), Some(vec![pod(3), pod(4)]));
+}
+
+#[test]
+fn a_node_change_re_dirties_everything() {
+    let mut syncer = syncer(MemMaps::with_room(64));
+    list_all(&mut syncer, &[("a", 1, &[2]), ("b", 2, &[3])]);
+    syncer.sync();
+    syncer.apply(Update::Nodes(Change::Apply(sourced(node(NODE, Ipv4Addr::new(172, 18, 0, 9))))));
+    assert!(syncer.pending());
+    let report = syncer.sync();
+    assert_eq!(report.services, 2, "every service is recomputed: {report:?}");
+    assert_eq!(syncer.node_updates().borrow().nodeport_addresses, [Ipv4Addr::new(172, 18, 0, 9)]);
+}
+
+#[test]
+fn a_contested_frontend_is_handed_over_when_its_owner_releases_it() {
+    const EXTERNAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    let mut syncer = syncer(MemMaps::with_room(64));
+    let a = with_external_ip(service("a", 1), EXTERNAL);
+    let b = with_external_ip(service("b", 2), EXTERNAL);
+    syncer.apply(Update::Services(Change::Replace(vec![sourced(a), sourced(b)])));
+    let slices = vec![sourced(slice("a", "a", &[2])), sourced(slice("b", "a", &[3]))];
+    syncer.apply(Update::Slices(Change::Replace(slices)));
+    syncer.apply(Update::Nodes(Change::Replace(vec![sourced(node(NODE, NODE_IP))])));
+    syncer.sync();
+    assert_eq!(maps(&syncer).backends_of(EXTERNAL, 80), Some(vec![pod(2)]), "a came first and holds it");
+    assert_eq!(maps(&syncer).backends_of(vip(2), 80), Some(vec![pod(3)]), "b keeps what is its own");
+
+    syncer.apply(Update::Services(Change::Delete("default/a".into())));
+    let report = syncer.sync();
+    assert_eq!(maps(&syncer).backends_of(EXTERNAL, 80), Some(vec![pod(3)]), "handed to b: {report:?}");
+    assert_eq!(maps(&syncer).backends_of(vip(1), 80), None);
+}
+
+#[test]
+fn a_refused_service_is_retried_once_there_is_room() {
+    // A ClusterIP with one endpoint takes two entries (master and slot): room for two services.
+    let mut syncer = syncer(MemMaps::with_room(4));
+    list_all(&mut syncer, &[("a", 1, &[2]), ("b", 2, &[3]), ("c", 3, &[4])]);
+    let report = syncer.sync();
+    assert_eq!(report.refused, 1, "{report:?}");
+    assert_eq!(maps(&syncer).backends_of(vip(3), 80), None, "c does not fit");
+    assert_eq!(syncer.refusals.services(), BTreeSet::from(["default/c".to_owned()]));
+
+    // Retried on the periodic check, still without room: still refused, counted again.
+    let report = syncer.resync();
+    assert_eq!(report.refused, 1, "{report:?}");
+    assert_eq!(maps(&syncer).backends_of(vip(3), 80), None);
+
+    // a goes: the same sync lets c in.
+    syncer.apply(Update::Services(Change::Delete("default/a".into())));
+    let report = syncer.sync();
+    assert_eq!(report.refused, 0, "{report:?}");
+    assert_eq!(maps(&syncer).backends_of(vip(3), 80), Some(vec![pod(4)]), "c is in");
+    assert_eq!(maps(&syncer).backends_of(vip(2), 80), Some(vec![pod(3)]), "b untouched");
+    assert!(syncer.refusals.is_empty());
+}
+
+#[test]
+fn a_refused_service_that_is_deleted_is_no_longer_retried() {
+    let mut syncer = syncer(MemMaps::with_room(2));
+    list_all(&mut syncer, &[("a", 1, &[2]), ("b", 2, &[3])]);
+    syncer.sync();
+    assert!(!syncer.refusals.is_empty());
+    syncer.apply(Update::Services(Change::Delete("default/b".into())));
+    syncer.apply(Update::Slices(Change::Delete("default/b-a".into())));
+    syncer.sync();
+    assert!(syncer.refusals.is_empty());
+    assert_eq!(syncer.resync().refused, 0);
+}

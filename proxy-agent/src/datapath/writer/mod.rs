@@ -1,0 +1,175 @@
+//! The map writer: the only code that changes the service maps. It turns a frontend's desired
+//! entry into slot writes, ordered so the kernel never sees a half-updated service:
+//!
+//! 1. backend entries the new slots need are written first;
+//! 2. new and changed slots are written, then the internal-scope master, then the master with
+//!    the new `count` (readers see either the old count over valid slots or the new count);
+//! 3. slots past the new count are deleted, then backends nobody references any more.
+//!
+//! Surviving backends keep their slots, and a removed backend's slot is refilled from the tail,
+//! so one endpoint change rewrites at most two slots and the master entry.
+//!
+//! One job per file:
+//!
+//! - [`ids`]: backend and service-port ids, reference-counted, restored from the maps an
+//!   earlier agent left;
+//! - [`slots`]: a frontend's backend sets → backend entries, slot entries and their order;
+//! - [`reconcile`]: the ordered write of one frontend (upsert, remove, refusal), the sweep of
+//!   an earlier agent's leftovers and the periodic compare-and-repair;
+//! - [`stale`]: entries that keep clients on backends which left (affinity, UDP sockets,
+//!   socket reverse entries, UDP flows).
+
+mod ids;
+mod reconcile;
+#[cfg(test)]
+pub(crate) mod recorder;
+mod slots;
+mod stale;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+
+use proxy_common::{
+    backend::{Backend, BackendId},
+    config::NodeConfig,
+    conntrack::{CtKey, CtValue},
+    service::{SERVICE_ID_LOCAL_SET, ServiceKey, ServiceName, ServiceValue},
+    sock::{SockRevKey, SockRevValue},
+};
+
+use self::ids::Ids;
+pub use self::{slots::slot_order, stale::Departed};
+use crate::model::{Cidr, Frontend, ServicePortName};
+
+/// The map operations the writer needs; the real implementation is over the pinned BPF maps.
+pub trait MapStore {
+    /// The error of a failed map operation.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Inserts or replaces a `services` entry.
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Self::Error>;
+    /// Deletes a `services` entry (absent is fine).
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
+    /// Inserts or replaces a `backends` entry.
+    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), Self::Error>;
+    /// Deletes a `backends` entry (absent is fine).
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), Self::Error>;
+    /// Inserts or replaces a `service_names` entry.
+    fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), Self::Error>;
+    /// Deletes a `service_names` entry (absent is fine).
+    fn delete_service_name(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// Deletes affinity and UDP-socket entries that keep a client on a backend which left that
+    /// service port (`gone(service id, backend id)` says which); returns how many went.
+    fn forget(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, Self::Error>;
+    /// Every `conntrack` entry.
+    fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)>;
+    /// Deletes a `conntrack` entry (absent is fine).
+    fn delete_conntrack(&mut self, key: CtKey) -> Result<(), Self::Error>;
+    /// Every `sock_rev` entry (socket and backend → the frontend it addressed).
+    fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)>;
+    /// Deletes a `sock_rev` entry (absent is fine).
+    fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<(), Self::Error>;
+    /// Admits clients in `cidr` at a frontend (`source_ranges` LPM trie).
+    fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Self::Error>;
+    /// Removes a `source_ranges` entry (absent is fine).
+    fn delete_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Self::Error>;
+    /// Writes the node's settings (`config` map).
+    fn put_config(&mut self, config: NodeConfig) -> Result<(), Self::Error>;
+    /// Every `services` entry present.
+    fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)>;
+    /// Every `backends` entry present.
+    fn backend_entries(&self) -> Vec<(BackendId, Backend)>;
+    /// Every `service_names` entry present.
+    fn service_names(&self) -> Vec<(u32, ServiceName)>;
+}
+
+/// What is programmed for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    /// `loadBalancerSourceRanges` entries written for the frontend.
+    ranges: Vec<Cidr>,
+    master: ServiceValue,
+    external: Vec<BackendId>,
+    internal: Option<Vec<BackendId>>,
+    service: ServicePortName,
+}
+
+impl Programmed {
+    /// Its backend sets, each with the service id its affinity and socket entries carry: the
+    /// external set under the master's id (local-set bit included), the internal one (empty when
+    /// there is none) under the plain id.
+    fn sets(&self) -> [(u32, &[BackendId]); 2] {
+        let plain = self.master.service_id & !SERVICE_ID_LOCAL_SET;
+        [(self.master.service_id, &self.external), (plain, self.internal.as_deref().unwrap_or(&[]))]
+    }
+}
+
+/// Counts of what one call wrote, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// `services` entries written or deleted.
+    pub service_writes: usize,
+    /// `backends` entries written or deleted.
+    pub backend_writes: usize,
+}
+
+impl std::ops::AddAssign for WriteStats {
+    fn add_assign(&mut self, other: Self) {
+        self.service_writes += other.service_writes;
+        self.backend_writes += other.backend_writes;
+    }
+}
+
+/// Keeps the maps equal to the desired frontends, one frontend at a time.
+pub struct Writer<S> {
+    store: S,
+    programmed: HashMap<Frontend, Programmed>,
+    backends: Ids<Backend>,
+    backend_by_id: HashMap<BackendId, Backend>,
+    services: Ids<ServicePortName>,
+    /// (service id, backend id) pairs that stopped being valid since the last `forget_gone`.
+    gone: HashSet<(u32, BackendId)>,
+}
+
+impl<S: MapStore> Writer<S> {
+    /// A writer over `store`. Maps left by an earlier agent keep serving: new backend ids start
+    /// above every id present, so nothing an old slot points to is overwritten, and
+    /// [`Writer::sweep`] removes what the first full sync did not claim.
+    pub fn new(store: S) -> Self {
+        // Backends keep their ids too: affinity entries and conntrack name backends by id.
+        let (backends, services) = ids::restored(&store);
+        Self {
+            store,
+            programmed: HashMap::new(),
+            backends,
+            backend_by_id: HashMap::new(),
+            services,
+            gone: HashSet::new(),
+        }
+    }
+
+    /// Writes the node's settings for the datapath.
+    pub fn set_node_config(&mut self, config: NodeConfig) -> Result<(), S::Error> {
+        self.store.put_config(config)
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Frontends programmed.
+    pub fn frontends(&self) -> usize {
+        self.programmed.len()
+    }
+
+    /// Distinct backends programmed.
+    pub fn backends(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Every frontend currently programmed.
+    pub fn programmed(&self) -> impl Iterator<Item = &Frontend> {
+        self.programmed.keys()
+    }
+}

@@ -16,7 +16,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use proxy_common::{
-    affinity::{AffinityKey, AffinityValue},
+    affinity::{AffinityKey, AffinityValue, affinity_service_id},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, BackendId},
     service::*,
 };
@@ -301,10 +301,11 @@ fn path(
     let mut sticky_to = None;
     // The packet path keys affinity by the client's address; the socket path by the client's
     // netns cookie, known here when exactly one named namespace holds `from`.
+    let affinity_id = affinity_service_id(master.service_id, master.flags, key.scope);
     if master.flags & SVC_F_AFFINITY != 0
         && let Some(key) = match origin {
-            Origin::Outside => Some(address_key(master.service_id, from)),
-            Origin::Node => client_netns(snapshot, from).map(|n| netns_key(master.service_id, n.cookie)),
+            Origin::Outside => Some(address_key(affinity_id, from)),
+            Origin::Node => client_netns(snapshot, from).map(|n| netns_key(affinity_id, n.cookie)),
         }
         && let Some((k, v)) = affinity_entry(snapshot, key)
         && view::affinity_state(snapshot, index, &k, &v) == AffinityState::Fresh
@@ -433,13 +434,17 @@ fn affinity(
     from: Ipv4Addr,
 ) -> Option<AffinityExplanation> {
     let enabled = master.flags & SVC_F_AFFINITY != 0;
-    let by_address = affinity_entry(snapshot, address_key(master.service_id, from))
+    // Each path remembers picks under the id of the backend set it uses.
+    let packet_id = affinity_service_id(master.service_id, master.flags, SCOPE_EXTERNAL);
+    let socket_scope = if master.flags & SVC_F_TWO_SCOPES != 0 { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
+    let socket_id = affinity_service_id(master.service_id, master.flags, socket_scope);
+    let by_address = affinity_entry(snapshot, address_key(packet_id, from))
         .map(|(k, v)| view::affinity_view(snapshot, index, &k, &v));
     let mut by_netns: Vec<AffinityView> = snapshot
         .affinity
         .iter()
         .flatten()
-        .filter(|(k, _)| k.service_id == master.service_id && k.netns_cookie != 0)
+        .filter(|(k, _)| k.service_id == socket_id && k.netns_cookie != 0)
         .map(|(k, v)| view::affinity_view(snapshot, index, k, v))
         .collect();
     by_netns.sort_by(|a, b| a.client.cmp(&b.client));

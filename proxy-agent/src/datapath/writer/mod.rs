@@ -19,6 +19,8 @@
 //! - [`stale`]: entries that keep clients on backends which left (affinity, UDP sockets,
 //!   socket reverse entries, UDP flows).
 
+#[cfg(test)]
+pub(crate) mod fixture;
 mod ids;
 mod reconcile;
 #[cfg(test)]
@@ -26,15 +28,18 @@ pub(crate) mod recorder;
 mod slots;
 mod stale;
 #[cfg(test)]
+mod stale_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
+    affinity::affinity_service_id,
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
-    service::{SERVICE_ID_LOCAL_SET, ServiceKey, ServiceName, ServiceValue},
+    service::{SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
     sock::{SockRevKey, SockRevValue},
 };
 
@@ -95,13 +100,27 @@ struct Programmed {
 }
 
 impl Programmed {
-    /// Its backend sets, each with the service id its affinity and socket entries carry: the
-    /// external set under the master's id (local-set bit included), the internal one (empty when
-    /// there is none) under the plain id.
-    fn sets(&self) -> [(u32, &[BackendId]); 2] {
-        let plain = self.master.service_id & !SERVICE_ID_LOCAL_SET;
-        [(self.master.service_id, &self.external), (plain, self.internal.as_deref().unwrap_or(&[]))]
+    /// The internal scope's master, when the frontend has that scope.
+    fn internal_master(&self) -> Option<ServiceValue> {
+        Some(internal_master(&self.master, self.internal.as_ref()?.len()))
     }
+
+    /// Its backend sets, each with the id its affinity and UDP-socket entries carry (the kernel
+    /// copies it from the master of the scope it used): the external set and the internal one
+    /// (empty when there is none).
+    fn sets(&self) -> [(u32, &[BackendId]); 2] {
+        let internal_id = internal_master(&self.master, 0).service_id;
+        [(self.master.service_id, &self.external), (internal_id, self.internal.as_deref().unwrap_or(&[]))]
+    }
+}
+
+/// The internal scope's master of a frontend whose external master is `master`: the same flags
+/// and timeout over `count` slots, under the id of the internal (cluster-wide) set. The scopes'
+/// ids differ under `externalTrafficPolicy: Local`, so a pick from one set is never remembered
+/// as a pick from the other.
+fn internal_master(master: &ServiceValue, count: usize) -> ServiceValue {
+    let service_id = affinity_service_id(master.service_id, master.flags, SCOPE_INTERNAL);
+    ServiceValue { count: count as u16, service_id, ..*master }
 }
 
 /// Counts of what one call wrote, for logs and metrics.

@@ -4,13 +4,12 @@
 use std::collections::HashMap;
 
 use proxy_common::{
+    affinity::affinity_service_id,
     backend::{Backend, BackendId},
-    service::{
-        SCOPE_INTERNAL, SERVICE_ID_LOCAL_SET, SVC_F_EXT_LOCAL, SVC_F_INT_LOCAL, ServiceKey, ServiceName, ServiceValue,
-    },
+    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
 };
 
-use super::{MapStore, Programmed, WriteStats, Writer, ids::service_name};
+use super::{MapStore, Programmed, WriteStats, Writer, ids::service_name, internal_master};
 use crate::model::{Frontend, FrontendEntry};
 
 impl<S: MapStore> Writer<S> {
@@ -58,17 +57,12 @@ impl<S: MapStore> Writer<S> {
             Some(set) => Some(self.layout(old_internal.unwrap_or(&[]), set, frontend.proto, taken, &mut stats)?),
             None => None,
         };
-        // The external scope's set is node-local under a Local policy; the internal scope (when
-        // there is one) is the cluster-wide set.
-        let local_set = match entry.kind.is_external() {
-            true => entry.flags & SVC_F_EXT_LOCAL != 0,
-            false => entry.flags & SVC_F_INT_LOCAL != 0,
-        };
         let master = ServiceValue {
             backend_id: 0,
             count: external.len() as u16,
             flags: entry.flags,
-            service_id: if local_set { service_id | SERVICE_ID_LOCAL_SET } else { service_id },
+            // With the local-set bit when a Local policy makes this set node-local.
+            service_id: affinity_service_id(service_id, entry.flags, SCOPE_EXTERNAL),
             affinity_timeout: entry.affinity_timeout,
         };
         let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
@@ -81,10 +75,8 @@ impl<S: MapStore> Writer<S> {
         // The internal scope's slots and master before the master that points to it.
         if let Some(internal) = &internal {
             self.write_slots(internal_key, old_internal.unwrap_or(&[]), internal, &mut stats)?;
-            let scope_master = ServiceValue { count: internal.len() as u16, ..master };
-            let old_scope_master =
-                old.and_then(|o| Some(ServiceValue { count: o.internal.as_ref()?.len() as u16, ..o.master }));
-            if old_scope_master != Some(scope_master) {
+            let scope_master = internal_master(&master, internal.len());
+            if old.and_then(Programmed::internal_master) != Some(scope_master) {
                 self.store.put_service(internal_key, scope_master)?;
                 stats.service_writes += 1;
             }
@@ -241,9 +233,8 @@ impl<S: MapStore> Writer<S> {
                     }
                 }
             }
-            if let Some(internal) = &p.internal {
-                masters
-                    .push((key.with_scope(SCOPE_INTERNAL), ServiceValue { count: internal.len() as u16, ..p.master }));
+            if let Some(internal) = p.internal_master() {
+                masters.push((key.with_scope(SCOPE_INTERNAL), internal));
             }
             masters.push((key, p.master));
         }

@@ -14,7 +14,8 @@ use proxy_common::{
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     proto::TCP,
     service::{
-        SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
+        SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_ID_LOCAL_SET, SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXT_LOCAL,
+        SVC_F_INT_LOCAL, SVC_F_NODE_PORT, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
     },
 };
 
@@ -96,14 +97,20 @@ fn backends(set: &[Endpoint], proto: u8) -> Vec<Backend> {
     distinct.into_iter().collect()
 }
 
-/// Every master of a service port carries that port's one id, and no two ports share one.
+/// Every master of a service port carries that port's one id, and no two ports share one; the
+/// local-set bit marks exactly the node-local sets: the external scope under the Local policy
+/// that applies to the frontend's kind, never the internal (cluster-wide) scope.
 fn check_service_ids(maps: &Maps, state: &State, label: &str) {
     let mut ids: BTreeMap<&ServicePortName, BTreeSet<u32>> = BTreeMap::new();
     for (frontend, entry) in state {
         let master = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
         let scopes = [Some(SCOPE_EXTERNAL), entry.internal.as_ref().map(|_| SCOPE_INTERNAL)];
+        let policy = if entry.kind == FrontendKind::ClusterIp { SVC_F_INT_LOCAL } else { SVC_F_EXT_LOCAL };
         for scope in scopes.into_iter().flatten() {
-            ids.entry(&entry.service).or_default().insert(maps.services[&master.with_scope(scope)].service_id);
+            let id = maps.services[&master.with_scope(scope)].service_id;
+            let local = scope == SCOPE_EXTERNAL && entry.flags & policy != 0;
+            assert_eq!(id & SERVICE_ID_LOCAL_SET != 0, local, "{label}: {frontend:?} scope {scope}: id {id:#x}");
+            ids.entry(&entry.service).or_default().insert(id & !SERVICE_ID_LOCAL_SET);
         }
     }
     let all: BTreeSet<u32> = ids.values().flatten().copied().collect();
@@ -251,10 +258,12 @@ fn endpoints(ns: impl IntoIterator<Item = u32>) -> Vec<Endpoint> {
     set
 }
 
-/// `entry` with a separate internal-scope set.
+/// `entry` as a nodePort under `externalTrafficPolicy: Local`, with a separate internal-scope
+/// set (the model gives an external frontend two scopes only then).
 fn with_internal(mut entry: FrontendEntry, ns: impl IntoIterator<Item = u32>) -> FrontendEntry {
     entry.internal = Some(endpoints(ns));
-    entry.flags |= SVC_F_TWO_SCOPES;
+    entry.kind = FrontendKind::NodePort;
+    entry.flags = (entry.flags & !SVC_F_CLUSTER_IP) | SVC_F_NODE_PORT | SVC_F_EXT_LOCAL | SVC_F_TWO_SCOPES;
     entry
 }
 

@@ -15,6 +15,8 @@
 //! renderer in [`render`], and a [`Table`] variant.
 
 pub mod explain;
+#[cfg(test)]
+mod flows;
 pub mod pins;
 pub mod render;
 #[cfg(test)]

@@ -177,6 +177,12 @@ impl<S: MapStore> Writer<S> {
         &self.store
     }
 
+    /// The underlying store, for tests that write what the kernel would.
+    #[cfg(test)]
+    pub(crate) fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
     /// Frontends programmed.
     pub fn frontends(&self) -> usize {
         self.programmed.len()

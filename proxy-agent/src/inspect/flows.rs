@@ -17,6 +17,7 @@ use super::{
     Snapshot,
     explain::{Origin, Query, Verdict, explain, snapshot_of},
     pins::NetnsInfo,
+    view::{self, AffinityState},
 };
 use crate::datapath::writer::{
     fixture::{Condition, NODE, NODE_IP, OTHER_NODE, PORT, Svc, TARGET_PORT, programmed},
@@ -287,4 +288,15 @@ fn packet_flows() {
         }
     }
     assert!(failures.is_empty(), "{} rows differ:\n{}", failures.len(), failures.join("\n"));
+}
+
+#[test]
+fn inspect_sees_every_remembered_pick_as_fresh_and_inside_its_set() {
+    let snapshot = maps();
+    let rows = view::affinity(&snapshot);
+    assert_eq!(rows.len(), remembered().len(), "{rows:?}");
+    for row in rows {
+        assert_eq!(row.state, AffinityState::Fresh, "{row:?}");
+        assert!(!row.backend_left_service, "{row:?}");
+    }
 }

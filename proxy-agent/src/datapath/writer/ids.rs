@@ -13,8 +13,11 @@ use crate::model::ServicePortName;
 /// service's backend under it, so ids count up and wrap only after 2^32 allocations.
 #[derive(Debug)]
 pub(super) struct Ids<K> {
+    /// Each key's id and reference count.
     pub(super) ids: HashMap<K, (u32, usize)>,
+    /// Ids held by a key or reserved for one.
     pub(super) in_use: HashSet<u32>,
+    /// Where the search for a free id starts.
     pub(super) next: u32,
     /// Ids an earlier agent gave keys: a key gets its old id back (until the sweep).
     pub(super) reserved: HashMap<K, u32>,

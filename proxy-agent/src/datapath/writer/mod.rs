@@ -93,9 +93,13 @@ pub trait MapStore {
 struct Programmed {
     /// `loadBalancerSourceRanges` entries written for the frontend.
     ranges: Vec<Cidr>,
+    /// The external scope's master entry as written.
     master: ServiceValue,
+    /// The external scope's backend ids in slot order.
     external: Vec<BackendId>,
+    /// The internal scope's backend ids in slot order, when the frontend has that scope.
     internal: Option<Vec<BackendId>>,
+    /// The service port the frontend belongs to.
     service: ServicePortName,
 }
 
@@ -143,10 +147,13 @@ impl std::ops::AddAssign for WriteStats {
 pub struct Writer<S> {
     store: S,
     programmed: HashMap<Frontend, Programmed>,
+    /// Backend ids, one per distinct `backends` value, counted per slot naming it.
     backends: Ids<Backend>,
     backend_by_id: HashMap<BackendId, Backend>,
+    /// Service-port ids, counted per frontend.
     services: Ids<ServicePortName>,
-    /// (service id, backend id) pairs that stopped being valid since the last `forget_gone`.
+    /// (affinity id, backend id) pairs that stopped being valid since the last
+    /// [`Writer::forget_departed`].
     gone: HashSet<(u32, BackendId)>,
 }
 
@@ -155,7 +162,6 @@ impl<S: MapStore> Writer<S> {
     /// above every id present, so nothing an old slot points to is overwritten, and
     /// [`Writer::sweep`] removes what the first full sync did not claim.
     pub fn new(store: S) -> Self {
-        // Backends keep their ids too: affinity entries and conntrack name backends by id.
         let (backends, services) = ids::restored(&store);
         Self {
             store,

@@ -12,6 +12,7 @@ use super::{MapStore, WriteStats, Writer};
 use crate::model::Endpoint;
 
 impl<S: MapStore> Writer<S> {
+    /// Takes a reference on the backend of every endpoint (writing entries for new ones) and
     /// returns the slot order: survivors keep their slots, a survivor beyond the new count moves
     /// into a hole, new backends fill the remaining holes. `release` later drops the old
     /// layout's references.

@@ -90,7 +90,7 @@ impl<S: MapStore> Writer<S> {
     }
 
     /// Records the (affinity id, backend) pairs `old` had and `new` no longer has, per backend
-    /// set (the external set under the master's id, the internal one under the plain id).
+    /// set, each under the id its entries carry ([`Programmed::sets`]).
     pub(super) fn departed(&mut self, old: &Programmed, new: Option<&Programmed>) {
         let now = new.map(Programmed::sets);
         for (i, (id, had)) in old.sets().into_iter().enumerate() {

@@ -1,6 +1,9 @@
 //! The `affinity` LRU map: `sessionAffinity: ClientIP` memory.
 
-use crate::user_pod;
+use crate::{
+    service::{SCOPE_INTERNAL, SERVICE_ID_LOCAL_SET, SVC_F_CLUSTER_IP, SVC_F_EXT_LOCAL, SVC_F_INT_LOCAL},
+    user_pod,
+};
 
 /// Key of the `affinity` map: one client of one service port.
 ///
@@ -13,7 +16,8 @@ pub struct AffinityKey {
     pub netns_cookie: u64,
     /// TC path: the client's IPv4 address, network byte order. Socket path: zero.
     pub client: [u8; 4],
-    /// [`crate::service::ServiceValue::service_id`] of the service port.
+    /// The id of the backend set the client was picked from: the `service_id` of the frontend's
+    /// master in the scope the lookup used ([`affinity_service_id`]).
     pub service_id: u32,
 }
 const _: () = assert!(size_of::<AffinityKey>() == 16);
@@ -31,3 +35,61 @@ pub struct AffinityValue {
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 
 user_pod!(AffinityKey, AffinityValue);
+
+/// Whether a frontend's backend set in `scope` holds only this node's endpoints. `flags` are
+/// the frontend's `SVC_F_*` bits (the same in both scopes' masters). The internal scope exists
+/// only when `externalTrafficPolicy: Local` splits an external frontend, and then holds the
+/// cluster-wide set; the external scope is the local set under the policy that applies to the
+/// frontend's kind (`internalTrafficPolicy` for a ClusterIP, `externalTrafficPolicy` for the
+/// rest).
+pub const fn set_is_local(flags: u16, scope: u8) -> bool {
+    if scope == SCOPE_INTERNAL {
+        return false;
+    }
+    let policy = if flags & SVC_F_CLUSTER_IP != 0 { SVC_F_INT_LOCAL } else { SVC_F_EXT_LOCAL };
+    flags & policy != 0
+}
+
+/// The `service_id` that `affinity` and `sock_backend` entries carry for a frontend's backend
+/// set in `scope`: the service port's id, with [`SERVICE_ID_LOCAL_SET`] exactly when the set is
+/// node-local ([`set_is_local`]). ClientIP affinity is thus remembered per service port and
+/// backend set, so a pick from the cluster-wide set never overrides the local one.
+///
+/// The agent writes this id into each scope's master (`ServiceValue::service_id`) and the
+/// kernel copies the master's id of the scope it used into the entries, so the writer, its
+/// stale-entry cleanup and `inspect` compute the id here instead of reading it back. The result
+/// does not depend on whether `service_id` already has the bit: applying it to a master's id
+/// gives the same id.
+///
+/// [`SERVICE_ID_LOCAL_SET`]: crate::service::SERVICE_ID_LOCAL_SET
+pub const fn affinity_service_id(service_id: u32, flags: u16, scope: u8) -> u32 {
+    if set_is_local(flags, scope) { service_id | SERVICE_ID_LOCAL_SET } else { service_id & !SERVICE_ID_LOCAL_SET }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::{SCOPE_EXTERNAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_TWO_SCOPES};
+
+    #[test]
+    fn the_local_set_bit_marks_exactly_the_node_local_sets() {
+        const ID: u32 = 7;
+        const LOCAL: u32 = ID | SERVICE_ID_LOCAL_SET;
+        let node_port_local = SVC_F_NODE_PORT | SVC_F_EXT_LOCAL | SVC_F_TWO_SCOPES;
+        // (rule, flags, scope, id the entries carry)
+        let cases = [
+            ("a ClusterIP under iTP Cluster: cluster-wide", SVC_F_CLUSTER_IP, SCOPE_EXTERNAL, ID),
+            ("a ClusterIP under iTP Local: local", SVC_F_CLUSTER_IP | SVC_F_INT_LOCAL, SCOPE_EXTERNAL, LOCAL),
+            ("eTP Local does not touch a ClusterIP", SVC_F_CLUSTER_IP | SVC_F_EXT_LOCAL, SCOPE_EXTERNAL, ID),
+            ("a NodePort under eTP Cluster: cluster-wide", SVC_F_NODE_PORT, SCOPE_EXTERNAL, ID),
+            ("iTP Local does not touch a NodePort", SVC_F_NODE_PORT | SVC_F_INT_LOCAL, SCOPE_EXTERNAL, ID),
+            ("a NodePort under eTP Local, external scope: local", node_port_local, SCOPE_EXTERNAL, LOCAL),
+            ("a NodePort under eTP Local, internal scope: cluster-wide", node_port_local, SCOPE_INTERNAL, ID),
+            ("a LoadBalancer under eTP Local: local", SVC_F_LOAD_BALANCER | SVC_F_EXT_LOCAL, SCOPE_EXTERNAL, LOCAL),
+        ];
+        for (rule, flags, scope, want) in cases {
+            assert_eq!(affinity_service_id(ID, flags, scope), want, "{rule}");
+            assert_eq!(affinity_service_id(LOCAL, flags, scope), want, "{rule}, from a master's id");
+        }
+    }
+}

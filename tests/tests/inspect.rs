@@ -438,3 +438,34 @@ fn affinity_entry_names_the_pod_that_answered() {
     let text = table(&agent, &["inspect", "affinity"]);
     assert!(text.contains(topology.client.ns.name()) && text.contains("fresh"), "{text}");
 }
+
+/// loadBalancerSourceRanges: explain reads the pinned `source_ranges` trie and, as the TC
+/// program does, drops a new connection from outside the ranges at the LoadBalancer address
+/// and load balances one from inside them.
+#[test]
+fn source_ranges_decide_explain_from_outside() {
+    let (vip, lb, port) = (Ipv4Addr::new(10, 96, 0, 18), Ipv4Addr::new(203, 0, 113, 10), 80u16);
+    let manifests = Manifests::new();
+    manifests.node();
+    let svc = service("guarded")
+        .cluster_ip(&vip.to_string())
+        .port(port.into())
+        .node_port(30090)
+        .load_balancer_ip(&lb.to_string())
+        .load_balancer_source_range("192.0.2.0/24")
+        .build();
+    let eps = slice("guarded", "a").port(8080).endpoints(["10.244.1.5"]).build();
+    manifests.write("guarded.yaml", &[yaml(&svc), yaml(&eps)]);
+    let (ns, cgroup) = (Netns::new("agent").unwrap(), Cgroup::new("proxy-inspect").unwrap());
+    let agent = agent(&ns, &cgroup, &manifests);
+    agent.wait_for_count(lb, port, Some(1), WAIT).unwrap();
+
+    let outside = |from: &str| {
+        let e = explain(&agent, from, &format!("{lb}:{port}"));
+        let paths = e["paths"].as_array().unwrap();
+        let path = paths.iter().find(|p| p["origins"].as_array().unwrap().contains(&Value::from("outside")));
+        path.unwrap_or_else(|| panic!("a path for traffic from outside: {e:#}"))["verdict"].clone()
+    };
+    assert_eq!(outside("192.0.2.7"), "random", "inside 192.0.2.0/24");
+    assert_eq!(outside("198.51.100.7"), "dropped", "outside 192.0.2.0/24");
+}

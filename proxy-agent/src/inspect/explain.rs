@@ -16,7 +16,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use proxy_common::{
-    affinity::{AffinityKey, AffinityValue},
+    affinity::{AffinityKey, AffinityValue, affinity_service_id},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, BackendId},
     service::*,
 };
@@ -27,7 +27,7 @@ use super::{
     pins::NetnsInfo,
     view::{self, AffinityState, AffinityView, FrontendView, ServiceIndex},
 };
-use crate::model::proto_name;
+use crate::{datapath::writer::MapStore, model::proto_name};
 
 /// What to explain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,7 +83,8 @@ pub enum Verdict {
     /// Refused: ECONNREFUSED on the socket path, the node stack's reset or ICMP port
     /// unreachable on the packet path (kube-proxy's REJECT).
     Refused,
-    /// Dropped (packet path, `externalTrafficPolicy: Local` without a local endpoint).
+    /// Dropped (packet path): `externalTrafficPolicy: Local` without a local endpoint while
+    /// other nodes have some, or a client outside `loadBalancerSourceRanges`.
     Dropped,
 }
 
@@ -164,6 +165,19 @@ pub struct Explanation {
     pub notes: Vec<String>,
 }
 
+/// A snapshot of the `services`, `backends` and `service_names` entries in `store` (any map
+/// writer's store: the pinned maps, or the writer's in-memory store in tests), so `explain`
+/// and the views can answer for maps that are not pinned. The kernel-written maps (affinity,
+/// conntrack) and source ranges are left for the caller to fill.
+pub fn snapshot_of<S: MapStore>(store: &S) -> Snapshot {
+    Snapshot {
+        services: store.service_entries().into_iter().collect(),
+        backends: store.backend_entries().into_iter().collect(),
+        names: store.service_names().into_iter().collect(),
+        ..Snapshot::default()
+    }
+}
+
 /// Answers `query` from `snapshot`.
 pub fn explain(snapshot: &Snapshot, query: &Query) -> Explanation {
     let key = ServiceKey::master(query.to.ip().octets(), query.to.port(), query.proto);
@@ -240,6 +254,9 @@ fn path(
     from: Ipv4Addr,
 ) -> PathExplanation {
     let mut reasons = Vec::new();
+    // `lb::cluster_has_backends`: whether the cluster-wide set (the internal scope) has any.
+    let cluster_has_backends =
+        snapshot.services.get(&key.with_scope(SCOPE_INTERNAL)).is_some_and(|internal| internal.count > 0);
     let (key, master) = if origin == Origin::Node && master.flags & SVC_F_TWO_SCOPES != 0 {
         let internal = key.with_scope(SCOPE_INTERNAL);
         match snapshot.services.get(&internal) {
@@ -262,7 +279,7 @@ fn path(
     set_reasons(master.flags, key.scope, &mut reasons);
     let scope = view::scope_name(key.scope);
     if master.count == 0 {
-        let (verdict, summary) = no_backend(master.flags, origin);
+        let (verdict, summary) = no_backend(master.flags, origin, cluster_has_backends);
         if verdict == Verdict::Dropped {
             reasons.push("externalTrafficPolicy Local and no endpoint on this node: no backend to send it to".into());
         } else {
@@ -277,6 +294,29 @@ fn path(
             candidates: Vec::new(),
             sticky_to: None,
         };
+    }
+    if origin == Origin::Outside && master.flags & SVC_F_SOURCE_RANGES != 0 {
+        match admitted(snapshot, key, from) {
+            Some(true) => reasons.push(format!("{from} is inside the service's loadBalancerSourceRanges")),
+            Some(false) => {
+                reasons.push(format!("{from} is outside the service's loadBalancerSourceRanges"));
+                return PathExplanation {
+                    origins: vec![origin],
+                    scope,
+                    reasons,
+                    verdict: Verdict::Dropped,
+                    summary: "dropped: the client is not in loadBalancerSourceRanges (kube-proxy's firewall chain)"
+                        .into(),
+                    candidates: Vec::new(),
+                    sticky_to: None,
+                };
+            }
+            None => reasons.push(
+                "loadBalancerSourceRanges apply, but the source_ranges map is not pinned: a client outside them \
+                 is dropped"
+                    .into(),
+            ),
+        }
     }
     let candidates = candidates(snapshot, key, master.count);
     if !candidates.is_empty() && candidates.iter().all(|c| c.terminating) {
@@ -301,10 +341,11 @@ fn path(
     let mut sticky_to = None;
     // The packet path keys affinity by the client's address; the socket path by the client's
     // netns cookie, known here when exactly one named namespace holds `from`.
+    let affinity_id = affinity_service_id(master.service_id, master.flags, key.scope);
     if master.flags & SVC_F_AFFINITY != 0
         && let Some(key) = match origin {
-            Origin::Outside => Some(address_key(master.service_id, from)),
-            Origin::Node => client_netns(snapshot, from).map(|n| netns_key(master.service_id, n.cookie)),
+            Origin::Outside => Some(address_key(affinity_id, from)),
+            Origin::Node => client_netns(snapshot, from).map(|n| netns_key(affinity_id, n.cookie)),
         }
         && let Some((k, v)) = affinity_entry(snapshot, key)
         && view::affinity_state(snapshot, index, &k, &v) == AffinityState::Fresh
@@ -360,13 +401,15 @@ fn set_reasons(flags: u16, scope: u8, reasons: &mut Vec<String>) {
 /// What a refusal is in kube-proxy's terms.
 const REJECT: &str = " (kube-proxy's REJECT)";
 
-/// The verdict for a scope with `count == 0`, as each attach point handles `NoBackend`.
-fn no_backend(flags: u16, origin: Origin) -> (Verdict, String) {
+/// The verdict for a scope with `count == 0`, as each attach point handles `NoBackend`: the
+/// packet path drops under `externalTrafficPolicy: Local` only while other nodes have
+/// endpoints (`cluster_has_backends`), and rejects when there are none anywhere.
+fn no_backend(flags: u16, origin: Origin, cluster_has_backends: bool) -> (Verdict, String) {
     match origin {
         Origin::Node => {
             (Verdict::Refused, "refused: connect() fails at once with ECONNREFUSED (kube-proxy's REJECT)".into())
         }
-        Origin::Outside if flags & SVC_F_EXT_LOCAL != 0 => {
+        Origin::Outside if flags & SVC_F_EXT_LOCAL != 0 && cluster_has_backends => {
             (Verdict::Dropped, "dropped: no endpoint on this node under externalTrafficPolicy Local".into())
         }
         Origin::Outside => (
@@ -403,6 +446,24 @@ fn candidates(snapshot: &Snapshot, key: ServiceKey, count: u16) -> Vec<Candidate
     out
 }
 
+/// Whether `from` is inside one of the `loadBalancerSourceRanges` of the frontend `key`, as
+/// `tc.rs` `admitted` looks it up (the frontend exactly, the client by longest prefix); `None`
+/// when the map was not read.
+fn admitted(snapshot: &Snapshot, key: ServiceKey, from: Ipv4Addr) -> Option<bool> {
+    let ranges = snapshot.source_ranges.as_ref()?;
+    let port_be = key.port.to_be_bytes();
+    Some(ranges.iter().any(|(prefix_len, range)| {
+        let Some(bits) = prefix_len.checked_sub(SOURCE_RANGE_FRONTEND_BITS).filter(|bits| *bits <= 32) else {
+            return false;
+        };
+        let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+        range.address == key.address
+            && range.port_be == port_be
+            && range.proto == key.proto
+            && u32::from_be_bytes(range.client) & mask == u32::from(from) & mask
+    }))
+}
+
 /// The affinity entry of `key` (`service_id` filled in by the caller).
 fn affinity_entry(snapshot: &Snapshot, key: AffinityKey) -> Option<(AffinityKey, AffinityValue)> {
     snapshot.affinity.iter().flatten().find(|(k, _)| *k == key).copied()
@@ -433,13 +494,17 @@ fn affinity(
     from: Ipv4Addr,
 ) -> Option<AffinityExplanation> {
     let enabled = master.flags & SVC_F_AFFINITY != 0;
-    let by_address = affinity_entry(snapshot, address_key(master.service_id, from))
+    // Each path remembers picks under the id of the backend set it uses.
+    let packet_id = affinity_service_id(master.service_id, master.flags, SCOPE_EXTERNAL);
+    let socket_scope = if master.flags & SVC_F_TWO_SCOPES != 0 { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
+    let socket_id = affinity_service_id(master.service_id, master.flags, socket_scope);
+    let by_address = affinity_entry(snapshot, address_key(packet_id, from))
         .map(|(k, v)| view::affinity_view(snapshot, index, &k, &v));
     let mut by_netns: Vec<AffinityView> = snapshot
         .affinity
         .iter()
         .flatten()
-        .filter(|(k, _)| k.service_id == master.service_id && k.netns_cookie != 0)
+        .filter(|(k, _)| k.service_id == socket_id && k.netns_cookie != 0)
         .map(|(k, v)| view::affinity_view(snapshot, index, k, v))
         .collect();
     by_netns.sort_by(|a, b| a.client.cmp(&b.client));

@@ -16,6 +16,8 @@
 
 pub mod drops;
 pub mod explain;
+#[cfg(test)]
+mod flows;
 pub mod pins;
 pub mod render;
 #[cfg(test)]

@@ -9,13 +9,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError};
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
     conntrack::{CtKey, CtValue},
     maps,
-    service::{ServiceKey, ServiceName, ServiceValue},
+    service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
 };
 
 use super::InspectError;
@@ -36,6 +36,9 @@ pub struct Snapshot {
     pub affinity: Option<Vec<(AffinityKey, AffinityValue)>>,
     /// Every `conntrack` entry; `None` when the map is not pinned.
     pub conntrack: Option<Vec<(CtKey, CtValue)>>,
+    /// Every `source_ranges` entry: the LPM trie's prefix length (over the whole key) and key
+    /// data; `None` when the map is not pinned.
+    pub source_ranges: Option<Vec<(u32, SourceRange)>>,
     /// CLOCK_MONOTONIC now, in ns: the clock `bpf_ktime_get_ns()` reads.
     pub now_ns: u64,
     /// The network namespaces found (`/run/netns/<name>`, and `self`, the one inspect runs in),
@@ -68,9 +71,24 @@ pub fn read(root: &Path) -> Result<Snapshot, InspectError> {
         Err(InspectError::MissingMap { .. }) => None,
         Err(e) => return Err(e),
     };
+    let source_ranges = match source_ranges(root) {
+        Ok(entries) => Some(entries),
+        Err(InspectError::MissingMap { .. }) => None,
+        Err(e) => return Err(e),
+    };
     // The clock after the maps: an entry written while we read is never "in the future".
     let now_ns = monotonic_now_ns()?;
-    Ok(Snapshot { root: root.to_owned(), services, backends, names, affinity, conntrack, now_ns, netns: Vec::new() })
+    Ok(Snapshot {
+        root: root.to_owned(),
+        services,
+        backends,
+        names,
+        affinity,
+        conntrack,
+        source_ranges,
+        now_ns,
+        netns: Vec::new(),
+    })
 }
 
 fn has_any_map(root: &Path) -> bool {
@@ -79,23 +97,37 @@ fn has_any_map(root: &Path) -> bool {
 
 /// Opens the hash (or LRU hash) map pinned as `root/name` and reads every entry.
 fn entries<K: aya::Pod, V: aya::Pod>(root: &Path, name: &'static str) -> Result<Vec<(K, V)>, InspectError> {
+    let (map, map_error) = open(root, name)?;
+    // Accepts BPF_MAP_TYPE_HASH and BPF_MAP_TYPE_LRU_HASH, and checks key and value sizes.
+    let map: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(&map_error)?;
+    map.iter().collect::<Result<Vec<_>, _>>().map_err(map_error)
+}
+
+/// Reads every `source_ranges` entry as (prefix length over the whole key, key data).
+fn source_ranges(root: &Path) -> Result<Vec<(u32, SourceRange)>, InspectError> {
+    let (map, map_error) = open(root, maps::SOURCE_RANGES)?;
+    let trie: LpmTrie<MapData, SourceRange, u8> = LpmTrie::try_from(map).map_err(&map_error)?;
+    let keys = trie.keys().collect::<Result<Vec<_>, _>>().map_err(map_error)?;
+    Ok(keys.into_iter().map(|key| (key.prefix_len(), key.data())).collect())
+}
+
+/// Opens the map pinned as `root/name`, with the conversion of its errors.
+fn open(root: &Path, name: &'static str) -> Result<(Map, impl Fn(MapError) -> InspectError), InspectError> {
     let path = root.join(name);
     match fs::symlink_metadata(&path) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(InspectError::Permission { path }),
         Err(_) => return Err(InspectError::MissingMap { name, path }),
     }
-    let map_error = |source: MapError| match &source {
+    let map_error = move |source: MapError| match &source {
         MapError::SyscallError(e) if matches!(e.io_error.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => {
             InspectError::Permission { path: path.clone() }
         }
         _ => InspectError::Map { name, path: path.clone(), source },
     };
-    let data = MapData::from_pin(&path).map_err(map_error)?;
-    // Accepts BPF_MAP_TYPE_HASH and BPF_MAP_TYPE_LRU_HASH, and checks key and value sizes.
-    let map: HashMap<MapData, K, V> =
-        HashMap::try_from(Map::from_map_data(data).map_err(map_error)?).map_err(map_error)?;
-    map.iter().collect::<Result<Vec<_>, _>>().map_err(map_error)
+    let data = MapData::from_pin(root.join(name)).map_err(&map_error)?;
+    let map = Map::from_map_data(data).map_err(&map_error)?;
+    Ok((map, map_error))
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()`.

@@ -395,14 +395,15 @@ fn a_missing_internal_master_refuses_node_traffic() {
 }
 
 #[test]
-fn a_cluster_ip_with_the_etp_local_flag_and_no_endpoint_is_dropped_from_outside() {
-    // tc/mod.rs drops NoBackend whenever the master has SVC_F_EXT_LOCAL, and the model sets it on
-    // the ClusterIP frontends of an eTP=Local service too.
+fn a_cluster_ip_with_the_etp_local_flag_and_no_endpoint_is_refused_from_outside_too() {
+    // tc/mod.rs drops a NoBackend under SVC_F_EXT_LOCAL only while the cluster-wide set (the
+    // internal scope) has backends (`lb::cluster_has_backends`); a ClusterIP has one scope, so
+    // with no endpoint the node's stack rejects, as kube-proxy does.
     let s =
         snapshot().frontend("10.96.0.20", 80, SCOPE_EXTERNAL, SVC_F_CLUSTER_IP | SVC_F_EXT_LOCAL, 4, 0, &[]).build();
     let e = explain(&s, &query("10.244.1.200", "10.96.0.20", 80));
     let verdicts: Vec<_> = e.paths.iter().map(|p| (p.origins.clone(), p.verdict)).collect();
-    assert_eq!(verdicts, [(vec![Origin::Node], Verdict::Refused), (vec![Origin::Outside], Verdict::Dropped)]);
+    assert_eq!(verdicts, [(vec![Origin::Node, Origin::Outside], Verdict::Refused)]);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::{
 };
 
 use proxy_common::{
-    affinity::{AffinityKey, AffinityValue},
+    affinity::{AffinityKey, AffinityValue, affinity_service_id},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     conntrack::{CT_F_CLOSING, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, expired, timeout_s},
     service::*,
@@ -354,27 +354,30 @@ fn masters_by_frontend(snapshot: &Snapshot) -> BTreeMap<([u8; 4], u16, u8), Serv
         .collect()
 }
 
-/// Per service id: a master entry (all frontends of a service port share flags and timeout)
-/// and the backend ids its slots name. Built once per snapshot.
+/// Per affinity id (a service port's backend set, [`affinity_service_id`]): a master entry (all
+/// frontends of a service port share flags and timeout) and the backend ids its slots name.
+/// Built once per snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct ServiceIndex {
-    /// A master entry of each service id.
+    /// A master entry of each affinity id.
     pub masters: BTreeMap<u32, ServiceValue>,
-    /// The backend ids any slot of any frontend of the service id names.
+    /// The backend ids any slot of any frontend names in a scope with that affinity id.
     pub backends: BTreeMap<u32, BTreeSet<BackendId>>,
 }
 
 impl ServiceIndex {
     /// Indexes `snapshot`.
     pub fn new(snapshot: &Snapshot) -> Self {
-        let by_frontend = masters_by_frontend(snapshot);
         let mut index = Self::default();
-        for master in by_frontend.values() {
-            index.masters.entry(master.service_id).or_insert(*master);
+        let mut ids = BTreeMap::new();
+        for (key, master) in snapshot.services.iter().filter(|(k, _)| k.slot == 0) {
+            let id = affinity_service_id(master.service_id, master.flags, key.scope);
+            index.masters.entry(id).or_insert(*master);
+            ids.insert(*key, id);
         }
         for (key, value) in snapshot.services.iter().filter(|(k, _)| k.slot != 0) {
-            if let Some(master) = by_frontend.get(&(key.address, key.port, key.proto)) {
-                index.backends.entry(master.service_id).or_default().insert(value.backend_id);
+            if let Some(id) = ids.get(&key.with_slot(0)) {
+                index.backends.entry(*id).or_default().insert(value.backend_id);
             }
         }
         index

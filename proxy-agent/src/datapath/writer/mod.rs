@@ -1,0 +1,206 @@
+//! The map writer: the only code that changes the service maps. It turns a frontend's desired
+//! entry into slot writes, ordered so the kernel never sees a half-updated service:
+//!
+//! 1. backend entries the new slots need are written first;
+//! 2. new and changed slots are written, then the internal-scope master, then the master with
+//!    the new `count` (readers see either the old count over valid slots or the new count);
+//! 3. slots past the new count are deleted, then backends nobody references any more.
+//!
+//! Surviving backends keep their slots, and a removed backend's slot is refilled from the tail,
+//! so one endpoint change rewrites at most two slots and the master entry.
+//!
+//! One job per file:
+//!
+//! - [`ids`]: backend and service-port ids, reference-counted, restored from the maps an
+//!   earlier agent left;
+//! - [`slots`]: a frontend's backend sets → backend entries, slot entries and their order;
+//! - [`reconcile`]: the ordered write of one frontend (upsert, remove, refusal), the sweep of
+//!   an earlier agent's leftovers and the periodic compare-and-repair;
+//! - [`stale`]: entries that keep clients on backends which left (affinity, UDP sockets,
+//!   socket reverse entries, UDP flows).
+
+#[cfg(test)]
+pub(crate) mod fixture;
+mod ids;
+mod reconcile;
+#[cfg(test)]
+pub(crate) mod recorder;
+mod slots;
+mod stale;
+#[cfg(test)]
+mod stale_tests;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+
+use proxy_common::{
+    affinity::affinity_service_id,
+    backend::{Backend, BackendId},
+    config::NodeConfig,
+    conntrack::{CtKey, CtValue},
+    service::{SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
+    sock::{SockRevKey, SockRevValue},
+};
+
+use self::ids::Ids;
+pub use self::{slots::slot_order, stale::Departed};
+use crate::model::{Cidr, Frontend, ServicePortName};
+
+/// The map operations the writer needs; the real implementation is over the pinned BPF maps.
+pub trait MapStore {
+    /// The error of a failed map operation.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Inserts or replaces a `services` entry.
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Self::Error>;
+    /// Deletes a `services` entry (absent is fine).
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
+    /// Inserts or replaces a `backends` entry.
+    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), Self::Error>;
+    /// Deletes a `backends` entry (absent is fine).
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), Self::Error>;
+    /// Inserts or replaces a `service_names` entry.
+    fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), Self::Error>;
+    /// Deletes a `service_names` entry (absent is fine).
+    fn delete_service_name(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// Deletes affinity and UDP-socket entries that keep a client on a backend which left that
+    /// service port (`gone(service id, backend id)` says which); returns how many went.
+    fn forget(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, Self::Error>;
+    /// Every `conntrack` entry.
+    fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)>;
+    /// Deletes a `conntrack` entry (absent is fine).
+    fn delete_conntrack(&mut self, key: CtKey) -> Result<(), Self::Error>;
+    /// Every `sock_rev` entry (socket and backend → the frontend it addressed).
+    fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)>;
+    /// Deletes a `sock_rev` entry (absent is fine).
+    fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<(), Self::Error>;
+    /// Admits clients in `cidr` at a frontend (`source_ranges` LPM trie).
+    fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Self::Error>;
+    /// Removes a `source_ranges` entry (absent is fine).
+    fn delete_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Self::Error>;
+    /// Writes the node's settings (`config` map).
+    fn put_config(&mut self, config: NodeConfig) -> Result<(), Self::Error>;
+    /// Every `services` entry present.
+    fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)>;
+    /// Every `backends` entry present.
+    fn backend_entries(&self) -> Vec<(BackendId, Backend)>;
+    /// Every `service_names` entry present.
+    fn service_names(&self) -> Vec<(u32, ServiceName)>;
+}
+
+/// What is programmed for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    /// `loadBalancerSourceRanges` entries written for the frontend.
+    ranges: Vec<Cidr>,
+    /// The external scope's master entry as written.
+    master: ServiceValue,
+    /// The external scope's backend ids in slot order.
+    external: Vec<BackendId>,
+    /// The internal scope's backend ids in slot order, when the frontend has that scope.
+    internal: Option<Vec<BackendId>>,
+    /// The service port the frontend belongs to.
+    service: ServicePortName,
+}
+
+impl Programmed {
+    /// The internal scope's master, when the frontend has that scope.
+    fn internal_master(&self) -> Option<ServiceValue> {
+        Some(internal_master(&self.master, self.internal.as_ref()?.len()))
+    }
+
+    /// Its backend sets, each with the id its affinity and UDP-socket entries carry (the kernel
+    /// copies it from the master of the scope it used): the external set and the internal one
+    /// (empty when there is none).
+    fn sets(&self) -> [(u32, &[BackendId]); 2] {
+        let internal_id = internal_master(&self.master, 0).service_id;
+        [(self.master.service_id, &self.external), (internal_id, self.internal.as_deref().unwrap_or(&[]))]
+    }
+}
+
+/// The internal scope's master of a frontend whose external master is `master`: the same flags
+/// and timeout over `count` slots, under the id of the internal (cluster-wide) set. The scopes'
+/// ids differ under `externalTrafficPolicy: Local`, so a pick from one set is never remembered
+/// as a pick from the other.
+fn internal_master(master: &ServiceValue, count: usize) -> ServiceValue {
+    let service_id = affinity_service_id(master.service_id, master.flags, SCOPE_INTERNAL);
+    ServiceValue { count: count as u16, service_id, ..*master }
+}
+
+/// Counts of what one call wrote, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// `services` entries written or deleted.
+    pub service_writes: usize,
+    /// `backends` entries written or deleted.
+    pub backend_writes: usize,
+}
+
+impl std::ops::AddAssign for WriteStats {
+    fn add_assign(&mut self, other: Self) {
+        self.service_writes += other.service_writes;
+        self.backend_writes += other.backend_writes;
+    }
+}
+
+/// Keeps the maps equal to the desired frontends, one frontend at a time.
+pub struct Writer<S> {
+    store: S,
+    programmed: HashMap<Frontend, Programmed>,
+    /// Backend ids, one per distinct `backends` value, counted per slot naming it.
+    backends: Ids<Backend>,
+    backend_by_id: HashMap<BackendId, Backend>,
+    /// Service-port ids, counted per frontend.
+    services: Ids<ServicePortName>,
+    /// (affinity id, backend id) pairs that stopped being valid since the last
+    /// [`Writer::forget_departed`].
+    gone: HashSet<(u32, BackendId)>,
+}
+
+impl<S: MapStore> Writer<S> {
+    /// A writer over `store`. Maps left by an earlier agent keep serving: new backend ids start
+    /// above every id present, so nothing an old slot points to is overwritten, and
+    /// [`Writer::sweep`] removes what the first full sync did not claim.
+    pub fn new(store: S) -> Self {
+        let (backends, services) = ids::restored(&store);
+        Self {
+            store,
+            programmed: HashMap::new(),
+            backends,
+            backend_by_id: HashMap::new(),
+            services,
+            gone: HashSet::new(),
+        }
+    }
+
+    /// Writes the node's settings for the datapath.
+    pub fn set_node_config(&mut self, config: NodeConfig) -> Result<(), S::Error> {
+        self.store.put_config(config)
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The underlying store, for tests that write what the kernel would.
+    #[cfg(test)]
+    pub(crate) fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Frontends programmed.
+    pub fn frontends(&self) -> usize {
+        self.programmed.len()
+    }
+
+    /// Distinct backends programmed.
+    pub fn backends(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Every frontend currently programmed.
+    pub fn programmed(&self) -> impl Iterator<Item = &Frontend> {
+        self.programmed.keys()
+    }
+}

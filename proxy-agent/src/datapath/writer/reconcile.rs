@@ -1,0 +1,257 @@
+//! Reconcile: the ordered write of one frontend (upsert, remove, and undoing a refused
+//! upsert), the sweep of what an earlier agent left, and the periodic compare-and-repair.
+
+use std::collections::HashMap;
+
+use proxy_common::{
+    affinity::affinity_service_id,
+    backend::{Backend, BackendId},
+    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
+};
+
+use super::{MapStore, Programmed, WriteStats, Writer, ids::service_name, internal_master};
+use crate::model::{Frontend, FrontendEntry};
+
+impl<S: MapStore> Writer<S> {
+    /// Programs `entry` for `frontend`, writing only what differs from what is there. If a
+    /// write fails (a full map), the frontend is refused as a whole: whatever was written for
+    /// it is removed again, so it is absent rather than half there, and the error is returned.
+    pub fn upsert(&mut self, frontend: Frontend, entry: &FrontendEntry) -> Result<WriteStats, S::Error> {
+        let old = self.programmed.remove(&frontend);
+        let mut taken = Vec::new();
+        match self.write(frontend, entry, old.as_ref(), &mut taken) {
+            Ok((new, mut stats)) => {
+                if let Some(old) = &old {
+                    self.departed(old, Some(&new));
+                }
+                self.programmed.insert(frontend, new);
+                if let Some(old) = old {
+                    self.release(&old, &mut stats)?;
+                }
+                Ok(stats)
+            }
+            Err(error) => {
+                self.refuse(frontend, entry, old, &taken);
+                Err(error)
+            }
+        }
+    }
+
+    /// The writes of [`Writer::upsert`]; `taken` collects every backend reference it takes.
+    fn write(
+        &mut self,
+        frontend: Frontend,
+        entry: &FrontendEntry,
+        old: Option<&Programmed>,
+        taken: &mut Vec<Backend>,
+    ) -> Result<(Programmed, WriteStats), S::Error> {
+        let mut stats = WriteStats::default();
+        let (service_id, new_service) = self.services.acquire(&entry.service);
+        if new_service {
+            self.store.put_service_name(service_id, service_name(&entry.service))?;
+        }
+        let old_external = old.map_or(&[][..], |o| &o.external[..]);
+        let old_internal = old.and_then(|o| o.internal.as_deref());
+        let external = self.layout(old_external, &entry.backends, frontend.proto, taken, &mut stats)?;
+        let internal = match &entry.internal {
+            Some(set) => Some(self.layout(old_internal.unwrap_or(&[]), set, frontend.proto, taken, &mut stats)?),
+            None => None,
+        };
+        let master = ServiceValue {
+            backend_id: 0,
+            count: external.len() as u16,
+            flags: entry.flags,
+            // With the local-set bit when a Local policy makes this set node-local.
+            service_id: affinity_service_id(service_id, entry.flags, SCOPE_EXTERNAL),
+            affinity_timeout: entry.affinity_timeout,
+        };
+        let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+        let internal_key = key.with_scope(SCOPE_INTERNAL);
+        // Admitted client ranges before the master that turns the check on.
+        let old_ranges = old.map_or(&[][..], |o| &o.ranges[..]);
+        for cidr in entry.source_ranges.iter().filter(|c| !old_ranges.contains(c)) {
+            self.store.put_source_range(&frontend, cidr)?;
+        }
+        // The internal scope's slots and master before the master that points to it.
+        if let Some(internal) = &internal {
+            self.write_slots(internal_key, old_internal.unwrap_or(&[]), internal, &mut stats)?;
+            let scope_master = internal_master(&master, internal.len());
+            if old.and_then(Programmed::internal_master) != Some(scope_master) {
+                self.store.put_service(internal_key, scope_master)?;
+                stats.service_writes += 1;
+            }
+        }
+        self.write_slots(key, old_external, &external, &mut stats)?;
+        if old.map(|o| o.master) != Some(master) {
+            self.store.put_service(key, master)?;
+            stats.service_writes += 1;
+        }
+        // Only now may entries the old master could reach go away: a master before its slots.
+        self.trim_slots(key, old_external.len(), external.len(), &mut stats)?;
+        if let Some(old_internal) = old_internal {
+            if internal.is_none() {
+                self.store.delete_service(internal_key)?;
+                stats.service_writes += 1;
+            }
+            let keep = internal.as_ref().map_or(0, Vec::len);
+            self.trim_slots(internal_key, old_internal.len(), keep, &mut stats)?;
+        }
+        for cidr in old_ranges.iter().filter(|c| !entry.source_ranges.contains(c)) {
+            self.store.delete_source_range(&frontend, cidr)?;
+        }
+        let ranges = entry.source_ranges.clone();
+        Ok((Programmed { ranges, master, external, internal, service: entry.service.clone() }, stats))
+    }
+
+    /// Undoes a failed upsert: removes every entry the frontend may have (old or new), then drops
+    /// the references both layouts held. Best effort: a failing delete leaves an entry the next
+    /// sweep removes.
+    fn refuse(&mut self, frontend: Frontend, entry: &FrontendEntry, old: Option<Programmed>, taken: &[Backend]) {
+        let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+        let old_len = |internal: bool| {
+            old.as_ref()
+                .map_or(0, |o| if internal { o.internal.as_ref().map_or(0, Vec::len) } else { o.external.len() })
+        };
+        let external_len = old_len(false).max(entry.backends.len());
+        let internal_len = old_len(true).max(entry.internal.as_ref().map_or(0, Vec::len));
+        let mut stats = WriteStats::default();
+        let _ = self.store.delete_service(key);
+        let _ = self.store.delete_service(key.with_scope(SCOPE_INTERNAL));
+        let _ = self.trim_slots(key, external_len, 0, &mut stats);
+        let _ = self.trim_slots(key.with_scope(SCOPE_INTERNAL), internal_len, 0, &mut stats);
+        for cidr in entry.source_ranges.iter().chain(old.iter().flat_map(|o| o.ranges.iter())) {
+            let _ = self.store.delete_source_range(&frontend, cidr);
+        }
+        for backend in taken {
+            self.release_backend(backend);
+        }
+        if let Some(id) = self.services.release(&entry.service) {
+            let _ = self.store.delete_service_name(id);
+        }
+        if let Some(old) = old {
+            let _ = self.release(&old, &mut stats);
+        }
+    }
+
+    /// Removes `frontend` and everything only it referenced.
+    pub fn remove(&mut self, frontend: Frontend) -> Result<WriteStats, S::Error> {
+        let mut stats = WriteStats::default();
+        let Some(old) = self.programmed.remove(&frontend) else { return Ok(stats) };
+        self.departed(&old, None);
+        let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+        self.store.delete_service(key)?;
+        stats.service_writes += 1;
+        self.trim_slots(key, old.external.len(), 0, &mut stats)?;
+        for cidr in &old.ranges {
+            self.store.delete_source_range(&frontend, cidr)?;
+        }
+        if let Some(internal) = &old.internal {
+            self.store.delete_service(key.with_scope(SCOPE_INTERNAL))?;
+            stats.service_writes += 1;
+            self.trim_slots(key.with_scope(SCOPE_INTERNAL), internal.len(), 0, &mut stats)?;
+        }
+        self.release(&old, &mut stats)?;
+        Ok(stats)
+    }
+
+    /// Deletes every map entry this writer did not program (an earlier agent's leftovers):
+    /// masters first, then slots, then backends.
+    pub fn sweep(&mut self) -> Result<WriteStats, S::Error> {
+        let mut stats = WriteStats::default();
+        let services: Vec<ServiceKey> = self.store.service_entries().into_iter().map(|(key, _)| key).collect();
+        for (_, id) in std::mem::take(&mut self.backends.reserved) {
+            self.backends.in_use.remove(&id);
+        }
+        let backends: Vec<BackendId> = self.store.backend_entries().into_iter().map(|(id, _)| id).collect();
+        self.delete_unprogrammed(services, backends, &mut stats)?;
+        for (_, id) in std::mem::take(&mut self.services.reserved) {
+            self.services.in_use.remove(&id);
+            self.store.delete_service_name(id)?;
+        }
+        Ok(stats)
+    }
+
+    /// Deletes the `services` keys and backend ids among those given that this writer did not
+    /// program: masters first, then slots, then backends.
+    fn delete_unprogrammed(
+        &mut self,
+        services: Vec<ServiceKey>,
+        backends: Vec<BackendId>,
+        stats: &mut WriteStats,
+    ) -> Result<(), S::Error> {
+        let mut stale: Vec<ServiceKey> = services.into_iter().filter(|key| !self.is_programmed(key)).collect();
+        stale.sort_by_key(|k| (k.slot, k.scope));
+        for key in stale {
+            self.store.delete_service(key)?;
+            stats.service_writes += 1;
+        }
+        for id in backends.into_iter().filter(|id| !self.backend_by_id.contains_key(id)) {
+            self.store.delete_backend(id)?;
+            stats.backend_writes += 1;
+        }
+        Ok(())
+    }
+
+    /// Compares the maps with what this writer programmed and puts back whatever differs:
+    /// entries deleted or changed under the agent are rewritten, entries nobody programmed are
+    /// deleted (kube-proxy's periodic full sync restores its rules the same way). Writes in
+    /// [`Writer::upsert`]'s order: backends, names and source ranges, slots, then masters;
+    /// deletions as the sweep does them. Only after the first sweep (ids reserved from an
+    /// earlier agent are settled by then).
+    pub fn restore(&mut self) -> Result<WriteStats, S::Error> {
+        let mut stats = WriteStats::default();
+        let backends: HashMap<BackendId, Backend> = self.store.backend_entries().into_iter().collect();
+        for (id, backend) in &self.backend_by_id {
+            if backends.get(id) != Some(backend) {
+                self.store.put_backend(*id, *backend)?;
+                stats.backend_writes += 1;
+            }
+        }
+        let names: HashMap<u32, ServiceName> = self.store.service_names().into_iter().collect();
+        for (service, (id, _)) in &self.services.ids {
+            let name = service_name(service);
+            if names.get(id) != Some(&name) {
+                self.store.put_service_name(*id, name)?;
+            }
+        }
+        let present: HashMap<ServiceKey, ServiceValue> = self.store.service_entries().into_iter().collect();
+        let mut masters = Vec::with_capacity(self.programmed.len());
+        for (frontend, p) in &self.programmed {
+            // Idempotent, and LPM trie lookups do not say which prefix matched: simply rewritten.
+            for cidr in &p.ranges {
+                self.store.put_source_range(frontend, cidr)?;
+            }
+            let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+            let scopes = [(key, Some(&p.external)), (key.with_scope(SCOPE_INTERNAL), p.internal.as_ref())];
+            for (scope, ids) in scopes {
+                for (i, &backend_id) in ids.into_iter().flatten().enumerate() {
+                    let slot = scope.with_slot(i as u16 + 1);
+                    let value = ServiceValue { backend_id, ..ServiceValue::default() };
+                    if present.get(&slot) != Some(&value) {
+                        self.store.put_service(slot, value)?;
+                        stats.service_writes += 1;
+                    }
+                }
+            }
+            if let Some(internal) = p.internal_master() {
+                masters.push((key.with_scope(SCOPE_INTERNAL), internal));
+            }
+            masters.push((key, p.master));
+        }
+        for (key, value) in masters {
+            if present.get(&key) != Some(&value) {
+                self.store.put_service(key, value)?;
+                stats.service_writes += 1;
+            }
+        }
+        self.delete_unprogrammed(present.into_keys().collect(), backends.into_keys().collect(), &mut stats)?;
+        Ok(stats)
+    }
+
+    fn is_programmed(&self, key: &ServiceKey) -> bool {
+        let frontend = Frontend { address: key.address.into(), port: key.port, proto: key.proto };
+        let Some(p) = self.programmed.get(&frontend) else { return false };
+        let slots = if key.scope == SCOPE_INTERNAL { p.internal.as_deref() } else { Some(&p.external[..]) };
+        slots.is_some_and(|slots| usize::from(key.slot) <= slots.len())
+    }
+}

@@ -1,0 +1,219 @@
+//! An in-memory [`MapStore`] for unit tests: it records every `services` and `backends`
+//! operation in order (so a test can replay them one at a time, as a racing lookup would see
+//! them) and keeps every map the writer touches, plus the kernel-written `affinity` and
+//! `sock_backend` maps that tests fill as the kernel would. `inspect`'s packet-flow tables read
+//! it through [`crate::inspect::explain::snapshot_of`].
+
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    rc::Rc,
+};
+
+use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
+    backend::{Backend, BackendId},
+    config::NodeConfig,
+    conntrack::{CtKey, CtValue},
+    service::{
+        SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, SVC_F_TWO_SCOPES, ServiceKey, ServiceName,
+        ServiceValue, SourceRange,
+    },
+    sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
+};
+
+use super::MapStore;
+use crate::model::{Cidr, Frontend};
+
+/// One map operation, in the order the kernel sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    PutService(ServiceKey, ServiceValue),
+    DeleteService(ServiceKey),
+    PutBackend(BackendId, Backend),
+    DeleteBackend(BackendId),
+}
+
+impl Op {
+    pub(crate) fn is_service(self) -> bool {
+        matches!(self, Op::PutService(..) | Op::DeleteService(_))
+    }
+}
+
+/// The two maps as the kernel holds them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Maps {
+    /// `services`.
+    pub(crate) services: HashMap<ServiceKey, ServiceValue>,
+    /// `backends`.
+    pub(crate) backends: HashMap<BackendId, Backend>,
+}
+
+impl Maps {
+    pub(crate) fn apply(&mut self, op: Op) {
+        match op {
+            Op::PutService(key, value) => {
+                self.services.insert(key, value);
+            }
+            Op::DeleteService(key) => {
+                self.services.remove(&key);
+            }
+            Op::PutBackend(id, backend) => {
+                self.backends.insert(id, backend);
+            }
+            Op::DeleteBackend(id) => {
+                self.backends.remove(&id);
+            }
+        }
+    }
+
+    /// What a lookup racing with the writer could trip over, if anything: a master whose
+    /// slots `1..=count` are not all there, a slot naming a missing backend, or a two-scope
+    /// master without its internal-scope master.
+    pub(crate) fn half_written(&self) -> Option<String> {
+        for (key, master) in self.services.iter().filter(|(key, _)| key.slot == 0) {
+            for slot in 1..=master.count {
+                let Some(value) = self.services.get(&key.with_slot(slot)) else {
+                    return Some(format!("{key:?} has count {} but no slot {slot}", master.count));
+                };
+                if !self.backends.contains_key(&value.backend_id) {
+                    return Some(format!("{key:?} slot {slot} names missing backend {}", value.backend_id));
+                }
+            }
+            let two_scopes = key.scope == SCOPE_EXTERNAL && master.flags & SVC_F_TWO_SCOPES != 0;
+            if two_scopes && !self.services.contains_key(&key.with_scope(SCOPE_INTERNAL)) {
+                return Some(format!("{key:?} has two scopes but no internal-scope master"));
+            }
+        }
+        None
+    }
+}
+
+/// A [`MapStore`] that records every operation and keeps the resulting maps.
+#[derive(Debug, Default)]
+pub(crate) struct Recorder {
+    /// `services` and `backends` operations, in order.
+    pub(crate) ops: Vec<Op>,
+    /// `services` and `backends` as the operations left them.
+    pub(crate) maps: Maps,
+    /// Once this many operations are recorded, every put fails as if the maps were full.
+    pub(crate) full_after: Rc<Cell<Option<usize>>>,
+    /// `service_names`.
+    pub(crate) names: BTreeMap<u32, ServiceName>,
+    /// `source_ranges`: the client prefixes admitted per frontend.
+    pub(crate) ranges: BTreeSet<(Frontend, Cidr)>,
+    /// `affinity`: written by tests as the kernel would ([`MapStore::forget`] deletes).
+    pub(crate) affinity: HashMap<AffinityKey, AffinityValue>,
+    /// `sock_backend`: written by tests as the kernel would ([`MapStore::forget`] deletes).
+    pub(crate) sock_backend: HashMap<SockBackendKey, SockBackendValue>,
+}
+
+/// A put into a full map.
+#[derive(Debug, thiserror::Error)]
+#[error("map full")]
+pub(crate) struct Full;
+
+impl Recorder {
+    /// The `source_ranges` trie's entries: (prefix length over the whole key, key data), as
+    /// the pinned store writes them.
+    pub(crate) fn source_range_entries(&self) -> Vec<(u32, SourceRange)> {
+        let entry = |(frontend, cidr): &(Frontend, Cidr)| {
+            let data =
+                SourceRange::new(frontend.address.octets(), frontend.port, frontend.proto, cidr.network.octets());
+            (SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix), data)
+        };
+        self.ranges.iter().map(entry).collect()
+    }
+
+    fn put(&mut self, op: Op) -> Result<(), Full> {
+        if self.full_after.get().is_some_and(|n| self.ops.len() >= n) {
+            return Err(Full);
+        }
+        self.delete(op)
+    }
+
+    fn delete(&mut self, op: Op) -> Result<(), Full> {
+        self.ops.push(op);
+        self.maps.apply(op);
+        Ok(())
+    }
+}
+
+impl MapStore for Recorder {
+    fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), Full> {
+        self.names.insert(id, name);
+        Ok(())
+    }
+
+    fn delete_service_name(&mut self, id: u32) -> Result<(), Full> {
+        self.names.remove(&id);
+        Ok(())
+    }
+
+    fn service_names(&self) -> Vec<(u32, ServiceName)> {
+        self.names.iter().map(|(id, name)| (*id, *name)).collect()
+    }
+
+    fn put_config(&mut self, _: NodeConfig) -> Result<(), Full> {
+        Ok(())
+    }
+
+    fn forget(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, Full> {
+        let before = self.affinity.len() + self.sock_backend.len();
+        self.affinity.retain(|key, value| !gone(key.service_id, value.backend_id));
+        self.sock_backend.retain(|_, value| !gone(value.service_id, value.backend_id));
+        Ok(before - self.affinity.len() - self.sock_backend.len())
+    }
+
+    fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)> {
+        Vec::new()
+    }
+
+    fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
+        Vec::new()
+    }
+
+    fn delete_conntrack(&mut self, _: CtKey) -> Result<(), Full> {
+        Ok(())
+    }
+
+    fn delete_sock_rev(&mut self, _: SockRevKey) -> Result<(), Full> {
+        Ok(())
+    }
+
+    fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Full> {
+        self.ranges.insert((*frontend, *cidr));
+        Ok(())
+    }
+
+    fn delete_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), Full> {
+        self.ranges.remove(&(*frontend, *cidr));
+        Ok(())
+    }
+
+    type Error = Full;
+
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Full> {
+        self.put(Op::PutService(key, value))
+    }
+
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), Full> {
+        self.delete(Op::DeleteService(key))
+    }
+
+    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), Full> {
+        self.put(Op::PutBackend(id, backend))
+    }
+
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), Full> {
+        self.delete(Op::DeleteBackend(id))
+    }
+
+    fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.maps.services.iter().map(|(key, value)| (*key, *value)).collect()
+    }
+
+    fn backend_entries(&self) -> Vec<(BackendId, Backend)> {
+        self.maps.backends.iter().map(|(id, backend)| (*id, *backend)).collect()
+    }
+}

@@ -8,7 +8,8 @@
 //!   touches the maps);
 //! - [`metrics`]: what the agent reports;
 //! - [`inspect`]: `inspect` and `explain`, reading the pinned maps;
-//! - [`observe`]: the `/healthz` and `/metrics` servers, answered from the kernel's state.
+//! - [`observe`]: the `/healthz` and `/metrics` servers, answered from the kernel's state;
+//! - [`sys`]: the raw Linux calls (bpf(), namespaces, interfaces, statfs), each once.
 
 pub mod cli;
 pub mod datapath;
@@ -19,3 +20,4 @@ pub mod observe;
 pub mod preflight;
 pub mod source;
 pub mod sync;
+pub mod sys;

@@ -61,6 +61,7 @@ struct Inner {
     map_capacity: Family<MapLabel, Gauge>,
     map_fill: Family<MapLabel, Gauge<f64, AtomicU64>>,
     program_links: Family<ProgramLabels, Gauge>,
+    interfaces_unattached: Gauge,
     source_up: Family<KindLabel, Gauge>,
     status: Mutex<SyncStatus>,
     /// Since when each kind's watch has failed (absent: it works).
@@ -102,6 +103,12 @@ impl Metrics {
             "Pinned program links by program and state (attached: the kernel runs the program where it belongs)",
             program_links.clone(),
         );
+        let interfaces_unattached = Gauge::default();
+        registry.register(
+            "interfaces_unattached",
+            "Interfaces that should carry a TC program and do not: attaching failed (see /healthz and the log)",
+            interfaces_unattached.clone(),
+        );
         let source_up = Family::<KindLabel, Gauge>::default();
         registry.register(
             "source_up",
@@ -121,6 +128,7 @@ impl Metrics {
                 map_capacity,
                 map_fill,
                 program_links,
+                interfaces_unattached,
                 source_up,
                 status: Mutex::new(SyncStatus::default()),
                 source_failing: Mutex::default(),
@@ -203,6 +211,11 @@ impl Metrics {
                 family.get_or_create(&ProgramLabels { program: program.to_owned(), state }).set(n);
             }
         }
+    }
+
+    /// Records how many (program, interface) pairs should be attached and are not.
+    pub fn interfaces_unattached(&self, count: usize) {
+        self.inner.interfaces_unattached.set(count as i64);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -27,7 +27,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::MapError;
 use proxy_common::proto;
 
 pub use self::{explain::Explanation, pins::Snapshot};
@@ -77,8 +76,8 @@ pub enum InspectError {
         name: &'static str,
         /// Its pin.
         path: PathBuf,
-        /// What aya reported.
-        source: MapError,
+        /// What the kernel reported.
+        source: crate::sys::bpf::BpfError,
     },
     /// The monotonic clock could not be read.
     #[error("reading CLOCK_MONOTONIC: {0}")]

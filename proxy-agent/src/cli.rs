@@ -238,7 +238,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("starting the datapath thread")?,
     );
     let on_node = attacher.clone();
-    syncer.on_node_change(Box::new(move |_| on_node.rescan()));
+    syncer.on_node_change(Box::new(move |info| on_node.rescan(info)));
     if upgrading {
         // The new maps are filled by the first sync; only then may the new programs serve.
         let attacher = attacher.clone();

@@ -34,7 +34,10 @@ const BPF_NOEXIST: u64 = 1;
 /// `enum bpf_map_type` values the reader treats specially.
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
 
 /// `enum bpf_link_type` values.
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
@@ -64,6 +67,10 @@ pub enum BpfError {
         "{path}: key {key} B and value {value} B, expected {want_key} B and {want_value} B (pinned by another version? restart the agent, or run --cleanup)"
     )]
     Size { path: PathBuf, key: u32, value: u32, want_key: u32, want_value: u32 },
+    /// A per-CPU map: a lookup returns one value per possible CPU, which this reader does not
+    /// size its buffers for.
+    #[error("{path} is a per-CPU map (type {map_type}): read it with aya's per-CPU map types")]
+    PerCpu { path: PathBuf, map_type: u32 },
     /// Two maps differ in type, key size or value size: entries of one do not fit the other.
     #[error("{from} (type {}, key {} B, value {} B) and {to} (type {}, key {} B, value {} B) differ", .shapes.0.0, .shapes.0.1, .shapes.0.2, .shapes.1.0, .shapes.1.1, .shapes.1.2)]
     Layout { from: PathBuf, to: PathBuf, shapes: ((u32, u32, u32), (u32, u32, u32)) },
@@ -344,19 +351,30 @@ impl PinnedMap {
     }
 
     /// How many entries the map holds (an array: its size). Batch reads for hash maps
-    /// (`entries / 4096 + 1` calls), a key walk for the others.
+    /// (`entries / 4096 + 1` calls), a walk of the keys alone for the others.
     pub fn count(&self) -> Result<u64, BpfError> {
-        if self.info.map_type == BPF_MAP_TYPE_ARRAY {
-            return Ok(u64::from(self.info.max_entries));
-        }
         let mut count = 0u64;
-        self.for_each(|_, _| count += 1)?;
+        match self.info.map_type {
+            BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY => return Ok(u64::from(self.info.max_entries)),
+            BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH => self.for_each(|_, _| count += 1)?,
+            _ => self.walk_keys(|_| {
+                count += 1;
+                Ok(())
+            })?,
+        }
         Ok(count)
     }
 
     /// Calls `f` with every entry's key and value bytes: in batches for hash maps, key by key
-    /// for the other types (and for a kernel without batch reads).
+    /// for the other types (and for a kernel without batch reads). Not for per-CPU maps, whose
+    /// values are one per CPU.
     fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) -> Result<(), BpfError> {
+        if matches!(
+            self.info.map_type,
+            BPF_MAP_TYPE_PERCPU_HASH | BPF_MAP_TYPE_PERCPU_ARRAY | BPF_MAP_TYPE_LRU_PERCPU_HASH
+        ) {
+            return Err(BpfError::PerCpu { path: self.path.clone(), map_type: self.info.map_type });
+        }
         if matches!(self.info.map_type, BPF_MAP_TYPE_HASH | BPF_MAP_TYPE_LRU_HASH) {
             match self.for_each_batch(&mut f) {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524)) => {}

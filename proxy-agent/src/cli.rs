@@ -15,7 +15,7 @@ use tracing::{error, info};
 use crate::{
     datapath::{self, Datapath, LoadOptions, writer::Writer},
     metrics::Metrics,
-    model::{Cidr, NodeInfo},
+    model::Cidr,
     observe,
     source::{kube, manifests},
     sync::{self, SyncConfig, Syncer},
@@ -263,6 +263,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         bpf_root: opts.bpf_root.clone(),
         cgroup: opts.cgroup.clone(),
         health_timeout: args.sync_period * 2,
+        unattached: datapath.unattached().clone(),
     };
     let observer = observe::start(observe, metrics.clone());
     let host_netns_cookie = datapath::netns_cookie().unwrap_or_else(|error| {
@@ -293,53 +294,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             });
         }
     }
-    let mut node = syncer.node_updates();
     tokio::spawn(observe::service_health::run(syncer.health_checks()));
     // The TC program goes on the node's interfaces, known once the Node is: attached as soon as
     // the node changes, before the sync that programs its frontends, and again periodically
-    // for pods' interfaces that appear later.
-    let cluster_cidr = args.cluster_cidr;
-    let datapath = std::sync::Arc::new(std::sync::Mutex::new(datapath));
-    let attach = {
-        let datapath = datapath.clone();
-        move |info: &NodeInfo| {
-            let pod_cidrs: Vec<_> = info.pod_cidrs.iter().copied().chain(cluster_cidr).collect();
-            let mut datapath = datapath.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(error) = datapath.attach_interfaces(&info.nodeport_addresses, &pod_cidrs) {
-                tracing::warn!(%error, "attaching the TC program to the node's interfaces failed");
-            }
-        }
-    };
-    syncer.on_node_change(Box::new(attach.clone()));
-    if datapath.lock().unwrap_or_else(|e| e.into_inner()).upgrading() {
+    // for pods' interfaces that appear later. All of it on the datapath's own thread: the sync
+    // loop only hands jobs over, and never waits for the kernel.
+    let upgrading = datapath.upgrading();
+    let schedule = datapath::Schedule { rescan: INTERFACE_RESCAN, check_links: args.sync_period };
+    let attacher = std::sync::Arc::new(
+        datapath::Attacher::spawn(datapath, syncer.node_updates(), args.cluster_cidr, schedule)
+            .context("starting the datapath thread")?,
+    );
+    let on_node = attacher.clone();
+    syncer.on_node_change(Box::new(move |info| on_node.rescan(info)));
+    if upgrading {
         // The new maps are filled by the first sync; only then may the new programs serve.
-        let (datapath, attach, node) = (datapath.clone(), attach.clone(), syncer.node_updates());
-        syncer.on_first_sync(Box::new(move || {
-            let result = datapath.lock().unwrap_or_else(|e| e.into_inner()).finish_upgrade();
-            match result {
-                Ok(()) => attach(&node.borrow()),
-                Err(error) => error!(%error, "swapping to the new map layout failed; the old programs keep serving"),
-            }
-        }));
+        let attacher = attacher.clone();
+        syncer.on_first_sync(Box::new(move || attacher.finish_upgrade()));
     }
     let sync = sync::run(syncer, updates, args.min_sync_period, args.sync_period);
     tasks.spawn("sync", async move {
         sync.await;
         Ok(())
-    });
-    let sync_period = args.sync_period;
-    tasks.spawn("interfaces", async move {
-        let mut tick = tokio::time::interval(INTERFACE_RESCAN);
-        let mut checked = tokio::time::Instant::now();
-        loop {
-            tick.tick().await;
-            if checked.elapsed() >= sync_period {
-                checked = tokio::time::Instant::now();
-                restore_links(&datapath);
-            }
-            let info = node.borrow_and_update().clone();
-            attach(&info);
-        }
     });
     // Every task runs until the agent stops: the first to end is a failure (exit status 1,
     // so the DaemonSet restarts the agent). Dropping `tasks` aborts the others.
@@ -349,17 +325,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             info!("shutting down; programs and maps stay in place");
             Ok(())
         }
-    }
-}
-
-/// The periodic check of the links (`--sync-period`): programs detached under the agent are
-/// attached again.
-fn restore_links(datapath: &std::sync::Mutex<Datapath>) {
-    let mut datapath = datapath.lock().unwrap_or_else(|e| e.into_inner());
-    match datapath.restore_links() {
-        Ok(lost) if lost.is_empty() => {}
-        Ok(lost) => tracing::warn!(?lost, "links removed or detached outside the agent; attaching again"),
-        Err(error) => tracing::warn!(%error, "checking the program links failed"),
     }
 }
 

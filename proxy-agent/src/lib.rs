@@ -9,7 +9,8 @@
 //! - [`metrics`]: what the agent reports;
 //! - `tasks`: the long-running tasks, whose first end stops the agent;
 //! - [`inspect`]: `inspect` and `explain`, reading the pinned maps;
-//! - [`observe`]: the `/healthz` and `/metrics` servers, answered from the kernel's state.
+//! - [`observe`]: the `/healthz` and `/metrics` servers, answered from the kernel's state;
+//! - [`sys`]: the raw Linux calls (bpf(), namespaces, interfaces, statfs), each once.
 
 pub mod cli;
 pub mod datapath;
@@ -21,3 +22,4 @@ pub mod preflight;
 pub mod source;
 pub mod sync;
 pub(crate) mod tasks;
+pub mod sys;

@@ -61,6 +61,7 @@ struct Inner {
     map_capacity: Family<MapLabel, Gauge>,
     map_fill: Family<MapLabel, Gauge<f64, AtomicU64>>,
     program_links: Family<ProgramLabels, Gauge>,
+    interfaces_unattached: Gauge,
     source_up: Family<KindLabel, Gauge>,
     drops: Family<ReasonLabel, Counter>,
     status: Mutex<SyncStatus>,
@@ -103,6 +104,12 @@ impl Metrics {
             "Pinned program links by program and state (attached: the kernel runs the program where it belongs)",
             program_links.clone(),
         );
+        let interfaces_unattached = Gauge::default();
+        registry.register(
+            "interfaces_unattached",
+            "Interfaces that should carry a TC program and do not: attaching failed (see /healthz and the log)",
+            interfaces_unattached.clone(),
+        );
         let source_up = Family::<KindLabel, Gauge>::default();
         registry.register(
             "source_up",
@@ -128,6 +135,7 @@ impl Metrics {
                 map_capacity,
                 map_fill,
                 program_links,
+                interfaces_unattached,
                 source_up,
                 drops,
                 status: Mutex::new(SyncStatus::default()),
@@ -219,6 +227,11 @@ impl Metrics {
             let counter = self.inner.drops.get_or_create(&ReasonLabel { reason: count.reason });
             counter.inner().store(count.count, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Records how many (program, interface) pairs should be attached and are not.
+    pub fn interfaces_unattached(&self, count: usize) {
+        self.inner.interfaces_unattached.set(count as i64);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -13,11 +13,11 @@
 //! kernel checks, whatever the user id.
 
 use std::{
-    ffi::CString,
-    fmt, fs, io,
-    os::unix::ffi::OsStrExt,
+    fmt, fs,
     path::{Path, PathBuf},
 };
+
+use crate::sys::fs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, is_fs};
 
 /// `CAP_NET_ADMIN` from linux/capability.h.
 const CAP_NET_ADMIN: u32 = 12;
@@ -25,10 +25,6 @@ const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 /// `CAP_BPF` (Linux 5.8).
 const CAP_BPF: u32 = 39;
-/// `BPF_FS_MAGIC` from linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// `CGROUP2_SUPER_MAGIC` from linux/magic.h.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// Where the kernel publishes its own BTF.
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -176,17 +172,6 @@ fn has_cgroup2(mounts: &str) -> bool {
 /// `path`, or its nearest ancestor that exists.
 fn nearest_existing(path: &Path) -> Option<PathBuf> {
     path.ancestors().find(|p| p.exists()).map(Path::to_path_buf)
-}
-
-/// Whether `path` is on a filesystem with this magic number.
-fn is_fs(path: &Path, magic: i64) -> io::Result<bool> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stat.f_type as i64 == magic)
 }
 
 #[cfg(test)]

@@ -268,7 +268,17 @@ fn metrics_report_what_was_programmed() {
     // A second service with a malformed ClusterIP: skipped, counted by reason.
     let bad = yaml(&service("broken").cluster_ip("10.96.0.999").port(80).build());
     let node = bare(&bad, &["--services-map-size", "1024"]);
-    let samples = metrics(&node.node);
+    // Map fill is counted on a timer (a scrape must not read whole maps): wait for the count
+    // that follows the first sync.
+    let deadline = Instant::now() + WAIT + 2 * proxy_agent::observe::MAP_FILL_REFRESH;
+    let samples = loop {
+        let samples = metrics(&node.node);
+        if samples.get(r#"proxy_map_entries{map="backends"}"#) == Some(&2.0) {
+            break samples;
+        }
+        assert!(Instant::now() < deadline, "the backends map's count never reached 2: {samples:#?}");
+        thread::sleep(Duration::from_millis(200));
+    };
     let maps_now = node.agent.maps().expect("the pinned maps");
 
     assert_eq!(metric(&samples, "proxy_frontends_programmed"), 1.0);
@@ -288,7 +298,6 @@ fn metrics_report_what_was_programmed() {
     assert_eq!(metric(&samples, r#"proxy_map_max_entries{map="services"}"#), 1024.0);
     assert_eq!(metric(&samples, r#"proxy_map_fill_ratio{map="services"}"#), services / 1024.0);
     assert_eq!(metric(&samples, r#"proxy_map_entries{map="backends"}"#), maps_now.backends().count() as f64);
-    assert_eq!(metric(&samples, r#"proxy_map_entries{map="backends"}"#), 2.0);
     assert_eq!(metric(&samples, r#"proxy_map_entries{map="service_names"}"#), maps_now.service_names().count() as f64);
     assert_eq!(metric(&samples, r#"proxy_map_entries{map="affinity"}"#), 0.0);
     for map in maps::ALL {
@@ -498,4 +507,146 @@ fn pins_from_before_the_drops_map_are_adopted_and_the_map_created() {
     assert_eq!(refused.errors.get("refused"), Some(&1), "{refused:?}");
     let samples = metrics(&node);
     assert_eq!(metric(&samples, r#"proxy_datapath_drops_total{reason="connect_refused"}"#), 1.0);
+}
+
+/// `enum bpf_cmd`, `enum bpf_prog_type` and `enum bpf_attach_type` values (linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_INGRESS: u32 = 46;
+
+/// `attr` of `BPF_PROG_LOAD`, up to `expected_attach_type`.
+#[repr(C)]
+struct ProgLoad {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `attr` of `BPF_LINK_CREATE` for a TCX link (appended: no relative program).
+#[repr(C)]
+struct TcxLinkCreate {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for `cmd`, with its size; its
+    // pointers point into buffers that outlive the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both commands return a new file descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(rc as i32) })
+}
+
+/// Fills the TCX ingress hook of `interface` in `ns` with do-nothing programs (`return
+/// TCX_NEXT`) until the kernel refuses another (ERANGE: a hook holds at most
+/// `MAX_BPF_MPROG_CNT` programs), so that attaching one more fails while the interface stays.
+/// Closing the returned links detaches the programs.
+fn fill_tcx_ingress(ns: &Netns, interface: &str) -> Vec<std::os::fd::OwnedFd> {
+    // r0 = -1 (TCX_NEXT); exit.
+    let insns: [u64; 2] = [0xffff_ffff_0000_00b7, 0x95];
+    let license = c"GPL";
+    thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter().expect("entering the node's namespace");
+            let name = std::ffi::CString::new(interface).expect("an interface name");
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(ifindex, 0, "{interface} in {}", ns.name());
+            let mut links = Vec::new();
+            for _ in 0..100 {
+                let mut load = ProgLoad {
+                    prog_type: BPF_PROG_TYPE_SCHED_CLS,
+                    insn_cnt: insns.len() as u32,
+                    insns: insns.as_ptr() as u64,
+                    license: license.as_ptr() as u64,
+                    log_level: 0,
+                    log_size: 0,
+                    log_buf: 0,
+                    kern_version: 0,
+                    prog_flags: 0,
+                    prog_name: *b"filler\0\0\0\0\0\0\0\0\0\0",
+                    prog_ifindex: 0,
+                    expected_attach_type: BPF_TCX_INGRESS,
+                };
+                let program = bpf(BPF_PROG_LOAD, &mut load).expect("loading a do-nothing TC program");
+                let mut link = TcxLinkCreate {
+                    prog_fd: std::os::fd::AsRawFd::as_raw_fd(&program) as u32,
+                    target_ifindex: ifindex,
+                    attach_type: BPF_TCX_INGRESS,
+                    flags: 0,
+                    relative_fd: 0,
+                    _pad: 0,
+                    expected_revision: 0,
+                };
+                match bpf(BPF_LINK_CREATE, &mut link) {
+                    Ok(link) => links.push(link),
+                    Err(e) if e.raw_os_error() == Some(libc::ERANGE) => return links,
+                    Err(e) => panic!("attaching filler program {} to {interface}: {e}", links.len() + 1),
+                }
+            }
+            panic!("{interface} took 100 TCX programs: no limit to provoke a failed attach with");
+        })
+        .join()
+        .expect("the filling thread")
+    })
+}
+
+/// An interface that should carry the TC program but refuses it (its TCX hook is full) is not
+/// skipped quietly: a warning, `/healthz` 503 naming the interface, and
+/// `proxy_interfaces_unattached`; once the hook has room, the next rescan attaches the program
+/// and all is well again.
+#[test]
+fn an_interface_the_tc_program_cannot_be_attached_to_is_reported_until_it_is() {
+    let ns = Netns::new("opsattach").expect("a namespace");
+    // A veth pair inside the namespace (this kernel has no dummy interfaces).
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]).expect("an interface");
+    ns.ip(&["link", "set", "eth0p", "up"]).expect("eth0p up");
+    ns.ip(&["addr", "add", "172.18.0.2/24", "dev", "eth0"]).expect("the node's address");
+    ns.ip(&["link", "set", "eth0", "up"]).expect("eth0 up");
+    let fillers = fill_tcx_ingress(&ns, "eth0");
+    let cgroup = Cgroup::new("proxy-ops-attach").expect("a cgroup");
+    let manifests =
+        Manifests::new(&[Ipv4Addr::new(10, 244, 1, 2)], &yaml(&node("node-1", "172.18.0.2", "10.244.1.0/24")));
+    let mut flags = vec!["--manifests".to_owned(), manifests.arg(), "--hostname-override".into(), "node-1".into()];
+    flags.extend(SERVER_FLAGS.iter().map(|f| (*f).to_owned()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut agent = Agent::start_in(Some(&ns), AGENT.as_ref(), cgroup.path(), &flags).expect("starting the agent");
+
+    agent.wait_for_log("attaching the TC program failed", WAIT).expect("a warning about eth0");
+    let warning =
+        agent.log().lines().find(|l| l.contains("attaching the TC program failed")).unwrap_or_default().to_owned();
+    assert!(warning.contains("WARN") && warning.contains("eth0") && warning.contains("tc_ingress"), "{warning}");
+    let body = wait_for_healthz(&ns, 503);
+    let problems = body["problems"].to_string();
+    assert!(problems.contains("interface eth0 should carry program tc_ingress"), "{body}");
+    assert_eq!(metric(&metrics(&ns), "proxy_interfaces_unattached"), 1.0);
+    // The egress hook had room: only the ingress program is missing.
+    assert!(agent.bpf_root().join("links/tc_egress-eth0").exists());
+    assert!(!agent.bpf_root().join("links/tc_ingress-eth0").exists());
+
+    drop(fillers);
+    agent.wait_for_log("attached after earlier failures", WAIT).expect("the rescan attaches it");
+    wait_for_healthz(&ns, 200);
+    assert_eq!(metric(&metrics(&ns), "proxy_interfaces_unattached"), 0.0);
+    assert!(agent.bpf_root().join("links/tc_ingress-eth0").exists());
+    drop(agent);
 }

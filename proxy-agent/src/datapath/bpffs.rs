@@ -1,33 +1,14 @@
 //! Finding and preparing the kernel filesystems the datapath needs.
 
 use std::{
-    ffi::CString,
     fs, io,
-    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
 
-/// `BPF_FS_MAGIC` from linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+use crate::sys::fs::{BPF_FS_MAGIC, is_fs, mount_bpffs};
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
-}
-
-fn mount_bpffs(path: &Path) -> io::Result<()> {
-    let target = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: all arguments are NUL-terminated strings or null.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    is_fs(path, BPF_FS_MAGIC)
 }
 
 /// Makes `root` a directory on a bpffs: created inside an existing bpffs, or with bpffs mounted

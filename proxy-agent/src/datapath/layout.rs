@@ -28,11 +28,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::MapData;
 use proxy_common::maps::{self, LAYOUT_VERSION};
 use tracing::{info, warn};
 
-use crate::observe::kernel::{self, CopyError};
+use crate::sys::bpf::{BpfError, PinnedMap};
 
 /// The maps whose entries an upgrade carries over, ids first. The others are rebuilt (services,
 /// source ranges, config) or short-lived (fragments).
@@ -74,13 +73,13 @@ pub fn wanted(object: &[u8], max_entries: &BTreeMap<&str, u32>) -> Result<BTreeM
 }
 
 /// The shape of the map pinned at `path`.
-fn pinned_shape(path: &Path) -> Result<Shape, aya::maps::MapError> {
-    let info = MapData::from_pin(path)?.info()?;
+fn pinned_shape(path: &Path) -> Result<Shape, BpfError> {
+    let info = PinnedMap::open(path)?.info();
     Ok(Shape {
-        map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
-        key_size: info.key_size(),
-        value_size: info.value_size(),
-        max_entries: info.max_entries(),
+        map_type: info.map_type,
+        key_size: info.key_size,
+        value_size: info.value_size,
+        max_entries: info.max_entries,
     })
 }
 
@@ -190,16 +189,18 @@ fn remove_pins(dir: &Path) -> io::Result<()> {
 /// to the new maps under `to`; with `only_flows`, just the flow and socket maps, keeping the
 /// entries already there (the new programs' own). A map whose entries do not fit is skipped
 /// with a warning; returns the entries copied.
-pub fn carry(from: &Path, to: &Path, replaced: &[&str], only_flows: bool) -> Result<u64, CopyError> {
+pub fn carry(from: &Path, to: &Path, replaced: &[&str], only_flows: bool) -> Result<u64, BpfError> {
     let mut copied = 0;
     let carried = if only_flows { FLOWS } else { CARRIED };
     for name in carried.iter().filter(|m| replaced.contains(m)) {
-        match kernel::copy_map(&from.join(name), &to.join(name), only_flows) {
+        let copy = PinnedMap::open(&from.join(name))
+            .and_then(|source| source.copy_to(&PinnedMap::open(&to.join(name))?, only_flows));
+        match copy {
             Ok(n) => {
                 info!(map = name, entries = n, "carried over to the new map");
                 copied += n;
             }
-            Err(error @ CopyError::Layout { .. }) => {
+            Err(error @ BpfError::Layout { .. }) => {
                 warn!(%error, "map {name}: its entries do not fit, starting it empty")
             }
             Err(error) => return Err(error),

@@ -7,12 +7,16 @@
 //!
 //! TCP connections are left alone: like kube-proxy, existing connections to an endpoint that
 //! leaves are allowed to finish.
+//!
+//! Walking `/proc` and every namespace takes long on a busy node, so it runs on a thread of its
+//! own ([`SocketReaper`]): the sync loop hands the cookies over and goes on.
 
 use std::{
     collections::{BTreeMap, HashSet},
     fs, io,
-    os::{fd::AsRawFd, unix::fs::MetadataExt as _},
+    os::unix::fs::MetadataExt as _,
     path::PathBuf,
+    sync::{OnceLock, mpsc},
 };
 
 use netlink_packet_core::{
@@ -25,7 +29,9 @@ use netlink_packet_sock_diag::{
     message::SockDiagDestroy,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
-use tracing::debug;
+use tracing::{debug, info, warn};
+
+use crate::sys::net::in_netns;
 
 /// One path per network namespace of the host: every process's `ns/net` (deduplicated by
 /// device and inode) and the named namespaces under /run/netns.
@@ -43,32 +49,74 @@ fn namespaces() -> Vec<PathBuf> {
 }
 
 /// Destroys every IPv4 UDP socket whose cookie is in `cookies`, in every network namespace.
-/// Returns how many were destroyed.
+/// Returns how many were destroyed. Blocks for as long as the walk takes: see [`SocketReaper`].
 pub fn destroy_udp(cookies: &HashSet<u64>) -> io::Result<usize> {
     if cookies.is_empty() {
         return Ok(0);
     }
-    let namespaces = namespaces();
-    // setns changes only the calling thread: walk the namespaces on a thread of our own.
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut destroyed = 0;
-            for path in &namespaces {
-                let Ok(file) = fs::File::open(path) else { continue };
-                // SAFETY: setns on a valid namespace fd affects only this thread.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    continue;
+    let mut destroyed = 0;
+    for path in namespaces() {
+        // A process that exited meanwhile took its namespace reference with it.
+        match in_netns(&path, || destroy_here(cookies)) {
+            Ok(Ok(n)) => destroyed += n,
+            Ok(Err(error)) => debug!(namespace = %path.display(), %error, "sock_diag failed"),
+            Err(error) => debug!(%error, "skipping a network namespace"),
+        }
+    }
+    Ok(destroyed)
+}
+
+/// Destroys UDP sockets on a thread of its own, so that nothing waits for the walk. Cookies
+/// handed over while a walk runs are destroyed together in the next one.
+pub struct SocketReaper {
+    tx: mpsc::Sender<HashSet<u64>>,
+}
+
+impl SocketReaper {
+    /// A reaper running `destroy` (the real one: [`destroy_udp`]) on its own thread.
+    pub fn new(destroy: impl Fn(&HashSet<u64>) -> io::Result<usize> + Send + 'static) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<HashSet<u64>>();
+        std::thread::Builder::new().name("udp-reaper".into()).spawn(move || {
+            while let Ok(mut cookies) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    cookies.extend(more);
                 }
-                match destroy_here(cookies) {
-                    Ok(n) => destroyed += n,
-                    Err(error) => debug!(namespace = %path.display(), %error, "sock_diag failed"),
+                match destroy(&cookies) {
+                    Ok(0) => {}
+                    Ok(destroyed) => info!(destroyed, "destroyed UDP sockets still sent to departed backends"),
+                    Err(error) => warn!(%error, "destroying UDP sockets of departed backends failed"),
                 }
             }
-            Ok(destroyed)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("the socket-destroying thread panicked")))
-    })
+        })?;
+        Ok(Self { tx })
+    }
+
+    /// Hands `cookies` to the reaper's thread; returns at once.
+    pub fn destroy(&self, cookies: HashSet<u64>) {
+        if !cookies.is_empty() {
+            // The thread runs as long as the sender lives.
+            let _ = self.tx.send(cookies);
+        }
+    }
+}
+
+/// Destroys the UDP sockets with these cookies on the agent's reaper thread (started on first
+/// use); returns at once. Without a thread (the system refused one) it is done here.
+pub fn destroy_udp_later(cookies: HashSet<u64>) {
+    static REAPER: OnceLock<Option<SocketReaper>> = OnceLock::new();
+    let reaper = REAPER.get_or_init(|| {
+        SocketReaper::new(destroy_udp)
+            .inspect_err(|error| warn!(%error, "no thread for destroying UDP sockets; doing it on the sync loop"))
+            .ok()
+    });
+    match reaper {
+        Some(reaper) => reaper.destroy(cookies),
+        None => {
+            if let Err(error) = destroy_udp(&cookies) {
+                warn!(%error, "destroying UDP sockets of departed backends failed");
+            }
+        }
+    }
 }
 
 /// A netlink request with `payload`, serialized.
@@ -135,4 +183,37 @@ fn destroy_here(cookies: &HashSet<u64>) -> io::Result<usize> {
         }
     }
     Ok(destroyed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::mpsc, time::Duration};
+
+    use super::*;
+
+    /// The sync loop hands cookies over and goes on while a walk is still running; what it hands
+    /// over meanwhile is destroyed together in the next walk.
+    #[test]
+    fn handing_cookies_over_never_waits_for_the_walk() {
+        let (started_tx, started) = mpsc::channel::<HashSet<u64>>();
+        let (release, released) = mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        let reaper = SocketReaper::new(move |cookies| {
+            started_tx.send(cookies.clone()).unwrap();
+            // A walk that takes as long as the test wants.
+            released.lock().unwrap().recv().unwrap();
+            Ok(cookies.len())
+        })
+        .unwrap();
+        reaper.destroy(HashSet::from([1]));
+        assert_eq!(started.recv_timeout(Duration::from_secs(10)).unwrap(), HashSet::from([1]));
+        // The walk is blocked now: handing over more returns all the same.
+        reaper.destroy(HashSet::from([2]));
+        reaper.destroy(HashSet::from([3]));
+        reaper.destroy(HashSet::new());
+        assert!(started.try_recv().is_err(), "one walk at a time");
+        release.send(()).unwrap();
+        assert_eq!(started.recv_timeout(Duration::from_secs(10)).unwrap(), HashSet::from([2, 3]));
+        release.send(()).unwrap();
+    }
 }

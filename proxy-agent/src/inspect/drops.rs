@@ -14,7 +14,7 @@ pub fn inspect(root: &Path, format: Format) -> Result<String, InspectError> {
     let counts = drops::read(&path).map_err(|e| match e {
         DropsError::Missing { path } => InspectError::MissingMap { name: maps::DROPS, path },
         DropsError::Permission { path } => InspectError::Permission { path },
-        DropsError::Map { path, source } => InspectError::Map { name: maps::DROPS, path, source },
+        other @ DropsError::Map { .. } => InspectError::Drops(other),
     })?;
     Ok(match format {
         Format::Table => table(&counts),

@@ -447,7 +447,7 @@ fn candidates(snapshot: &Snapshot, key: ServiceKey, count: u16) -> Vec<Candidate
 }
 
 /// Whether `from` is inside one of the `loadBalancerSourceRanges` of the frontend `key`, as
-/// `tc.rs` `admitted` looks it up (the frontend exactly, the client by longest prefix); `None`
+/// `tc/mod.rs` `admitted` looks it up (the frontend exactly, the client by longest prefix); `None`
 /// when the map was not read.
 fn admitted(snapshot: &Snapshot, key: ServiceKey, from: Ipv4Addr) -> Option<bool> {
     let ranges = snapshot.source_ranges.as_ref()?;

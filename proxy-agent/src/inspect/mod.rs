@@ -30,7 +30,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::MapError;
 use proxy_common::proto;
 
 pub use self::{explain::Explanation, pins::Snapshot};
@@ -80,9 +79,12 @@ pub enum InspectError {
         name: &'static str,
         /// Its pin.
         path: PathBuf,
-        /// What aya reported.
-        source: MapError,
+        /// What the kernel reported.
+        source: crate::sys::bpf::BpfError,
     },
+    /// The drop counters do not read as this build expects (the error names the pin).
+    #[error("{0}")]
+    Drops(crate::observe::drops::DropsError),
     /// The monotonic clock could not be read.
     #[error("reading CLOCK_MONOTONIC: {0}")]
     Clock(io::Error),

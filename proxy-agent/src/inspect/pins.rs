@@ -5,11 +5,10 @@ use std::{
     collections::BTreeMap,
     fs, io,
     net::Ipv4Addr,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError};
+use aya::maps::lpm_trie::Key;
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
@@ -19,6 +18,7 @@ use proxy_common::{
 };
 
 use super::InspectError;
+use crate::sys::{self, bpf::PinnedMap};
 
 /// Everything inspect and explain read, at one moment. Built by [`read`] from the pins, or by
 /// hand in tests.
@@ -95,54 +95,31 @@ fn has_any_map(root: &Path) -> bool {
     maps::ALL.iter().any(|name| fs::symlink_metadata(root.join(name)).is_ok())
 }
 
-/// Opens the hash (or LRU hash) map pinned as `root/name` and reads every entry.
+/// Reads every entry of the map pinned as `root/name` (in batches where the map type has them).
 fn entries<K: aya::Pod, V: aya::Pod>(root: &Path, name: &'static str) -> Result<Vec<(K, V)>, InspectError> {
-    let (map, map_error) = open(root, name)?;
-    // Accepts BPF_MAP_TYPE_HASH and BPF_MAP_TYPE_LRU_HASH, and checks key and value sizes.
-    let map: HashMap<MapData, K, V> = HashMap::try_from(map).map_err(&map_error)?;
-    map.iter().collect::<Result<Vec<_>, _>>().map_err(map_error)
-}
-
-/// Reads every `source_ranges` entry as (prefix length over the whole key, key data).
-fn source_ranges(root: &Path) -> Result<Vec<(u32, SourceRange)>, InspectError> {
-    let (map, map_error) = open(root, maps::SOURCE_RANGES)?;
-    let trie: LpmTrie<MapData, SourceRange, u8> = LpmTrie::try_from(map).map_err(&map_error)?;
-    let keys = trie.keys().collect::<Result<Vec<_>, _>>().map_err(map_error)?;
-    Ok(keys.into_iter().map(|key| (key.prefix_len(), key.data())).collect())
-}
-
-/// Opens the map pinned as `root/name`, with the conversion of its errors.
-fn open(root: &Path, name: &'static str) -> Result<(Map, impl Fn(MapError) -> InspectError), InspectError> {
     let path = root.join(name);
     match fs::symlink_metadata(&path) {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(InspectError::Permission { path }),
         Err(_) => return Err(InspectError::MissingMap { name, path }),
     }
-    let map_error = move |source: MapError| match &source {
-        MapError::SyscallError(e) if matches!(e.io_error.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => {
-            InspectError::Permission { path: path.clone() }
-        }
+    let map_error = |source: sys::bpf::BpfError| match source.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => InspectError::Permission { path: path.clone() },
         _ => InspectError::Map { name, path: path.clone(), source },
     };
-    let data = MapData::from_pin(root.join(name)).map_err(&map_error)?;
-    let map = Map::from_map_data(data).map_err(&map_error)?;
-    Ok((map, map_error))
+    PinnedMap::open(&path).and_then(|map| map.entries()).map_err(map_error)
+}
+
+/// Reads every `source_ranges` entry as (prefix length over the whole key, key data).
+fn source_ranges(root: &Path) -> Result<Vec<(u32, SourceRange)>, InspectError> {
+    let keys = entries::<Key<SourceRange>, u8>(root, maps::SOURCE_RANGES)?;
+    Ok(keys.into_iter().map(|(key, _)| (key.prefix_len(), key.data())).collect())
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_now_ns() -> Result<u64, InspectError> {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return Err(InspectError::Clock(io::Error::last_os_error()));
-    }
-    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+    sys::fs::monotonic_ns().map_err(InspectError::Clock)
 }
-
-/// `SO_NETNS_COOKIE` (Linux 5.14) in asm-generic numbering (x86, arm, riscv); `libc` does not
-/// export it for these targets.
-const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// A network namespace: its cookie (what the socket path keys affinity by), a name and its
 /// IPv4 addresses.
@@ -176,59 +153,9 @@ pub fn netns() -> Vec<NetnsInfo> {
     out
 }
 
-/// The cookie and addresses of the namespace at `path`, read by a short-lived thread inside it
-/// (setns changes only the calling thread's namespace, and that thread then ends).
+/// The cookie and addresses of the namespace at `path`, read by a thread inside it.
 fn netns_info(path: &Path) -> Option<(u64, Vec<Ipv4Addr>)> {
-    let file = fs::File::open(path).ok()?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on a valid namespace fd affects only this thread, which ends here.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return None;
-            }
-            Some((own_netns_cookie()?, own_addresses()))
-        })
-        .join()
-        .ok()
-        .flatten()
-    })
-}
-
-/// The IPv4 addresses of the calling thread's namespace (getifaddrs asks netlink there).
-fn own_addresses() -> Vec<Ipv4Addr> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we walk read-only and free once.
-    unsafe {
-        if libc::getifaddrs(&mut head) != 0 {
-            return out;
-        }
-        let mut entry = head;
-        while !entry.is_null() {
-            let addr = (*entry).ifa_addr;
-            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
-                let sin = addr.cast::<libc::sockaddr_in>();
-                out.push(Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr)));
-            }
-            entry = (*entry).ifa_next;
-        }
-        libc::freeifaddrs(head);
-    }
-    out
-}
-
-/// The cookie of the calling thread's network namespace: a Unix socket (no traffic) reports it.
-fn own_netns_cookie() -> Option<u64> {
-    // SAFETY: plain syscalls on a socket we own and close.
-    unsafe {
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return None;
-        }
-        let mut cookie: u64 = 0;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        let rc = libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len);
-        libc::close(fd);
-        (rc == 0 && len as usize == size_of::<u64>()).then_some(cookie)
-    }
+    let (cookie, addresses) =
+        sys::net::in_netns(path, || (sys::net::netns_cookie(), sys::net::ipv4_addresses())).ok()?;
+    Some((cookie.ok()?, addresses.ok()?.into_iter().map(|(_, ip)| ip).collect()))
 }

@@ -10,7 +10,9 @@
 //! - the API server has not answered a watch for longer than the timeout (the datapath keeps
 //!   its last state meanwhile, but it may be stale: the node should not take new traffic);
 //! - a cgroup link pinned when the agent started is gone, or any pinned link is not attached
-//!   where it belongs (see [`super::kernel::pinned_links`]).
+//!   where it belongs (see [`crate::datapath::pinned_links`]);
+//! - an interface that should carry the TC program does not, because attaching failed (the
+//!   datapath tries again on every interface rescan).
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -21,8 +23,12 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use super::kernel::{self, Attachment, PinnedLink};
-use crate::{metrics::Metrics, source::Update};
+use crate::{
+    datapath::{self, PinnedLink, Unattached},
+    metrics::Metrics,
+    source::Update,
+    sys::bpf::Attachment,
+};
 
 /// How long a pending update, a run of failing syncs or an API outage is tolerated by default:
 /// kube-proxy's (twice its 30 s `--sync-period`; the agent uses twice its own).
@@ -42,6 +48,8 @@ struct Inner {
     /// Cgroup links pinned when the agent started: they must stay.
     required: BTreeSet<String>,
     timeout: Duration,
+    /// Interfaces that should carry a TC program and do not.
+    unattached: Unattached,
     queue: Mutex<Queue>,
 }
 
@@ -101,16 +109,23 @@ impl Report {
 
 impl Health {
     /// Health for the links pinned under `bpf_root/links` that attach to `cgroup`; the cgroup
-    /// links pinned now are the ones that must stay. Problems are tolerated for `timeout`.
-    pub fn new(metrics: Metrics, bpf_root: PathBuf, cgroup: PathBuf, timeout: Duration) -> Self {
+    /// links pinned now are the ones that must stay. Problems are tolerated for `timeout`;
+    /// an interface in `unattached` is one at once.
+    pub fn new(
+        metrics: Metrics,
+        bpf_root: PathBuf,
+        cgroup: PathBuf,
+        timeout: Duration,
+        unattached: Unattached,
+    ) -> Self {
         let links_dir = bpf_root.join("links");
-        let required = kernel::pinned_links(&links_dir, &cgroup)
+        let required = datapath::pinned_links(&links_dir, &cgroup)
             .unwrap_or_default()
             .into_iter()
             .filter(|l| matches!(l.info.map(|i| i.attachment), Some(Attachment::Cgroup { .. })))
             .map(|l| l.pin)
             .collect();
-        Self::with_timeout(metrics, links_dir, cgroup, required, timeout)
+        Self::with_timeout(metrics, links_dir, cgroup, required, timeout, unattached)
     }
 
     fn with_timeout(
@@ -119,6 +134,7 @@ impl Health {
         cgroup: PathBuf,
         required: BTreeSet<String>,
         timeout: Duration,
+        unattached: Unattached,
     ) -> Self {
         let inner = Inner {
             metrics,
@@ -127,6 +143,7 @@ impl Health {
             cgroup,
             required,
             timeout,
+            unattached,
             queue: Mutex::new(Queue::default()),
         };
         Self { inner: Arc::new(inner) }
@@ -194,7 +211,15 @@ impl Health {
                 problems.push(format!("the API server has not answered the {kind} watch for {:.0} s", secs(since)));
             }
         }
-        let links = match kernel::pinned_links(&inner.links_dir, &inner.cgroup) {
+        let unattached = inner.unattached.list();
+        for missing in &unattached {
+            problems.push(format!(
+                "interface {} should carry program {} and does not: {} (tried again every rescan)",
+                missing.interface, missing.program, missing.error
+            ));
+        }
+        inner.metrics.interfaces_unattached(unattached.len());
+        let links = match datapath::pinned_links(&inner.links_dir, &inner.cgroup) {
             Ok(links) => links,
             Err(e) => {
                 problems.push(format!("reading {}: {e}", inner.links_dir.display()));
@@ -233,7 +258,8 @@ mod tests {
     fn health(timeout: Duration) -> (Health, Metrics) {
         let metrics = Metrics::new();
         let dir = std::env::temp_dir().join(format!("proxy-health-unit-{}", std::process::id()));
-        let health = Health::with_timeout(metrics.clone(), dir.clone(), dir, BTreeSet::new(), timeout);
+        let health =
+            Health::with_timeout(metrics.clone(), dir.clone(), dir, BTreeSet::new(), timeout, Unattached::default());
         (health, metrics)
     }
 

@@ -316,7 +316,7 @@ impl<S: MapStore> Syncer<S> {
     }
 
     /// Logs what [`Writer::forget_departed`] or [`Writer::forget_stale`] removed, and destroys
-    /// the UDP sockets still sent to departed backends.
+    /// the UDP sockets still sent to departed backends (on a thread of its own).
     fn forget(&self, departed: Result<Departed, S::Error>, report: &mut SyncReport) {
         match departed {
             Ok(departed) => {
@@ -326,11 +326,8 @@ impl<S: MapStore> Syncer<S> {
                         "removed affinity, socket and flow entries of departed backends"
                     );
                 }
-                match crate::datapath::sockets::destroy_udp(&departed.sockets) {
-                    Ok(0) => {}
-                    Ok(destroyed) => info!(destroyed, "destroyed UDP sockets still sent to departed backends"),
-                    Err(error) => warn!(%error, "destroying UDP sockets of departed backends failed"),
-                }
+                // Walking every namespace takes long: a thread of its own does it.
+                crate::datapath::sockets::destroy_udp_later(departed.sockets);
             }
             Err(error) => {
                 warn!(error = error_chain(&error), "removing affinity entries of departed backends failed");

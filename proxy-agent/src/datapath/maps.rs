@@ -1,0 +1,319 @@
+//! The map handles the writer writes through ([`AyaMaps`], the [`MapStore`] of the real
+//! kernel), opened from a loaded object or from the pins.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, HashMap, Map, MapData, MapError,
+        lpm_trie::{Key, LpmTrie},
+    },
+};
+use proxy_common::{
+    affinity::{AffinityKey, AffinityValue},
+    backend::{Backend, BackendId},
+    config::NodeConfig,
+    conntrack::{CtKey, CtValue},
+    maps,
+    service::{SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceName, ServiceValue, SourceRange},
+    sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
+};
+use tracing::warn;
+
+use super::{DatapathError, writer::MapStore};
+use crate::{
+    model::{Cidr, Frontend},
+    sys::bpf::PinnedMap,
+};
+
+/// `enum bpf_map_type`: `BPF_MAP_TYPE_LRU_HASH`.
+const LRU_HASH: u32 = 9;
+
+/// A hash map (plain or LRU): aya's handle for writes, and the pinned-map reader for reads.
+struct Hash<K, V> {
+    map: HashMap<MapData, K, V>,
+    reader: PinnedMap,
+}
+
+impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
+    /// `map`, with a reader opened from its pin.
+    fn new(
+        map: Result<HashMap<MapData, K, V>, DatapathError>,
+        name: &'static str,
+        pin: &Path,
+    ) -> Result<Self, DatapathError> {
+        let reader = PinnedMap::open(pin).map_err(|source| DatapathError::Pinned { name, source })?;
+        Ok(Self { map: map?, reader })
+    }
+
+    /// The map pinned at `pin`: the real error when it cannot be opened (`EPERM`, `ENOENT`, not
+    /// a map), never a bad name.
+    fn from_pin(name: &'static str, pin: &Path) -> Result<Self, DatapathError> {
+        let reader = PinnedMap::open(pin).map_err(|source| DatapathError::Pinned { name, source })?;
+        let fd = reader.try_clone_fd().map_err(|source| DatapathError::Bpffs { path: pin.to_owned(), source })?;
+        let data = MapData::from_fd(fd).map_err(|source| DatapathError::Map { name, source })?;
+        let map = if reader.info().map_type == LRU_HASH { Map::LruHashMap(data) } else { Map::HashMap(data) };
+        let map = HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        Ok(Self { map, reader })
+    }
+
+    /// Every entry, thousands per system call.
+    fn entries(&self) -> Vec<(K, V)> {
+        match self.reader.entries() {
+            Ok(entries) => entries,
+            Err(error) => {
+                warn!(%error, "reading a map in batches failed; reading it key by key");
+                self.map.iter().filter_map(Result::ok).collect()
+            }
+        }
+    }
+}
+
+impl<K, V> std::ops::Deref for Hash<K, V> {
+    type Target = HashMap<MapData, K, V>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl<K, V> std::ops::DerefMut for Hash<K, V> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+/// The service maps, written through [`super::writer::Writer`].
+pub struct AyaMaps {
+    conntrack: Hash<CtKey, CtValue>,
+    sock_rev: Hash<SockRevKey, SockRevValue>,
+    source_ranges: LpmTrie<MapData, SourceRange, u8>,
+    affinity: Hash<AffinityKey, AffinityValue>,
+    sock_backend: Hash<SockBackendKey, SockBackendValue>,
+    services: Hash<ServiceKey, ServiceValue>,
+    backends: Hash<BackendId, Backend>,
+    names: Hash<u32, ServiceName>,
+    config: Array<MapData, NodeConfig>,
+}
+
+impl AyaMaps {
+    /// The object's maps, pinned at `pin(name)`.
+    pub(super) fn open(ebpf: &mut Ebpf, pin: impl Fn(&str) -> PathBuf) -> Result<Self, DatapathError> {
+        fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
+            ebpf.take_map(name).ok_or(DatapathError::Map { name, source: MapError::InvalidName { name: name.into() } })
+        }
+        fn hash<K: aya::Pod, V: aya::Pod>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+            pin: &Path,
+        ) -> Result<Hash<K, V>, DatapathError> {
+            let map = take(ebpf, name)
+                .and_then(|map| HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source }));
+            Hash::new(map, name, pin)
+        }
+        let config = take(ebpf, maps::CONFIG)?;
+        let ranges = take(ebpf, maps::SOURCE_RANGES)?;
+        Ok(Self {
+            conntrack: hash(ebpf, maps::CONNTRACK, &pin(maps::CONNTRACK))?,
+            sock_rev: hash(ebpf, maps::SOCK_REV, &pin(maps::SOCK_REV))?,
+            source_ranges: LpmTrie::try_from(ranges)
+                .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
+            affinity: hash(ebpf, maps::AFFINITY, &pin(maps::AFFINITY))?,
+            sock_backend: hash(ebpf, maps::SOCK_BACKEND, &pin(maps::SOCK_BACKEND))?,
+            services: hash(ebpf, maps::SERVICES, &pin(maps::SERVICES))?,
+            backends: hash(ebpf, maps::BACKENDS, &pin(maps::BACKENDS))?,
+            names: hash(ebpf, maps::SERVICE_NAMES, &pin(maps::SERVICE_NAMES))?,
+            config: Array::try_from(config).map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?,
+        })
+    }
+
+    /// Opens the maps pinned under `root` (for tools that run beside the agent). A pin that
+    /// cannot be opened is reported with its path and the OS error.
+    pub fn from_pins(root: &Path) -> Result<Self, DatapathError> {
+        let data = |name: &'static str| -> Result<MapData, DatapathError> {
+            let pin = root.join(name);
+            let reader = PinnedMap::open(&pin).map_err(|source| DatapathError::Pinned { name, source })?;
+            let fd = reader.try_clone_fd().map_err(|source| DatapathError::Bpffs { path: pin, source })?;
+            MapData::from_fd(fd).map_err(|source| DatapathError::Map { name, source })
+        };
+        let config = data(maps::CONFIG)?;
+        let ranges = data(maps::SOURCE_RANGES)?;
+        Ok(Self {
+            conntrack: Hash::from_pin(maps::CONNTRACK, &root.join(maps::CONNTRACK))?,
+            sock_rev: Hash::from_pin(maps::SOCK_REV, &root.join(maps::SOCK_REV))?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(ranges))
+                .map_err(|source| DatapathError::Map { name: maps::SOURCE_RANGES, source })?,
+            affinity: Hash::from_pin(maps::AFFINITY, &root.join(maps::AFFINITY))?,
+            sock_backend: Hash::from_pin(maps::SOCK_BACKEND, &root.join(maps::SOCK_BACKEND))?,
+            services: Hash::from_pin(maps::SERVICES, &root.join(maps::SERVICES))?,
+            backends: Hash::from_pin(maps::BACKENDS, &root.join(maps::BACKENDS))?,
+            names: Hash::from_pin(maps::SERVICE_NAMES, &root.join(maps::SERVICE_NAMES))?,
+            config: Array::try_from(Map::Array(config))
+                .map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?,
+        })
+    }
+
+    /// Every `services` entry.
+    pub fn services(&self) -> impl Iterator<Item = (ServiceKey, ServiceValue)> + '_ {
+        self.services.entries().into_iter()
+    }
+
+    /// Every `service_names` entry.
+    pub fn service_names(&self) -> impl Iterator<Item = (u32, ServiceName)> + '_ {
+        self.names.entries().into_iter()
+    }
+
+    /// Every `backends` entry.
+    pub fn backends(&self) -> impl Iterator<Item = (BackendId, Backend)> + '_ {
+        self.backends.entries().into_iter()
+    }
+}
+
+/// The `source_ranges` key admitting `cidr` at `frontend`.
+fn source_range_key(frontend: &Frontend, cidr: &Cidr) -> Key<SourceRange> {
+    let data = SourceRange::new(frontend.address.octets(), frontend.port, frontend.proto, cidr.network.octets());
+    Key::new(SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix), data)
+}
+
+/// Deleting an absent key is not an error for the writer.
+fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl MapStore for AyaMaps {
+    type Error = MapError;
+
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
+        self.services.insert(key, value, 0)
+    }
+
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
+        absent_ok(self.services.remove(&key))
+    }
+
+    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), MapError> {
+        self.backends.insert(id, backend, 0)
+    }
+
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        absent_ok(self.backends.remove(&id))
+    }
+
+    fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapError> {
+        self.names.insert(id, name, 0)
+    }
+
+    fn delete_service_name(&mut self, id: u32) -> Result<(), MapError> {
+        absent_ok(self.names.remove(&id))
+    }
+
+    fn put_config(&mut self, config: NodeConfig) -> Result<(), MapError> {
+        self.config.set(0, config, 0)
+    }
+
+    fn forget(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, MapError> {
+        let stale_affinity: Vec<AffinityKey> = self
+            .affinity
+            .entries()
+            .into_iter()
+            .filter(|(k, v)| gone(k.service_id, v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        let stale_sockets: Vec<SockBackendKey> = self
+            .sock_backend
+            .entries()
+            .into_iter()
+            .filter(|(_, v)| gone(v.service_id, v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale_affinity {
+            absent_ok(self.affinity.remove(key))?;
+        }
+        for key in &stale_sockets {
+            absent_ok(self.sock_backend.remove(key))?;
+        }
+        Ok(stale_affinity.len() + stale_sockets.len())
+    }
+
+    fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
+        self.conntrack.entries()
+    }
+
+    fn delete_conntrack(&mut self, key: CtKey) -> Result<(), MapError> {
+        absent_ok(self.conntrack.remove(&key))
+    }
+
+    fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)> {
+        self.sock_rev.entries()
+    }
+
+    fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<(), MapError> {
+        absent_ok(self.sock_rev.remove(&key))
+    }
+
+    fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), MapError> {
+        self.source_ranges.insert(&source_range_key(frontend, cidr), 1, 0)
+    }
+
+    fn delete_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), MapError> {
+        absent_ok(self.source_ranges.remove(&source_range_key(frontend, cidr)))
+    }
+
+    fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.services().collect()
+    }
+
+    fn backend_entries(&self) -> Vec<(BackendId, Backend)> {
+        self.backends().collect()
+    }
+
+    fn service_names(&self) -> Vec<(u32, ServiceName)> {
+        self.service_names().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::testing::PinnedMaps;
+
+    #[test]
+    fn opens_the_pinned_maps_and_reads_them_in_batches() {
+        let pins = PinnedMaps::new("maps-open", 4096);
+        let mut maps = AyaMaps::from_pins(pins.root()).expect("opening the pinned maps");
+        let name = ServiceName { namespace: [0; 64], name: [0; 64], port: [0; 16], proto: 6, _pad: [0; 7] };
+        for id in 1..=3000 {
+            maps.put_service_name(id, name).unwrap();
+        }
+        let mut ids: Vec<u32> = maps.service_names().map(|(id, _)| id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=3000).collect::<Vec<_>>());
+    }
+
+    /// A pin that is there but cannot be opened is reported with its path and the OS error, not
+    /// as a bad map name (it was, for the LRU maps).
+    #[test]
+    fn a_pin_that_does_not_open_is_reported_with_the_os_error() {
+        let pins = PinnedMaps::new("maps-unopenable", 4096);
+        let path = pins.root().join(maps::CONNTRACK);
+        std::fs::remove_file(&path).unwrap();
+        // A directory where the map's pin belongs: BPF_OBJ_GET refuses it.
+        std::fs::create_dir(&path).unwrap();
+        let error = match AyaMaps::from_pins(pins.root()) {
+            Ok(_) => panic!("a directory opened as the conntrack map"),
+            Err(error) => error,
+        };
+        std::fs::remove_dir(&path).unwrap();
+        let DatapathError::Pinned { name, source } = &error else { panic!("not the pin's error: {error}") };
+        assert_eq!(*name, maps::CONNTRACK);
+        assert!(source.raw_os_error().is_some(), "{error}");
+        let text = error.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text} names the pin");
+        assert!(text.contains("os error"), "{text} keeps the OS error");
+    }
+}

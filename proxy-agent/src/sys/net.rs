@@ -1,0 +1,141 @@
+//! Network namespaces and interfaces: the calling thread's netns cookie, running a closure on a
+//! thread inside another namespace, interface addresses (`getifaddrs`), interface indexes and
+//! the IPv4 routing table. All of these answer for the calling thread's network namespace.
+
+use std::{
+    ffi::{CStr, CString},
+    fs, io,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+/// `SO_NETNS_COOKIE` (Linux 5.14) in asm-generic numbering (x86, arm, riscv); `libc` does not
+/// export it for these targets.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`): what
+/// `bpf_get_netns_cookie()` gives programs for sockets there. Asked of a Unix socket, which sends
+/// nothing.
+pub fn netns_cookie() -> io::Result<u64> {
+    // SAFETY: socket() has no memory preconditions; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns; OwnedFd closes it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a writable u64 buffer of the length passed.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Runs `f` on a short-lived thread that has entered the network namespace at `path` (a
+/// `/proc/<pid>/ns/net` or `/run/netns/<name>`): setns changes only the calling thread's
+/// namespace, and that thread ends with `f`.
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let file = fs::File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a valid namespace fd; it affects only this thread, which ends here.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(e.kind(), format!("entering {}: {e}", path.display())));
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other(format!("a thread inside {} panicked", path.display()))))
+    })
+}
+
+/// Every IPv4 address of this namespace's interfaces, with the interface's name.
+pub fn ipv4_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we own until freeifaddrs below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut entry = head;
+    while !entry.is_null() {
+        // SAFETY: `entry` is a non-null node of the list getifaddrs returned, alive until it is
+        // freed below; `ifa_addr` is checked for null and is a `sockaddr_in` when its family is
+        // AF_INET; `ifa_name` is a NUL-terminated string.
+        unsafe {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
+                let sin = addr.cast::<libc::sockaddr_in>();
+                let ip = Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr));
+                out.push((CStr::from_ptr((*entry).ifa_name).to_string_lossy().into_owned(), ip));
+            }
+            entry = (*entry).ifa_next;
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once; nothing points into it any more.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The index of the interface called `name`, if this namespace has one.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The IPv4 routes of this namespace (`/proc/self/net/route`): (interface, destination) pairs.
+pub fn ipv4_routes() -> io::Result<Vec<(String, Ipv4Addr)>> {
+    let path = "/proc/self/net/route";
+    let text = fs::read_to_string(path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
+    Ok(parse_routes(&text))
+}
+
+/// Parses `/proc/net/route`: `Iface Destination Gateway ...`, the destination in host-order hex
+/// of the network-order bytes.
+fn parse_routes(text: &str) -> Vec<(String, Ipv4Addr)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let iface = fields.next()?;
+            let dest = u32::from_str_radix(fields.next()?, 16).ok()?;
+            Some((iface.to_owned(), Ipv4Addr::from(dest.to_le_bytes())))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_read_in_network_order() {
+        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                    eth0\t00000000\t010012AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                    cni0\t0001F40A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                    broken\tzz\n";
+        assert_eq!(
+            parse_routes(text),
+            vec![("eth0".into(), Ipv4Addr::UNSPECIFIED), ("cni0".into(), Ipv4Addr::new(10, 244, 1, 0))]
+        );
+    }
+
+    #[test]
+    fn this_namespace_has_a_cookie_and_loopback() {
+        assert!(netns_cookie().unwrap() != 0);
+        assert!(interface_index("lo").is_some());
+        assert!(interface_index("no-such-interface0").is_none());
+        assert!(ipv4_addresses().unwrap().contains(&("lo".to_owned(), Ipv4Addr::LOCALHOST)));
+        let same = in_netns(Path::new("/proc/self/ns/net"), netns_cookie).unwrap().unwrap();
+        assert_eq!(same, netns_cookie().unwrap(), "entering our own namespace changes nothing");
+    }
+}

@@ -21,5 +21,5 @@ pub mod observe;
 pub mod preflight;
 pub mod source;
 pub mod sync;
-pub(crate) mod tasks;
 pub mod sys;
+pub(crate) mod tasks;

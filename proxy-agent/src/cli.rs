@@ -75,7 +75,7 @@ pub struct RunArgs {
     pub cgroup_path: Option<PathBuf>,
 
     /// Bursts of changes are applied at most this often (e.g. 10ms, 1s).
-    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10ms", value_parser = period)]
     pub min_sync_period: Duration,
 
     /// How often the maps are checked against what was programmed (entries deleted or changed
@@ -133,12 +133,24 @@ pub enum LogFormat {
     Json,
 }
 
-/// A duration greater than zero (`1s`, `500ms`).
-fn positive_duration(text: &str) -> Result<Duration, String> {
+/// The longest period either sync flag takes. Longer makes no sense for a proxy, and the
+/// loop's clock arithmetic (`Instant` ± the period) must not overflow.
+const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
+/// A duration up to a day (`10ms`, `1s`); zero means no coalescing.
+fn period(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
-        Ok(d) if d.is_zero() => Err("must be greater than zero".into()),
+        Ok(d) if d > MAX_PERIOD => Err("must be at most 24h".into()),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A duration greater than zero and up to a day (`1s`, `30s`).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match period(text)? {
+        d if d.is_zero() => Err("must be greater than zero".into()),
+        d => Ok(d),
     }
 }
 
@@ -358,6 +370,21 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.0);
         }
+    }
+
+    /// Periods beyond a day are refused at parse time: `Instant` arithmetic with such a value
+    /// used to panic the sync loop (a 300 000 000 000-year `--min-sync-period` did).
+    #[test]
+    fn sync_periods_are_bounded_and_the_periodic_check_is_never_zero() {
+        let parse = |flag: &str, value: &str| Cli::try_parse_from(["proxy-agent", flag, value]).map(|c| c.run);
+        for flag in ["--min-sync-period", "--sync-period"] {
+            let error = parse(flag, "300000000000y").expect_err("refused").to_string();
+            assert!(error.contains(flag) && error.contains("at most 24h"), "{error}");
+            assert!(parse(flag, "24h").is_ok(), "{flag} 24h is accepted");
+        }
+        assert_eq!(parse("--min-sync-period", "0s").expect("no coalescing").min_sync_period, Duration::ZERO);
+        let error = parse("--sync-period", "0s").expect_err("refused").to_string();
+        assert!(error.contains("greater than zero"), "{error}");
     }
 
     #[test]

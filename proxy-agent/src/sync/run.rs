@@ -18,7 +18,8 @@ pub async fn run<S: MapStore>(
     min_sync_period: Duration,
     sync_period: Duration,
 ) {
-    let mut last_sync = Instant::now() - min_sync_period;
+    // The first change is applied at once.
+    let mut last_sync = Instant::now().checked_sub(min_sync_period).unwrap_or_else(Instant::now);
     let mut resync = tokio::time::interval_at((Instant::now() + sync_period).into(), sync_period);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -126,7 +126,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The bench binaries of proxy-tests, in the order they run; `true`: also in `--quick`.
+/// The bench binaries of proxy-bench (`bench/src/bin/`), in the order they run; `true`: also in `--quick`.
 const BENCHES: &[(&str, bool)] = &[
     ("bench_tc", true),
     ("bench_floor", true),
@@ -143,7 +143,8 @@ const BENCHES: &[(&str, bool)] = &[
 fn bench(root: &std::path::Path, quick: bool) -> anyhow::Result<()> {
     setup::ensure()?;
     setup::require_root("the benchmarks load BPF programs and create namespaces")?;
-    cargo(&["build", "--release", "--package", "proxy-tests", "--bins"])?;
+    // The benches start the agent binary found beside them (proxy-tests builds it).
+    cargo(&["build", "--release", "--package", "proxy-bench", "--bins", "--package", "proxy-tests", "--bin", "agent"])?;
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let started = std::time::Instant::now();

@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{
+use proxy_tests::{
     cgroup::Cgroup,
     client::command_in,
     fixtures::{service, slice, yaml},
@@ -1176,7 +1176,7 @@ impl BenchAgent {
     pub fn start(ns: &Netns, cgroup: &Cgroup, flags: &[&str]) -> anyhow::Result<Self> {
         let bin = std::env::current_exe()?.with_file_name("agent");
         if !bin.exists() {
-            bail!("{} is missing: build it with `cargo build --release -p proxy-tests --bins`", bin.display());
+            bail!("{} is missing: build it with `cargo build --release -p proxy-tests --bin agent`", bin.display());
         }
         let n = unique();
         let bpf_root = PathBuf::from(format!("/sys/fs/bpf/proxy-bench-{}-{n}", std::process::id()));

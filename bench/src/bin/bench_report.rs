@@ -574,7 +574,7 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
 }
 
 fn bench_table(header: &[&str], rows: &[Vec<String>]) -> String {
-    proxy_tests::bench::table(header, rows)
+    proxy_bench::table(header, rows)
 }
 
 const FULL_PROGRAM_NOTE: &str = "Ours: the `took_ms` of the agent's first full sync from a manifest directory (model, \
@@ -666,7 +666,7 @@ fn run() -> anyhow::Result<()> {
     md += "\n## How to reproduce\n\n```sh\ncargo xtask bench          # N = 1, 1 000 and 10 000; writes this file and BENCHMARKS.svg\n\
            cargo xtask bench --quick  # N = 1 and 1 000, fewer repetitions, under three minutes; report in target/bench/\n```\n\n\
            As root, after the README's set-up (`cargo xtask setup` also installs clang and libbpf-dev for the C floor). \
-           Raw figures: `target/bench/results.json`. One binary per measurement in `tests/src/bin/` (`bench_connect`, \
+           Raw figures: `target/bench/results.json`. One binary per measurement in `bench/src/bin/` (`bench_connect`, \
            `bench_program`, `bench_tc`, `bench_floor`, `bench_throughput`, `sync_latency`), each runnable alone with \
            `--quick` and `--json`.\n\n## Method\n\n";
     md += METHOD;

@@ -25,9 +25,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, Map, MapData};
+use proxy_bench::{self as bench, Opts, Progress, median};
 use proxy_tests::{
-    bench::{self, Opts, Progress, median},
     client::command_in,
+    cluster::{CLIENT_IP, NODE_IPS},
     fixtures::TempDir,
     netns::Netns,
 };
@@ -123,9 +124,9 @@ SEC("tc") int ct_snat_fib(struct __sk_buff *skb) {
 }
 "#;
 
-const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+const NODE: Ipv4Addr = NODE_IPS[0];
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+const CLIENT: Ipv4Addr = CLIENT_IP;
 const NODE_PORT: u16 = 30066;
 /// Runs of each figure; the median is reported.
 const RUNS: usize = 3;

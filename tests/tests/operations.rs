@@ -373,8 +373,12 @@ fn sigterm_leaves_the_datapath_and_a_new_agent_adopts_it() {
     let topology = SingleNode::new(&pods, TARGET_PORT).expect("building the namespaces");
     let manifests = manifests(&[pods[0].1, pods[1].1], "");
     // The node's pod bridge routes into the cluster's pod range: the TC program goes there.
-    let flags = [&["--cluster-cidr", "10.244.0.0/16"][..], &SERVER_FLAGS[..]].concat();
-    let mut agent = manifests.start_agent(AGENT, &topology.node, &topology.cgroup, "node-1", &flags);
+    let extra = [&["--cluster-cidr", "10.244.0.0/16"][..], &SERVER_FLAGS[..]].concat();
+    // The same flags again for the successor below.
+    let flags = manifests.agent_flags("node-1", &extra);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut agent =
+        Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags).expect("the agent");
     agent.wait_for_count(VIP, PORT, Some(2), WAIT).expect("programmed");
     // Healthy with the TC program on the node's interfaces too.
     let links = agent.bpf_root().join("links");

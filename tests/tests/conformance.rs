@@ -1,9 +1,9 @@
-//! The conformance suite: the rows of `K8S_E2E_BEHAVIOURS.md` (the upstream Kubernetes e2e tests
+//! The conformance suite: the rows of `docs/behaviours.md` (the upstream Kubernetes e2e tests
 //! of the service datapath) that no earlier suite proves, one test per row, named
 //! `e2e_NN_<what>` after it. `cargo xtask conformance` runs these together with the row tests of
 //! the other suites, as `proxy_tests::conformance::ROWS` lists them, and writes `CONFORMANCE.md`.
 //!
-//! Every test builds SPEC.md's two-node topology in network namespaces (node-1 172.18.0.2 and
+//! Every test builds the two-node topology of `docs/testing.md` in network namespaces (node-1 172.18.0.2 and
 //! node-2 172.18.0.3 with their pods, an external client 172.18.0.100; the traffic-distribution
 //! rows add nodes, 172.18.0.4 and on, to have upstream's zones), runs one agent inside
 //! each node's namespace on a manifest directory the test writes, and makes real connections:
@@ -255,6 +255,37 @@ fn the_row_table_names_real_tests() {
         let number: u8 = name.0[..2].parse().expect("e2e_NN_ names a row");
         let row = &ROWS[usize::from(number) - 1];
         assert!(row.tests.contains(&test.as_str()), "{test} is not listed under row {number}");
+    }
+}
+
+/// `docs/behaviours.md` is the table's source: each of its rows has the same number, upstream
+/// title, [Conformance] tag and reproducibility as the row of `ROWS`, so neither can drift.
+#[test]
+fn the_row_table_follows_docs_behaviours() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/behaviours.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // `| # | title | C | what | here |`, the only table rows that start with a number (no cell
+    // holds a `|`; the C cell may be empty).
+    let documented: Vec<Vec<&str>> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix('|')?.strip_suffix('|'))
+        .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>())
+        .filter(|cells| cells[0].parse::<u8>().is_ok())
+        .collect();
+    assert_eq!(documented.len(), ROWS.len(), "{} lists every row", path.display());
+    for (row, cells) in ROWS.iter().zip(&documented) {
+        let [number, title, tag, _, here] = cells[..] else { panic!("row {}: five cells in {cells:?}", row.number) };
+        assert_eq!(number, row.number.to_string(), "rows in the same order");
+        assert_eq!(title, row.title, "row {}: the upstream title", row.number);
+        assert_eq!(tag.starts_with('C'), row.conformance, "row {}: [Conformance]", row.number);
+        let label = match row.reproducible {
+            Reproducible::Yes => "yes",
+            Reproducible::YesStar => "yes*",
+            Reproducible::Partial => "partial",
+            Reproducible::No => "no",
+        };
+        let documented_label = here.split(' ').next().unwrap_or_default();
+        assert_eq!(documented_label, label, "row {}: reproducible here", row.number);
     }
 }
 

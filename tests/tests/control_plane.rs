@@ -2,7 +2,7 @@
 //! HTTP with the real kube client and programs the real BPF datapath, attached to a cgroup this
 //! test made; clients in pod namespaces inside that cgroup make real connections.
 //!
-//! Tests named `e2e_NN_...` reproduce row NN of `K8S_E2E_BEHAVIOURS.md`.
+//! Tests named `e2e_NN_...` reproduce row NN of `docs/behaviours.md`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

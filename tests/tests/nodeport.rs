@@ -1,4 +1,4 @@
-//! NodePort and external traffic through the TC program, on SPEC.md's two-node topology: an
+//! NodePort and external traffic through the TC program, on the two-node topology of `docs/testing.md`: an
 //! external client (172.18.0.100) connects to a node's address on the nodePort (or to an
 //! external IP / LoadBalancer IP routed to node-1) and must reach pods on both nodes, with the
 //! replies finding their way back. One agent per node runs inside that node's namespace.

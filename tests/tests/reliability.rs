@@ -1,4 +1,4 @@
-//! Reliability (issue 8), on SPEC.md's two-node topology with the agents inside the node
+//! Reliability (issue 8), on the two-node topology of `docs/testing.md` with the agents inside the node
 //! namespaces: restarts under load, full maps, state that went stale while the agent was down,
 //! least privilege, and a clean shutdown followed by `--cleanup`.
 //!

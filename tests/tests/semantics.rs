@@ -2,10 +2,10 @@
 //! its timeout and live switching, refusal when there is no endpoint, internalTrafficPolicy
 //! Local, the terminating fallback, hairpin and the client pod's own address at the backend.
 //!
-//! Every test builds its namespaces (SPEC.md's address plan), runs the real agent inside a
+//! Every test builds its namespaces (the address plan of `docs/testing.md`), runs the real agent inside a
 //! node's namespace on a manifest directory the test writes, and makes real connections from
 //! pods inside the agent's cgroup or from the external client. Tests are named after the row of
-//! K8S_E2E_BEHAVIOURS.md they prove. Where a test is statistical, its comment gives the chance
+//! `docs/behaviours.md` they prove. Where a test is statistical, its comment gives the chance
 //! that a correct datapath fails it; every such bound is below 1e-6.
 
 use std::{

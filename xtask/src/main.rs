@@ -58,7 +58,7 @@ enum Cmd {
         name: String,
     },
     /// Reproduce the upstream Kubernetes e2e tests of the service datapath (root): run the tests
-    /// of every row of K8S_E2E_BEHAVIOURS.md (the table is tests/src/conformance.rs), print the
+    /// of every row of docs/behaviours.md (the table is tests/src/conformance.rs), print the
     /// table with "N of 83 pass" and write it to CONFORMANCE.md. Fails if a test that is not a
     /// known failure (`#[ignore = "..."]`) fails.
     Conformance {
@@ -280,7 +280,7 @@ fn run_conformance(root: &std::path::Path, quick: bool) -> anyhow::Result<()> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let preamble = format!(
         "Written by `cargo xtask conformance{}` on {date} (kernel {}, {:.0} min). Every row of \
-         `K8S_E2E_BEHAVIOURS.md` (the upstream Kubernetes e2e tests of the service datapath) with the \
+         `docs/behaviours.md` (the upstream Kubernetes e2e tests of the service datapath) with the \
          tests that reproduce it here (`suite::test`: a file of `tests/tests/` and a test in it; the \
          table is `tests/src/conformance.rs`) and how they did. {}\n\n\
          *pass*: every test of the row passed. *fail*: a test failed; *known* gives the reason its \

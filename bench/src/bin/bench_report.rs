@@ -475,7 +475,7 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
         }
         table.push(vec!["C: empty TC program".into(), "–".into(), num(f(floor, &["empty_ns"]), 0)]);
         table.push(vec![
-            "C: lookup + DNAT as run.sh runs it (repeats after the first miss)".into(),
+            "C: lookup + DNAT, plain repeats (repeats after the first miss)".into(),
             "1".into(),
             num(f(floor, &["dnat_anchor_method_ns"]), 0),
         ]);
@@ -497,8 +497,8 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
         ]);
         let md = format!(
             "{}\nBPF_PROG_TEST_RUN on a TCP SYN to the nodePort, in the same run: ours through aya's `TestRun` (`bench_tc`), \
-             the C programs through `bpftool prog run ... repeat {}` (`bench_floor`; the anchor's `tc_floor.c` plus two rungs). \
-             A test run repeats on one buffer, which the first repeat rewrites; run as the anchor's `run.sh` runs it, later \
+             the C programs through `bpftool prog run ... repeat {}` (`bench_floor`; a minimal `tc_floor.c` plus two rungs). \
+             A test run repeats on one buffer, which the first repeat rewrites; run the plain way, later \
              repeats see the translated packet and miss, so that row is mostly a lookup miss. The floor the targets use gives \
              the translated packet an entry back, so every repeat is a hit with a full rewrite (checked after two repeats), as \
              `bench_tc` does for our established flow. The last two rows add, rung by rung, the work a conntrack-based NodePort \

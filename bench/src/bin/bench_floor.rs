@@ -1,6 +1,7 @@
-//! The per-packet floor of a TC NodePort DNAT, measured the plain way, so `bench_tc`'s figures have a yardstick from the same run: an empty TC program, and a
-//! minimal C program (one hash lookup, DNAT with checksum updates), each run with `bpftool prog
-//! run ... repeat R` (BPF_PROG_TEST_RUN) on a TCP SYN.
+//! The per-packet floor of a TC NodePort DNAT, measured the plain way, so `bench_tc`'s figures
+//! have a yardstick from the same run: an empty TC program, and a minimal C program (one hash
+//! lookup, DNAT with checksum updates), each run with `bpftool prog run ... repeat R`
+//! (BPF_PROG_TEST_RUN) on a TCP SYN.
 //!
 //! BPF_PROG_TEST_RUN runs every repeat on the same buffer, which the first repeat rewrites: run the
 //! plain way, the later repeats see the translated packet and miss, so that figure is mostly

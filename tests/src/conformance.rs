@@ -1,4 +1,4 @@
-//! The conformance table: every row of `../shared/K8S_E2E_BEHAVIOURS.md` (the upstream
+//! The conformance table: every row of `docs/behaviours.md` (the upstream
 //! Kubernetes e2e tests that exercise the service datapath), whether it can be reproduced
 //! without a cluster, and the end-to-end tests that prove it here, as `suite::test` (a file of
 //! `tests/tests/` and a test in it). Rows proven by earlier suites point there; the others are
@@ -19,7 +19,7 @@ pub const QUICK_ENV: &str = "PROXY_CONFORMANCE_QUICK";
 pub const REPRODUCIBLE_ROWS: usize = 83;
 
 /// Whether a row can be reproduced with network namespaces, a test API server (or manifest
-/// directory) and the agent, as `K8S_E2E_BEHAVIOURS.md` classifies it.
+/// directory) and the agent, as `docs/behaviours.md` classifies it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reproducible {
     /// The harness publishes a Service and plain EndpointSlices.
@@ -51,7 +51,7 @@ impl Reproducible {
 /// One upstream e2e test.
 #[derive(Clone, Copy, Debug)]
 pub struct Row {
-    /// The row's number in `K8S_E2E_BEHAVIOURS.md`.
+    /// The row's number in `docs/behaviours.md`.
     pub number: u8,
     /// The upstream test's title (abbreviated as there).
     pub title: &'static str,
@@ -374,7 +374,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 37,
-        title: "Services: should fallback to local terminating endpoints ... internalTrafficPolicy=Local",
+        title: "Services: should fallback to local terminating endpoints when there are no ready endpoints with internalTrafficPolicy=Local",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["semantics::e2e_37_39_local_terminating_fallback"],
@@ -382,7 +382,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 38,
-        title: "Services: should fallback to terminating endpoints ... externallTrafficPolicy=Cluster (sic)",
+        title: "Services: should fallback to terminating endpoints when there are no ready endpoints with externallTrafficPolicy=Cluster",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["semantics::e2e_38_terminating_fallback_via_node_ports_and_e2e_20_not_serving_is_refused"],
@@ -390,7 +390,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 39,
-        title: "Services: should fallback to local terminating endpoints ... externalTrafficPolicy=Local",
+        title: "Services: should fallback to local terminating endpoints when there are no ready endpoints with externalTrafficPolicy=Local",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["semantics::e2e_37_39_local_terminating_fallback"],
@@ -454,7 +454,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 47,
-        title: "Conntrack: ... server pod cycles for a ClusterIP service",
+        title: "Conntrack: should be able to preserve UDP traffic when server pod cycles for a ClusterIP service",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_47_udp_cluster_ip_server_pod_cycles"],
@@ -462,7 +462,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 48,
-        title: "Conntrack: ... ClusterIP service with InternalTrafficPolicy set to Local",
+        title: "Conntrack: should be able to preserve UDP traffic when server pod cycles for a ClusterIP service with InternalTrafficPolicy set to Local",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_48_udp_internal_traffic_policy_local_server_pod_cycles"],
@@ -470,7 +470,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 49,
-        title: "Conntrack: ... ClusterIP service and client is hostNetwork",
+        title: "Conntrack: should be able to preserve UDP traffic when server pod cycles for a ClusterIP service and client is hostNetwork",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_49_udp_host_network_client_server_pod_cycles"],
@@ -518,7 +518,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 55,
-        title: "... pod-Service: udp",
+        title: "Networking Granular Checks: Services should function for pod-Service: udp",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_55_pod_to_service_udp"],
@@ -526,7 +526,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 56,
-        title: "... pod-Service: sctp [Feature:SCTPConnectivity]",
+        title: "Networking Granular Checks: Services should function for pod-Service: sctp [Feature:SCTPConnectivity]",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &[],
@@ -534,7 +534,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 57,
-        title: "... node-Service: http",
+        title: "Networking Granular Checks: Services should function for node-Service: http",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_57_node_to_service_tcp"],
@@ -542,7 +542,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 58,
-        title: "... node-Service: udp",
+        title: "Networking Granular Checks: Services should function for node-Service: udp",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_58_node_to_service_udp"],
@@ -550,7 +550,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 59,
-        title: "... node-Service: sctp [Feature:SCTPConnectivity]",
+        title: "Networking Granular Checks: Services should function for node-Service: sctp [Feature:SCTPConnectivity]",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &[],
@@ -558,7 +558,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 60,
-        title: "... endpoint-Service: http",
+        title: "Networking Granular Checks: Services should function for endpoint-Service: http",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_60_endpoint_to_own_service_tcp"],
@@ -566,7 +566,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 61,
-        title: "... endpoint-Service: udp",
+        title: "Networking Granular Checks: Services should function for endpoint-Service: udp",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_61_endpoint_to_own_service_udp"],
@@ -574,7 +574,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 62,
-        title: "... endpoint-Service: sctp [Feature:SCTPConnectivity]",
+        title: "Networking Granular Checks: Services should function for endpoint-Service: sctp [Feature:SCTPConnectivity]",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &[],
@@ -582,7 +582,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 63,
-        title: "... should function for multiple endpoint-Services with same selector",
+        title: "Networking Granular Checks: Services should function for multiple endpoint-Services with same selector",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_63_services_sharing_endpoints"],
@@ -590,7 +590,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 64,
-        title: "... should update endpoints: http",
+        title: "Networking Granular Checks: Services should update endpoints: http",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["control_plane::e2e_64_update_endpoints_while_traffic_flows"],
@@ -598,7 +598,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 65,
-        title: "... should update endpoints: udp",
+        title: "Networking Granular Checks: Services should update endpoints: udp",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_65_update_endpoints_udp"],
@@ -606,7 +606,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 66,
-        title: "... should update nodePort: http [Slow]",
+        title: "Networking Granular Checks: Services should update nodePort: http [Slow]",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_66_update_node_port_tcp"],
@@ -614,7 +614,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 67,
-        title: "... should support basic nodePort: udp functionality",
+        title: "Networking Granular Checks: Services should support basic nodePort: udp functionality",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_67_udp_node_port_from_the_host"],
@@ -622,7 +622,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 68,
-        title: "... should update nodePort: udp [Slow]",
+        title: "Networking Granular Checks: Services should update nodePort: udp [Slow]",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_68_update_node_port_udp"],
@@ -630,7 +630,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 69,
-        title: "... should function for client IP based session affinity: http",
+        title: "Networking Granular Checks: Services should function for client IP based session affinity: http",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["semantics::e2e_21_client_ip_affinity_sticks_per_client_pod"],
@@ -638,7 +638,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 70,
-        title: "... should function for client IP based session affinity: udp",
+        title: "Networking Granular Checks: Services should function for client IP based session affinity: udp",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_70_client_ip_affinity_udp"],
@@ -646,7 +646,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 71,
-        title: "... should be able to handle large requests: http",
+        title: "Networking Granular Checks: Services should be able to handle large requests: http",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_71_large_request_tcp"],
@@ -654,7 +654,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 72,
-        title: "... should be able to handle large requests: udp",
+        title: "Networking Granular Checks: Services should be able to handle large requests: udp",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_72_large_request_udp"],
@@ -662,7 +662,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 73,
-        title: "... should function for service endpoints using hostNetwork",
+        title: "Networking Granular Checks: Services should function for service endpoints using hostNetwork",
         conformance: false,
         reproducible: Reproducible::Yes,
         tests: &["conformance::e2e_73_host_network_endpoints"],
@@ -718,7 +718,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 80,
-        title: "Traffic Distribution: ... same zone when using PreferSameZone",
+        title: "Traffic Distribution: should route traffic to an endpoint in the same zone when using PreferSameZone",
         conformance: false,
         reproducible: Reproducible::YesStar,
         tests: &["conformance::e2e_80_prefer_same_zone_routes_to_the_same_zone"],
@@ -726,7 +726,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 81,
-        title: "Traffic Distribution: ... multiple nodes when using PreferSameZone",
+        title: "Traffic Distribution: should route traffic correctly between pods on multiple nodes when using PreferSameZone",
         conformance: false,
         reproducible: Reproducible::YesStar,
         tests: &["conformance::e2e_81_prefer_same_zone_across_nodes_of_a_zone"],
@@ -742,7 +742,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         number: 83,
-        title: "Traffic Distribution: ... PreferSameNode and fall back when the endpoint becomes unavailable",
+        title: "Traffic Distribution: should route traffic to an endpoint on the same node when using PreferSameNode and fall back when the endpoint becomes unavailable",
         conformance: false,
         reproducible: Reproducible::YesStar,
         tests: &["conformance::e2e_83_prefer_same_node_falls_back_when_the_local_endpoint_goes"],

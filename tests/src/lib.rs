@@ -1,12 +1,13 @@
 //! The end-to-end test bed: network namespaces as nodes and pods, test cgroups, pod servers,
 //! clients, the agent as a real process, and a real HTTP test API server. Shared by the
-//! integration tests in `tests/` and the demo (`cargo xtask demo`).
+//! integration tests in `tests/`, the demo (`cargo xtask demo`) and the benchmarks (the
+//! `proxy-bench` crate in `bench/`).
 
 pub mod agent;
 pub mod apiserver;
-pub mod bench;
 pub mod cgroup;
 pub mod client;
+pub mod cluster;
 pub mod conformance;
 pub mod fixtures;
 pub mod frames;

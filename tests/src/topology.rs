@@ -1,4 +1,5 @@
-//! Test topologies from SPEC.md's address plan, built from network namespaces only.
+//! Test topologies on the address plan of `docs/testing.md` ([`crate::cluster`]), built from
+//! network namespaces only.
 //!
 //! [`SingleNode`]: node-1's namespace holds a bridge (10.244.1.1/24) with one veth per pod; each
 //! pod is a namespace with `eth0` on the bridge and a [`PodServer`] answering with its name; the
@@ -9,12 +10,10 @@ use std::net::Ipv4Addr;
 
 use crate::{
     cgroup::Cgroup,
+    cluster::{CLIENT_IP, client_pod_ip, node_ip, node_name, pod_cidr, pod_gateway, pod_ip},
     netns::{Netns, veth},
     pod::PodServer,
 };
-
-/// The pod network's gateway on node-1.
-pub const NODE1_POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 
 /// One pod: its namespace, address and server.
 #[derive(Debug)]
@@ -57,7 +56,7 @@ impl SingleNode {
         // A fixed MAC: a bridge otherwise takes its lowest port's, which changes as pods are
         // added, and pods that cached the old one lose the gateway until their ARP entry expires.
         node.ip(&["link", "add", "br0", "address", "02:00:0a:f4:01:01", "type", "bridge"])?;
-        node.ip(&["addr", "add", &format!("{NODE1_POD_GATEWAY}/24"), "dev", "br0"])?;
+        node.ip(&["addr", "add", &format!("{}/24", pod_gateway(0)), "dev", "br0"])?;
         node.ip(&["link", "set", "br0", "up"])?;
         // A new namespace does not forward; the node routes between its pods.
         node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
@@ -66,7 +65,7 @@ impl SingleNode {
         for (i, (name, ip)) in pods.iter().enumerate() {
             built.push(add_pod(&node, i, name, *ip, Some(port))?);
         }
-        let client = add_pod(&node, pods.len(), "client", Ipv4Addr::new(10, 244, 1, 200), None)?;
+        let client = add_pod(&node, pods.len(), "client", client_pod_ip(0), None)?;
         Ok(Self { pods: built, client, cgroup, node })
     }
 
@@ -79,19 +78,8 @@ impl SingleNode {
 }
 
 fn add_pod(node: &Netns, index: usize, name: &str, ip: Ipv4Addr, port: Option<u16>) -> anyhow::Result<Pod> {
-    add_pod_on(node, index, name, ip, port, NODE1_POD_GATEWAY)
+    add_pod_on(node, index, name, ip, port, pod_gateway(0))
 }
-
-/// The external client's address (SPEC.md).
-pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
-/// The address of node `i + 1` on the node network: 172.18.0.2 for node-1, 172.18.0.3 for
-/// node-2, and so on.
-pub const fn node_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(172, 18, 0, 2 + i as u8)
-}
-
-/// The two nodes' addresses on the node network.
-pub const NODE_IPS: [Ipv4Addr; 2] = [node_ip(0), node_ip(1)];
 
 /// One node of [`Nodes`].
 #[derive(Debug)]
@@ -110,10 +98,10 @@ pub struct Node {
     pub ns: Netns,
 }
 
-/// SPEC.md's two-node topology (see [`Nodes`]).
+/// The standard two-node topology (see [`Nodes`]).
 pub type TwoNodes = Nodes<2>;
 
-/// SPEC.md's multi-node topology with `N` nodes: node-n (172.18.0.<n+1>) and an external client
+/// The multi-node topology with `N` nodes: node-n (172.18.0.<n+1>) and an external client
 /// (172.18.0.100) on a bridge in a namespace of its own (the node network); each node has a pod
 /// bridge (10.244.<n>.1/24) with its pods, and routes to every other node's pods, as kind's CNI
 /// sets them. No namespace has a route anywhere else.
@@ -147,27 +135,19 @@ impl<const N: usize> Nodes<N> {
             net.ip(&["link", "set", &format!("node{n}"), "master", "br0"])?;
             ns.ip(&["addr", "add", &format!("{}/16", node_ip(i)), "dev", "eth0"])?;
             ns.ip(&["link", "add", "br0", "address", &format!("02:00:0a:f4:{n:02x}:01"), "type", "bridge"])?;
-            ns.ip(&["addr", "add", &format!("10.244.{n}.1/24"), "dev", "br0"])?;
+            ns.ip(&["addr", "add", &format!("{}/24", pod_gateway(i)), "dev", "br0"])?;
             ns.ip(&["link", "set", "br0", "up"])?;
             for other in (0..N).filter(|&o| o != i) {
-                ns.ip(&["route", "add", &format!("10.244.{}.0/24", other + 1), "via", &node_ip(other).to_string()])?;
+                ns.ip(&["route", "add", &pod_cidr(other), "via", &node_ip(other).to_string()])?;
             }
             ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
             let mut built = Vec::new();
             for (j, name) in names.iter().enumerate() {
-                let ip = Ipv4Addr::new(10, 244, n as u8, 2 + j as u8);
-                built.push(add_pod_on(&ns, j, name, ip, Some(port), Ipv4Addr::new(10, 244, n as u8, 1))?);
+                built.push(add_pod_on(&ns, j, name, pod_ip(i, 2 + j as u8), Some(port), pod_gateway(i))?);
             }
-            let client_pod = add_pod_on(
-                &ns,
-                names.len(),
-                "client",
-                Ipv4Addr::new(10, 244, n as u8, 200),
-                None,
-                Ipv4Addr::new(10, 244, n as u8, 1),
-            )?;
+            let client_pod = add_pod_on(&ns, names.len(), "client", client_pod_ip(i), None, pod_gateway(i))?;
             let cgroup = Cgroup::new(&format!("proxy-node{n}"))?;
-            nodes.push(Node { name: format!("node-{n}"), ip: node_ip(i), pods: built, client: client_pod, cgroup, ns });
+            nodes.push(Node { name: node_name(i), ip: node_ip(i), pods: built, client: client_pod, cgroup, ns });
         }
         if !offload {
             for ns in nodes.iter().map(|n| &n.ns).chain([&client, &net]) {

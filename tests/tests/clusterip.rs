@@ -7,7 +7,8 @@ use std::{net::Ipv4Addr, thread, time::Duration};
 use proxy_tests::{
     agent::Agent,
     client::{Tally, probe},
-    fixtures::{TempDir, service, slice, write_text, yaml},
+    cluster::{self, Manifests, SEED_PORT as PORT, SEED_VIP as VIP},
+    fixtures::{service, yaml},
     netns::run,
     pod::{ANSWER_LOCAL_ADDRESS, PodServer},
     topology::SingleNode,
@@ -15,33 +16,11 @@ use proxy_tests::{
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const PORT: u16 = 6666;
 const WAIT: Duration = Duration::from_secs(5);
 
-/// The agent's manifest directory (removed on drop).
-struct Manifests(TempDir);
-
-impl Manifests {
-    fn new() -> Self {
-        Self(TempDir::new("proxy-manifests").expect("creating the manifest directory"))
-    }
-
-    fn arg(&self) -> String {
-        self.0.arg()
-    }
-
-    /// Writes the seed's service at VIP:PORT → :80 with these endpoints.
-    fn seed(&self, endpoints: &[Ipv4Addr]) {
-        let svc = service("apigw-test1").cluster_ip(&VIP.to_string()).port(PORT.into()).build();
-        let ips: Vec<String> = endpoints.iter().map(Ipv4Addr::to_string).collect();
-        let eps = slice("apigw-test1", "a").port(80).endpoints(ips.iter().map(String::as_str)).build();
-        write_text(self.0.path(), "apigw-test1.yaml", &(yaml(&svc) + &yaml(&eps))).expect("writing the manifest");
-    }
-}
-
+/// Address `n` on node-1's pod network.
 fn pod_ip(n: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244, 1, n)
+    cluster::pod_ip(0, n)
 }
 
 /// Builds node-1 with pods `pod-<n>` at 10.244.1.<n> and starts the agent on `manifests`.
@@ -50,9 +29,7 @@ fn setup(pods: &[u8], manifests: &Manifests) -> (SingleNode, Agent) {
     let refs: Vec<(&str, Ipv4Addr)> = names.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     let topology = SingleNode::new(&refs, 80).expect("building the namespaces");
     // The agent runs in node-1's namespace, as it would on a node.
-    let flags = ["--manifests", &manifests.arg(), "--hostname-override", "node-1"];
-    let agent = Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
-        .expect("starting the agent");
+    let agent = manifests.start_agent(AGENT, &topology.node, &topology.cgroup, "node-1", &[]);
     (topology, agent)
 }
 
@@ -73,7 +50,7 @@ fn chi_square(counts: &[usize]) -> f64 {
 const CHI2_CRITICAL_1E6: [f64; 2] = [23.928, 27.631];
 
 fn assert_uniform(pods: &[u8], connections: usize) {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-manifests");
     let ips: Vec<Ipv4Addr> = pods.iter().map(|n| pod_ip(*n)).collect();
     manifests.seed(&ips);
     let (topology, agent) = setup(pods, &manifests);
@@ -106,7 +83,7 @@ fn uniform_pick_between_three_backends() {
 /// answered, new endpoints get traffic, removed ones stop getting it.
 #[test]
 fn endpoints_follow_the_manifest_while_traffic_flows() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-manifests");
     manifests.seed(&[pod_ip(2), pod_ip(3)]);
     let (topology, agent) = setup(&[2, 3, 4], &manifests);
     agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
@@ -136,7 +113,7 @@ fn thousand_endpoint_service() {
     const N: usize = 1000;
     let endpoints: Vec<Ipv4Addr> =
         (0..N).map(|i| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 100, 1)) + i as u32)).collect();
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-manifests");
     manifests.seed(&endpoints);
     let (mut topology, agent) = setup(&[], &manifests);
     topology.add_pod("big", pod_ip(50), 81).unwrap();
@@ -163,7 +140,7 @@ fn thousand_endpoint_service() {
 /// another port of the ClusterIP, an unused address in the service range.
 #[test]
 fn connects_to_other_addresses_are_untouched() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-manifests");
     manifests.seed(&[pod_ip(2), pod_ip(3)]);
     let (topology, agent) = setup(&[2, 3], &manifests);
     agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
@@ -180,7 +157,7 @@ fn connects_to_other_addresses_are_untouched() {
 /// translation above is ours.
 #[test]
 fn clients_outside_the_cgroup_are_not_translated() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-manifests");
     manifests.seed(&[pod_ip(2)]);
     let (topology, agent) = setup(&[2], &manifests);
     agent.wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
@@ -195,7 +172,7 @@ fn clients_outside_the_cgroup_are_not_translated() {
 /// REJECT), instead of timing out.
 #[test]
 fn no_endpoints_refuses_connections() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-manifests");
     manifests.seed(&[]);
     let (topology, agent) = setup(&[2], &manifests);
     agent.wait_for_count(VIP, PORT, Some(0), WAIT).unwrap();
@@ -207,12 +184,12 @@ fn no_endpoints_refuses_connections() {
 /// service in the same directory is still served.
 #[test]
 fn malformed_manifests_are_skipped_and_the_rest_is_served() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-manifests");
     manifests.seed(&[pod_ip(2)]);
-    write_text(manifests.0.path(), "broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n").unwrap();
+    manifests.write("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n");
     let bad_ip = service("bad-ip").cluster_ip("10.96.0.300").port(80).build();
     let bad_port = service("bad-port").cluster_ip("10.96.0.11").port(70000).build();
-    write_text(manifests.0.path(), "bad.yaml", &(yaml(&bad_ip) + &yaml(&bad_port))).unwrap();
+    manifests.write("bad.yaml", &(yaml(&bad_ip) + &yaml(&bad_port)));
     let (topology, mut agent) = setup(&[2], &manifests);
     agent.wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
     agent.wait_for_log("spec.clusterIPs[0]", WAIT).unwrap();
@@ -231,7 +208,7 @@ fn malformed_manifests_are_skipped_and_the_rest_is_served() {
 /// The maps carry BTF: `bpftool map dump` prints keys and values with field names.
 #[test]
 fn bpftool_shows_maps_with_field_names() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-manifests");
     manifests.seed(&[pod_ip(2), pod_ip(3)]);
     let (_topology, agent) = setup(&[2, 3], &manifests);
     agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();

@@ -1,9 +1,9 @@
-//! The conformance suite: the rows of `K8S_E2E_BEHAVIOURS.md` (the upstream Kubernetes e2e tests
+//! The conformance suite: the rows of `docs/behaviours.md` (the upstream Kubernetes e2e tests
 //! of the service datapath) that no earlier suite proves, one test per row, named
 //! `e2e_NN_<what>` after it. `cargo xtask conformance` runs these together with the row tests of
 //! the other suites, as `proxy_tests::conformance::ROWS` lists them, and writes `CONFORMANCE.md`.
 //!
-//! Every test builds SPEC.md's two-node topology in network namespaces (node-1 172.18.0.2 and
+//! Every test builds the two-node topology of `docs/testing.md` in network namespaces (node-1 172.18.0.2 and
 //! node-2 172.18.0.3 with their pods, an external client 172.18.0.100; the traffic-distribution
 //! rows add nodes, 172.18.0.4 and on, to have upstream's zones), runs one agent inside
 //! each node's namespace on a manifest directory the test writes, and makes real connections:
@@ -41,11 +41,12 @@ use proxy_tests::{
     agent::Agent,
     cgroup::Cgroup,
     client::{Tally, http_get, probe},
+    cluster::{CLIENT_IP, Manifests, NODE_IPS, POOL_SIZE, Pool, node_ip, vip},
     conformance::{self, Outcome, QUICK_ENV, REPRODUCIBLE_ROWS, ROWS, Reproducible, Verdict},
-    fixtures::{SliceBuilder, TempDir, node, node_in_zone, service, slice, write_text, yaml},
-    netns::{Netns, veth},
-    pod::{ANSWER_LOCAL_ADDRESS, PodServer},
-    topology::{CLIENT_IP, NODE_IPS, Node, Nodes, Pod, node_ip},
+    fixtures::{SliceBuilder, service, slice, yaml},
+    netns::Netns,
+    pod::PodServer,
+    topology::{Node, Nodes, Pod},
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
@@ -53,7 +54,7 @@ const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 /// Bound for the agents to program a change (generous: the machine is shared).
 const WAIT: Duration = Duration::from_secs(10);
 /// The ClusterIP of most tests' service.
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const VIP: Ipv4Addr = vip(40);
 
 // ---------------------------------------------------------------------------------------------
 // The harness
@@ -62,42 +63,6 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 /// Whether `cargo xtask conformance --quick` asked for short waits.
 fn quick() -> bool {
     std::env::var_os(QUICK_ENV).is_some()
-}
-
-/// The agents' manifest directory (removed on drop), with every Node in it.
-struct Manifests(TempDir);
-
-impl Manifests {
-    /// The directory with Nodes node-1 to node-N, node i+1 in `zones[i]` (no zone label if empty).
-    fn new(zones: &[&str]) -> Self {
-        let manifests = Self(TempDir::new("proxy-conformance").expect("creating the manifest directory"));
-        manifests.put_nodes(zones);
-        manifests
-    }
-
-    /// Writes (or replaces) the Nodes, node i+1 in `zones[i]`.
-    fn put_nodes(&self, zones: &[&str]) {
-        let nodes = zones.iter().enumerate().fold(String::new(), |text, (i, zone)| {
-            let (name, ip, pod_cidr) =
-                (format!("node-{}", i + 1), node_ip(i).to_string(), format!("10.244.{}.0/24", i + 1));
-            let node =
-                if zone.is_empty() { node(&name, &ip, &pod_cidr) } else { node_in_zone(&name, &ip, &pod_cidr, zone) };
-            text + &yaml(&node)
-        });
-        write_text(self.0.path(), "nodes.yaml", &nodes).expect("writing the Nodes");
-    }
-
-    /// Writes (or replaces) `<name>.yaml` with a service and its slices, atomically.
-    fn put(&self, svc: &Service, slices: &[EndpointSlice]) {
-        let name = svc.metadata.name.as_deref().expect("fixtures name their services");
-        let text = slices.iter().fold(yaml(svc), |text, s| text + &yaml(s));
-        write_text(self.0.path(), &format!("{name}.yaml"), &text).expect("writing a manifest");
-    }
-
-    /// Deletes the service `name` and its slices (its file).
-    fn delete(&self, name: &str) {
-        std::fs::remove_file(self.0.path().join(format!("{name}.yaml"))).expect("removing a manifest");
-    }
 }
 
 /// Who connects: a node's client pod, a node's own processes (hostNetwork), a pod of a node
@@ -128,16 +93,10 @@ impl<const N: usize> Cluster<N> {
 
     /// The same, with node i+1 labelled in `zones[i]`.
     fn zoned(pods: [&[&str]; N], zones: [&str; N]) -> Self {
-        let manifests = Manifests::new(&zones);
+        let manifests = Manifests::zoned("proxy-conformance", &zones);
         let topology = Nodes::new(pods, 80, true).expect("building the multi-node topology");
-        let agents = topology
-            .nodes
-            .iter()
-            .map(|n| {
-                let flags = ["--manifests", &manifests.0.arg(), "--hostname-override", &n.name];
-                Agent::start_in(Some(&n.ns), AGENT.as_ref(), n.cgroup.path(), &flags).expect("starting an agent")
-            })
-            .collect();
+        let agents =
+            topology.nodes.iter().map(|n| manifests.start_agent(AGENT, &n.ns, &n.cgroup, &n.name, &[])).collect();
         Self { agents, topology, manifests }
     }
 
@@ -296,6 +255,37 @@ fn the_row_table_names_real_tests() {
         let number: u8 = name.0[..2].parse().expect("e2e_NN_ names a row");
         let row = &ROWS[usize::from(number) - 1];
         assert!(row.tests.contains(&test.as_str()), "{test} is not listed under row {number}");
+    }
+}
+
+/// `docs/behaviours.md` is the table's source: each of its rows has the same number, upstream
+/// title, [Conformance] tag and reproducibility as the row of `ROWS`, so neither can drift.
+#[test]
+fn the_row_table_follows_docs_behaviours() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/behaviours.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // `| # | title | C | what | here |`, the only table rows that start with a number (no cell
+    // holds a `|`; the C cell may be empty).
+    let documented: Vec<Vec<&str>> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix('|')?.strip_suffix('|'))
+        .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>())
+        .filter(|cells| cells[0].parse::<u8>().is_ok())
+        .collect();
+    assert_eq!(documented.len(), ROWS.len(), "{} lists every row", path.display());
+    for (row, cells) in ROWS.iter().zip(&documented) {
+        let [number, title, tag, _, here] = cells[..] else { panic!("row {}: five cells in {cells:?}", row.number) };
+        assert_eq!(number, row.number.to_string(), "rows in the same order");
+        assert_eq!(title, row.title, "row {}: the upstream title", row.number);
+        assert_eq!(tag.starts_with('C'), row.conformance, "row {}: [Conformance]", row.number);
+        let label = match row.reproducible {
+            Reproducible::Yes => "yes",
+            Reproducible::YesStar => "yes*",
+            Reproducible::Partial => "partial",
+            Reproducible::No => "no",
+        };
+        let documented_label = here.split(' ').next().unwrap_or_default();
+        assert_eq!(documented_label, label, "row {}: reproducible here", row.number);
     }
 }
 
@@ -510,9 +500,8 @@ fn external_name(c: &Cluster) {
     spec.type_ = Some("ExternalName".into());
     spec.external_name = Some("web.example.com".into());
     let canary = service("canary").cluster_ip("10.96.0.99").port(80).build();
-    let text = yaml(&svc) + &yaml(&canary);
-    write_text(c.manifests.0.path(), "web.yaml", &text).expect("writing a manifest");
-    c.wait_both(Ipv4Addr::new(10, 96, 0, 99), 80, TCP, Some(0));
+    c.manifests.write("web.yaml", &(yaml(&svc) + &yaml(&canary)));
+    c.wait_both(vip(99), 80, TCP, Some(0));
     for agent in &c.agents {
         let frontends: Vec<_> = agent.maps().unwrap().services().filter(|(k, _)| k.port == 80).collect();
         assert_eq!(frontends.len(), 1, "an ExternalName service has no frontend, only the canary: {frontends:?}");
@@ -605,7 +594,7 @@ fn e2e_28_headless_label_toggled_live() {
 fn label_toggled_live(label: &str, value: &str) {
     let c = Cluster::new([&["pod-a"], &["pod-b"]]);
     let (svc, eps) = web(&c, &[("http", 80, "TCP")]);
-    let plain_vip = Ipv4Addr::new(10, 96, 0, 41);
+    let plain_vip = vip(41);
     let plain = service("plain").cluster_ip(&plain_vip.to_string()).named_port("http", 80, "TCP").build();
     let mut plain_eps = eps.clone();
     plain_eps.metadata.name = Some("plain-a".into());
@@ -873,43 +862,6 @@ fn e2e_33_internal_traffic_policy_local_host_network_backend() {
     }
 }
 
-/// The pod that holds the endpoint pool on node-1 (see [`Pool`]).
-const POOL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 50);
-/// Endpoints in the pool: 10.244.100.1..=POOL_SIZE.
-const POOL_SIZE: u8 = 100;
-
-/// A pod on node-1 that owns all of 10.244.100.0/24 (a local route) and answers with the
-/// address it was reached at: one namespace stands for POOL_SIZE endpoints, so an affinity
-/// re-pick lands on the old endpoint with probability 1/100 only.
-struct Pool {
-    // Declared first: the server stops before its namespace goes.
-    _server: PodServer,
-    _ns: Netns,
-}
-
-impl Pool {
-    fn on(node: &Node) -> Self {
-        let ns = Netns::new("pool").expect("creating the pool's namespace");
-        veth(&node.ns, "vpool", &ns, "eth0").expect("wiring the pool");
-        node.ns.ip(&["link", "set", "vpool", "master", "br0"]).expect("plugging the pool into the bridge");
-        ns.ip(&["addr", "add", &format!("{POOL_POD}/24"), "dev", "eth0"]).expect("addressing the pool");
-        ns.ip(&["route", "add", "default", "via", "10.244.1.1"]).expect("the pool's default route");
-        ns.ip(&["route", "add", "local", "10.244.100.0/24", "dev", "lo"]).expect("giving the pool its addresses");
-        let server = PodServer::start(&ns, 80, ANSWER_LOCAL_ADDRESS).expect("starting the pool's server");
-        node.ns.ip(&["route", "add", "10.244.100.0/24", "via", &POOL_POD.to_string()]).expect("routing to the pool");
-        Self { _server: server, _ns: ns }
-    }
-
-    /// The pool's endpoints on node-1, port 80, in a slice of `service`.
-    fn slice(service: &str) -> EndpointSlice {
-        (1..=POOL_SIZE)
-            .fold(slice(service, "a").port(80), |s, i| {
-                s.endpoint_on(&Ipv4Addr::new(10, 244, 100, i).to_string(), "node-1")
-            })
-            .build()
-    }
-}
-
 /// The affinity timeout of rows 22 and 25: upstream's 125 s, or 4 s in quick mode.
 fn affinity_timeout() -> u64 {
     if quick() { 4 } else { 125 }
@@ -941,10 +893,10 @@ fn affinity_expires(c: &Cluster, from: Who, to: &str) {
 #[test]
 fn e2e_22_affinity_timeout_125s_cluster_ip() {
     let c = Cluster::new([&[], &[]]);
-    let _pool = Pool::on(c.node(0));
+    let _pool = Pool::on(&c.node(0).ns).expect("adding the endpoint pool");
     let timeout = affinity_timeout();
     let svc = service("web").cluster_ip(&VIP.to_string()).port(80).session_affinity(Some(timeout as i32)).build();
-    c.manifests.put(&svc, &[Pool::slice("web")]);
+    c.manifests.put(&svc, [&Pool::slice("web").build()]);
     c.wait(0, VIP, 80, TCP, Some(POOL_SIZE.into()));
     let programmed = master(&c.agents[0], VIP, 80, TCP).expect("the ClusterIP's master entry");
     assert_eq!(u64::from(programmed.affinity_timeout), timeout, "the timeout is programmed: {programmed:?}");
@@ -956,7 +908,7 @@ fn e2e_22_affinity_timeout_125s_cluster_ip() {
 #[test]
 fn e2e_25_affinity_timeout_125s_node_port() {
     let c = Cluster::new([&[], &[]]);
-    let _pool = Pool::on(c.node(0));
+    let _pool = Pool::on(&c.node(0).ns).expect("adding the endpoint pool");
     let timeout = affinity_timeout();
     let svc = service("web")
         .cluster_ip(&VIP.to_string())
@@ -964,7 +916,7 @@ fn e2e_25_affinity_timeout_125s_node_port() {
         .node_port(30025)
         .session_affinity(Some(timeout as i32))
         .build();
-    c.manifests.put(&svc, &[Pool::slice("web")]);
+    c.manifests.put(&svc, [&Pool::slice("web").build()]);
     c.wait(0, NODE_IPS[0], 30025, TCP, Some(POOL_SIZE.into()));
     affinity_expires(&c, Who::Outside, &at(NODE_IPS[0], 30025));
 }
@@ -1636,7 +1588,7 @@ fn e2e_63_services_sharing_endpoints() {
     let c = Cluster::new([&["pod-a"], &["pod-b"]]);
     let both = ["pod-a", "pod-b"];
     netcheck(&c, &pods_ab(&c), 80, false);
-    let (second, second_ports) = (Ipv4Addr::new(10, 96, 0, 41), (30081, 30091));
+    let (second, second_ports) = (vip(41), (30081, 30091));
     put_netcheck(&c, "netcheck-2", second, second_ports, &pods_ab(&c), 80, false);
     for vip in [VIP, second] {
         for (mode, port) in [("tcp", 80), ("udp", 90)] {

@@ -2,7 +2,7 @@
 //! HTTP with the real kube client and programs the real BPF datapath, attached to a cgroup this
 //! test made; clients in pod namespaces inside that cgroup make real connections.
 //!
-//! Tests named `e2e_NN_...` reproduce row NN of `K8S_E2E_BEHAVIOURS.md`.
+//! Tests named `e2e_NN_...` reproduce row NN of `docs/behaviours.md`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,6 +28,7 @@ use proxy_tests::{
     agent::{Agent, Synced},
     apiserver::ApiServer,
     client::{Tally, http_get, probe},
+    cluster::{self, NODE_IPS, SEED_PORT as PORT, TARGET_PORT, vip},
     fixtures::{service, slice},
     netns::Netns,
     topology::SingleNode,
@@ -41,18 +42,12 @@ const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const WAIT: Duration = Duration::from_secs(10);
 /// Bound for waits that include the watchers' backoff (kube's default: 0.8 s doubling up to 30 s).
 const RECOVERY: Duration = Duration::from_secs(45);
-/// Every service of these tests listens here and targets port 80 of its pods.
-const PORT: u16 = 6666;
-const TARGET_PORT: u16 = 80;
-/// node-1's InternalIP (SPEC.md's address plan).
-const NODE1: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+/// node-1's InternalIP.
+const NODE1: Ipv4Addr = NODE_IPS[0];
 
-fn vip(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 96, 0, last)
-}
-
+/// Address `n` on node-1's pod network.
 fn pod_ip(n: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244, 1, n)
+    cluster::pod_ip(0, n)
 }
 
 fn pod_name(n: u8) -> String {
@@ -719,7 +714,7 @@ fn malformed_objects_are_skipped_and_the_rest_is_served() {
 /// The NodePort service of e2e row 10 against node-1's Node object.
 fn nodeport_seed(server: &ApiServer) {
     server.apply_raw("Node", node("node-1", NODE1));
-    server.apply_raw("Node", node("node-2", Ipv4Addr::new(172, 18, 0, 3)));
+    server.apply_raw("Node", node("node-2", NODE_IPS[1]));
     server.apply(&service("np").cluster_ip(&vip(40).to_string()).port(PORT.into()).node_port(30080).build());
     server.apply(&endpoints("np", &[2, 3]));
 }
@@ -732,7 +727,7 @@ fn e2e_10_nodeport_on_the_node_address() {
     let c = Cluster::start(&[2, 3], &[], nodeport_seed);
     c.wait_for_pods(40, Some(&[2, 3]), WAIT);
     c.agent.wait_for_backends(NODE1, 30080, Some(&backends(&[2, 3])), WAIT).unwrap();
-    assert!(!frontends(&c.agent).contains(&(Ipv4Addr::new(172, 18, 0, 3), 30080)), "node-2's address is not ours");
+    assert!(!frontends(&c.agent).contains(&(NODE_IPS[1], 30080)), "node-2's address is not ours");
     assert_served_by(&c.connect_to(NODE1, 30080, 100), 100, &[2, 3]);
 
     let moved = Ipv4Addr::new(172, 18, 0, 5);

@@ -27,7 +27,7 @@ use k8s_openapi::{
 use proxy_agent::{cli::Cli, source::rbac};
 use proxy_tests::{
     apiserver::ApiServer,
-    fixtures::{service, slice},
+    cluster::{SEED, SEED_NODE_PORT, SEED_PORT, TARGET_PORT, pod_ip, seed, seed_slice},
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -185,8 +185,8 @@ async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
         ..Default::default()
     };
     server.apply(&Node { metadata: meta, ..Default::default() });
-    server.apply(&service("apigw-test1").cluster_ip("10.96.0.10").port(6666).build());
-    server.apply(&slice("apigw-test1", "a").port(80).endpoint("10.244.1.2").build());
+    server.apply(&seed().build());
+    server.apply(&seed_slice(&[pod_ip(0, 2)]).build());
     let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("URL"))).expect("client");
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let source = tokio::spawn(proxy_agent::source::kube::run(
@@ -395,8 +395,8 @@ fn the_daemonset_runs_privileged_on_every_node_with_a_pinned_image() {
 fn the_sample_is_the_seeds_apigw_test1() {
     let deployment: Deployment = the();
     let service: Service = the();
-    assert_eq!(deployment.metadata.name.as_deref(), Some("apigw-test1"));
-    assert_eq!(service.metadata.name.as_deref(), Some("apigw-test1"));
+    assert_eq!(deployment.metadata.name.as_deref(), Some(SEED));
+    assert_eq!(service.metadata.name.as_deref(), Some(SEED));
     let spec = deployment.spec.as_ref().expect("a deployment spec");
     assert_eq!(spec.replicas, Some(2), "two pods");
     let pod_labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
@@ -406,8 +406,8 @@ fn the_sample_is_the_seeds_apigw_test1() {
     assert_eq!(service_spec.type_.as_deref(), Some("NodePort"));
     let ports = service_spec.ports.as_deref().unwrap_or_default();
     assert_eq!(ports.len(), 1);
-    assert_eq!((ports[0].port, ports[0].node_port), (6666, Some(30066)));
-    assert_eq!(ports[0].target_port, Some(IntOrString::Int(80)));
+    assert_eq!((ports[0].port, ports[0].node_port), (SEED_PORT.into(), Some(SEED_NODE_PORT.into())));
+    assert_eq!(ports[0].target_port, Some(IntOrString::Int(TARGET_PORT.into())));
     let containers = &spec.template.spec.as_ref().expect("a pod spec").containers;
     let serves_80 = containers.iter().flat_map(|c| c.ports.iter().flatten()).any(|p| p.container_port == 80);
     assert!(serves_80, "the pods serve port 80");

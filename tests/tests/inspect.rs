@@ -5,17 +5,15 @@
 //! The agent runs in a namespace of its own (nothing to attach its TC program to there) with its
 //! socket programs on a test cgroup; inspect and explain only read the pinned maps.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
+use std::{collections::BTreeSet, net::Ipv4Addr, process::Command, time::Duration};
 
-use k8s_openapi::{
-    api::core::v1::{Node, NodeAddress, NodeStatus, Service, SessionAffinityConfig},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::core::v1::{Service, SessionAffinityConfig};
 use proxy_tests::{
     agent::Agent,
     cgroup::Cgroup,
     client::probe,
-    fixtures::{service, slice, write_text, yaml},
+    cluster::{Manifests, NODE_IPS, SEED_PORT, SEED_VIP, TARGET_PORT},
+    fixtures::{service, slice, yaml},
     netns::Netns,
     topology::SingleNode,
 };
@@ -24,59 +22,15 @@ use serde_json::Value;
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const WAIT: Duration = Duration::from_secs(5);
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+/// node-1's address (its nodePort address).
+const NODE_IP: Ipv4Addr = NODE_IPS[0];
+/// The client pod's and the external client's addresses of the plan, as command-line text.
 const CLIENT_POD: &str = "10.244.1.200";
 const EXTERNAL_CLIENT: &str = "172.18.0.100";
 
-/// A manifest directory removed on drop.
-struct Manifests(PathBuf);
-
-impl Manifests {
-    fn new() -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("proxy-inspect-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("creating the manifest directory");
-        Self(dir)
-    }
-
-    fn arg(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-
-    fn write(&self, file: &str, documents: &[String]) {
-        write_text(&self.0, file, &documents.concat()).expect("writing a manifest");
-    }
-
-    /// node-1 with `NODE_IP` as its InternalIP (its nodePort address).
-    fn node(&self) {
-        let node = Node {
-            metadata: ObjectMeta { name: Some("node-1".into()), ..Default::default() },
-            spec: None,
-            status: Some(NodeStatus {
-                addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: NODE_IP.to_string() }]),
-                ..Default::default()
-            }),
-        };
-        self.write("node-1.yaml", &[yaml(&node)]);
-    }
-}
-
-impl Drop for Manifests {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The agent on `manifests` as node-1, in a namespace of its own, attached to `cgroup`.
 fn agent(ns: &Netns, cgroup: &Cgroup, manifests: &Manifests) -> Agent {
-    Agent::start_in(
-        Some(ns),
-        AGENT.as_ref(),
-        cgroup.path(),
-        &["--manifests", &manifests.arg(), "--hostname-override", "node-1"],
-    )
-    .expect("starting the agent")
+    manifests.start_agent(AGENT, ns, cgroup, "node-1", &[])
 }
 
 /// Runs `proxy-agent <args> --bpf-root ROOT -o json` and parses its output.
@@ -153,12 +107,10 @@ fn spec(service: &mut Service) -> &mut k8s_openapi::api::core::v1::ServiceSpec {
 /// endpoints as addresses; backends lists them; explain gives each 1/2 for all traffic.
 #[test]
 fn cluster_ip_with_two_endpoints() {
-    let (vip, port, target) = (Ipv4Addr::new(10, 96, 0, 10), 6666u16, 80);
+    let (vip, port, target) = (SEED_VIP, SEED_PORT, TARGET_PORT);
     let pods = ["10.244.1.2", "10.244.1.3"];
-    let manifests = Manifests::new();
-    let svc = service("apigw-test1").cluster_ip(&vip.to_string()).port(port.into()).build();
-    let eps = slice("apigw-test1", "a").port(target).endpoints(pods).build();
-    manifests.write("apigw.yaml", &[yaml(&svc), yaml(&eps)]);
+    let manifests = Manifests::new("proxy-inspect");
+    manifests.seed(&pods.map(|p| p.parse().unwrap()));
     let (ns, cgroup) = (Netns::new("agent").unwrap(), Cgroup::new("proxy-inspect").unwrap());
     let agent = agent(&ns, &cgroup, &manifests);
     agent.wait_for_count(vip, port, Some(2), WAIT).unwrap();
@@ -206,11 +158,11 @@ fn cluster_ip_with_two_endpoints() {
 #[test]
 fn node_port_service() {
     let (vip, port, node_port) = (Ipv4Addr::new(10, 96, 0, 11), 6666u16, 30066u16);
-    let manifests = Manifests::new();
-    manifests.node();
+    let manifests = Manifests::new("proxy-inspect");
+    manifests.put_nodes(&[""]);
     let svc = service("web").cluster_ip(&vip.to_string()).port(port.into()).node_port(node_port.into()).build();
     let eps = slice("web", "a").port(80).endpoints(["10.244.1.2", "10.244.1.3"]).build();
-    manifests.write("web.yaml", &[yaml(&svc), yaml(&eps)]);
+    manifests.put(&svc, [&eps]);
     let (ns, cgroup) = (Netns::new("agent").unwrap(), Cgroup::new("proxy-inspect").unwrap());
     let agent = agent(&ns, &cgroup, &manifests);
     agent.wait_for_count(NODE_IP, node_port, Some(2), WAIT).unwrap();
@@ -238,9 +190,9 @@ fn node_port_service() {
 #[test]
 fn service_without_endpoints_is_refused() {
     let (vip, port) = (Ipv4Addr::new(10, 96, 0, 12), 5432u16);
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-inspect");
     let svc = service("db").cluster_ip(&vip.to_string()).port(port.into()).build();
-    manifests.write("db.yaml", &[yaml(&svc)]);
+    manifests.put(&svc, []);
     let (ns, cgroup) = (Netns::new("agent").unwrap(), Cgroup::new("proxy-inspect").unwrap());
     let agent = agent(&ns, &cgroup, &manifests);
     agent.wait_for_count(vip, port, Some(0), WAIT).unwrap();
@@ -262,10 +214,10 @@ fn service_without_endpoints_is_refused() {
 #[test]
 fn non_service_addresses_are_left_alone() {
     let (vip, port) = (Ipv4Addr::new(10, 96, 0, 13), 6666u16);
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-inspect");
     let svc = service("api").cluster_ip(&vip.to_string()).port(port.into()).build();
     let eps = slice("api", "a").port(80).endpoints(["10.244.1.2"]).build();
-    manifests.write("api.yaml", &[yaml(&svc), yaml(&eps)]);
+    manifests.put(&svc, [&eps]);
     let (ns, cgroup) = (Netns::new("agent").unwrap(), Cgroup::new("proxy-inspect").unwrap());
     let agent = agent(&ns, &cgroup, &manifests);
     agent.wait_for_count(vip, port, Some(1), WAIT).unwrap();
@@ -289,13 +241,13 @@ fn non_service_addresses_are_left_alone() {
 fn etp_local_has_two_scopes() {
     let (vip, port, node_port) = (Ipv4Addr::new(10, 96, 0, 14), 80u16, 30080u16);
     let (local, remote) = ("10.244.1.5", "10.244.2.7");
-    let manifests = Manifests::new();
-    manifests.node();
+    let manifests = Manifests::new("proxy-inspect");
+    manifests.put_nodes(&[""]);
     let mut svc = service("shop").cluster_ip(&vip.to_string()).port(port.into()).node_port(node_port.into()).build();
     spec(&mut svc).external_traffic_policy = Some("Local".into());
     let mut eps = slice("shop", "a").port(8080).endpoints([local, remote]).build();
     eps.endpoints[1].node_name = Some("node-2".into());
-    manifests.write("shop.yaml", &[yaml(&svc), yaml(&eps)]);
+    manifests.put(&svc, [&eps]);
     let (ns, cgroup) = (Netns::new("agent").unwrap(), Cgroup::new("proxy-inspect").unwrap());
     let agent = agent(&ns, &cgroup, &manifests);
     agent.wait_for_count(NODE_IP, node_port, Some(1), WAIT).unwrap();
@@ -337,7 +289,7 @@ fn etp_local_has_two_scopes() {
 /// default of 10800 s when none is configured).
 #[test]
 fn session_affinity_is_shown_with_its_timeout() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-inspect");
     let mut documents = Vec::new();
     for (name, vip, timeout) in [("sticky", "10.96.0.15", Some(600)), ("sticky-default", "10.96.0.16", None)] {
         let mut svc = service(name).cluster_ip(vip).port(80).build();
@@ -350,7 +302,7 @@ fn session_affinity_is_shown_with_its_timeout() {
         documents.push(yaml(&svc));
         documents.push(yaml(&slice(name, "a").port(80).endpoints(["10.244.1.2"]).build()));
     }
-    manifests.write("sticky.yaml", &documents);
+    manifests.write("sticky.yaml", &documents.concat());
     let (ns, cgroup) = (Netns::new("agent").unwrap(), Cgroup::new("proxy-inspect").unwrap());
     let agent = agent(&ns, &cgroup, &manifests);
     agent.wait_for_count(Ipv4Addr::new(10, 96, 0, 16), 80, Some(1), WAIT).unwrap();
@@ -372,7 +324,7 @@ fn session_affinity_is_shown_with_its_timeout() {
 fn affinity_entry_names_the_pod_that_answered() {
     let (vip, port) = (Ipv4Addr::new(10, 96, 0, 17), 80u16);
     let pods = [("pod-2", Ipv4Addr::new(10, 244, 1, 2)), ("pod-3", Ipv4Addr::new(10, 244, 1, 3))];
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-inspect");
     let mut svc = service("sticky").cluster_ip(&vip.to_string()).port(port.into()).build();
     spec(&mut svc).session_affinity = Some("ClientIP".into());
     spec(&mut svc).session_affinity_config = Some(SessionAffinityConfig {
@@ -380,7 +332,7 @@ fn affinity_entry_names_the_pod_that_answered() {
     });
     let ips = pods.map(|(_, ip)| ip.to_string());
     let eps = slice("sticky", "a").port(80).endpoints(ips.iter().map(String::as_str)).build();
-    manifests.write("sticky.yaml", &[yaml(&svc), yaml(&eps)]);
+    manifests.put(&svc, [&eps]);
     let topology = SingleNode::new(&pods, 80).expect("building the namespaces");
     let ns = Netns::new("agent").unwrap();
     let agent = agent(&ns, &topology.cgroup, &manifests);

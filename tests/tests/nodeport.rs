@@ -1,4 +1,4 @@
-//! NodePort and external traffic through the TC program, on SPEC.md's two-node topology: an
+//! NodePort and external traffic through the TC program, on the two-node topology of `docs/testing.md`: an
 //! external client (172.18.0.100) connects to a node's address on the nodePort (or to an
 //! external IP / LoadBalancer IP routed to node-1) and must reach pods on both nodes, with the
 //! replies finding their way back. One agent per node runs inside that node's namespace.
@@ -9,41 +9,16 @@ use k8s_openapi::api::core::v1::Service;
 use proxy_tests::{
     agent::Agent,
     client::{Tally, http_get, probe},
-    fixtures::{TempDir, node, service, slice, write_text, yaml},
+    cluster::{CLIENT_IP, Manifests, NODE_IPS, SEED, SEED_NODE_PORT as NODE_PORT, seed_node_port},
+    fixtures::{service, slice},
     netns::run,
     pod::PEER,
-    topology::{CLIENT_IP, NODE_IPS, TwoNodes},
+    topology::TwoNodes,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
-const NODE_PORT: u16 = 30066;
 const WAIT: Duration = Duration::from_secs(5);
-
-/// The manifest directory both agents read (removed on drop), with both Nodes in it.
-struct Manifests(TempDir);
-
-impl Manifests {
-    fn new() -> Self {
-        let dir = TempDir::new("proxy-np").unwrap();
-        let nodes = yaml(&node("node-1", &NODE_IPS[0].to_string(), "10.244.1.0/24"))
-            + &yaml(&node("node-2", &NODE_IPS[1].to_string(), "10.244.2.0/24"));
-        write_text(dir.path(), "nodes.yaml", &nodes).unwrap();
-        Self(dir)
-    }
-
-    /// Writes `svc` with endpoints (address, node).
-    fn service(&self, svc: &Service, endpoints: &[(Ipv4Addr, &str)]) {
-        let name = svc.metadata.name.clone().unwrap();
-        // The slice's ports mirror the service's (name, protocol), all on target port 80.
-        let ports = svc.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
-        let with_ports = ports.iter().fold(slice(&name, "a"), |s, p| {
-            s.named_port(p.name.as_deref().unwrap_or(""), 80, p.protocol.as_deref().unwrap_or("TCP"))
-        });
-        let eps = endpoints.iter().fold(with_ports, |s, (ip, node)| s.endpoint_on(&ip.to_string(), node)).build();
-        write_text(self.0.path(), &format!("{name}.yaml"), &(yaml(svc) + &yaml(&eps))).unwrap();
-    }
-}
 
 /// Both nodes with their agents; pods answer `<name> <client address as they see it>`.
 struct Cluster {
@@ -57,15 +32,8 @@ impl Cluster {
             pods.iter().map(|names| names.iter().map(|n| format!("{n} {PEER}")).collect()).collect();
         let refs: Vec<Vec<&str>> = with_peer.iter().map(|v| v.iter().map(String::as_str).collect()).collect();
         let topology = TwoNodes::new([&refs[0], &refs[1]], 80, offload).expect("building the two-node topology");
-        let agents = topology
-            .nodes
-            .iter()
-            .map(|n| {
-                let flags = ["--manifests", &manifests.0.arg(), "--hostname-override", &n.name].map(str::to_owned);
-                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-                Agent::start_in(Some(&n.ns), AGENT.as_ref(), n.cgroup.path(), &flags).expect("starting an agent")
-            })
-            .collect();
+        let agents =
+            topology.nodes.iter().map(|n| manifests.start_agent(AGENT, &n.ns, &n.cgroup, &n.name, &[])).collect();
         Self { agents, topology }
     }
 
@@ -99,20 +67,10 @@ fn seed(cluster: &Cluster, manifests: &Manifests, svc: Service) {
     }
 }
 
-/// The seed's service, with the same port (and nodePort) for TCP and UDP.
-fn nodeport_service() -> proxy_tests::fixtures::ServiceBuilder {
-    service("apigw-test1")
-        .cluster_ip("10.96.0.10")
-        .named_port("tcp", 6666, "TCP")
-        .node_port(NODE_PORT.into())
-        .named_port("udp", 6666, "UDP")
-        .node_port(NODE_PORT.into())
-}
-
 fn nodeport_reaches_pods_on_both_nodes(offload: bool) {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], offload, &manifests);
-    seed(&cluster, &manifests, nodeport_service().build());
+    seed(&cluster, &manifests, seed_node_port().build());
     for proto in ["tcp", "udp"] {
         let tally = cluster.external(proto, &format!("{}:{NODE_PORT}", NODE_IPS[0]), 400);
         assert_eq!(tally.answered(), 400, "{proto}: every connection is answered: {tally:?}");
@@ -144,10 +102,10 @@ fn nodeport_works_without_checksum_offload() {
 /// own endpoints, and a node without local endpoints drops.
 #[test]
 fn e2e_34_external_traffic_policy_local() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &[]], true, &manifests);
     let endpoints = [(cluster.pod_ip(0, 0), "node-1")];
-    manifests.service(&nodeport_service().external_traffic_policy("Local").build(), &endpoints);
+    manifests.service(&seed_node_port().external_traffic_policy("Local").build(), &endpoints);
     cluster.agents[0].wait_for_count(NODE_IPS[0], NODE_PORT, Some(1), WAIT).unwrap();
     cluster.agents[1].wait_for_count(NODE_IPS[1], NODE_PORT, Some(0), WAIT).unwrap();
     let tally = cluster.external("tcp", &format!("{}:{NODE_PORT}", NODE_IPS[0]), 50);
@@ -162,14 +120,14 @@ fn e2e_34_external_traffic_policy_local() {
 /// e2e row 11: external IPs and LoadBalancer ingress IPs routed to node-1 work like the nodePort.
 #[test]
 fn e2e_11_external_ip_and_load_balancer_ip() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
     let external_ip = "172.18.1.10";
     let lb_ip = "172.18.2.10";
     for ip in [external_ip, lb_ip] {
         cluster.topology.client.ip(&["route", "add", &format!("{ip}/32"), "via", &NODE_IPS[0].to_string()]).unwrap();
     }
-    seed(&cluster, &manifests, nodeport_service().external_ip(external_ip).load_balancer_ip(lb_ip).build());
+    seed(&cluster, &manifests, seed_node_port().external_ip(external_ip).load_balancer_ip(lb_ip).build());
     for ip in [external_ip, lb_ip] {
         cluster.agents[0].wait_for_count(ip.parse().unwrap(), 6666, Some(2), WAIT).unwrap();
         let tally = cluster.external("tcp", &format!("{ip}:6666"), 100);
@@ -185,9 +143,9 @@ fn e2e_11_external_ip_and_load_balancer_ip() {
 /// request is echoed back, to pods on both nodes.
 #[test]
 fn large_requests_and_fragments_through_the_nodeport() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
-    seed(&cluster, &manifests, nodeport_service().build());
+    seed(&cluster, &manifests, seed_node_port().build());
     let target = format!("{}:{NODE_PORT}", NODE_IPS[0]);
     for mode in ["udp-big", "tcp-big"] {
         let tally = cluster.external(mode, &target, 40);
@@ -208,7 +166,7 @@ fn large_requests_and_fragments_through_the_nodeport() {
 /// client's connected socket sees "connection refused" instead of waiting for a timeout.
 #[test]
 fn icmp_errors_of_tracked_flows_reach_the_client() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
     let svc = service("closed").cluster_ip("10.96.0.30").named_port("udp", 7000, "UDP").node_port(30070).build();
     // Target port 81: the pods serve 80 only.
@@ -217,7 +175,7 @@ fn icmp_errors_of_tracked_flows_reach_the_client() {
         .endpoint_on(&cluster.pod_ip(0, 0).to_string(), "node-1")
         .endpoint_on(&cluster.pod_ip(1, 0).to_string(), "node-2")
         .build();
-    write_text(manifests.0.path(), "closed.yaml", &(yaml(&svc) + &yaml(&eps))).unwrap();
+    manifests.put(&svc, &[eps]);
     let key = proxy_common::service::ServiceKey::master(NODE_IPS[0].octets(), 30070, proxy_common::proto::UDP);
     let deadline = std::time::Instant::now() + WAIT;
     while !cluster.agents[0].maps().unwrap().services().any(|(k, v)| k == key && v.count == 2) {
@@ -234,9 +192,9 @@ fn icmp_errors_of_tracked_flows_reach_the_client() {
 /// reply direction that undoes it.
 #[test]
 fn inspect_conntrack_shows_the_flows() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
-    seed(&cluster, &manifests, nodeport_service().build());
+    seed(&cluster, &manifests, seed_node_port().build());
     let target = format!("{}:{NODE_PORT}", NODE_IPS[0]);
     assert_eq!(cluster.external("tcp", &target, 3).answered(), 3);
     let out = std::process::Command::new(AGENT)
@@ -266,10 +224,10 @@ fn inspect_conntrack_shows_the_flows() {
 /// endpoint is left (which still serves the nodePort), and no server once the policy is Cluster.
 #[test]
 fn e2e_35_health_check_node_port() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &[]], true, &manifests);
     let lb = |policy: &str| {
-        nodeport_service()
+        seed_node_port()
             .external_traffic_policy(policy)
             .load_balancer_ip("172.18.3.10")
             .health_check_node_port(32000)
@@ -278,12 +236,12 @@ fn e2e_35_health_check_node_port() {
     let pod_a = cluster.pod_ip(0, 0).to_string();
     let write = |svc: &Service, terminating: bool| {
         let endpoint = if terminating {
-            slice("apigw-test1", "a").endpoint_with(&pod_a, "node-1", false, true, true)
+            slice(SEED, "a").endpoint_with(&pod_a, "node-1", false, true, true)
         } else {
-            slice("apigw-test1", "a").endpoint_on(&pod_a, "node-1")
+            slice(SEED, "a").endpoint_on(&pod_a, "node-1")
         };
         let eps = endpoint.named_port("tcp", 80, "TCP").named_port("udp", 80, "UDP").build();
-        write_text(manifests.0.path(), "apigw-test1.yaml", &(yaml(svc) + &yaml(&eps))).unwrap();
+        manifests.put(svc, &[eps]);
     };
     let health = |node: usize| {
         let target = format!("{}:32000", NODE_IPS[node]);
@@ -305,7 +263,7 @@ fn e2e_35_health_check_node_port() {
     let body: serde_json::Value =
         serde_json::from_str(ok.answers.keys().next().unwrap().trim_start_matches("200 ")).unwrap();
     assert_eq!(body["localEndpoints"], 1);
-    assert_eq!(body["service"]["name"], "apigw-test1");
+    assert_eq!(body["service"]["name"], SEED);
     assert_eq!(body["service"]["namespace"], "default");
     let none = wait_for(1, "503 ");
     assert!(none.answers.keys().any(|a| a.contains("\"localEndpoints\":0")), "{none:?}");
@@ -328,7 +286,7 @@ fn e2e_35_health_check_node_port() {
 /// datagram on the same socket reaches a remaining backend.
 #[test]
 fn udp_flows_leave_a_backend_removed_from_the_service() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
     let (pod_a, pod_b) = (cluster.pod_ip(0, 0), cluster.pod_ip(1, 0));
     let udp = service("dns").cluster_ip("10.96.0.40").named_port("udp", 53, "UDP").node_port(30053).build();
@@ -385,9 +343,9 @@ fn udp_flows_leave_a_backend_removed_from_the_service() {
 /// translates those too.
 #[test]
 fn node_local_clients_reach_node_ports() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
-    seed(&cluster, &manifests, nodeport_service().build());
+    seed(&cluster, &manifests, seed_node_port().build());
     let node1 = &cluster.topology.nodes[0];
     for ip in NODE_IPS {
         let target = format!("{ip}:{NODE_PORT}");
@@ -409,7 +367,7 @@ fn node_local_clients_reach_node_ports() {
 /// open; a listed client is admitted.
 #[test]
 fn load_balancer_source_ranges_admit_only_listed_clients() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
     let (allowed_ip, denied_ip) = ("172.18.2.10", "172.18.2.11");
     for ip in [allowed_ip, denied_ip] {
@@ -468,9 +426,9 @@ fn load_balancer_source_ranges_admit_only_listed_clients() {
 /// clash), and a long-lived connection keeps working while an unrelated service changes.
 #[test]
 fn parallel_flows_and_a_long_lived_connection() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
-    seed(&cluster, &manifests, nodeport_service().build());
+    seed(&cluster, &manifests, seed_node_port().build());
     let target = format!("{}:{NODE_PORT}", NODE_IPS[0]);
     thread::scope(|s| {
         let held = s.spawn(|| probe(PROBE.as_ref(), &cluster.topology.client, None, &["hold", &target, "4"]).unwrap());
@@ -497,9 +455,9 @@ fn parallel_flows_and_a_long_lived_connection() {
 /// prove our datapath did the work.
 #[test]
 fn without_our_programs_the_nodeport_goes_nowhere() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-np");
     let mut cluster = Cluster::new([&["pod-a"], &["pod-b"]], true, &manifests);
-    seed(&cluster, &manifests, nodeport_service().build());
+    seed(&cluster, &manifests, seed_node_port().build());
     let target = format!("{}:{NODE_PORT}", NODE_IPS[0]);
     assert_eq!(cluster.external("tcp", &target, 5).answered(), 5);
     // As an operator would: stop the agents, then remove what they left.

@@ -19,7 +19,8 @@ use proxy_tests::{
     agent::Agent,
     cgroup::Cgroup,
     client::{Tally, probe},
-    fixtures::{node, service, slice, write_text, yaml},
+    cluster::{Manifests, SEED_PORT as PORT, SEED_VIP as VIP, TARGET_PORT, cluster_node, pod_ip},
+    fixtures::{service, yaml},
     netns::{Netns, run},
     topology::SingleNode,
 };
@@ -27,8 +28,6 @@ use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const PORT: u16 = 6666;
 const WAIT: Duration = Duration::from_secs(5);
 /// The agent's servers, on loopback inside the node's namespace.
 const HEALTHZ: u16 = 10256;
@@ -36,32 +35,14 @@ const METRICS: u16 = 10249;
 const SERVER_FLAGS: [&str; 4] =
     ["--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249"];
 
-/// A manifest directory removed on drop.
-struct Manifests(PathBuf);
-
-impl Manifests {
-    /// The seed's service at VIP:PORT → :80 with `endpoints`, and `extra` YAML.
-    fn new(endpoints: &[Ipv4Addr], extra: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("proxy-ops-manifests-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("creating the manifest directory");
-        let svc = service("apigw-test1").cluster_ip(&VIP.to_string()).port(PORT.into()).build();
-        let ips: Vec<String> = endpoints.iter().map(Ipv4Addr::to_string).collect();
-        let eps = slice("apigw-test1", "a").port(80).endpoints(ips.iter().map(String::as_str)).build();
-        write_text(&dir, "apigw-test1.yaml", &(yaml(&svc) + &yaml(&eps) + extra)).expect("writing the manifest");
-        Self(dir)
+/// The seed service with `endpoints` on node-1, and `extra` YAML beside it.
+fn manifests(endpoints: &[Ipv4Addr], extra: &str) -> Manifests {
+    let manifests = Manifests::new("proxy-ops-manifests");
+    manifests.seed(endpoints);
+    if !extra.is_empty() {
+        manifests.write("extra.yaml", extra);
     }
-
-    fn arg(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Manifests {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    manifests
 }
 
 /// node-1 as a bare namespace (no interfaces but `lo`), a cgroup, and the agent running in the
@@ -77,12 +58,8 @@ struct Bare {
 fn bare(extra_yaml: &str, extra_flags: &[&str]) -> Bare {
     let node = Netns::new("opsnode").expect("a namespace");
     let cgroup = Cgroup::new("proxy-ops").expect("a cgroup");
-    let manifests = Manifests::new(&[Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)], extra_yaml);
-    let mut flags = vec!["--manifests".to_owned(), manifests.arg(), "--hostname-override".into(), "node-1".into()];
-    flags.extend(SERVER_FLAGS.iter().map(|f| (*f).to_owned()));
-    flags.extend(extra_flags.iter().map(|f| (*f).to_owned()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let agent = Agent::start_in(Some(&node), AGENT.as_ref(), cgroup.path(), &flags).expect("starting the agent");
+    let manifests = manifests(&[pod_ip(0, 2), pod_ip(0, 3)], extra_yaml);
+    let agent = manifests.start_agent(AGENT, &node, &cgroup, "node-1", &[&SERVER_FLAGS[..], extra_flags].concat());
     agent.wait_for_count(VIP, PORT, Some(2), WAIT).expect("the service is programmed");
     Bare { agent, _manifests: manifests, cgroup, node }
 }
@@ -321,7 +298,7 @@ fn link_exists(id: u32) -> bool {
 
 #[test]
 fn cleanup_leaves_nothing_and_is_safe_to_repeat() {
-    let mut node = bare(&yaml(&node("node-1", "172.18.0.2", "10.244.1.0/24")), &["--cluster-cidr", "10.244.0.0/16"]);
+    let mut node = bare(&yaml(&cluster_node(0, "")), &["--cluster-cidr", "10.244.0.0/16"]);
     // An interface routing into the pod range: the TC ingress program goes there; and one
     // holding the node's address: both TC programs go there.
     for (interface, peer, address) in [("ops0", "ops1", "10.244.1.1/24"), ("ops2", "ops3", "172.18.0.2/16")] {
@@ -401,13 +378,13 @@ fn connect(topology: &SingleNode, count: usize) -> Tally {
 
 #[test]
 fn sigterm_leaves_the_datapath_and_a_new_agent_adopts_it() {
-    let pods = [("pod-2", Ipv4Addr::new(10, 244, 1, 2)), ("pod-3", Ipv4Addr::new(10, 244, 1, 3))];
-    let topology = SingleNode::new(&pods, 80).expect("building the namespaces");
-    let manifests = Manifests::new(&[pods[0].1, pods[1].1], "");
-    let mut flags = vec!["--manifests".to_owned(), manifests.arg(), "--hostname-override".into(), "node-1".into()];
+    let pods = [("pod-2", pod_ip(0, 2)), ("pod-3", pod_ip(0, 3))];
+    let topology = SingleNode::new(&pods, TARGET_PORT).expect("building the namespaces");
+    let manifests = manifests(&[pods[0].1, pods[1].1], "");
     // The node's pod bridge routes into the cluster's pod range: the TC program goes there.
-    flags.extend(["--cluster-cidr".to_owned(), "10.244.0.0/16".to_owned()]);
-    flags.extend(SERVER_FLAGS.iter().map(|f| (*f).to_owned()));
+    let extra = [&["--cluster-cidr", "10.244.0.0/16"][..], &SERVER_FLAGS[..]].concat();
+    // The same flags again for the successor below.
+    let flags = manifests.agent_flags("node-1", &extra);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut agent =
         Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags).expect("the agent");

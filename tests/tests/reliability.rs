@@ -1,4 +1,4 @@
-//! Reliability (issue 8), on SPEC.md's two-node topology with the agents inside the node
+//! Reliability (issue 8), on the two-node topology of `docs/testing.md` with the agents inside the node
 //! namespaces: restarts under load, full maps, state that went stale while the agent was down,
 //! least privilege, and a clean shutdown followed by `--cleanup`.
 //!
@@ -19,7 +19,6 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use k8s_openapi::api::core::v1::Service;
 use proxy_agent::datapath::writer::MapStore as _;
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
@@ -30,56 +29,19 @@ use proxy_tests::{
     agent::{Agent, Synced},
     cgroup::Cgroup,
     client::{Tally, command_in, probe},
-    fixtures::{ServiceBuilder, TempDir, node, service, slice, write_text, yaml},
+    cluster::{Manifests, NODE_IPS, SEED_PORT as PORT, TARGET_PORT, pod_ip, vip},
+    fixtures::{ServiceBuilder, service},
     netns::{Netns, run},
-    topology::{NODE_IPS, Node, TwoNodes},
+    topology::{Node, TwoNodes},
     wait_until,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const WAIT: Duration = Duration::from_secs(10);
-/// Every service listens on this port (ClusterIP) and targets port 80 of its pods.
-const PORT: u16 = 6666;
-const TARGET_PORT: u16 = 80;
-
-fn vip(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 96, 0, last)
-}
-
 /// A TCP service `name` at 10.96.0.<last>:6666 with nodePort `node_port`.
 fn nodeport(name: &str, last: u8, node_port: u16) -> ServiceBuilder {
     service(name).cluster_ip(&vip(last).to_string()).named_port("tcp", PORT.into(), "TCP").node_port(node_port.into())
-}
-
-/// The manifest directory the agents read, with both Nodes in it; removed on drop.
-struct Manifests(TempDir);
-
-impl Manifests {
-    fn new() -> Self {
-        let dir = TempDir::new("proxy-reliability").expect("a manifest directory");
-        let nodes = yaml(&node("node-1", &NODE_IPS[0].to_string(), "10.244.1.0/24"))
-            + &yaml(&node("node-2", &NODE_IPS[1].to_string(), "10.244.2.0/24"));
-        write_text(dir.path(), "nodes.yaml", &nodes).expect("writing the nodes");
-        Self(dir)
-    }
-
-    /// Writes `svc` with one slice of `endpoints` (address, node) on port 80, for each of the
-    /// service's ports (by name and protocol).
-    fn service(&self, svc: &Service, endpoints: &[(Ipv4Addr, &str)]) {
-        let name = svc.metadata.name.clone().expect("a named service");
-        let ports = svc.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
-        let with_ports = ports.iter().fold(slice(&name, "a"), |s, p| {
-            s.named_port(p.name.as_deref().unwrap_or(""), TARGET_PORT.into(), p.protocol.as_deref().unwrap_or("TCP"))
-        });
-        let eps = endpoints.iter().fold(with_ports, |s, (ip, node)| s.endpoint_on(&ip.to_string(), node)).build();
-        write_text(self.0.path(), &format!("{name}.yaml"), &(yaml(svc) + &yaml(&eps))).expect("writing a service");
-    }
-
-    /// Deletes service `name` (and its slice).
-    fn delete(&self, name: &str) {
-        std::fs::remove_file(self.0.path().join(format!("{name}.yaml"))).expect("deleting a service");
-    }
 }
 
 /// The two nodes, pods `pod-a` (10.244.1.2, node-1) and `pod-b` (10.244.2.2, node-2) each
@@ -92,8 +54,8 @@ struct Cluster {
     manifests: Manifests,
 }
 
-const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
-const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+const POD_A: Ipv4Addr = pod_ip(0, 2);
+const POD_B: Ipv4Addr = pod_ip(1, 2);
 const BOTH: [(Ipv4Addr, &str); 2] = [(POD_A, "node-1"), (POD_B, "node-2")];
 
 impl Cluster {
@@ -101,14 +63,12 @@ impl Cluster {
     /// `nodes` nodes with `extra` flags.
     fn start(nodes: usize, extra: &[&str], seed: impl FnOnce(&Manifests)) -> Self {
         let topology = TwoNodes::new([&["pod-a"], &["pod-b"]], TARGET_PORT, true).expect("building the topology");
-        let manifests = Manifests::new();
+        let manifests = Manifests::with_nodes("proxy-reliability");
         seed(&manifests);
         let mut cluster = Self { agents: Vec::new(), flags: Vec::new(), topology, manifests };
         for i in 0..nodes {
             let node = &cluster.topology.nodes[i];
-            let mut flags = vec!["--manifests".to_owned(), cluster.manifests.0.arg()];
-            flags.extend(["--hostname-override".to_owned(), node.name.clone()]);
-            flags.extend(extra.iter().map(|f| (*f).to_owned()));
+            let flags = cluster.manifests.agent_flags(&node.name, extra);
             let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
             let agent = Agent::start_in(Some(&node.ns), AGENT.as_ref(), node.cgroup.path(), &refs).expect("an agent");
             cluster.agents.push(agent);
@@ -830,7 +790,7 @@ fn agent_with(
     let mut command = Command::new("nsenter");
     command.arg(format!("--net={}", ns.path().display())).arg("setpriv").args(privileges).arg("--").arg(AGENT);
     command.arg("--bpf-root").arg(bpf_root).arg("--cgroup-path").arg(cgroup.path());
-    command.args(["--manifests", &manifests.0.arg(), "--hostname-override", "node-1"]);
+    command.args(["--manifests", &manifests.arg(), "--hostname-override", "node-1"]);
     let child = command
         .env_remove("RUST_LOG")
         .env("NO_COLOR", "1")
@@ -861,7 +821,7 @@ fn agent_with(
 fn without_capabilities_the_agent_says_what_is_missing_in_one_line() {
     let ns = Netns::new("preflight").expect("a namespace");
     let cgroup = Cgroup::new("proxy-preflight").expect("a cgroup");
-    let manifests = Manifests::new();
+    let manifests = Manifests::with_nodes("proxy-reliability");
     manifests.service(&nodeport("web", 10, 30066).build(), &BOTH);
     let root = PathBuf::from(format!("/sys/fs/bpf/proxy-test-preflight-{}", std::process::id()));
     /// setpriv's options, the names the line must carry, and names it must not.
@@ -903,7 +863,7 @@ fn without_capabilities_the_agent_says_what_is_missing_in_one_line() {
     }
 
     // With its capabilities it starts, and what it pins is root's alone.
-    let agent_flags = ["--manifests", &manifests.0.arg(), "--hostname-override", "node-1"];
+    let agent_flags = ["--manifests", &manifests.arg(), "--hostname-override", "node-1"];
     let agent = Agent::start_in(Some(&ns), AGENT.as_ref(), cgroup.path(), &agent_flags).expect("the agent");
     let mut pins = Vec::new();
     for entry in std::fs::read_dir(agent.bpf_root()).expect("the pins").flatten() {

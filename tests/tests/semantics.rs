@@ -2,10 +2,10 @@
 //! its timeout and live switching, refusal when there is no endpoint, internalTrafficPolicy
 //! Local, the terminating fallback, hairpin and the client pod's own address at the backend.
 //!
-//! Every test builds its namespaces (SPEC.md's address plan), runs the real agent inside a
+//! Every test builds its namespaces (the address plan of `docs/testing.md`), runs the real agent inside a
 //! node's namespace on a manifest directory the test writes, and makes real connections from
 //! pods inside the agent's cgroup or from the external client. Tests are named after the row of
-//! K8S_E2E_BEHAVIOURS.md they prove. Where a test is statistical, its comment gives the chance
+//! `docs/behaviours.md` they prove. Where a test is statistical, its comment gives the chance
 //! that a correct datapath fails it; every such bound is below 1e-6.
 
 use std::{
@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use proxy_common::{
     proto,
     service::{SVC_F_AFFINITY, SVC_F_TERMINATING_FALLBACK, ServiceKey, ServiceValue},
@@ -24,48 +24,20 @@ use proxy_tests::{
     agent::Agent,
     cgroup::Cgroup,
     client::{Tally, probe},
-    fixtures::{ServiceBuilder, SliceBuilder, TempDir, node, service, slice, write_text, yaml},
+    cluster::{self, CLIENT_IP, Manifests, NODE_IPS, POOL_SIZE, Pool, pool_endpoints, vip},
+    fixtures::{ServiceBuilder, SliceBuilder, service, slice},
     netns::{Netns, veth},
-    pod::{ANSWER_LOCAL_ADDRESS, PEER, PodServer},
-    topology::{CLIENT_IP, NODE_IPS, SingleNode, TwoNodes},
+    pod::PEER,
+    topology::{SingleNode, TwoNodes},
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const WAIT: Duration = Duration::from_secs(5);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const VIP: Ipv4Addr = vip(30);
 const PORT: u16 = 6666;
 const NODE_PORT: u16 = 30066;
 const SVC: &str = "cart";
-
-/// The agent's manifest directory (removed on drop).
-struct Manifests(TempDir);
-
-impl Manifests {
-    /// An empty directory: node-1 alone needs no Node object for ClusterIPs (as clusterip.rs).
-    fn new() -> Self {
-        Self(TempDir::new("proxy-semantics").expect("creating the manifest directory"))
-    }
-
-    /// With both Nodes of [`TwoNodes`] (their addresses serve the nodePorts).
-    fn with_nodes() -> Self {
-        let manifests = Self::new();
-        let nodes = yaml(&node("node-1", &NODE_IPS[0].to_string(), "10.244.1.0/24"))
-            + &yaml(&node("node-2", &NODE_IPS[1].to_string(), "10.244.2.0/24"));
-        write_text(manifests.0.path(), "nodes.yaml", &nodes).expect("writing the Nodes");
-        manifests
-    }
-
-    fn arg(&self) -> String {
-        self.0.arg()
-    }
-
-    /// Writes (or replaces) a service and its one slice, atomically, in `<service>.yaml`.
-    fn write(&self, svc: &Service, eps: &EndpointSlice) {
-        let name = svc.metadata.name.as_deref().expect("fixtures name their services");
-        write_text(self.0.path(), &format!("{name}.yaml"), &(yaml(svc) + &yaml(eps))).expect("writing a manifest");
-    }
-}
 
 /// The test's ClusterIP service `cart` at VIP:PORT (unnamed TCP port, target 80).
 fn cart() -> ServiceBuilder {
@@ -128,44 +100,20 @@ fn wait_for_master(agent: &Agent, address: Ipv4Addr, port: u16, what: &str, done
 fn node1(pods: &[(&str, Ipv4Addr)], manifests: &Manifests) -> (SingleNode, Agent) {
     // (The topology pins the bridge's MAC, so pods added later keep the gateway reachable.)
     let topology = SingleNode::new(pods, 80).expect("building node-1");
-    let flags = ["--manifests", &manifests.arg(), "--hostname-override", "node-1"];
-    let agent = Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
-        .expect("starting the agent");
+    let agent = manifests.start_agent(AGENT, &topology.node, &topology.cgroup, "node-1", &[]);
     (topology, agent)
 }
 
+/// Address `n` on node-1's pod network.
 fn pod_ip(n: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 244, 1, n)
-}
-
-/// The pod that holds the endpoint pool (see [`add_pool`]).
-const POOL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 50);
-/// Endpoints in the pool: 10.244.100.1..=POOL_SIZE.
-const POOL_SIZE: u8 = 100;
-
-fn pool_endpoints() -> Vec<String> {
-    (1..=POOL_SIZE).map(|i| Ipv4Addr::new(10, 244, 100, i).to_string()).collect()
-}
-
-/// Adds a pod that owns all of 10.244.100.0/24 (a local route) and answers every connection with
-/// the address it reached: one namespace stands for POOL_SIZE endpoints, so a statistical bound
-/// gets strong without a hundred pods. Returns its server (keep it while the test runs).
-fn add_pool(topology: &mut SingleNode) -> PodServer {
-    topology.add_pod("pool", POOL_POD, 81).expect("adding the pool pod");
-    let pool = topology.pods.last_mut().expect("the pool pod");
-    pool.stop();
-    pool.ns.ip(&["route", "add", "local", "10.244.100.0/24", "dev", "lo"]).expect("giving the pool its addresses");
-    let server = PodServer::start(&pool.ns, 80, ANSWER_LOCAL_ADDRESS).expect("starting the pool's server");
-    topology.node.ip(&["route", "add", "10.244.100.0/24", "via", &POOL_POD.to_string()]).expect("routing to the pool");
-    server
+    cluster::pod_ip(0, n)
 }
 
 /// node-1 with the endpoint pool as `svc`'s endpoints, and the agent once it programmed them all.
-fn node1_with_pool(svc: &Service, manifests: &Manifests) -> (SingleNode, Agent, PodServer) {
-    let endpoints = pool_endpoints();
-    manifests.write(svc, &cart_slice().endpoints(endpoints.iter().map(String::as_str)).build());
-    let (mut topology, agent) = node1(&[], manifests);
-    let pool = add_pool(&mut topology);
+fn node1_with_pool(svc: &Service, manifests: &Manifests) -> (SingleNode, Agent, Pool) {
+    manifests.put(svc, [&Pool::slice(SVC).build()]);
+    let (topology, agent) = node1(&[], manifests);
+    let pool = Pool::on(&topology.node).expect("adding the endpoint pool");
     agent.wait_for_count(VIP, PORT, Some(POOL_SIZE.into()), WAIT).unwrap();
     (topology, agent, pool)
 }
@@ -180,14 +128,8 @@ struct Cluster {
 impl Cluster {
     fn new(pods: [&[&str]; 2], manifests: &Manifests) -> Self {
         let topology = TwoNodes::new(pods, 80, true).expect("building the two-node topology");
-        let agents = topology
-            .nodes
-            .iter()
-            .map(|n| {
-                let flags = ["--manifests", &manifests.arg(), "--hostname-override", &n.name];
-                Agent::start_in(Some(&n.ns), AGENT.as_ref(), n.cgroup.path(), &flags).expect("starting an agent")
-            })
-            .collect();
+        let agents =
+            topology.nodes.iter().map(|n| manifests.start_agent(AGENT, &n.ns, &n.cgroup, &n.name, &[])).collect();
         Self { agents, topology }
     }
 
@@ -236,7 +178,7 @@ fn more_external_clients(topology: &TwoNodes, n: u8) -> Vec<Netns> {
 /// probability 100^-5 = 1e-10.
 #[test]
 fn e2e_21_client_ip_affinity_sticks_per_client_pod() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-semantics");
     let (mut topology, agent, _pool) = node1_with_pool(&cart().session_affinity(None).build(), &manifests);
     wait_for_master(&agent, VIP, PORT, "ClientIP affinity with the default timeout", |m| {
         m.flags & SVC_F_AFFINITY != 0 && m.affinity_timeout == 10_800
@@ -268,7 +210,7 @@ fn e2e_21_client_ip_affinity_sticks_per_client_pod() {
 /// correct datapath re-picks the first backend after all four with probability 100^-4 = 1e-8.
 #[test]
 fn e2e_22_client_ip_affinity_expires_after_its_timeout() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-semantics");
     let (topology, agent, _pool) = node1_with_pool(&cart().session_affinity(Some(2)).build(), &manifests);
     wait_for_master(&agent, VIP, PORT, "ClientIP affinity with a 2 s timeout", |m| {
         m.flags & SVC_F_AFFINITY != 0 && m.affinity_timeout == 2
@@ -299,12 +241,12 @@ fn e2e_22_client_ip_affinity_expires_after_its_timeout() {
 /// While None, 80 connections over 4 backends miss one with probability < 4·(3/4)^80 = 4e-10.
 #[test]
 fn e2e_23_switch_session_affinity_live() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-semantics");
     let pods: Vec<(String, Ipv4Addr)> = (2..=5).map(|n| (format!("pod-{n}"), pod_ip(n))).collect();
     let refs: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     let ips: Vec<String> = pods.iter().map(|(_, ip)| ip.to_string()).collect();
     let eps = cart_slice().endpoints(ips.iter().map(String::as_str)).build();
-    manifests.write(&cart().session_affinity(None).build(), &eps);
+    manifests.put(&cart().session_affinity(None).build(), [&eps]);
     let (topology, agent) = node1(&refs, &manifests);
     agent.wait_for_count(VIP, PORT, Some(4), WAIT).unwrap();
     wait_for_master(&agent, VIP, PORT, "affinity on", |m| m.flags & SVC_F_AFFINITY != 0);
@@ -312,7 +254,7 @@ fn e2e_23_switch_session_affinity_live() {
     let client = |count| connect(&topology.client.ns, Some(&topology.cgroup), &to, count);
     sticky(&client(20), 20, "ClientIP");
 
-    manifests.write(&cart().no_session_affinity().build(), &eps);
+    manifests.put(&cart().no_session_affinity().build(), [&eps]);
     wait_for_master(&agent, VIP, PORT, "affinity off", |m| m.flags & SVC_F_AFFINITY == 0 && m.count == 4);
     let spread = client(80);
     assert_eq!(spread.answered(), 80, "{spread:?}");
@@ -320,7 +262,7 @@ fn e2e_23_switch_session_affinity_live() {
         assert!(spread.from(name) > 0, "with affinity off every backend gets connections: {spread:?}");
     }
 
-    manifests.write(&cart().session_affinity(None).build(), &eps);
+    manifests.put(&cart().session_affinity(None).build(), [&eps]);
     wait_for_master(&agent, VIP, PORT, "affinity on again", |m| m.flags & SVC_F_AFFINITY != 0);
     sticky(&client(20), 20, "ClientIP again");
 }
@@ -330,15 +272,15 @@ fn e2e_23_switch_session_affinity_live() {
 /// endpoint (so the backend itself stays in the `backends` map).
 #[test]
 fn affinity_moves_on_when_its_backend_leaves_the_service() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-semantics");
     let pods: Vec<(String, Ipv4Addr)> = (2..=4).map(|n| (format!("pod-{n}"), pod_ip(n))).collect();
     let refs: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     let all: Vec<String> = pods.iter().map(|(_, ip)| ip.to_string()).collect();
-    let other_vip = Ipv4Addr::new(10, 96, 0, 31);
+    let other_vip = vip(31);
     let other = service("other").cluster_ip(&other_vip.to_string()).port(PORT.into()).build();
-    manifests.write(&other, &slice("other", "a").port(80).endpoints(all.iter().map(String::as_str)).build());
+    manifests.put(&other, [&slice("other", "a").port(80).endpoints(all.iter().map(String::as_str)).build()]);
     manifests
-        .write(&cart().session_affinity(None).build(), &cart_slice().endpoints(all.iter().map(String::as_str)).build());
+        .put(&cart().session_affinity(None).build(), [&cart_slice().endpoints(all.iter().map(String::as_str)).build()]);
     let (topology, mut agent) = node1(&refs, &manifests);
     agent.wait_for_count(VIP, PORT, Some(3), WAIT).unwrap();
     agent.wait_for_count(other_vip, PORT, Some(3), WAIT).unwrap();
@@ -349,9 +291,9 @@ fn affinity_moves_on_when_its_backend_leaves_the_service() {
     let (_, gone_ip) = pods.iter().find(|(name, _)| *name == first).expect("a pod answered");
     let rest: Vec<String> = all.iter().filter(|ip| **ip != gone_ip.to_string()).cloned().collect();
     let syncs = agent.syncs().len();
-    manifests.write(
+    manifests.put(
         &cart().session_affinity(None).build(),
-        &cart_slice().endpoints(rest.iter().map(String::as_str)).build(),
+        [&cart_slice().endpoints(rest.iter().map(String::as_str)).build()],
     );
     agent.wait_for_sync(syncs, |s| s.service_writes > 0, WAIT).unwrap();
     agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
@@ -368,13 +310,13 @@ fn affinity_moves_on_when_its_backend_leaves_the_service() {
 /// Ten external clients over six backends all land on one with probability 6^-9 = 1e-7.
 #[test]
 fn e2e_24_client_ip_affinity_via_node_port() {
-    let manifests = Manifests::with_nodes();
+    let manifests = Manifests::with_nodes("proxy-semantics");
     let cluster = Cluster::new([&["pod-a", "pod-b", "pod-c"], &["pod-d", "pod-e", "pod-f"]], &manifests);
     let eps = (0..2)
         .flat_map(|n| (0..3).map(move |p| (n, p)))
         .fold(cart_slice(), |s, (n, p)| s.endpoint_on(&cluster.pod_ip(n, p), &format!("node-{}", n + 1)))
         .build();
-    manifests.write(&cart_node_port().session_affinity(None).build(), &eps);
+    manifests.put(&cart_node_port().session_affinity(None).build(), [&eps]);
     cluster.wait_for_node_ports(Some(6));
     for (agent, ip) in cluster.agents.iter().zip(NODE_IPS) {
         wait_for_master(agent, ip, NODE_PORT, "affinity on the nodePort", |m| m.flags & SVC_F_AFFINITY != 0);
@@ -400,9 +342,9 @@ fn e2e_24_client_ip_affinity_via_node_port() {
 /// answers with a reset). Once an endpoint appears, the same addresses answer.
 #[test]
 fn e2e_29_no_endpoints_refuses_at_once() {
-    let manifests = Manifests::with_nodes();
+    let manifests = Manifests::with_nodes("proxy-semantics");
     let cluster = Cluster::new([&["pod-a"], &[]], &manifests);
-    manifests.write(&cart_node_port().build(), &cart_slice().build());
+    manifests.put(&cart_node_port().build(), [&cart_slice().build()]);
     cluster.agents[0].wait_for_count(VIP, PORT, Some(0), WAIT).unwrap();
     cluster.wait_for_node_ports(Some(0));
     let node1 = &cluster.topology.nodes[0];
@@ -414,7 +356,7 @@ fn e2e_29_no_endpoints_refuses_at_once() {
         assert_refused(&cluster.topology.client, None, to, "the external client");
     }
 
-    manifests.write(&cart_node_port().build(), &cart_slice().endpoint_on(&cluster.pod_ip(0, 0), "node-1").build());
+    manifests.put(&cart_node_port().build(), [&cart_slice().endpoint_on(&cluster.pod_ip(0, 0), "node-1").build()]);
     cluster.agents[0].wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
     cluster.wait_for_node_ports(Some(1));
     for to in &frontends {
@@ -432,9 +374,9 @@ fn e2e_29_no_endpoints_refuses_at_once() {
 /// nodeport.rs).
 #[test]
 fn e2e_29_no_endpoints_refuses_external_traffic_policy_local_too() {
-    let manifests = Manifests::with_nodes();
+    let manifests = Manifests::with_nodes("proxy-semantics");
     let cluster = Cluster::new([&["pod-a"], &[]], &manifests);
-    manifests.write(&cart_node_port().external_traffic_policy("Local").build(), &cart_slice().build());
+    manifests.put(&cart_node_port().external_traffic_policy("Local").build(), [&cart_slice().build()]);
     cluster.wait_for_node_ports(Some(0));
     let node1 = &cluster.topology.nodes[0];
     assert_refused(&node1.client.ns, Some(&node1.cgroup), &target(VIP, PORT), "a pod on node-1");
@@ -451,7 +393,7 @@ fn e2e_29_no_endpoints_refuses_external_traffic_policy_local_too() {
 /// 100 connections over node-1's two endpoints miss one with probability 2^-99.
 #[test]
 fn e2e_31_internal_traffic_policy_local() {
-    let manifests = Manifests::with_nodes();
+    let manifests = Manifests::with_nodes("proxy-semantics");
     let cluster = Cluster::new([&["pod-a", "pod-b"], &["pod-c"]], &manifests);
     let all = cart_slice()
         .endpoint_on(&cluster.pod_ip(0, 0), "node-1")
@@ -459,7 +401,7 @@ fn e2e_31_internal_traffic_policy_local() {
         .endpoint_on(&cluster.pod_ip(1, 0), "node-2")
         .build();
     let local = || cart().internal_traffic_policy("Local").build();
-    manifests.write(&local(), &all);
+    manifests.put(&local(), [&all]);
     cluster.agents[0].wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
     cluster.agents[1].wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
     let to = target(VIP, PORT);
@@ -472,14 +414,14 @@ fn e2e_31_internal_traffic_policy_local() {
     assert_eq!(node2.from("pod-c"), 20, "node-2's client reaches only node-2's endpoint: {node2:?}");
 
     let remote_only = cart_slice().endpoint_on(&cluster.pod_ip(1, 0), "node-2").build();
-    manifests.write(&local(), &remote_only);
+    manifests.put(&local(), [&remote_only]);
     cluster.agents[0].wait_for_count(VIP, PORT, Some(0), WAIT).unwrap();
     let n1 = &cluster.topology.nodes[0];
     assert_refused(&n1.client.ns, Some(&n1.cgroup), &to, "node-1 without a local endpoint");
     assert_eq!(cluster.pod_connects(1, &to, 10).from("pod-c"), 10, "node-2 still reaches its endpoint");
 
     // The policy, not the endpoint, was the reason: Cluster sends node-1's client to node-2.
-    manifests.write(&cart().internal_traffic_policy("Cluster").build(), &remote_only);
+    manifests.put(&cart().internal_traffic_policy("Cluster").build(), [&remote_only]);
     cluster.agents[0].wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
     assert_eq!(cluster.pod_connects(0, &to, 10).from("pod-c"), 10, "internalTrafficPolicy Cluster reaches node-2");
 }
@@ -494,11 +436,11 @@ fn e2e_31_internal_traffic_policy_local() {
 /// node-1 gets one, and the ClusterIP may only use that one.
 #[test]
 fn e2e_31_affinity_does_not_override_internal_traffic_policy_local() {
-    let manifests = Manifests::with_nodes();
+    let manifests = Manifests::with_nodes("proxy-semantics");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], &manifests);
     let svc = cart_node_port().internal_traffic_policy("Local").session_affinity(None).build();
     let remote = |s: SliceBuilder| s.endpoint_on(&cluster.pod_ip(1, 0), "node-2");
-    manifests.write(&svc, &remote(cart_slice()).build());
+    manifests.put(&svc, [&remote(cart_slice()).build()]);
     let agent = &cluster.agents[0];
     agent.wait_for_count(NODE_IPS[0], NODE_PORT, Some(1), WAIT).unwrap();
     agent.wait_for_count(VIP, PORT, Some(0), WAIT).unwrap();
@@ -506,7 +448,7 @@ fn e2e_31_affinity_does_not_override_internal_traffic_policy_local() {
     // A pod on node-1 uses its node's nodePort (socket path, the cluster-wide set): node-2's pod.
     assert_eq!(sticky(&cluster.pod_connects(0, &node_port, 5), 5, "via the nodePort"), "pod-b");
 
-    manifests.write(&svc, &remote(cart_slice().endpoint_on(&cluster.pod_ip(0, 0), "node-1")).build());
+    manifests.put(&svc, [&remote(cart_slice().endpoint_on(&cluster.pod_ip(0, 0), "node-1")).build()]);
     agent.wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
     agent.wait_for_count(NODE_IPS[0], NODE_PORT, Some(2), WAIT).unwrap();
     let via_cluster_ip = cluster.pod_connects(0, &target(VIP, PORT), 10);
@@ -524,14 +466,14 @@ fn e2e_31_affinity_does_not_override_internal_traffic_policy_local() {
 /// uses its ready one.
 #[test]
 fn e2e_37_39_local_terminating_fallback() {
-    let manifests = Manifests::with_nodes();
+    let manifests = Manifests::with_nodes("proxy-semantics");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], &manifests);
     let svc = cart_node_port().internal_traffic_policy("Local").external_traffic_policy("Local").build();
     let eps = cart_slice()
         .endpoint_with(&cluster.pod_ip(0, 0), "node-1", false, true, true)
         .endpoint_on(&cluster.pod_ip(1, 0), "node-2")
         .build();
-    manifests.write(&svc, &eps);
+    manifests.put(&svc, [&eps]);
     cluster.wait_for_node_ports(Some(1));
     for agent in &cluster.agents {
         agent.wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
@@ -551,7 +493,7 @@ fn e2e_37_39_local_terminating_fallback() {
 /// 60 connections over the two terminating endpoints miss one with probability 2^-59.
 #[test]
 fn e2e_36_terminating_endpoints_serve_when_none_is_ready() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-semantics");
     let pods: Vec<(String, Ipv4Addr)> = (2..=5).map(|n| (format!("pod-{n}"), pod_ip(n))).collect();
     let refs: Vec<(&str, Ipv4Addr)> = pods.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
     let draining = |s: SliceBuilder| {
@@ -559,7 +501,7 @@ fn e2e_36_terminating_endpoints_serve_when_none_is_ready() {
             .endpoint_with(&pod_ip(3).to_string(), "node-1", false, true, true)
             .endpoint_with(&pod_ip(4).to_string(), "node-1", false, false, true)
     };
-    manifests.write(&cart().build(), &draining(cart_slice()).build());
+    manifests.put(&cart().build(), [&draining(cart_slice()).build()]);
     let (topology, agent) = node1(&refs, &manifests);
     agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
     wait_for_master(&agent, VIP, PORT, "the terminating fallback", |m| m.flags & SVC_F_TERMINATING_FALLBACK != 0);
@@ -571,7 +513,7 @@ fn e2e_36_terminating_endpoints_serve_when_none_is_ready() {
     assert!(fallback.from("pod-2") > 0 && fallback.from("pod-3") > 0, "both serve: {fallback:?}");
     assert_eq!(fallback.from("pod-4"), 0, "a terminating endpoint that is not serving is never used");
 
-    manifests.write(&cart().build(), &draining(cart_slice()).endpoint(&pod_ip(5).to_string()).build());
+    manifests.put(&cart().build(), [&draining(cart_slice()).endpoint(&pod_ip(5).to_string()).build()]);
     wait_for_master(&agent, VIP, PORT, "the ready endpoint alone", |m| {
         m.count == 1 && m.flags & SVC_F_TERMINATING_FALLBACK == 0
     });
@@ -583,11 +525,11 @@ fn e2e_36_terminating_endpoints_serve_when_none_is_ready() {
 /// endpoint that is not serving left, every one of those refuses.
 #[test]
 fn e2e_38_terminating_fallback_via_node_ports_and_e2e_20_not_serving_is_refused() {
-    let manifests = Manifests::with_nodes();
+    let manifests = Manifests::with_nodes("proxy-semantics");
     let cluster = Cluster::new([&["pod-a"], &["pod-b"]], &manifests);
     let serving = |s: SliceBuilder| s.endpoint_with(&cluster.pod_ip(0, 0), "node-1", false, true, true);
     let not_serving = |s: SliceBuilder| s.endpoint_with(&cluster.pod_ip(1, 0), "node-2", false, false, true);
-    manifests.write(&cart_node_port().build(), &not_serving(serving(cart_slice())).build());
+    manifests.put(&cart_node_port().build(), [&not_serving(serving(cart_slice())).build()]);
     cluster.wait_for_node_ports(Some(1));
     for agent in &cluster.agents {
         agent.wait_for_count(VIP, PORT, Some(1), WAIT).unwrap();
@@ -601,7 +543,7 @@ fn e2e_38_terminating_fallback_via_node_ports_and_e2e_20_not_serving_is_refused(
         assert_eq!(tally.from("pod-a"), 20, "from {name}'s pod: {tally:?}");
     }
 
-    manifests.write(&cart_node_port().build(), &not_serving(cart_slice()).build());
+    manifests.put(&cart_node_port().build(), [&not_serving(cart_slice()).build()]);
     cluster.wait_for_node_ports(Some(0));
     for agent in &cluster.agents {
         agent.wait_for_count(VIP, PORT, Some(0), WAIT).unwrap();
@@ -621,13 +563,13 @@ fn e2e_38_terminating_fallback_via_node_ports_and_e2e_20_not_serving_is_refused(
 /// 60 connections over two endpoints miss the pod itself with probability 2^-60.
 #[test]
 fn e2e_05_hairpin_to_itself_through_its_service() {
-    let manifests = Manifests::new();
+    let manifests = Manifests::new("proxy-semantics");
     let (a, b) = (format!("pod-2 {PEER}"), format!("pod-3 {PEER}"));
     let both = cart_slice().endpoints([pod_ip(2).to_string().as_str(), &pod_ip(3).to_string()]).build();
-    manifests.write(&cart().build(), &both);
-    let alone_vip = Ipv4Addr::new(10, 96, 0, 32);
+    manifests.put(&cart().build(), [&both]);
+    let alone_vip = vip(32);
     let alone = service("alone").cluster_ip(&alone_vip.to_string()).port(PORT.into()).build();
-    manifests.write(&alone, &slice("alone", "a").port(80).endpoint(&pod_ip(2).to_string()).build());
+    manifests.put(&alone, [&slice("alone", "a").port(80).endpoint(&pod_ip(2).to_string()).build()]);
     let (topology, agent) = node1(&[(a.as_str(), pod_ip(2)), (b.as_str(), pod_ip(3))], &manifests);
     agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
     agent.wait_for_count(alone_vip, PORT, Some(1), WAIT).unwrap();
@@ -648,12 +590,12 @@ fn e2e_05_hairpin_to_itself_through_its_service() {
 /// 60 connections over two endpoints miss one with probability 2^-59.
 #[test]
 fn e2e_04_backends_see_the_client_pod_address() {
-    let manifests = Manifests::with_nodes();
+    let manifests = Manifests::with_nodes("proxy-semantics");
     let (a, b) = (format!("pod-a {PEER}"), format!("pod-b {PEER}"));
     let cluster = Cluster::new([&[a.as_str()], &[b.as_str()]], &manifests);
     let eps =
         cart_slice().endpoint_on(&cluster.pod_ip(0, 0), "node-1").endpoint_on(&cluster.pod_ip(1, 0), "node-2").build();
-    manifests.write(&cart().build(), &eps);
+    manifests.put(&cart().build(), [&eps]);
     for agent in &cluster.agents {
         agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
     }

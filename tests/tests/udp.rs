@@ -7,7 +7,8 @@ use std::{net::Ipv4Addr, time::Duration};
 use proxy_tests::{
     agent::Agent,
     client::{Tally, probe},
-    fixtures::{TempDir, service, slice, write_text, yaml},
+    cluster::{Manifests, pod_ip},
+    fixtures::{service, slice},
     topology::SingleNode,
 };
 
@@ -16,26 +17,26 @@ const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 53);
 const PORT: u16 = 53;
 const WAIT: Duration = Duration::from_secs(5);
+const POD_2: Ipv4Addr = pod_ip(0, 2);
+const POD_3: Ipv4Addr = pod_ip(0, 3);
 
 /// node-1 with pods pod-2 and pod-3 serving TCP and UDP on 5353, the agent on a DNS-like
 /// service 10.96.0.53:53 (TCP and UDP) → :5353 with `endpoints`.
-fn setup(endpoints: &[Ipv4Addr]) -> (SingleNode, Agent, TempDir) {
+fn setup(endpoints: &[Ipv4Addr]) -> (SingleNode, Agent, Manifests) {
     let (topology, dir) = topology();
     write_endpoints(&dir, endpoints);
-    let flags = ["--manifests", &dir.arg(), "--hostname-override", "node-1"];
-    let agent = Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
-        .expect("starting the agent");
+    let agent = dir.start_agent(AGENT, &topology.node, &topology.cgroup, "node-1", &[]);
     agent.wait_for_count(VIP, PORT, Some(endpoints.len() as u16), WAIT).unwrap();
     (topology, agent, dir)
 }
 
-fn topology() -> (SingleNode, TempDir) {
-    let pods = [("pod-2", Ipv4Addr::new(10, 244, 1, 2)), ("pod-3", Ipv4Addr::new(10, 244, 1, 3))];
-    (SingleNode::new(&pods, 5353).expect("building the namespaces"), TempDir::new("proxy-udp").unwrap())
+fn topology() -> (SingleNode, Manifests) {
+    let pods = [("pod-2", POD_2), ("pod-3", POD_3)];
+    (SingleNode::new(&pods, 5353).expect("building the namespaces"), Manifests::new("proxy-udp"))
 }
 
 /// Writes the service with `endpoints`.
-fn write_endpoints(dir: &TempDir, endpoints: &[Ipv4Addr]) {
+fn write_endpoints(dir: &Manifests, endpoints: &[Ipv4Addr]) {
     let svc = service("dns")
         .cluster_ip(&VIP.to_string())
         .named_port("dns", PORT.into(), "UDP")
@@ -48,7 +49,7 @@ fn write_endpoints(dir: &TempDir, endpoints: &[Ipv4Addr]) {
             s.endpoint(ip)
         })
         .build();
-    write_text(dir.path(), "dns.yaml", &(yaml(&svc) + &yaml(&eps))).unwrap();
+    dir.put(&svc, [&eps]);
 }
 
 fn run(topology: &SingleNode, mode: &str, count: usize) -> Tally {
@@ -73,7 +74,7 @@ fn answers(tally: &Tally) -> Vec<(String, String)> {
 /// reply appears to come from the service address (recvmsg4), not the pod.
 #[test]
 fn unconnected_udp_replies_come_from_the_service_address() {
-    let (topology, _agent, _dir) = setup(&[Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)]);
+    let (topology, _agent, _dir) = setup(&[POD_2, POD_3]);
     let tally = run(&topology, "udp-peer", 200);
     assert_eq!(tally.answered(), 200, "{tally:?}");
     let seen = answers(&tally);
@@ -87,7 +88,7 @@ fn unconnected_udp_replies_come_from_the_service_address() {
 /// A connected UDP socket: getpeername() shows the service address (getpeername4).
 #[test]
 fn connected_udp_getpeername_shows_the_service_address() {
-    let (topology, _agent, _dir) = setup(&[Ipv4Addr::new(10, 244, 1, 2)]);
+    let (topology, _agent, _dir) = setup(&[POD_2]);
     let tally = run(&topology, "udp-connected", 20);
     assert_eq!(tally.answers.get(&format!("pod-2@{VIP}:{PORT}")), Some(&20), "{tally:?}");
 }
@@ -95,7 +96,7 @@ fn connected_udp_getpeername_shows_the_service_address() {
 /// TCP: getpeername() shows the service address too, as with kube-proxy's DNAT.
 #[test]
 fn tcp_getpeername_shows_the_service_address() {
-    let (topology, _agent, _dir) = setup(&[Ipv4Addr::new(10, 244, 1, 3)]);
+    let (topology, _agent, _dir) = setup(&[POD_3]);
     let target = format!("{VIP}:{PORT}");
     let tally = probe(PROBE.as_ref(), &topology.client.ns, Some(&topology.cgroup), &["tcp-peer", &target, "20", "500"])
         .unwrap();
@@ -107,7 +108,7 @@ fn tcp_getpeername_shows_the_service_address() {
 /// per-datagram pick would do with probability 2^-29.
 #[test]
 fn unconnected_udp_keeps_one_backend_per_socket() {
-    let (topology, _agent, _dir) = setup(&[Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 1, 3)]);
+    let (topology, _agent, _dir) = setup(&[POD_2, POD_3]);
     for _ in 0..3 {
         let tally = run(&topology, "udp-sticky", 30);
         assert_eq!(tally.answered(), 30, "{tally:?}");
@@ -132,8 +133,8 @@ fn udp_without_endpoints_is_refused() {
 /// answering here, so without the destroy the socket would go on working.
 #[test]
 fn udp_sockets_to_a_removed_backend_are_destroyed() {
-    let pod2 = Ipv4Addr::new(10, 244, 1, 2);
-    let pod3 = Ipv4Addr::new(10, 244, 1, 3);
+    let pod2 = POD_2;
+    let pod3 = POD_3;
     let (topology, mut agent, dir) = setup(&[pod2]);
     std::thread::scope(|s| {
         let held = s.spawn(|| {

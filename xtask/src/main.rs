@@ -58,7 +58,7 @@ enum Cmd {
         name: String,
     },
     /// Reproduce the upstream Kubernetes e2e tests of the service datapath (root): run the tests
-    /// of every row of K8S_E2E_BEHAVIOURS.md (the table is tests/src/conformance.rs), print the
+    /// of every row of docs/behaviours.md (the table is tests/src/conformance.rs), print the
     /// table with "N of 83 pass" and write it to CONFORMANCE.md. Fails if a test that is not a
     /// known failure (`#[ignore = "..."]`) fails.
     Conformance {
@@ -126,7 +126,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The bench binaries of proxy-tests, in the order they run; `true`: also in `--quick`.
+/// The bench binaries of proxy-bench (`bench/src/bin/`), in the order they run; `true`: also in `--quick`.
 const BENCHES: &[(&str, bool)] = &[
     ("bench_tc", true),
     ("bench_floor", true),
@@ -143,7 +143,8 @@ const BENCHES: &[(&str, bool)] = &[
 fn bench(root: &std::path::Path, quick: bool) -> anyhow::Result<()> {
     setup::ensure()?;
     setup::require_root("the benchmarks load BPF programs and create namespaces")?;
-    cargo(&["build", "--release", "--package", "proxy-tests", "--bins"])?;
+    // The benches start the agent binary found beside them (proxy-tests builds it).
+    cargo(&["build", "--release", "--package", "proxy-bench", "--bins", "--package", "proxy-tests", "--bin", "agent"])?;
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let started = std::time::Instant::now();
@@ -279,7 +280,7 @@ fn run_conformance(root: &std::path::Path, quick: bool) -> anyhow::Result<()> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let preamble = format!(
         "Written by `cargo xtask conformance{}` on {date} (kernel {}, {:.0} min). Every row of \
-         `K8S_E2E_BEHAVIOURS.md` (the upstream Kubernetes e2e tests of the service datapath) with the \
+         `docs/behaviours.md` (the upstream Kubernetes e2e tests of the service datapath) with the \
          tests that reproduce it here (`suite::test`: a file of `tests/tests/` and a test in it; the \
          table is `tests/src/conformance.rs`) and how they did. {}\n\n\
          *pass*: every test of the row passed. *fail*: a test failed; *known* gives the reason its \

@@ -1,4 +1,4 @@
-//! Fresh-machine set-up, as ../shared/TOOLCHAIN.md prescribes: idempotent and cached, so a
+//! Fresh-machine set-up, as docs/toolchain.md describes: idempotent and cached, so a
 //! second run installs nothing and rebuilds nothing.
 
 use std::{
@@ -96,7 +96,7 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
-/// bpf-linker must link with the nightly's own libLLVM (TOOLCHAIN.md): point LLVM_PREFIX at a
+/// bpf-linker must link with the nightly's own libLLVM (docs/toolchain.md): point LLVM_PREFIX at a
 /// directory of symlinks into the nightly's sysroot and build it from crates.io once.
 fn bpf_linker() -> anyhow::Result<()> {
     let linker = cargo_bin().join("bpf-linker");

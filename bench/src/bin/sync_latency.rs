@@ -11,7 +11,7 @@
 //! the datapath serves the new set. Then 1000 background services are added and the same is
 //! measured again: the cost of one change does not grow with the number of services.
 //!
-//! Run as root after `cargo build -p proxy-tests --bins`: `target/debug/sync_latency`.
+//! Run as root after `cargo build -p proxy-bench --bins -p proxy-tests --bin agent`: `target/debug/sync_latency`.
 
 use std::{
     net::Ipv4Addr,
@@ -90,7 +90,7 @@ fn measure() -> anyhow::Result<()> {
     let started = Instant::now();
     let agent_bin = std::env::current_exe()?.with_file_name("agent");
     if !agent_bin.exists() {
-        bail!("{} is missing: build it with `cargo build -p proxy-tests --bins`", agent_bin.display());
+        bail!("{} is missing: build it with `cargo build -p proxy-tests --bin agent`", agent_bin.display());
     }
     // Guards drop in reverse order: the agent first, then the server, the cgroup, the namespace.
     let ns = Netns::new("latency")?;

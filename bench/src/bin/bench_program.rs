@@ -28,6 +28,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, Map, MapData};
+use proxy_bench::{
+    self as bench, BenchAgent, Opts, Progress, Summary, Svc, SyncLine, TimedOut, Usage, iptables, median, nftables,
+};
 use proxy_common::{
     backend::{Backend, BackendId},
     maps,
@@ -36,7 +39,6 @@ use proxy_common::{
 };
 use proxy_tests::{
     apiserver::ApiServer,
-    bench::{self, BenchAgent, Opts, Progress, Summary, Svc, SyncLine, TimedOut, Usage, iptables, median, nftables},
     cgroup::Cgroup,
     fixtures::{TempDir, service, write_text},
     netns::Netns,

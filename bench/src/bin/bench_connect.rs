@@ -24,8 +24,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use proxy_bench::{
+    self as bench, BenchAgent, ConnectRun, Opts, Progress, ReplyServer, Summary, median, nftables, run_client,
+};
 use proxy_tests::{
-    bench::{self, BenchAgent, ConnectRun, Opts, Progress, ReplyServer, Summary, median, nftables, run_client},
     cgroup::Cgroup,
     fixtures::{TempDir, write_text},
     netns::{Netns, veth},

@@ -27,10 +27,14 @@ use proxy_common::{
     proto::TCP,
     service::{SVC_F_CLUSTER_IP, SVC_F_NODE_PORT},
 };
-use proxy_tests::{cgroup::Cgroup, netns::Netns};
+use proxy_tests::{
+    cgroup::Cgroup,
+    cluster::{CLIENT_IP, NODE_IPS},
+    netns::Netns,
+};
 
-const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+const NODE: Ipv4Addr = NODE_IPS[0];
+const CLIENT: Ipv4Addr = CLIENT_IP;
 const NODE_PORT: u16 = 30066;
 const REPEAT: u32 = 1_000_000;
 /// Calls per measurement; the new flows of all runs, spread over 16 backends, stay far from
@@ -69,7 +73,7 @@ fn syn_to(sport: u16, dport: u16) -> Vec<u8> {
     ip[9] = TCP;
     ip[12..16].copy_from_slice(&CLIENT.octets());
     ip[16..20].copy_from_slice(&NODE.octets());
-    let sum = proxy_tests::bench::checksum(ip);
+    let sum = proxy_bench::checksum(ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let tcp = &mut packet[34..54];
     tcp[0..2].copy_from_slice(&sport.to_be_bytes());

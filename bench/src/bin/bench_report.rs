@@ -475,7 +475,7 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
         }
         table.push(vec!["C: empty TC program".into(), "–".into(), num(f(floor, &["empty_ns"]), 0)]);
         table.push(vec![
-            "C: lookup + DNAT as run.sh runs it (repeats after the first miss)".into(),
+            "C: lookup + DNAT, plain repeats (repeats after the first miss)".into(),
             "1".into(),
             num(f(floor, &["dnat_anchor_method_ns"]), 0),
         ]);
@@ -497,8 +497,8 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
         ]);
         let md = format!(
             "{}\nBPF_PROG_TEST_RUN on a TCP SYN to the nodePort, in the same run: ours through aya's `TestRun` (`bench_tc`), \
-             the C programs through `bpftool prog run ... repeat {}` (`bench_floor`; the anchor's `tc_floor.c` plus two rungs). \
-             A test run repeats on one buffer, which the first repeat rewrites; run as the anchor's `run.sh` runs it, later \
+             the C programs through `bpftool prog run ... repeat {}` (`bench_floor`; a minimal `tc_floor.c` plus two rungs). \
+             A test run repeats on one buffer, which the first repeat rewrites; run the plain way, later \
              repeats see the translated packet and miss, so that row is mostly a lookup miss. The floor the targets use gives \
              the translated packet an entry back, so every repeat is a hit with a full rewrite (checked after two repeats), as \
              `bench_tc` does for our established flow. The last two rows add, rung by rung, the work a conntrack-based NodePort \
@@ -574,7 +574,7 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
 }
 
 fn bench_table(header: &[&str], rows: &[Vec<String>]) -> String {
-    proxy_tests::bench::table(header, rows)
+    proxy_bench::table(header, rows)
 }
 
 const FULL_PROGRAM_NOTE: &str = "Ours: the `took_ms` of the agent's first full sync from a manifest directory (model, \
@@ -666,7 +666,7 @@ fn run() -> anyhow::Result<()> {
     md += "\n## How to reproduce\n\n```sh\ncargo xtask bench          # N = 1, 1 000 and 10 000; writes this file and BENCHMARKS.svg\n\
            cargo xtask bench --quick  # N = 1 and 1 000, fewer repetitions, under three minutes; report in target/bench/\n```\n\n\
            As root, after the README's set-up (`cargo xtask setup` also installs clang and libbpf-dev for the C floor). \
-           Raw figures: `target/bench/results.json`. One binary per measurement in `tests/src/bin/` (`bench_connect`, \
+           Raw figures: `target/bench/results.json`. One binary per measurement in `bench/src/bin/` (`bench_connect`, \
            `bench_program`, `bench_tc`, `bench_floor`, `bench_throughput`, `sync_latency`), each runnable alone with \
            `--quick` and `--json`.\n\n## Method\n\n";
     md += METHOD;

@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{
+use proxy_tests::{
     cgroup::Cgroup,
     client::command_in,
     fixtures::{service, slice, yaml},
@@ -174,9 +174,9 @@ pub fn median(values: &[f64]) -> f64 {
 // A synthetic cluster
 // ---------------------------------------------------------------------------------------------
 
-/// The cluster's pod range (SPEC.md), as kube-proxy's `--cluster-cidr`.
+/// The cluster's pod range (`docs/testing.md`), as kube-proxy's `--cluster-cidr`.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
-/// The service range (SPEC.md).
+/// The service range (`docs/testing.md`).
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The Kubernetes namespace of every synthetic service.
 pub const NAMESPACE: &str = "default";
@@ -781,7 +781,7 @@ fn readable(listener: &TcpListener) -> bool {
     unsafe { libc::poll(&mut fd, 1, 100) > 0 }
 }
 
-/// A sequential request/response server, like `anchors/echosrv.c`: accept, read the request,
+/// A sequential request/response server, like a minimal C echo server: accept, read the request,
 /// answer with the name, close; one connection at a time, so it adds no thread start-up to a
 /// connection's latency. Stops on drop.
 #[derive(Debug)]
@@ -973,7 +973,7 @@ pub struct ConnectRun {
     pub answers: std::collections::BTreeMap<String, usize>,
 }
 
-/// Sequential TCP connect + one request/response + close (RST, as `anchors/connbench.c`), `count`
+/// Sequential TCP connect + one request/response + close (RST, as a minimal C connect loop does), `count`
 /// times after `warmup` untimed ones, within `budget`. Runs in the calling process: this is the
 /// body of the client child process.
 pub fn connect_loop(to: SocketAddr, warmup: usize, count: usize, budget: Duration) -> ConnectRun {
@@ -1176,7 +1176,7 @@ impl BenchAgent {
     pub fn start(ns: &Netns, cgroup: &Cgroup, flags: &[&str]) -> anyhow::Result<Self> {
         let bin = std::env::current_exe()?.with_file_name("agent");
         if !bin.exists() {
-            bail!("{} is missing: build it with `cargo build --release -p proxy-tests --bins`", bin.display());
+            bail!("{} is missing: build it with `cargo build --release -p proxy-tests --bin agent`", bin.display());
         }
         let n = unique();
         let bpf_root = PathBuf::from(format!("/sys/fs/bpf/proxy-bench-{}-{n}", std::process::id()));

@@ -18,16 +18,17 @@ use std::{
 };
 
 use anyhow::Context as _;
+use proxy_bench::{self as bench, BenchAgent, Opts, Progress, SinkServer, median, nftables};
 use proxy_tests::{
-    bench::{self, BenchAgent, Opts, Progress, SinkServer, median, nftables},
     cgroup::Cgroup,
-    fixtures::{TempDir, node, write_text, yaml},
+    cluster::{CLIENT_IP, NODE_IPS, cluster_node},
+    fixtures::{TempDir, write_text, yaml},
     netns::{Netns, veth},
 };
 use serde_json::json;
 
-const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+const NODE: Ipv4Addr = NODE_IPS[0];
+const CLIENT: Ipv4Addr = CLIENT_IP;
 const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const POD_PORT: u16 = 5201;
 const NODE_PORT: u16 = 30080;
@@ -106,7 +107,7 @@ fn program(datapath: &str, topology: &Topology) -> anyhow::Result<Programmed> {
         "ours" => {
             let cgroup = Cgroup::new("proxy-bench")?;
             let dir = TempDir::new("proxy-bench-manifests")?;
-            let text = yaml(&node("node-1", &NODE.to_string(), "10.244.1.0/24")) + &bench::manifests(&services);
+            let text = yaml(&cluster_node(0, "")) + &bench::manifests(&services);
             write_text(dir.path(), "cluster.yaml", &text)?;
             let mut agent = BenchAgent::start(
                 &topology.node,

@@ -1,16 +1,16 @@
-//! The per-packet floor of a TC NodePort DNAT, measured the way `../shared/anchors/tc_floor/run.sh`
-//! does, so `bench_tc`'s figures have a yardstick from the same run: an empty TC program, and a
-//! minimal C program (one hash lookup, DNAT with checksum updates), each run with `bpftool prog
-//! run ... repeat R` (BPF_PROG_TEST_RUN) on a TCP SYN.
+//! The per-packet floor of a TC NodePort DNAT, measured the plain way, so `bench_tc`'s figures
+//! have a yardstick from the same run: an empty TC program, and a minimal C program (one hash
+//! lookup, DNAT with checksum updates), each run with `bpftool prog run ... repeat R`
+//! (BPF_PROG_TEST_RUN) on a TCP SYN.
 //!
-//! BPF_PROG_TEST_RUN runs every repeat on the same buffer, which the first repeat rewrites: run as
-//! run.sh runs it, the later repeats see the translated packet and miss, so that figure is mostly
+//! BPF_PROG_TEST_RUN runs every repeat on the same buffer, which the first repeat rewrites: run the
+//! plain way, the later repeats see the translated packet and miss, so that figure is mostly
 //! a miss. It is reported as such, and then measured the way `bench_tc` measures our program: the
 //! translated packet gets an entry that translates it back, so every repeat is a hit with a full
 //! rewrite (checked: after two repeats the packet is back where it started), with 1 and 10 001
 //! services. Two more C rungs add what a conntrack-based NodePort does per packet (see
 //! [`TC_LADDER_C`]), to show what that work costs when written minimally.
-//! Compiled with clang from the source below (a copy of the anchor's `tc_floor.c`), loaded with
+//! Compiled with clang from the source below (the yardstick's `tc_floor.c`, see `docs/testing.md`), loaded with
 //! `bpftool prog loadall` under a bpffs directory of its own, removed on drop. Test runs touch no
 //! interface; they run inside a throwaway network namespace all the same.
 //!
@@ -25,15 +25,16 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, Map, MapData};
+use proxy_bench::{self as bench, Opts, Progress, median};
 use proxy_tests::{
-    bench::{self, Opts, Progress, median},
     client::command_in,
+    cluster::{CLIENT_IP, NODE_IPS},
     fixtures::TempDir,
     netns::Netns,
 };
 use serde_json::json;
 
-/// `anchors/tc_floor/tc_floor.c`.
+/// The minimal C TC program: an empty program and one hash lookup with DNAT.
 const TC_FLOOR_C: &str = r#"#include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -123,9 +124,9 @@ SEC("tc") int ct_snat_fib(struct __sk_buff *skb) {
 }
 "#;
 
-const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+const NODE: Ipv4Addr = NODE_IPS[0];
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 100);
+const CLIENT: Ipv4Addr = CLIENT_IP;
 const NODE_PORT: u16 = 30066;
 /// Runs of each figure; the median is reported.
 const RUNS: usize = 3;
@@ -193,7 +194,7 @@ fn ct_value(flow: (Ipv4Addr, u16, Ipv4Addr, u16)) -> [u8; 32] {
     v
 }
 
-/// An Ethernet + IPv4 + TCP SYN from the client to the node's nodePort (as run.sh builds it).
+/// An Ethernet + IPv4 + TCP SYN from the client to the node's nodePort (as the plain method builds it).
 fn syn() -> Vec<u8> {
     let mut packet = vec![0u8; 14 + 20 + 20];
     packet[0..6].fill(0x02);
@@ -354,9 +355,9 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         Ok(m)
     };
     let empty = measure("empty", "empty TC program", false)?;
-    // As run.sh measures it: the first repeat translates the SYN, later repeats see the
+    // Measured the plain way: the first repeat translates the SYN, later repeats see the
     // translated packet, which no longer matches (a lookup miss).
-    let anchor = measure("dnat", "C lookup + DNAT as run.sh runs it (repeats after the first miss)", false)?;
+    let anchor = measure("dnat", "C lookup + DNAT, plain repeats (repeats after the first miss)", false)?;
     // Every repeat a hit: the translated packet has an entry that translates it back.
     svc.insert(key(BACKEND, 80), value(NODE, NODE_PORT), 0)?;
     let dnat_1 = measure("dnat", "C lookup + DNAT, every repeat a hit, 1 service", true)?;
@@ -388,7 +389,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         &["TC floor (BPF_PROG_TEST_RUN)", "ns/packet"],
         &[
             vec!["empty program".into(), format!("{empty:.0}")],
-            vec!["C lookup + DNAT, as run.sh runs it (later repeats miss)".into(), format!("{anchor:.0}")],
+            vec!["C lookup + DNAT, plain repeats (later repeats miss)".into(), format!("{anchor:.0}")],
             vec!["C lookup + DNAT, every repeat a hit, 1 service".into(), format!("{dnat_1:.0}")],
             vec!["C lookup + DNAT, every repeat a hit, 10 001 services".into(), format!("{dnat_10k:.0}")],
             vec!["C lookup + DNAT + FIB redirect".into(), format!("{dnat_fib:.0}")],

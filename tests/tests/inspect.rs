@@ -397,8 +397,7 @@ fn affinity_entry_names_the_pod_that_answered() {
 #[test]
 fn source_ranges_decide_explain_from_outside() {
     let (vip, lb, port) = (Ipv4Addr::new(10, 96, 0, 18), Ipv4Addr::new(203, 0, 113, 10), 80u16);
-    let manifests = Manifests::new();
-    manifests.node();
+    let manifests = Manifests::zoned("proxy-inspect", &[""]);
     let svc = service("guarded")
         .cluster_ip(&vip.to_string())
         .port(port.into())
@@ -407,7 +406,7 @@ fn source_ranges_decide_explain_from_outside() {
         .load_balancer_source_range("192.0.2.0/24")
         .build();
     let eps = slice("guarded", "a").port(8080).endpoints(["10.244.1.5"]).build();
-    manifests.write("guarded.yaml", &[yaml(&svc), yaml(&eps)]);
+    manifests.put(&svc, [&eps]);
     let (ns, cgroup) = (Netns::new("agent").unwrap(), Cgroup::new("proxy-inspect").unwrap());
     let agent = agent(&ns, &cgroup, &manifests);
     agent.wait_for_count(lb, port, Some(1), WAIT).unwrap();

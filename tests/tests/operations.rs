@@ -457,7 +457,7 @@ fn sigterm_leaves_the_datapath_and_a_new_agent_adopts_it() {
 fn pins_from_before_the_drops_map_are_adopted_and_the_map_created() {
     let node = Netns::new("opsnode").expect("a namespace");
     let cgroup = Cgroup::new("proxy-ops").expect("a cgroup");
-    let manifests = Manifests::new(&[], "");
+    let manifests = manifests(&[], "");
     let mut flags = vec!["--manifests".to_owned(), manifests.arg(), "--hostname-override".into(), "node-1".into()];
     flags.extend(SERVER_FLAGS.iter().map(|f| (*f).to_owned()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
@@ -601,17 +601,17 @@ fn an_interface_the_tc_program_cannot_be_attached_to_is_reported_until_it_is() {
     ns.ip(&["link", "set", "eth0", "up"]).expect("eth0 up");
     let fillers = fill_tcx_ingress(&ns, "eth0");
     let cgroup = Cgroup::new("proxy-ops-attach").expect("a cgroup");
-    let manifests =
-        Manifests::new(&[Ipv4Addr::new(10, 244, 1, 2)], &yaml(&node("node-1", "172.18.0.2", "10.244.1.0/24")));
+    let manifests = manifests(&[pod_ip(0, 2)], &yaml(&cluster_node(0, "")));
     let mut flags = vec!["--manifests".to_owned(), manifests.arg(), "--hostname-override".into(), "node-1".into()];
     flags.extend(SERVER_FLAGS.iter().map(|f| (*f).to_owned()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut agent = Agent::start_in(Some(&ns), AGENT.as_ref(), cgroup.path(), &flags).expect("starting the agent");
 
     agent.wait_for_log("attaching the TC program failed", WAIT).expect("a warning about eth0");
-    let warning =
-        agent.log().lines().find(|l| l.contains("attaching the TC program failed")).unwrap_or_default().to_owned();
-    assert!(warning.contains("WARN") && warning.contains("eth0") && warning.contains("tc_ingress"), "{warning}");
+    let lines = agent.lines();
+    let warning = lines.iter().find(|l| l.message.starts_with("attaching the TC program failed")).expect("logged");
+    assert_eq!(warning.level, "WARN", "{warning:?}");
+    assert_eq!((warning.text("interface"), warning.text("program")), (Some("eth0"), Some("tc_ingress")), "{warning:?}");
     let body = wait_for_healthz(&ns, 503);
     let problems = body["problems"].to_string();
     assert!(problems.contains("interface eth0 should carry program tc_ingress"), "{body}");

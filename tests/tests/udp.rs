@@ -172,13 +172,11 @@ fn unconnected_udp_keeps_one_backend_at_an_etp_local_frontend_without_local_endp
     let eps = slice("dns", "a")
         .named_port("dns", 5353, "UDP")
         .named_port("dns-tcp", 5353, "TCP")
-        .endpoint_on("10.244.1.2", "node-2")
-        .endpoint_on("10.244.1.3", "node-2")
+        .endpoint_on(&POD_2.to_string(), "node-2")
+        .endpoint_on(&POD_3.to_string(), "node-2")
         .build();
-    write_text(dir.path(), "dns.yaml", &(yaml(&svc) + &yaml(&eps))).unwrap();
-    let flags = ["--manifests", &dir.arg(), "--hostname-override", "node-1"];
-    let agent = Agent::start_in(Some(&topology.node), AGENT.as_ref(), topology.cgroup.path(), &flags)
-        .expect("starting the agent");
+    dir.put(&svc, [&eps]);
+    let agent = dir.start_agent(AGENT, &topology.node, &topology.cgroup, "node-1", &[]);
     agent.wait_for_count(VIP, PORT, Some(2), WAIT).unwrap();
     agent.wait_for_count(EXTERNAL_IP, PORT, Some(0), WAIT).expect("no local endpoint: the external scope is empty");
     let target = format!("{EXTERNAL_IP}:{PORT}");

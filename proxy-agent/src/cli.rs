@@ -317,6 +317,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         datapath::Attacher::spawn(datapath, syncer.node_updates(), args.cluster_cidr, schedule)
             .context("starting the datapath thread")?,
     );
+    let datapath_thread = attacher.ended();
+    tasks.spawn("datapath thread", async move {
+        datapath_thread.await;
+        Ok(())
+    });
     let on_node = attacher.clone();
     syncer.on_node_change(Box::new(move |info| on_node.rescan(info)));
     if upgrading {

@@ -18,8 +18,20 @@ pub mod inspect;
 pub mod metrics;
 pub mod model;
 pub mod observe;
-pub mod preflight;
+pub(crate) mod preflight;
 pub mod source;
 pub mod sync;
 pub mod sys;
 pub(crate) mod tasks;
+
+/// `error` with its sources, joined by `: ` (aya and the writer keep the errno in a source).
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{error, warn};
 
 use super::{Datapath, DatapathError, Upgrade};
@@ -77,6 +77,8 @@ pub struct Attacher {
     tx: mpsc::Sender<Job>,
     datapath: Shared,
     cluster_cidr: Option<Cidr>,
+    /// Resolves when the thread ends (a panic included); taken by [`Attacher::ended`].
+    ended: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl Attacher {
@@ -92,9 +94,12 @@ impl Attacher {
         schedule: Schedule,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel();
+        let (alive, ended) = oneshot::channel::<()>();
         let shared: Shared = Arc::new(Mutex::new(datapath));
         let datapath = shared.clone();
         std::thread::Builder::new().name("datapath".into()).spawn(move || {
+            // Dropped when the thread ends, by a return or a panic's unwinding.
+            let _alive = alive;
             let mut next_check = Instant::now() + schedule.check_links;
             let mut info = node.borrow_and_update().clone();
             loop {
@@ -120,7 +125,19 @@ impl Attacher {
                 attach(&mut *datapath, &info, cluster_cidr);
             }
         })?;
-        Ok(Self { tx, datapath: shared, cluster_cidr })
+        Ok(Self { tx, datapath: shared, cluster_cidr, ended: Mutex::new(Some(ended)) })
+    }
+
+    /// Resolves when the datapath's thread ends, which it must not while the handle lives (a
+    /// panic there would leave new interfaces without the TC program): the agent supervises
+    /// it as one of its tasks. Only the first call waits; later ones resolve at once.
+    pub fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner()).take();
+        async move {
+            if let Some(ended) = ended {
+                let _ = ended.await;
+            }
+        }
     }
 
     /// The node changed to `info`: its interfaces are attached now, before the sync that
@@ -263,5 +280,40 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(seen.lock().unwrap()[0], [address]);
+    }
+
+    /// Panics on the thread's first periodic check of the links.
+    struct Crashing;
+
+    impl Attach for Crashing {
+        fn attach_interfaces(&mut self, _: &[std::net::Ipv4Addr], _: &[Cidr]) -> Result<Vec<String>, DatapathError> {
+            Ok(Vec::new())
+        }
+
+        fn restore_links(&mut self) -> Result<Vec<String>, DatapathError> {
+            panic!("a bug in the link check");
+        }
+
+        fn finish_upgrade(&mut self) -> Result<Option<Upgrade>, DatapathError> {
+            Ok(None)
+        }
+    }
+
+    /// A panic on the datapath's thread is not silent: `ended` resolves, so the agent's task
+    /// set stops the agent (a thread that died would leave new interfaces without the TC
+    /// program for good), while the thread of a live handle never ends.
+    #[tokio::test]
+    async fn the_thread_ending_by_a_panic_is_seen_and_a_live_one_is_not() {
+        let schedule = Schedule { rescan: Duration::from_millis(10), check_links: Duration::from_millis(10) };
+        let (_node_tx, node) = watch::channel(NodeInfo::default());
+        let crashing = Attacher::spawn(Crashing, node.clone(), None, schedule).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), crashing.ended()).await;
+        assert!(ended.is_ok(), "the panicked thread's end was seen");
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let live = Attacher::spawn(Recorder(seen.clone()), node, None, schedule).unwrap();
+        let ended = tokio::time::timeout(Duration::from_millis(300), live.ended()).await;
+        assert!(ended.is_err(), "a live thread does not end");
+        assert!(!seen.lock().unwrap().is_empty(), "and keeps rescanning");
     }
 }

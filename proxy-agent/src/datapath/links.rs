@@ -142,7 +142,7 @@ impl Datapath {
                     continue;
                 }
                 Err(error) => {
-                    let error = error_chain(&error);
+                    let error = crate::error_chain(&error);
                     if self.unattached.failed(name, interface, &error) {
                         warn!(
                             interface,
@@ -182,18 +182,6 @@ impl Datapath {
     pub fn unattached(&self) -> &super::Unattached {
         &self.unattached
     }
-}
-
-/// `error` with its sources (aya's attach errors keep the errno in a source).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The TC program `name` of the object.

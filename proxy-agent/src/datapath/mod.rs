@@ -18,7 +18,7 @@ pub mod layout;
 mod links;
 mod load;
 mod maps;
-pub mod sockets;
+pub(crate) mod sockets;
 pub mod writer;
 
 use std::{collections::BTreeSet, io, path::PathBuf};

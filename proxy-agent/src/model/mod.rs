@@ -1,8 +1,8 @@
 //! The desired state: a pure function from (Services, EndpointSlices, this node, config) to the
 //! frontends and backends the datapath must hold. No I/O; every rule of the service semantics
-//! (SPEC.md) lives here, so the manifest directory and the API server feed the same code.
+//! (docs/behaviours.md) lives here, so the manifest directory and the API server feed the same code.
 
-pub mod addr;
+pub(crate) mod addr;
 #[cfg(test)]
 mod proptests;
 mod service;

@@ -5,7 +5,7 @@
 //! reason.
 //!
 //! Each case is generated as a plan (what each field is meant to be), built into the objects
-//! the API would hold, and judged by an oracle written from SPEC.md and the plan alone: the
+//! the API would hold, and judged by an oracle written from docs/behaviours.md and the plan alone: the
 //! frontends are exactly the valid (address, port, protocol) combinations, each frontend's
 //! backends are exactly the usable endpoints, and the skips are exactly the invalid fields the
 //! model reaches.
@@ -421,7 +421,7 @@ fn build_slice(service: &str, plan: &SlicePlan) -> EndpointSlice {
     }
 }
 
-// ---- the oracle, from SPEC.md and the plan ----
+// ---- the oracle, from docs/behaviours.md and the plan ----
 
 /// What an address text is, judged independently of the model: IPv4 as Kubernetes parses it
 /// (four decimal parts of one to three digits, leading zeros allowed), IPv6, or neither.

@@ -1,4 +1,4 @@
-//! One service → its frontends. Each rule of SPEC.md "Service semantics" is one small step here.
+//! One service → its frontends. Each rule of docs/behaviours.md "Service semantics" is one small step here.
 
 use std::net::Ipv4Addr;
 

@@ -1,4 +1,4 @@
-//! The rules of SPEC.md "Service semantics", one case each, on objects built with small builders.
+//! The rules of docs/behaviours.md "Service semantics", one case each, on objects built with small builders.
 //! Every expected value is written from the case's own inputs.
 
 use std::{collections::BTreeSet, fmt::Debug, net::Ipv4Addr};

@@ -9,7 +9,7 @@ pub mod drops;
 mod health;
 mod http;
 pub mod kernel;
-pub mod service_health;
+pub(crate) mod service_health;
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 

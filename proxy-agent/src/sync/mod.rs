@@ -503,13 +503,7 @@ fn count_failure(error: &(dyn std::error::Error + 'static), report: &mut SyncRep
 /// An error with its sources (a map write's errno is in a source), and what to do when it says
 /// the map is full (`E2BIG` from a full BPF hash map).
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let mut text = crate::error_chain(error);
     if is_full(error) {
         text.push_str(" (the map is full: raise --services-map-size or --backends-map-size)");
     }

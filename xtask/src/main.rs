@@ -109,6 +109,12 @@ fn main() -> anyhow::Result<()> {
             setup::require_root("the end-to-end tests create network namespaces and attach BPF programs")?;
             cargo(&["fmt", "--all", "--check"])?;
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            // The BPF crate for its own target (the host build above compiles none of its
+            // code): -D warnings, and a `// SAFETY:` on every unsafe block
+            // (clippy::undocumented_unsafe_blocks, denied in proxy-ebpf/src/main.rs).
+            let bpf_clippy = ["run", "nightly", "cargo", "clippy", "--package", "proxy-ebpf"];
+            let bpf_target = ["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"];
+            run(Command::new("rustup").args(bpf_clippy).args(bpf_target))?;
             let mut test = vec!["test", "--workspace", "--no-fail-fast"];
             test.extend(args.iter().map(String::as_str));
             // The conformance rows in their quick mode (short affinity timeouts); the full suite

@@ -220,14 +220,30 @@ fn installed(program: &str) -> bool {
     std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
 }
 
-/// `<tool>-save -t <table>`; `None` when the table does not exist for that backend.
+/// `<tool>-save -t <table>`; `None` when the table does not exist for that backend. A legacy
+/// table the kernel does not list is not asked for: asking would load its module and create it.
 fn save(tool: &str, table: &str) -> Result<Option<String>, RulesError> {
+    if let Some(names) = legacy_tables_file(tool) {
+        let listed = std::fs::read_to_string(names).unwrap_or_default();
+        if !listed.lines().any(|l| l.trim() == table) {
+            return Ok(None);
+        }
+    }
     match run(&format!("{tool}-save"), &["-t", table], None) {
         Ok(out) => Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())),
         Err(Missing) => Ok(None),
         // legacy: "Table does not exist (do you need to insmod?)"; nothing of kube-proxy's there.
         Err(Failed(RulesError::Tool { message, .. })) if message.contains("does not exist") => Ok(None),
         Err(Failed(e)) => Err(e),
+    }
+}
+
+/// Where the kernel lists the legacy tables of this network namespace, for a legacy tool.
+fn legacy_tables_file(tool: &str) -> Option<&'static str> {
+    match tool {
+        "iptables-legacy" => Some("/proc/net/ip_tables_names"),
+        "ip6tables-legacy" => Some("/proc/net/ip6_tables_names"),
+        _ => None,
     }
 }
 

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use clap::Parser as _;
 use proxy_tests::{
     agent::{Agent, LogLine},
     cgroup::Cgroup,
@@ -277,4 +278,44 @@ fn a_bad_config_stops_the_agent_with_the_file_and_field_named() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("{}: field healthzBindAddress:", file.display())), "{stderr}");
+}
+
+/// The YAML of `deploy/<relative>`.
+fn deploy_yaml(relative: &str) -> serde_yaml_ng::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(relative);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The agent container's args in a DaemonSet or a patch of one.
+fn container_args(daemonset: &serde_yaml_ng::Value) -> Vec<String> {
+    let containers = &daemonset["spec"]["template"]["spec"]["containers"];
+    let agent = containers.as_sequence().and_then(|c| c.first()).expect("a container");
+    assert_eq!(agent["name"].as_str(), Some("proxy-agent"), "the patch merges by the container's name");
+    let args = agent["args"].as_sequence().expect("args");
+    args.iter().map(|a| a.as_str().expect("string args").to_owned()).collect()
+}
+
+#[test]
+fn the_kube_proxy_config_patch_mounts_kube_proxys_configmap_where_config_points_and_keeps_the_daemonsets_flags() {
+    let patch = deploy_yaml("kube-proxy/use-kube-proxy-config.yaml");
+    let args = container_args(&patch);
+    let expanded: Vec<String> = args.iter().map(|a| a.replace("$(NODE_NAME)", "node-1")).collect();
+    proxy_agent::cli::Cli::try_parse_from(std::iter::once("proxy-agent".to_owned()).chain(expanded.clone()))
+        .unwrap_or_else(|e| panic!("the patch's flags: {e}"));
+    let config = args.iter().find_map(|a| a.strip_prefix("--config=")).expect("--config");
+
+    let pod = &patch["spec"]["template"]["spec"];
+    let mount = pod["containers"][0]["volumeMounts"].as_sequence().and_then(|m| m.first()).expect("a mount");
+    assert_eq!(Path::new(config).parent(), mount["mountPath"].as_str().map(Path::new), "--config is in the mount");
+    let volume = pod["volumes"].as_sequence().and_then(|v| v.first()).expect("a volume");
+    assert_eq!(volume["name"], mount["name"]);
+    assert_eq!(volume["configMap"]["name"].as_str(), Some("kube-proxy"), "kubeadm's ConfigMap");
+
+    // The args list replaces the DaemonSet's: every flag of it but the server addresses (taken
+    // from the file) must be there.
+    let base = container_args(&deploy_yaml("20-daemonset.yaml"));
+    let kept: Vec<&String> = base.iter().filter(|a| !a.contains("-bind-address")).collect();
+    let patched: Vec<&String> = args.iter().filter(|a| !a.starts_with("--config=")).collect();
+    assert_eq!(patched, kept);
 }

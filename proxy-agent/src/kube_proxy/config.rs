@@ -121,7 +121,7 @@ impl FileConfig {
         let yaml_error = |message: String| ConfigError::Yaml { path: path.to_owned(), message };
         let root: Value = serde_yaml_ng::from_str(text).map_err(|e| yaml_error(e.to_string()))?;
         let Value::Mapping(root) = root else { return Err(yaml_error("the document is not a mapping".into())) };
-        let fields = Fields { path, map: &root, prefix: "" };
+        let fields = Fields { path, map: &root, prefix: String::new() };
         fields.expect_text("apiVersion", API_VERSION)?;
         fields.expect_text("kind", KIND)?;
         let mut config = Self {
@@ -249,11 +249,11 @@ impl FileConfig {
     }
 }
 
-/// The fields of one mapping of the file, `prefix` naming where it sits.
+/// The fields of one mapping of the file, `prefix` naming where it sits (`clientConnection.`).
 struct Fields<'a> {
     path: &'a Path,
     map: &'a Mapping,
-    prefix: &'static str,
+    prefix: String,
 }
 
 impl<'a> Fields<'a> {
@@ -286,10 +286,12 @@ impl<'a> Fields<'a> {
     }
 
     /// A nested mapping; `None` when absent or null.
-    fn nested(&self, name: &'static str) -> Result<Option<Fields<'a>>, ConfigError> {
+    fn nested(&self, name: &str) -> Result<Option<Fields<'a>>, ConfigError> {
         match self.map.get(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Mapping(map)) => Ok(Some(Fields { path: self.path, map, prefix: nested_prefix(name) })),
+            Some(Value::Mapping(map)) => {
+                Ok(Some(Fields { path: self.path, map, prefix: format!("{}{name}.", self.prefix) }))
+            }
             Some(_) => Err(self.error(name, "want a mapping")),
         }
     }
@@ -315,17 +317,6 @@ impl<'a> Fields<'a> {
             .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, default_port)))
             .map_err(|_| self.error(name, &format!("{text:?} is neither IP:port nor an IP")))?;
         Ok(Some(BindAddress(Some(address))))
-    }
-}
-
-/// The dotted prefix of fields inside a nested mapping (the few this module reads into).
-fn nested_prefix(name: &str) -> &'static str {
-    match name {
-        "clientConnection" => "clientConnection.",
-        "iptables" => "iptables.",
-        "ipvs" => "ipvs.",
-        "nftables" => "nftables.",
-        _ => "",
     }
 }
 

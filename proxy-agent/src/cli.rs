@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum, parser::ValueSource};
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
@@ -112,6 +112,16 @@ pub struct RunArgs {
     #[arg(long)]
     pub cleanup: bool,
 
+    /// Read kube-proxy's configuration file (the `config.conf` of kubeadm's `kube-proxy`
+    /// ConfigMap): the fields that mean the same here are used; flags given win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Remove kube-proxy's iptables chains, nftables tables and IPVS interface from this node
+    /// (as `kube-proxy --cleanup` does), then exit. Stop kube-proxy first.
+    #[arg(long)]
+    pub cleanup_kube_proxy: bool,
+
     /// Log verbosity: -v for debug, -vv for trace (RUST_LOG overrides).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
@@ -159,9 +169,16 @@ const INTERFACE_RESCAN: Duration = Duration::from_secs(2);
 
 /// The binary's entry point.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(cli.run.verbose, cli.run.log_format);
     log_panics();
+    if let Some(path) = cli.run.config.clone()
+        && let Err(e) = read_config(&path, &mut cli.run, &matches)
+    {
+        error!("{e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -171,6 +188,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         None if cli.run.cleanup => cleanup(&cli.run),
+        None if cli.run.cleanup_kube_proxy => crate::kube_proxy::cleanup().map_err(Into::into),
         None => runtime.block_on(run(cli.run)),
         Some(Command::Inspect(args)) => crate::inspect::run_inspect(&cli.run.bpf_root, &args).map_err(Into::into),
         Some(Command::Explain(args)) => crate::inspect::run_explain(&cli.run.bpf_root, &args).map_err(Into::into),
@@ -182,6 +200,35 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Applies kube-proxy's configuration file at `path` to `args` under the flags given in
+/// `matches`, and says in one line each what was used, ignored and unknown.
+fn read_config(
+    path: &Path,
+    args: &mut RunArgs,
+    matches: &clap::ArgMatches,
+) -> Result<(), crate::kube_proxy::config::ConfigError> {
+    let config = crate::kube_proxy::config::FileConfig::load(path)?;
+    let used = config.apply(args, |id| {
+        matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+    });
+    let file = path.display();
+    info!(config = %file, used = used.join(", "), "read kube-proxy's configuration; flags given override it");
+    if !config.ignored.is_empty() {
+        info!(config = %file, ignored = config.ignored.join(", "), "ignored: these fields tune kube-proxy itself");
+    }
+    if !config.unknown.is_empty() {
+        tracing::warn!(
+            config = %file,
+            unknown = config.unknown.join(", "),
+            "unknown fields in kube-proxy's configuration (misspelt, or from a newer kube-proxy): ignored"
+        );
+    }
+    for note in &config.notes {
+        tracing::warn!(config = %file, "{note}");
+    }
+    Ok(())
 }
 
 fn init_logging(verbose: u8, format: LogFormat) {
@@ -254,6 +301,7 @@ fn node_name(hostname_override: Option<&str>, hostname_file: &Path) -> anyhow::R
 /// traffic keeps flowing and the next agent adopts them.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node_name = node_name(args.hostname_override.as_deref(), Path::new(HOSTNAME_FILE))?;
+    crate::kube_proxy::warn_if_present();
     crate::preflight::check(&args.bpf_root, args.cgroup_path.as_deref())?;
     let cgroup = match &args.cgroup_path {
         Some(path) => path.clone(),

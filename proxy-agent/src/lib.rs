@@ -9,12 +9,14 @@
 //! - [`metrics`]: what the agent reports;
 //! - `tasks`: the long-running tasks, whose first end stops the agent;
 //! - [`inspect`]: `inspect` and `explain`, reading the pinned maps;
+//! - [`kube_proxy`]: moving off kube-proxy (its config file, finding and removing its rules);
 //! - [`observe`]: the `/healthz` and `/metrics` servers, answered from the kernel's state;
 //! - [`sys`]: the raw Linux calls (bpf(), namespaces, interfaces, statfs), each once.
 
 pub mod cli;
 pub mod datapath;
 pub mod inspect;
+pub mod kube_proxy;
 pub mod metrics;
 pub mod model;
 pub mod observe;

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod conformance;
 pub mod fixtures;
 pub mod frames;
+pub mod kube_proxy_rules;
 pub mod netns;
 pub mod pod;
 pub mod topology;

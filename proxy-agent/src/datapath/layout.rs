@@ -52,6 +52,9 @@ pub struct Shape {
     pub value_size: u32,
     /// `max_entries`.
     pub max_entries: u32,
+    /// `map_flags`: a preallocated map pinned by an older agent is replaced by the object's
+    /// non-preallocated one.
+    pub map_flags: u32,
 }
 
 /// The shapes of the object's maps, with `max_entries` overridden as the loader will.
@@ -66,6 +69,7 @@ pub fn wanted(object: &[u8], max_entries: &BTreeMap<&str, u32>) -> Result<BTreeM
                 key_size: map.key_size(),
                 value_size: map.value_size(),
                 max_entries: max_entries.get(name.as_str()).copied().unwrap_or_else(|| map.max_entries()),
+                map_flags: map.map_flags(),
             };
             (name.clone(), shape)
         })
@@ -80,6 +84,7 @@ fn pinned_shape(path: &Path) -> Result<Shape, BpfError> {
         key_size: info.key_size,
         value_size: info.value_size,
         max_entries: info.max_entries,
+        map_flags: info.map_flags,
     })
 }
 

@@ -501,13 +501,32 @@ fn count_failure(error: &(dyn std::error::Error + 'static), report: &mut SyncRep
 }
 
 /// An error with its sources (a map write's errno is in a source), and what to do when it says
-/// the map is full (`E2BIG` from a full BPF hash map).
+/// the map is full (`E2BIG` from a full BPF hash map): the flag that sizes that map.
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = crate::error_chain(error);
     if is_full(error) {
-        text.push_str(" (the map is full: raise --services-map-size or --backends-map-size)");
+        let flag = full_map(error).and_then(proxy_common::maps::size_flag);
+        match (full_map(error), flag) {
+            (Some(map), Some(flag)) => text.push_str(&format!(
+                " (the map is full: raise {flag}, which sizes the {map} map; proxy_map_entries{{map=\"{map}\"}} \
+                 and proxy_map_max_entries show its use)"
+            )),
+            _ => text.push_str(" (the map is full: raise --services-map-size or --backends-map-size)"),
+        }
     }
     text
+}
+
+/// The map a failed write was to, when the error names it ([`crate::datapath::WriteError`]).
+fn full_map(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        if let Some(write) = cause.downcast_ref::<crate::datapath::WriteError>() {
+            return Some(write.map);
+        }
+        next = cause.source();
+    }
+    None
 }
 
 /// Whether a map write failed because the map is full (`E2BIG` from a BPF hash map).

@@ -72,6 +72,12 @@ pub const fn fragments_max_entries(conntrack: u32) -> u32 {
     if conntrack < 32 { 1 } else { conntrack / 32 }
 }
 
+// The defaults hold 100 000 services of 10 endpoints on a ClusterIP each (a master entry and
+// ten slots), 1 000 000 distinct endpoints and a name per service port.
+const _: () = assert!(SERVICES_MAX_ENTRIES >= 100_000 * (1 + 10));
+const _: () = assert!(BACKENDS_MAX_ENTRIES >= 1_000_000);
+const _: () = assert!(service_names_max_entries(SERVICES_MAX_ENTRIES) >= 100_000);
+
 /// The flag that sizes map `name`, directly or through one of the functions above; `None`
 /// for the fixed-size arrays ([`CONFIG`], [`DROPS`]).
 pub fn size_flag(name: &str) -> Option<&'static str> {
@@ -184,13 +190,6 @@ mod tests {
         assert_eq!(super::fragments_max_entries(super::CONNTRACK_MAX_ENTRIES), 8_192);
         // Tiny conntrack maps still give the derived maps an entry (a map cannot be empty).
         assert_eq!((super::sock_max_entries(1), super::fragments_max_entries(1)), (1, 1));
-    }
-
-    #[test]
-    fn the_defaults_hold_100_000_services_of_10_endpoints() {
-        assert!(super::SERVICES_MAX_ENTRIES >= 100_000 * (1 + 10));
-        assert!(super::BACKENDS_MAX_ENTRIES >= 1_000_000);
-        assert!(super::service_names_max_entries(super::SERVICES_MAX_ENTRIES) >= 100_000);
     }
 
     #[test]

@@ -185,12 +185,15 @@ fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-/// A failed write to pinned map `map` (its source says why: `E2BIG` when the map is full).
+/// A failed write to pinned map `map` (its source says why: `E2BIG`, or `ENOSPC` from the
+/// LPM trie, when the map is full).
 #[derive(Debug, thiserror::Error)]
-#[error("writing map {map}")]
+#[error("writing map {map}{}", max_entries.map(|n| format!(" (max_entries {n})")).unwrap_or_default())]
 pub struct WriteError {
     /// The map written, as pinned (`proxy_common::maps`).
     pub map: &'static str,
+    /// Its size, where the handle knows it.
+    pub max_entries: Option<u32>,
     /// The failed map operation.
     #[source]
     pub source: MapError,
@@ -198,14 +201,20 @@ pub struct WriteError {
 
 /// Names `map` in a failed write.
 fn on(map: &'static str) -> impl Fn(MapError) -> WriteError {
-    move |source| WriteError { map, source }
+    move |source| WriteError { map, max_entries: None, source }
+}
+
+/// Names `map` and its size in a failed write.
+fn on_sized<K, V>(map: &'static str, hash: &Hash<K, V>) -> impl Fn(MapError) -> WriteError {
+    let max_entries = Some(hash.reader.info().max_entries);
+    move |source| WriteError { map, max_entries, source }
 }
 
 impl MapStore for AyaMaps {
     type Error = WriteError;
 
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), WriteError> {
-        self.services.insert(key, value, 0).map_err(on(maps::SERVICES))
+        self.services.insert(key, value, 0).map_err(on_sized(maps::SERVICES, &self.services))
     }
 
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
@@ -213,7 +222,7 @@ impl MapStore for AyaMaps {
     }
 
     fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
-        self.backends.insert(id, backend, 0).map_err(on(maps::BACKENDS))
+        self.backends.insert(id, backend, 0).map_err(on_sized(maps::BACKENDS, &self.backends))
     }
 
     fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError> {
@@ -221,7 +230,7 @@ impl MapStore for AyaMaps {
     }
 
     fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), WriteError> {
-        self.names.insert(id, name, 0).map_err(on(maps::SERVICE_NAMES))
+        self.names.insert(id, name, 0).map_err(on_sized(maps::SERVICE_NAMES, &self.names))
     }
 
     fn delete_service_name(&mut self, id: u32) -> Result<(), WriteError> {

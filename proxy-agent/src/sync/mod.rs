@@ -529,11 +529,13 @@ fn full_map(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     None
 }
 
-/// Whether a map write failed because the map is full (`E2BIG` from a BPF hash map).
+/// Whether a map write failed because the map is full (`E2BIG` from a BPF hash map, `ENOSPC`
+/// from the LPM trie of source ranges).
 fn is_full(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = error.source();
     while let Some(cause) = source {
-        if cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(libc::E2BIG)) {
+        let errno = cause.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error);
+        if matches!(errno, Some(libc::E2BIG | libc::ENOSPC)) {
             return true;
         }
         source = cause.source();

@@ -161,3 +161,24 @@ fn a_refused_service_that_is_deleted_is_no_longer_retried() {
     assert!(syncer.refusals.is_empty());
     assert_eq!(syncer.resync().refused, 0);
 }
+
+/// Issue 15: a full map's refusal names the map, its size and the flag that sizes it (a full
+/// `service_names` is lifted by --services-map-size: no flag of its own).
+#[test]
+fn a_full_map_names_the_flag_that_sizes_it() {
+    let full = |map, errno| crate::datapath::WriteError {
+        map,
+        max_entries: Some(12),
+        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        }),
+    };
+    let text = error_chain(&full(proxy_common::maps::SERVICE_NAMES, libc::E2BIG));
+    assert!(text.starts_with("writing map service_names (max_entries 12): "), "{text}");
+    assert!(text.ends_with("raise --services-map-size, which sizes the service_names map; proxy_map_entries{map=\"service_names\"} and proxy_map_max_entries show its use)"), "{text}");
+    let text = error_chain(&full(proxy_common::maps::SOURCE_RANGES, libc::ENOSPC));
+    assert!(text.contains("raise --services-map-size, which sizes the source_ranges map"), "{text}");
+    let text = error_chain(&full(proxy_common::maps::BACKENDS, libc::EPERM));
+    assert!(!text.contains("the map is full"), "not full: {text}");
+}

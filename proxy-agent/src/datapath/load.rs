@@ -36,6 +36,8 @@ impl Datapath {
         let links = root.join("links");
         fs::create_dir_all(&links).map_err(bpffs_error(&links))?;
         let sizes = opts.map_sizes();
+        // Said at start, so that a refusal for lack of room later reads against known sizes.
+        info!(?sizes, "map sizes, from the --*-map-size flags");
         // Pinned maps the new programs cannot share stay with the old programs until the swap
         // (the object is parsed for its maps' shapes only when there are pinned maps).
         let pinned = layout::pinned(root).map_err(bpffs_error(root))?;

@@ -443,9 +443,10 @@ fn a_service_that_does_not_fit_is_refused_whole_and_let_in_when_room_frees() {
 
 /// Issue 15: the other way in for a refused service, a flag raise and a restart. With the
 /// same 12-entry `services` map, `c` is refused (one log line, counted in
-/// `proxy_sync_errors_total`) while `a` and `b` work; node-1's agent is then restarted over the
-/// same --bpf-root with `--services-map-size 131072`: the layout code replaces the services map
-/// and the maps sized from it, and `c` is programmed by the first sync. 131 072 is past
+/// `proxy_sync_errors_total`, saying which size would hold it) while `a` and `b` work; node-1's
+/// agent is then restarted over the same --bpf-root with that size: the layout code replaces
+/// the services map and the maps sized from it, and `c` is programmed by the first sync. So it
+/// is after a second restart with `--services-map-size 131072`, past
 /// `service_names`' old fixed size (65 536), which no flag lifted: the kernel's own record of the
 /// pinned maps (`bpftool map show`) has both at the flag's size.
 #[test]
@@ -462,25 +463,36 @@ fn a_refused_service_is_programmed_once_a_restart_raises_the_map_size() {
         agent.wait_for_count(address, port, Some(2), WAIT).expect("a and b are programmed");
     }
     wait_until("c refused", WAIT, || !refusal_lines(agent, "service refused as a whole").is_empty());
-    assert_eq!(refusal_lines(agent, "service refused as a whole").len(), 1, "one line:\n{}", agent.log());
+    let refused = refusal_lines(agent, "service refused as a whole");
+    assert_eq!(refused.len(), 1, "one line:\n{}", agent.log());
+    let error = refused[0].text("error").unwrap_or_default();
+    let suggested: u32 = error
+        .split_once("; --services-map-size ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .and_then(|(size, _)| size.parse().ok())
+        .unwrap_or_else(|| panic!("the line says which size holds c: {error}"));
+    assert!(suggested > 12, "{error}");
     let errors = metrics(&cluster.topology.nodes[0].ns).get("proxy_sync_errors_total").copied().unwrap_or(0.0);
     assert!(errors >= 1.0, "proxy_sync_errors_total counts the refusal: {errors}");
     assert_eq!(agent.count(vip(13), PORT).expect("reading the maps"), None, "c is refused");
     let tally = cluster.connects_from_pod(clusterip(11), 20);
     assert_eq!(tally.answered(), 20, "a works meanwhile: {tally:?}");
 
-    let size = cluster.flags[0].iter().position(|f| f == "--services-map-size").expect("the flag") + 1;
-    cluster.flags[0][size] = RAISED.to_string();
-    cluster.restart(0);
-    let agent = &mut cluster.agents[0];
-    for (address, port) in [(vip(13), PORT), (NODE_IPS[0], 30013), (vip(11), PORT), (vip(12), PORT)] {
-        agent.wait_for_count(address, port, Some(2), WAIT).expect("c is programmed, a and b still are");
-    }
-    agent.wait_for_log("upgrade done", WAIT).expect("the resized maps take the pins");
-    assert!(refusal_lines(agent, "service refused as a whole").is_empty(), "nothing refused:\n{}", agent.log());
-    let root = agent.bpf_root().to_owned();
-    for map in [proxy_common::maps::SERVICES, proxy_common::maps::SERVICE_NAMES] {
-        assert_eq!(bpftool_max_entries(&root.join(map)), RAISED, "{map} follows --services-map-size");
+    // The size the line suggested, then one past service_names' old fixed size.
+    for size in [suggested, RAISED] {
+        let flag = cluster.flags[0].iter().position(|f| f == "--services-map-size").expect("the flag") + 1;
+        cluster.flags[0][flag] = size.to_string();
+        cluster.restart(0);
+        let agent = &mut cluster.agents[0];
+        for (address, port) in [(vip(13), PORT), (NODE_IPS[0], 30013), (vip(11), PORT), (vip(12), PORT)] {
+            agent.wait_for_count(address, port, Some(2), WAIT).expect("c is programmed, a and b still are");
+        }
+        agent.wait_for_log("upgrade done", WAIT).expect("the resized maps take the pins");
+        assert!(refusal_lines(agent, "service refused as a whole").is_empty(), "nothing refused:\n{}", agent.log());
+        let root = agent.bpf_root().to_owned();
+        for map in [proxy_common::maps::SERVICES, proxy_common::maps::SERVICE_NAMES] {
+            assert_eq!(bpftool_max_entries(&root.join(map)), size, "{map} follows --services-map-size");
+        }
     }
     for (target, name) in [(clusterip(13), "c"), (clusterip(11), "a"), (clusterip(12), "b")] {
         let tally = cluster.connects_from_pod(target, 20);

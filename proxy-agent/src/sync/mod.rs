@@ -385,6 +385,11 @@ impl<S: MapStore> Syncer<S> {
         requeue: &mut BTreeSet<String>,
     ) {
         let old = self.claims.take_owned(key);
+        // The room the service needs, for the refusal's hint.
+        let needs: usize = desired
+            .values()
+            .map(|e| crate::datapath::writer::service_entries(e.backends.len(), e.internal.as_ref().map(Vec::len)))
+            .sum();
         for frontend in old.iter().filter(|f| !desired.contains_key(f)) {
             self.release_frontend(key, frontend, report, requeue);
         }
@@ -420,8 +425,15 @@ impl<S: MapStore> Syncer<S> {
             match self.writer.upsert(frontend, &entry) {
                 Ok(stats) => report.writes += stats,
                 Err(e) => {
-                    let error = count_failure(&e, report);
+                    let mut error = count_failure(&e, report);
                     self.refuse(key, old.union(&owned), report, requeue);
+                    if full_map(&e) == Some(proxy_common::maps::SERVICES) {
+                        let held = self.writer.service_entries_held();
+                        error.push_str(&format!(
+                            "; --services-map-size {} would hold it ({held} entries in use, {needs} for {key})",
+                            held + needs
+                        ));
+                    }
                     if self.refusals.start(key) {
                         warn!(
                             service = key,

@@ -266,4 +266,19 @@ mod tests {
         assert_eq!(replaced, vec![maps::SERVICES]);
         fs::remove_dir_all(&root).unwrap();
     }
+
+    /// Issue 15: `services`, `backends` and `service_names` are no longer preallocated. A map an
+    /// older agent pinned preallocated, of the same size, is replaced rather than kept: the
+    /// flags are part of the shape (pinned here from the object, so the kernel's own flags).
+    #[test]
+    fn a_map_pinned_with_other_flags_is_replaced() {
+        let pins = crate::datapath::testing::PinnedMaps::new("layout-flags", 4096);
+        let sizes = BTreeMap::from([(maps::CONNTRACK, 4096)]);
+        let mut wanted = wanted(super::super::load::OBJECT, &sizes).unwrap();
+        assert_eq!(to_replace(pins.root(), LAYOUT_VERSION, &wanted), Vec::<&str>::new(), "the same shapes");
+        let services = wanted.get_mut(maps::SERVICES).unwrap();
+        assert_ne!(services.map_flags, 0, "the object's services map is not preallocated");
+        services.map_flags = 0;
+        assert_eq!(to_replace(pins.root(), LAYOUT_VERSION, &wanted), vec![maps::SERVICES]);
+    }
 }

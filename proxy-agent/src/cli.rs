@@ -84,19 +84,26 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = positive_duration)]
     pub sync_period: Duration,
 
-    /// Size of the services map (frontends and backend slots).
+    /// Size of the services map: a frontend (ClusterIP, nodePort, external or LoadBalancer
+    /// address and port) takes one entry plus one per endpoint. Also sizes `service_names` (one
+    /// entry per service port) and `source_ranges`. Not preallocated: a cap, the kernel memory
+    /// follows the entries held. The default holds 100 000 services of 10 endpoints.
     #[arg(long, value_name = "N", default_value_t = proxy_common::maps::SERVICES_MAX_ENTRIES)]
     pub services_map_size: u32,
 
-    /// Size of the backends map.
+    /// Size of the backends map: one entry per distinct endpoint (address, port, protocol).
+    /// Not preallocated; the default holds 1 000 000 endpoints.
     #[arg(long, value_name = "N", default_value_t = proxy_common::maps::BACKENDS_MAX_ENTRIES)]
     pub backends_map_size: u32,
 
-    /// Size of the session-affinity LRU map.
+    /// Size of the session-affinity LRU map: one entry per client and ClientIP-affinity service
+    /// port; when full the least recently used goes. Preallocated by the kernel.
     #[arg(long, value_name = "N", default_value_t = proxy_common::maps::AFFINITY_MAX_ENTRIES)]
     pub affinity_map_size: u32,
 
     /// Size of the connection-tracking LRU map of the NodePort path (two entries per flow).
+    /// Also sizes the socket maps `sock_rev` and `sock_backend` (half of it: one entry per
+    /// socket) and `fragments` (a 32nd). LRUs, preallocated by the kernel.
     #[arg(long, value_name = "N", default_value_t = proxy_common::maps::CONNTRACK_MAX_ENTRIES)]
     pub conntrack_map_size: u32,
 

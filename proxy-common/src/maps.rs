@@ -31,27 +31,64 @@ pub const FRAGMENTS: &str = "fragments";
 /// of `u64` counters indexed by reason.
 pub const DROPS: &str = "drops";
 
-/// Default size of [`SERVICES`]: 10 000 services with 10 endpoints on two frontends each fit.
-pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
-/// Default size of [`BACKENDS`].
-pub const BACKENDS_MAX_ENTRIES: u32 = 131_072;
-/// Default size of [`AFFINITY`].
+/// Default size of [`SERVICES`] (`--services-map-size`): 100 000 services with 10 endpoints
+/// (a master entry and ten slots each on a ClusterIP: 1 100 000 entries) fit, with room for
+/// nodePorts. The map is not preallocated (see the agent's `datapath` module), so the size is
+/// a cap: the kernel memory follows the entries held, plus 16 bytes a hash bucket (the kernel
+/// rounds the buckets up to a power of two, hence this one).
+pub const SERVICES_MAX_ENTRIES: u32 = 2_097_152;
+/// Default size of [`BACKENDS`] (`--backends-map-size`): 1 000 000 distinct endpoints fit.
+/// Not preallocated either.
+pub const BACKENDS_MAX_ENTRIES: u32 = 1_048_576;
+/// Default size of [`AFFINITY`] (`--affinity-map-size`), an LRU (preallocated by the kernel).
 pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
 
-/// Default size of [`SERVICE_NAMES`].
-pub const SERVICE_NAMES_MAX_ENTRIES: u32 = 65_536;
-
-/// Default size of [`CONNTRACK`] (two entries per flow).
+/// Default size of [`CONNTRACK`] (`--conntrack-map-size`, two entries per flow), an LRU.
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 
-/// Default size of [`SOCK_REV`] and [`SOCK_BACKEND`].
-pub const SOCK_MAX_ENTRIES: u32 = 131_072;
+/// Size of [`SERVICE_NAMES`] for a services map of `services` entries: every service port
+/// needs its own master entry in [`SERVICES`], so it can never hold more service ports than
+/// that (a fixed size here refused services no flag could let in).
+pub const fn service_names_max_entries(services: u32) -> u32 {
+    services
+}
 
-/// Default size of [`FRAGMENTS`].
-pub const FRAGMENTS_MAX_ENTRIES: u32 = 8_192;
+/// Size of [`SOURCE_RANGES`] for a services map of `services` entries: an LPM trie is never
+/// preallocated, so this is only a cap, as large as the frontends the services map can hold.
+pub const fn source_ranges_max_entries(services: u32) -> u32 {
+    services
+}
 
-/// Default size of [`SOURCE_RANGES`].
-pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 16_384;
+/// Size of [`SOCK_REV`] and [`SOCK_BACKEND`] for a conntrack map of `conntrack` entries: one
+/// entry a connected (or unconnected UDP) socket, sized like the flows conntrack holds (two
+/// entries each). LRUs: when full, the least recently used socket's entry goes.
+pub const fn sock_max_entries(conntrack: u32) -> u32 {
+    if conntrack < 2 { 1 } else { conntrack / 2 }
+}
+
+/// Size of [`FRAGMENTS`] for a conntrack map of `conntrack` entries: fragmented datagrams in
+/// flight are a small share of the flows (an LRU, entries live milliseconds).
+pub const fn fragments_max_entries(conntrack: u32) -> u32 {
+    if conntrack < 32 { 1 } else { conntrack / 32 }
+}
+
+// The defaults hold 100 000 services of 10 endpoints on a ClusterIP each (a master entry and
+// ten slots), 1 000 000 distinct endpoints and a name per service port.
+const _: () = assert!(SERVICES_MAX_ENTRIES >= 100_000 * (1 + 10));
+const _: () = assert!(BACKENDS_MAX_ENTRIES >= 1_000_000);
+const _: () = assert!(service_names_max_entries(SERVICES_MAX_ENTRIES) >= 100_000);
+
+/// The flag that sizes map `name`, directly or through one of the functions above; `None`
+/// for the fixed-size arrays ([`CONFIG`], [`DROPS`]).
+pub fn size_flag(name: &str) -> Option<&'static str> {
+    match name {
+        SERVICES | SERVICE_NAMES | SOURCE_RANGES => Some("--services-map-size"),
+        BACKENDS => Some("--backends-map-size"),
+        AFFINITY => Some("--affinity-map-size"),
+        CONNTRACK | SOCK_REV | SOCK_BACKEND | FRAGMENTS => Some("--conntrack-map-size"),
+        _ => None,
+    }
+}
 
 /// Size of [`DROPS`]: room for reasons added later without a new map layout.
 pub const DROPS_MAX_ENTRIES: u32 = 64;
@@ -134,6 +171,25 @@ mod tests {
             size_of::<NodeConfig>(),
         ];
         assert_eq!((super::LAYOUT_VERSION, sizes), (2, [12, 16, 152, 12, 8, 16, 16, 16, 32, 12, 4, 16, 8, 16, 8, 16]));
+    }
+
+    #[test]
+    fn every_map_but_the_fixed_arrays_is_sized_by_a_flag() {
+        for map in super::ALL {
+            let fixed = [super::CONFIG, super::DROPS].contains(map);
+            assert_eq!(super::size_flag(map).is_none(), fixed, "{map}");
+        }
+    }
+
+    #[test]
+    fn derived_sizes_follow_their_flag_past_any_fixed_cap() {
+        // 65 536 was service_names' fixed size: 100 000 services need more.
+        assert_eq!(super::service_names_max_entries(2_097_152), 2_097_152);
+        assert_eq!(super::source_ranges_max_entries(12), 12);
+        assert_eq!(super::sock_max_entries(super::CONNTRACK_MAX_ENTRIES), 131_072);
+        assert_eq!(super::fragments_max_entries(super::CONNTRACK_MAX_ENTRIES), 8_192);
+        // Tiny conntrack maps still give the derived maps an entry (a map cannot be empty).
+        assert_eq!((super::sock_max_entries(1), super::fragments_max_entries(1)), (1, 1));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! are repeated as literals because the attribute needs one; the agent checks them at load).
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -11,24 +12,36 @@ use proxy_common::{
     config::NodeConfig,
     conntrack::{CtKey, CtValue, FragKey, FragPorts},
     maps::{
-        AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, DROPS_MAX_ENTRIES, FRAGMENTS_MAX_ENTRIES,
-        SERVICE_NAMES_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOCK_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+        AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, DROPS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
+        fragments_max_entries, service_names_max_entries, sock_max_entries, source_ranges_max_entries,
     },
     service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
 };
 
+/// Flags of the maps only the agent writes: not preallocated, so their kernel memory follows
+/// the entries held rather than the size (100 000 services need a size that, preallocated,
+/// would take hundreds of MiB on every node). Lookups cost the same; programs never insert
+/// into them, where preallocation matters.
+const AGENT_WRITTEN: usize = BPF_F_NO_PREALLOC as usize;
+
 /// Frontends (slot 0) and their backend slots (1..=count).
 #[btf_map(name = "services")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX_ENTRIES as usize }> = HashMap::new();
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX_ENTRIES as usize }, AGENT_WRITTEN> =
+    HashMap::new();
 
 /// Backend id → endpoint.
 #[btf_map(name = "backends")]
-pub static BACKENDS: HashMap<BackendId, Backend, { BACKENDS_MAX_ENTRIES as usize }> = HashMap::new();
+pub static BACKENDS: HashMap<BackendId, Backend, { BACKENDS_MAX_ENTRIES as usize }, AGENT_WRITTEN> = HashMap::new();
 
 /// Service id → service port name. Written by the agent for inspection; never read here.
 #[btf_map(name = "service_names")]
-pub static SERVICE_NAMES: HashMap<u32, ServiceName, { SERVICE_NAMES_MAX_ENTRIES as usize }> = HashMap::new();
+pub static SERVICE_NAMES: HashMap<
+    u32,
+    ServiceName,
+    { service_names_max_entries(SERVICES_MAX_ENTRIES) as usize },
+    AGENT_WRITTEN,
+> = HashMap::new();
 
 /// ClientIP session affinity: (client, service port) → (backend, last use).
 #[btf_map(name = "affinity")]
@@ -45,20 +58,26 @@ pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 /// Socket and backend → the frontend it addressed: replies (`recvmsg`) and `getpeername` show
 /// the service address.
 #[btf_map(name = "sock_rev")]
-pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { SOCK_MAX_ENTRIES as usize }> = LruHashMap::new();
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue, { sock_max_entries(CONNTRACK_MAX_ENTRIES) as usize }> =
+    LruHashMap::new();
 
 /// Unconnected UDP socket and frontend → the backend it keeps across `sendmsg` calls.
 #[btf_map(name = "sock_backend")]
-pub static SOCK_BACKEND: LruHashMap<SockBackendKey, SockBackendValue, { SOCK_MAX_ENTRIES as usize }> =
-    LruHashMap::new();
+pub static SOCK_BACKEND: LruHashMap<
+    SockBackendKey,
+    SockBackendValue,
+    { sock_max_entries(CONNTRACK_MAX_ENTRIES) as usize },
+> = LruHashMap::new();
 
 /// `loadBalancerSourceRanges`: (frontend, client prefix) entries; a hit admits the client.
 #[btf_map(name = "source_ranges")]
-pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { SOURCE_RANGES_MAX_ENTRIES as usize }> = LpmTrie::new();
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { source_ranges_max_entries(SERVICES_MAX_ENTRIES) as usize }> =
+    LpmTrie::new();
 
 /// Ports of fragmented datagrams in flight: the first fragment records them for the rest.
 #[btf_map(name = "fragments")]
-pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { FRAGMENTS_MAX_ENTRIES as usize }> = LruHashMap::new();
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { fragments_max_entries(CONNTRACK_MAX_ENTRIES) as usize }> =
+    LruHashMap::new();
 
 /// Packets and socket calls dropped or refused, per CPU, indexed by reason
 /// (`proxy_common::drop`).

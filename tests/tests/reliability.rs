@@ -392,7 +392,10 @@ fn a_service_that_does_not_fit_is_refused_whole_and_let_in_when_room_frees() {
     let refused = refusal_lines(agent, "service refused as a whole");
     assert_eq!(refused.len(), 1, "one line when the refusal starts: {refused:#?}");
     let error = refused[0].text("error").unwrap_or_default();
-    assert!(error.contains("the map is full: raise --services-map-size"), "the line says what to do: {error}");
+    assert!(
+        error.contains("the map is full: raise --services-map-size, which sizes the services map"),
+        "the line names the full map and the flag that sizes it: {error}"
+    );
     let errors = metrics(&cluster.topology.nodes[0].ns).get("proxy_sync_errors_total").copied().unwrap_or(0.0);
     assert!(errors >= 1.0, "proxy_sync_errors_total counts the failed write: {errors}");
     let failing = agent.syncs().into_iter().find(|s| s.refused > 0).expect("a sync that refused a service");
@@ -436,6 +439,78 @@ fn a_service_that_does_not_fit_is_refused_whole_and_let_in_when_room_frees() {
     let ended = refusal_lines(agent, "service no longer refused: programmed");
     assert_eq!(ended.len(), 1, "one line when the refusal ends: {ended:#?}");
     assert_eq!(refusal_lines(agent, "service refused as a whole").len(), 1);
+}
+
+/// Issue 15: the other way in for a refused service, a flag raise and a restart. With the
+/// same 12-entry `services` map, `c` is refused (one log line, counted in
+/// `proxy_sync_errors_total`, saying which size would hold it) while `a` and `b` work; node-1's
+/// agent is then restarted over the same --bpf-root with that size: the layout code replaces
+/// the services map and the maps sized from it, and `c` is programmed by the first sync. So it
+/// is after a second restart with `--services-map-size 131072`, past
+/// `service_names`' old fixed size (65 536), which no flag lifted: the kernel's own record of the
+/// pinned maps (`bpftool map show`) has both at the flag's size.
+#[test]
+fn a_refused_service_is_programmed_once_a_restart_raises_the_map_size() {
+    const RAISED: u32 = 131_072;
+    let flags = ["--services-map-size", "12", "--backends-map-size", "16", "--nodeport-addresses", "172.18.0.0/16"];
+    let mut cluster = Cluster::start(1, &flags, |m| {
+        m.service(&nodeport("a", 11, 30011).build(), &BOTH);
+        m.service(&service("b").cluster_ip(&vip(12).to_string()).named_port("tcp", PORT.into(), "TCP").build(), &BOTH);
+        m.service(&nodeport("c", 13, 30013).build(), &BOTH);
+    });
+    let agent = &cluster.agents[0];
+    for (address, port) in [(vip(11), PORT), (NODE_IPS[0], 30011), (vip(12), PORT)] {
+        agent.wait_for_count(address, port, Some(2), WAIT).expect("a and b are programmed");
+    }
+    wait_until("c refused", WAIT, || !refusal_lines(agent, "service refused as a whole").is_empty());
+    let refused = refusal_lines(agent, "service refused as a whole");
+    assert_eq!(refused.len(), 1, "one line:\n{}", agent.log());
+    let error = refused[0].text("error").unwrap_or_default();
+    let suggested: u32 = error
+        .split_once("; --services-map-size ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .and_then(|(size, _)| size.parse().ok())
+        .unwrap_or_else(|| panic!("the line says which size holds c: {error}"));
+    assert!(suggested > 12, "{error}");
+    let errors = metrics(&cluster.topology.nodes[0].ns).get("proxy_sync_errors_total").copied().unwrap_or(0.0);
+    assert!(errors >= 1.0, "proxy_sync_errors_total counts the refusal: {errors}");
+    assert_eq!(agent.count(vip(13), PORT).expect("reading the maps"), None, "c is refused");
+    let tally = cluster.connects_from_pod(clusterip(11), 20);
+    assert_eq!(tally.answered(), 20, "a works meanwhile: {tally:?}");
+
+    // The size the line suggested, then one past service_names' old fixed size.
+    for size in [suggested, RAISED] {
+        let flag = cluster.flags[0].iter().position(|f| f == "--services-map-size").expect("the flag") + 1;
+        cluster.flags[0][flag] = size.to_string();
+        cluster.restart(0);
+        let agent = &mut cluster.agents[0];
+        for (address, port) in [(vip(13), PORT), (NODE_IPS[0], 30013), (vip(11), PORT), (vip(12), PORT)] {
+            agent.wait_for_count(address, port, Some(2), WAIT).expect("c is programmed, a and b still are");
+        }
+        agent.wait_for_log("upgrade done", WAIT).expect("the resized maps take the pins");
+        assert!(refusal_lines(agent, "service refused as a whole").is_empty(), "nothing refused:\n{}", agent.log());
+        let root = agent.bpf_root().to_owned();
+        for map in [proxy_common::maps::SERVICES, proxy_common::maps::SERVICE_NAMES] {
+            assert_eq!(bpftool_max_entries(&root.join(map)), size, "{map} follows --services-map-size");
+        }
+    }
+    for (target, name) in [(clusterip(13), "c"), (clusterip(11), "a"), (clusterip(12), "b")] {
+        let tally = cluster.connects_from_pod(target, 20);
+        assert_eq!(tally.answered(), 20, "{name} from a pod: {tally:?}");
+    }
+    let tally = cluster.connects_from_outside(node1(30013), 20);
+    assert_eq!(tally.answered(), 20, "c's nodePort from outside: {tally:?}");
+}
+
+/// `max_entries` of the map pinned at `pin`, as `bpftool map show` reports it.
+fn bpftool_max_entries(pin: &Path) -> u32 {
+    let program = if Path::new("/usr/sbin/bpftool").exists() { "/usr/sbin/bpftool" } else { "bpftool" };
+    let output =
+        Command::new(program).args(["--json", "map", "show", "pinned"]).arg(pin).output().expect("running bpftool");
+    assert!(output.status.success(), "bpftool map show {}: {}", pin.display(), String::from_utf8_lossy(&output.stderr));
+    let map: serde_json::Value = serde_json::from_slice(&output.stdout).expect("bpftool's JSON");
+    let max = map["max_entries"].as_u64().unwrap_or_else(|| panic!("no max_entries for {}: {map}", pin.display()));
+    u32::try_from(max).expect("a u32")
 }
 
 /// The agent's log lines about service `default/c` whose message starts with `message`.
@@ -573,7 +648,13 @@ fn an_upgrade_that_changes_map_layouts_drops_nothing() {
     for (name, held) in names.iter().zip(&held) {
         assert_eq!(held.answered(), 1, "{name}: the long-lived connection kept working: {held:?}");
     }
-    let replaced = [proxy_common::maps::SERVICES, proxy_common::maps::BACKENDS];
+    // service_names and source_ranges are sized from --services-map-size.
+    let replaced = [
+        proxy_common::maps::SERVICES,
+        proxy_common::maps::BACKENDS,
+        proxy_common::maps::SERVICE_NAMES,
+        proxy_common::maps::SOURCE_RANGES,
+    ];
     for name in proxy_common::maps::ALL {
         let (id, size) = info(name);
         match replaced.contains(name) {
@@ -581,7 +662,8 @@ fn an_upgrade_that_changes_map_layouts_drops_nothing() {
             false => assert_eq!((id, size), old[name], "{name} is shared with the old programs"),
         }
     }
-    assert_eq!((info(replaced[0]).1, info(replaced[1]).1), (SERVICES_SIZE, BACKENDS_SIZE), "the new sizes");
+    let sizes = replaced.map(|name| info(name).1);
+    assert_eq!(sizes, [SERVICES_SIZE, BACKENDS_SIZE, SERVICES_SIZE, SERVICES_SIZE], "the new sizes");
     assert_eq!(snapshot(&root), before, "the same services and backends, with the same ids");
     assert!(record.is_dir(), "the layout is recorded again");
     assert!(!root.join(format!("upgrade-v{}", proxy_common::maps::LAYOUT_VERSION)).exists(), "no staging left");

@@ -52,6 +52,9 @@ pub struct Shape {
     pub value_size: u32,
     /// `max_entries`.
     pub max_entries: u32,
+    /// `map_flags`: a preallocated map pinned by an older agent is replaced by the object's
+    /// non-preallocated one.
+    pub map_flags: u32,
 }
 
 /// The shapes of the object's maps, with `max_entries` overridden as the loader will.
@@ -66,6 +69,7 @@ pub fn wanted(object: &[u8], max_entries: &BTreeMap<&str, u32>) -> Result<BTreeM
                 key_size: map.key_size(),
                 value_size: map.value_size(),
                 max_entries: max_entries.get(name.as_str()).copied().unwrap_or_else(|| map.max_entries()),
+                map_flags: map.map_flags(),
             };
             (name.clone(), shape)
         })
@@ -80,6 +84,7 @@ fn pinned_shape(path: &Path) -> Result<Shape, BpfError> {
         key_size: info.key_size,
         value_size: info.value_size,
         max_entries: info.max_entries,
+        map_flags: info.map_flags,
     })
 }
 
@@ -260,5 +265,20 @@ mod tests {
         let replaced = to_replace(&root, LAYOUT_VERSION, &BTreeMap::new());
         assert_eq!(replaced, vec![maps::SERVICES]);
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Issue 15: `services`, `backends` and `service_names` are no longer preallocated. A map an
+    /// older agent pinned preallocated, of the same size, is replaced rather than kept: the
+    /// flags are part of the shape (pinned here from the object, so the kernel's own flags).
+    #[test]
+    fn a_map_pinned_with_other_flags_is_replaced() {
+        let pins = crate::datapath::testing::PinnedMaps::new("layout-flags", 4096);
+        let sizes = BTreeMap::from([(maps::CONNTRACK, 4096)]);
+        let mut wanted = wanted(super::super::load::OBJECT, &sizes).unwrap();
+        assert_eq!(to_replace(pins.root(), LAYOUT_VERSION, &wanted), Vec::<&str>::new(), "the same shapes");
+        let services = wanted.get_mut(maps::SERVICES).unwrap();
+        assert_ne!(services.map_flags, 0, "the object's services map is not preallocated");
+        services.map_flags = 0;
+        assert_eq!(to_replace(pins.root(), LAYOUT_VERSION, &wanted), vec![maps::SERVICES]);
     }
 }

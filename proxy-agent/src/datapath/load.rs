@@ -2,7 +2,7 @@
 //! loaded, the socket programs attached; and the swap that ends a layout upgrade.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
 };
@@ -35,13 +35,9 @@ impl Datapath {
         ensure_bpffs(root).map_err(bpffs_error(root))?;
         let links = root.join("links");
         fs::create_dir_all(&links).map_err(bpffs_error(&links))?;
-        let sizes = BTreeMap::from([
-            (maps::SERVICES, opts.services_max),
-            (maps::BACKENDS, opts.backends_max),
-            (maps::AFFINITY, opts.affinity_max),
-            (maps::SERVICE_NAMES, opts.services_max.min(maps::SERVICE_NAMES_MAX_ENTRIES)),
-            (maps::CONNTRACK, opts.conntrack_max),
-        ]);
+        let sizes = opts.map_sizes();
+        // Said at start, so that a refusal for lack of room later reads against known sizes.
+        info!(?sizes, "map sizes, from the --*-map-size flags");
         // Pinned maps the new programs cannot share stay with the old programs until the swap
         // (the object is parsed for its maps' shapes only when there are pinned maps).
         let pinned = layout::pinned(root).map_err(bpffs_error(root))?;

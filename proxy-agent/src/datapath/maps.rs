@@ -185,38 +185,63 @@ fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// A failed write to pinned map `map` (its source says why: `E2BIG`, or `ENOSPC` from the
+/// LPM trie, when the map is full).
+#[derive(Debug, thiserror::Error)]
+#[error("writing map {map}{}", max_entries.map(|n| format!(" (max_entries {n})")).unwrap_or_default())]
+pub struct WriteError {
+    /// The map written, as pinned (`proxy_common::maps`).
+    pub map: &'static str,
+    /// Its size, where the handle knows it.
+    pub max_entries: Option<u32>,
+    /// The failed map operation.
+    #[source]
+    pub source: MapError,
+}
+
+/// Names `map` in a failed write.
+fn on(map: &'static str) -> impl Fn(MapError) -> WriteError {
+    move |source| WriteError { map, max_entries: None, source }
+}
+
+/// Names `map` and its size in a failed write.
+fn on_sized<K, V>(map: &'static str, hash: &Hash<K, V>) -> impl Fn(MapError) -> WriteError {
+    let max_entries = Some(hash.reader.info().max_entries);
+    move |source| WriteError { map, max_entries, source }
+}
+
 impl MapStore for AyaMaps {
-    type Error = MapError;
+    type Error = WriteError;
 
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
-        self.services.insert(key, value, 0)
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), WriteError> {
+        self.services.insert(key, value, 0).map_err(on_sized(maps::SERVICES, &self.services))
     }
 
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
-        absent_ok(self.services.remove(&key))
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
+        absent_ok(self.services.remove(&key)).map_err(on(maps::SERVICES))
     }
 
-    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), MapError> {
-        self.backends.insert(id, backend, 0)
+    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
+        self.backends.insert(id, backend, 0).map_err(on_sized(maps::BACKENDS, &self.backends))
     }
 
-    fn delete_backend(&mut self, id: BackendId) -> Result<(), MapError> {
-        absent_ok(self.backends.remove(&id))
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError> {
+        absent_ok(self.backends.remove(&id)).map_err(on(maps::BACKENDS))
     }
 
-    fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), MapError> {
-        self.names.insert(id, name, 0)
+    fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), WriteError> {
+        self.names.insert(id, name, 0).map_err(on_sized(maps::SERVICE_NAMES, &self.names))
     }
 
-    fn delete_service_name(&mut self, id: u32) -> Result<(), MapError> {
-        absent_ok(self.names.remove(&id))
+    fn delete_service_name(&mut self, id: u32) -> Result<(), WriteError> {
+        absent_ok(self.names.remove(&id)).map_err(on(maps::SERVICE_NAMES))
     }
 
-    fn put_config(&mut self, config: NodeConfig) -> Result<(), MapError> {
-        self.config.set(0, config, 0)
+    fn put_config(&mut self, config: NodeConfig) -> Result<(), WriteError> {
+        self.config.set(0, config, 0).map_err(on(maps::CONFIG))
     }
 
-    fn forget(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, MapError> {
+    fn forget(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, WriteError> {
         let stale_affinity: Vec<AffinityKey> = self
             .affinity
             .entries()
@@ -232,10 +257,10 @@ impl MapStore for AyaMaps {
             .map(|(k, _)| k)
             .collect();
         for key in &stale_affinity {
-            absent_ok(self.affinity.remove(key))?;
+            absent_ok(self.affinity.remove(key)).map_err(on(maps::AFFINITY))?;
         }
         for key in &stale_sockets {
-            absent_ok(self.sock_backend.remove(key))?;
+            absent_ok(self.sock_backend.remove(key)).map_err(on(maps::SOCK_BACKEND))?;
         }
         Ok(stale_affinity.len() + stale_sockets.len())
     }
@@ -244,24 +269,24 @@ impl MapStore for AyaMaps {
         self.conntrack.entries()
     }
 
-    fn delete_conntrack(&mut self, key: CtKey) -> Result<(), MapError> {
-        absent_ok(self.conntrack.remove(&key))
+    fn delete_conntrack(&mut self, key: CtKey) -> Result<(), WriteError> {
+        absent_ok(self.conntrack.remove(&key)).map_err(on(maps::CONNTRACK))
     }
 
     fn sock_rev_entries(&self) -> Vec<(SockRevKey, SockRevValue)> {
         self.sock_rev.entries()
     }
 
-    fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<(), MapError> {
-        absent_ok(self.sock_rev.remove(&key))
+    fn delete_sock_rev(&mut self, key: SockRevKey) -> Result<(), WriteError> {
+        absent_ok(self.sock_rev.remove(&key)).map_err(on(maps::SOCK_REV))
     }
 
-    fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), MapError> {
-        self.source_ranges.insert(&source_range_key(frontend, cidr), 1, 0)
+    fn put_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), WriteError> {
+        self.source_ranges.insert(&source_range_key(frontend, cidr), 1, 0).map_err(on(maps::SOURCE_RANGES))
     }
 
-    fn delete_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), MapError> {
-        absent_ok(self.source_ranges.remove(&source_range_key(frontend, cidr)))
+    fn delete_source_range(&mut self, frontend: &Frontend, cidr: &Cidr) -> Result<(), WriteError> {
+        absent_ok(self.source_ranges.remove(&source_range_key(frontend, cidr))).map_err(on(maps::SOURCE_RANGES))
     }
 
     fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)> {

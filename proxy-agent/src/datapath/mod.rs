@@ -21,9 +21,14 @@ mod maps;
 pub(crate) mod sockets;
 pub mod writer;
 
-use std::{collections::BTreeSet, io, path::PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    path::PathBuf,
+};
 
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
+use proxy_common::maps as names;
 
 pub use self::{
     attacher::{Attach, Attacher, Schedule},
@@ -31,7 +36,7 @@ pub use self::{
     interfaces::{Unattached, UnattachedInterface},
     links::{PinnedLink, cleanup, pinned_links},
     load::Upgrade,
-    maps::AyaMaps,
+    maps::{AyaMaps, WriteError},
 };
 pub use crate::sys::net::netns_cookie;
 
@@ -83,6 +88,24 @@ pub struct LoadOptions {
     pub affinity_max: u32,
     /// Size of the `conntrack` map.
     pub conntrack_max: u32,
+}
+
+impl LoadOptions {
+    /// The size of every map the flags size (`names::size_flag`), directly or derived: the
+    /// others are fixed-size arrays. No map keeps a size of its own that no flag lifts.
+    pub fn map_sizes(&self) -> BTreeMap<&'static str, u32> {
+        BTreeMap::from([
+            (names::SERVICES, self.services_max),
+            (names::SERVICE_NAMES, names::service_names_max_entries(self.services_max)),
+            (names::SOURCE_RANGES, names::source_ranges_max_entries(self.services_max)),
+            (names::BACKENDS, self.backends_max),
+            (names::AFFINITY, self.affinity_max),
+            (names::CONNTRACK, self.conntrack_max),
+            (names::SOCK_REV, names::sock_max_entries(self.conntrack_max)),
+            (names::SOCK_BACKEND, names::sock_max_entries(self.conntrack_max)),
+            (names::FRAGMENTS, names::fragments_max_entries(self.conntrack_max)),
+        ])
+    }
 }
 
 /// The loaded and attached datapath. Links are pinned, so the programs stay attached when the
@@ -147,5 +170,47 @@ pub(crate) mod testing {
             let _ = super::cleanup(&self.root);
             let _ = std::fs::remove_dir_all(&self.root);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use proxy_common::maps as names;
+
+    use super::LoadOptions;
+
+    fn options(services_max: u32, conntrack_max: u32) -> LoadOptions {
+        LoadOptions {
+            bpf_root: PathBuf::new(),
+            cgroup: PathBuf::new(),
+            services_max,
+            backends_max: 7,
+            affinity_max: 5,
+            conntrack_max,
+        }
+    }
+
+    /// Issue 15: `service_names` was fixed at 65 536 entries, so at 100 000 services a third
+    /// were refused whatever --services-map-size said.
+    #[test]
+    fn service_names_follows_the_services_map_past_the_old_fixed_size() {
+        let sizes = options(2_097_152, 1024).map_sizes();
+        assert_eq!(sizes[names::SERVICE_NAMES], 2_097_152);
+        assert_eq!(sizes[names::SOURCE_RANGES], 2_097_152);
+        assert_eq!(options(12, 1024).map_sizes()[names::SERVICE_NAMES], 12);
+    }
+
+    #[test]
+    fn every_map_a_flag_sizes_gets_its_size_from_the_flags() {
+        let sizes = options(100, 64).map_sizes();
+        for map in names::ALL {
+            assert_eq!(sizes.contains_key(map), names::size_flag(map).is_some(), "{map}");
+        }
+        let got = [names::BACKENDS, names::AFFINITY, names::CONNTRACK, names::SOCK_REV, names::SOCK_BACKEND]
+            .map(|m| sizes[m]);
+        assert_eq!(got, [7, 5, 64, 32, 32]);
+        assert_eq!(sizes[names::FRAGMENTS], 2);
     }
 }

@@ -385,6 +385,11 @@ impl<S: MapStore> Syncer<S> {
         requeue: &mut BTreeSet<String>,
     ) {
         let old = self.claims.take_owned(key);
+        // The room the service needs, for the refusal's hint.
+        let needs: usize = desired
+            .values()
+            .map(|e| crate::datapath::writer::service_entries(e.backends.len(), e.internal.as_ref().map(Vec::len)))
+            .sum();
         for frontend in old.iter().filter(|f| !desired.contains_key(f)) {
             self.release_frontend(key, frontend, report, requeue);
         }
@@ -420,8 +425,15 @@ impl<S: MapStore> Syncer<S> {
             match self.writer.upsert(frontend, &entry) {
                 Ok(stats) => report.writes += stats,
                 Err(e) => {
-                    let error = count_failure(&e, report);
+                    let mut error = count_failure(&e, report);
                     self.refuse(key, old.union(&owned), report, requeue);
+                    if full_map(&e) == Some(proxy_common::maps::SERVICES) {
+                        let held = self.writer.service_entries_held();
+                        error.push_str(&format!(
+                            "; --services-map-size {} would hold it ({held} entries in use, {needs} for {key})",
+                            held + needs
+                        ));
+                    }
                     if self.refusals.start(key) {
                         warn!(
                             service = key,
@@ -501,20 +513,41 @@ fn count_failure(error: &(dyn std::error::Error + 'static), report: &mut SyncRep
 }
 
 /// An error with its sources (a map write's errno is in a source), and what to do when it says
-/// the map is full (`E2BIG` from a full BPF hash map).
+/// the map is full (`E2BIG` from a full BPF hash map): the flag that sizes that map.
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = crate::error_chain(error);
     if is_full(error) {
-        text.push_str(" (the map is full: raise --services-map-size or --backends-map-size)");
+        let flag = full_map(error).and_then(proxy_common::maps::size_flag);
+        match (full_map(error), flag) {
+            (Some(map), Some(flag)) => text.push_str(&format!(
+                " (the map is full: raise {flag}, which sizes the {map} map; proxy_map_entries{{map=\"{map}\"}} \
+                 and proxy_map_max_entries show its use)"
+            )),
+            _ => text.push_str(" (the map is full: raise --services-map-size or --backends-map-size)"),
+        }
     }
     text
 }
 
-/// Whether a map write failed because the map is full (`E2BIG` from a BPF hash map).
+/// The map a failed write was to, when the error names it ([`crate::datapath::WriteError`]).
+fn full_map(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        if let Some(write) = cause.downcast_ref::<crate::datapath::WriteError>() {
+            return Some(write.map);
+        }
+        next = cause.source();
+    }
+    None
+}
+
+/// Whether a map write failed because the map is full (`E2BIG` from a BPF hash map, `ENOSPC`
+/// from the LPM trie of source ranges).
 fn is_full(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = error.source();
     while let Some(cause) = source {
-        if cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(libc::E2BIG)) {
+        let errno = cause.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error);
+        if matches!(errno, Some(libc::E2BIG | libc::ENOSPC)) {
             return true;
         }
         source = cause.source();

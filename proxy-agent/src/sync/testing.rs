@@ -18,7 +18,7 @@ use proxy_common::{
 use serde_json::json;
 
 use crate::{
-    datapath::writer::MapStore,
+    datapath::{WriteError, writer::MapStore},
     model::{Cidr, Frontend},
 };
 
@@ -69,11 +69,6 @@ fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
     serde_json::from_value(value).expect("a valid object")
 }
 
-/// A write into a full map, as the kernel reports it (`E2BIG`).
-#[derive(Debug, thiserror::Error)]
-#[error("updating the in-memory map failed")]
-pub(crate) struct MemError(#[source] std::io::Error);
-
 /// The `services` and `backends` maps in memory; `services` holds at most `services_max`
 /// entries. Counts every put and delete.
 #[derive(Clone, Debug, Default)]
@@ -105,44 +100,52 @@ impl MemMaps {
 }
 
 impl MapStore for MemMaps {
-    type Error = MemError;
+    type Error = WriteError;
 
-    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MemError> {
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), WriteError> {
         if !self.services.contains_key(&key) && self.services.len() >= self.services_max {
-            return Err(MemError(std::io::Error::from_raw_os_error(libc::E2BIG)));
+            // A write into a full map, as the kernel reports it (`E2BIG`).
+            return Err(WriteError {
+                map: proxy_common::maps::SERVICES,
+                max_entries: u32::try_from(self.services_max).ok(),
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_elem",
+                    io_error: std::io::Error::from_raw_os_error(libc::E2BIG),
+                }),
+            });
         }
         self.writes += 1;
         self.services.insert(key, value);
         Ok(())
     }
 
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MemError> {
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
         self.writes += 1;
         self.services.remove(&key);
         Ok(())
     }
 
-    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), MemError> {
+    fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), WriteError> {
         self.writes += 1;
         self.backends.insert(id, backend);
         Ok(())
     }
 
-    fn delete_backend(&mut self, id: BackendId) -> Result<(), MemError> {
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError> {
         self.writes += 1;
         self.backends.remove(&id);
         Ok(())
     }
 
-    fn put_service_name(&mut self, _: u32, _: ServiceName) -> Result<(), MemError> {
+    fn put_service_name(&mut self, _: u32, _: ServiceName) -> Result<(), WriteError> {
         Ok(())
     }
 
-    fn delete_service_name(&mut self, _: u32) -> Result<(), MemError> {
+    fn delete_service_name(&mut self, _: u32) -> Result<(), WriteError> {
         Ok(())
     }
 
-    fn forget(&mut self, _: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, MemError> {
+    fn forget(&mut self, _: &dyn Fn(u32, BackendId) -> bool) -> Result<usize, WriteError> {
         Ok(0)
     }
 
@@ -150,7 +153,7 @@ impl MapStore for MemMaps {
         Vec::new()
     }
 
-    fn delete_conntrack(&mut self, _: CtKey) -> Result<(), MemError> {
+    fn delete_conntrack(&mut self, _: CtKey) -> Result<(), WriteError> {
         Ok(())
     }
 
@@ -158,19 +161,19 @@ impl MapStore for MemMaps {
         Vec::new()
     }
 
-    fn delete_sock_rev(&mut self, _: SockRevKey) -> Result<(), MemError> {
+    fn delete_sock_rev(&mut self, _: SockRevKey) -> Result<(), WriteError> {
         Ok(())
     }
 
-    fn put_source_range(&mut self, _: &Frontend, _: &Cidr) -> Result<(), MemError> {
+    fn put_source_range(&mut self, _: &Frontend, _: &Cidr) -> Result<(), WriteError> {
         Ok(())
     }
 
-    fn delete_source_range(&mut self, _: &Frontend, _: &Cidr) -> Result<(), MemError> {
+    fn delete_source_range(&mut self, _: &Frontend, _: &Cidr) -> Result<(), WriteError> {
         Ok(())
     }
 
-    fn put_config(&mut self, _: NodeConfig) -> Result<(), MemError> {
+    fn put_config(&mut self, _: NodeConfig) -> Result<(), WriteError> {
         Ok(())
     }
 

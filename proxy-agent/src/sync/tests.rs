@@ -149,6 +149,33 @@ fn a_refused_service_is_retried_once_there_is_room() {
     assert!(syncer.refusals.is_empty());
 }
 
+/// Issue 15: the refusal says how large the services map must be for the refused service, and
+/// a map of that size holds every service.
+#[test]
+fn a_refusal_says_which_services_map_size_holds_the_service() {
+    let services = [("a", 1, &[2][..]), ("b", 2, &[3, 5]), ("c", 3, &[4, 6, 7])];
+    let notes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut syncer = syncer(MemMaps::with_room(6));
+    let seen = Arc::clone(&notes);
+    syncer.on_refused(Box::new(move |key, note| seen.lock().unwrap().push((key.to_owned(), note.to_owned()))));
+    list_all(&mut syncer, &services);
+    assert_eq!(syncer.sync().refused, 1);
+    let notes = notes.lock().unwrap().clone();
+    let [(key, note)] = &notes[..] else { panic!("one refusal: {notes:?}") };
+    assert_eq!(key, "default/c");
+    assert!(note.contains("raise --services-map-size, which sizes the services map"), "{note}");
+    let size = note
+        .split_once("; --services-map-size ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("a size in: {note}"));
+    assert!(size > 6, "{note}");
+
+    let mut syncer = self::syncer(MemMaps::with_room(size));
+    list_all(&mut syncer, &services);
+    assert_eq!(syncer.sync().refused, 0, "{size} entries hold every service");
+}
+
 #[test]
 fn a_refused_service_that_is_deleted_is_no_longer_retried() {
     let mut syncer = syncer(MemMaps::with_room(2));
@@ -160,4 +187,25 @@ fn a_refused_service_that_is_deleted_is_no_longer_retried() {
     syncer.sync();
     assert!(syncer.refusals.is_empty());
     assert_eq!(syncer.resync().refused, 0);
+}
+
+/// Issue 15: a full map's refusal names the map, its size and the flag that sizes it (a full
+/// `service_names` is lifted by --services-map-size: no flag of its own).
+#[test]
+fn a_full_map_names_the_flag_that_sizes_it() {
+    let full = |map, errno| crate::datapath::WriteError {
+        map,
+        max_entries: Some(12),
+        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        }),
+    };
+    let text = error_chain(&full(proxy_common::maps::SERVICE_NAMES, libc::E2BIG));
+    assert!(text.starts_with("writing map service_names (max_entries 12): "), "{text}");
+    assert!(text.ends_with("raise --services-map-size, which sizes the service_names map; proxy_map_entries{map=\"service_names\"} and proxy_map_max_entries show its use)"), "{text}");
+    let text = error_chain(&full(proxy_common::maps::SOURCE_RANGES, libc::ENOSPC));
+    assert!(text.contains("raise --services-map-size, which sizes the source_ranges map"), "{text}");
+    let text = error_chain(&full(proxy_common::maps::BACKENDS, libc::EPERM));
+    assert!(!text.contains("the map is full"), "not full: {text}");
 }

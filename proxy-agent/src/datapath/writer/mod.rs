@@ -203,4 +203,17 @@ impl<S: MapStore> Writer<S> {
     pub fn programmed(&self) -> impl Iterator<Item = &Frontend> {
         self.programmed.keys()
     }
+
+    /// `services` entries the programmed frontends hold (to say how large a full map must
+    /// grow; counted only then, it walks every frontend).
+    pub fn service_entries_held(&self) -> usize {
+        self.programmed.values().map(|p| service_entries(p.external.len(), p.internal.as_ref().map(Vec::len))).sum()
+    }
+}
+
+/// `services` entries a frontend takes: a master and a slot per backend, and the same again for
+/// the internal scope when it has one. Duplicate endpoints share a slot, so for a desired entry
+/// this is an upper bound.
+pub fn service_entries(external: usize, internal: Option<usize>) -> usize {
+    1 + external + internal.map_or(0, |n| 1 + n)
 }

@@ -150,9 +150,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// The longest period either sync flag takes. Longer makes no sense for a proxy, and the
+/// The longest period either sync flag (or `--config`'s syncPeriod, minSyncPeriod) takes. Longer makes no sense for a proxy, and the
 /// loop's clock arithmetic (`Instant` ± the period) must not overflow.
-const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
 
 /// A duration up to a day (`10ms`, `1s`); zero means no coalescing.
 fn period(text: &str) -> Result<Duration, String> {

@@ -46,9 +46,6 @@ const IGNORED: &[&str] = &[
     "winkernel",
 ];
 
-/// The longest sync period the agent takes (the flags' bound).
-const MAX_PERIOD: Duration = Duration::from_secs(24 * 3600);
-
 /// What went wrong reading the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -302,7 +299,7 @@ impl<'a> Fields<'a> {
         let Some(text) = self.text(name)? else { return Ok(None) };
         let period = humantime::parse_duration(&text)
             .map_err(|e| self.error(name, &format!("{text:?} is not a duration such as 30s or 1m0s: {e}")))?;
-        if period > MAX_PERIOD {
+        if period > crate::cli::MAX_PERIOD {
             return Err(self.error(name, "must be at most 24h"));
         }
         Ok((!period.is_zero()).then_some(period))

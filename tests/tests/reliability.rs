@@ -354,6 +354,24 @@ fn metrics(ns: &Netns) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// One node whose `services` map holds 12 entries: node addresses only (no 127.0.0.1
+/// nodePorts), so `a` (ClusterIP and nodePort, two backends) and `b` (ClusterIP) take 9 (a
+/// master and two slots each) and are programmed; `c` (6 more) does not fit. `extra` flags
+/// follow.
+fn c_does_not_fit(extra: &[&str]) -> Cluster {
+    let sizes = ["--services-map-size", "12", "--backends-map-size", "16", "--nodeport-addresses", "172.18.0.0/16"];
+    let flags = [&sizes[..], extra].concat();
+    let cluster = Cluster::start(1, &flags, |m| {
+        m.service(&nodeport("a", 11, 30011).build(), &BOTH);
+        m.service(&service("b").cluster_ip(&vip(12).to_string()).named_port("tcp", PORT.into(), "TCP").build(), &BOTH);
+        m.service(&nodeport("c", 13, 30013).build(), &BOTH);
+    });
+    for (address, port) in [(vip(11), PORT), (NODE_IPS[0], 30011), (vip(12), PORT)] {
+        cluster.agents[0].wait_for_count(address, port, Some(2), WAIT).expect("a and b are programmed");
+    }
+    cluster
+}
+
 /// Issue 8 item 6: with a `services` map of 12 entries, `a` (ClusterIP and nodePort, two
 /// backends: 6 entries) and `b` (ClusterIP, two backends: 3) fit and `c` (6 more) does not:
 /// `c` is refused as a whole (not even its ClusterIP, which alone would fit), with a log line
@@ -364,27 +382,8 @@ fn metrics(ns: &Netns) -> BTreeMap<String, f64> {
 /// but its refusal is logged once when it starts and once when it ends, not twice per retry.
 #[test]
 fn a_service_that_does_not_fit_is_refused_whole_and_let_in_when_room_frees() {
-    // Node addresses only (no 127.0.0.1 nodePorts): a's ClusterIP and nodePort plus b's
-    // ClusterIP fill 12 entries of 3 (a master and two slots each) with room for nothing else.
-    let flags = [
-        "--services-map-size",
-        "12",
-        "--backends-map-size",
-        "16",
-        "--nodeport-addresses",
-        "172.18.0.0/16",
-        "--sync-period",
-        "1s",
-    ];
-    let mut cluster = Cluster::start(1, &flags, |m| {
-        m.service(&nodeport("a", 11, 30011).build(), &BOTH);
-        m.service(&service("b").cluster_ip(&vip(12).to_string()).named_port("tcp", PORT.into(), "TCP").build(), &BOTH);
-        m.service(&nodeport("c", 13, 30013).build(), &BOTH);
-    });
+    let mut cluster = c_does_not_fit(&["--sync-period", "1s"]);
     let agent = &cluster.agents[0];
-    for (address, port) in [(vip(11), PORT), (NODE_IPS[0], 30011), (vip(12), PORT)] {
-        agent.wait_for_count(address, port, Some(2), WAIT).expect("a and b are programmed");
-    }
     for (address, port) in [(vip(13), PORT), (NODE_IPS[0], 30013)] {
         assert_eq!(agent.count(address, port).expect("reading the maps"), None, "c is refused as a whole");
     }
@@ -452,16 +451,8 @@ fn a_service_that_does_not_fit_is_refused_whole_and_let_in_when_room_frees() {
 #[test]
 fn a_refused_service_is_programmed_once_a_restart_raises_the_map_size() {
     const RAISED: u32 = 131_072;
-    let flags = ["--services-map-size", "12", "--backends-map-size", "16", "--nodeport-addresses", "172.18.0.0/16"];
-    let mut cluster = Cluster::start(1, &flags, |m| {
-        m.service(&nodeport("a", 11, 30011).build(), &BOTH);
-        m.service(&service("b").cluster_ip(&vip(12).to_string()).named_port("tcp", PORT.into(), "TCP").build(), &BOTH);
-        m.service(&nodeport("c", 13, 30013).build(), &BOTH);
-    });
+    let mut cluster = c_does_not_fit(&[]);
     let agent = &cluster.agents[0];
-    for (address, port) in [(vip(11), PORT), (NODE_IPS[0], 30011), (vip(12), PORT)] {
-        agent.wait_for_count(address, port, Some(2), WAIT).expect("a and b are programmed");
-    }
     wait_until("c refused", WAIT, || !refusal_lines(agent, "service refused as a whole").is_empty());
     let refused = refusal_lines(agent, "service refused as a whole");
     assert_eq!(refused.len(), 1, "one line:\n{}", agent.log());

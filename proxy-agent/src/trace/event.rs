@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(line.service.as_deref(), Some("default/web:http"));
         assert_eq!(line.backend.as_deref(), Some("10.244.1.2:8080/TCP"));
         assert_eq!((line.pick, line.slot, line.endpoints), (Some("random"), Some(2), Some("local")));
-        assert_eq!((line.snat, line.dropped), (None, None));
+        assert_eq!((&line.snat, line.dropped), (&None, None));
         assert_eq!(
             table_line(&line),
             "t socket netns client -> 10.96.0.10:80/TCP (default/web:http) => 10.244.1.2:8080/TCP [random slot 2, local endpoints]"
@@ -259,7 +259,7 @@ mod tests {
         };
         let line = line(&event, "t".into(), &mut names());
         assert_eq!((line.client.as_str(), line.service.as_deref()), ("192.0.2.1:40000", Some("default/web:http")));
-        assert_eq!((line.dropped, line.backend, line.pick), (Some("source_range_denied"), None, None));
+        assert_eq!((line.dropped, &line.backend, line.pick), (Some("source_range_denied"), &None, None));
         let json = serde_json::to_value(&line).unwrap();
         assert_eq!(json["drop"], "source_range_denied");
         assert!(json.get("backend").is_none());

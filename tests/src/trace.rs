@@ -24,8 +24,25 @@ impl Trace {
     /// Starts `agent_bin trace -o json --bpf-root root <args>` and waits (up to `wait`) until it
     /// says tracing is on.
     pub fn start(agent_bin: &Path, root: &Path, args: &[&str], wait: Duration) -> anyhow::Result<Self> {
+        Self::start_with(agent_bin, root, &["-o", "json"], args, wait)
+    }
+
+    /// As [`Trace::start`], in the table format: [`Trace::collect_text`] reads its lines.
+    pub fn start_table(agent_bin: &Path, root: &Path, wait: Duration) -> anyhow::Result<Self> {
+        Self::start_with(agent_bin, root, &[], &[], wait)
+    }
+
+    fn start_with(
+        agent_bin: &Path,
+        root: &Path,
+        format: &[&str],
+        args: &[&str],
+        wait: Duration,
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(agent_bin)
-            .args(["trace", "-o", "json", "--bpf-root"])
+            .arg("trace")
+            .args(format)
+            .arg("--bpf-root")
             .arg(root)
             .args(args)
             .stdin(Stdio::null())
@@ -74,6 +91,19 @@ impl Trace {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => seen.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))),
+                Err(_) => break,
+            }
+        }
+        seen
+    }
+
+    /// Collects `count` output lines as text, or what came within `wait`.
+    pub fn collect_text(&self, wait: Duration, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut seen = Vec::new();
+        while seen.len() < count {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => seen.push(line),
                 Err(_) => break,
             }
         }

@@ -341,6 +341,7 @@ fn trace_shows_a_new_flow_with_its_snat_and_a_drop_with_its_reason() {
         let lines = trace.collect(wait, |seen| seen.len() >= 2);
         trace.stop(wait).expect("trace stops on SIGTERM");
         assert_eq!(trace_on(&bed.root).expect("reading trace_on"), 0, "the flag is off after trace");
+        lines.iter().for_each(|l| eprintln!("{l}"));
         assert_eq!(lines.len(), 2, "{lines:#?}");
         let (flow, denied) = (&lines[0], &lines[1]);
         assert_eq!((flow["path"].as_str(), flow["client"].as_str()), (Some("tc"), Some("172.18.0.100:40000")));

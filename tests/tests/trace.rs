@@ -62,6 +62,7 @@ fn socket_translations_and_refusals_are_traced_and_filtered() {
     trace.stop(WAIT).expect("trace stops on SIGTERM");
     assert_eq!(trace_on(root).unwrap(), 0, "trace cleared the flag on exit");
 
+    lines.iter().for_each(|l| eprintln!("{l}"));
     assert_eq!(lines.len(), 5, "one line per connect: {lines:#?}");
     let endpoints: Vec<String> = PODS.iter().map(|(_, ip)| format!("{ip}:80/TCP")).collect();
     for line in &lines {
@@ -102,4 +103,19 @@ fn socket_translations_and_refusals_are_traced_and_filtered() {
     assert!(more.is_empty(), "only default/empty's lines: {more:#?}");
     assert!(lines.iter().all(|l| l["service"] == "default/empty" && l["drop"] == "connect_refused"), "{lines:#?}");
     assert_eq!(trace_on(root).unwrap(), 0);
+
+    // The table for people: one line per event, with the same facts.
+    let table = Trace::start_table(AGENT.as_ref(), root, WAIT).expect("trace");
+    assert_eq!(connects(&topology, WEB, 2), (2, 0));
+    assert_eq!(connects(&topology, EMPTY, 1), (0, 1));
+    let text = table.collect_text(WAIT, 3);
+    table.stop(WAIT).expect("trace stops on SIGTERM");
+    eprintln!("{}", text.join("\n"));
+    assert_eq!(text.len(), 3, "{text:#?}");
+    let client = format!("socket netns {} -> ", topology.client.ns.name());
+    for line in &text[..2] {
+        assert!(line.contains(&client) && line.contains(&format!("{WEB}:80/TCP (default/web) => ")), "{line}");
+        assert!(line.contains("[random slot "), "{line}");
+    }
+    assert!(text[2].ends_with(&format!("{EMPTY}:80/TCP (default/empty) DROPPED connect_refused")), "{}", text[2]);
 }

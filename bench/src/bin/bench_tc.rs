@@ -165,7 +165,8 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
             let mut new_flow_traced = Vec::new();
             let mut trace_on: aya::maps::Array<MapData, u64> =
                 aya::maps::Array::try_from(Map::Array(MapData::from_pin(bpf_root.join(maps::TRACE_ON))?))?;
-            let mut ring = aya::maps::RingBuf::try_from(Map::RingBuf(MapData::from_pin(bpf_root.join(maps::TRACE_EVENTS))?))?;
+            let mut ring =
+                aya::maps::RingBuf::try_from(Map::RingBuf(MapData::from_pin(bpf_root.join(maps::TRACE_EVENTS))?))?;
             let mut conntrack: aya::maps::HashMap<MapData, CtKey, CtValue> =
                 aya::maps::HashMap::try_from(Map::LruHashMap(MapData::from_pin(bpf_root.join(maps::CONNTRACK))?))?;
             for round in 0..RUNS as u16 {

@@ -5,6 +5,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
+use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
 use proxy_common::drop;
 use proxy_tests::{
     client::probe,
@@ -21,6 +22,7 @@ const PROBE: &str = env!("CARGO_BIN_EXE_probe");
 const WAIT: Duration = Duration::from_secs(5);
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 41);
+const STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 42);
 const PODS: [(&str, Ipv4Addr); 2] = [("pod-2", Ipv4Addr::new(10, 244, 1, 2)), ("pod-3", Ipv4Addr::new(10, 244, 1, 3))];
 
 /// `count` connects from the client pod to `to`:80; returns (answered, refused).
@@ -38,7 +40,8 @@ fn connects(topology: &SingleNode, to: Ipv4Addr, count: usize) -> (usize, usize)
 /// Connects to a ClusterIP with two endpoints and one to a service without endpoints: each
 /// connect is one `socket` line naming the client pod's namespace, the frontend, the service
 /// and an endpoint of it picked at random; the refused one carries its reason. After SIGTERM
-/// the flag is off. A second trace with `--service` shows only that service's lines.
+/// the flag is off, and while it is off nothing is written. A trace with `--service` shows only
+/// that service's lines; under ClientIP affinity the lines say `affinity` after the first pick.
 #[test]
 fn socket_translations_and_refusals_are_traced_and_filtered() {
     let manifests = Manifests::new("proxy-trace");
@@ -46,11 +49,18 @@ fn socket_translations_and_refusals_are_traced_and_filtered() {
     let ips = PODS.map(|(_, ip)| ip.to_string());
     manifests.put(&web, [&slice("web", "a").port(80).endpoints(ips.iter().map(String::as_str)).build()]);
     manifests.put(&service("empty").cluster_ip(&EMPTY.to_string()).port(80).build(), []);
+    let mut sticky = service("sticky").cluster_ip(&STICKY.to_string()).port(80).build();
+    let spec = sticky.spec.as_mut().expect("the builder sets a spec");
+    spec.session_affinity = Some("ClientIP".into());
+    spec.session_affinity_config =
+        Some(SessionAffinityConfig { client_ip: Some(ClientIPConfig { timeout_seconds: Some(600) }) });
+    manifests.put(&sticky, [&slice("sticky", "a").port(80).endpoints(ips.iter().map(String::as_str)).build()]);
     let topology = SingleNode::new(&PODS, 80).expect("building the namespaces");
     let ns = Netns::new("agent").unwrap();
     let agent = manifests.start_agent(AGENT, &ns, &topology.cgroup, "node-1", &[]);
     agent.wait_for_count(WEB, 80, Some(2), WAIT).unwrap();
     agent.wait_for_count(EMPTY, 80, Some(0), WAIT).unwrap();
+    agent.wait_for_count(STICKY, 80, Some(2), WAIT).unwrap();
     let root = agent.bpf_root();
     assert_eq!(trace_on(root).unwrap(), 0, "nobody traces yet");
 
@@ -103,6 +113,19 @@ fn socket_translations_and_refusals_are_traced_and_filtered() {
     assert!(more.is_empty(), "only default/empty's lines: {more:#?}");
     assert!(lines.iter().all(|l| l["service"] == "default/empty" && l["drop"] == "connect_refused"), "{lines:#?}");
     assert_eq!(trace_on(root).unwrap(), 0);
+
+    // ClientIP affinity: the first connect is picked at random, the next ones are affinity
+    // hits on the same backend.
+    let sticky = Trace::start(AGENT.as_ref(), root, &["--service", "default/sticky"], WAIT).expect("trace");
+    assert_eq!(connects(&topology, STICKY, 3), (3, 0));
+    let lines = sticky.collect(WAIT, |seen| seen.len() >= 3);
+    sticky.stop(WAIT).expect("trace stops on SIGTERM");
+    let picks: Vec<(&str, &str)> =
+        lines.iter().map(|l| (l["pick"].as_str().unwrap_or("?"), l["backend"].as_str().unwrap_or("?"))).collect();
+    assert_eq!(picks.len(), 3, "{lines:#?}");
+    assert_eq!(picks[0].0, "random", "{lines:#?}");
+    assert_eq!(&picks[1..], [("affinity", picks[0].1); 2], "{lines:#?}");
+    assert!(lines[1].get("slot").is_none(), "an affinity hit has no slot: {}", lines[1]);
 
     // The table for people: one line per event, with the same facts.
     let table = Trace::start_table(AGENT.as_ref(), root, WAIT).expect("trace");

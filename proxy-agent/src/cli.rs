@@ -40,6 +40,8 @@ pub enum Command {
     Inspect(crate::inspect::InspectArgs),
     /// Explain where a connect or packet from a client to address:port goes, and why.
     Explain(crate::inspect::ExplainArgs),
+    /// Stream every translation and drop of both datapaths as it happens, until Ctrl-C.
+    Trace(crate::trace::TraceArgs),
 }
 
 /// Flags of the agent itself.
@@ -199,6 +201,7 @@ pub fn main() -> ExitCode {
         None => runtime.block_on(run(cli.run)),
         Some(Command::Inspect(args)) => crate::inspect::run_inspect(&cli.run.bpf_root, &args).map_err(Into::into),
         Some(Command::Explain(args)) => crate::inspect::run_explain(&cli.run.bpf_root, &args).map_err(Into::into),
+        Some(Command::Trace(args)) => runtime.block_on(crate::trace::run(&cli.run.bpf_root, &args)).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

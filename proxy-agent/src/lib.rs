@@ -9,6 +9,7 @@
 //! - [`metrics`]: what the agent reports;
 //! - `tasks`: the long-running tasks, whose first end stops the agent;
 //! - [`inspect`]: `inspect` and `explain`, reading the pinned maps;
+//! - [`trace`]: `trace`, every translation and drop live from the datapath's ring buffer;
 //! - [`kube_proxy`]: moving off kube-proxy (its config file, finding and removing its rules);
 //! - [`observe`]: the `/healthz` and `/metrics` servers, answered from the kernel's state;
 //! - [`sys`]: the raw Linux calls (bpf(), namespaces, interfaces, statfs), each once.
@@ -25,6 +26,7 @@ pub mod source;
 pub mod sync;
 pub mod sys;
 pub(crate) mod tasks;
+pub mod trace;
 
 /// `error` with its sources, joined by `: ` (aya and the writer keep the errno in a source).
 pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

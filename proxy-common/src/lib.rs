@@ -14,6 +14,7 @@ pub mod drop;
 pub mod maps;
 pub mod service;
 pub mod sock;
+pub mod trace;
 
 /// IP protocol numbers as they appear in keys (`IPPROTO_*`).
 pub mod proto {

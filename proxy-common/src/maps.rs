@@ -31,6 +31,13 @@ pub const FRAGMENTS: &str = "fragments";
 /// of `u64` counters indexed by reason.
 pub const DROPS: &str = "drops";
 
+/// Events of `proxy-agent trace` ([`crate::trace::TraceEvent`]): a ring buffer, written only
+/// while [`TRACE_ON`] says someone reads.
+pub const TRACE_EVENTS: &str = "trace_events";
+/// Whether (until when) the programs write [`TRACE_EVENTS`] ([`crate::trace::TraceUntil`]),
+/// one entry at index 0.
+pub const TRACE_ON: &str = "trace_on";
+
 /// Default size of [`SERVICES`] (`--services-map-size`): 100 000 services with 10 endpoints
 /// (a master entry and ten slots each on a ClusterIP: 1 100 000 entries) fit, with room for
 /// nodePorts. The map is not preallocated (see the agent's `datapath` module), so the size is
@@ -79,7 +86,7 @@ const _: () = assert!(BACKENDS_MAX_ENTRIES >= 1_000_000);
 const _: () = assert!(service_names_max_entries(SERVICES_MAX_ENTRIES) >= 100_000);
 
 /// The flag that sizes map `name`, directly or through one of the functions above; `None`
-/// for the fixed-size arrays ([`CONFIG`], [`DROPS`]).
+/// for the fixed-size maps ([`CONFIG`], [`DROPS`], [`TRACE_EVENTS`], [`TRACE_ON`]).
 pub fn size_flag(name: &str) -> Option<&'static str> {
     match name {
         SERVICES | SERVICE_NAMES | SOURCE_RANGES => Some("--services-map-size"),
@@ -106,6 +113,8 @@ pub const ALL: &[&str] = &[
     FRAGMENTS,
     CONFIG,
     DROPS,
+    TRACE_EVENTS,
+    TRACE_ON,
 ];
 
 /// The version of the maps' layout: their names, key and value types, and what their fields
@@ -134,6 +143,9 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     (CONFIG, 1),
     // Added after layout 2 and never changed since: any pinned `drops` map fits.
     (DROPS, 1),
+    // Added after layout 2: a new map needs no bump.
+    (TRACE_EVENTS, 1),
+    (TRACE_ON, 1),
 ];
 
 /// The layout version in which map `name` last changed ([`CHANGED_IN`]).
@@ -176,7 +188,7 @@ mod tests {
     #[test]
     fn every_map_but_the_fixed_arrays_is_sized_by_a_flag() {
         for map in super::ALL {
-            let fixed = [super::CONFIG, super::DROPS].contains(map);
+            let fixed = [super::CONFIG, super::DROPS, super::TRACE_EVENTS, super::TRACE_ON].contains(map);
             assert_eq!(super::size_flag(map).is_none(), fixed, "{map}");
         }
     }

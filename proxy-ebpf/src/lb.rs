@@ -6,6 +6,7 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
     service::{SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue},
+    trace::{PICK_AFFINITY, PICK_RANDOM},
 };
 
 use crate::maps::{AFFINITY, BACKENDS, SERVICES};
@@ -31,6 +32,13 @@ pub struct Selected {
     pub flags: u16,
     /// The service port's id.
     pub service_id: u32,
+    /// How it was chosen (`proxy_common::trace::PICK_*`), for `trace`.
+    pub pick: u8,
+    /// The backend set it came from (`SCOPE_*`): the internal one under a Local policy that
+    /// applies only to external traffic, or the other way round.
+    pub scope: u8,
+    /// The slot picked at random; 0 for an affinity hit.
+    pub slot: u16,
 }
 
 /// Which backend set applies to the traffic.
@@ -89,10 +97,19 @@ pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origi
     let affinity_key = AffinityKey { service_id: master.service_id, ..client };
     // SAFETY: a plain helper call without arguments.
     let now = if affinity { unsafe { bpf_ktime_get_coarse_ns() } } else { 0 };
+    let selected = |backend, id, pick, slot| Selected {
+        backend,
+        id,
+        flags: master.flags,
+        service_id: master.service_id,
+        pick,
+        scope: key.scope,
+        slot,
+    };
     if affinity && let Some((id, backend)) = remembered(&affinity_key, master.affinity_timeout, now) {
-        return Verdict::Backend(Selected { backend, id, flags: master.flags, service_id: master.service_id });
+        return Verdict::Backend(selected(backend, id, PICK_AFFINITY, 0));
     }
-    let Some((id, backend)) = pick(key, master.count) else {
+    let Some((slot, id, backend)) = pick(key, master.count) else {
         return Verdict::NoBackend(master.flags);
     };
     if affinity {
@@ -100,7 +117,7 @@ pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origi
         // Losing the affinity record only costs stickiness for the next connection.
         let _ = AFFINITY.insert(affinity_key, value, 0);
     }
-    Verdict::Backend(Selected { backend, id, flags: master.flags, service_id: master.service_id })
+    Verdict::Backend(selected(backend, id, PICK_RANDOM, slot))
 }
 
 #[inline(always)]
@@ -119,11 +136,11 @@ pub fn backend(id: BackendId) -> Option<Backend> {
 /// Picks slot `random % count + 1`. The agent lowers `count` before it removes slots, but a
 /// lookup can race with that; one retry against the new count covers it.
 #[inline(always)]
-fn pick(key: ServiceKey, count: u16) -> Option<(BackendId, Backend)> {
+fn pick(key: ServiceKey, count: u16) -> Option<(u16, BackendId, Backend)> {
     // SAFETY: a plain helper call without arguments (and below).
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
-    if let Some(found) = slot_backend(key.with_slot(slot)) {
-        return Some(found);
+    if let Some((id, backend)) = slot_backend(key.with_slot(slot)) {
+        return Some((slot, id, backend));
     }
     let count = master(&key)?.count;
     if count == 0 {
@@ -131,7 +148,7 @@ fn pick(key: ServiceKey, count: u16) -> Option<(BackendId, Backend)> {
     }
     // SAFETY: as above.
     let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
-    slot_backend(key.with_slot(slot))
+    slot_backend(key.with_slot(slot)).map(|(id, backend)| (slot, id, backend))
 }
 
 #[inline(always)]

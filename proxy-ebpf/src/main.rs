@@ -6,6 +6,8 @@
 //! - `sock`: cgroup sock_addr programs (socket load balancing for traffic started on the node).
 //! - `tc`: the TC ingress and egress programs (NodePort and external traffic: DNAT, SNAT,
 //!   conntrack), split by job under `tc/`.
+//! - `trace`: events of translations and drops for `proxy-agent trace`, written only while
+//!   someone traces.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(target_arch = "bpf", deny(warnings))]
@@ -21,6 +23,8 @@ mod maps;
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod tc;
+#[cfg(target_arch = "bpf")]
+mod trace;
 
 /// Lets `cargo check --workspace` build this crate for the host; the real object is built for
 /// bpfel-unknown-none by proxy-agent's build.rs.

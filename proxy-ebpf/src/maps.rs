@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use proxy_common::{
@@ -17,6 +17,7 @@ use proxy_common::{
     },
     service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
+    trace::{TRACE_EVENTS_BYTES, TraceEvent, TraceUntil},
 };
 
 /// Flags of the maps only the agent writes: not preallocated, so their kernel memory follows
@@ -83,3 +84,11 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragPorts, { fragments_max_entries(CON
 /// (`proxy_common::drop`).
 #[btf_map(name = "drops")]
 pub static DROPS: PerCpuArray<u64, { DROPS_MAX_ENTRIES as usize }> = PerCpuArray::new();
+
+/// `proxy-agent trace`: every translation and drop, while [`TRACE_ON`] says someone reads.
+#[btf_map(name = "trace_events")]
+pub static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Until when (index 0) the programs write [`TRACE_EVENTS`]; 0: nobody traces.
+#[btf_map(name = "trace_on")]
+pub static TRACE_ON: Array<TraceUntil, 1> = Array::new();

@@ -17,12 +17,14 @@ use proxy_common::{
     drop,
     proto::UDP,
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
+    trace::PATH_SOCKET,
 };
 
 use crate::{
     drops,
     lb::{self, Origin, Verdict},
     maps::{CONFIG, SOCK_BACKEND, SOCK_REV},
+    trace,
 };
 
 /// Allow the operation (with whatever the program rewrote).
@@ -88,7 +90,13 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
     match lb::select(address, port, proto, client, Origin::Node) {
         Verdict::NotAService => ALLOW,
         Verdict::NoBackend(_) => {
-            drops::count(if sticky { drop::SENDMSG_REFUSED } else { drop::CONNECT_REFUSED });
+            let reason = if sticky { drop::SENDMSG_REFUSED } else { drop::CONNECT_REFUSED };
+            drops::count(reason);
+            if trace::on() {
+                let mut event = trace::dropped(PATH_SOCKET, proto, address, port, reason);
+                event.netns_cookie = netns_cookie;
+                trace::emit(event);
+            }
             // SAFETY: plain helper call, allowed from cgroup sock_addr programs.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             DENY
@@ -100,6 +108,11 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
                 let _ = SOCK_BACKEND.insert(sticky_key, value, 0);
             }
             rewrite(sa, cookie, &selected.backend, address, port);
+            if trace::on() {
+                let mut event = trace::translated(PATH_SOCKET, proto, address, port, &selected);
+                event.netns_cookie = netns_cookie;
+                trace::emit(event);
+            }
             ALLOW
         }
     }

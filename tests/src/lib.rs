@@ -15,6 +15,7 @@ pub mod kube_proxy_rules;
 pub mod netns;
 pub mod pod;
 pub mod topology;
+pub mod trace;
 
 use std::time::{Duration, Instant};
 

@@ -38,6 +38,7 @@ use proxy_tests::{
     cgroup::Cgroup,
     frames::{self, ACK, ICMP, ICMP_DEST_UNREACH, MORE_FRAGMENTS, SYN},
     netns::{Netns, require_root},
+    trace::{Trace, drain_events, trace_on},
 };
 
 const NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
@@ -320,6 +321,46 @@ fn a_udp_datagram_without_a_checksum_keeps_none() {
         assert_eq!((*frames::seen(&out.frame).src.ip(), frames::seen(&out.frame).dst), (NODE, pod(TARGET_PORT)));
         assert!(frames::ip_checksum_ok(&out.frame));
         assert_eq!(&frames::ip_payload(&out.frame)[6..8], &[0, 0], "no checksum stays no checksum");
+    });
+}
+
+#[test]
+fn trace_shows_a_new_flow_with_its_snat_and_a_drop_with_its_reason() {
+    // Flow: client → node:30066 SYN ⇒ a `tc` line with backend and SNAT address:port; client →
+    // lb:80 SYN outside the source ranges ⇒ a `tc` line with source_range_denied.
+    with_bed("trace", |bed| {
+        nodeport_service(bed, TCP);
+        let flags = SVC_F_LOAD_BALANCER | SVC_F_SOURCE_RANGES;
+        let mut lb = entry(FrontendKind::LoadBalancer, TCP, flags, vec![endpoint(POD, false)]);
+        lb.source_ranges = vec!["192.0.2.0/24".parse::<Cidr>().expect("a CIDR")];
+        bed.service(SocketAddrV4::new(LB_IP, 80), TCP, &lb);
+        let wait = std::time::Duration::from_secs(5);
+        let trace = Trace::start(env!("CARGO_BIN_EXE_agent").as_ref(), &bed.root, &[], wait).expect("trace");
+        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN)).verdict, REDIRECT);
+        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, SocketAddrV4::new(LB_IP, 80), SYN)).verdict, SHOT);
+        let lines = trace.collect(wait, |seen| seen.len() >= 2);
+        trace.stop(wait).expect("trace stops on SIGTERM");
+        assert_eq!(trace_on(&bed.root).expect("reading trace_on"), 0, "the flag is off after trace");
+        lines.iter().for_each(|l| eprintln!("{l}"));
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        let (flow, denied) = (&lines[0], &lines[1]);
+        assert_eq!((flow["path"].as_str(), flow["client"].as_str()), (Some("tc"), Some("172.18.0.100:40000")));
+        assert_eq!(flow["frontend"], format!("{}/TCP", nodeport()));
+        assert_eq!(flow["service"], "packets/web");
+        assert_eq!(flow["backend"], format!("{}/TCP", pod(TARGET_PORT)));
+        let snat = SocketAddrV4::new(NODE, snat_port(bed, pod(TARGET_PORT), TCP));
+        assert_eq!(flow["snat"], snat.to_string(), "the SNAT port the flow holds: {flow}");
+        assert!(flow.get("drop").is_none());
+        assert_eq!(denied["path"], "tc");
+        assert_eq!(denied["frontend"], format!("{LB_IP}:80/TCP"));
+        assert_eq!(denied["drop"], drop::name(drop::SOURCE_RANGE_DENIED));
+        assert!(denied.get("backend").is_none() && denied.get("snat").is_none(), "{denied}");
+
+        // Nobody traces now: the programs write nothing (trace read everything it was sent).
+        assert_eq!(drain_events(&bed.root).expect("reading the ring"), 0);
+        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN | ACK)).verdict, REDIRECT);
+        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, SocketAddrV4::new(LB_IP, 80), SYN)).verdict, SHOT);
+        assert_eq!(drain_events(&bed.root).expect("reading the ring"), 0, "no events with tracing off");
     });
 }
 

@@ -14,6 +14,10 @@
 //! that are not for a service). The ratio is via-VIP ÷ bare direct, per round; the median over
 //! rounds is reported.
 //!
+//! Tracing: for ours, each round also connects via the ClusterIP with `proxy-agent trace`
+//! running (the flag set and a real reader draining the ring, its JSON lines collected), side
+//! by side with the untraced run; `trace_ratio_p50` is traced ÷ untraced p50, median over rounds.
+//!
 //! `bench_connect [--quick] [--json]`; run by `cargo xtask bench`. `bench_connect --client
 //! ADDR:PORT WARMUP COUNT` is the client process itself.
 
@@ -31,6 +35,7 @@ use proxy_tests::{
     cgroup::Cgroup,
     fixtures::{TempDir, write_text},
     netns::{Netns, veth},
+    trace::Trace,
 };
 use serde_json::json;
 
@@ -193,6 +198,28 @@ fn program(datapath: Datapath, ns: &Netns, services: &[bench::Svc]) -> anyhow::R
     }
 }
 
+/// A via-VIP run with `proxy-agent trace` reading every event (the agent binary beside this
+/// one); checks that it saw one line per connection.
+fn traced(
+    exe: &std::path::Path,
+    agent: &BenchAgent,
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    vip: SocketAddr,
+    warmup: usize,
+    count: usize,
+) -> anyhow::Result<ConnectRun> {
+    let wait = Duration::from_secs(10);
+    let trace = Trace::start(&exe.with_file_name("agent"), agent.bpf_root(), &[], wait)?;
+    let run = run_client(exe, ns, cgroup, vip, warmup, count)?;
+    let lines = trace.collect(wait, |seen| seen.len() >= warmup + count);
+    trace.stop(wait)?;
+    if lines.len() < warmup + count {
+        bail!("trace saw {} of {} connections", lines.len(), warmup + count);
+    }
+    Ok(run)
+}
+
 /// Fails unless a run reached servers on (nearly) every attempt.
 fn sane(what: &str, run: &ConnectRun, count: usize, want_backends: usize) -> anyhow::Result<()> {
     if run.fails * 100 > count {
@@ -234,6 +261,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
     let direct_to = SocketAddr::V4(SocketAddrV4::new(PODS[0].1, POD_PORT));
     let mut results = Vec::new();
     let mut rows = Vec::new();
+    let mut trace_rows = Vec::new();
     let mut k = 0;
     for &n in opts.sizes() {
         let services = services(n);
@@ -248,6 +276,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
             progress.say(format!("{} N={n}: programmed in {load_s:.3} s; measuring", datapath.name()));
             let (mut direct, mut via, mut same, mut ratios_p50, mut ratios_mean) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut trace_ratios = Vec::new();
             for round in 0..rounds {
                 bench::check_interrupt()?;
                 let d = run_client(&exe, &lab.bare, None, direct_to, warmup, count)?;
@@ -256,6 +285,12 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                 sane(&format!("{} via {vip}", datapath.name()), &v, count, PODS.len())?;
                 let s = run_client(&exe, &ns, programmed.cgroup(), direct_to, warmup, count)?;
                 sane("direct from the proxied client", &s, count, 1)?;
+                if let Programmed::Ours { agent, .. } = &programmed {
+                    let t = traced(&exe, agent, &ns, programmed.cgroup(), vip, warmup, count)?;
+                    sane("via the VIP, traced", &t, count, PODS.len())?;
+                    trace_ratios.push(t.latency.p50 / v.latency.p50);
+                    progress.say(format!("ours N={n}: traced via VIP p50 {:.1} µs", t.latency.p50));
+                }
                 ratios_p50.push(v.latency.p50 / d.latency.p50);
                 ratios_mean.push(v.latency.mean / d.latency.mean);
                 progress.say(format!(
@@ -302,7 +337,11 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                 "ratio_mean": ratio_mean,
                 "ratios_p50": ratios_p50,
                 "fails": fails,
+                "trace_ratio_p50": (!trace_ratios.is_empty()).then(|| median(&trace_ratios)),
             }));
+            if !trace_ratios.is_empty() {
+                trace_rows.push(format!("ours N={n}: via VIP traced ÷ untraced, p50: {:.3}", median(&trace_ratios)));
+            }
         }
     }
     let header = [
@@ -317,7 +356,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         "ratio mean",
         "proxied-direct p50 µs",
     ];
-    let text = bench::table(&header, &rows);
+    let text = format!("{}\n{}", bench::table(&header, &rows), trace_rows.join("\n"));
     let value = json!({ "count": count, "rounds": rounds, "warmup": warmup, "results": results });
     bench::emit(opts, &value, &text);
     Ok(())

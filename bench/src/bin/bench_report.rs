@@ -509,6 +509,42 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
         out.push(("3. TC NodePort path, per packet".into(), bench_table(&header, &table), md));
     }
 
+    // Tracing: off against on, each measured side by side in one run.
+    let connect = rows(b, &["bench_connect", "results"]);
+    let traced_connect: Vec<&&Value> =
+        connect.iter().filter(|r| r.get("trace_ratio_p50").is_some_and(Value::is_f64)).collect();
+    if tc.iter().any(|r| r.get("new_flow_traced_ns").is_some()) || !traced_connect.is_empty() {
+        let header = ["what", "services", "off", "on", "on ÷ off"];
+        let mut table: Vec<Vec<String>> = Vec::new();
+        for r in &tc {
+            table.push(vec![
+                "TC new flow, ns/packet".into(),
+                count(f(r, &["services"]).unwrap_or(0.0)),
+                num(f(r, &["new_flow_ns"]), 0),
+                num(f(r, &["new_flow_traced_ns"]), 0),
+                num(f(r, &["trace_ratio_new_flow"]), 2),
+            ]);
+        }
+        for r in &traced_connect {
+            table.push(vec![
+                "connect via the ClusterIP, p50 ratio of rounds".into(),
+                count(f(r, &["services"]).unwrap_or(0.0)),
+                "".into(),
+                "".into(),
+                num(f(r, &["trace_ratio_p50"]), 2),
+            ]);
+        }
+        let md = format!(
+            "{}\nThe programs write `proxy-agent trace` events only while the `trace_on` array holds a time in the future; \
+             off, a new flow or a connect pays one array lookup, and established flows and packets for no frontend read no \
+             flag (their rows in section 3 are the same with tracing on). On: `bench_tc` sets the flag, drains the ring before \
+             each batch of 2 000 new flows (all of whose events fit) and checks one event per flow; `bench_connect` runs a real \
+             `proxy-agent trace` reader for the traced rounds, on the same 2 cores as the client and servers.\n",
+            md_table(&header, &table)
+        );
+        out.push(("Tracing".into(), bench_table(&header, &table), md));
+    }
+
     // 4. Agent memory and CPU.
     let agent = &program["agent"];
     if agent.is_object() {

@@ -8,6 +8,11 @@
 //! a second entry that translates it back, so every repeat is a hit with a full rewrite; new
 //! flows are measured one call at a time with the call overhead measured and subtracted.)
 //!
+//! Tracing: each round also measures new flows with `trace_on` set (as `proxy-agent trace`
+//! sets it), the ring drained before the measurement so every event is written (2 000 events
+//! fit), side by side with the untraced ones; `new_flow_traced_ns` and the ratio are reported.
+//! Established flows and packets for no frontend write no event and read no flag.
+//!
 //! `bench_tc [--json]`; run by `cargo xtask bench`.
 
 use std::net::Ipv4Addr;
@@ -97,6 +102,8 @@ struct Costs {
     new_flow: f64,
     /// A packet of a tracked flow (conntrack hit, DNAT + SNAT).
     established: f64,
+    /// A new flow with tracing on (its event written to the ring).
+    new_flow_traced: f64,
 }
 
 /// The costs with `services` extra services programmed.
@@ -155,6 +162,11 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                 Ok(total / n)
             };
             let (mut pass, mut new_flow, mut established) = (Vec::new(), Vec::new(), Vec::new());
+            let mut new_flow_traced = Vec::new();
+            let mut trace_on: aya::maps::Array<MapData, u64> =
+                aya::maps::Array::try_from(Map::Array(MapData::from_pin(bpf_root.join(maps::TRACE_ON))?))?;
+            let mut ring =
+                aya::maps::RingBuf::try_from(Map::RingBuf(MapData::from_pin(bpf_root.join(maps::TRACE_EVENTS))?))?;
             let mut conntrack: aya::maps::HashMap<MapData, CtKey, CtValue> =
                 aya::maps::HashMap::try_from(Map::LruHashMap(MapData::from_pin(bpf_root.join(maps::CONNTRACK))?))?;
             for round in 0..RUNS as u16 {
@@ -193,10 +205,26 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                 conntrack.insert(translated, back, 0)?;
                 established.push(run(&tracked, REPEAT)?);
                 let new = calls(&mut (0..NEW_FLOWS).map(|i| syn(1024 + round * NEW_FLOWS + i)))?;
+                while ring.next().is_some() {}
+                trace_on.set(0, u64::MAX, 0)?;
+                let first = 1024 + RUNS as u16 * NEW_FLOWS + round * NEW_FLOWS;
+                let traced = calls(&mut (0..NEW_FLOWS).map(|i| syn(first + i)));
+                trace_on.set(0, 0, 0)?;
+                let mut events = 0;
+                while ring.next().is_some() {
+                    events += 1;
+                }
+                anyhow::ensure!(events == usize::from(NEW_FLOWS), "{events} trace events for {NEW_FLOWS} new flows");
                 pass.push(per_packet);
                 new_flow.push(new - overhead);
+                new_flow_traced.push(traced? - overhead);
             }
-            Ok(Costs { pass: median(pass), new_flow: median(new_flow), established: median(established) })
+            Ok(Costs {
+                pass: median(pass),
+                new_flow: median(new_flow),
+                established: median(established),
+                new_flow_traced: median(new_flow_traced),
+            })
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the bench thread panicked"))?
@@ -216,10 +244,11 @@ fn main() -> anyhow::Result<()> {
     let json = std::env::args().any(|a| a == "--json");
     let mut rows = Vec::new();
     for services in [1u32, 10_000] {
-        let Costs { pass, new_flow, established } = measure(services - 1)?;
+        let Costs { pass, new_flow, established, new_flow_traced } = measure(services - 1)?;
         if !json {
             println!(
-                "TC NodePort path, {services:>6} services: new flow {new_flow:7.1} ns/packet, established {established:7.1} ns/packet, not a service {pass:6.1} ns/packet"
+                "TC NodePort path, {services:>6} services: new flow {new_flow:7.1} ns/packet (traced {new_flow_traced:7.1}, ×{:.2}), established {established:7.1} ns/packet, not a service {pass:6.1} ns/packet",
+                new_flow_traced / new_flow
             );
         }
         rows.push(serde_json::json!({
@@ -227,6 +256,8 @@ fn main() -> anyhow::Result<()> {
             "new_flow_ns": new_flow,
             "established_ns": established,
             "pass_through_ns": pass,
+            "new_flow_traced_ns": new_flow_traced,
+            "trace_ratio_new_flow": new_flow_traced / new_flow,
         }));
     }
     if json {

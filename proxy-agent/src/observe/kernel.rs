@@ -64,7 +64,9 @@ impl MapFills {
         for name in maps::ALL {
             let fill = PinnedMap::open(&self.root.join(name)).and_then(|map| {
                 let max_entries = u64::from(map.info().max_entries);
-                Ok(MapFill { entries: map.count()?.min(max_entries), max_entries })
+                // A ring buffer has no entries to count (its size is in bytes).
+                let entries = if *name == maps::TRACE_EVENTS { 0 } else { map.count()?.min(max_entries) };
+                Ok(MapFill { entries, max_entries })
             });
             let mut counts = self.counts();
             match fill {

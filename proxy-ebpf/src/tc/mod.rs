@@ -38,9 +38,11 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::AffinityKey,
+    conntrack::CT_F_SNAT,
     conntrack::{CT_F_LOCAL, CT_F_REPLY, CtKey, CtValue, expired},
     drop,
     service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, SourceRange},
+    trace::PATH_TC,
 };
 
 use self::packet::{Packet, Skip};
@@ -48,6 +50,7 @@ use crate::{
     drops,
     lb::{self, Origin, Selected, Verdict},
     maps::{CONNTRACK, SOURCE_RANGES},
+    trace,
 };
 
 #[classifier]
@@ -111,18 +114,18 @@ fn ingress(ctx: &TcContext, packet: &Packet) -> i32 {
         Verdict::NoBackend(flags)
             if flags & SVC_F_EXT_LOCAL != 0 && lb::cluster_has_backends(packet.dst, packet.dport, packet.proto) =>
         {
-            drops::shot(drop::NO_LOCAL_ENDPOINT)
+            refuse(packet, drop::NO_LOCAL_ENDPOINT)
         }
         // No endpoint at all: the node's own stack answers (TCP RST, ICMP port unreachable),
         // which is kube-proxy's REJECT.
         Verdict::NoBackend(_) => {
-            drops::count(drop::NO_ENDPOINT);
+            refuse(packet, drop::NO_ENDPOINT);
             TC_ACT_OK
         }
-        Verdict::Backend(_) if !packet.may_open_flow() => drops::shot(drop::NOT_A_NEW_CONNECTION),
+        Verdict::Backend(_) if !packet.may_open_flow() => refuse(packet, drop::NOT_A_NEW_CONNECTION),
         // loadBalancerSourceRanges: only listed clients, as kube-proxy's firewall chain.
         Verdict::Backend(selected) if selected.flags & SVC_F_SOURCE_RANGES != 0 && !admitted(packet) => {
-            drops::shot(drop::SOURCE_RANGE_DENIED)
+            refuse(packet, drop::SOURCE_RANGE_DENIED)
         }
         Verdict::Backend(selected) => new_flow(ctx, packet, &key, &selected),
     }
@@ -155,7 +158,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, selected: &Selected) 
     let snat = if selected.flags & SVC_F_EXT_LOCAL == 0 {
         match nat::snat_address(selected.flags, packet.dst) {
             Some(address) => Some(address),
-            None => return drops::shot(drop::NO_SNAT_ADDRESS),
+            None => return refuse(packet, drop::NO_SNAT_ADDRESS),
         }
     } else {
         None
@@ -169,12 +172,34 @@ fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, selected: &Selected) 
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let to = match conntrack::open_flow(packet, key, selected, snat, local, now) {
         Ok(to) => to,
-        Err(reason) => return drops::shot(reason),
+        Err(reason) => return refuse(packet, reason),
     };
     if nat::rewrite(ctx, packet, &to).is_err() {
-        return drops::shot(drop::REWRITE_FAILED);
+        return refuse(packet, drop::REWRITE_FAILED);
+    }
+    if trace::on() {
+        let mut event = trace::translated(PATH_TC, packet.proto, packet.dst, packet.dport, selected);
+        event.client = packet.src;
+        event.client_port = packet.sport;
+        if to.flags & CT_F_SNAT != 0 {
+            event.snat = to.src;
+            event.snat_port = to.sport;
+        }
+        trace::emit(event);
     }
     fib::deliver(route)
+}
+
+/// Counts (and traces) a drop of a packet to a frontend for `reason`; returns the verdict that
+/// drops it.
+fn refuse(packet: &Packet, reason: u32) -> i32 {
+    if trace::on() {
+        let mut event = trace::dropped(PATH_TC, packet.proto, packet.dst, packet.dport, reason);
+        event.client = packet.src;
+        event.client_port = packet.sport;
+        trace::emit(event);
+    }
+    drops::shot(reason)
 }
 
 /// Whether the packet's client is inside one of its frontend's `loadBalancerSourceRanges`.

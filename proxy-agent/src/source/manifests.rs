@@ -4,6 +4,7 @@
 //! directory is watched, and every change re-reads it (unchanged objects cause no map writes).
 
 use std::{
+    borrow::Cow,
     collections::HashSet,
     path::{Path, PathBuf},
     sync::Arc,
@@ -15,7 +16,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use notify::{RecursiveMode, Watcher as _};
-use serde::{Deserialize as _, de::DeserializeOwned};
+use serde::Deserialize as _;
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -93,16 +95,49 @@ pub fn parse_into(out: &mut Manifests, file: &str, text: &str) {
 }
 
 fn parse_json(out: &mut Manifests, file: &str, text: &str) {
-    let documents = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+    let documents = serde_json::Deserializer::from_str(text).into_iter::<&RawValue>();
     for (index, document) in documents.enumerate() {
         let origin = format!("{file} (document {})", index + 1);
         match document {
-            Ok(value) => add_object(out, &origin, value),
+            Ok(raw) => add_json(out, &origin, raw),
             Err(e) => {
                 out.errors.push((origin, e.to_string()));
                 break;
             }
         }
+    }
+}
+
+/// The fields that say what a JSON object is; the rest of the text is skipped, not built.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(default, borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    items: Vec<&'a RawValue>,
+}
+
+/// Adds one JSON object, read straight from its text into the typed object: a tree of a
+/// whole `kind: List` (what `kubectl get -o json` writes) would be several times the file's
+/// size in memory at once.
+fn add_json(out: &mut Manifests, origin: &str, raw: &RawValue) {
+    let head: Head = match serde_json::from_str(raw.get()) {
+        Ok(head) => head,
+        Err(e) => return out.errors.push((origin.to_owned(), e.to_string())),
+    };
+    let kind = head.kind.unwrap_or_default();
+    let text = raw.get();
+    match &*kind {
+        "Service" => push(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
+        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
+        "Node" => push(&mut out.nodes, &mut out.errors, origin, serde_json::from_str(text)),
+        kind if kind.ends_with("List") => {
+            for (i, item) in head.items.into_iter().enumerate() {
+                add_json(out, &format!("{origin} items[{i}]"), item);
+            }
+        }
+        "" => out.errors.push((origin.to_owned(), "no `kind` field".into())),
+        other => debug!(origin, kind = other, "ignoring a kind the proxy does not use"),
     }
 }
 
@@ -124,12 +159,13 @@ fn parse_yaml(out: &mut Manifests, file: &str, text: &str) {
     }
 }
 
+/// Adds one YAML document, already a value tree (YAML cannot be skimmed as JSON can).
 fn add_object(out: &mut Manifests, origin: &str, mut value: serde_json::Value) {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     match kind.as_str() {
-        "Service" => push(&mut out.services, &mut out.errors, origin, value),
-        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, value),
-        "Node" => push(&mut out.nodes, &mut out.errors, origin, value),
+        "Service" => push(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
+        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value)),
+        "Node" => push(&mut out.nodes, &mut out.errors, origin, serde_json::from_value(value)),
         kind if kind.ends_with("List") => {
             let items = match value.get_mut("items").map(serde_json::Value::take) {
                 Some(serde_json::Value::Array(items)) => items,
@@ -144,13 +180,13 @@ fn add_object(out: &mut Manifests, origin: &str, mut value: serde_json::Value) {
     }
 }
 
-fn push<T: DeserializeOwned + Trim>(
+fn push<T: Trim>(
     into: &mut Vec<Sourced<T>>,
     errors: &mut Vec<(String, String)>,
     origin: &str,
-    value: serde_json::Value,
+    object: Result<T, serde_json::Error>,
 ) {
-    match serde_json::from_value::<T>(value) {
+    match object {
         Ok(mut object) => {
             object.trim();
             into.push(Sourced { object: Arc::new(object), origin: Some(origin.into()) });

@@ -88,6 +88,14 @@ impl Trim for Service {
 impl Trim for EndpointSlice {
     fn trim(&mut self) {
         trim_meta(&mut self.metadata);
+        // Addresses, conditions, nodeName and hints are read. A Pod's targetRef alone is four
+        // strings per endpoint: at a million endpoints, hundreds of MiB kept for nothing.
+        for endpoint in &mut self.endpoints {
+            endpoint.target_ref = None;
+            endpoint.hostname = None;
+            endpoint.zone = None;
+            endpoint.deprecated_topology = None;
+        }
     }
 }
 
@@ -121,11 +129,17 @@ mod tests {
         });
         let mut slice: EndpointSlice = serde_json::from_value(json!({
             "metadata": meta, "addressType": "IPv4",
-            "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}],
+            "endpoints": [{
+                "addresses": ["10.0.0.1"], "conditions": {"ready": true}, "nodeName": "n1",
+                "hints": {"forZones": [{"name": "a"}]}, "zone": "a", "hostname": "web-0",
+                "targetRef": {"kind": "Pod", "namespace": "prod", "name": "web-0", "uid": "u3"},
+            }],
             "ports": [{"port": 80}],
         }))
         .unwrap();
         let mut expected = slice.clone();
+        let endpoint = &mut expected.endpoints[0];
+        (endpoint.target_ref, endpoint.hostname, endpoint.zone) = (None, None, None);
         expected.metadata = ObjectMeta {
             name: Some("web".into()),
             namespace: Some("prod".into()),

@@ -15,7 +15,7 @@ use k8s_openapi::{
     serde::de::DeserializeOwned,
 };
 use kube::{
-    Api, Client, Config, Resource, ResourceExt as _,
+    Api, Client, Config, Resource,
     api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
@@ -27,7 +27,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, Sourced, Update};
+use super::{Change, Sourced, Trim, Update};
 use crate::{metrics::Metrics, model::object_key};
 
 /// Errors that keep the source from starting.
@@ -114,7 +114,7 @@ async fn watch<K>(
     wrap: fn(Change<K>) -> Update,
     metrics: &Metrics,
 ) where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()> + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let kind = K::kind(&()).into_owned();
     let params = ListParams { field_selector: config.field_selector.clone(), limit: Some(1), ..Default::default() };
@@ -152,10 +152,11 @@ async fn follow<K>(
     metrics: &Metrics,
     kind: &str,
 ) where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()> + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    // managedFields can be most of an object's size, and nothing here reads them.
-    let mut events = watcher(api, config).default_backoff().modify(|o| o.managed_fields_mut().clear()).boxed();
+    // What the model does not read (managedFields, annotations, a Node's images) can be most of
+    // an object's size: dropped before anything keeps it.
+    let mut events = watcher(api, config).default_backoff().modify(Trim::trim).boxed();
     let mut listing: Vec<Sourced<K>> = Vec::new();
     // Whether the last report said the watch works: every object of a list is an event, and
     // only a change needs the shared metrics (a failure is always reported: rare, and the

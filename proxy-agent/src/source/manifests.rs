@@ -4,6 +4,7 @@
 //! directory is watched, and every change re-reads it (unchanged objects cause no map writes).
 
 use std::{
+    borrow::Cow,
     collections::HashSet,
     path::{Path, PathBuf},
     sync::Arc,
@@ -15,11 +16,12 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use notify::{RecursiveMode, Watcher as _};
-use serde::{Deserialize as _, de::DeserializeOwned};
+use serde::Deserialize as _;
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, Sourced, Update};
+use super::{Change, Sourced, Trim, Update};
 use crate::{metrics::Metrics, model::SkipReason};
 
 /// How long a burst of file events is collected before the directory is re-read.
@@ -81,12 +83,71 @@ pub fn read_dir(dir: &Path) -> Result<Manifests, ManifestError> {
     Ok(out)
 }
 
-/// Parses one file's text (all its documents) into `out`.
+/// Parses one file's text (all its documents) into `out`. A file that is JSON (`kubectl get
+/// -o json`, one or more objects) is parsed as JSON: valid YAML too, but several times faster
+/// to read as JSON, which matters for a directory of 100 000 Services.
 pub fn parse_into(out: &mut Manifests, file: &str, text: &str) {
+    if text.trim_start().starts_with('{') {
+        parse_json(out, file, text);
+    } else {
+        parse_yaml(out, file, text);
+    }
+}
+
+fn parse_json(out: &mut Manifests, file: &str, text: &str) {
+    let documents = serde_json::Deserializer::from_str(text).into_iter::<&RawValue>();
+    for (index, document) in documents.enumerate() {
+        let origin = format!("{file} (document {})", index + 1);
+        match document {
+            Ok(raw) => add_json(out, &origin, raw),
+            Err(e) => {
+                out.errors.push((origin, e.to_string()));
+                break;
+            }
+        }
+    }
+}
+
+/// The fields that say what a JSON object is; the rest of the text is skipped, not built.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(default, borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    items: Vec<&'a RawValue>,
+}
+
+/// Adds one JSON object, read straight from its text into the typed object: a tree of a
+/// whole `kind: List` (what `kubectl get -o json` writes) would be several times the file's
+/// size in memory at once.
+fn add_json(out: &mut Manifests, origin: &str, raw: &RawValue) {
+    let head: Head = match serde_json::from_str(raw.get()) {
+        Ok(head) => head,
+        Err(e) => return out.errors.push((origin.to_owned(), e.to_string())),
+    };
+    let kind = head.kind.unwrap_or_default();
+    let text = raw.get();
+    match &*kind {
+        "Service" => push(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
+        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
+        "Node" => push(&mut out.nodes, &mut out.errors, origin, serde_json::from_str(text)),
+        kind if kind.ends_with("List") => {
+            for (i, item) in head.items.into_iter().enumerate() {
+                add_json(out, &format!("{origin} items[{i}]"), item);
+            }
+        }
+        "" => out.errors.push((origin.to_owned(), "no `kind` field".into())),
+        other => debug!(origin, kind = other, "ignoring a kind the proxy does not use"),
+    }
+}
+
+fn parse_yaml(out: &mut Manifests, file: &str, text: &str) {
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let origin = format!("{file} (document {})", index + 1);
-        match serde_yaml_ng::Value::deserialize(document) {
-            Ok(serde_yaml_ng::Value::Null) => {}
+        // Straight into a JSON value: one tree built, and the typed objects are then read from
+        // it as from a JSON file (a YAML value tree would be built, untagged and walked again).
+        match serde_json::Value::deserialize(document) {
+            Ok(serde_json::Value::Null) => {}
             Ok(value) => add_object(out, &origin, value),
             Err(e) => {
                 // A syntax error leaves the rest of the file unreadable (and the document
@@ -98,14 +159,18 @@ pub fn parse_into(out: &mut Manifests, file: &str, text: &str) {
     }
 }
 
-fn add_object(out: &mut Manifests, origin: &str, value: serde_yaml_ng::Value) {
+/// Adds one YAML document, already a value tree (YAML cannot be skimmed as JSON can).
+fn add_object(out: &mut Manifests, origin: &str, mut value: serde_json::Value) {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     match kind.as_str() {
-        "Service" => push(&mut out.services, &mut out.errors, origin, value),
-        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, value),
-        "Node" => push(&mut out.nodes, &mut out.errors, origin, value),
+        "Service" => push(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
+        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value)),
+        "Node" => push(&mut out.nodes, &mut out.errors, origin, serde_json::from_value(value)),
         kind if kind.ends_with("List") => {
-            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            let items = match value.get_mut("items").map(serde_json::Value::take) {
+                Some(serde_json::Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
             for (i, item) in items.into_iter().enumerate() {
                 add_object(out, &format!("{origin} items[{i}]"), item);
             }
@@ -115,14 +180,17 @@ fn add_object(out: &mut Manifests, origin: &str, value: serde_yaml_ng::Value) {
     }
 }
 
-fn push<T: DeserializeOwned>(
+fn push<T: Trim>(
     into: &mut Vec<Sourced<T>>,
     errors: &mut Vec<(String, String)>,
     origin: &str,
-    value: serde_yaml_ng::Value,
+    object: Result<T, serde_json::Error>,
 ) {
-    match serde_yaml_ng::from_value::<T>(value) {
-        Ok(object) => into.push(Sourced { object: Arc::new(object), origin: Some(origin.into()) }),
+    match object {
+        Ok(mut object) => {
+            object.trim();
+            into.push(Sourced { object: Arc::new(object), origin: Some(origin.into()) });
+        }
         Err(e) => errors.push((origin.to_owned(), e.to_string())),
     }
 }
@@ -145,7 +213,12 @@ pub async fn run(dir: PathBuf, updates: mpsc::Sender<Update>, metrics: Metrics) 
     // A bad file is reported once, not again on every re-read while it stays bad.
     let mut reported = HashSet::new();
     loop {
+        let started = std::time::Instant::now();
         let mut manifests = read_dir(&dir)?;
+        // Reading is most of the start-up time of a large directory: said, so it is seen.
+        let took_ms = started.elapsed().as_secs_f64() * 1e3;
+        let (services, slices) = (manifests.services.len(), manifests.slices.len());
+        info!(services, slices, took_ms, "read manifest directory");
         let errors: HashSet<_> = manifests.errors.drain(..).collect();
         for (origin, error) in errors.difference(&reported) {
             warn!(origin, %error, "skipping a manifest that does not parse");
@@ -163,5 +236,73 @@ pub async fn run(dir: PathBuf, updates: mpsc::Sender<Update>, metrics: Metrics) 
         // Editors write in several steps: let the burst settle, then read once.
         tokio::time::sleep(SETTLE).await;
         while events.try_recv().is_ok() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: prod
+  annotations: {kubectl.kubernetes.io/last-applied-configuration: '{}'}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-a, namespace: prod, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  endpoints: [{addresses: [10.0.0.1], conditions: {ready: true}}]
+  ports: [{port: 8080}]
+- apiVersion: v1
+  kind: ConfigMap
+  metadata: {name: other}
+  data: {1: one}
+";
+
+    fn parse(file: &str, text: &str) -> Manifests {
+        let mut out = Manifests::default();
+        parse_into(&mut out, file, text);
+        out
+    }
+
+    /// The same objects as JSON (what `kubectl get -o json` writes) and as YAML read the same.
+    #[test]
+    fn json_and_yaml_read_the_same_objects() {
+        let yaml = parse("a.yaml", YAML);
+        assert_eq!(yaml.errors, []);
+        assert_eq!((yaml.services.len(), yaml.slices.len()), (1, 1));
+        let as_json: Vec<serde_json::Value> =
+            serde_yaml_ng::Deserializer::from_str(YAML).map(|d| serde_json::Value::deserialize(d).unwrap()).collect();
+        let text: String = as_json.iter().map(|v| format!("{v:#}\n")).collect();
+        let json = parse("a.json", &text);
+        assert_eq!(json.errors, []);
+        assert_eq!(json.services[0].object, yaml.services[0].object);
+        assert_eq!(json.slices[0].object, yaml.slices[0].object);
+        assert_eq!(yaml.slices[0].origin.as_deref(), Some("a.yaml (document 2) items[0]"));
+        assert_eq!(yaml.services[0].object.metadata.annotations, None, "trimmed as read");
+    }
+
+    /// A bad document is reported by file and document; the ones before it are kept.
+    #[test]
+    fn a_document_that_does_not_parse_is_named() {
+        let bad = format!("{YAML}---\nkind: Service\nspec: [not, a, spec]\n---\nkind: Service\nspec: {{");
+        let yaml = parse("b.yaml", &bad);
+        assert_eq!(yaml.services.len(), 1);
+        let origins: Vec<&str> = yaml.errors.iter().map(|(origin, _)| origin.as_str()).collect();
+        assert_eq!(origins, ["b.yaml (document 3)", "b.yaml (document 4)"]);
+        let json = parse("c.json", "{\"kind\": \"Service\", \"metadata\": {\"name\": \"x\"}}\n{\"kind\": ");
+        assert_eq!(json.services.len(), 1);
+        assert_eq!(json.errors.len(), 1);
+        assert_eq!(json.errors[0].0, "c.json (document 2)");
     }
 }

@@ -7,9 +7,12 @@ pub mod rbac;
 
 use std::sync::Arc;
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, NodeSpec, NodeStatus, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 /// An object and where it came from (a file and document, for log lines).
@@ -49,4 +52,119 @@ pub enum Update {
     Slices(Change<EndpointSlice>),
     /// Nodes changed (only the agent's own node matters).
     Nodes(Change<Node>),
+}
+
+/// Drops what the model never reads from an object as it arrives, so the stores keep only what
+/// programming needs: in a real cluster `managedFields`, the `last-applied-configuration`
+/// annotation and a Node's image list are most of the bytes. An update that changes only
+/// dropped fields then compares equal to the stored object and costs nothing downstream.
+pub trait Trim {
+    /// Clears the fields the model does not read.
+    fn trim(&mut self);
+}
+
+/// The metadata the model reads: name, namespace and labels (the service-name, headless,
+/// service-proxy-name and zone labels). The rest (annotations, managedFields, owner
+/// references, resourceVersion, uid, timestamps) is dropped.
+fn trim_meta(meta: &mut ObjectMeta) {
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        labels: meta.labels.take(),
+        ..ObjectMeta::default()
+    };
+}
+
+impl Trim for Service {
+    fn trim(&mut self) {
+        // spec and status (LoadBalancer ingress) are read; only the status conditions are not.
+        trim_meta(&mut self.metadata);
+        if let Some(status) = &mut self.status {
+            status.conditions = None;
+        }
+    }
+}
+
+impl Trim for EndpointSlice {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+        // Addresses, conditions, nodeName and hints are read. A Pod's targetRef alone is four
+        // strings per endpoint: at a million endpoints, hundreds of MiB kept for nothing.
+        for endpoint in &mut self.endpoints {
+            endpoint.target_ref = None;
+            endpoint.hostname = None;
+            endpoint.zone = None;
+            endpoint.deprecated_topology = None;
+        }
+    }
+}
+
+impl Trim for Node {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+        // Addresses (nodePort addresses) and pod CIDRs (local traffic) are all the model reads.
+        let spec = self.spec.take().unwrap_or_default();
+        self.spec = Some(NodeSpec { pod_cidr: spec.pod_cidr, pod_cidrs: spec.pod_cidrs, ..NodeSpec::default() });
+        let addresses = self.status.take().and_then(|s| s.addresses);
+        self.status = Some(NodeStatus { addresses, ..NodeStatus::default() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::NodeAddress;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A trimmed object reads the same to the model: every field it uses survives.
+    #[test]
+    fn trim_keeps_what_the_model_reads_and_drops_the_rest() {
+        let meta = json!({
+            "name": "web", "namespace": "prod", "labels": {"kubernetes.io/service-name": "web"},
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+            "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u1"}],
+            "resourceVersion": "42", "uid": "u2",
+        });
+        let mut slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": meta, "addressType": "IPv4",
+            "endpoints": [{
+                "addresses": ["10.0.0.1"], "conditions": {"ready": true}, "nodeName": "n1",
+                "hints": {"forZones": [{"name": "a"}]}, "zone": "a", "hostname": "web-0",
+                "targetRef": {"kind": "Pod", "namespace": "prod", "name": "web-0", "uid": "u3"},
+            }],
+            "ports": [{"port": 80}],
+        }))
+        .unwrap();
+        let mut expected = slice.clone();
+        let endpoint = &mut expected.endpoints[0];
+        (endpoint.target_ref, endpoint.hostname, endpoint.zone) = (None, None, None);
+        expected.metadata = ObjectMeta {
+            name: Some("web".into()),
+            namespace: Some("prod".into()),
+            labels: slice.metadata.labels.clone(),
+            ..ObjectMeta::default()
+        };
+        slice.trim();
+        assert_eq!(slice, expected);
+
+        let mut node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "a"}, "annotations": {"x": "y"}},
+            "spec": {"podCIDR": "10.1.0.0/24", "podCIDRs": ["10.1.0.0/24"], "providerID": "cloud://n1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.1"}],
+                       "images": [{"names": ["registry/app:1"], "sizeBytes": 1}]},
+        }))
+        .unwrap();
+        node.trim();
+        assert_eq!(node.metadata.annotations, None);
+        assert_eq!(node.metadata.labels.unwrap()["topology.kubernetes.io/zone"], "a");
+        let spec = node.spec.unwrap();
+        assert_eq!((spec.pod_cidr.as_deref(), spec.provider_id), (Some("10.1.0.0/24"), None));
+        assert_eq!(spec.pod_cidrs.unwrap(), ["10.1.0.0/24"]);
+        let status = node.status.unwrap();
+        assert_eq!(status.images, None);
+        let address = NodeAddress { type_: "InternalIP".into(), address: "192.0.2.1".into() };
+        assert_eq!(status.addresses.unwrap(), [address]);
+    }
 }

@@ -122,7 +122,8 @@ pub const ALL: &[&str] = &[
 /// and note the new version against the changed maps in [`CHANGED_IN`]. Maps pinned before
 /// versions were recorded are layout 1 (layout 2 added the record, and changed no map). A new
 /// map changes no pinned one: an agent adopting older pins creates it, so it needs no bump.
-pub const LAYOUT_VERSION: u32 = 2;
+/// Layout 3 widened every address to 16 bytes (IPv4 as IPv4-mapped IPv6, [`crate::addr`]).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The layout version in which each map last changed in a way its older entries or programs
 /// cannot share (its type, key or value, or what they mean). A map pinned under layout P is
@@ -131,20 +132,21 @@ pub const LAYOUT_VERSION: u32 = 2;
 /// (proxy-agent's `datapath::layout`). Additive changes (a new flag bit old entries simply do
 /// not have) need no entry here.
 pub const CHANGED_IN: &[(&str, u32)] = &[
-    (SERVICES, 1),
-    (BACKENDS, 1),
+    // Layout 3: 16-byte addresses.
+    (SERVICES, 3),
+    (BACKENDS, 3),
     (SERVICE_NAMES, 1),
-    (AFFINITY, 1),
-    (CONNTRACK, 1),
-    (SOCK_REV, 1),
-    (SOCK_BACKEND, 1),
-    (SOURCE_RANGES, 1),
-    (FRAGMENTS, 1),
-    (CONFIG, 1),
+    (AFFINITY, 3),
+    (CONNTRACK, 3),
+    (SOCK_REV, 3),
+    (SOCK_BACKEND, 3),
+    (SOURCE_RANGES, 3),
+    (FRAGMENTS, 3),
+    (CONFIG, 3),
     // Added after layout 2 and never changed since: any pinned `drops` map fits.
     (DROPS, 1),
-    // Added after layout 2: a new map needs no bump.
-    (TRACE_EVENTS, 1),
+    // Layout 3: events with 16-byte addresses.
+    (TRACE_EVENTS, 3),
     (TRACE_ON, 1),
 ];
 
@@ -182,7 +184,10 @@ mod tests {
             size_of::<SockBackendValue>(),
             size_of::<NodeConfig>(),
         ];
-        assert_eq!((super::LAYOUT_VERSION, sizes), (2, [12, 16, 152, 12, 8, 16, 16, 16, 32, 12, 4, 16, 8, 16, 8, 16]));
+        assert_eq!(
+            (super::LAYOUT_VERSION, sizes),
+            (3, [24, 16, 152, 36, 20, 32, 16, 40, 56, 40, 4, 32, 20, 32, 8, 40])
+        );
     }
 
     #[test]

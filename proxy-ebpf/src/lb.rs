@@ -3,6 +3,7 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use proxy_common::{
+    addr::Addr,
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
     service::{SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue},
@@ -23,6 +24,7 @@ pub enum Verdict {
 }
 
 /// A chosen backend.
+#[derive(Default)]
 pub struct Selected {
     /// The endpoint.
     pub backend: Backend,
@@ -53,7 +55,7 @@ pub enum Origin {
 /// Whether the frontend's cluster-wide backend set (its internal scope, present whenever a
 /// Local policy gives it two) has any backend.
 #[inline(always)]
-pub fn cluster_has_backends(address: [u8; 4], port: u16, proto: u8) -> bool {
+pub fn cluster_has_backends(address: Addr, port: u16, proto: u8) -> bool {
     let key = ServiceKey::master(address, port, proto).with_scope(SCOPE_INTERNAL);
     master(&key).is_some_and(|m| m.count > 0)
 }
@@ -61,7 +63,7 @@ pub fn cluster_has_backends(address: [u8; 4], port: u16, proto: u8) -> bool {
 /// Whether (address, port, proto) is a frontend that still has backends for `origin`'s traffic
 /// (the set [`select`] would pick from).
 #[inline(always)]
-pub fn serving(address: [u8; 4], port: u16, proto: u8, origin: Origin) -> bool {
+pub fn serving(address: Addr, port: u16, proto: u8, origin: Origin) -> bool {
     let key = ServiceKey::master(address, port, proto);
     master(&key).and_then(|m| in_scope(key, m, origin)).is_some_and(|(_, m)| m.count > 0)
 }
@@ -82,7 +84,7 @@ fn in_scope(key: ServiceKey, master: ServiceValue, origin: Origin) -> Option<(Se
 /// client's remembered backend under ClientIP affinity. `client` identifies the client for
 /// affinity; its `service_id` is filled in here.
 #[inline(always)]
-pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origin: Origin) -> Verdict {
+pub fn select(address: Addr, port: u16, proto: u8, client: AffinityKey, origin: Origin) -> Verdict {
     let key = ServiceKey::master(address, port, proto);
     let Some(external) = master(&key) else {
         return Verdict::NotAService;

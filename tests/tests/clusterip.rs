@@ -205,7 +205,8 @@ fn malformed_manifests_are_skipped_and_the_rest_is_served() {
     assert_eq!(tally.from("pod-2"), 10, "{tally:?}");
 }
 
-/// The maps carry BTF: `bpftool map dump` prints keys and values with field names.
+/// The maps carry BTF: `bpftool map dump` prints keys and values with field names. Addresses
+/// are 16 bytes, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`: ten zeros, two 255s, the four).
 #[test]
 fn bpftool_shows_maps_with_field_names() {
     let manifests = Manifests::new("proxy-manifests");
@@ -220,7 +221,7 @@ fn bpftool_shows_maps_with_field_names() {
         .map(|e| e.get("formatted").unwrap_or(e))
         .find(|e| e["key"]["slot"] == 0)
         .unwrap_or_else(|| panic!("no master entry with named fields in {dump}"));
-    assert_eq!(master["key"]["address"], serde_json::json!(VIP.octets()));
+    assert_eq!(master["key"]["address"], serde_json::json!(VIP.to_ipv6_mapped().octets()));
     assert_eq!(master["key"]["port"], PORT);
     assert_eq!(master["value"]["count"], 2);
     let backends =
@@ -229,5 +230,6 @@ fn bpftool_shows_maps_with_field_names() {
     let mut addresses: Vec<_> =
         backends.iter().map(|e| e.get("formatted").unwrap_or(e)["value"]["address"].clone()).collect();
     addresses.sort_by_key(|a| a.to_string());
-    assert_eq!(addresses, vec![serde_json::json!(pod_ip(2).octets()), serde_json::json!(pod_ip(3).octets())]);
+    let mapped = |ip: std::net::Ipv4Addr| serde_json::json!(ip.to_ipv6_mapped().octets());
+    assert_eq!(addresses, vec![mapped(pod_ip(2)), mapped(pod_ip(3))]);
 }

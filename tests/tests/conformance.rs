@@ -33,6 +33,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{
+    addr,
     conntrack::{CT_F_CLOSING, CT_TIMEOUT_CLOSE_WAIT_S, CT_TIMEOUT_CLOSING_S, CtKey, CtValue, expired, timeout_s},
     proto::{SCTP, TCP, UDP},
     service::{ServiceKey, ServiceValue},
@@ -150,7 +151,7 @@ impl<const N: usize> Cluster<N> {
 
 /// The master entry of a frontend in `agent`'s maps.
 fn master(agent: &Agent, address: Ipv4Addr, port: u16, proto: u8) -> Option<ServiceValue> {
-    let key = ServiceKey::master(address.octets(), port, proto);
+    let key = ServiceKey::master(addr::from_ip(address), port, proto);
     agent.maps().expect("opening the pinned maps").services().find(|(k, _)| *k == key).map(|(_, v)| v)
 }
 
@@ -1027,13 +1028,13 @@ fn e2e_43_node_port_and_health_check_follow_external_traffic_policy() {
 fn backends(agent: &Agent, address: Ipv4Addr, port: u16, proto: u8) -> Option<BTreeSet<Ipv4Addr>> {
     let maps = agent.maps().ok()?;
     let services: BTreeMap<ServiceKey, ServiceValue> = maps.services().collect();
-    let master_key = ServiceKey::master(address.octets(), port, proto);
+    let master_key = ServiceKey::master(addr::from_ip(address), port, proto);
     let count = services.get(&master_key)?.count;
     let all: BTreeMap<_, _> = maps.backends().collect();
     (1..=count)
         .map(|slot| {
             let id = services.get(&master_key.with_slot(slot))?.backend_id;
-            all.get(&id).map(|b| Ipv4Addr::from(b.address))
+            all.get(&id).and_then(|b| addr::to_v4(&b.address)).map(Ipv4Addr::from)
         })
         .collect()
 }
@@ -1369,7 +1370,7 @@ fn accept(listener: &TcpListener) -> TcpStream {
 /// (rewritten to the client).
 fn client_flow(c: &Cluster, node: usize, client_port: u16) -> (u64, Vec<(CtKey, CtValue)>) {
     let snapshot = proxy_agent::inspect::pins::read(c.agents[node].bpf_root()).expect("reading the pinned maps");
-    let client = (CLIENT_IP.octets(), client_port);
+    let client = (addr::from_ip(CLIENT_IP), client_port);
     let entries = snapshot
         .conntrack
         .expect("the conntrack map is pinned")

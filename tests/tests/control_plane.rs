@@ -212,13 +212,16 @@ fn snapshot(agent: &Agent) -> Snapshot {
 
 /// The `services` entries of every frontend address but `except`.
 fn entries_except(snapshot: &Snapshot, except: Ipv4Addr) -> BTreeMap<ServiceKey, ServiceValue> {
-    snapshot.0.iter().filter(|(k, _)| k.address != except.octets()).map(|(k, v)| (*k, *v)).collect()
+    snapshot.0.iter().filter(|(k, _)| k.address != proxy_common::addr::from_ip(except)).map(|(k, v)| (*k, *v)).collect()
 }
 
 /// The master entries (frontends) programmed, as (address, port).
 fn frontends(agent: &Agent) -> BTreeSet<(Ipv4Addr, u16)> {
     let maps = agent.maps().expect("opening the pinned maps");
-    maps.services().filter(|(k, _)| k.slot == 0).map(|(k, _)| (Ipv4Addr::from(k.address), k.port)).collect()
+    maps.services()
+        .filter(|(k, _)| k.slot == 0)
+        .filter_map(|(k, _)| Some((Ipv4Addr::from(proxy_common::addr::to_v4(&k.address)?), k.port)))
+        .collect()
 }
 
 /// Sums the counts of the agent's `synced` lines after the first `after`.
@@ -339,12 +342,12 @@ fn e2e_06_up_and_down_services() {
     c.agent.wait_for_log("EndpointSlice default/web-2-a", WAIT).unwrap();
     let after = snapshot(&c.agent);
     assert!(
-        after.0.keys().all(|k| k.address != vip(12).octets()),
+        after.0.keys().all(|k| k.address != proxy_common::addr::from_ip(vip(12))),
         "no entry of the deleted frontend is left: {:?}",
         after.0
     );
     assert!(
-        after.1.values().all(|b| b.address != pod_ip(3).octets()),
+        after.1.values().all(|b| b.address != proxy_common::addr::from_ip(pod_ip(3))),
         "the deleted service's only backend is gone: {:?}",
         after.1
     );
@@ -404,7 +407,7 @@ fn e2e_08_works_after_restarting_the_agent() {
     });
     c.wait_for_pods(11, Some(&[2, 3]), WAIT);
     c.wait_for_pods(12, Some(&[4]), WAIT);
-    let kubernetes = ServiceKey::master([10, 96, 0, 1], 443, proxy_common::proto::TCP);
+    let kubernetes = ServiceKey::master(proxy_common::addr::from_v4([10, 96, 0, 1]), 443, proxy_common::proto::TCP);
     let master = snapshot(&c.agent).0[&kubernetes];
     c.agent.kill();
     assert_served_by(&c.connect(11, 50), 50, &[2, 3]);

@@ -29,6 +29,7 @@ use proxy_agent::{
     observe::drops,
 };
 use proxy_common::{
+    addr,
     conntrack::{CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
     drop, maps,
     proto::{TCP, UDP},
@@ -65,7 +66,7 @@ fn pod(port: u16) -> SocketAddrV4 {
 }
 
 fn endpoint(address: Ipv4Addr, local: bool) -> Endpoint {
-    Endpoint { address, port: TARGET_PORT, local, terminating: false }
+    Endpoint { address: address.into(), port: TARGET_PORT, local, terminating: false }
 }
 
 /// A frontend entry of `kind` with `flags` and `backends`.
@@ -99,7 +100,7 @@ struct Out {
 impl Bed {
     /// Programs `entry` at `frontend`.
     fn service(&mut self, frontend: SocketAddrV4, proto: u8, entry: &FrontendEntry) {
-        let frontend = Frontend { address: *frontend.ip(), port: frontend.port(), proto };
+        let frontend = Frontend { address: (*frontend.ip()).into(), port: frontend.port(), proto };
         self.writer.upsert(frontend, entry).expect("writing the service");
     }
 
@@ -199,7 +200,10 @@ fn snat_port(bed: &Bed, backend: SocketAddrV4, proto: u8) -> u16 {
         .iter()
         .filter_map(Result::ok)
         .filter(|(k, v)| {
-            v.flags & CT_F_REPLY != 0 && k.src == backend.ip().octets() && k.sport == backend.port() && k.proto == proto
+            v.flags & CT_F_REPLY != 0
+                && k.src == addr::from_ip(*backend.ip())
+                && k.sport == backend.port()
+                && k.proto == proto
         })
         .map(|(k, _)| k.dport)
         .collect();
@@ -426,10 +430,10 @@ fn a_new_flow_whose_snat_ports_are_all_taken_is_dropped_and_taken_ports_are_kept
     with_bed("snat", |bed| {
         nodeport_service(bed, TCP);
         let mut conntrack = bed.conntrack();
-        let holder = CtValue { dst: [172, 18, 0, 101], flags: CT_F_REPLY, ..CtValue::default() };
+        let holder = CtValue { dst: addr::from_v4([172, 18, 0, 101]), flags: CT_F_REPLY, ..CtValue::default() };
         let key = |port| CtKey {
-            src: POD.octets(),
-            dst: NODE.octets(),
+            src: addr::from_ip(POD),
+            dst: addr::from_ip(NODE),
             sport: TARGET_PORT,
             dport: port,
             proto: TCP,
@@ -446,8 +450,8 @@ fn a_new_flow_whose_snat_ports_are_all_taken_is_dropped_and_taken_ports_are_kept
             assert_eq!(conntrack.get(&key(port), 0).expect("still held"), holder, "port {port}");
         }
         let client_flow = CtKey {
-            src: CLIENT.ip().octets(),
-            dst: NODE.octets(),
+            src: addr::from_ip(*CLIENT.ip()),
+            dst: addr::from_ip(NODE),
             sport: CLIENT.port(),
             dport: NODE_PORT,
             proto: TCP,

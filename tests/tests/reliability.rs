@@ -197,8 +197,10 @@ fn snapshot(root: &Path) -> Snapshot {
 /// not there: what a flush (or a half-written service) would look like to the kernel.
 fn watch_masters(root: &Path, frontends: &[SocketAddrV4], count: u16, stop: &AtomicBool) -> (usize, Vec<String>) {
     let maps = proxy_agent::datapath::AyaMaps::from_pins(root).expect("opening the pinned maps");
-    let masters: Vec<ServiceKey> =
-        frontends.iter().map(|f| ServiceKey::master(f.ip().octets(), f.port(), proxy_common::proto::TCP)).collect();
+    let masters: Vec<ServiceKey> = frontends
+        .iter()
+        .map(|f| ServiceKey::master(proxy_common::addr::from_ip(*f.ip()), f.port(), proxy_common::proto::TCP))
+        .collect();
     let mut reads = 0;
     let mut problems = Vec::new();
     while !stop.load(Ordering::Relaxed) {

@@ -27,6 +27,7 @@ use proxy_agent::{
     model::{Endpoint, Frontend, FrontendEntry, FrontendKind, ServicePortName},
 };
 use proxy_common::{
+    addr,
     conntrack::{CtKey, CtValue},
     maps,
     proto::TCP,
@@ -55,7 +56,7 @@ fn entry(name: &str, flags: u16, backends: &[Ipv4Addr]) -> FrontendEntry {
         affinity_timeout: 0,
         backends: backends
             .iter()
-            .map(|&address| Endpoint { address, port: 80, local: false, terminating: false })
+            .map(|&address| Endpoint { address: address.into(), port: 80, local: false, terminating: false })
             .collect(),
         internal: None,
         source_ranges: Vec::new(),
@@ -128,7 +129,7 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
             let (datapath, store) = Datapath::load(&opts).context("loading the datapath")?;
             let mut writer = Writer::new(store);
             let backends: Vec<Ipv4Addr> = (0..16).map(|i| Ipv4Addr::new(10, 244, 1 + i % 2, 2 + i / 2)).collect();
-            let nodeport = Frontend { address: NODE, port: NODE_PORT, proto: TCP };
+            let nodeport = Frontend { address: NODE.into(), port: NODE_PORT, proto: TCP };
             writer.upsert(nodeport, &entry("nodeport", SVC_F_NODE_PORT, &backends))?;
             for i in 0..services {
                 let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i);
@@ -137,7 +138,7 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 2)) + 2 * i),
                 ];
                 writer.upsert(
-                    Frontend { address: vip, port: 80, proto: TCP },
+                    Frontend { address: vip.into(), port: 80, proto: TCP },
                     &entry(&format!("svc-{i}"), SVC_F_CLUSTER_IP, &pods),
                 )?;
             }
@@ -179,8 +180,8 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                 let tracked = syn(sport);
                 run(&tracked, 1)?;
                 let original = CtKey {
-                    src: CLIENT.octets(),
-                    dst: NODE.octets(),
+                    src: addr::from_ip(CLIENT),
+                    dst: addr::from_ip(NODE),
                     sport,
                     dport: NODE_PORT,
                     proto: TCP,

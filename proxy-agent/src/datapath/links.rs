@@ -29,8 +29,10 @@ use crate::{
     },
 };
 
-/// The cgroup programs and their names in the object (also their link pin names).
-pub(super) const CGROUP_PROGRAMS: &[&str] = &["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+/// The cgroup programs and their names in the object (also their link pin names): the IPv4
+/// hooks and their IPv6 twins, which also serve IPv4-mapped addresses on `AF_INET6` sockets.
+pub(super) const CGROUP_PROGRAMS: &[&str] =
+    &["connect4", "sendmsg4", "recvmsg4", "getpeername4", "connect6", "sendmsg6", "recvmsg6", "getpeername6"];
 /// The TC ingress program; its links are pinned as `links/tc_ingress-<interface>`.
 pub(super) const TC_PROGRAM: &str = "tc_ingress";
 /// The TC egress program (replies of hostNetwork backends); links `links/tc_egress-<interface>`.

@@ -26,7 +26,7 @@ pub mod view;
 
 use std::{
     io::{self, Write as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -158,10 +158,10 @@ pub struct ExplainArgs {
     /// The client's address: a pod's, this node's or an external client's. It selects the
     /// client's affinity entry (by address, or by the named network namespace holding it).
     #[arg(long, value_name = "IP")]
-    pub from: Ipv4Addr,
+    pub from: IpAddr,
     /// The destination the client connects or sends to.
     #[arg(long, value_name = "IP:PORT")]
-    pub to: SocketAddrV4,
+    pub to: SocketAddr,
     /// The transport protocol.
     #[arg(long, value_enum, default_value_t = Protocol::Tcp)]
     pub proto: Protocol,

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     fs, io,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -130,8 +130,8 @@ pub struct NetnsInfo {
     /// Its name under `/run/netns` (as `ip netns` and CNI plugins name pods' namespaces), or
     /// `self` for the namespace inspect runs in (on a node: the host's).
     pub name: String,
-    /// The IPv4 addresses of its interfaces.
-    pub addresses: Vec<Ipv4Addr>,
+    /// The addresses of its interfaces.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Every namespace under `/run/netns`, then this process's own. Best effort: a namespace that
@@ -154,8 +154,8 @@ pub fn netns() -> Vec<NetnsInfo> {
 }
 
 /// The cookie and addresses of the namespace at `path`, read by a thread inside it.
-fn netns_info(path: &Path) -> Option<(u64, Vec<Ipv4Addr>)> {
+fn netns_info(path: &Path) -> Option<(u64, Vec<IpAddr>)> {
     let (cookie, addresses) =
         sys::net::in_netns(path, || (sys::net::netns_cookie(), sys::net::ipv4_addresses())).ok()?;
-    Some((cookie.ok()?, addresses.ok()?.into_iter().map(|(_, ip)| ip).collect()))
+    Some((cookie.ok()?, addresses.ok()?.into_iter().map(|(_, ip)| IpAddr::from(ip)).collect()))
 }

@@ -1,9 +1,10 @@
 //! The pure rooms of inspect/explain on hand-built snapshots: one case per rule of the kernel's
 //! selection (proxy-ebpf/src/lb.rs) and its attach points, plus the formatting.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
+    addr,
     affinity::{AffinityKey, AffinityValue},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend},
     proto::{TCP, UDP},
@@ -20,7 +21,7 @@ use super::{
 const SECOND: u64 = 1_000_000_000;
 const NOW: u64 = 5_000 * SECOND;
 
-fn ip(text: &str) -> Ipv4Addr {
+fn ip(text: &str) -> IpAddr {
     text.parse().expect("test addresses parse")
 }
 
@@ -51,7 +52,7 @@ impl Build {
     }
 
     fn backend(mut self, id: u32, address: &str, port: u16, flags: u8) -> Self {
-        self.0.backends.insert(id, Backend { address: ip(address).octets(), port, proto: TCP, flags });
+        self.0.backends.insert(id, Backend { address: addr::from_ip(ip(address)), port, proto: TCP, flags });
         self
     }
 
@@ -67,7 +68,7 @@ impl Build {
         timeout: u32,
         ids: &[u32],
     ) -> Self {
-        let key = ServiceKey::master(ip(address).octets(), port, TCP).with_scope(scope);
+        let key = ServiceKey::master(addr::from_ip(ip(address)), port, TCP).with_scope(scope);
         let master =
             ServiceValue { backend_id: 0, count: ids.len() as u16, flags, service_id, affinity_timeout: timeout };
         self.0.services.insert(key, master);
@@ -79,7 +80,9 @@ impl Build {
     }
 
     fn affinity(mut self, cookie: u64, client: &str, service_id: u32, backend_id: u32, age_s: u64) -> Self {
-        let key = AffinityKey { netns_cookie: cookie, client: ip(client).octets(), service_id };
+        // The socket path keys by netns and leaves the address zero, as the kernel does.
+        let client = if cookie == 0 { addr::from_ip(ip(client)) } else { addr::UNSPECIFIED };
+        let key = AffinityKey { netns_cookie: cookie, client, service_id, _pad: 0 };
         let value = AffinityValue { last_used_ns: NOW - age_s * SECOND, backend_id, _pad: 0 };
         self.0.affinity.get_or_insert_with(Vec::new).push((key, value));
         self
@@ -120,7 +123,7 @@ fn etp_local(local: &[u32]) -> Build {
 }
 
 fn query(from: &str, to: &str, port: u16) -> Query {
-    Query { from: ip(from), to: SocketAddrV4::new(ip(to), port), proto: TCP }
+    Query { from: ip(from), to: SocketAddr::new(ip(to), port), proto: TCP }
 }
 
 // ---- view: services ----
@@ -193,7 +196,7 @@ fn two_scopes_show_the_external_set_then_the_internal_one() {
 #[test]
 fn missing_slots_backends_names_and_internal_masters_are_reported() {
     let mut s = cluster_ip().build();
-    let key = ServiceKey::master(ip("10.96.0.10").octets(), 6666, TCP);
+    let key = ServiceKey::master(addr::from_ip(ip("10.96.0.10")), 6666, TCP);
     s.services.remove(&key.with_slot(2));
     s.backends.remove(&1);
     s.names.clear();
@@ -203,7 +206,7 @@ fn missing_slots_backends_names_and_internal_masters_are_reported() {
     assert!(problems.contains("service id 1 has no service_names entry"), "{problems}");
 
     let mut s = etp_local(&[5]).build();
-    s.services.remove(&ServiceKey::master(ip("172.18.0.2").octets(), 30080, TCP).with_scope(SCOPE_INTERNAL));
+    s.services.remove(&ServiceKey::master(addr::from_ip(ip("172.18.0.2")), 30080, TCP).with_scope(SCOPE_INTERNAL));
     let problems = view::services(&s)[0].problems.join("\n");
     assert!(problems.contains("internal-scope master is missing"), "{problems}");
 }
@@ -388,7 +391,7 @@ fn etp_cluster_nodeport_is_snated_from_outside() {
 #[test]
 fn a_missing_internal_master_refuses_node_traffic() {
     let mut s = etp_local(&[5]).build();
-    s.services.remove(&ServiceKey::master(ip("172.18.0.2").octets(), 30080, TCP).with_scope(SCOPE_INTERNAL));
+    s.services.remove(&ServiceKey::master(addr::from_ip(ip("172.18.0.2")), 30080, TCP).with_scope(SCOPE_INTERNAL));
     let e = explain(&s, &query("10.244.1.200", "172.18.0.2", 30080));
     let node = e.paths.iter().find(|p| p.origins == [Origin::Node]).unwrap();
     assert_eq!(node.verdict, Verdict::Refused);

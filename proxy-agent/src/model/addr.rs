@@ -34,6 +34,13 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The block as the maps hold it ([`proxy_common::addr`]): its network address in map form
+    /// and its prefix length over the map form's 128 bits.
+    pub fn map_prefix(&self) -> (proxy_common::addr::Addr, u32) {
+        let network = proxy_common::addr::from_ip(self.network);
+        (network, proxy_common::addr::V4_MAPPED_PREFIX_BITS + u32::from(self.prefix))
+    }
+
     /// Whether `addr` is inside the block.
     pub fn contains(&self, addr: Ipv4Addr) -> bool {
         let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);

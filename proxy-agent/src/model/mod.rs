@@ -9,7 +9,11 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
 pub use service::service_frontends;
@@ -75,7 +79,7 @@ impl NodeInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     /// The address (ClusterIP, node address, external IP or LoadBalancer IP).
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// The port (service port, or nodePort).
     pub port: u16,
     /// IP protocol number (`proxy_common::proto`).
@@ -125,7 +129,7 @@ impl fmt::Display for ServicePortName {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
     /// Pod (or host) address.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// Resolved target port.
     pub port: u16,
     /// Runs on this node.

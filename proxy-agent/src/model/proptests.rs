@@ -536,7 +536,10 @@ impl ServicePlan {
             };
             let name = port.name.clone().unwrap_or_default();
             let mut add = |address: Ipv4Addr, port: u16| {
-                out.frontends.entry(Frontend { address, port, proto: protocol }).or_default().insert(name.clone());
+                out.frontends
+                    .entry(Frontend { address: address.into(), port, proto: protocol })
+                    .or_default()
+                    .insert(name.clone());
             };
             for &ip in cluster.iter().chain(&external).chain(&lb) {
                 add(ip, number);
@@ -606,7 +609,7 @@ impl ServicePlan {
                 let (ready, serving, terminating) = endpoint.conditions.unwrap_or_default();
                 let terminating = terminating.unwrap_or(false);
                 let local = endpoint.node_name.as_deref() == Some(NODE);
-                let endpoint_ = Endpoint { address, port, local, terminating };
+                let endpoint_ = Endpoint { address: address.into(), port, local, terminating };
                 candidates.push((endpoint_, ready.unwrap_or(true), serving.unwrap_or(true)));
             }
         }
@@ -894,7 +897,8 @@ fn one_hundred_thousand_endpoints_in_one_service() {
     let started = Instant::now();
     let desired = check_service(&plan).unwrap();
     let elapsed = started.elapsed();
-    let cluster = &desired.frontends[&Frontend { address: Ipv4Addr::new(10, 96, 0, 10), port: 80, proto: proto::TCP }];
+    let cluster =
+        &desired.frontends[&Frontend { address: Ipv4Addr::new(10, 96, 0, 10).into(), port: 80, proto: proto::TCP }];
     // Each slice loses its first endpoint (broken) and its second (a duplicate of another's).
     assert_eq!(cluster.backends.len(), HUGE - 2 * 10);
     assert_eq!(desired.skipped.iter().filter(|s| s.reason == SkipReason::BadAddress).count(), 10);

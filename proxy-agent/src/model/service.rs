@@ -94,7 +94,7 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
             }
         };
         let mut add = |address: Ipv4Addr, port: u16, kind: FrontendKind| {
-            out.frontends.insert(Frontend { address, port, proto: protocol }, entry(kind));
+            out.frontends.insert(Frontend { address: address.into(), port, proto: protocol }, entry(kind));
         };
         for &ip in &cluster_ips {
             add(ip, number, FrontendKind::ClusterIp);
@@ -398,7 +398,7 @@ fn resolve_endpoints(
             let for_nodes = hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone());
             let for_zones = hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone());
             out.push(Candidate {
-                endpoint: Endpoint { address, port, local, terminating },
+                endpoint: Endpoint { address: address.into(), port, local, terminating },
                 ready,
                 serving,
                 for_nodes: for_nodes.collect(),

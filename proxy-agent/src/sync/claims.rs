@@ -70,7 +70,7 @@ mod tests {
     use super::*;
 
     fn frontend() -> Frontend {
-        Frontend { address: Ipv4Addr::new(192, 0, 2, 1), port: 80, proto: proxy_common::proto::TCP }
+        Frontend { address: Ipv4Addr::new(192, 0, 2, 1).into(), port: 80, proto: proxy_common::proto::TCP }
     }
 
     #[test]

@@ -19,11 +19,12 @@ mod tracker;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     time::Instant,
 };
 
 use k8s_openapi::api::core::v1::Node;
-use proxy_common::config::NodeConfig;
+use proxy_common::{addr, config::NodeConfig};
 use tracing::{debug, info, warn};
 
 pub use self::run::run;
@@ -134,8 +135,15 @@ impl<S: MapStore> Syncer<S> {
     /// Writes the node's settings for the datapath: the SNAT address for traffic to externalIPs
     /// and LoadBalancer IPs (the first nodePort address) and the node's netns cookie.
     fn write_node_config(&mut self) {
-        let snat_address = self.node_info.nodeport_addresses.first().map_or([0; 4], |a| a.octets());
-        let config = NodeConfig { snat_address, _pad: [0; 4], host_netns_cookie: self.config.host_netns_cookie };
+        let first = |v4: bool| {
+            let addresses = self.node_info.nodeport_addresses.iter().map(|&a| IpAddr::from(a));
+            addresses.filter(|a| a.is_ipv4() == v4).map(addr::from_ip).next().unwrap_or(addr::UNSPECIFIED)
+        };
+        let config = NodeConfig {
+            snat_v4: first(true),
+            snat_v6: first(false),
+            host_netns_cookie: self.config.host_netns_cookie,
+        };
         if let Err(error) = self.writer.set_node_config(config) {
             warn!(%error, "writing the node's settings to the config map failed");
         }

@@ -3,13 +3,14 @@
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
 use proxy_common::{
+    addr,
     conntrack::{CT_F_REPLY, CtKey},
     drop,
     proto::{TCP, UDP},
 };
 
 use super::{
-    fib,
+    fib, nat,
     packet::{ETH_HLEN, IP_CSUM, IP_DST, IP_OFFSET},
 };
 use crate::{drops, maps::CONNTRACK};
@@ -47,27 +48,29 @@ pub fn icmp_error(ctx: &TcContext) -> Option<i32> {
     // The quoted packet went (node or client → backend); its flow's reply entry is keyed the
     // other way round and says what the client expects.
     let reply = CtKey {
-        src: inner.dst_addr,
-        dst: inner.src_addr,
+        src: addr::from_v4(inner.dst_addr),
+        dst: addr::from_v4(inner.src_addr),
         sport: dport,
         dport: sport,
         proto: inner.proto,
         _pad: [0; 3],
     };
-    // SAFETY: the value is copied out at once.
-    let to = unsafe { CONNTRACK.get(reply).copied() }?;
+    // SAFETY: map memory, read while this program runs; an update by another CPU meanwhile
+    // changes a flow's timestamps and flags, never the addresses and ports read here. Not
+    // copied: the BPF stack has no room for a copy beside the rest.
+    let to = unsafe { CONNTRACK.get(reply) }?;
     if to.flags & CT_F_REPLY == 0 {
         return None;
     }
     let outer_dst = u32::from_ne_bytes(ip.dst_addr);
-    let client = u32::from_ne_bytes(to.dst);
+    let client = nat::v4_word(&to.dst);
     let fix = || -> Result<(), i64> {
         ctx.l3_csum_replace(IP_CSUM, u64::from(outer_dst), u64::from(client), 4)?;
         ctx.store(IP_DST, &client, 0)?;
         // Quoted addresses: the quoted header's own checksum absorbs the change, so the ICMP
         // checksum (which covers both) stays right.
-        for (offset, old, new) in [(12, inner.src_addr, to.dst), (16, inner.dst_addr, to.src)] {
-            let (old, new) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+        for (offset, old, new) in [(12, inner.src_addr, &to.dst), (16, inner.dst_addr, &to.src)] {
+            let (old, new) = (u32::from_ne_bytes(old), nat::v4_word(new));
             ctx.l3_csum_replace(inner_ip + 10, u64::from(old), u64::from(new), 4)?;
             ctx.store(inner_ip + offset, &new, 0)?;
         }
@@ -81,5 +84,5 @@ pub fn icmp_error(ctx: &TcContext) -> Option<i32> {
     if fix().is_err() {
         return Some(drops::shot(drop::REWRITE_FAILED));
     }
-    Some(fib::forward(ctx, ip.src_addr, to.dst))
+    Some(fib::forward(ctx, &addr::from_v4(ip.src_addr), &to.dst))
 }

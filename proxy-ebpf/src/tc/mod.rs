@@ -39,7 +39,7 @@ use aya_ebpf::{
 use proxy_common::{
     affinity::AffinityKey,
     conntrack::CT_F_SNAT,
-    conntrack::{CT_F_LOCAL, CT_F_REPLY, CtKey, CtValue, expired},
+    conntrack::{CT_F_LOCAL, CT_F_REPLY, CtValue, expired},
     drop,
     service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, SourceRange},
     trace::PATH_TC,
@@ -57,7 +57,7 @@ use crate::{
 pub fn tc_ingress(ctx: TcContext) -> i32 {
     match Packet::parse(&ctx) {
         Ok(packet) => ingress(&ctx, &packet),
-        Err(Skip::Other) => icmp::icmp_error(&ctx).unwrap_or(TC_ACT_OK),
+        Err(Skip::Other) => icmp_error(&ctx),
         // Left to the stack, as before there was a count: it discards a malformed packet, and
         // a fragment without its first one is not ours to translate.
         Err(skip) => {
@@ -67,6 +67,13 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
             TC_ACT_OK
         }
     }
+}
+
+/// An ICMP error about a tracked flow is translated back ([`icmp`]); anything else passes. A
+/// function of its own (a BPF-to-BPF call): its stack is not added to a new flow's.
+#[inline(never)]
+fn icmp_error(ctx: &TcContext) -> i32 {
+    icmp::icmp_error(ctx).unwrap_or(TC_ACT_OK)
 }
 
 /// The TC egress program, on the interfaces holding a node address: replies of flows to a
@@ -86,48 +93,86 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     }
 }
 
+/// Returned by [`follow`] for a packet of no tracked flow.
+const CONTINUE: i32 = i32::MIN;
+/// Returned by [`choose`]: the packet is for no frontend (or opens nothing): let it pass.
+const PASS: u32 = u32::MAX;
+/// Returned by [`choose`]: a backend is chosen, open a flow; by [`new_flow`]: it is open.
+const OPEN: u32 = u32::MAX - 1;
+
 /// A packet from outside: a tracked flow's is translated, a frontend's first opens a flow,
-/// anything else passes.
+/// anything else passes. Each step is a function of its own (a BPF-to-BPF call) called from
+/// here, so their stack frames sit side by side rather than on top of each other: the BPF
+/// stack (512 bytes for the whole call chain) holds 16-byte addresses only that way.
+#[inline(always)]
 fn ingress(ctx: &TcContext, packet: &Packet) -> i32 {
-    let key = packet.key();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        // The clock only where it is needed: most packets that reach here are for no frontend.
-        // SAFETY: a plain helper call without arguments.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
-        let value = unsafe { &mut *entry };
-        if conntrack::follows(value, packet, now) {
-            conntrack::track(value, packet, now);
-            let to = *value;
-            return translate(ctx, packet, &to);
-        }
+    let verdict = follow(ctx, packet);
+    if verdict != CONTINUE {
+        return verdict;
     }
     if !packet.has_l4 {
         // A later fragment of a flow that is not tracked: nothing to translate.
         return TC_ACT_OK;
     }
-    let client = AffinityKey { client: packet.src, ..AffinityKey::default() };
-    match lb::select(packet.dst, packet.dport, packet.proto, client, Origin::External) {
-        Verdict::NotAService => TC_ACT_OK,
-        // No local endpoint under eTP=Local while other nodes have some: drop, as kube-proxy
-        // does (with no endpoint anywhere it rejects, below).
-        Verdict::NoBackend(flags)
-            if flags & SVC_F_EXT_LOCAL != 0 && lb::cluster_has_backends(packet.dst, packet.dport, packet.proto) =>
-        {
-            refuse(packet, drop::NO_LOCAL_ENDPOINT)
-        }
+    let mut selected = Selected::default();
+    let mut verdict = TC_ACT_OK;
+    let reason = match choose(packet, &mut selected) {
+        OPEN => new_flow(ctx, packet, &selected, &mut verdict),
+        other => other,
+    };
+    match reason {
+        OPEN | PASS => verdict,
         // No endpoint at all: the node's own stack answers (TCP RST, ICMP port unreachable),
         // which is kube-proxy's REJECT.
-        Verdict::NoBackend(_) => {
+        drop::NO_ENDPOINT => {
             refuse(packet, drop::NO_ENDPOINT);
             TC_ACT_OK
         }
-        Verdict::Backend(_) if !packet.may_open_flow() => refuse(packet, drop::NOT_A_NEW_CONNECTION),
-        // loadBalancerSourceRanges: only listed clients, as kube-proxy's firewall chain.
-        Verdict::Backend(selected) if selected.flags & SVC_F_SOURCE_RANGES != 0 && !admitted(packet) => {
-            refuse(packet, drop::SOURCE_RANGE_DENIED)
+        reason => refuse(packet, reason),
+    }
+}
+
+/// A packet of a tracked flow is translated and sent on; [`CONTINUE`] for any other.
+#[inline(never)]
+fn follow(ctx: &TcContext, packet: &Packet) -> i32 {
+    let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) else { return CONTINUE };
+    // The clock only where it is needed: most packets that reach here are for no frontend.
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
+    let value = unsafe { &mut *entry };
+    if !conntrack::follows(value, packet, now) {
+        return CONTINUE;
+    }
+    conntrack::track(value, packet, now);
+    let to = *value;
+    translate(ctx, packet, &to)
+}
+
+/// The first packet to a frontend: picks its backend into `selected` and returns [`OPEN`];
+/// [`PASS`] for a packet to no frontend; else the reason to drop it (`proxy_common::drop`).
+#[inline(never)]
+fn choose(packet: &Packet, selected: &mut Selected) -> u32 {
+    let client = AffinityKey { client: packet.src, ..AffinityKey::default() };
+    match lb::select(packet.dst, packet.dport, packet.proto, client, Origin::External) {
+        Verdict::NotAService => PASS,
+        // No local endpoint under eTP=Local while other nodes have some: drop, as kube-proxy
+        // does (with no endpoint anywhere it rejects).
+        Verdict::NoBackend(flags)
+            if flags & SVC_F_EXT_LOCAL != 0 && lb::cluster_has_backends(packet.dst, packet.dport, packet.proto) =>
+        {
+            drop::NO_LOCAL_ENDPOINT
         }
-        Verdict::Backend(selected) => new_flow(ctx, packet, &key, &selected),
+        Verdict::NoBackend(_) => drop::NO_ENDPOINT,
+        Verdict::Backend(_) if !packet.may_open_flow() => drop::NOT_A_NEW_CONNECTION,
+        // loadBalancerSourceRanges: only listed clients, as kube-proxy's firewall chain.
+        Verdict::Backend(chosen) if chosen.flags & SVC_F_SOURCE_RANGES != 0 && !admitted(packet) => {
+            drop::SOURCE_RANGE_DENIED
+        }
+        Verdict::Backend(chosen) => {
+            *selected = chosen;
+            OPEN
+        }
     }
 }
 
@@ -153,51 +198,59 @@ fn egress(ctx: &TcContext, packet: &Packet) -> i32 {
     }
 }
 
-/// Opens a flow to `selected` for the connection's first packet, translates it and sends it on.
-fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, selected: &Selected) -> i32 {
+/// Opens a flow to `selected` for the connection's first packet, translates it and sends it on,
+/// setting `verdict`; returns [`OPEN`], or the reason to drop the packet (the caller counts
+/// it: [`refuse`] called from here would stack its frame on this one's). A function of its
+/// own (a BPF-to-BPF call), so its stack is not added to the lookup's.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, packet: &Packet, selected: &Selected, verdict: &mut i32) -> u32 {
     let snat = if selected.flags & SVC_F_EXT_LOCAL == 0 {
         match nat::snat_address(selected.flags, packet.dst) {
             Some(address) => Some(address),
-            None => return refuse(packet, drop::NO_SNAT_ADDRESS),
+            None => return drop::NO_SNAT_ADDRESS,
         }
     } else {
         None
     };
     // The route the translated packet takes, looked up once: it also tells whether the backend
     // is one of the node's own addresses (not forwarded: local).
-    let route = fib::route(ctx, snat.unwrap_or(packet.src), selected.backend.address);
+    let route = fib::route(ctx, snat.as_ref().unwrap_or(&packet.src), &selected.backend.address);
     let local = route.rc == BPF_FIB_LKUP_RET_NOT_FWDED;
     let snat = if local { None } else { snat };
     // SAFETY: a plain helper call without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let to = match conntrack::open_flow(packet, key, selected, snat, local, now) {
+    let to = match conntrack::open_flow(packet, selected, snat, local, now) {
         Ok(to) => to,
-        Err(reason) => return refuse(packet, reason),
+        Err(reason) => return reason,
     };
-    if nat::rewrite(ctx, packet, &to).is_err() {
-        return refuse(packet, drop::REWRITE_FAILED);
+    if nat::rewrite(ctx, packet, to).is_err() {
+        return drop::REWRITE_FAILED;
     }
     if trace::on() {
-        let mut event = trace::translated(PATH_TC, packet.proto, packet.dst, packet.dport, selected);
-        event.client = packet.src;
-        event.client_port = packet.sport;
-        if to.flags & CT_F_SNAT != 0 {
-            event.snat = to.src;
-            event.snat_port = to.sport;
-        }
-        trace::emit(event);
+        trace::emit(|event| {
+            trace::translated(event, (PATH_TC, packet.proto), &packet.dst, packet.dport, selected);
+            event.client = packet.src;
+            event.client_port = packet.sport;
+            if to.flags & CT_F_SNAT != 0 {
+                event.snat = to.src;
+                event.snat_port = to.sport;
+            }
+        });
     }
-    fib::deliver(route)
+    *verdict = fib::deliver(route);
+    OPEN
 }
 
 /// Counts (and traces) a drop of a packet to a frontend for `reason`; returns the verdict that
-/// drops it.
+/// drops it. A function of its own: the trace event's fields are not on a new flow's stack.
+#[inline(never)]
 fn refuse(packet: &Packet, reason: u32) -> i32 {
     if trace::on() {
-        let mut event = trace::dropped(PATH_TC, packet.proto, packet.dst, packet.dport, reason);
-        event.client = packet.src;
-        event.client_port = packet.sport;
-        trace::emit(event);
+        trace::emit(|event| {
+            trace::dropped(event, (PATH_TC, packet.proto), &packet.dst, packet.dport, reason);
+            event.client = packet.src;
+            event.client_port = packet.sport;
+        });
     }
     drops::shot(reason)
 }
@@ -205,14 +258,15 @@ fn refuse(packet: &Packet, reason: u32) -> i32 {
 /// Whether the packet's client is inside one of its frontend's `loadBalancerSourceRanges`.
 fn admitted(packet: &Packet) -> bool {
     let data = SourceRange::new(packet.dst, packet.dport, packet.proto, packet.src);
-    let key = Key::new(SOURCE_RANGE_FRONTEND_BITS + 32, data);
+    let key = Key::new(SOURCE_RANGE_FRONTEND_BITS + 128, data);
     SOURCE_RANGES.get(&key).is_some()
 }
 
 /// Rewrites a tracked flow's packet to `to` and sends it on.
+#[inline(always)]
 fn translate(ctx: &TcContext, packet: &Packet, to: &CtValue) -> i32 {
     if nat::rewrite(ctx, packet, to).is_err() {
         return drops::shot(drop::REWRITE_FAILED);
     }
-    fib::forward(ctx, to.src, to.dst)
+    fib::forward(ctx, &to.src, &to.dst)
 }

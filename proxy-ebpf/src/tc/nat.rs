@@ -7,6 +7,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
+    addr::{self, Addr},
     conntrack::{CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
     proto::{TCP, UDP},
     service::SVC_F_NODE_PORT,
@@ -20,26 +21,28 @@ const SNAT_TRIES: u32 = 16;
 
 /// The node address to SNAT to: the frontend itself when it is a node address (NodePort),
 /// else the node's configured address.
-pub fn snat_address(flags: u16, frontend: [u8; 4]) -> Option<[u8; 4]> {
+pub fn snat_address(flags: u16, frontend: Addr) -> Option<Addr> {
     if flags & SVC_F_NODE_PORT != 0 {
         return Some(frontend);
     }
-    let address = CONFIG.get(0)?.snat_address;
-    (address != [0; 4]).then_some(address)
+    let config = CONFIG.get(0)?;
+    let address = if addr::is_v4(&frontend) { config.snat_v4 } else { config.snat_v6 };
+    (address != addr::UNSPECIFIED).then_some(address)
 }
 
 /// Claims a free SNAT port for a flow whose reply entry is `reply` under `reply_key` (its
 /// destination port is set to the port): a port is ours only if no flow holds that reply
 /// tuple yet, so the reply entry is inserted here (`reply_key` with that port). `None`: every
 /// port tried was taken.
-pub fn claim_port(mut reply_key: CtKey, reply: &CtValue) -> Option<u16> {
+#[expect(clippy::needless_borrows_for_generic_args, reason = "a copy would land on the BPF stack")]
+pub fn claim_port(reply_key: &mut CtKey, reply: &CtValue) -> Option<u16> {
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
     for _ in 0..SNAT_TRIES {
         // SAFETY: a plain helper call without arguments.
         let random = unsafe { bpf_get_prandom_u32() };
         let port = SNAT_PORT_MIN + (random % span) as u16;
         reply_key.dport = port;
-        if CONNTRACK.insert(reply_key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+        if CONNTRACK.insert(&*reply_key, reply, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(port);
         }
     }
@@ -55,8 +58,8 @@ pub fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64
     let mangled = if packet.proto == UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     // Source and destination address are adjacent: one checksum difference, one store. The
     // L4 checksum covers them through the pseudo header.
-    let old = [u32::from_ne_bytes(packet.src), u32::from_ne_bytes(packet.dst)];
-    let new = [u32::from_ne_bytes(to.src), u32::from_ne_bytes(to.dst)];
+    let old = [v4_word(&packet.src), v4_word(&packet.dst)];
+    let new = [v4_word(&to.src), v4_word(&to.dst)];
     if old != new {
         let diff = csum_diff(&old, &new)?;
         ctx.l3_csum_replace(IP_CSUM, 0, diff, 0)?;
@@ -78,6 +81,12 @@ pub fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64
         ctx.store(packet.l4, &new, 0)?;
     }
     Ok(())
+}
+
+/// The IPv4 address of a mapped address, as the word the packet holds.
+#[inline(always)]
+pub fn v4_word(address: &Addr) -> u32 {
+    u32::from_ne_bytes([address[12], address[13], address[14], address[15]])
 }
 
 /// The one's-complement checksum difference between two runs of 32-bit words (`bpf_csum_diff`),

@@ -4,6 +4,7 @@
 use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
 use proxy_common::{
+    addr::{self, Addr},
     conntrack::{CT_F_CLOSING, CtKey, FragKey, FragPorts},
     drop,
     proto::{TCP, UDP},
@@ -66,8 +67,10 @@ pub struct Packet {
     /// Whether the L4 header is in this packet (not a later fragment).
     pub has_l4: bool,
     pub proto: u8,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    /// Source address ([`proxy_common::addr`]: IPv4 as IPv4-mapped IPv6).
+    pub src: Addr,
+    /// Destination address, likewise.
+    pub dst: Addr,
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
@@ -94,15 +97,15 @@ impl Packet {
             return Err(Skip::Malformed);
         }
         let frags = u16::from_be_bytes(ip.frags);
-        let frag =
-            FragKey { src: ip.src_addr, dst: ip.dst_addr, id: u16::from_be_bytes(ip.id), proto: ip.proto, _pad: 0 };
+        let (src, dst) = (addr::from_v4(ip.src_addr), addr::from_v4(ip.dst_addr));
+        let id = u32::from(u16::from_be_bytes(ip.id));
+        let frag = FragKey { src, dst, id, proto: ip.proto, _pad: [0; 3] };
         let l4 = ETH_HLEN + ihl;
         if frags & IP_OFFSET != 0 {
             // SAFETY: the value is copied out at once.
             let ports = unsafe { FRAGMENTS.get(frag).copied() }.ok_or(Skip::FragmentWithoutState)?;
             let (sport, dport) = (ports.sport, ports.dport);
-            let (src, dst, proto) = (ip.src_addr, ip.dst_addr, ip.proto);
-            return Ok(Self { l4, has_l4: false, proto, src, dst, sport, dport, tcp_flags: 0 });
+            return Ok(Self { l4, has_l4: false, proto: ip.proto, src, dst, sport, dport, tcp_flags: 0 });
         }
         // Ports (and TCP's flags) in one load.
         let (ports, tcp_flags) = if ip.proto == TCP {
@@ -116,7 +119,7 @@ impl Packet {
             // The first of several fragments: the rest will need these ports.
             let _ = FRAGMENTS.insert(frag, FragPorts { sport, dport }, 0);
         }
-        Ok(Self { l4, has_l4: true, proto: ip.proto, src: ip.src_addr, dst: ip.dst_addr, sport, dport, tcp_flags })
+        Ok(Self { l4, has_l4: true, proto: ip.proto, src, dst, sport, dport, tcp_flags })
     }
 
     /// The conntrack key of the packet as it arrived.

@@ -665,7 +665,7 @@ fn an_upgrade_that_changes_map_layouts_drops_nothing() {
         replaced.iter().all(|name| !live.contains(&old[name].0))
     });
     let attached = bpftool_cgroup(cluster.topology.nodes[0].cgroup.path());
-    assert_eq!(attached, 4, "the four socket programs, once each");
+    assert_eq!(attached, 8, "the eight socket programs, once each");
 }
 
 /// e2e row 74 (the eBPF analog of "should recreate its iptables rules if they are deleted") and
@@ -720,7 +720,7 @@ fn wiped_maps_and_links_are_restored_by_the_periodic_check() {
         affinity.get(&key, 0).map_or(true, |v| v.backend_id != NO_SUCH_BACKEND)
     });
     let attached = bpftool_cgroup(cluster.topology.nodes[0].cgroup.path());
-    assert_eq!(attached, 4, "the four socket programs are attached to the node's cgroup again");
+    assert_eq!(attached, 8, "the eight socket programs are attached to the node's cgroup again");
     for (what, tally) in [
         ("ClusterIP", cluster.connects_from_pod(clusterip(30), 40)),
         ("NodePort", cluster.connects_from_outside(node1(30030), 40)),

@@ -230,6 +230,6 @@ fn bpftool_shows_maps_with_field_names() {
     let mut addresses: Vec<_> =
         backends.iter().map(|e| e.get("formatted").unwrap_or(e)["value"]["address"].clone()).collect();
     addresses.sort_by_key(|a| a.to_string());
-    let mapped = |ip: std::net::Ipv4Addr| serde_json::json!(ip.to_ipv6_mapped().octets());
+    let mapped = |ip: Ipv4Addr| serde_json::json!(ip.to_ipv6_mapped().octets());
     assert_eq!(addresses, vec![mapped(pod_ip(2)), mapped(pod_ip(3))]);
 }

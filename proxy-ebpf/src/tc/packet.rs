@@ -106,15 +106,18 @@ impl Packet {
 
     /// Parses TCP/UDP over IPv4 or IPv6 into `self`. A later fragment (no L4 header) gets the
     /// ports its first fragment recorded; a first fragment records them for the rest.
-    /// The work is done in a BPF-to-BPF call per family, filling in the caller's packet: one
-    /// packet on the program's main frame, under which the deepest calls sit, and the parsing
-    /// state beside them (a call returning this `Result` would carry BTF the kernel rejects:
-    /// a niche-tagged union).
+    /// Fills in the caller's packet rather than returning one: a returned packet is copied
+    /// on the program's main frame, under which the deepest calls sit (and a BPF-to-BPF call
+    /// returning this `Result` would carry BTF the kernel rejects: a niche-tagged union).
+    /// IPv4 is parsed inline (no call on the common path); IPv6's header walk and any
+    /// fragment's key are BPF-to-BPF calls ([`parse_v6`], [`fragment`]), so their stack sits
+    /// beside the deepest chain, not under it.
     #[inline(always)]
     pub fn parse(&mut self, ctx: &TcContext) -> Result<(), Skip> {
-        let Ok(ether_type) = ctx.load::<[u8; 2]>(ETH_TYPE) else { return Err(Skip::Other) };
-        let code = match u16::from_be_bytes(ether_type) {
-            ETH_P_IP => parse_v4(ctx, self),
+        // Ethernet and IPv4 headers in one load (an IPv6 packet is longer than both).
+        let Ok(head) = ctx.load::<Head>(0) else { return Err(Skip::Other) };
+        let code = match u16::from_be_bytes(head.ether_type) {
+            ETH_P_IP => answer(parse_v4(ctx, self, &head.ip)),
             ETH_P_IPV6 => parse_v6(ctx, self),
             _ => OTHER,
         };
@@ -172,17 +175,9 @@ fn answer(result: Result<(), Skip>) -> u32 {
     }
 }
 
-/// Parses TCP/UDP over IPv4 into `packet`.
-#[inline(never)]
-fn parse_v4(ctx: &TcContext, packet: &mut Packet) -> u32 {
-    answer(try_parse_v4(ctx, packet))
-}
-
+/// Parses TCP/UDP over IPv4 (header `ip`) into `packet`.
 #[inline(always)]
-fn try_parse_v4(ctx: &TcContext, packet: &mut Packet) -> Result<(), Skip> {
-    // Ethernet and IPv4 headers in one load.
-    let head: Head = ctx.load(0).map_err(|_| Skip::Other)?;
-    let ip = head.ip;
+fn parse_v4(ctx: &TcContext, packet: &mut Packet, ip: &Ipv4Hdr) -> Result<(), Skip> {
     if ip.vihl >> 4 != 4 || (ip.proto != TCP && ip.proto != UDP) {
         return Err(Skip::Other);
     }
@@ -194,28 +189,42 @@ fn try_parse_v4(ctx: &TcContext, packet: &mut Packet) -> Result<(), Skip> {
     (packet.src, packet.dst) = (addr::from_v4(ip.src_addr), addr::from_v4(ip.dst_addr));
     (packet.family, packet.proto, packet.l4) = (Family::V4, ip.proto, ETH_HLEN + ihl);
     let id = u32::from(u16::from_be_bytes(ip.id));
-    let frag = FragKey { src: packet.src, dst: packet.dst, id, proto: ip.proto, _pad: [0; 3] };
-    ports(ctx, packet, &frag, frags & IP_OFFSET != 0, frags & IP_MF != 0)
+    ports(ctx, packet, id, frags & IP_OFFSET != 0, frags & IP_MF != 0)
 }
 
-/// Fills in the packet's ports (and TCP flags) from its L4 header; a later fragment's
-/// (`later`) from what its first fragment recorded under `frag`; a first fragment of several
-/// (`more`) records them there.
+/// Fills in the packet's ports (and TCP flags) from its L4 header; a fragment's (`id`;
+/// `later`: not the first; `more`: not the last) through [`fragment`].
 #[inline(always)]
-fn ports(ctx: &TcContext, packet: &mut Packet, frag: &FragKey, later: bool, more: bool) -> Result<(), Skip> {
-    if later {
-        // SAFETY: the value is copied out at once.
-        let ports = unsafe { FRAGMENTS.get(frag).copied() }.ok_or(Skip::FragmentWithoutState)?;
-        (packet.sport, packet.dport, packet.has_l4) = (ports.sport, ports.dport, false);
-        return Ok(());
+fn ports(ctx: &TcContext, packet: &mut Packet, id: u32, later: bool, more: bool) -> Result<(), Skip> {
+    if later || more {
+        return match fragment(ctx, packet, id, later) {
+            PARSED => Ok(()),
+            FRAGMENT_WITHOUT_STATE => Err(Skip::FragmentWithoutState),
+            _ => Err(Skip::Malformed),
+        };
     }
     let (sport, dport, tcp_flags) = load_ports(ctx, packet.l4, packet.proto)?;
-    if more {
-        // The first of several fragments: the rest will need these ports.
-        let _ = FRAGMENTS.insert(frag, FragPorts { sport, dport }, 0);
-    }
     (packet.sport, packet.dport, packet.tcp_flags, packet.has_l4) = (sport, dport, tcp_flags, true);
     Ok(())
+}
+
+/// A fragment's ports: a later one's from what its first fragment recorded, and a first
+/// one's from its L4 header, recorded for the rest. A function of its own (a BPF-to-BPF
+/// call): the rare path's key is not on the main frame, where every packet's parse sits.
+#[inline(never)]
+fn fragment(ctx: &TcContext, packet: &mut Packet, id: u32, later: bool) -> u32 {
+    let frag = FragKey { src: packet.src, dst: packet.dst, id, proto: packet.proto, _pad: [0; 3] };
+    if later {
+        // SAFETY: the value is copied out at once.
+        let Some(ports) = (unsafe { FRAGMENTS.get(frag).copied() }) else { return FRAGMENT_WITHOUT_STATE };
+        (packet.sport, packet.dport, packet.has_l4) = (ports.sport, ports.dport, false);
+        return PARSED;
+    }
+    let Ok((sport, dport, tcp_flags)) = load_ports(ctx, packet.l4, packet.proto) else { return MALFORMED };
+    // The first of several fragments: the rest will need these ports.
+    let _ = FRAGMENTS.insert(frag, FragPorts { sport, dport }, 0);
+    (packet.sport, packet.dport, packet.tcp_flags, packet.has_l4) = (sport, dport, tcp_flags, true);
+    PARSED
 }
 
 /// Parses TCP/UDP over IPv6 into `packet`: the extension headers walked ([`ipv6::walk`]),
@@ -240,11 +249,8 @@ fn try_parse_v6(ctx: &TcContext, packet: &mut Packet) -> Result<(), Skip> {
     }
     (packet.family, packet.proto, packet.l4) = (Family::V6, upper.proto, upper.offset);
     match upper.fragment {
-        Some(fragment) => {
-            let frag = FragKey { src: packet.src, dst: packet.dst, id: fragment.id, proto: upper.proto, _pad: [0; 3] };
-            ports(ctx, packet, &frag, fragment.later, fragment.more)
-        }
-        None => ports(ctx, packet, &FragKey::default(), false, false),
+        Some(fragment) => ports(ctx, packet, fragment.id, fragment.later, fragment.more),
+        None => ports(ctx, packet, 0, false, false),
     }
 }
 

@@ -431,6 +431,25 @@ fn extension_headers_before_tcp_are_walked_and_the_syn_still_translated() {
 }
 
 #[test]
+fn more_extension_headers_than_the_bound_pass_to_the_stack_and_are_counted() {
+    // Flow: client → [node]:30066 SYN behind five destination options headers (the walk stops
+    // at four, as Cilium's)  ⇒  passed untouched; malformed +1.
+    with_bed("ext6max", |bed| {
+        let family = Family::V6;
+        nodeport_service(bed, family, TCP);
+        let mut payload = Vec::new();
+        for last in [false, false, false, false, true] {
+            payload.extend(frames::options_header(if last { TCP } else { NEXTHDR_DEST }));
+        }
+        payload.extend(frames::tcp(family.client(), family.nodeport(), SYN, &[]));
+        let frame = frames::ethernet(&frames::ipv6(CLIENT6, NODE6, NEXTHDR_DEST, &payload));
+        let out = bed.ingress(&frame);
+        assert_eq!((out.verdict, &out.frame), (PASS, &frame));
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::MALFORMED), 1)]));
+    });
+}
+
+#[test]
 fn a_udp_datagram_over_ipv6_is_translated_with_a_correct_checksum() {
     // Flow: client:40000 → [node]:30066 UDP  ⇒  node:P → pod:80, UDP checksum right (never 0:
     // IPv6 has no "none").

@@ -16,7 +16,7 @@ use super::{
     fib,
     ipv6::{self, ETH_P_IPV6, IP6_DST, IP6_NEXTHDR, IP6_SRC},
     nat,
-    packet::{ETH_HLEN, ETH_TYPE, IP_CSUM, IP_DST, IP_OFFSET},
+    packet::{ETH_HLEN, ETH_P_IP, ETH_TYPE, IP_CSUM, IP_DST, IP_OFFSET},
 };
 use crate::{drops, maps::CONNTRACK};
 
@@ -44,8 +44,10 @@ const ICMP_QUOTE: usize = 8;
 #[inline(always)]
 pub fn icmp_error(ctx: &TcContext) -> i32 {
     match ctx.load::<[u8; 2]>(ETH_TYPE).map(u16::from_be_bytes) {
+        Ok(ETH_P_IP) => icmp4_error(ctx),
         Ok(ETH_P_IPV6) => icmp6_error(ctx),
-        _ => icmp4_error(ctx),
+        // ARP and the rest: not IP at all.
+        _ => TC_ACT_OK,
     }
 }
 

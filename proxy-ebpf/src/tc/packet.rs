@@ -14,7 +14,8 @@ use super::ipv6::{self, ETH_P_IPV6, IP6_NEXTHDR, IP6_SRC};
 use crate::maps::FRAGMENTS;
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
 /// Offset of the EtherType.
 pub const ETH_TYPE: usize = 12;
 /// Offsets of the IPv4 checksum, source and destination address in the frame.

@@ -33,7 +33,7 @@ use proxy_agent::{
 };
 use proxy_common::{
     addr,
-    conntrack::{CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    conntrack::{CT_F_LOCAL, CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
     drop, maps,
     proto::{TCP, UDP},
     service::{SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES},
@@ -597,6 +597,26 @@ fn etp_local_keeps_the_client_address() {
         let seen = frames::seen(&out.frame);
         assert_eq!((seen.src, seen.dst), (family.client(), family.pod(TARGET_PORT)));
         assert!(frames::ip_checksum_ok(&out.frame) && frames::frame_l4_checksum_ok(&out.frame), "checksums");
+    });
+}
+
+#[test]
+fn a_host_network_endpoint_is_dnated_without_snat_and_handed_to_the_stack() {
+    // Flow: client:40000 → node:30066 SYN, the endpoint the node itself (hostNetwork)  ⇒
+    // client:40000 → node:80, passed to the stack; both entries marked local (the egress
+    // program translates the reply).
+    for_each_family("hostnet", |bed, family| {
+        let web = entry(FrontendKind::NodePort, TCP, SVC_F_NODE_PORT, vec![endpoint(family.node(), true)]);
+        bed.service(family.nodeport(), TCP, &web);
+        let out = bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN));
+        assert_eq!(out.verdict, PASS);
+        let seen = frames::seen(&out.frame);
+        assert_eq!((seen.src, seen.dst), (family.client(), SocketAddr::new(family.node(), TARGET_PORT)), "no SNAT");
+        assert!(frames::ip_checksum_ok(&out.frame) && frames::frame_l4_checksum_ok(&out.frame), "checksums");
+        let flags: Vec<u16> = bed.conntrack().iter().filter_map(Result::ok).map(|(_, v)| v.flags).collect();
+        assert_eq!(flags.len(), 2, "both directions tracked");
+        assert!(flags.iter().all(|f| f & CT_F_LOCAL != 0), "both local: {flags:?}");
+        assert_eq!(bed.drops(), BTreeMap::new());
     });
 }
 

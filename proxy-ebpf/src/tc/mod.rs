@@ -14,10 +14,11 @@
 //! to the stack; its replies leave through the stack, past no ingress hook, so the egress
 //! program on the node's interfaces translates them back.
 //!
-//! - [`packet`]: parsing and predicates on the parsed packet;
+//! - [`packet`]: parsing (IPv4, and IPv6 with [`ipv6`]'s walk over extension headers) and
+//!   predicates on the parsed packet;
 //! - [`conntrack`]: opening and following flows;
 //! - [`nat`]: SNAT address and port, the rewrite and its checksums;
-//! - [`icmp`]: ICMP errors quoting a tracked flow;
+//! - [`icmp`]: ICMP and ICMPv6 errors quoting a tracked flow;
 //! - [`fib`]: sending a translated packet on.
 //!
 //! Every packet dropped (or handed to the stack to be refused) is counted by reason
@@ -26,6 +27,7 @@
 mod conntrack;
 mod fib;
 mod icmp;
+mod ipv6;
 mod nat;
 mod packet;
 
@@ -55,9 +57,10 @@ use crate::{
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    match Packet::parse(&ctx) {
-        Ok(packet) => ingress(&ctx, &packet),
-        Err(Skip::Other) => icmp_error(&ctx),
+    let mut packet = Packet::EMPTY;
+    match packet.parse(&ctx) {
+        Ok(()) => ingress(&ctx, &packet),
+        Err(Skip::Other) => icmp::icmp_error(&ctx),
         // Left to the stack, as before there was a count: it discards a malformed packet, and
         // a fragment without its first one is not ours to translate.
         Err(skip) => {
@@ -67,13 +70,6 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
             TC_ACT_OK
         }
     }
-}
-
-/// An ICMP error about a tracked flow is translated back ([`icmp`]); anything else passes. A
-/// function of its own (a BPF-to-BPF call): its stack is not added to a new flow's.
-#[inline(never)]
-fn icmp_error(ctx: &TcContext) -> i32 {
-    icmp::icmp_error(ctx).unwrap_or(TC_ACT_OK)
 }
 
 /// The TC egress program, on the interfaces holding a node address: replies of flows to a
@@ -87,8 +83,9 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
         return TC_ACT_OK;
     }
-    match Packet::parse(&ctx) {
-        Ok(packet) => egress(&ctx, &packet),
+    let mut packet = Packet::EMPTY;
+    match packet.parse(&ctx) {
+        Ok(()) => egress(&ctx, &packet),
         Err(_) => TC_ACT_OK,
     }
 }

@@ -167,7 +167,8 @@ fn wait_for(agent: &Agent, address: impl Into<IpAddr>, port: u16, proto: u8, cou
         }
         assert!(
             Instant::now() < deadline,
-            "{address}:{port} (protocol {proto}) has {now:?} backends, want {count:?} after {WAIT:?}:\n{}",
+            "{} (protocol {proto}) has {now:?} backends, want {count:?} after {WAIT:?}:\n{}",
+            SocketAddr::new(address, port),
             agent.log()
         );
         thread::sleep(Duration::from_millis(10));
@@ -352,7 +353,10 @@ fn the_report_is_read_and_judged() {
     assert_eq!(judged[3].1, Verdict::NotApplicable("needs X".into()));
     assert_eq!(judged[4].1, Verdict::Missing("needs Y (what is proven passes: `s::e2e_01_a`)".into()));
     let table = conformance::render(&judged, "Run by a test.");
-    assert!(table.contains("**1 of 101 pass** (1 fail, 2 miss a behaviour or a test; 1 rows need a cluster"), "{table}");
+    assert!(
+        table.contains("**1 of 101 pass** (1 fail, 2 miss a behaviour or a test; 1 rows need a cluster"),
+        "{table}"
+    );
     assert!(table.contains("| 1 | t |  | yes | pass | `s::e2e_01_a` |"), "{table}");
 }
 

@@ -4,6 +4,7 @@
 //! to both families run once per way of reaching the service (`proxy_tests::per_family!`).
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
     thread,
     time::Duration,
@@ -12,11 +13,11 @@ use std::{
 use proxy_tests::{
     agent::Agent,
     client::{Tally, probe},
-    cluster::{self, Manifests, SEED_PORT as PORT, SEED_VIP as VIP, Via},
+    cluster::{self, Family, Manifests, SEED_PORT as PORT, SEED_VIP as VIP, Via},
     fixtures::{service, yaml},
     netns::run,
     per_family,
-    pod::{ANSWER_LOCAL_ADDRESS, PodServer},
+    pod::{ANSWER_LOCAL_ADDRESS, PEER, PodServer},
     topology::SingleNode,
 };
 
@@ -135,6 +136,46 @@ per_family! {
             assert!(during.errors.is_empty(), "no connection failed while endpoints changed: {during:?}");
             assert_eq!(during.answered(), 1500);
         });
+    }
+}
+
+/// Issue 14's "done when" on the socket path: a RequireDualStack service (`ipFamilies: [IPv4,
+/// IPv6]`) with one EndpointSlice per family is reached from a pod through both ClusterIPs and
+/// through `::ffff:` + its IPv4 ClusterIP on an AF_INET6 socket. Each ClusterIP goes to its own
+/// family's endpoints (the pods see the client's address of that family; the mapped connect is
+/// IPv4 on the wire), and both pods answer each way (40 connections: one missed with
+/// probability 2^-39).
+#[test]
+fn dual_stack_service_through_both_cluster_ips_and_mapped() {
+    let manifests = Manifests::new("proxy-manifests");
+    let pods = [2, 3];
+    let vips: Vec<IpAddr> = Family::BOTH.iter().map(|f| f.vip(VIP.octets()[3])).collect();
+    let slices = Family::BOTH.map(|f| {
+        let ips: Vec<IpAddr> = pods.iter().map(|n| f.pod_ip(0, *n)).collect();
+        cluster::seed_slice_in(f, &ips).build()
+    });
+    manifests.put(&service(cluster::SEED).cluster_ips(&vips).port(PORT.into()).build(), &slices);
+    let named: Vec<(String, Ipv4Addr)> = pods.iter().map(|n| (format!("pod-{n} {PEER}"), pod_ip(*n))).collect();
+    let refs: Vec<(&str, Ipv4Addr)> = named.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
+    let topology = SingleNode::new(&refs, 80).expect("building the namespaces");
+    let agent = manifests.start_agent(AGENT, &topology.node, &topology.cgroup, "node-1", &[]);
+    for vip in &vips {
+        agent.wait_for_count(*vip, PORT, Some(2), WAIT).unwrap();
+    }
+    let client = &topology.client;
+    for via in Via::ALL {
+        let family = via.service_family();
+        let seen_as = if family == Family::V4 { IpAddr::from(client.ip) } else { client.ip6.into() };
+        let target = via.target(family.vip(VIP.octets()[3]), PORT).to_string();
+        let tally = connect(&topology, &target, 40);
+        assert_eq!(tally.answered(), 40, "{via:?} → {target}: every connection is answered: {tally:?}");
+        let seen: BTreeSet<&str> = tally.answers.keys().map(String::as_str).collect();
+        let expected: Vec<String> = pods.iter().map(|n| format!("pod-{n} {seen_as}")).collect();
+        assert_eq!(
+            seen,
+            expected.iter().map(String::as_str).collect(),
+            "{via:?} → {target}: both {family} endpoints answer, seeing the client's {family} address"
+        );
     }
 }
 

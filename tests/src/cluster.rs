@@ -20,7 +20,7 @@ use crate::{
     fixtures::{ServiceBuilder, SliceBuilder, TempDir, node, node_in_zone, service, slice, write_text, yaml},
     netns::{Netns, veth},
     pod::{ANSWER_LOCAL_ADDRESS, PodServer},
-    topology::add_address,
+    topology::{add_address, dual_stack_netns},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ impl Pool {
     /// Plugs the pool into node-1's pod bridge (`br0` in `node`) and routes the pool's range
     /// to it from the node.
     pub fn on(node: &Netns) -> anyhow::Result<Self> {
-        let ns = Netns::new("pool")?;
+        let ns = dual_stack_netns("pool")?;
         veth(node, "vpool", &ns, "eth0")?;
         node.ip(&["link", "set", "vpool", "master", "br0"])?;
         add_address(&ns, POOL_POD, 24, "eth0")?;

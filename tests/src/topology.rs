@@ -8,7 +8,8 @@
 //!
 //! Every topology is dual stack: each address of the IPv4 plan has its IPv6 twin on the same
 //! interface ([`crate::cluster::pod_twin6`], [`crate::cluster::node_ip6`]), added with `nodad`
-//! (nothing waits for duplicate address detection), with the same routes and forwarding.
+//! (nothing waits for duplicate address detection, link-local addresses included: see
+//! [`dual_stack_netns`]), with the same routes and forwarding.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -33,6 +34,17 @@ pub fn add_address(ns: &Netns, address: impl Into<std::net::IpAddr>, prefix: u8,
         ns.ip(&["addr", "add", &cidr, "dev", dev])?;
     }
     Ok(())
+}
+
+/// A namespace for the dual-stack bed: [`Netns::new`] with IPv6 duplicate address detection off
+/// for every interface made in it afterwards. `nodad` covers the addresses we add, but each
+/// interface's link-local address would still be tentative for a second or more after it comes
+/// up, and neighbour discovery from and towards it (a node routing to a pod) loses the first
+/// packets of a test meanwhile.
+pub fn dual_stack_netns(prefix: &str) -> anyhow::Result<Netns> {
+    let ns = Netns::new(prefix)?;
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+    Ok(ns)
 }
 
 /// Turns on routing in `ns` for both families (a new namespace forwards neither).
@@ -80,7 +92,7 @@ impl SingleNode {
     /// Builds node-1 with one pod per (name, address) serving on `port`, and a client pod at
     /// 10.244.1.200.
     pub fn new(pods: &[(&str, Ipv4Addr)], port: u16) -> anyhow::Result<Self> {
-        let node = Netns::new("node1")?;
+        let node = dual_stack_netns("node1")?;
         // A fixed MAC: a bridge otherwise takes its lowest port's, which changes as pods are
         // added, and pods that cached the old one lose the gateway until their ARP entry expires.
         node.ip(&["link", "add", "br0", "address", "02:00:0a:f4:01:01", "type", "bridge"])?;
@@ -149,10 +161,10 @@ impl<const N: usize> Nodes<N> {
     /// answering with their name (where a name contains [`crate::pod::PEER`], the client address
     /// they see). `offload: false` turns checksum offload off on every veth.
     pub fn new(pods: [&[&str]; N], port: u16, offload: bool) -> anyhow::Result<Self> {
-        let net = Netns::new("net")?;
+        let net = dual_stack_netns("net")?;
         net.ip(&["link", "add", "br0", "type", "bridge"])?;
         net.ip(&["link", "set", "br0", "up"])?;
-        let client = Netns::new("ext")?;
+        let client = dual_stack_netns("ext")?;
         veth(&net, "ext", &client, "eth0")?;
         net.ip(&["link", "set", "ext", "master", "br0"])?;
         add_address(&client, CLIENT_IP, 16, "eth0")?;
@@ -160,7 +172,7 @@ impl<const N: usize> Nodes<N> {
         let mut nodes = Vec::new();
         for (i, names) in pods.iter().enumerate() {
             let n = i + 1;
-            let ns = Netns::new(&format!("node{n}"))?;
+            let ns = dual_stack_netns(&format!("node{n}"))?;
             veth(&net, &format!("node{n}"), &ns, "eth0")?;
             net.ip(&["link", "set", &format!("node{n}"), "master", "br0"])?;
             add_address(&ns, node_ip(i), 16, "eth0")?;
@@ -203,7 +215,7 @@ fn add_pod_on(
     port: Option<u16>,
     gateway: Ipv4Addr,
 ) -> anyhow::Result<Pod> {
-    let ns = Netns::new("pod")?;
+    let ns = dual_stack_netns("pod")?;
     let host_if = format!("veth{index}");
     veth(node, &host_if, &ns, "eth0")?;
     node.ip(&["link", "set", &host_if, "master", "br0"])?;

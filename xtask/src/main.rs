@@ -59,7 +59,7 @@ enum Cmd {
     },
     /// Reproduce the upstream Kubernetes e2e tests of the service datapath (root): run the tests
     /// of every row of docs/behaviours.md (the table is tests/src/conformance.rs), print the
-    /// table with "N of 83 pass" and write it to CONFORMANCE.md. Fails if a test that is not a
+    /// table with "N of 101 pass" and write it to CONFORMANCE.md. Fails if a test that is not a
     /// known failure (`#[ignore = "..."]`) fails.
     Conformance {
         /// Shorten the session-affinity timeout rows (4 s instead of upstream's 125 s); the

@@ -27,6 +27,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_LINK_DETACH: libc::c_long = 34;
 /// `BPF_MAP_UPDATE_ELEM` flags.
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
@@ -185,6 +186,18 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         other => Attachment::Other(other),
     };
     Ok(LinkInfo { id: raw.id, prog_id: raw.prog_id, attachment })
+}
+
+/// `attr.link_detach` of `BPF_LINK_DETACH`.
+#[repr(C)]
+struct LinkDetach {
+    link_fd: u32,
+}
+
+/// Detaches the link `fd` now (its program stops running where it was attached), whoever else
+/// holds the link: unlike dropping the last reference, which the kernel finishes later.
+pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+    bpf(BPF_LINK_DETACH, &mut LinkDetach { link_fd: fd.as_raw_fd() as u32 }).map(drop)
 }
 
 /// `attr.query` of `BPF_PROG_QUERY`.

@@ -15,13 +15,17 @@
 //!    where this agent knows them ([`v2`]: 4-byte IPv4 addresses become IPv4-mapped), else the
 //!    map starts empty (logged); the services map is rebuilt by the sync;
 //! 3. the first full sync fills the new maps;
-//! 4. [`super::Datapath::finish_upgrade`] swaps: the new programs replace the old ones (each
-//!    link replaced only once the new one is attached), the flows the old programs started
-//!    meanwhile are carried again, and the new maps take the old ones' pins.
+//! 4. [`super::Datapath::finish_upgrade`] swaps. The socket programs' links are replaced once
+//!    the new ones are attached. The TC programs, whose flows live in the conntrack map, change
+//!    hands so that no packet of a flow meets a program without its entries: the new ones go in
+//!    front of the old ones on every interface, dormant (every packet goes on to the old
+//!    ones); one write to their `handover` array wakes them on all interfaces at once; a
+//!    packet of no flow of theirs then goes on to the old programs behind them, which open no
+//!    flow any more; the old flows are carried over, and only then are the old links detached.
+//!    The new maps then take the old ones' pins.
 //!
-//! Only a replaced `conntrack` map has a window: a NodePort flow whose first packets cross two
-//! interfaces while one runs the old program and the other the new one (tens of milliseconds)
-//! can lose its translation.
+//! The upgrade from layout 2 (4-byte addresses) is tested under load with that agent's own
+//! binary (`tests/tests/reliability.rs`, built by `cargo xtask previous-agent`).
 
 use std::{
     collections::BTreeMap,

@@ -870,7 +870,10 @@ fn wiped_maps_and_links_are_restored_by_the_periodic_check() {
         affinity.get(&key, 0).map_or(true, |v| v.backend_id != NO_SUCH_BACKEND)
     });
     let attached = bpftool_cgroup(cluster.topology.nodes[0].cgroup.path());
-    assert_eq!(attached, 4, "the four socket programs are attached to the node's cgroup again");
+    assert_eq!(
+        attached, 8,
+        "the eight socket programs (four hooks per family) are attached to the node's cgroup again"
+    );
     for (what, tally) in [
         ("ClusterIP", cluster.connects_from_pod(clusterip(30), 40)),
         ("NodePort", cluster.connects_from_outside(node1(30030), 40)),

@@ -150,6 +150,18 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     (TRACE_ON, 1),
 ];
 
+/// The TC programs' `handover` array: where an upgrade's swap stands for them. Not pinned and
+/// not in [`ALL`]: every loaded object has its own, [`HANDOVER_NONE`] unless its agent is
+/// taking over from an older agent's programs, which then run after these on each interface.
+pub const HANDOVER: &str = "handover";
+/// Alone on the interfaces: a packet of no flow passes to the stack, as always.
+pub const HANDOVER_NONE: u32 = 0;
+/// Attached in front of the old programs, which still do everything: every packet goes on to them.
+pub const HANDOVER_DORMANT: u32 = 1;
+/// Serving, with the old programs behind: a packet these programs have no flow for (a flow the
+/// old ones opened) goes on to them rather than passing or being dropped.
+pub const HANDOVER_TAKING_OVER: u32 = 2;
+
 /// The layout version in which map `name` last changed ([`CHANGED_IN`]).
 pub fn changed_in(name: &str) -> u32 {
     CHANGED_IN.iter().find(|(map, _)| *map == name).map_or(LAYOUT_VERSION, |(_, version)| *version)

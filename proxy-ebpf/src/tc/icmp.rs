@@ -1,9 +1,6 @@
 //! ICMP and ICMPv6 errors about tracked flows, on their way back to the client.
 
-use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::BPF_F_PSEUDO_HDR, programs::TcContext};
 use network_types::ip::Ipv4Hdr;
 use proxy_common::{
     addr::{self, Addr},
@@ -39,7 +36,7 @@ const ICMP_CSUM: usize = 2;
 const ICMP_QUOTE: usize = 8;
 
 /// An ICMP (IPv4) or ICMPv6 error about a tracked flow is translated back; anything else
-/// passes (`TC_ACT_OK`). Each family's in a function of its own (a BPF-to-BPF call): their
+/// passes ([`super::pass`]: on to the older programs while an upgrade hands over). Each family's in a function of its own (a BPF-to-BPF call): their
 /// frames sit side by side, not on top of each other.
 #[inline(always)]
 pub fn icmp_error(ctx: &TcContext) -> i32 {
@@ -47,13 +44,13 @@ pub fn icmp_error(ctx: &TcContext) -> i32 {
         Ok(ETH_P_IP) => icmp4_error(ctx),
         Ok(ETH_P_IPV6) => icmp6_error(ctx),
         // ARP and the rest: not IP at all.
-        _ => TC_ACT_OK,
+        _ => super::pass(),
     }
 }
 
 #[inline(never)]
 fn icmp4_error(ctx: &TcContext) -> i32 {
-    let Some(verdict) = try_icmp4_error(ctx) else { return TC_ACT_OK };
+    let Some(verdict) = try_icmp4_error(ctx) else { return super::pass() };
     verdict
 }
 
@@ -126,7 +123,7 @@ fn try_icmp4_error(ctx: &TcContext) -> Option<i32> {
 /// translated (routers quote what they forward; ours carry none).
 #[inline(never)]
 fn icmp6_error(ctx: &TcContext) -> i32 {
-    let Some(verdict) = try_icmp6_error(ctx) else { return TC_ACT_OK };
+    let Some(verdict) = try_icmp6_error(ctx) else { return super::pass() };
     verdict
 }
 

@@ -32,10 +32,10 @@ mod nat;
 mod packet;
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_OK},
-    btf_maps::lpm_trie::Key,
+    bindings::{BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_OK, TC_ACT_UNSPEC},
+    btf_maps::{Array, lpm_trie::Key},
     helpers::bpf_ktime_get_coarse_ns,
-    macros::classifier,
+    macros::{btf_map, classifier},
     programs::TcContext,
 };
 use proxy_common::{
@@ -43,6 +43,7 @@ use proxy_common::{
     conntrack::CT_F_SNAT,
     conntrack::{CT_F_LOCAL, CT_F_REPLY, CtValue, expired},
     drop,
+    maps::{HANDOVER_DORMANT, HANDOVER_NONE},
     service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, SourceRange},
     trace::PATH_TC,
 };
@@ -55,8 +56,29 @@ use crate::{
     trace,
 };
 
+/// Where an upgrade's swap stands for these programs (`proxy_common::maps::HANDOVER_*`): see
+/// [`pass`]. Not pinned: this object's own, written only by the agent that loaded it.
+#[btf_map(name = "handover")]
+static HANDOVER: Array<u32, 1> = Array::new();
+
+/// A call of its own: its lookup key does not widen the callers' stack frames.
+#[inline(never)]
+fn handover() -> u32 {
+    HANDOVER.get(0).copied().unwrap_or(HANDOVER_NONE)
+}
+
+/// The verdict for a packet these programs leave as it is: on to the stack, or, while an
+/// upgrade hands over, on to the older agent's programs attached after these (tcx's "next",
+/// which is "pass" at the end of the chain), which then still serve the flows they opened.
+fn pass() -> i32 {
+    if handover() == HANDOVER_NONE { TC_ACT_OK } else { TC_ACT_UNSPEC }
+}
+
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
+    if handover() == HANDOVER_DORMANT {
+        return TC_ACT_UNSPEC;
+    }
     let mut packet = Packet::EMPTY;
     match packet.parse(&ctx) {
         Ok(()) => ingress(&ctx, &packet),
@@ -82,6 +104,9 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is the program's own skb.
     if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
         return TC_ACT_OK;
+    }
+    if handover() == HANDOVER_DORMANT {
+        return TC_ACT_UNSPEC;
     }
     let mut packet = Packet::EMPTY;
     match packet.parse(&ctx) {
@@ -109,7 +134,7 @@ fn ingress(ctx: &TcContext, packet: &Packet) -> i32 {
     }
     if !packet.has_l4 {
         // A later fragment of a flow that is not tracked: nothing to translate.
-        return TC_ACT_OK;
+        return pass();
     }
     let mut selected = Selected::default();
     let mut verdict = TC_ACT_OK;
@@ -118,7 +143,10 @@ fn ingress(ctx: &TcContext, packet: &Packet) -> i32 {
         other => other,
     };
     match reason {
-        OPEN | PASS => verdict,
+        OPEN => verdict,
+        PASS => pass(),
+        // A flow the older programs behind these opened, while they hand over.
+        drop::NOT_A_NEW_CONNECTION if handover() != HANDOVER_NONE => TC_ACT_UNSPEC,
         // No endpoint at all: the node's own stack answers (TCP RST, ICMP port unreachable),
         // which is kube-proxy's REJECT.
         drop::NO_ENDPOINT => {
@@ -175,7 +203,7 @@ fn choose(packet: &Packet, selected: &mut Selected) -> u32 {
 
 /// A packet the node sends: the reply of a flow to a local backend is translated back.
 fn egress(ctx: &TcContext, packet: &Packet) -> i32 {
-    let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) else { return TC_ACT_OK };
+    let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) else { return pass() };
     // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
     let value = unsafe { &mut *entry };
     if value.flags & (CT_F_LOCAL | CT_F_REPLY) != CT_F_LOCAL | CT_F_REPLY {

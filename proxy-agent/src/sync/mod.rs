@@ -19,7 +19,6 @@ mod tracker;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
     time::Instant,
 };
 
@@ -136,8 +135,8 @@ impl<S: MapStore> Syncer<S> {
     /// and LoadBalancer IPs (the first nodePort address) and the node's netns cookie.
     fn write_node_config(&mut self) {
         let first = |v4: bool| {
-            let addresses = self.node_info.nodeport_addresses.iter().map(|&a| IpAddr::from(a));
-            addresses.filter(|a| a.is_ipv4() == v4).map(addr::from_ip).next().unwrap_or(addr::UNSPECIFIED)
+            let addresses = self.node_info.nodeport_addresses.iter();
+            addresses.filter(|a| a.is_ipv4() == v4).map(|&a| addr::from_ip(a)).next().unwrap_or(addr::UNSPECIFIED)
         };
         let config = NodeConfig {
             snat_v4: first(true),
@@ -226,8 +225,8 @@ impl<S: MapStore> Syncer<S> {
 
     fn report(&self, skip: &Skip, origin: Option<&str>) {
         match skip.reason {
-            // IPv6 is not malformed: this datapath is IPv4 only.
-            SkipReason::Ipv6 => debug!(origin, "{skip}"),
+            // Not malformed: the address belongs to a family the service is not served in.
+            SkipReason::OtherFamily => info!(origin, "ignoring {skip}"),
             _ => warn!(origin, "skipping {skip}"),
         }
         self.metrics.skipped(skip.reason);

@@ -124,7 +124,10 @@ pub fn line(event: &TraceEvent, time: String, names: &mut dyn Names) -> Line {
         netns_cookie: socket.then_some(event.netns_cookie),
         frontend: format!("{}/{proto}", SocketAddr::new(addr::to_ip(&event.frontend), event.frontend_port)),
         service: service_id.and_then(|id| names.service(id & !SERVICE_ID_LOCAL_SET)),
-        backend: kept(!dropped, format!("{}/{proto}", SocketAddr::new(addr::to_ip(&event.backend), event.backend_port))),
+        backend: kept(
+            !dropped,
+            format!("{}/{proto}", SocketAddr::new(addr::to_ip(&event.backend), event.backend_port)),
+        ),
         pick: kept(
             !dropped,
             match event.pick {

@@ -12,7 +12,7 @@ mod tests;
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
@@ -91,7 +91,7 @@ pub struct Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.address, self.port, proto_name(self.proto))
+        write!(f, "{}/{}", SocketAddr::new(self.address, self.port), proto_name(self.proto))
     }
 }
 

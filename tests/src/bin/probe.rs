@@ -48,6 +48,12 @@ fn tcp_peer(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     Ok(format!("{}@{peer}", line.trim()))
 }
 
+/// A UDP socket of `addr`'s family on an ephemeral port (an IPv6 one also reaches IPv4-mapped
+/// addresses, as an AF_INET6 application's does).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })
+}
+
 fn udp_exchange(socket: &UdpSocket, addr: Option<SocketAddr>) -> std::io::Result<(String, SocketAddr)> {
     match addr {
         Some(addr) => socket.send_to(b"hello\n", addr)?,
@@ -59,14 +65,14 @@ fn udp_exchange(socket: &UdpSocket, addr: Option<SocketAddr>) -> std::io::Result
 }
 
 fn udp_peer(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     let (answer, from) = udp_exchange(&socket, Some(addr))?;
     Ok(format!("{answer}@{from}"))
 }
 
 fn udp_connected(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.connect(addr)?;
     let (answer, _) = udp_exchange(&socket, None)?;
@@ -86,7 +92,7 @@ fn http_get(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
 }
 
 fn udp_big(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(&[b'x'; 3000], addr)?;
     let mut buf = [0u8; 512];
@@ -113,7 +119,7 @@ fn tcp_big(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
 }
 
 fn udp(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"hello\n", addr)?;
     let mut buf = [0u8; 512];
@@ -145,7 +151,7 @@ fn hold(addr: SocketAddr, seconds: u64) -> std::io::Result<String> {
 
 /// One connected UDP socket that must keep working (or fail visibly).
 fn udp_hold(addr: SocketAddr, seconds: u64) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
     socket.connect(addr)?;
     let (first, _) = udp_exchange(&socket, None)?;
@@ -182,7 +188,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if proto == "udp-sticky" {
-        let socket = match UdpSocket::bind("0.0.0.0:0").and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s)) {
+        let socket = match udp_socket(addr).and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s)) {
             Ok(socket) => socket,
             Err(e) => {
                 eprintln!("binding a UDP socket: {e}");

@@ -165,7 +165,7 @@ fn explain_accepts_ipv6_and_reads_ipv4_mapped_input_as_the_ipv4_frontend() {
     let v6 = explain(&s, &query("fd00:10:244:1::9", "fd00:10:96::a", 80));
     assert!(v6.service_frontend, "{v6:?}");
     assert_eq!(v6.to, "[fd00:10:96::a]:80/TCP");
-    assert_eq!(v6.paths[0].candidates[0].endpoint.as_deref(), Some("[fd00:10:244:1::2]:8080"));
+    assert_eq!(v6.paths[0].candidates[0].endpoint.as_deref(), Some("[fd00:10:244:1::2]:8080/TCP"));
 
     let args = super::ExplainArgs {
         from: ip("::ffff:10.244.1.9"),
@@ -177,7 +177,7 @@ fn explain_accepts_ipv6_and_reads_ipv4_mapped_input_as_the_ipv4_frontend() {
     assert!(mapped.service_frontend, "{mapped:?}");
     assert_eq!(mapped.to, "10.96.0.10:80/TCP");
     assert_eq!(mapped.from, ip("10.244.1.9"));
-    assert_eq!(mapped.paths[0].candidates[0].endpoint.as_deref(), Some("10.244.1.2:8080"));
+    assert_eq!(mapped.paths[0].candidates[0].endpoint.as_deref(), Some("10.244.1.2:8080/TCP"));
     assert!(mapped.notes[0].contains("::ffff:10.96.0.10 is IPv4-mapped"), "{:?}", mapped.notes);
 }
 

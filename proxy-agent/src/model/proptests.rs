@@ -590,7 +590,7 @@ impl ServicePlan {
             let name = port.name.clone().unwrap_or_default();
             let mut add = |address: IpAddr, port: u16| {
                 out.frontends
-                    .entry(Frontend { address: address.into(), port, proto: protocol })
+                    .entry(Frontend { address, port, proto: protocol })
                     .or_default()
                     .insert(name.clone());
             };

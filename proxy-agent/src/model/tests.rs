@@ -314,11 +314,11 @@ fn ip(text: &str) -> IpAddr {
 }
 
 fn tcp(address: &str, port: u16) -> Frontend {
-    Frontend { address: ip(address).into(), port, proto: TCP }
+    Frontend { address: ip(address), port, proto: TCP }
 }
 
 fn udp(address: &str, port: u16) -> Frontend {
-    Frontend { address: ip(address).into(), port, proto: UDP }
+    Frontend { address: ip(address), port, proto: UDP }
 }
 
 /// `service_frontends` over owned slices.

@@ -946,3 +946,59 @@ fn a_dual_stack_service_is_reached_through_both_clusterips_and_the_ipv4_mapped_o
     let (names, _) = peers(&c, "tcp-peer", SocketAddr::from((DUAL_VIP4, PORT)), 20);
     assert_eq!(names, ipv4_pods, "the IPv4 family is untouched");
 }
+
+/// node-1's IPv6 InternalIP, inside `--nodeport-addresses`, and an IPv6 ExternalIP outside it.
+const NODE1_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, 0, 2);
+const NODE1_V6_FILTERED: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2);
+
+/// A dual-stack node-1 and the dual-stack service as a NodePort on 30081 (TCP), with a slice of
+/// each family.
+fn dual_stack_nodeport_seed(server: &ApiServer) {
+    server.apply_raw(
+        "Node",
+        json!({
+            "metadata": {"name": "node-1"},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": NODE1.to_string()},
+                {"type": "InternalIP", "address": NODE1_V6.to_string()},
+                {"type": "ExternalIP", "address": NODE1_V6_FILTERED.to_string()},
+            ]},
+        }),
+    );
+    let mut svc = dual_stack_service();
+    let spec = svc.spec.as_mut().expect("a spec");
+    spec.type_ = Some("NodePort".into());
+    spec.ports.as_mut().expect("ports")[0].node_port = Some(30081);
+    server.apply(&svc);
+    let v4: Vec<String> = [2, 3].iter().map(|n| pod_ip(*n).to_string()).collect();
+    let v6: Vec<String> = [2, 3].iter().map(|n| pod_ip6(*n).to_string()).collect();
+    server.apply(&dual_stack_slice("v4", "IPv4", &v4));
+    server.apply(&dual_stack_slice("v6", "IPv6", &v6));
+}
+
+/// A nodePort is served on the node's addresses of both families (its Node object's InternalIPs),
+/// each family's with that family's endpoints; `--nodeport-addresses` takes IPv6 ranges beside
+/// IPv4 ones (an IPv6 range used to stop the agent at start) and filters each family; no
+/// localhost nodePort on IPv6. Traffic from a pod goes through the socket path.
+#[test]
+fn a_nodeport_is_served_on_the_nodes_ipv6_address_too() {
+    let filter = ["--nodeport-addresses", "172.18.0.0/16,fd00:172:18::/64"];
+    let c = Cluster::start(&[2, 3], &filter, dual_stack_nodeport_seed);
+    let _servers = Ipv6Servers::start(&c.topology, &[2, 3]);
+    c.agent.wait_for_backends(NODE1, 30081, Some(&backends(&[2, 3])), WAIT).unwrap();
+    let v6_backends: BTreeSet<SocketAddr> =
+        [2, 3].iter().map(|n| SocketAddr::from((pod_ip6(*n), TARGET_PORT))).collect();
+    wait_until("the IPv6 node address serves the nodePort", WAIT, || {
+        c.agent.backends_of(NODE1_V6, 30081).ok().flatten().map(|b| b.into_iter().collect::<BTreeSet<_>>())
+            == Some(v6_backends.clone())
+    });
+    assert_eq!(c.agent.count(NODE1_V6_FILTERED, 30081).unwrap(), None, "outside --nodeport-addresses");
+    assert_eq!(c.agent.count(Ipv6Addr::LOCALHOST, 30081).unwrap(), None, "no IPv6 localhost nodePort");
+
+    let ipv6_pods: BTreeSet<String> = [2, 3].iter().map(|n| pod_name6(*n)).collect();
+    let (names, _) = peers(&c, "tcp-peer", SocketAddr::from((NODE1_V6, 30081)), 40);
+    assert_eq!(names, ipv6_pods);
+    let ipv4_pods: BTreeSet<String> = [2, 3].iter().map(|n| pod_name(*n)).collect();
+    let (names, _) = peers(&c, "tcp-peer", SocketAddr::from((NODE1, 30081)), 40);
+    assert_eq!(names, ipv4_pods);
+}

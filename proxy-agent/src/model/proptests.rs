@@ -589,10 +589,7 @@ impl ServicePlan {
             };
             let name = port.name.clone().unwrap_or_default();
             let mut add = |address: IpAddr, port: u16| {
-                out.frontends
-                    .entry(Frontend { address, port, proto: protocol })
-                    .or_default()
-                    .insert(name.clone());
+                out.frontends.entry(Frontend { address, port, proto: protocol }).or_default().insert(name.clone());
             };
             for &ip in cluster.iter().chain(&external).chain(&lb) {
                 add(ip, number);

@@ -913,6 +913,14 @@ fn a_dual_stack_service_is_reached_through_both_clusterips_and_the_ipv4_mapped_o
             == Some(v6.iter().map(|a| SocketAddr::new(a.parse().unwrap(), TARGET_PORT)).collect())
     });
 
+    // default/kubernetes and the IPv4 ClusterIP's TCP and UDP ports; the IPv6 ClusterIP's two.
+    let (status, text) =
+        http_get(&c.topology.node, SocketAddr::from((Ipv4Addr::LOCALHOST, 10249)), "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for series in [r#"proxy_frontends_programmed{family="ipv4"} 3"#, r#"proxy_frontends_programmed{family="ipv6"} 2"#] {
+        assert!(text.lines().any(|l| l == series), "{series} in /metrics:\n{text}");
+    }
+
     let ipv4_pods: BTreeSet<String> = [2, 3].iter().map(|n| pod_name(*n)).collect();
     let ipv6_pods: BTreeSet<String> = [2, 3].iter().map(|n| pod_name6(*n)).collect();
     let mapped = SocketAddr::new(IpAddr::V6(DUAL_VIP4.to_ipv6_mapped()), PORT);

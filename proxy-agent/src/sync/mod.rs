@@ -59,6 +59,8 @@ pub struct SyncReport {
     pub writes: WriteStats,
     /// Frontends programmed after the sync.
     pub frontends: usize,
+    /// Of those, IPv4 then IPv6 (the `family` label of `proxy_frontends_programmed`).
+    pub frontends_by_family: [usize; 2],
     /// Distinct backends programmed after the sync.
     pub backends: usize,
     /// Skips found.
@@ -282,6 +284,7 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         report.frontends = self.writer.frontends();
+        report.frontends_by_family = self.claims.held_by_family();
         report.backends = self.writer.backends();
         self.metrics.synced(started.elapsed().as_secs_f64(), &report);
         report
@@ -317,6 +320,7 @@ impl<S: MapStore> Syncer<S> {
         let stale = self.writer.forget_stale();
         self.forget(stale, &mut report);
         report.frontends = self.writer.frontends();
+        report.frontends_by_family = self.claims.held_by_family();
         report.backends = self.writer.backends();
         self.metrics.synced(started.elapsed().as_secs_f64(), &report);
         report

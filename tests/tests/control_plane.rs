@@ -966,6 +966,8 @@ fn dual_stack_nodeport_seed(server: &ApiServer) {
         "Node",
         json!({
             "metadata": {"name": "node-1"},
+            // Only the IPv6 range: the TC program must find br0 through the IPv6 routes.
+            "spec": {"podCIDRs": ["fd00:10:244:1::/64"]},
             "status": {"addresses": [
                 {"type": "InternalIP", "address": NODE1.to_string()},
                 {"type": "InternalIP", "address": NODE1_V6.to_string()},
@@ -987,7 +989,8 @@ fn dual_stack_nodeport_seed(server: &ApiServer) {
 /// A nodePort is served on the node's addresses of both families (its Node object's InternalIPs),
 /// each family's with that family's endpoints; `--nodeport-addresses` takes IPv6 ranges beside
 /// IPv4 ones (an IPv6 range used to stop the agent at start) and filters each family; no
-/// localhost nodePort on IPv6. Traffic from a pod goes through the socket path.
+/// localhost nodePort on IPv6. Traffic from a pod goes through the socket path. The node's only
+/// pod range is IPv6 (`spec.podCIDRs`): the TC program goes on the bridge routing into it.
 #[test]
 fn a_nodeport_is_served_on_the_nodes_ipv6_address_too() {
     let filter = ["--nodeport-addresses", "172.18.0.0/16,fd00:172:18::/64"];
@@ -1009,4 +1012,13 @@ fn a_nodeport_is_served_on_the_nodes_ipv6_address_too() {
     let ipv4_pods: BTreeSet<String> = [2, 3].iter().map(|n| pod_name(*n)).collect();
     let (names, _) = peers(&c, "tcp-peer", SocketAddr::from((NODE1, 30081)), 40);
     assert_eq!(names, ipv4_pods);
+
+    // The bridge got its IPv6 route when the pods got their addresses; the next rescan finds it.
+    wait_until("tc_ingress attached to br0 for the IPv6 pod range", WAIT, || {
+        c.agent.lines().iter().any(|l| {
+            l.message.starts_with("attached")
+                && l.text("program") == Some("tc_ingress")
+                && l.text("interface") == Some("br0")
+        })
+    });
 }

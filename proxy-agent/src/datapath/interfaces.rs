@@ -104,9 +104,11 @@ mod tests {
     }
 
     #[test]
-    fn loopback_holds_127_0_0_1_and_routes_into_no_pod_range() {
+    fn loopback_holds_both_localhosts_and_routes_into_no_pod_range() {
         let lo = node_interfaces(&[Ipv4Addr::LOCALHOST.into()], &[]).unwrap();
         assert!(lo.contains("lo"), "{lo:?}");
+        let lo6 = node_interfaces(&[std::net::Ipv6Addr::LOCALHOST.into()], &[]).unwrap();
+        assert!(lo6.contains("lo"), "an IPv6 address finds its interface too: {lo6:?}");
         let cidr: Cidr = "127.0.0.0/8".parse().unwrap();
         let none = node_interfaces(&[], &[cidr]).unwrap();
         assert!(!none.contains("lo"), "loopback routes are not pod routes: {none:?}");

@@ -52,8 +52,10 @@ pub struct NodeInfo {
 
 impl NodeInfo {
     /// Takes the node's InternalIP/ExternalIP addresses of both families, keeping those inside
-    /// `filter` (all of them when `filter` is empty, as kube-proxy does), its pod ranges and its
-    /// zone label. IPv4-mapped IPv6 addresses are left out: they would alias IPv4 entries.
+    /// `filter`, its pod ranges and its zone label. As kube-proxy's per-family proxiers read
+    /// `--nodeport-addresses`, each family is filtered by that family's ranges, and a family
+    /// without any keeps all its addresses. IPv4-mapped IPv6 addresses are left out: they would
+    /// alias IPv4 entries.
     pub fn from_node(name: &str, node: Option<&Node>, filter: &[Cidr]) -> Self {
         let addresses = node
             .and_then(|n| n.status.as_ref())
@@ -63,7 +65,7 @@ impl NodeInfo {
             .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
             .filter_map(|a| parse_ip(&a.address))
             .filter(|a| !is_ipv4_mapped(*a))
-            .filter(|a| filter.is_empty() || filter.iter().any(|c| c.contains(*a)));
+            .filter(|a| nodeport_filter_admits(filter, *a));
         let mut nodeport_addresses: Vec<IpAddr> = addresses.collect();
         nodeport_addresses.sort();
         nodeport_addresses.dedup();
@@ -71,11 +73,19 @@ impl NodeInfo {
         let cidrs =
             spec.and_then(|s| s.pod_cidrs.clone()).or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]));
         let pod_cidrs = cidrs.into_iter().flatten().filter_map(|c| c.trim().parse().ok()).collect();
-        let localhost_nodeports = filter.is_empty() || filter.iter().any(|c| c.contains(Ipv4Addr::LOCALHOST));
+        let localhost_nodeports = nodeport_filter_admits(filter, Ipv4Addr::LOCALHOST.into());
         let zone =
             node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(ZONE_LABEL)).cloned().unwrap_or_default();
         Self { name: name.to_owned(), nodeport_addresses, pod_cidrs, localhost_nodeports, zone }
     }
+}
+
+/// Whether `--nodeport-addresses` (`filter`) lets `address` serve nodePorts: when a range of
+/// its family holds it, or when no range is of its family (kube-proxy's `NodePortAddresses`:
+/// an IPv4-only list leaves the IPv6 proxier matching every address).
+fn nodeport_filter_admits(filter: &[Cidr], address: IpAddr) -> bool {
+    let mut same_family = filter.iter().filter(|c| c.family() == IpFamily::of(address)).peekable();
+    same_family.peek().is_none() || same_family.any(|c| c.contains(address))
 }
 
 /// One frontend: what a client connects to.

@@ -593,10 +593,24 @@ fn nodeport_addresses_come_from_the_node() {
             want: &["172.18.0.2", "fc00:f853:ccd:e793::2"],
         },
         Case {
-            rule: "an IPv4-only --nodeport-addresses leaves every IPv6 address out",
-            addresses: &[("InternalIP", "fc00:f853:ccd:e793::2"), ("InternalIP", "172.18.0.2")],
-            filter: &["0.0.0.0/0"],
-            want: &["172.18.0.2"],
+            rule: "a family without a range in --nodeport-addresses keeps all its addresses (kube-proxy's per-family rule)",
+            addresses: &[
+                ("InternalIP", "fc00:f853:ccd:e793::2"),
+                ("InternalIP", "172.18.0.2"),
+                ("InternalIP", "10.0.0.2"),
+            ],
+            filter: &["172.18.0.0/16"],
+            want: &["172.18.0.2", "fc00:f853:ccd:e793::2"],
+        },
+        Case {
+            rule: "an IPv6-only --nodeport-addresses keeps every IPv4 address",
+            addresses: &[
+                ("InternalIP", "fc00:f853:ccd:e793::2"),
+                ("InternalIP", "fd00:1::2"),
+                ("InternalIP", "172.18.0.2"),
+            ],
+            filter: &["fc00:f853:ccd:e793::/64"],
+            want: &["172.18.0.2", "fc00:f853:ccd:e793::2"],
         },
         Case {
             rule: "an IPv4-mapped node address is left out (it would alias the IPv4 one)",
@@ -1546,6 +1560,10 @@ fn localhost_node_ports_when_the_filter_allows_them() {
     assert!(NodeInfo::from_node(NODE, None, &[]).localhost_nodeports, "no --nodeport-addresses: served");
     assert!(NodeInfo::from_node(NODE, None, &cidrs(&["127.0.0.0/8"])).localhost_nodeports);
     assert!(!NodeInfo::from_node(NODE, None, &cidrs(&["172.18.0.0/16"])).localhost_nodeports);
+    assert!(
+        NodeInfo::from_node(NODE, None, &cidrs(&["fd00::/8"])).localhost_nodeports,
+        "IPv6 ranges only: the IPv4 family is unfiltered, localhost included (kube-proxy)"
+    );
 }
 
 // ---- dual stack: one proxier per family ----

@@ -114,8 +114,8 @@ fn a_dual_stack_node_gives_each_family_its_snat_address() {
     addresses.push(k8s_openapi::api::core::v1::NodeAddress { type_: "InternalIP".into(), address: v6.to_string() });
     syncer.apply(Update::Nodes(Change::Apply(sourced(dual))));
     let config = syncer.writer().store().config.expect("the node's settings are written");
-    assert_eq!(config.snat_v4, proxy_common::addr::from_ip(NODE_IP));
-    assert_eq!(config.snat_v6, proxy_common::addr::from_ip(v6), "IPv6 nodePort traffic is SNATed to the IPv6 address");
+    assert_eq!(config.snat_v4, addr::from_ip(NODE_IP));
+    assert_eq!(config.snat_v6, addr::from_ip(v6), "IPv6 nodePort traffic is SNATed to the IPv6 address");
     assert_eq!(syncer.node_updates().borrow().nodeport_addresses, [std::net::IpAddr::from(NODE_IP), v6.into()]);
 }
 

@@ -260,7 +260,8 @@ fn metrics_report_what_was_programmed() {
     };
     let maps_now = node.agent.maps().expect("the pinned maps");
 
-    assert_eq!(metric(&samples, "proxy_frontends_programmed"), 1.0);
+    assert_eq!(metric(&samples, r#"proxy_frontends_programmed{family="ipv4"}"#), 1.0);
+    assert_eq!(metric(&samples, r#"proxy_frontends_programmed{family="ipv6"}"#), 0.0);
     assert_eq!(metric(&samples, "proxy_backends_programmed"), 2.0);
     assert!(metric(&samples, r#"proxy_skipped_objects_total{reason="bad_address"}"#) >= 1.0);
     assert!(metric(&samples, "proxy_sync_duration_seconds_count") >= 1.0);

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeSet,
     fs, io,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::{fd::AsFd as _, fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::Path,
 };
@@ -105,7 +105,7 @@ impl Datapath {
     /// that failed are tried again; returns the interfaces newly attached.
     pub fn attach_interfaces(
         &mut self,
-        node_addresses: &[Ipv4Addr],
+        node_addresses: &[IpAddr],
         pod_cidrs: &[Cidr],
     ) -> Result<Vec<String>, DatapathError> {
         if self.upgrading() {

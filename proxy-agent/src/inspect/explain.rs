@@ -182,7 +182,7 @@ pub fn snapshot_of<S: MapStore>(store: &S) -> Snapshot {
 /// Answers `query` from `snapshot`.
 pub fn explain(snapshot: &Snapshot, query: &Query) -> Explanation {
     let key = ServiceKey::master(addr::from_ip(query.to.ip()), query.to.port(), query.proto);
-    let to = format!("{}:{}/{}", query.to.ip(), query.to.port(), proto_name(query.proto));
+    let to = format!("{}/{}", query.to, proto_name(query.proto));
     let client = client_notes(snapshot, query.from);
     let Some(master) = snapshot.services.get(&key) else {
         return Explanation {

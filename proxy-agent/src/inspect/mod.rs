@@ -157,9 +157,12 @@ pub struct InspectArgs {
 pub struct ExplainArgs {
     /// The client's address: a pod's, this node's or an external client's. It selects the
     /// client's affinity entry (by address, or by the named network namespace holding it).
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is its IPv4 address.
     #[arg(long, value_name = "IP")]
     pub from: IpAddr,
-    /// The destination the client connects or sends to.
+    /// The destination the client connects or sends to: `a.b.c.d:port` or `[ipv6]:port`. An
+    /// IPv4-mapped IPv6 address (`[::ffff:10.96.0.10]:80`, what an AF_INET6 socket connects to)
+    /// is explained as the IPv4 frontend it reaches.
     #[arg(long, value_name = "IP:PORT")]
     pub to: SocketAddr,
     /// The transport protocol.
@@ -199,12 +202,25 @@ pub fn explain(root: &Path, args: &ExplainArgs) -> Result<String, InspectError> 
     let mut snapshot = pins::read(root)?;
     // To name netns-keyed affinity entries and find the client's namespace by its address.
     snapshot.netns = pins::netns();
-    let query = explain::Query { from: args.from, to: args.to, proto: args.proto.number() };
-    let explanation = explain::explain(&snapshot, &query);
+    let explanation = explain_query(&snapshot, args);
     Ok(match args.output {
         Format::Table => render::explanation(&explanation),
         Format::Json => render::json(&explanation),
     })
+}
+
+/// Explains `args` over `snapshot`, IPv4-mapped addresses as the IPv4 ones they stand for (the
+/// maps hold IPv4 in that very form, so an AF_INET6 socket reaches the IPv4 frontend).
+fn explain_query(snapshot: &Snapshot, args: &ExplainArgs) -> Explanation {
+    let to = SocketAddr::new(args.to.ip().to_canonical(), args.to.port());
+    let query = explain::Query { from: args.from.to_canonical(), to, proto: args.proto.number() };
+    let mut explanation = explain::explain(snapshot, &query);
+    if to.ip() != args.to.ip() {
+        explanation
+            .notes
+            .insert(0, format!("{} is IPv4-mapped: an AF_INET6 socket connecting there reaches {to}", args.to.ip()));
+    }
+    explanation
 }
 
 /// `proxy-agent inspect`: prints to stdout.

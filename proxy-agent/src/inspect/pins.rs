@@ -122,7 +122,7 @@ pub fn monotonic_now_ns() -> Result<u64, InspectError> {
 }
 
 /// A network namespace: its cookie (what the socket path keys affinity by), a name and its
-/// IPv4 addresses.
+/// addresses of both families.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetnsInfo {
     /// The netns cookie (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie()`).
@@ -155,7 +155,6 @@ pub fn netns() -> Vec<NetnsInfo> {
 
 /// The cookie and addresses of the namespace at `path`, read by a thread inside it.
 fn netns_info(path: &Path) -> Option<(u64, Vec<IpAddr>)> {
-    let (cookie, addresses) =
-        sys::net::in_netns(path, || (sys::net::netns_cookie(), sys::net::ipv4_addresses())).ok()?;
-    Some((cookie.ok()?, addresses.ok()?.into_iter().map(|(_, ip)| IpAddr::from(ip)).collect()))
+    let (cookie, addresses) = sys::net::in_netns(path, || (sys::net::netns_cookie(), sys::net::addresses())).ok()?;
+    Some((cookie.ok()?, addresses.ok()?.into_iter().map(|(_, ip)| ip).collect()))
 }

@@ -126,7 +126,60 @@ fn query(from: &str, to: &str, port: u16) -> Query {
     Query { from: ip(from), to: SocketAddr::new(ip(to), port), proto: TCP }
 }
 
+/// default/web dual stack: 10.96.0.10:80 → 10.244.1.2:8080 and [fd00:10:96::a]:80 →
+/// [fd00:10:244:1::2]:8080.
+fn dual_stack() -> Build {
+    snapshot()
+        .name(1, "default", "web", "")
+        .name(2, "default", "web", "")
+        .backend(1, "10.244.1.2", 8080, LOCAL)
+        .backend(2, "fd00:10:244:1::2", 8080, LOCAL)
+        .frontend("10.96.0.10", 80, SCOPE_EXTERNAL, SVC_F_CLUSTER_IP, 1, 0, &[1])
+        .frontend("fd00:10:96::a", 80, SCOPE_EXTERNAL, SVC_F_CLUSTER_IP, 2, 0, &[2])
+}
+
 // ---- view: services ----
+
+#[test]
+fn ipv6_frontends_and_backends_are_written_with_brackets_and_json_keeps_each_family() {
+    let views = view::services(&dual_stack().build());
+    let texts: Vec<(&str, Vec<String>)> = views
+        .iter()
+        .map(|f| (f.frontend.as_str(), f.scopes[0].backends.iter().map(|b| b.endpoint.clone().unwrap()).collect()))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            ("10.96.0.10:80/TCP", vec!["10.244.1.2:8080".to_owned()]),
+            ("[fd00:10:96::a]:80/TCP", vec!["[fd00:10:244:1::2]:8080".to_owned()])
+        ]
+    );
+    let json: serde_json::Value = serde_json::from_str(&render::json(&views)).unwrap();
+    let addresses: Vec<&str> = json.as_array().unwrap().iter().map(|f| f["address"].as_str().unwrap()).collect();
+    assert_eq!(addresses, ["10.96.0.10", "fd00:10:96::a"], "IPv4 as IPv4 text, never ::ffff:");
+}
+
+#[test]
+fn explain_accepts_ipv6_and_reads_ipv4_mapped_input_as_the_ipv4_frontend() {
+    let s = dual_stack().build();
+    let v6 = explain(&s, &query("fd00:10:244:1::9", "fd00:10:96::a", 80));
+    assert!(v6.service_frontend, "{v6:?}");
+    assert_eq!(v6.to, "[fd00:10:96::a]:80/TCP");
+    assert_eq!(v6.paths[0].candidates[0].endpoint.as_deref(), Some("[fd00:10:244:1::2]:8080/TCP"));
+
+    let args = super::ExplainArgs {
+        from: ip("::ffff:10.244.1.9"),
+        to: "[::ffff:10.96.0.10]:80".parse().unwrap(),
+        proto: super::Protocol::Tcp,
+        output: super::Format::Table,
+    };
+    let mapped = super::explain_query(&s, &args);
+    assert!(mapped.service_frontend, "{mapped:?}");
+    assert_eq!(mapped.to, "10.96.0.10:80/TCP");
+    assert_eq!(mapped.from, ip("10.244.1.9"));
+    assert_eq!(mapped.paths[0].candidates[0].endpoint.as_deref(), Some("10.244.1.2:8080/TCP"));
+    assert!(mapped.notes[0].contains("::ffff:10.96.0.10 is IPv4-mapped"), "{:?}", mapped.notes);
+}
 
 #[test]
 fn nul_padded_names_are_read_up_to_the_first_nul() {

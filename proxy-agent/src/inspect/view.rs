@@ -57,14 +57,14 @@ pub fn service_label(snapshot: &Snapshot, id: u32) -> String {
     service_ref(snapshot, id).map_or_else(|| format!("service id {id} (unnamed)"), |s| s.display())
 }
 
-/// `address:port/PROTO` of a frontend.
+/// `address:port/PROTO` of a frontend (`[address]:port/PROTO` for IPv6).
 pub fn frontend_text(key: &ServiceKey) -> String {
-    format!("{}:{}/{}", addr::to_ip(&key.address), key.port, proto_name(key.proto))
+    format!("{}/{}", SocketAddr::new(addr::to_ip(&key.address), key.port), proto_name(key.proto))
 }
 
 /// `address:port/PROTO` of a backend.
 pub fn backend_text(backend: &Backend) -> String {
-    format!("{}:{}/{}", addr::to_ip(&backend.address), backend.port, proto_name(backend.proto))
+    format!("{}/{}", SocketAddr::new(addr::to_ip(&backend.address), backend.port), proto_name(backend.proto))
 }
 
 /// The frontend kinds in `flags`, in words.
@@ -216,7 +216,7 @@ pub fn scope_view(snapshot: &Snapshot, key: ServiceKey, flags: u16, problems: &m
         backends.push(SlotView {
             slot,
             backend_id: value.backend_id,
-            endpoint: backend.map(|b| format!("{}:{}", addr::to_ip(&b.address), b.port)),
+            endpoint: backend.map(|b| SocketAddr::new(addr::to_ip(&b.address), b.port).to_string()),
             address: backend.map(|b| addr::to_ip(&b.address)),
             port: backend.map(|b| b.port),
             local: backend.is_some_and(|b| b.flags & BACKEND_F_LOCAL != 0),

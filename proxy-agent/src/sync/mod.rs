@@ -19,7 +19,6 @@ mod tracker;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
     time::Instant,
 };
 
@@ -60,6 +59,8 @@ pub struct SyncReport {
     pub writes: WriteStats,
     /// Frontends programmed after the sync.
     pub frontends: usize,
+    /// Of those, IPv4 then IPv6 (the `family` label of `proxy_frontends_programmed`).
+    pub frontends_by_family: [usize; 2],
     /// Distinct backends programmed after the sync.
     pub backends: usize,
     /// Skips found.
@@ -136,8 +137,8 @@ impl<S: MapStore> Syncer<S> {
     /// and LoadBalancer IPs (the first nodePort address) and the node's netns cookie.
     fn write_node_config(&mut self) {
         let first = |v4: bool| {
-            let addresses = self.node_info.nodeport_addresses.iter().map(|&a| IpAddr::from(a));
-            addresses.filter(|a| a.is_ipv4() == v4).map(addr::from_ip).next().unwrap_or(addr::UNSPECIFIED)
+            let addresses = self.node_info.nodeport_addresses.iter();
+            addresses.filter(|a| a.is_ipv4() == v4).map(|&a| addr::from_ip(a)).next().unwrap_or(addr::UNSPECIFIED)
         };
         let config = NodeConfig {
             snat_v4: first(true),
@@ -226,8 +227,8 @@ impl<S: MapStore> Syncer<S> {
 
     fn report(&self, skip: &Skip, origin: Option<&str>) {
         match skip.reason {
-            // IPv6 is not malformed: this datapath is IPv4 only.
-            SkipReason::Ipv6 => debug!(origin, "{skip}"),
+            // Not malformed: the address belongs to a family the service is not served in.
+            SkipReason::OtherFamily => info!(origin, "ignoring {skip}"),
             _ => warn!(origin, "skipping {skip}"),
         }
         self.metrics.skipped(skip.reason);
@@ -283,6 +284,7 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         report.frontends = self.writer.frontends();
+        report.frontends_by_family = self.claims.held_by_family();
         report.backends = self.writer.backends();
         self.metrics.synced(started.elapsed().as_secs_f64(), &report);
         report
@@ -318,6 +320,7 @@ impl<S: MapStore> Syncer<S> {
         let stale = self.writer.forget_stale();
         self.forget(stale, &mut report);
         report.frontends = self.writer.frontends();
+        report.frontends_by_family = self.claims.held_by_family();
         report.backends = self.writer.backends();
         self.metrics.synced(started.elapsed().as_secs_f64(), &report);
         report

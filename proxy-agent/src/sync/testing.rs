@@ -78,6 +78,8 @@ pub(crate) struct MemMaps {
     pub(crate) backends: HashMap<BackendId, Backend>,
     pub(crate) services_max: usize,
     pub(crate) writes: usize,
+    /// The node's settings as last written.
+    pub(crate) config: Option<NodeConfig>,
 }
 
 impl MemMaps {
@@ -179,7 +181,8 @@ impl MapStore for MemMaps {
         Ok(())
     }
 
-    fn put_config(&mut self, _: NodeConfig) -> Result<(), WriteError> {
+    fn put_config(&mut self, config: NodeConfig) -> Result<(), WriteError> {
+        self.config = Some(config);
         Ok(())
     }
 

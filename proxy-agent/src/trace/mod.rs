@@ -43,7 +43,8 @@ pub struct TraceArgs {
     /// Only this service: `namespace/name` (any port) or `namespace/name:port`.
     #[arg(long, value_name = "NS/NAME")]
     pub service: Option<String>,
-    /// Only this client: its address (TC), or an address of its network namespace (socket path).
+    /// Only this client: its address (TC), or an address of its network namespace (socket path);
+    /// either family, an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) meaning its IPv4 address.
     #[arg(long, value_name = "IP")]
     pub from: Option<IpAddr>,
     /// Output format: one line per event, as a table row or a JSON object.
@@ -214,7 +215,7 @@ pub async fn run(root: &Path, args: &TraceArgs) -> Result<(), TraceError> {
     let mut ring: RingBuf<MapData> = typed(root, maps::TRACE_EVENTS)?;
     let mut names = PinnedNames::open(root)?;
     let mut flag = Flag::open(root)?;
-    let filter = Filter { service: args.service.clone(), from: args.from };
+    let filter = Filter { service: args.service.clone(), from: args.from.map(|ip| ip.to_canonical()) };
     let mut interrupt = signal(SignalKind::interrupt()).map_err(TraceError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(TraceError::Signals)?;
     let clocks = Clocks::now()?;

@@ -53,12 +53,6 @@ fn tcp_peer(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
     Ok(format!("{}@{peer}", line.trim()))
 }
 
-/// A UDP socket of `addr`'s family on an ephemeral port (an IPv6 one also reaches IPv4-mapped
-/// addresses, as an AF_INET6 application's does).
-fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })
-}
-
 fn udp_exchange(socket: &UdpSocket, addr: Option<SocketAddr>) -> std::io::Result<(String, SocketAddr)> {
     match addr {
         Some(addr) => socket.send_to(b"hello\n", addr)?,

@@ -776,10 +776,15 @@ fn first_sync_happens_on_an_empty_cluster() {
 const DUAL_VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const DUAL_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x14);
 
-/// Address `n` on node-1's IPv6 pod network `fd00:10:244:1::/64`.
+/// Pod `n`'s IPv6 address on node-1's pod network `fd00:10:244:1::/64` (the test bed's twin of
+/// its IPv4 address).
 fn pod_ip6(n: u8) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, n.into())
+    cluster::pod_twin6(pod_ip(n))
 }
+
+/// The port the IPv6 slices name: the pods' own servers hold [`TARGET_PORT`] on both families,
+/// so the servers that answer as IPv6 backends (`pod-<n>-v6`) listen on another one.
+const V6_TARGET_PORT: u16 = TARGET_PORT + 1;
 
 /// What pod `n` answers on its IPv6 address (its IPv4 server answers `pod-<n>`).
 fn pod_name6(n: u8) -> String {
@@ -794,23 +799,16 @@ struct Ipv6Servers {
 }
 
 impl Ipv6Servers {
-    /// Puts node-1's bridge, the pods `pods` and the client pod on `fd00:10:244:1::/64` (`nodad`:
-    /// nothing waits on duplicate address detection; on-link, so nothing is routed beyond the
-    /// bridge) and starts a server in each pod.
+    /// Starts a server on each of the pods `pods`' IPv6 address (the test bed gives every pod its
+    /// IPv6 twin), on [`V6_TARGET_PORT`].
     fn start(topology: &SingleNode, pods: &[u8]) -> Self {
-        let add = |ns: &Netns, dev: &str, n: u8| {
-            ns.ip(&["-6", "addr", "add", &format!("{}/64", pod_ip6(n)), "dev", dev, "nodad"]).expect("an IPv6 address");
-        };
-        add(&topology.node, "br0", 1);
-        add(&topology.client.ns, "eth0", 200);
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for (pod, &n) in topology.pods.iter().zip(pods) {
-            add(&pod.ns, "eth0", n);
             let bound = thread::scope(|s| {
                 s.spawn(|| {
                     pod.ns.enter().expect("entering the pod");
-                    let at = SocketAddr::from((pod_ip6(n), TARGET_PORT));
+                    let at = SocketAddr::from((pod_ip6(n), V6_TARGET_PORT));
                     (TcpListener::bind(at).expect("binding tcp"), UdpSocket::bind(at).expect("binding udp"))
                 })
                 .join()
@@ -866,11 +864,13 @@ fn dual_stack_service() -> Service {
     svc
 }
 
-/// The slice `dual-<suffix>` of `address_type` with `addresses` on port 80, TCP and UDP.
+/// The slice `dual-<suffix>` of `address_type` with `addresses`, TCP and UDP, on
+/// [`TARGET_PORT`] for IPv4 and [`V6_TARGET_PORT`] for IPv6 (the [`Ipv6Servers`]).
 fn dual_stack_slice(suffix: &str, address_type: &str, addresses: &[String]) -> EndpointSlice {
+    let port = if address_type == "IPv6" { V6_TARGET_PORT } else { TARGET_PORT };
     let mut slice = slice("dual", suffix)
-        .named_port("tcp", TARGET_PORT.into(), "TCP")
-        .named_port("udp", TARGET_PORT.into(), "UDP")
+        .named_port("tcp", port.into(), "TCP")
+        .named_port("udp", port.into(), "UDP")
         .endpoints(addresses.iter().map(String::as_str))
         .build();
     slice.address_type = address_type.into();
@@ -910,7 +910,7 @@ fn a_dual_stack_service_is_reached_through_both_clusterips_and_the_ipv4_mapped_o
     c.agent.wait_for_backends(DUAL_VIP4, PORT, Some(&backends(&[2, 3])), WAIT).unwrap();
     wait_until("the IPv6 ClusterIP has both IPv6 endpoints", WAIT, || {
         c.agent.backends_of(DUAL_VIP6, PORT).ok().flatten().map(|b| b.into_iter().collect::<BTreeSet<_>>())
-            == Some(v6.iter().map(|a| SocketAddr::new(a.parse().unwrap(), TARGET_PORT)).collect())
+            == Some(v6.iter().map(|a| SocketAddr::new(a.parse().unwrap(), V6_TARGET_PORT)).collect())
     });
 
     // default/kubernetes and the IPv4 ClusterIP's TCP and UDP ports; the IPv6 ClusterIP's two.
@@ -998,7 +998,7 @@ fn a_nodeport_is_served_on_the_nodes_ipv6_address_too() {
     let _servers = Ipv6Servers::start(&c.topology, &[2, 3]);
     c.agent.wait_for_backends(NODE1, 30081, Some(&backends(&[2, 3])), WAIT).unwrap();
     let v6_backends: BTreeSet<SocketAddr> =
-        [2, 3].iter().map(|n| SocketAddr::from((pod_ip6(*n), TARGET_PORT))).collect();
+        [2, 3].iter().map(|n| SocketAddr::from((pod_ip6(*n), V6_TARGET_PORT))).collect();
     wait_until("the IPv6 node address serves the nodePort", WAIT, || {
         c.agent.backends_of(NODE1_V6, 30081).ok().flatten().map(|b| b.into_iter().collect::<BTreeSet<_>>())
             == Some(v6_backends.clone())
@@ -1013,7 +1013,7 @@ fn a_nodeport_is_served_on_the_nodes_ipv6_address_too() {
     let (names, _) = peers(&c, "tcp-peer", SocketAddr::from((NODE1, 30081)), 40);
     assert_eq!(names, ipv4_pods);
 
-    // The bridge got its IPv6 route when the pods got their addresses; the next rescan finds it.
+    // The bridge routes into the IPv6 pod range: a rescan finds it there.
     wait_until("tc_ingress attached to br0 for the IPv6 pod range", WAIT, || {
         c.agent.lines().iter().any(|l| {
             l.message.starts_with("attached")

@@ -107,7 +107,7 @@ fn ingress(ctx: &TcContext, packet: &Packet) -> i32 {
         return TC_ACT_OK;
     }
     let client = AffinityKey { client: packet.src, ..AffinityKey::default() };
-    match lb::select(packet.dst, packet.dport, packet.proto, client, Origin::External) {
+    match lb::select_flow(packet.dst, packet.dport, packet.proto, client, Origin::External, Some(&key)) {
         Verdict::NotAService => TC_ACT_OK,
         // No local endpoint under eTP=Local while other nodes have some: drop, as kube-proxy
         // does (with no endpoint anywhere it rejects, below).

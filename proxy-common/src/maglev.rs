@@ -1,0 +1,117 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016), the part both sides share: the table
+//! sizes, the layout of a table, the `maglev_config` value and the flow hash.
+//!
+//! A table is an inner `u32` array of the `maglev` map-in-map, keyed by the id of the backend
+//! set it serves (`affinity::affinity_service_id`): index [`TABLE_SIZE_INDEX`] holds the table
+//! size `M`, indexes `1..=M` hold backend ids. A new flow to a frontend whose master has
+//! `SVC_F_MAGLEV` takes the backend at `1 + hash % M`. The agent builds a whole new array and
+//! swaps it into the outer map with one update, so a lookup sees the old table or the new one,
+//! never a mix; carrying its own size makes every table readable whatever `--maglev-table-size`
+//! the agent that wrote it had.
+
+use crate::{conntrack::CtKey, user_pod};
+
+/// Default table size `M` (`--maglev-table-size`), Cilium's: a prime, and above 100 times the
+/// backends of most services, where Maglev's imbalance stays near 1 %.
+pub const TABLE_SIZE_DEFAULT: u32 = 16_381;
+/// Smallest table size accepted (a prime).
+pub const TABLE_SIZE_MIN: u32 = 251;
+/// Largest table size accepted: the largest prime below 2^16, so a slot number fits the trace
+/// event's and `explain`'s 16-bit slot field. 65 521 slots serve 655 backends at ~1 % imbalance.
+pub const TABLE_SIZE_MAX: u32 = 65_521;
+
+/// Index of the table size in a table; the slots follow it.
+pub const TABLE_SIZE_INDEX: u32 = 0;
+
+/// Entries of the inner array holding a table of `table_size` slots (the size comes first).
+pub const fn inner_entries(table_size: u32) -> u32 {
+    table_size + 1
+}
+
+/// Value of the `maglev_config` array at index 0, written by the agent from
+/// `--maglev-hash-seed` before any table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MaglevConfig {
+    /// Seed of the flow hash ([`flow_hash`]), derived from the seed string, so that every node
+    /// of a cluster (same flag) hashes a flow alike.
+    pub seed: u32,
+}
+const _: () = assert!(size_of::<MaglevConfig>() == 4);
+
+user_pod!(MaglevConfig);
+
+/// FNV-1a over `bytes`, then murmur3's finaliser so that the low bits (`% M`) depend on every
+/// input bit. Over a fixed-size array so the BPF loop has a constant bound (the compiler
+/// unrolls it), and generic so a wider address changes only the type.
+#[inline(always)]
+pub fn hash_bytes<const N: usize>(bytes: &[u8; N], seed: u32) -> u32 {
+    let mut hash = seed ^ 0x811c_9dc5;
+    let mut i = 0;
+    while i < N {
+        hash ^= bytes[i] as u32;
+        hash = hash.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    fmix32(hash)
+}
+
+/// murmur3's 32-bit finaliser.
+#[inline(always)]
+pub const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The hash of a flow's 5-tuple: the bytes of its original-direction conntrack key (client,
+/// frontend, ports, protocol, zeroed padding). Ports are stored in host order, so nodes of one
+/// cluster must share the byte order (every Kubernetes architecture is little-endian).
+#[inline(always)]
+pub fn flow_hash(key: &CtKey, seed: u32) -> u32 {
+    // SAFETY: `CtKey` is `#[repr(C)]` with integer fields and explicit padding, so all of its
+    // `size_of` bytes are initialised; the array has the same size and alignment 1.
+    let bytes: &[u8; size_of::<CtKey>()] = unsafe { &*(key as *const CtKey).cast() };
+    hash_bytes(bytes, seed)
+}
+
+/// The slot (`1..=table_size`) a hash selects.
+#[inline(always)]
+pub const fn slot(hash: u32, table_size: u32) -> u32 {
+    hash % table_size + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flow_hash_covers_every_field_of_the_tuple() {
+        let key =
+            CtKey { src: [172, 18, 0, 100], dst: [172, 18, 0, 50], sport: 40000, dport: 80, proto: 6, _pad: [0; 3] };
+        let base = flow_hash(&key, 7);
+        assert_eq!(base, flow_hash(&key, 7), "deterministic");
+        let others = [
+            CtKey { src: [172, 18, 0, 101], ..key },
+            CtKey { dst: [172, 18, 0, 51], ..key },
+            CtKey { sport: 40001, ..key },
+            CtKey { dport: 81, ..key },
+            CtKey { proto: 17, ..key },
+        ];
+        for other in others {
+            assert_ne!(flow_hash(&other, 7), base, "{other:?}");
+        }
+        assert_ne!(flow_hash(&key, 8), base, "the seed counts");
+    }
+
+    #[test]
+    fn a_slot_is_never_the_size_index_and_never_past_the_table() {
+        for hash in [0, 1, 250, 251, u32::MAX] {
+            let slot = slot(hash, TABLE_SIZE_MIN);
+            assert!((1..=TABLE_SIZE_MIN).contains(&slot), "{hash} -> {slot}");
+        }
+        assert!(TABLE_SIZE_MAX < 1 << 16);
+    }
+}

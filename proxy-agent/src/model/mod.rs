@@ -15,6 +15,7 @@ use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
 pub use service::service_frontends;
 
 pub use self::addr::{Cidr, parse_ipv4};
+use crate::maglev::LbAlgorithm;
 
 /// The label that names a slice's service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -43,6 +44,9 @@ pub struct NodeInfo {
     /// The node's zone (its `topology.kubernetes.io/zone` label), empty when unlabelled: endpoints
     /// hinted for this zone are preferred (topology-aware routing).
     pub zone: String,
+    /// `--lb-algorithm`: how traffic from outside picks a backend where a service's
+    /// [`LB_ALGORITHM_ANNOTATION`](crate::maglev::LB_ALGORITHM_ANNOTATION) does not choose.
+    pub lb_algorithm: LbAlgorithm,
 }
 
 impl NodeInfo {
@@ -67,7 +71,19 @@ impl NodeInfo {
         let localhost_nodeports = filter.is_empty() || filter.iter().any(|c| c.contains(Ipv4Addr::LOCALHOST));
         let zone =
             node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(ZONE_LABEL)).cloned().unwrap_or_default();
-        Self { name: name.to_owned(), nodeport_addresses, pod_cidrs, localhost_nodeports, zone }
+        Self {
+            name: name.to_owned(),
+            nodeport_addresses,
+            pod_cidrs,
+            localhost_nodeports,
+            zone,
+            lb_algorithm: LbAlgorithm::default(),
+        }
+    }
+
+    /// The same node with `--lb-algorithm` `algorithm`.
+    pub fn with_lb_algorithm(self, lb_algorithm: LbAlgorithm) -> Self {
+        Self { lb_algorithm, ..self }
     }
 }
 

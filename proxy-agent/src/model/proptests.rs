@@ -39,6 +39,7 @@ fn node() -> NodeInfo {
         pod_cidrs: Vec::new(),
         localhost_nodeports: false,
         zone: String::new(),
+        lb_algorithm: crate::maglev::LbAlgorithm::Random,
     }
 }
 

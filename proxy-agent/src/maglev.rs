@@ -114,7 +114,7 @@ pub fn parse_table_size(text: &str) -> Result<u32, TableSizeError> {
 
 /// Trial division: table sizes are below 2^16.
 pub fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// A backend's name for the permutation: its address bytes then its port in network order.

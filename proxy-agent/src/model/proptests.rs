@@ -39,7 +39,7 @@ fn node() -> NodeInfo {
         pod_cidrs: Vec::new(),
         localhost_nodeports: false,
         zone: String::new(),
-        lb_algorithm: crate::maglev::LbAlgorithm::Random,
+        lb_algorithm: LbAlgorithm::Random,
     }
 }
 

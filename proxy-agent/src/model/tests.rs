@@ -300,7 +300,7 @@ fn node(addresses: &[&str]) -> NodeInfo {
         pod_cidrs: Vec::new(),
         localhost_nodeports: false,
         zone: String::new(),
-        lb_algorithm: crate::maglev::LbAlgorithm::Random,
+        lb_algorithm: LbAlgorithm::Random,
     }
 }
 

@@ -25,6 +25,7 @@ use aya::{
 };
 use proxy_agent::{
     datapath::{Datapath, LoadOptions, writer::Writer},
+    maglev::{self, MaglevSettings},
     model::{Cidr, Endpoint, Frontend, FrontendEntry, FrontendKind, ServicePortName},
     observe::drops,
 };
@@ -32,7 +33,10 @@ use proxy_common::{
     conntrack::{CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
     drop, maps,
     proto::{TCP, UDP},
-    service::{SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES},
+    service::{
+        SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
+        SVC_F_TWO_SCOPES,
+    },
 };
 use proxy_tests::{
     cgroup::Cgroup,
@@ -472,5 +476,77 @@ fn traffic_for_no_service_passes_byte_for_byte() {
         }
         assert_eq!(bed.drops(), BTreeMap::new());
         assert_eq!(bed.conntrack().keys().count(), 0);
+    });
+}
+
+/// Six pods, 10.244.1.2 to .7, for the Maglev cases.
+fn maglev_pods() -> Vec<Ipv4Addr> {
+    (2..8).map(|host| Ipv4Addr::new(10, 244, 1, host)).collect()
+}
+
+/// A nodePort over the six pods that picks by Maglev (table size 251), with `flags` added.
+fn maglev_service(bed: &mut Bed, flags: u16, affinity_timeout: u32) -> MaglevSettings {
+    let settings = MaglevSettings { table_size: 251, ..MaglevSettings::default() };
+    bed.writer.set_maglev(settings.clone()).expect("writing the seed");
+    let pods = maglev_pods().into_iter().map(|p| endpoint(p, false)).collect();
+    let web = FrontendEntry {
+        affinity_timeout,
+        ..entry(FrontendKind::NodePort, TCP, SVC_F_NODE_PORT | SVC_F_MAGLEV | flags, pods)
+    };
+    bed.service(nodeport(), TCP, &web);
+    settings
+}
+
+/// The pod in the slot `hash` selects of the table the agent's pure builder makes.
+fn pod_in_slot(settings: &MaglevSettings, hash: u32) -> Ipv4Addr {
+    let named: Vec<(Ipv4Addr, Vec<u8>)> =
+        maglev_pods().into_iter().map(|p| (p, maglev::backend_name(p.octets(), TARGET_PORT))).collect();
+    let table = maglev::build(&named, settings.table_size, &settings.seed);
+    table[proxy_common::maglev::slot(hash, settings.table_size) as usize - 1]
+}
+
+#[test]
+fn maglev_sends_a_new_flow_to_the_table_slot_of_its_hash() {
+    // Flow: client:P → node:30066 SYN for 32 client ports P, a Maglev nodePort over six pods  ⇒
+    // node:S → pod:80, the pod in slot 1 + hash(5-tuple) % 251 of the builder's table.
+    with_bed("maglev", |bed| {
+        let settings = maglev_service(bed, 0, 0);
+        let mut reached = std::collections::BTreeSet::new();
+        for port in 40_000..40_032 {
+            let client = SocketAddrV4::new(*CLIENT.ip(), port);
+            let out = bed.ingress(&frames::tcp_frame(client, nodeport(), SYN));
+            assert_eq!(out.verdict, REDIRECT, "port {port}");
+            let key = CtKey {
+                src: client.ip().octets(),
+                dst: NODE.octets(),
+                sport: port,
+                dport: NODE_PORT,
+                proto: TCP,
+                _pad: [0; 3],
+            };
+            let want = pod_in_slot(&settings, proxy_common::maglev::flow_hash(&key, settings.flow_seed()));
+            assert_eq!(frames::seen(&out.frame).dst, SocketAddrV4::new(want, TARGET_PORT), "port {port}");
+            reached.insert(want);
+        }
+        assert!(reached.len() >= 3, "the flows spread over the pods: {reached:?}");
+    });
+}
+
+#[test]
+fn maglev_with_client_ip_affinity_hashes_the_client_address_only() {
+    // Flow: client C:P → node:30066 SYN for 16 client addresses C, two ports each, ClientIP
+    // affinity  ⇒  both to the pod in slot 1 + hash(C) % 251.
+    with_bed("maglev-affinity", |bed| {
+        let settings = maglev_service(bed, SVC_F_AFFINITY, 600);
+        for host in 100..116 {
+            let address = Ipv4Addr::new(172, 18, 0, host);
+            let want =
+                pod_in_slot(&settings, proxy_common::maglev::hash_bytes(&address.octets(), settings.flow_seed()));
+            for port in [41_000, 41_001] {
+                let out = bed.ingress(&frames::tcp_frame(SocketAddrV4::new(address, port), nodeport(), SYN));
+                assert_eq!(out.verdict, REDIRECT, "{address}:{port}");
+                assert_eq!(frames::seen(&out.frame).dst, SocketAddrV4::new(want, TARGET_PORT), "{address}:{port}");
+            }
+        }
     });
 }

@@ -144,9 +144,12 @@ fn wait_for_table(agent: &Agent, want: &[Ipv4Addr]) {
     }
 }
 
+/// An open connection and the greeting it got, or why it failed.
+type Opened = Result<(TcpStream, String), String>;
+
 /// Connections from the client's `ports` (one each) to the external IP, opened in the client's
 /// namespace; each with the greeting it got, or why it failed.
-fn connect(client: &Netns, ports: Range<u16>) -> Vec<(u16, Result<(TcpStream, String), String>)> {
+fn connect(client: &Netns, ports: Range<u16>) -> Vec<(u16, Opened)> {
     std::thread::scope(|s| {
         s.spawn(|| {
             client.enter().expect("entering the client's namespace");
@@ -229,10 +232,9 @@ fn removing_a_backend_keeps_established_flows_and_moves_new_ones_as_the_table_pr
     let rest = cluster.pods(&[leaving]);
     cluster.serve(&rest);
     for (port, stream, pod) in others {
-        let mut stream = stream;
-        stream.write_all(b"still there?\n").unwrap_or_else(|e| panic!("port {port} ({pod}): {e}"));
+        (&*stream).write_all(b"still there?\n").unwrap_or_else(|e| panic!("port {port} ({pod}): {e}"));
         let mut echo = String::new();
-        BufReader::new(&*stream).read_line(&mut echo).unwrap_or_else(|e| panic!("port {port} ({pod}): {e}"));
+        BufReader::new(stream).read_line(&mut echo).unwrap_or_else(|e| panic!("port {port} ({pod}): {e}"));
         assert_eq!(echo, "still there?\n", "port {port} still reaches {pod}");
     }
     drop(held);

@@ -162,6 +162,10 @@ pub struct ExplainArgs {
     /// The destination the client connects or sends to.
     #[arg(long, value_name = "IP:PORT")]
     pub to: SocketAddrV4,
+    /// The client's source port (packet path): with it, a Maglev frontend's answer names the
+    /// table slot and backend the flow's 5-tuple hashes to.
+    #[arg(long, value_name = "PORT")]
+    pub from_port: Option<u16>,
     /// The transport protocol.
     #[arg(long, value_enum, default_value_t = Protocol::Tcp)]
     pub proto: Protocol,
@@ -199,7 +203,14 @@ pub fn explain(root: &Path, args: &ExplainArgs) -> Result<String, InspectError> 
     let mut snapshot = pins::read(root)?;
     // To name netns-keyed affinity entries and find the client's namespace by its address.
     snapshot.netns = pins::netns();
-    let query = explain::Query { from: args.from, to: args.to, proto: args.proto.number() };
+    let query = explain::Query { from: args.from, from_port: args.from_port, to: args.to, proto: args.proto.number() };
+    // The one Maglev table the answer may need, read whole (a lookup per slot).
+    let master = proxy_common::service::ServiceKey::master(args.to.ip().octets(), args.to.port(), query.proto);
+    if let Some(m) = snapshot.services.get(&master).filter(|m| m.flags & proxy_common::service::SVC_F_MAGLEV != 0)
+        && let Some(slots) = pins::maglev_slots(root, m.service_id)
+    {
+        snapshot.maglev_slots.insert(m.service_id, slots);
+    }
     let explanation = explain::explain(&snapshot, &query);
     Ok(match args.output {
         Format::Table => render::explanation(&explanation),

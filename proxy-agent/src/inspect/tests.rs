@@ -120,7 +120,7 @@ fn etp_local(local: &[u32]) -> Build {
 }
 
 fn query(from: &str, to: &str, port: u16) -> Query {
-    Query { from: ip(from), to: SocketAddrV4::new(ip(to), port), proto: TCP }
+    Query { from: ip(from), from_port: None, to: SocketAddrV4::new(ip(to), port), proto: TCP }
 }
 
 // ---- view: services ----

@@ -13,6 +13,10 @@ use super::{
     recorder::Recorder,
 };
 use crate::{
+    inspect::{
+        explain::{Query, Verdict, explain, snapshot_of},
+        view,
+    },
     maglev::{self, LB_ALGORITHM_ANNOTATION, LbAlgorithm, MaglevSettings},
     model::service_frontends,
 };
@@ -125,4 +129,47 @@ fn the_flag_chooses_maglev_unless_the_annotation_says_otherwise() {
         let reported = desired.skipped.iter().any(|s| s.field.contains(LB_ALGORITHM_ANNOTATION));
         assert_eq!(reported, annotation == Some("round-robin"), "{rule}: only a bad value is reported");
     }
+}
+
+/// `inspect services` says which frontends hash and with which table; `explain` names the slot
+/// and backend of a flow from outside, as the kernel computes it, and keeps the socket path
+/// random.
+#[test]
+fn inspect_shows_the_algorithm_and_explain_names_the_maglev_slot() {
+    let writer = programmed(&[maglev_service(&[2, 3, 4])]);
+    let mut snapshot = snapshot_of(writer.store());
+    let settings = MaglevSettings::default();
+    snapshot.maglev_seed = Some(settings.flow_seed());
+    let frontends = view::services(&snapshot);
+    let by_address = |address: Ipv4Addr| frontends.iter().find(|f| f.address == address).expect("a frontend");
+    let node_port = by_address(NODE_IP);
+    assert_eq!((node_port.algorithm, node_port.maglev_table_size), ("maglev", Some(16_381)));
+    assert!(node_port.policies.contains(&"maglev M=16381".to_owned()), "{:?}", node_port.policies);
+    assert_eq!((by_address(CLUSTER_IP).algorithm, by_address(CLUSTER_IP).maglev_table_size), ("random", None));
+
+    let client = Ipv4Addr::new(172, 18, 0, 100);
+    let to = std::net::SocketAddrV4::new(NODE_IP, NODE_PORT);
+    let answer =
+        explain(&snapshot, &Query { from: client, from_port: Some(40_000), to, proto: proxy_common::proto::TCP });
+    let outside = answer.paths.iter().find(|p| p.origins.contains(&crate::inspect::explain::Origin::Outside)).unwrap();
+    let flow = proxy_common::conntrack::CtKey {
+        src: client.octets(),
+        dst: NODE_IP.octets(),
+        sport: 40_000,
+        dport: NODE_PORT,
+        proto: proxy_common::proto::TCP,
+        _pad: [0; 3],
+    };
+    let slot = proxy_common::maglev::slot(proxy_common::maglev::flow_hash(&flow, settings.flow_seed()), 16_381);
+    let backend_id = expected_table(&writer, &[2, 3, 4])[slot as usize];
+    let backend = writer.store().maps.backends[&backend_id];
+    assert_eq!((outside.verdict, outside.maglev_slot), (Verdict::Maglev, Some(slot)));
+    let named = format!("{}:{}", Ipv4Addr::from(backend.address), backend.port);
+    assert!(
+        outside.summary.contains(&named) && outside.summary.contains(&format!("slot {slot} of 16381")),
+        "{}",
+        outside.summary
+    );
+    let node = answer.paths.iter().find(|p| p.origins.contains(&crate::inspect::explain::Origin::Node)).unwrap();
+    assert_eq!(node.verdict, Verdict::Random, "the socket path stays random");
 }

@@ -73,10 +73,11 @@ impl MaglevSettings {
         fmix32(hash64(&self.seed, 0, &[]) as u32)
     }
 
-    /// Kernel memory of one table: 4 bytes a slot, plus the size entry and the array's header
-    /// (about a page of bookkeeping per map).
+    /// Kernel memory of one table: the kernel rounds array elements up to 8 bytes, so 8 bytes a
+    /// slot and the size entry, plus the map's bookkeeping (`bpftool map show` reports 131 368
+    /// bytes at the default size).
     pub fn table_bytes(&self) -> u64 {
-        4 * (u64::from(self.table_size) + 1) + 4096
+        8 * (u64::from(self.table_size) + 1) + 312
     }
 }
 

@@ -247,3 +247,52 @@ fn removing_a_backend_keeps_established_flows_and_moves_new_ones_as_the_table_pr
         assert_eq!(ask(&cluster.topology.client, ports.clone()), want, "new flows through node-{}", node + 1);
     }
 }
+
+/// Runs `proxy-agent <args> --bpf-root ROOT -o json` against `agent`'s pins and parses it.
+fn cli_json(agent: &Agent, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(AGENT)
+        .args(args)
+        .arg("--bpf-root")
+        .arg(agent.bpf_root())
+        .args(["-o", "json"])
+        .output()
+        .expect("running proxy-agent");
+    assert!(out.status.success(), "proxy-agent {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("proxy-agent {args:?}: no JSON ({e})"))
+}
+
+/// Issue 16: `inspect services` shows the algorithm per frontend, read from the real pins, and
+/// `explain` names the Maglev slot and backend a flow takes, the one it does take.
+#[test]
+fn inspect_shows_maglev_frontends_and_explain_names_the_slot_the_flow_takes() {
+    let cluster = Cluster::new();
+    let pods = cluster.pods(&[]);
+    cluster.serve(&pods);
+    let agent = &cluster.agents[0];
+    let services = cli_json(agent, &["inspect", "services"]);
+    let frontends = services.as_array().expect("a list of frontends");
+    let algorithm = |address: &str, port: u64| {
+        let f = frontends.iter().find(|f| f["address"] == address && f["port"] == port && f["protocol"] == "TCP");
+        f.map(|f| (f["algorithm"].clone(), f["maglev_table_size"].clone())).expect("the frontend is listed")
+    };
+    let size = serde_json::json!(TABLE_SIZE);
+    assert_eq!(algorithm(&EXTERNAL_IP.to_string(), SEED_PORT.into()), ("maglev".into(), size.clone()));
+    assert_eq!(algorithm(&NODE_IPS[0].to_string(), 30_066), ("maglev".into(), size));
+    assert_eq!(algorithm("10.96.0.10", SEED_PORT.into()), ("random".into(), serde_json::Value::Null), "ClusterIP");
+
+    let port = 44_000;
+    let to = format!("{EXTERNAL_IP}:{SEED_PORT}");
+    let answer =
+        cli_json(agent, &["explain", "--from", &CLIENT_IP.to_string(), "--from-port", &port.to_string(), "--to", &to]);
+    let paths = answer["paths"].as_array().expect("paths");
+    let outside = paths.iter().find(|p| p["verdict"] == "maglev").expect("a Maglev path for traffic from outside");
+    let table = predicted_table(&pods);
+    let want = predicted(&table, port);
+    let slot = outside["maglev_slot"].as_u64().expect("the slot is named") as usize;
+    assert_eq!(table[slot - 1], want, "explain's slot holds the predicted pod");
+    let want_ip = address_of(&pods, &want);
+    let summary = outside["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains(&format!("{want_ip}:{TARGET_PORT}")), "{summary}");
+    cluster.route_through(0);
+    assert_eq!(ask(&cluster.topology.client, port..port + 1)[&port], want, "the flow goes where explain said");
+}

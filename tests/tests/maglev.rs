@@ -22,6 +22,7 @@ use proxy_agent::{
 use proxy_common::{
     conntrack::CtKey,
     maglev::{TABLE_SIZE_INDEX, flow_hash, slot},
+    maps,
     proto::TCP,
     service::ServiceKey,
 };
@@ -125,13 +126,8 @@ fn wait_for_table(agent: &Agent, want: &[Ipv4Addr]) {
     let deadline = std::time::Instant::now() + WAIT;
     let master = ServiceKey::master(EXTERNAL_IP.octets(), SEED_PORT, TCP);
     loop {
-        let maps = agent.maps().expect("the agent's pinned maps");
-        let backends: BTreeMap<u32, Ipv4Addr> = maps.backends().map(|(id, b)| (id, b.address.into())).collect();
-        let table = maps.services().find(|(key, _)| *key == master).map(|(_, value)| value.service_id);
-        let held: Option<Vec<Ipv4Addr>> =
-            table.filter(|&id| maps.maglev_entry(id, TABLE_SIZE_INDEX) == Some(TABLE_SIZE)).and_then(|id| {
-                (1..=TABLE_SIZE).map(|i| maps.maglev_entry(id, i).and_then(|b| backends.get(&b).copied())).collect()
-            });
+        // A starting agent may not have pinned its maps yet.
+        let held = agent.maps().ok().and_then(|maps| held_table(&maps, &master));
         if held.as_deref() == Some(want) {
             return;
         }
@@ -142,6 +138,16 @@ fn wait_for_table(agent: &Agent, want: &[Ipv4Addr]) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The backend addresses, by slot, of the Maglev table of `master`'s backend set.
+fn held_table(maps: &proxy_agent::datapath::AyaMaps, master: &ServiceKey) -> Option<Vec<Ipv4Addr>> {
+    let backends: BTreeMap<u32, Ipv4Addr> = maps.backends().map(|(id, b)| (id, b.address.into())).collect();
+    let id = maps.services().find(|(key, _)| key == master).map(|(_, value)| value.service_id)?;
+    if maps.maglev_entry(id, TABLE_SIZE_INDEX) != Some(TABLE_SIZE) {
+        return None;
+    }
+    (1..=TABLE_SIZE).map(|i| maps.maglev_entry(id, i).and_then(|b| backends.get(&b).copied())).collect()
 }
 
 /// An open connection and the greeting it got, or why it failed.
@@ -295,4 +301,47 @@ fn inspect_shows_maglev_frontends_and_explain_names_the_slot_the_flow_takes() {
     assert!(summary.contains(&format!("{want_ip}:{TARGET_PORT}")), "{summary}");
     cluster.route_through(0);
     assert_eq!(ask(&cluster.topology.client, port..port + 1)[&port], want, "the flow goes where explain said");
+}
+
+/// The id of the map pinned at `path` (`bpftool -j map show pinned`).
+fn map_id(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(path)
+        .output()
+        .expect("running bpftool");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    shown["id"].as_u64().unwrap_or_else(|| panic!("no map pinned at {}", path.display()))
+}
+
+/// Pins left by an agent from before Maglev (no `maglev`, `maglev_config`) are adopted as they
+/// are: every other map keeps its id, the Maglev maps are created beside them and the first
+/// sync writes the tables, which then serve flows from outside.
+#[test]
+fn pins_from_before_maglev_are_adopted_and_the_tables_written() {
+    let mut cluster = Cluster::new();
+    let pods = cluster.pods(&[]);
+    cluster.serve(&pods);
+    let node = &cluster.topology.nodes[0];
+    let (root, cgroup) = (cluster.agents[0].bpf_root().to_owned(), node.cgroup.path().to_owned());
+    cluster.agents[0].terminate(WAIT).expect("the agent exits on SIGTERM");
+    for map in [maps::MAGLEV, maps::MAGLEV_CONFIG] {
+        std::fs::remove_file(root.join(map)).expect("unpinning a map an older agent never pinned");
+    }
+    let others: Vec<&str> =
+        maps::ALL.iter().copied().filter(|m| ![maps::MAGLEV, maps::MAGLEV_CONFIG].contains(m)).collect();
+    let ids = || -> Vec<u64> { others.iter().map(|m| map_id(&root.join(m))).collect() };
+    let before = ids();
+    let size = TABLE_SIZE.to_string();
+    let flags = cluster.manifests.agent_flags("node-1", &["--lb-algorithm", "maglev", "--maglev-table-size", &size]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    cluster.agents[0].restart(AGENT.as_ref(), &cgroup, &flags).expect("a new agent");
+    let want: Vec<Ipv4Addr> = predicted_table(&pods).into_iter().map(|name| address_of(&pods, &name)).collect();
+    wait_for_table(&cluster.agents[0], &want);
+    assert_eq!(ids(), before, "every other map adopted, not recreated");
+    cluster.route_through(0);
+    let table = predicted_table(&pods);
+    let ports = 45_000..45_020;
+    let want: BTreeMap<u16, String> = ports.clone().map(|p| (p, predicted(&table, p))).collect();
+    assert_eq!(ask(&cluster.topology.client, ports), want, "the new tables serve");
 }

@@ -120,10 +120,10 @@ pub struct RunArgs {
     pub lb_algorithm: LbAlgorithm,
 
     /// Slots per Maglev table: a prime in [251, 65521]; 16381 by default, as Cilium. Keep it
-    /// above 100 times the largest backend set (imbalance near 1 %). A table costs 8 bytes a
-    /// slot (128 KiB at 16381) and exists only for a service port that uses Maglev and has an
+    /// above 100 times the largest backend set (imbalance near 1 %). A table costs 4 bytes a
+    /// slot (64 KiB at 16381) and exists only for a service port that uses Maglev and has an
     /// external frontend with endpoints (one per port, shared by its frontends): 10 000 such
-    /// services take 1.2 GiB at 16381, 81 MiB at 1021. The number of tables is bounded by
+    /// services take 628 MiB at 16381, 42 MiB at 1021. The number of tables is bounded by
     /// --services-map-size. Every node must use the same value.
     #[arg(long, value_name = "N", default_value_t = proxy_common::maglev::TABLE_SIZE_DEFAULT, value_parser = maglev::parse_table_size)]
     pub maglev_table_size: u32,

@@ -73,11 +73,10 @@ impl MaglevSettings {
         fmix32(hash64(&self.seed, 0, &[]) as u32)
     }
 
-    /// Kernel memory of one table: the kernel rounds array elements up to 8 bytes, so 8 bytes a
-    /// slot and the size entry, plus the map's bookkeeping (`bpftool map show` reports 131 368
-    /// bytes at the default size).
+    /// Kernel memory of one table: 8-byte elements holding the size and two slots each, plus
+    /// the map's bookkeeping (`bpftool map show` reports 65 848 bytes at the default size).
     pub fn table_bytes(&self) -> u64 {
-        8 * (u64::from(self.table_size) + 1) + 312
+        8 * u64::from(proxy_common::maglev::inner_entries(self.table_size)) + 312
     }
 }
 
@@ -276,6 +275,13 @@ mod tests {
         let b = MaglevSettings { seed: "other".into(), ..MaglevSettings::default() };
         assert_eq!(a.flow_seed(), MaglevSettings::default().flow_seed());
         assert_ne!(a.flow_seed(), b.flow_seed());
+    }
+
+    /// As `bpftool map show` reported for tables of these sizes on this project's kernel.
+    #[test]
+    fn the_table_memory_matches_what_the_kernel_reports() {
+        let bytes = |table_size| MaglevSettings { table_size, ..MaglevSettings::default() }.table_bytes();
+        assert_eq!((bytes(16_381), bytes(1021)), (65_848, 4408));
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Maglev consistent hashing (Eisenbud et al., NSDI 2016), the part both sides share: the table
 //! sizes, the layout of a table, the `maglev_config` value and the flow hash.
 //!
-//! A table is an inner `u32` array of the `maglev` map-in-map, keyed by the id of the backend
-//! set it serves (`affinity::affinity_service_id`): index [`TABLE_SIZE_INDEX`] holds the table
-//! size `M`, indexes `1..=M` hold backend ids. A new flow to a frontend whose master has
-//! `SVC_F_MAGLEV` takes the backend at `1 + hash % M`. The agent builds a whole new array and
+//! A table is an inner `u64` array of the `maglev` map-in-map, keyed by the id of the backend
+//! set it serves (`affinity::affinity_service_id`): element [`TABLE_SIZE_INDEX`] holds the table
+//! size `M`, the elements after it the backend ids of slots `1..=M`, two to an element
+//! ([`slot_place`]): the kernel rounds array elements up to 8 bytes, so one `u32` an element
+//! would cost twice the memory. A new flow to a frontend whose master has `SVC_F_MAGLEV` takes
+//! the backend in slot `1 + hash % M`. The agent builds a whole new array and
 //! swaps it into the outer map with one update, so a lookup sees the old table or the new one,
 //! never a mix; carrying its own size makes every table readable whatever `--maglev-table-size`
 //! the agent that wrote it had.
@@ -20,12 +22,34 @@ pub const TABLE_SIZE_MIN: u32 = 251;
 /// event's and `explain`'s 16-bit slot field. 65 521 slots serve 655 backends at ~1 % imbalance.
 pub const TABLE_SIZE_MAX: u32 = 65_521;
 
-/// Index of the table size in a table; the slots follow it.
+/// Element of a table holding its size; the slots follow it.
 pub const TABLE_SIZE_INDEX: u32 = 0;
 
-/// Entries of the inner array holding a table of `table_size` slots (the size comes first).
+/// Elements of the inner array holding a table of `table_size` slots: the size, then two
+/// slots an element.
 pub const fn inner_entries(table_size: u32) -> u32 {
-    table_size + 1
+    1 + table_size.div_ceil(2)
+}
+
+/// Where slot `slot` (`1..=M`) is: its element, and the shift of its half (0: the low 32 bits,
+/// 32: the high ones).
+#[inline(always)]
+pub const fn slot_place(slot: u32) -> (u32, u32) {
+    let i = slot.saturating_sub(1);
+    (1 + i / 2, (i % 2) * 32)
+}
+
+/// The backend id in the half of `element` at `shift` ([`slot_place`]).
+#[inline(always)]
+pub const fn slot_value(element: u64, shift: u32) -> u32 {
+    (element >> shift) as u32
+}
+
+/// The elements of the table whose slots are `slots` (slot `i + 1` is `slots[i]`): its size,
+/// then the slots two to an element.
+pub fn elements(slots: &[u32]) -> impl Iterator<Item = u64> + '_ {
+    let pairs = slots.chunks(2).map(|pair| u64::from(pair[0]) | u64::from(pair.get(1).copied().unwrap_or(0)) << 32);
+    core::iter::once(slots.len() as u64).chain(pairs)
 }
 
 /// Value of the `maglev_config` array at index 0, written by the agent from
@@ -104,6 +128,19 @@ mod tests {
             assert_ne!(flow_hash(&other, 7), base, "{other:?}");
         }
         assert_ne!(flow_hash(&key, 8), base, "the seed counts");
+    }
+
+    #[test]
+    fn slots_pack_two_to_an_element_after_the_size() {
+        let slots = [11, 12, 13, 14, 15];
+        let packed: [u64; 4] = [5, 11 | 12 << 32, 13 | 14 << 32, 15];
+        assert!(elements(&slots).eq(packed));
+        assert_eq!(inner_entries(5), 4);
+        for (i, &id) in slots.iter().enumerate() {
+            let (element, shift) = slot_place(i as u32 + 1);
+            assert_eq!(slot_value(packed[element as usize], shift), id, "slot {}", i + 1);
+        }
+        assert_eq!(inner_entries(TABLE_SIZE_DEFAULT), 8192, "64 KiB at the default size");
     }
 
     #[test]

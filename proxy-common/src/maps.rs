@@ -38,7 +38,7 @@ pub const TRACE_EVENTS: &str = "trace_events";
 /// one entry at index 0.
 pub const TRACE_ON: &str = "trace_on";
 
-/// Maglev tables (`crate::maglev`): a hash of maps, backend-set id → inner `u32` array.
+/// Maglev tables (`crate::maglev`): a hash of maps, backend-set id → inner `u64` array (the size, then two slots an element).
 pub const MAGLEV: &str = "maglev";
 /// The flow hash's seed ([`crate::maglev::MaglevConfig`]), one entry at index 0.
 pub const MAGLEV_CONFIG: &str = "maglev_config";

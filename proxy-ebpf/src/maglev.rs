@@ -4,7 +4,7 @@
 use proxy_common::{
     backend::BackendId,
     conntrack::CtKey,
-    maglev::{TABLE_SIZE_INDEX, flow_hash, hash_bytes, slot},
+    maglev::{TABLE_SIZE_INDEX, flow_hash, hash_bytes, slot, slot_place, slot_value},
 };
 
 use crate::maps::{MAGLEV, MAGLEV_CONFIG};
@@ -23,12 +23,13 @@ pub fn hash<const N: usize>(flow: &CtKey, client: &[u8; N], affinity: bool) -> u
 pub fn pick(table: u32, hash: u32) -> Option<(u16, BackendId)> {
     // SAFETY: the inner map is only read here; the agent replaces tables whole, never in place.
     let inner = unsafe { MAGLEV.get(&table) }?;
-    let size = *inner.get(TABLE_SIZE_INDEX)?;
+    let size = *inner.get(TABLE_SIZE_INDEX)? as u32;
     if size == 0 {
         return None;
     }
     let slot = slot(hash, size);
-    let id = *inner.get(slot)?;
+    let (element, shift) = slot_place(slot);
+    let id = slot_value(*inner.get(element)?, shift);
     // Table sizes are at most TABLE_SIZE_MAX < 2^16 (the agent refuses larger ones).
     Some((slot as u16, id))
 }

@@ -99,9 +99,10 @@ pub static TRACE_ON: Array<TraceUntil, 1> = Array::new();
 /// carries its size, `proxy_common::maglev`), so `--maglev-table-size` needs no new object.
 const MAGLEV_TABLE: usize = BPF_F_INNER_MAP as usize;
 
-/// One Maglev table: index 0 holds its size `M`, `1..=M` backend ids. The size here is only
-/// the template's; the agent creates each table with the size it was asked for.
-pub type MaglevTable = Array<u32, { inner_entries(TABLE_SIZE_DEFAULT) as usize }, MAGLEV_TABLE>;
+/// One Maglev table: element 0 holds its size `M`, the rest the backend ids of slots `1..=M`,
+/// two to an element (`proxy_common::maglev::slot_place`). The size here is only the
+/// template's; the agent creates each table with the size it was asked for.
+pub type MaglevTable = Array<u64, { inner_entries(TABLE_SIZE_DEFAULT) as usize }, MAGLEV_TABLE>;
 
 /// Backend-set id (`affinity_service_id`) → its Maglev table. The agent swaps a whole new
 /// table in with one update, so a lookup never sees a half-built one.

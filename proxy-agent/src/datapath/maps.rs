@@ -18,7 +18,7 @@ use proxy_common::{
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
-    maglev::{MaglevConfig, TABLE_SIZE_INDEX, inner_entries},
+    maglev::{MaglevConfig, TABLE_SIZE_INDEX, elements, inner_entries, slot_place, slot_value},
     maps,
     service::{SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
@@ -325,11 +325,10 @@ impl MapStore for AyaMaps {
     fn put_maglev_table(&mut self, id: u32, slots: &[BackendId]) -> Result<(), WriteError> {
         let size = slots.len() as u32;
         // A new inner array each time, filled before it is reachable, then swapped in whole.
-        let def = aya_obj::Map::new_from_params(ARRAY, 4, 4, inner_entries(size), INNER_MAP);
+        let def = aya_obj::Map::new_from_params(ARRAY, 4, 8, inner_entries(size), INNER_MAP);
         let table = MapData::create(def, "maglev_table", None).map_err(on(maps::MAGLEV))?;
-        let values: Vec<u32> = std::iter::once(size).chain(slots.iter().copied()).collect();
-        debug_assert_eq!(TABLE_SIZE_INDEX, 0, "the size comes first");
-        crate::sys::bpf::fill_u32_array(table.fd().as_fd(), &values).map_err(|io_error| {
+        let values: Vec<u64> = elements(slots).collect();
+        crate::sys::bpf::fill_u64_array(table.fd().as_fd(), &values).map_err(|io_error| {
             on(maps::MAGLEV)(MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error }))
         })?;
         // The outer map keeps the table; this descriptor (and the replaced table, once no
@@ -346,9 +345,23 @@ impl MapStore for AyaMaps {
     }
 
     fn maglev_entry(&self, id: u32, index: u32) -> Option<u32> {
-        let table = self.maglev.get(&id, 0).ok()?;
-        crate::sys::bpf::lookup_u32(table.fd().as_fd(), index).ok().flatten()
+        table_entry(&self.maglev.get(&id, 0).ok()?, index)
     }
+}
+
+/// Entry `index` of the Maglev table `table` (0: its size, `1..=size`: the slots), unpacked
+/// from its `u64` elements (`proxy_common::maglev::slot_place`).
+pub(crate) fn table_entry(table: &MapData, index: u32) -> Option<u32> {
+    let element = |i| crate::sys::bpf::lookup_u64(table.fd().as_fd(), i).ok().flatten();
+    let size = element(TABLE_SIZE_INDEX)? as u32;
+    if index == TABLE_SIZE_INDEX {
+        return Some(size);
+    }
+    if index > size {
+        return None;
+    }
+    let (at, shift) = slot_place(index);
+    Some(slot_value(element(at)?, shift))
 }
 
 /// `BPF_MAP_TYPE_ARRAY`, a Maglev table's type.

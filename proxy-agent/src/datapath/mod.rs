@@ -30,6 +30,7 @@ use std::{
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
 use proxy_common::maps as names;
 
+pub(crate) use self::maps::table_entry as maglev_table_entry;
 pub use self::{
     attacher::{Attach, Attacher, Schedule},
     bpffs::{ensure_bpffs, find_cgroup2_mount},

@@ -109,8 +109,7 @@ struct InnerTable(aya::maps::MapData);
 
 impl InnerTable {
     fn entry(&self, index: u32) -> Option<u32> {
-        use std::os::fd::AsFd as _;
-        sys::bpf::lookup_u32(self.0.fd().as_fd(), index).ok().flatten()
+        crate::datapath::maglev_table_entry(&self.0, index)
     }
 
     fn size(&self) -> Option<u32> {

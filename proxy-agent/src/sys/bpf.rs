@@ -279,10 +279,10 @@ struct Batch {
     flags: u64,
 }
 
-/// Writes `values` into the `u32` array map `fd` at indexes `0..values.len()` with
+/// Writes `values` into the `u64` array map `fd` at indexes `0..values.len()` with
 /// `BPF_MAP_UPDATE_BATCH`: one call for a whole Maglev table where element updates would take
-/// one each (16 382 for the default size).
-pub fn fill_u32_array(fd: BorrowedFd<'_>, values: &[u32]) -> io::Result<()> {
+/// one each (8 192 for the default size).
+pub fn fill_u64_array(fd: BorrowedFd<'_>, values: &[u64]) -> io::Result<()> {
     let keys: Vec<u32> = (0..values.len() as u32).collect();
     let mut done = 0;
     while done < values.len() {
@@ -307,9 +307,9 @@ pub fn fill_u32_array(fd: BorrowedFd<'_>, values: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
-/// The `u32` at `index` of array map `fd` (`BPF_MAP_LOOKUP_ELEM`); `None` past its end.
-pub fn lookup_u32(fd: BorrowedFd<'_>, index: u32) -> io::Result<Option<u32>> {
-    let mut value = 0u32;
+/// The `u64` at `index` of array map `fd` (`BPF_MAP_LOOKUP_ELEM`); `None` past its end.
+pub fn lookup_u64(fd: BorrowedFd<'_>, index: u32) -> io::Result<Option<u64>> {
+    let mut value = 0u64;
     let mut attr = Elem {
         map_fd: fd.as_raw_fd() as u32,
         _pad: 0,

@@ -63,6 +63,7 @@ impl<S: MapStore> Writer<S> {
             (!backends.is_empty()).then(|| (p.master.service_id, backends.into_iter().collect::<Vec<_>>()))
         });
         let old = self.maglev.of.remove(&frontend);
+        let new_id = want.as_ref().map(|(id, _)| *id);
         if let Some((id, backends)) = want {
             self.maglev.of.insert(frontend, id);
             let table = self.maglev.by_id.entry(id).or_default();
@@ -72,7 +73,7 @@ impl<S: MapStore> Writer<S> {
                 self.write_table(id);
             }
         }
-        if let Some(old) = old.filter(|old| Some(*old) != want_id(&self.maglev.of, &frontend)) {
+        if let Some(old) = old.filter(|old| Some(*old) != new_id) {
             self.release_table(old, frontend);
         }
     }
@@ -136,9 +137,4 @@ impl<S: MapStore> Writer<S> {
         }
         Ok(())
     }
-}
-
-/// The table id `frontend` uses now.
-fn want_id(of: &HashMap<Frontend, u32>, frontend: &Frontend) -> Option<u32> {
-    of.get(frontend).copied()
 }

@@ -550,3 +550,30 @@ fn maglev_with_client_ip_affinity_hashes_the_client_address_only() {
         }
     });
 }
+
+#[test]
+fn trace_names_a_maglev_pick_with_its_table_slot() {
+    // Flow: client:40000 → node:30066 SYN at a Maglev nodePort ⇒ a `tc` line with pick
+    // `maglev` and the slot of its 5-tuple's hash.
+    with_bed("maglev-trace", |bed| {
+        let settings = maglev_service(bed, 0, 0);
+        let wait = std::time::Duration::from_secs(5);
+        let trace = Trace::start(env!("CARGO_BIN_EXE_agent").as_ref(), &bed.root, &[], wait).expect("trace");
+        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN)).verdict, REDIRECT);
+        let lines = trace.collect(wait, |seen| !seen.is_empty());
+        trace.stop(wait).expect("trace stops on SIGTERM");
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        let key = CtKey {
+            src: CLIENT.ip().octets(),
+            dst: NODE.octets(),
+            sport: CLIENT.port(),
+            dport: NODE_PORT,
+            proto: TCP,
+            _pad: [0; 3],
+        };
+        let hash = proxy_common::maglev::flow_hash(&key, settings.flow_seed());
+        let slot = proxy_common::maglev::slot(hash, settings.table_size);
+        assert_eq!((lines[0]["pick"].as_str(), lines[0]["slot"].as_u64()), (Some("maglev"), Some(u64::from(slot))));
+        assert_eq!(lines[0]["backend"], format!("{}:{TARGET_PORT}/TCP", pod_in_slot(&settings, hash)));
+    });
+}

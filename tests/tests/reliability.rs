@@ -639,12 +639,13 @@ fn an_upgrade_that_changes_map_layouts_drops_nothing() {
     for (name, held) in names.iter().zip(&held) {
         assert_eq!(held.answered(), 1, "{name}: the long-lived connection kept working: {held:?}");
     }
-    // service_names and source_ranges are sized from --services-map-size.
+    // service_names, source_ranges and maglev are sized from --services-map-size.
     let replaced = [
         proxy_common::maps::SERVICES,
         proxy_common::maps::BACKENDS,
         proxy_common::maps::SERVICE_NAMES,
         proxy_common::maps::SOURCE_RANGES,
+        proxy_common::maps::MAGLEV,
     ];
     for name in proxy_common::maps::ALL {
         let (id, size) = info(name);
@@ -654,7 +655,7 @@ fn an_upgrade_that_changes_map_layouts_drops_nothing() {
         }
     }
     let sizes = replaced.map(|name| info(name).1);
-    assert_eq!(sizes, [SERVICES_SIZE, BACKENDS_SIZE, SERVICES_SIZE, SERVICES_SIZE], "the new sizes");
+    assert_eq!(sizes, [SERVICES_SIZE, BACKENDS_SIZE, SERVICES_SIZE, SERVICES_SIZE, SERVICES_SIZE], "the new sizes");
     assert_eq!(snapshot(&root), before, "the same services and backends, with the same ids");
     assert!(record.is_dir(), "the layout is recorded again");
     assert!(!root.join(format!("upgrade-v{}", proxy_common::maps::LAYOUT_VERSION)).exists(), "no staging left");

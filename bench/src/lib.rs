@@ -43,7 +43,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// The options every bench binary takes: `--quick` (fewer sizes and repetitions, for CI),
 /// `--json` (print the result as one JSON document on stdout; progress always goes to stderr),
 /// and, to look at one point, `--sizes N,N,...` (only these service counts) and `--datapaths
-/// ours,iptables,nftables` (only these datapaths).
+/// ours,iptables,nftables` (only these datapaths; bench_connect adds `ours-mapped` and `ours-ipv6`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Opts {
     /// The small version: N = 1 and 1 000, fewer repetitions.
@@ -354,8 +354,14 @@ fn listen_in(ns: &Netns, port: u16) -> anyhow::Result<TcpListener> {
     std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<TcpListener> {
             ns.enter()?;
-            let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-            TcpListener::bind(any).with_context(|| format!("binding {any} in {}", ns.name()))
+            // Both families on one socket (IPV6_V6ONLY off), as a dual-stack pod listens.
+            let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+            socket.set_only_v6(false)?;
+            socket.set_reuse_address(true)?;
+            let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+            socket.bind(&any.into()).with_context(|| format!("binding {any} in {}", ns.name()))?;
+            socket.listen(1024)?;
+            Ok(socket.into())
         })
         .join()
         .map_err(|_| anyhow::anyhow!("the bind thread panicked"))?
@@ -590,13 +596,14 @@ pub fn connect_loop(to: SocketAddr, warmup: usize, count: usize, budget: Duratio
 }
 
 /// One connection: socket, SO_LINGER 0, connect (1 s timeout), write a byte, read the answer,
-/// close; returns the answer.
+/// close; returns the answer. The socket's family is `to`'s: an IPv4-mapped `to` is an AF_INET6
+/// socket to an IPv4 address, as a dual-stack application connects.
 fn connect_once(to: SocketAddr) -> std::io::Result<String> {
-    let SocketAddr::V4(to) = to else { return Err(std::io::ErrorKind::Unsupported.into()) };
+    let family = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket syscalls on a descriptor owned by this function and closed on every
     // path; the structs passed live for the duration of each call.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -625,13 +632,28 @@ fn connect_once(to: SocketAddr) -> std::io::Result<String> {
                 (&raw const timeout).cast(),
                 size(size_of_val(&timeout)),
             );
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: to.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
-                sin_zero: [0; 8],
+            let connected = match to {
+                SocketAddr::V4(to) => {
+                    let addr = libc::sockaddr_in {
+                        sin_family: libc::AF_INET as libc::sa_family_t,
+                        sin_port: to.port().to_be(),
+                        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
+                        sin_zero: [0; 8],
+                    };
+                    libc::connect(fd, (&raw const addr).cast(), size(size_of_val(&addr)))
+                }
+                SocketAddr::V6(to) => {
+                    let addr = libc::sockaddr_in6 {
+                        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                        sin6_port: to.port().to_be(),
+                        sin6_flowinfo: 0,
+                        sin6_addr: libc::in6_addr { s6_addr: to.ip().octets() },
+                        sin6_scope_id: 0,
+                    };
+                    libc::connect(fd, (&raw const addr).cast(), size(size_of_val(&addr)))
+                }
             };
-            if libc::connect(fd, (&raw const addr).cast(), size(size_of_val(&addr))) != 0 {
+            if connected != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::write(fd, b"x".as_ptr().cast(), 1) != 1 {

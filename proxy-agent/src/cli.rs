@@ -61,13 +61,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub hostname_override: Option<String>,
 
-    /// Comma-separated CIDRs: only node addresses inside them serve nodePorts (default: all).
+    /// Comma-separated CIDRs of either family: only node addresses inside them serve nodePorts
+    /// (default: all).
     #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
     pub nodeport_addresses: Vec<Cidr>,
 
-    /// The pod CIDR range of the cluster.
-    #[arg(long, value_name = "CIDR")]
-    pub cluster_cidr: Option<Cidr>,
+    /// The pod CIDR ranges of the cluster, comma-separated, at most one per family (`v4,v6`, as
+    /// kube-proxy takes them).
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
+    pub cluster_cidr: Vec<Cidr>,
 
     /// bpffs directory where maps and links are pinned.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy", global = true)]
@@ -331,10 +333,24 @@ fn node_name(hostname_override: Option<&str>, hostname_file: &Path) -> anyhow::R
     Ok(name.to_lowercase())
 }
 
+/// `--cluster-cidr` as kube-proxy accepts it: one range, or two of different families
+/// (`10.244.0.0/16,fd00:10:244::/56`).
+fn check_cluster_cidrs(cidrs: &[Cidr]) -> anyhow::Result<()> {
+    let dual_stack = matches!(cidrs, [a, b] if a.family() != b.family());
+    anyhow::ensure!(
+        cidrs.len() <= 1 || dual_stack,
+        "--cluster-cidr {} (or clusterCIDR in --config): give one range, or one IPv4 and one IPv6 range \
+         separated by a comma",
+        cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    );
+    Ok(())
+}
+
 /// Runs the agent until SIGINT or SIGTERM. Programs and pinned maps stay in place on exit, so
 /// traffic keeps flowing and the next agent adopts them.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let node_name = node_name(args.hostname_override.as_deref(), Path::new(HOSTNAME_FILE))?;
+    check_cluster_cidrs(&args.cluster_cidr)?;
     crate::kube_proxy::warn_if_present();
     crate::preflight::check(&args.bpf_root, args.cgroup_path.as_deref())?;
     let cgroup = match &args.cgroup_path {
@@ -409,7 +425,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let upgrading = datapath.upgrading();
     let schedule = datapath::Schedule { rescan: INTERFACE_RESCAN, check_links: args.sync_period };
     let attacher = std::sync::Arc::new(
-        datapath::Attacher::spawn(datapath, syncer.node_updates(), args.cluster_cidr, schedule)
+        datapath::Attacher::spawn(datapath, syncer.node_updates(), args.cluster_cidr.clone(), schedule)
             .context("starting the datapath thread")?,
     );
     let datapath_thread = attacher.ended();
@@ -500,6 +516,39 @@ mod tests {
             assert!(error.contains(&format!("--maglev-table-size {bad}")), "{error}");
         }
         assert!(parse(&["--lb-algorithm", "round-robin"]).is_err());
+    }
+
+    #[test]
+    fn cidr_flags_take_both_families_comma_separated() {
+        let cli = Cli::try_parse_from([
+            "proxy-agent",
+            "--nodeport-addresses",
+            "172.18.0.0/16,fd00:172:18::/64",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:10:244::/56",
+        ])
+        .unwrap();
+        let text = |cidrs: &[Cidr]| cidrs.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(text(&cli.run.nodeport_addresses), ["172.18.0.0/16", "fd00:172:18::/64"]);
+        assert_eq!(text(&cli.run.cluster_cidr), ["10.244.0.0/16", "fd00:10:244::/56"]);
+        assert!(check_cluster_cidrs(&cli.run.cluster_cidr).is_ok());
+        let error = Cli::try_parse_from(["proxy-agent", "--nodeport-addresses", "fd00::/129"]).unwrap_err();
+        assert!(error.to_string().contains("fd00::/129"), "{error}");
+    }
+
+    #[test]
+    fn cluster_cidr_is_one_range_or_one_per_family() {
+        let cidrs = |list: &[&str]| list.iter().map(|c| c.parse::<Cidr>().unwrap()).collect::<Vec<_>>();
+        assert!(check_cluster_cidrs(&[]).is_ok());
+        assert!(check_cluster_cidrs(&cidrs(&["fd00:10:244::/56"])).is_ok());
+        for bad in [
+            &["10.244.0.0/16", "10.245.0.0/16"][..],
+            &["fd00::/56", "fd01::/56"],
+            &["10.0.0.0/8", "fd00::/8", "11.0.0.0/8"],
+        ] {
+            let error = check_cluster_cidrs(&cidrs(bad)).unwrap_err().to_string();
+            assert!(error.contains("one IPv4 and one IPv6"), "{error}");
+        }
     }
 
     #[test]

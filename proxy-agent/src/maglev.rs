@@ -12,7 +12,10 @@
 
 use std::collections::BTreeMap;
 
-use proxy_common::maglev::{TABLE_SIZE_DEFAULT, TABLE_SIZE_MAX, TABLE_SIZE_MIN, fmix32};
+use proxy_common::{
+    addr::Addr,
+    maglev::{TABLE_SIZE_DEFAULT, TABLE_SIZE_MAX, TABLE_SIZE_MIN, fmix32},
+};
 
 /// The default `--maglev-hash-seed`. Any string works; every node of a cluster must use the
 /// same one, or their tables (and flow hashes) differ.
@@ -117,9 +120,11 @@ pub fn is_prime(n: u32) -> bool {
     n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
-/// A backend's name for the permutation: its address bytes then its port in network order.
-/// Generic over the address width, so a wider address changes only the caller's type.
-pub fn backend_name<const N: usize>(address: [u8; N], port: u16) -> Vec<u8> {
+/// A backend's name for the permutation: the 16 bytes of its address in map form
+/// ([`proxy_common::addr`]: IPv4 as IPv4-mapped IPv6), then its port in network order. The map
+/// form, not the address's text: it has one spelling per address, so every node of either
+/// family builds the same table from the same backends.
+pub fn backend_name(address: Addr, port: u16) -> Vec<u8> {
     let mut name = address.to_vec();
     name.extend_from_slice(&port.to_be_bytes());
     name
@@ -184,11 +189,13 @@ pub fn build<T: Copy>(backends: &[(T, Vec<u8>)], table_size: u32, seed: &str) ->
 mod tests {
     use std::collections::HashMap;
 
+    use proxy_common::addr::from_v4;
+
     use super::*;
 
     /// `n` backends named like pods of 10.244.0.0/16 on port 8080, valued by index.
     fn backends(n: usize) -> Vec<(usize, Vec<u8>)> {
-        (0..n).map(|i| (i, backend_name([10, 244, (i / 250) as u8, (i % 250 + 1) as u8], 8080))).collect()
+        (0..n).map(|i| (i, backend_name(from_v4([10, 244, (i / 250) as u8, (i % 250 + 1) as u8]), 8080))).collect()
     }
 
     fn counts(table: &[usize]) -> HashMap<usize, usize> {
@@ -242,7 +249,7 @@ mod tests {
 
     #[test]
     fn duplicate_names_share_one_backend_and_no_backend_gives_no_table() {
-        let set = vec![(1, backend_name([10, 0, 0, 1], 80)), (2, backend_name([10, 0, 0, 1], 80))];
+        let set = vec![(1, backend_name(from_v4([10, 0, 0, 1]), 80)), (2, backend_name(from_v4([10, 0, 0, 1]), 80))];
         assert_eq!(counts(&build(&set, 251, DEFAULT_SEED)).len(), 1);
         assert!(build::<usize>(&[], 251, DEFAULT_SEED).is_empty());
     }

@@ -11,11 +11,16 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::model::SkipReason;
+use crate::model::{IpFamily, SkipReason};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabel {
+    family: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,7 +59,7 @@ struct Inner {
     skipped: Family<ReasonLabel, Counter>,
     sync_duration: Histogram,
     sync_errors: Counter,
-    frontends: Gauge,
+    frontends: Family<FamilyLabel, Gauge>,
     backends: Gauge,
     last_sync: Gauge,
     map_entries: Family<MapLabel, Gauge>,
@@ -86,8 +91,12 @@ impl Metrics {
         registry.register("sync_duration_seconds", "Time to compute and write one sync", sync_duration.clone());
         let sync_errors = Counter::default();
         registry.register("sync_errors", "Map writes that failed", sync_errors.clone());
-        let frontends = Gauge::default();
-        registry.register("frontends_programmed", "Service frontends in the datapath", frontends.clone());
+        let frontends = Family::<FamilyLabel, Gauge>::default();
+        registry.register(
+            "frontends_programmed",
+            "Service frontends in the datapath, by address family (ipv4, ipv6)",
+            frontends.clone(),
+        );
         let backends = Gauge::default();
         registry.register("backends_programmed", "Distinct backends in the datapath", backends.clone());
         let last_sync = Gauge::default();
@@ -159,7 +168,9 @@ impl Metrics {
     pub fn synced(&self, seconds: f64, report: &crate::sync::SyncReport) {
         self.inner.sync_duration.observe(seconds);
         self.inner.sync_errors.inc_by(report.errors + report.refused);
-        self.inner.frontends.set(report.frontends as i64);
+        for (family, count) in IpFamily::ALL.into_iter().zip(report.frontends_by_family) {
+            self.inner.frontends.get_or_create(&FamilyLabel { family: family.as_str() }).set(count as i64);
+        }
         self.inner.backends.set(report.backends as i64);
         let now = SystemTime::now();
         let mut status = self.inner.status.lock().unwrap_or_else(|e| e.into_inner());

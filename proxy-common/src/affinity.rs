@@ -1,6 +1,7 @@
 //! The `affinity` LRU map: `sessionAffinity: ClientIP` memory.
 
 use crate::{
+    addr::Addr,
     service::{SCOPE_INTERNAL, SERVICE_ID_LOCAL_SET, SVC_F_CLUSTER_IP, SVC_F_EXT_LOCAL, SVC_F_INT_LOCAL},
     user_pod,
 };
@@ -14,13 +15,14 @@ use crate::{
 pub struct AffinityKey {
     /// Socket path: the client's network namespace cookie. TC path: 0.
     pub netns_cookie: u64,
-    /// TC path: the client's IPv4 address, network byte order. Socket path: zero.
-    pub client: [u8; 4],
+    /// TC path: the client's address ([`crate::addr`]). Socket path: zero.
+    pub client: Addr,
     /// The id of the backend set the client was picked from: the `service_id` of the frontend's
     /// master in the scope the lookup used ([`affinity_service_id`]).
     pub service_id: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<AffinityKey>() == 16);
+const _: () = assert!(size_of::<AffinityKey>() == 32);
 
 /// Value of the `affinity` map.
 #[repr(C)]

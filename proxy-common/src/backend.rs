@@ -1,6 +1,6 @@
 //! The `backends` map: backend id → endpoint address.
 
-use crate::user_pod;
+use crate::{addr::Addr, user_pod};
 
 /// Key of the `backends` map. Ids are allocated by the agent; 0 is never used.
 pub type BackendId = u32;
@@ -9,8 +9,8 @@ pub type BackendId = u32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
-    /// Endpoint IPv4 address, network byte order.
-    pub address: [u8; 4],
+    /// Endpoint address ([`crate::addr`]: IPv4 as IPv4-mapped IPv6).
+    pub address: Addr,
     /// Endpoint port (the resolved targetPort), host byte order.
     pub port: u16,
     /// IP protocol ([`crate::proto`]).
@@ -18,7 +18,7 @@ pub struct Backend {
     /// `BACKEND_F_*` bits, for inspection.
     pub flags: u8,
 }
-const _: () = assert!(size_of::<Backend>() == 8);
+const _: () = assert!(size_of::<Backend>() == 20);
 
 /// The endpoint runs on this node.
 pub const BACKEND_F_LOCAL: u8 = 1 << 0;

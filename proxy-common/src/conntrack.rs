@@ -4,16 +4,16 @@
 //! and the reply direction (backend → client or node), whose value restores what the client
 //! expects (source = the frontend it connected to).
 
-use crate::user_pod;
+use crate::{addr::Addr, user_pod};
 
 /// Key of the `conntrack` map: a packet's 5-tuple as it arrives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
-    /// Source address, network byte order.
-    pub src: [u8; 4],
-    /// Destination address, network byte order.
-    pub dst: [u8; 4],
+    /// Source address ([`crate::addr`]).
+    pub src: Addr,
+    /// Destination address ([`crate::addr`]).
+    pub dst: Addr,
     /// Source port, host byte order.
     pub sport: u16,
     /// Destination port, host byte order.
@@ -22,16 +22,16 @@ pub struct CtKey {
     pub proto: u8,
     pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<CtKey>() == 16);
+const _: () = assert!(size_of::<CtKey>() == 40);
 
 /// Value of the `conntrack` map: the tuple to rewrite the packet to, and the flow's state.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtValue {
-    /// New source address, network byte order.
-    pub src: [u8; 4],
-    /// New destination address, network byte order.
-    pub dst: [u8; 4],
+    /// New source address ([`crate::addr`]).
+    pub src: Addr,
+    /// New destination address ([`crate::addr`]).
+    pub dst: Addr,
     /// New source port, host byte order.
     pub sport: u16,
     /// New destination port, host byte order.
@@ -44,7 +44,7 @@ pub struct CtValue {
     pub flags: u16,
     pub _pad: [u8; 6],
 }
-const _: () = assert!(size_of::<CtValue>() == 32);
+const _: () = assert!(size_of::<CtValue>() == 56);
 
 /// The entry is the reply direction of its flow.
 pub const CT_F_REPLY: u16 = 1 << 0;
@@ -102,21 +102,22 @@ pub const fn expired(value_flags: u16, proto: u8, last_seen_ns: u64, now_ns: u64
     now_ns.saturating_sub(last_seen_ns) > timeout_s(value_flags, proto) * 1_000_000_000
 }
 
-/// Key of the `fragments` LRU map: one fragmented IPv4 datagram.
+/// Key of the `fragments` LRU map: one fragmented datagram.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
-    /// Source address, network byte order.
-    pub src: [u8; 4],
-    /// Destination address, network byte order.
-    pub dst: [u8; 4],
-    /// The IPv4 identification field, host byte order.
-    pub id: u16,
+    /// Source address ([`crate::addr`]).
+    pub src: Addr,
+    /// Destination address ([`crate::addr`]).
+    pub dst: Addr,
+    /// The datagram's identification, host byte order: IPv4's 16-bit field, or the IPv6
+    /// fragment header's 32-bit one.
+    pub id: u32,
     /// IP protocol ([`crate::proto`]).
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<FragKey>() == 12);
+const _: () = assert!(size_of::<FragKey>() == 40);
 
 /// Value of the `fragments` map: the ports the first fragment carried, so the later ones
 /// (which carry none) find their flow.

@@ -6,6 +6,7 @@
 //! converted at the one place each side reads or writes a packet or socket.
 #![no_std]
 
+pub mod addr;
 pub mod affinity;
 pub mod backend;
 pub mod config;

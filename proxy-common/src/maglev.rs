@@ -11,7 +11,7 @@
 //! never a mix; carrying its own size makes every table readable whatever `--maglev-table-size`
 //! the agent that wrote it had.
 
-use crate::{conntrack::CtKey, user_pod};
+use crate::{addr::Addr, conntrack::CtKey, user_pod};
 
 /// Default table size `M` (`--maglev-table-size`), Cilium's: a prime, and above 100 times the
 /// backends of most services, where Maglev's imbalance stays near 1 %.
@@ -70,14 +70,23 @@ user_pod!(MaglevConfig);
 /// unrolls it), and generic so a wider address changes only the type.
 #[inline(always)]
 pub fn hash_bytes<const N: usize>(bytes: &[u8; N], seed: u32) -> u32 {
-    let mut hash = seed ^ 0x811c_9dc5;
+    fmix32(fnv(seed ^ FNV_OFFSET, bytes))
+}
+
+/// FNV-1a's offset basis, mixed with the seed.
+const FNV_OFFSET: u32 = 0x811c_9dc5;
+
+/// FNV-1a's steps over `bytes`, from `hash`: hashing two arrays one after the other is hashing
+/// their concatenation.
+#[inline(always)]
+fn fnv<const N: usize>(mut hash: u32, bytes: &[u8; N]) -> u32 {
     let mut i = 0;
     while i < N {
         hash ^= bytes[i] as u32;
         hash = hash.wrapping_mul(0x0100_0193);
         i += 1;
     }
-    fmix32(hash)
+    hash
 }
 
 /// murmur3's 32-bit finaliser.
@@ -95,10 +104,39 @@ pub const fn fmix32(mut h: u32) -> u32 {
 /// cluster must share the byte order (every Kubernetes architecture is little-endian).
 #[inline(always)]
 pub fn flow_hash(key: &CtKey, seed: u32) -> u32 {
-    // SAFETY: `CtKey` is `#[repr(C)]` with integer fields and explicit padding, so all of its
-    // `size_of` bytes are initialised; the array has the same size and alignment 1.
-    let bytes: &[u8; size_of::<CtKey>()] = unsafe { &*(key as *const CtKey).cast() };
-    hash_bytes(bytes, seed)
+    tuple_hash(&key.src, &key.dst, [key.sport, key.dport], key.proto, seed)
+}
+
+/// [`flow_hash`] from the tuple's fields, hashed in place: exactly the bytes of the [`CtKey`]
+/// they make, in its field order, with its three padding bytes as zeros. The TC program hashes
+/// its parsed packet so, because a 40-byte key built for the hash would not fit its stack.
+#[inline(always)]
+pub fn tuple_hash(src: &Addr, dst: &Addr, ports: [u16; 2], proto: u8, seed: u32) -> u32 {
+    let hash = fnv(fnv(seed ^ FNV_OFFSET, src), dst);
+    let [s0, s1] = ports[0].to_ne_bytes();
+    let [d0, d1] = ports[1].to_ne_bytes();
+    fmix32(fnv(hash, &[s0, s1, d0, d1, proto, 0, 0, 0]))
+}
+
+/// A new flow whose 5-tuple the Maglev hash reads ([`flow_hash`]): a conntrack key, or a
+/// parsed packet that is never copied into one.
+pub trait Tuple {
+    /// [`flow_hash`] of the tuple.
+    fn tuple_hash(&self, seed: u32) -> u32;
+    /// The client's address (the source): what ClientIP affinity hashes instead.
+    fn client(&self) -> &Addr;
+}
+
+impl Tuple for CtKey {
+    #[inline(always)]
+    fn tuple_hash(&self, seed: u32) -> u32 {
+        flow_hash(self, seed)
+    }
+
+    #[inline(always)]
+    fn client(&self) -> &Addr {
+        &self.src
+    }
 }
 
 /// The slot (`1..=table_size`) a hash selects.
@@ -110,16 +148,23 @@ pub const fn slot(hash: u32, table_size: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::from_v4;
 
     #[test]
     fn the_flow_hash_covers_every_field_of_the_tuple() {
-        let key =
-            CtKey { src: [172, 18, 0, 100], dst: [172, 18, 0, 50], sport: 40000, dport: 80, proto: 6, _pad: [0; 3] };
+        let key = CtKey {
+            src: from_v4([172, 18, 0, 100]),
+            dst: from_v4([172, 18, 0, 50]),
+            sport: 40000,
+            dport: 80,
+            proto: 6,
+            _pad: [0; 3],
+        };
         let base = flow_hash(&key, 7);
         assert_eq!(base, flow_hash(&key, 7), "deterministic");
         let others = [
-            CtKey { src: [172, 18, 0, 101], ..key },
-            CtKey { dst: [172, 18, 0, 51], ..key },
+            CtKey { src: from_v4([172, 18, 0, 101]), ..key },
+            CtKey { dst: from_v4([172, 18, 0, 51]), ..key },
             CtKey { sport: 40001, ..key },
             CtKey { dport: 81, ..key },
             CtKey { proto: 17, ..key },
@@ -128,6 +173,22 @@ mod tests {
             assert_ne!(flow_hash(&other, 7), base, "{other:?}");
         }
         assert_ne!(flow_hash(&key, 8), base, "the seed counts");
+    }
+
+    #[test]
+    fn the_flow_hash_is_the_hash_of_the_conntrack_keys_bytes() {
+        let key = CtKey {
+            src: from_v4([172, 18, 0, 100]),
+            dst: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x50],
+            sport: 40000,
+            dport: 443,
+            proto: 17,
+            _pad: [0; 3],
+        };
+        // SAFETY: `CtKey` is `#[repr(C)]` with integer fields and explicit padding: all of its
+        // bytes are initialised.
+        let bytes: &[u8; size_of::<CtKey>()] = unsafe { &*(&key as *const CtKey).cast() };
+        assert_eq!(flow_hash(&key, 9), hash_bytes(bytes, 9), "hashing in place hashes the key's bytes");
     }
 
     #[test]

@@ -137,7 +137,8 @@ pub const ALL: &[&str] = &[
 /// and note the new version against the changed maps in [`CHANGED_IN`]. Maps pinned before
 /// versions were recorded are layout 1 (layout 2 added the record, and changed no map). A new
 /// map changes no pinned one: an agent adopting older pins creates it, so it needs no bump.
-pub const LAYOUT_VERSION: u32 = 2;
+/// Layout 3 widened every address to 16 bytes (IPv4 as IPv4-mapped IPv6, [`crate::addr`]).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The layout version in which each map last changed in a way its older entries or programs
 /// cannot share (its type, key or value, or what they mean). A map pinned under layout P is
@@ -146,26 +147,39 @@ pub const LAYOUT_VERSION: u32 = 2;
 /// (proxy-agent's `datapath::layout`). Additive changes (a new flag bit old entries simply do
 /// not have) need no entry here.
 pub const CHANGED_IN: &[(&str, u32)] = &[
-    (SERVICES, 1),
-    (BACKENDS, 1),
+    // Layout 3: 16-byte addresses.
+    (SERVICES, 3),
+    (BACKENDS, 3),
     (SERVICE_NAMES, 1),
-    (AFFINITY, 1),
-    (CONNTRACK, 1),
-    (SOCK_REV, 1),
-    (SOCK_BACKEND, 1),
-    (SOURCE_RANGES, 1),
-    (FRAGMENTS, 1),
-    (CONFIG, 1),
+    (AFFINITY, 3),
+    (CONNTRACK, 3),
+    (SOCK_REV, 3),
+    (SOCK_BACKEND, 3),
+    (SOURCE_RANGES, 3),
+    (FRAGMENTS, 3),
+    (CONFIG, 3),
     // Added after layout 2 and never changed since: any pinned `drops` map fits.
     (DROPS, 1),
-    // Added after layout 2: a new map needs no bump.
-    (TRACE_EVENTS, 1),
+    // Layout 3: events with 16-byte addresses.
+    (TRACE_EVENTS, 3),
     (TRACE_ON, 1),
     // Added after layout 2, with the additive `SVC_F_MAGLEV` bit (older programs ignore it):
     // new maps need no bump.
     (MAGLEV, 1),
     (MAGLEV_CONFIG, 1),
 ];
+
+/// The TC programs' `handover` array: where an upgrade's swap stands for them. Not pinned and
+/// not in [`ALL`]: every loaded object has its own, [`HANDOVER_NONE`] unless its agent is
+/// taking over from an older agent's programs, which then run after these on each interface.
+pub const HANDOVER: &str = "handover";
+/// Alone on the interfaces: a packet of no flow passes to the stack, as always.
+pub const HANDOVER_NONE: u32 = 0;
+/// Attached in front of the old programs, which still do everything: every packet goes on to them.
+pub const HANDOVER_DORMANT: u32 = 1;
+/// Serving, with the old programs behind: a packet these programs have no flow for (a flow the
+/// old ones opened) goes on to them rather than passing or being dropped.
+pub const HANDOVER_TAKING_OVER: u32 = 2;
 
 /// The layout version in which map `name` last changed ([`CHANGED_IN`]).
 pub fn changed_in(name: &str) -> u32 {
@@ -201,7 +215,10 @@ mod tests {
             size_of::<SockBackendValue>(),
             size_of::<NodeConfig>(),
         ];
-        assert_eq!((super::LAYOUT_VERSION, sizes), (2, [12, 16, 152, 12, 8, 16, 16, 16, 32, 12, 4, 16, 8, 16, 8, 16]));
+        assert_eq!(
+            (super::LAYOUT_VERSION, sizes),
+            (3, [24, 16, 152, 36, 20, 32, 16, 40, 56, 40, 4, 32, 20, 32, 8, 40])
+        );
     }
 
     #[test]

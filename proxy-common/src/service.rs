@@ -7,14 +7,14 @@
 //! slots before it raises `count` and lowers `count` before it deletes slots, so a lookup never
 //! sees a slot that is not there; a backend set has no size cap.
 
-use crate::user_pod;
+use crate::{addr::Addr, user_pod};
 
 /// Key of the `services` map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    /// Frontend IPv4 address, network byte order.
-    pub address: [u8; 4],
+    /// Frontend address ([`crate::addr`]: IPv4 as IPv4-mapped IPv6).
+    pub address: Addr,
     /// Frontend port, host byte order.
     pub port: u16,
     /// 0: the master entry; `1..=count`: a backend slot.
@@ -25,7 +25,7 @@ pub struct ServiceKey {
     pub scope: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<ServiceKey>() == 12);
+const _: () = assert!(size_of::<ServiceKey>() == 24);
 
 /// The backend set used by traffic that enters the node from outside (and by every frontend whose
 /// master entry lacks [`SVC_F_TWO_SCOPES`]).
@@ -36,7 +36,7 @@ pub const SCOPE_INTERNAL: u8 = 1;
 
 impl ServiceKey {
     /// The master entry (slot 0) of a frontend in the external scope.
-    pub const fn master(address: [u8; 4], port: u16, proto: u8) -> Self {
+    pub const fn master(address: Addr, port: u16, proto: u8) -> Self {
         Self { address, port, slot: 0, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] }
     }
 
@@ -111,24 +111,25 @@ pub const SVC_F_MAGLEV: u16 = 1 << 10;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRange {
-    /// Frontend address, network byte order.
-    pub address: [u8; 4],
+    /// Frontend address ([`crate::addr`]).
+    pub address: Addr,
     /// Frontend port, network byte order (the trie compares bytes in order).
     pub port_be: [u8; 2],
     /// IP protocol ([`crate::proto`]).
     pub proto: u8,
     pub _pad: u8,
-    /// Client address (prefix), network byte order.
-    pub client: [u8; 4],
+    /// Client address (prefix), in the frontend's family ([`crate::addr`]): an IPv4 prefix of
+    /// length `n` is the mapped prefix of length `96 + n`.
+    pub client: Addr,
 }
-const _: () = assert!(size_of::<SourceRange>() == 12);
+const _: () = assert!(size_of::<SourceRange>() == 36);
 
 /// Bits of a [`SourceRange`] before the client prefix.
-pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 160;
 
 impl SourceRange {
     /// The data for `client` at a frontend.
-    pub const fn new(address: [u8; 4], port: u16, proto: u8, client: [u8; 4]) -> Self {
+    pub const fn new(address: Addr, port: u16, proto: u8, client: Addr) -> Self {
         Self { address, port_be: port.to_be_bytes(), proto, _pad: 0, client }
     }
 }

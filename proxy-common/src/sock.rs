@@ -1,7 +1,7 @@
 //! Socket-path state: the reverse map that makes replies and `getpeername` show the service
 //! address, and the backend an unconnected UDP socket keeps across `sendmsg` calls.
 
-use crate::user_pod;
+use crate::{addr::Addr, user_pod};
 
 /// Key of the `sock_rev` LRU map: a socket and the backend it was sent to.
 #[repr(C)]
@@ -9,25 +9,25 @@ use crate::user_pod;
 pub struct SockRevKey {
     /// The socket's cookie (`bpf_get_socket_cookie`).
     pub cookie: u64,
-    /// Backend address, network byte order.
-    pub address: [u8; 4],
+    /// Backend address ([`crate::addr`]).
+    pub address: Addr,
     /// Backend port, host byte order.
     pub port: u16,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(size_of::<SockRevKey>() == 16);
+const _: () = assert!(size_of::<SockRevKey>() == 32);
 
 /// Value of the `sock_rev` map: the frontend the socket addressed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockRevValue {
-    /// Frontend address, network byte order.
-    pub address: [u8; 4],
+    /// Frontend address ([`crate::addr`]).
+    pub address: Addr,
     /// Frontend port, host byte order.
     pub port: u16,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<SockRevValue>() == 8);
+const _: () = assert!(size_of::<SockRevValue>() == 20);
 
 /// Key of the `sock_backend` LRU map: an unconnected UDP socket and a frontend it sends to.
 #[repr(C)]
@@ -35,15 +35,15 @@ const _: () = assert!(size_of::<SockRevValue>() == 8);
 pub struct SockBackendKey {
     /// The socket's cookie.
     pub cookie: u64,
-    /// Frontend address, network byte order.
-    pub address: [u8; 4],
+    /// Frontend address ([`crate::addr`]).
+    pub address: Addr,
     /// Frontend port, host byte order.
     pub port: u16,
     /// IP protocol ([`crate::proto`]).
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 5],
 }
-const _: () = assert!(size_of::<SockBackendKey>() == 16);
+const _: () = assert!(size_of::<SockBackendKey>() == 32);
 
 /// Value of the `sock_backend` map: the backend the socket keeps while it is in the service.
 #[repr(C)]

@@ -3,7 +3,7 @@
 //! whether anyone is reading. Events are written only while the flag holds a time in the
 //! future, so with nobody tracing the datapath pays one array lookup.
 
-use crate::user_pod;
+use crate::{addr::Addr, user_pod};
 
 /// The event came from the socket programs (connect/sendmsg).
 pub const PATH_SOCKET: u8 = 0;
@@ -28,14 +28,14 @@ pub struct TraceEvent {
     pub time_ns: u64,
     /// Socket path: the client socket's network namespace cookie. TC: 0.
     pub netns_cookie: u64,
-    /// TC: the client's address, network byte order. Socket path: zero (see `netns_cookie`).
-    pub client: [u8; 4],
-    /// The frontend addressed, network byte order.
-    pub frontend: [u8; 4],
-    /// The chosen backend, network byte order; zero for a drop.
-    pub backend: [u8; 4],
-    /// TC: the node address the flow is SNATed to, network byte order; zero when not SNATed.
-    pub snat: [u8; 4],
+    /// TC: the client's address ([`crate::addr`]). Socket path: zero (see `netns_cookie`).
+    pub client: Addr,
+    /// The frontend addressed.
+    pub frontend: Addr,
+    /// The chosen backend; zero for a drop.
+    pub backend: Addr,
+    /// TC: the node address the flow is SNATed to; zero when not SNATed.
+    pub snat: Addr,
     /// TC: the client's port, host order.
     pub client_port: u16,
     /// The frontend port, host order.
@@ -64,7 +64,7 @@ pub struct TraceEvent {
     pub slot: u16,
     pub _pad: [u8; 6],
 }
-const _: () = assert!(size_of::<TraceEvent>() == 64);
+const _: () = assert!(size_of::<TraceEvent>() == 112);
 
 /// Value of the `trace_on` array at index 0: until when (CLOCK_MONOTONIC ns, compared with
 /// `bpf_ktime_get_coarse_ns()`) the programs write events. 0: nobody traces. A trace client
@@ -78,7 +78,7 @@ pub const HOLD_NS: u64 = 3_000_000_000;
 pub const REFRESH_NS: u64 = 1_000_000_000;
 
 /// Size of the `trace_events` ring buffer in bytes (a power of two multiple of the page size):
-/// 4096 events of 64 bytes (plus the kernel's 8-byte header each); when the reader falls behind,
+/// about 2300 events of 112 bytes (plus the kernel's 8-byte header each); when the reader falls behind,
 /// events are lost, never the traffic.
 pub const TRACE_EVENTS_BYTES: u32 = 256 * 1024;
 

@@ -3,9 +3,11 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns};
 use proxy_common::{
+    addr::Addr,
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
     conntrack::CtKey,
+    maglev::Tuple,
     service::{SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue},
     trace::{PICK_AFFINITY, PICK_MAGLEV, PICK_RANDOM},
 };
@@ -27,6 +29,7 @@ pub enum Verdict {
 }
 
 /// A chosen backend.
+#[derive(Default)]
 pub struct Selected {
     /// The endpoint.
     pub backend: Backend,
@@ -57,7 +60,7 @@ pub enum Origin {
 /// Whether the frontend's cluster-wide backend set (its internal scope, present whenever a
 /// Local policy gives it two) has any backend.
 #[inline(always)]
-pub fn cluster_has_backends(address: [u8; 4], port: u16, proto: u8) -> bool {
+pub fn cluster_has_backends(address: Addr, port: u16, proto: u8) -> bool {
     let key = ServiceKey::master(address, port, proto).with_scope(SCOPE_INTERNAL);
     master(&key).is_some_and(|m| m.count > 0)
 }
@@ -65,7 +68,7 @@ pub fn cluster_has_backends(address: [u8; 4], port: u16, proto: u8) -> bool {
 /// Whether (address, port, proto) is a frontend that still has backends for `origin`'s traffic
 /// (the set [`select`] would pick from).
 #[inline(always)]
-pub fn serving(address: [u8; 4], port: u16, proto: u8, origin: Origin) -> bool {
+pub fn serving(address: Addr, port: u16, proto: u8, origin: Origin) -> bool {
     let key = ServiceKey::master(address, port, proto);
     master(&key).and_then(|m| in_scope(key, m, origin)).is_some_and(|(_, m)| m.count > 0)
 }
@@ -86,22 +89,22 @@ fn in_scope(key: ServiceKey, master: ServiceValue, origin: Origin) -> Option<(Se
 /// client's remembered backend under ClientIP affinity. `client` identifies the client for
 /// affinity; its `service_id` is filled in here.
 #[inline(always)]
-pub fn select(address: [u8; 4], port: u16, proto: u8, client: AffinityKey, origin: Origin) -> Verdict {
-    select_flow(address, port, proto, client, origin, None)
+pub fn select(address: Addr, port: u16, proto: u8, client: AffinityKey, origin: Origin) -> Verdict {
+    select_flow::<CtKey>(address, port, proto, client, origin, None)
 }
 
-/// [`select`] for a packet of a new flow (its original-direction conntrack key): at a frontend
-/// with `SVC_F_MAGLEV`, traffic from outside takes the backend set's Maglev table entry for
-/// the flow's hash (of the client address under ClientIP affinity), so every node picks the
-/// same backend for it. Without a table (not written yet) the pick is random.
+/// [`select`] for a packet of a new flow (its 5-tuple): at a frontend with `SVC_F_MAGLEV`,
+/// traffic from outside takes the backend set's Maglev table entry for the flow's hash (of the
+/// client address under ClientIP affinity), so every node picks the same backend for it.
+/// Without a table (not written yet) the pick is random.
 #[inline(always)]
-pub fn select_flow(
-    address: [u8; 4],
+pub fn select_flow<F: Tuple>(
+    address: Addr,
     port: u16,
     proto: u8,
     client: AffinityKey,
     origin: Origin,
-    flow: Option<&CtKey>,
+    flow: Option<&F>,
 ) -> Verdict {
     let key = ServiceKey::master(address, port, proto);
     let Some(external) = master(&key) else {
@@ -132,8 +135,7 @@ pub fn select_flow(
     let hashed = match flow {
         Some(flow) if origin == Origin::External && master.flags & SVC_F_MAGLEV != 0 => {
             // The master's id is its backend set's (affinity_service_id): the table's key.
-            let hash = maglev::hash(flow, &client.client, affinity);
-            maglev::pick(master.service_id, hash).and_then(|(slot, id)| Some((slot, id, backend(id)?)))
+            maglev::pick(master.service_id, flow, affinity).and_then(|(slot, id)| Some((slot, id, backend(id)?)))
         }
         _ => None,
     };

@@ -3,6 +3,11 @@
 //! to the chosen backend once; an unconnected UDP socket's datagrams are rewritten at sendmsg()
 //! and keep one backend per socket; replies (recvmsg) and getpeername() show the service address
 //! again. The packets themselves need no translation.
+//!
+//! The IPv6 hooks share everything with the IPv4 ones: the maps hold IPv4 as IPv4-mapped IPv6
+//! (`proxy_common::addr`), so an `AF_INET6` socket addressing `::ffff:10.96.0.10` finds the IPv4
+//! ClusterIP's entry and is sent to `::ffff:` + the backend's IPv4 address, and its replies and
+//! `getpeername` show `::ffff:10.96.0.10` again.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -12,6 +17,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
+    addr::{self, Addr},
     affinity::AffinityKey,
     backend::Backend,
     drop,
@@ -35,55 +41,108 @@ const ECONNREFUSED: i32 = 111;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, false)
+    translate(&ctx, Family::V4, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, true)
+    translate(&ctx, Family::V4, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore_frontend(&ctx);
+    restore_frontend(&ctx, Family::V4);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-    restore_frontend(&ctx);
+    restore_frontend(&ctx, Family::V4);
     ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, Family::V6, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, Family::V6, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_frontend(&ctx, Family::V6);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_frontend(&ctx, Family::V6);
+    ALLOW
+}
+
+/// The address family of the hook: which field of the context holds the address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// `user_ip4`.
+    V4,
+    /// `user_ip6`, whose IPv4-mapped addresses reach IPv4 frontends.
+    V6,
 }
 
 /// The destination of a sock_addr context: (address, host-order port, protocol).
 #[inline(always)]
-fn destination(sa: &bpf_sock_addr) -> ([u8; 4], u16, u8) {
+fn destination(sa: &bpf_sock_addr, family: Family) -> (Addr, u16, u8) {
+    let address = match family {
+        Family::V4 => addr::from_v4(sa.user_ip4.to_ne_bytes()),
+        Family::V6 => {
+            let mut address = addr::UNSPECIFIED;
+            for (i, word) in sa.user_ip6.iter().enumerate() {
+                address[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            address
+        }
+    };
     // user_port holds the port in network order in its low 16 bits.
-    (sa.user_ip4.to_ne_bytes(), u16::from_be(sa.user_port as u16), sa.protocol as u8)
+    (address, u16::from_be(sa.user_port as u16), sa.protocol as u8)
+}
+
+/// Sets the destination of a sock_addr context. An IPv4 hook is only ever given IPv4
+/// addresses: its frontends are IPv4 and a family's frontends use that family's endpoints.
+#[inline(always)]
+fn set_destination(sa: &mut bpf_sock_addr, family: Family, address: &Addr, port: u16) {
+    match family {
+        Family::V4 => sa.user_ip4 = u32::from_ne_bytes([address[12], address[13], address[14], address[15]]),
+        Family::V6 => {
+            for (i, word) in sa.user_ip6.iter_mut().enumerate() {
+                *word =
+                    u32::from_ne_bytes([address[i * 4], address[i * 4 + 1], address[i * 4 + 2], address[i * 4 + 3]]);
+            }
+        }
+    }
+    sa.user_port = u32::from(port.to_be());
 }
 
 /// Rewrites the destination if it is a service frontend and remembers the frontend for
 /// replies; refuses it if the frontend has no usable endpoint. `sticky`: an unconnected UDP
 /// socket keeps the backend it got first while that backend still exists.
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
+fn translate(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let (address, port, proto) = destination(sa);
+    let (address, port, proto) = destination(sa, family);
     // SAFETY: a plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let sticky_key = SockBackendKey { cookie, address, port, proto, _pad: 0 };
-    if sticky
-        && proto == UDP
-        && let Some(backend) = kept_backend(&sticky_key)
-    {
-        rewrite(sa, cookie, &backend, address, port);
+    let sticky_key = SockBackendKey { cookie, address, port, proto, _pad: [0; 5] };
+    if sticky && proto == UDP && reuse_kept_backend(ctx, family, &sticky_key) {
         return ALLOW;
     }
     // SAFETY: as above.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // 127.0.0.1:<nodePort> is the node's, not a pod's own loopback.
-    if address[0] == 127 && !in_host_netns(netns_cookie) {
+    if addr::to_v4(&address).is_some_and(|v4| v4[0] == 127) && !in_host_netns(netns_cookie) {
         return ALLOW;
     }
     let client = AffinityKey { netns_cookie, ..AffinityKey::default() };
@@ -93,9 +152,10 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
             let reason = if sticky { drop::SENDMSG_REFUSED } else { drop::CONNECT_REFUSED };
             drops::count(reason);
             if trace::on() {
-                let mut event = trace::dropped(PATH_SOCKET, proto, address, port, reason);
-                event.netns_cookie = netns_cookie;
-                trace::emit(event);
+                trace::emit(|event| {
+                    trace::dropped(event, (PATH_SOCKET, proto), &address, port, reason);
+                    event.netns_cookie = netns_cookie;
+                });
             }
             // SAFETY: plain helper call, allowed from cgroup sock_addr programs.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
@@ -107,11 +167,12 @@ fn translate(ctx: &SockAddrContext, sticky: bool) -> i32 {
                 // Losing it only means the socket's next datagram is picked afresh.
                 let _ = SOCK_BACKEND.insert(sticky_key, value, 0);
             }
-            rewrite(sa, cookie, &selected.backend, address, port);
+            rewrite(ctx, family, &selected.backend, &address, port);
             if trace::on() {
-                let mut event = trace::translated(PATH_SOCKET, proto, address, port, &selected);
-                event.netns_cookie = netns_cookie;
-                trace::emit(event);
+                trace::emit(|event| {
+                    trace::translated(event, (PATH_SOCKET, proto), &address, port, &selected);
+                    event.netns_cookie = netns_cookie;
+                });
             }
             ALLOW
         }
@@ -138,28 +199,42 @@ fn kept_backend(key: &SockBackendKey) -> Option<Backend> {
     lb::backend(kept.backend_id)
 }
 
-#[inline(always)]
-fn rewrite(sa: &mut bpf_sock_addr, cookie: u64, backend: &Backend, address: [u8; 4], port: u16) {
-    let key = SockRevKey { cookie, address: backend.address, port: backend.port, _pad: [0; 2] };
-    let value = SockRevValue { address, port, _pad: [0; 2] };
+/// Sends an unconnected UDP socket's datagram to the backend it already uses for the frontend
+/// (`key`), if [`kept_backend`] finds one. A function of its own (a BPF-to-BPF call): its stack
+/// is not added to a fresh pick's.
+#[inline(never)]
+fn reuse_kept_backend(ctx: &SockAddrContext, family: Family, key: &SockBackendKey) -> bool {
+    let Some(backend) = kept_backend(key) else { return false };
+    rewrite(ctx, family, &backend, &key.address, key.port);
+    true
+}
+
+/// Sends the socket to `backend` and remembers the frontend (`address`, `port`) it addressed.
+/// A function of its own (a BPF-to-BPF call): its stack is not added to the pick's.
+#[inline(never)]
+fn rewrite(ctx: &SockAddrContext, family: Family, backend: &Backend, address: &Addr, port: u16) {
+    // SAFETY: a plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let key = SockRevKey { cookie, address: backend.address, port: backend.port, _pad: [0; 6] };
+    let value = SockRevValue { address: *address, port, _pad: [0; 2] };
     // Without it replies show the backend's address: worse, not broken.
     let _ = SOCK_REV.insert(key, value, 0);
-    sa.user_ip4 = u32::from_ne_bytes(backend.address);
-    sa.user_port = u32::from(backend.port.to_be());
+    set_destination(sa, family, &backend.address, backend.port);
 }
 
 /// recvmsg/getpeername: a backend's address becomes the frontend this socket addressed.
 #[inline(always)]
-fn restore_frontend(ctx: &SockAddrContext) {
+fn restore_frontend(ctx: &SockAddrContext, family: Family) {
     // SAFETY: as above.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let (address, port, _) = destination(sa);
+    let (address, port, _) = destination(sa, family);
     // SAFETY: a plain helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevKey { cookie, address, port, _pad: [0; 2] };
+    let key = SockRevKey { cookie, address, port, _pad: [0; 6] };
     // SAFETY: copied out at once.
     if let Some(frontend) = unsafe { SOCK_REV.get(key).copied() } {
-        sa.user_ip4 = u32::from_ne_bytes(frontend.address);
-        sa.user_port = u32::from(frontend.port.to_be());
+        set_destination(sa, family, &frontend.address, frontend.port);
     }
 }

@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     ffi::OsString,
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use proxy_agent::datapath::AyaMaps;
-use proxy_common::service::ServiceKey;
+use proxy_common::{addr, service::ServiceKey};
 use serde_json::{Map, Value};
 
 use crate::netns::Netns;
@@ -226,19 +226,20 @@ impl Agent {
     }
 
     /// The backend count of the master entry for a TCP frontend, if present.
-    pub fn count(&self, address: Ipv4Addr, port: u16) -> anyhow::Result<Option<u16>> {
-        let key = ServiceKey::master(address.octets(), port, proxy_common::proto::TCP);
+    pub fn count(&self, address: impl Into<IpAddr>, port: u16) -> anyhow::Result<Option<u16>> {
+        let key = ServiceKey::master(addr::from_ip(address), port, proxy_common::proto::TCP);
         Ok(self.maps()?.services().find(|(k, _)| *k == key).map(|(_, v)| v.count))
     }
 
     /// Waits until the frontend's master entry has `count` backends (`None`: is absent).
     pub fn wait_for_count(
         &self,
-        address: Ipv4Addr,
+        address: impl Into<IpAddr>,
         port: u16,
         count: Option<u16>,
         timeout: Duration,
     ) -> anyhow::Result<()> {
+        let address = address.into();
         let deadline = Instant::now() + timeout;
         loop {
             let now = self.count(address, port)?;
@@ -313,9 +314,10 @@ impl Agent {
 
     /// The backends (address and port) in the slots of a TCP frontend's external scope, in slot
     /// order; `None` if the frontend has no master entry.
-    pub fn backends_of(&self, address: Ipv4Addr, port: u16) -> anyhow::Result<Option<Vec<SocketAddrV4>>> {
+    pub fn backends_of(&self, address: impl Into<IpAddr>, port: u16) -> anyhow::Result<Option<Vec<SocketAddr>>> {
+        let address = address.into();
         let maps = self.maps()?;
-        let master = ServiceKey::master(address.octets(), port, proxy_common::proto::TCP);
+        let master = ServiceKey::master(addr::from_ip(address), port, proxy_common::proto::TCP);
         let services: HashMap<ServiceKey, _> = maps.services().collect();
         let Some(value) = services.get(&master) else { return Ok(None) };
         let backends: HashMap<_, _> = maps.backends().collect();
@@ -324,7 +326,7 @@ impl Agent {
             let entry =
                 services.get(&master.with_slot(slot)).with_context(|| format!("{address}:{port} slot {slot}"))?;
             let backend = backends.get(&entry.backend_id).with_context(|| format!("backend {}", entry.backend_id))?;
-            out.push(SocketAddrV4::new(backend.address.into(), backend.port));
+            out.push(SocketAddr::new(addr::to_ip(&backend.address), backend.port));
         }
         Ok(Some(out))
     }
@@ -332,23 +334,24 @@ impl Agent {
     /// Waits until the frontend's slots hold exactly `want` (in any order; `None`: absent).
     pub fn wait_for_backends(
         &self,
-        address: Ipv4Addr,
+        address: impl Into<IpAddr>,
         port: u16,
         want: Option<&[SocketAddrV4]>,
         timeout: Duration,
     ) -> anyhow::Result<()> {
-        let sorted = |v: &[SocketAddrV4]| {
-            let mut v = v.to_vec();
+        let address = address.into();
+        let sorted = |v: &mut dyn Iterator<Item = SocketAddr>| {
+            let mut v: Vec<SocketAddr> = v.collect();
             v.sort();
             v
         };
-        let want = want.map(sorted);
+        let want = want.map(|w| sorted(&mut w.iter().map(|&a| SocketAddr::from(a))));
         let deadline = Instant::now() + timeout;
         loop {
             // Slots can be mid-rewrite while we read: a read error is retried like a mismatch.
             let now = self.backends_of(address, port);
             if let Ok(now) = &now
-                && now.as_deref().map(sorted) == want
+                && now.as_ref().map(|n| sorted(&mut n.iter().copied())) == want
             {
                 return Ok(());
             }

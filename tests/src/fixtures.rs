@@ -66,6 +66,18 @@ impl ServiceBuilder {
         self
     }
 
+    /// Sets the ClusterIPs of a dual-stack or single-stack service as the API server writes
+    /// them: `clusterIP` is the first, `clusterIPs` all, `ipFamilies` their families in order,
+    /// `ipFamilyPolicy` `SingleStack` for one address and `RequireDualStack` for two.
+    pub fn cluster_ips(mut self, ips: &[std::net::IpAddr]) -> Self {
+        let spec = self.spec();
+        spec.cluster_ip = ips.first().map(ToString::to_string);
+        spec.cluster_ips = Some(ips.iter().map(ToString::to_string).collect());
+        spec.ip_families = Some(ips.iter().map(|ip| if ip.is_ipv4() { "IPv4" } else { "IPv6" }.into()).collect());
+        spec.ip_family_policy = Some(if ips.len() > 1 { "RequireDualStack" } else { "SingleStack" }.into());
+        self
+    }
+
     /// Adds an unnamed TCP port (any i32, to test bad ones).
     pub fn port(mut self, port: i32) -> Self {
         self.spec().ports.get_or_insert_with(Vec::new).push(ServicePort {
@@ -192,6 +204,12 @@ impl SliceBuilder {
             protocol: Some("TCP".into()),
             ..Default::default()
         });
+        self
+    }
+
+    /// Sets `addressType` (`IPv4`, the default here, `IPv6` or `FQDN`).
+    pub fn address_type(mut self, address_type: &str) -> Self {
+        self.0.address_type = address_type.into();
         self
     }
 

@@ -1,9 +1,10 @@
 //! Tiny servers that stand in for pods: each answers every TCP connection and UDP datagram with
-//! its own name, so a client can count which backend it reached.
+//! its own name, so a client can count which backend it reached. They listen on both families
+//! (one AF_INET6 socket with IPV6_V6ONLY off), as a dual-stack pod does.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,6 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use socket2::{Domain, Socket, Type};
 
 use crate::netns::Netns;
 
@@ -24,11 +26,28 @@ pub const ANSWER_LOCAL_ADDRESS: &str = "@address";
 pub const PEER: &str = "{peer}";
 
 /// The line a pod answers: its name, with [`PEER`] filled in, or the address it was reached at.
+/// IPv4 addresses are written as such, not as the IPv4-mapped form the dual-stack socket sees.
 fn answer(name: &str, name_is_address: bool, local: Option<SocketAddr>, peer: SocketAddr) -> String {
     match local {
-        Some(local) if name_is_address => format!("{}\n", local.ip()),
-        _ => format!("{}\n", name.replace(PEER, &peer.ip().to_string())),
+        Some(local) if name_is_address => format!("{}\n", local.ip().to_canonical()),
+        _ => format!("{}\n", name.replace(PEER, &peer.ip().to_canonical().to_string())),
     }
+}
+
+/// A socket of type `ty` bound to `[::]:port` that takes both families: IPV6_V6ONLY is turned
+/// off whatever the namespace's `net.ipv6.bindv6only` says.
+fn dual_stack(ty: Type, port: u16) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::IPV6, ty, None)?;
+    socket.set_only_v6(false)?;
+    if ty == Type::STREAM {
+        // As std's TcpListener: a restarted server rebinds while old connections linger.
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    if ty == Type::STREAM {
+        socket.listen(1024)?;
+    }
+    Ok(socket)
 }
 
 /// Greets a TCP client, then echoes whatever it sends until it closes or idles for 10 s (so a
@@ -55,16 +74,18 @@ pub struct PodServer {
 }
 
 impl PodServer {
-    /// Serves `name` (or [`ANSWER_LOCAL_ADDRESS`]) on TCP and UDP `port` of every address in `ns`.
+    /// Serves `name` (or [`ANSWER_LOCAL_ADDRESS`]) on TCP and UDP `port` of every address in `ns`,
+    /// IPv4 and IPv6.
     pub fn start(ns: &Netns, port: u16, name: &str) -> anyhow::Result<Self> {
         let (tcp, udp) = std::thread::scope(|s| {
             s.spawn(|| -> anyhow::Result<_> {
                 // Sockets live in the namespace they were created in, whichever thread uses them.
                 ns.enter()?;
-                let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-                let tcp = TcpListener::bind(any).with_context(|| format!("binding tcp {any} in {}", ns.name()))?;
-                let udp = UdpSocket::bind(any).with_context(|| format!("binding udp {any} in {}", ns.name()))?;
-                Ok((tcp, udp))
+                let tcp = dual_stack(Type::STREAM, port)
+                    .with_context(|| format!("binding tcp [::]:{port} in {}", ns.name()))?;
+                let udp = dual_stack(Type::DGRAM, port)
+                    .with_context(|| format!("binding udp [::]:{port} in {}", ns.name()))?;
+                Ok((TcpListener::from(tcp), UdpSocket::from(udp)))
             })
             .join()
             .expect("the bind thread does not panic")

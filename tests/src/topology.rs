@@ -5,15 +5,53 @@
 //! pod is a namespace with `eth0` on the bridge and a [`PodServer`] answering with its name; the
 //! client pod's processes run in a cgroup the topology created, where the agent attaches.
 //! Nothing is routed anywhere else: a connect the datapath does not translate goes nowhere.
+//!
+//! Every topology is dual stack: each address of the IPv4 plan has its IPv6 twin on the same
+//! interface ([`crate::cluster::pod_twin6`], [`crate::cluster::node_ip6`]), added with `nodad`
+//! (nothing waits for duplicate address detection, link-local addresses included: see
+//! [`dual_stack_netns`]), with the same routes and forwarding.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::{
     cgroup::Cgroup,
-    cluster::{CLIENT_IP, client_pod_ip, node_ip, node_name, pod_cidr, pod_gateway, pod_ip},
+    cluster::{
+        CLIENT_IP, CLIENT_IP6, client_pod_ip, node_ip, node_ip6, node_name, pod_cidr, pod_cidr6, pod_gateway,
+        pod_gateway6, pod_ip, pod_twin6,
+    },
     netns::{Netns, veth},
     pod::PodServer,
 };
+
+/// Adds `address/prefix` to `dev` in `ns`, IPv6 without duplicate address detection (an
+/// address in DAD is tentative for a second or more, and a test's first packets would fail).
+pub fn add_address(ns: &Netns, address: impl Into<std::net::IpAddr>, prefix: u8, dev: &str) -> anyhow::Result<()> {
+    let address = address.into();
+    let cidr = format!("{address}/{prefix}");
+    if address.is_ipv6() {
+        ns.ip(&["-6", "addr", "add", &cidr, "dev", dev, "nodad"])?;
+    } else {
+        ns.ip(&["addr", "add", &cidr, "dev", dev])?;
+    }
+    Ok(())
+}
+
+/// A namespace for the dual-stack bed: [`Netns::new`] with IPv6 duplicate address detection off
+/// for every interface made in it afterwards. `nodad` covers the addresses we add, but each
+/// interface's link-local address would still be tentative for a second or more after it comes
+/// up, and neighbour discovery from and towards it (a node routing to a pod) loses the first
+/// packets of a test meanwhile.
+pub fn dual_stack_netns(prefix: &str) -> anyhow::Result<Netns> {
+    let ns = Netns::new(prefix)?;
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+    Ok(ns)
+}
+
+/// Turns on routing in `ns` for both families (a new namespace forwards neither).
+fn forward(ns: &Netns) -> anyhow::Result<()> {
+    ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+    Ok(())
+}
 
 /// One pod: its namespace, address and server.
 #[derive(Debug)]
@@ -22,6 +60,8 @@ pub struct Pod {
     pub name: String,
     /// The pod's address.
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (the twin of `ip`).
+    pub ip6: Ipv6Addr,
     // Declared before `ns`: the server stops before the namespace goes.
     server: Option<PodServer>,
     /// The pod's namespace.
@@ -52,14 +92,15 @@ impl SingleNode {
     /// Builds node-1 with one pod per (name, address) serving on `port`, and a client pod at
     /// 10.244.1.200.
     pub fn new(pods: &[(&str, Ipv4Addr)], port: u16) -> anyhow::Result<Self> {
-        let node = Netns::new("node1")?;
+        let node = dual_stack_netns("node1")?;
         // A fixed MAC: a bridge otherwise takes its lowest port's, which changes as pods are
         // added, and pods that cached the old one lose the gateway until their ARP entry expires.
         node.ip(&["link", "add", "br0", "address", "02:00:0a:f4:01:01", "type", "bridge"])?;
-        node.ip(&["addr", "add", &format!("{}/24", pod_gateway(0)), "dev", "br0"])?;
+        add_address(&node, pod_gateway(0), 24, "br0")?;
+        add_address(&node, pod_gateway6(0), 64, "br0")?;
         node.ip(&["link", "set", "br0", "up"])?;
-        // A new namespace does not forward; the node routes between its pods.
-        node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        // The node routes between its pods.
+        forward(&node)?;
         let cgroup = Cgroup::new("proxy-test")?;
         let mut built = Vec::new();
         for (i, (name, ip)) in pods.iter().enumerate() {
@@ -120,27 +161,31 @@ impl<const N: usize> Nodes<N> {
     /// answering with their name (where a name contains [`crate::pod::PEER`], the client address
     /// they see). `offload: false` turns checksum offload off on every veth.
     pub fn new(pods: [&[&str]; N], port: u16, offload: bool) -> anyhow::Result<Self> {
-        let net = Netns::new("net")?;
+        let net = dual_stack_netns("net")?;
         net.ip(&["link", "add", "br0", "type", "bridge"])?;
         net.ip(&["link", "set", "br0", "up"])?;
-        let client = Netns::new("ext")?;
+        let client = dual_stack_netns("ext")?;
         veth(&net, "ext", &client, "eth0")?;
         net.ip(&["link", "set", "ext", "master", "br0"])?;
-        client.ip(&["addr", "add", &format!("{CLIENT_IP}/16"), "dev", "eth0"])?;
+        add_address(&client, CLIENT_IP, 16, "eth0")?;
+        add_address(&client, CLIENT_IP6, 64, "eth0")?;
         let mut nodes = Vec::new();
         for (i, names) in pods.iter().enumerate() {
             let n = i + 1;
-            let ns = Netns::new(&format!("node{n}"))?;
+            let ns = dual_stack_netns(&format!("node{n}"))?;
             veth(&net, &format!("node{n}"), &ns, "eth0")?;
             net.ip(&["link", "set", &format!("node{n}"), "master", "br0"])?;
-            ns.ip(&["addr", "add", &format!("{}/16", node_ip(i)), "dev", "eth0"])?;
+            add_address(&ns, node_ip(i), 16, "eth0")?;
+            add_address(&ns, node_ip6(i), 64, "eth0")?;
             ns.ip(&["link", "add", "br0", "address", &format!("02:00:0a:f4:{n:02x}:01"), "type", "bridge"])?;
-            ns.ip(&["addr", "add", &format!("{}/24", pod_gateway(i)), "dev", "br0"])?;
+            add_address(&ns, pod_gateway(i), 24, "br0")?;
+            add_address(&ns, pod_gateway6(i), 64, "br0")?;
             ns.ip(&["link", "set", "br0", "up"])?;
             for other in (0..N).filter(|&o| o != i) {
                 ns.ip(&["route", "add", &pod_cidr(other), "via", &node_ip(other).to_string()])?;
+                ns.ip(&["-6", "route", "add", &pod_cidr6(other), "via", &node_ip6(other).to_string()])?;
             }
-            ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            forward(&ns)?;
             let mut built = Vec::new();
             for (j, name) in names.iter().enumerate() {
                 built.push(add_pod_on(&ns, j, name, pod_ip(i, 2 + j as u8), Some(port), pod_gateway(i))?);
@@ -170,12 +215,15 @@ fn add_pod_on(
     port: Option<u16>,
     gateway: Ipv4Addr,
 ) -> anyhow::Result<Pod> {
-    let ns = Netns::new("pod")?;
+    let ns = dual_stack_netns("pod")?;
     let host_if = format!("veth{index}");
     veth(node, &host_if, &ns, "eth0")?;
     node.ip(&["link", "set", &host_if, "master", "br0"])?;
-    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    let ip6 = pod_twin6(ip);
+    add_address(&ns, ip, 24, "eth0")?;
+    add_address(&ns, ip6, 64, "eth0")?;
     ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+    ns.ip(&["-6", "route", "add", "default", "via", &pod_twin6(gateway).to_string()])?;
     let server = port.map(|port| PodServer::start(&ns, port, name)).transpose()?;
-    Ok(Pod { name: name.to_owned(), ip, server, ns })
+    Ok(Pod { name: name.to_owned(), ip, ip6, server, ns })
 }

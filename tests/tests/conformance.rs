@@ -20,7 +20,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     path::Path,
     sync::{
@@ -33,6 +33,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{
+    addr,
     conntrack::{CT_F_CLOSING, CT_TIMEOUT_CLOSE_WAIT_S, CT_TIMEOUT_CLOSING_S, CtKey, CtValue, expired, timeout_s},
     proto::{SCTP, TCP, UDP},
     service::{ServiceKey, ServiceValue},
@@ -41,7 +42,7 @@ use proxy_tests::{
     agent::Agent,
     cgroup::Cgroup,
     client::{Tally, http_get, probe},
-    cluster::{CLIENT_IP, Manifests, NODE_IPS, POOL_SIZE, Pool, node_ip, vip},
+    cluster::{CLIENT_IP, Family, Manifests, NODE_IPS, POOL_SIZE, Pool, node_ip, node_ip6, vip},
     conformance::{self, Outcome, QUICK_ENV, REPRODUCIBLE_ROWS, ROWS, Reproducible, Verdict},
     fixtures::{SliceBuilder, service, slice, yaml},
     netns::Netns,
@@ -129,12 +130,13 @@ impl<const N: usize> Cluster<N> {
     }
 
     /// Waits until node `node`'s agent has `count` backends for the frontend (`None`: absent).
-    fn wait(&self, node: usize, address: Ipv4Addr, port: u16, proto: u8, count: Option<u16>) {
+    fn wait(&self, node: usize, address: impl Into<IpAddr>, port: u16, proto: u8, count: Option<u16>) {
         wait_for(&self.agents[node], address, port, proto, count);
     }
 
     /// [`Self::wait`] on every agent.
-    fn wait_both(&self, address: Ipv4Addr, port: u16, proto: u8, count: Option<u16>) {
+    fn wait_both(&self, address: impl Into<IpAddr>, port: u16, proto: u8, count: Option<u16>) {
+        let address = address.into();
         for node in 0..N {
             self.wait(node, address, port, proto, count);
         }
@@ -149,13 +151,14 @@ impl<const N: usize> Cluster<N> {
 }
 
 /// The master entry of a frontend in `agent`'s maps.
-fn master(agent: &Agent, address: Ipv4Addr, port: u16, proto: u8) -> Option<ServiceValue> {
-    let key = ServiceKey::master(address.octets(), port, proto);
+fn master(agent: &Agent, address: impl Into<IpAddr>, port: u16, proto: u8) -> Option<ServiceValue> {
+    let key = ServiceKey::master(addr::from_ip(address), port, proto);
     agent.maps().expect("opening the pinned maps").services().find(|(k, _)| *k == key).map(|(_, v)| v)
 }
 
 /// Waits until `agent` has `count` backends for the frontend (`None`: no frontend).
-fn wait_for(agent: &Agent, address: Ipv4Addr, port: u16, proto: u8, count: Option<u16>) {
+fn wait_for(agent: &Agent, address: impl Into<IpAddr>, port: u16, proto: u8, count: Option<u16>) {
+    let address = address.into();
     let deadline = Instant::now() + WAIT;
     loop {
         let now = master(agent, address, port, proto).map(|m| m.count);
@@ -164,7 +167,8 @@ fn wait_for(agent: &Agent, address: Ipv4Addr, port: u16, proto: u8, count: Optio
         }
         assert!(
             Instant::now() < deadline,
-            "{address}:{port} (protocol {proto}) has {now:?} backends, want {count:?} after {WAIT:?}:\n{}",
+            "{} (protocol {proto}) has {now:?} backends, want {count:?} after {WAIT:?}:\n{}",
+            SocketAddr::new(address, port),
             agent.log()
         );
         thread::sleep(Duration::from_millis(10));
@@ -228,12 +232,12 @@ fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
 // The table itself (no privileges needed)
 // ---------------------------------------------------------------------------------------------
 
-/// The table has the 88 rows in order, 83 of them reproducible; every row without a passing
+/// The table has the 106 rows in order, 101 of them reproducible; every row without a passing
 /// path says why; every test it names exists in its suite, and every `e2e_NN` test of this
 /// suite is listed under row NN.
 #[test]
 fn the_row_table_names_real_tests() {
-    assert_eq!(ROWS.len(), 88);
+    assert_eq!(ROWS.len(), 106);
     for (i, row) in ROWS.iter().enumerate() {
         assert_eq!(usize::from(row.number), i + 1, "rows are in order");
         if !row.reproducible.counts() || row.tests.is_empty() {
@@ -252,7 +256,8 @@ fn the_row_table_names_real_tests() {
     let this = std::fs::read_to_string(suites.join("conformance.rs")).expect("reading this suite");
     for name in this.lines().filter_map(|l| l.trim().strip_prefix("fn e2e_")).filter_map(|l| l.split_once('(')) {
         let test = format!("conformance::e2e_{}", name.0);
-        let number: u8 = name.0[..2].parse().expect("e2e_NN_ names a row");
+        let digits = name.0.split('_').next().unwrap_or_default();
+        let number: u8 = digits.parse().expect("e2e_NN_ names a row");
         let row = &ROWS[usize::from(number) - 1];
         assert!(row.tests.contains(&test.as_str()), "{test} is not listed under row {number}");
     }
@@ -348,7 +353,10 @@ fn the_report_is_read_and_judged() {
     assert_eq!(judged[3].1, Verdict::NotApplicable("needs X".into()));
     assert_eq!(judged[4].1, Verdict::Missing("needs Y (what is proven passes: `s::e2e_01_a`)".into()));
     let table = conformance::render(&judged, "Run by a test.");
-    assert!(table.contains("**1 of 83 pass** (1 fail, 2 miss a behaviour or a test; 1 rows need a cluster"), "{table}");
+    assert!(
+        table.contains("**1 of 101 pass** (1 fail, 2 miss a behaviour or a test; 1 rows need a cluster"),
+        "{table}"
+    );
     assert!(table.contains("| 1 | t |  | yes | pass | `s::e2e_01_a` |"), "{table}");
 }
 
@@ -1027,13 +1035,13 @@ fn e2e_43_node_port_and_health_check_follow_external_traffic_policy() {
 fn backends(agent: &Agent, address: Ipv4Addr, port: u16, proto: u8) -> Option<BTreeSet<Ipv4Addr>> {
     let maps = agent.maps().ok()?;
     let services: BTreeMap<ServiceKey, ServiceValue> = maps.services().collect();
-    let master_key = ServiceKey::master(address.octets(), port, proto);
+    let master_key = ServiceKey::master(addr::from_ip(address), port, proto);
     let count = services.get(&master_key)?.count;
     let all: BTreeMap<_, _> = maps.backends().collect();
     (1..=count)
         .map(|slot| {
             let id = services.get(&master_key.with_slot(slot))?.backend_id;
-            all.get(&id).map(|b| Ipv4Addr::from(b.address))
+            all.get(&id).and_then(|b| addr::to_v4(&b.address)).map(Ipv4Addr::from)
         })
         .collect()
 }
@@ -1369,7 +1377,7 @@ fn accept(listener: &TcpListener) -> TcpStream {
 /// (rewritten to the client).
 fn client_flow(c: &Cluster, node: usize, client_port: u16) -> (u64, Vec<(CtKey, CtValue)>) {
     let snapshot = proxy_agent::inspect::pins::read(c.agents[node].bpf_root()).expect("reading the pinned maps");
-    let client = (CLIENT_IP.octets(), client_port);
+    let client = (addr::from_ip(CLIENT_IP), client_port);
     let entries = snapshot
         .conntrack
         .expect("the conntrack map is pinned")
@@ -1988,4 +1996,307 @@ fn e2e_86_localhost_node_port_affinity() {
     netcheck(&c, &endpoints, 80, true);
     let to = at(Ipv4Addr::LOCALHOST, NETCHECK_NODE_PORTS.0);
     sticky(&c.probe(Who::Host(0), "tcp", &to, 20), 20, "node-1 → 127.0.0.1");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dual stack ([Feature:IPv6DualStack], upstream's dual_stack.go)
+// ---------------------------------------------------------------------------------------------
+
+/// The families of upstream's dual-stack cluster, primary first: IPv4, then the secondary
+/// IPv6 that the granular checks dial.
+const DUAL: [Family; 2] = [Family::V4, Family::V6];
+
+/// An endpoint of both families: its address in each, and its node.
+#[derive(Clone, Copy, Debug)]
+struct DualEndpoint {
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+    node: &'static str,
+}
+
+impl DualEndpoint {
+    fn address(self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => self.v4.into(),
+            Family::V6 => self.v6.into(),
+        }
+    }
+}
+
+/// Pods `(node, pod)` of the cluster as endpoints of both families.
+fn dual_pods(c: &Cluster, pods: &[(usize, usize)]) -> Vec<DualEndpoint> {
+    let nodes = ["node-1", "node-2"];
+    pods.iter().map(|&(n, p)| DualEndpoint { v4: c.pod(n, p).ip, v6: c.pod(n, p).ip6, node: nodes[n] }).collect()
+}
+
+/// pod-a on node-1 and pod-b on node-2, both families.
+fn dual_pods_ab(c: &Cluster) -> Vec<DualEndpoint> {
+    dual_pods(c, &[(0, 0), (1, 0)])
+}
+
+/// `address:port`, IPv6 in brackets.
+fn sock(address: IpAddr, port: u16) -> String {
+    SocketAddr::new(address, port).to_string()
+}
+
+/// [`netcheck`] of a dual-stack service: ClusterIPs [`VIP`]'s twins of `families` in that order
+/// (the first is primary; `ipFamilyPolicy` RequireDualStack for two), HTTP 80 and UDP 90 on the
+/// [`NETCHECK_NODE_PORTS`], one EndpointSlice per family (`addressType`) with the `endpoints`'
+/// addresses of that family on `target`; waits until both agents have programmed every frontend
+/// of every family: the ClusterIPs, and each node's address of each family on the nodePorts.
+fn netcheck_dual(c: &Cluster, families: &[Family], endpoints: &[DualEndpoint], target: i32, affinity: bool) {
+    let (http, udp) = NETCHECK_NODE_PORTS;
+    let vips: Vec<IpAddr> = families.iter().map(|f| f.vip(VIP.octets()[3])).collect();
+    let mut svc = service("netcheck")
+        .cluster_ips(&vips)
+        .named_port("http", 80, "TCP")
+        .node_port(http.into())
+        .named_port("udp", 90, "UDP")
+        .node_port(udp.into());
+    if affinity {
+        svc = svc.session_affinity(None);
+    }
+    let slices: Vec<EndpointSlice> = families
+        .iter()
+        .map(|f| {
+            let eps = slice("netcheck", &f.name().to_lowercase()).address_type(f.name());
+            let eps = eps.named_port("http", target, "TCP").named_port("udp", target, "UDP");
+            endpoints.iter().fold(eps, |s, e| s.endpoint_on(&e.address(*f).to_string(), e.node)).build()
+        })
+        .collect();
+    c.manifests.put(&svc.build(), &slices);
+    let count = Some(endpoints.len() as u16);
+    for (family, vip) in families.iter().zip(vips) {
+        c.wait_both(vip, 80, TCP, count);
+        c.wait_both(vip, 90, UDP, count);
+        for node in 0..2 {
+            c.wait(node, family.node_ip(node), http, TCP, count);
+            c.wait(node, family.node_ip(node), udp, UDP, count);
+        }
+    }
+}
+
+/// The frontends of [`netcheck_dual`] in `family` for `mode`'s protocol: the ClusterIP and every
+/// node's address on the nodePort.
+fn dual_targets(family: Family, mode: &str) -> Vec<String> {
+    let (port, node_port) =
+        if mode.starts_with("udp") { (90, NETCHECK_NODE_PORTS.1) } else { (80, NETCHECK_NODE_PORTS.0) };
+    let vip = family.vip(VIP.octets()[3]);
+    [sock(vip, port)].into_iter().chain((0..2).map(|n| sock(family.node_ip(n), node_port))).collect()
+}
+
+/// `from` reaches every one of `names` through `family`'s ClusterIP and every node's address of
+/// that family on the nodePort, 40 attempts each (two endpoints: one is missed with probability
+/// 2^-39).
+fn reaches_all_in(c: &Cluster, from: Who, mode: &str, family: Family, names: &[&str]) {
+    for to in dual_targets(family, mode) {
+        assert_served(&c.probe(from, mode, &to, 40), 40, names, &format!("{from:?} → {to} ({mode})"));
+    }
+}
+
+/// Rows 89-92, upstream's "should create service with ... cluster ip" on the datapath: a
+/// NodePort service (TCP and UDP, as upstream's) with ClusterIPs of `families` and one slice
+/// per family, with pod-a on node-1 and pod-b on node-2. For each family: node-1's client pod
+/// reaches both pods through that family's ClusterIP, and the pods see the client's address of
+/// that family (the families never mix: an IPv6 frontend goes to IPv6 endpoints); the external
+/// client reaches both pods through each node's address of that family on the nodePort, and
+/// the pods see that node's address of the family (SNAT under externalTrafficPolicy Cluster).
+fn cluster_ips_of(families: &[Family]) {
+    let c = Cluster::new([&["pod-a {peer}"], &["pod-b {peer}"]]);
+    netcheck_dual(&c, families, &dual_pods_ab(&c), 80, false);
+    let client = &c.node(0).client;
+    for &family in families {
+        let seen_as = |peer: IpAddr| [format!("pod-a {peer}"), format!("pod-b {peer}")];
+        let client_ip = if family == Family::V4 { IpAddr::from(client.ip) } else { client.ip6.into() };
+        let [pod, node_port] = [(80, 90), NETCHECK_NODE_PORTS];
+        for (mode, port) in [("tcp", pod.0), ("udp", pod.1)] {
+            let to = sock(family.vip(VIP.octets()[3]), port);
+            let names = seen_as(client_ip);
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            assert_served(&c.probe(Who::Pod(0), mode, &to, 40), 40, &names, &format!("client pod → {to} ({mode})"));
+        }
+        for node in 0..2 {
+            for (mode, port) in [("tcp", node_port.0), ("udp", node_port.1)] {
+                let to = sock(family.node_ip(node), port);
+                let names = seen_as(family.node_ip(node));
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                assert_served(&c.probe(Who::Outside, mode, &to, 40), 40, &names, &format!("outside → {to} ({mode})"));
+            }
+        }
+    }
+}
+
+/// e2e row 89: a single-stack IPv4 service (`ipFamilies: [IPv4]`).
+#[test]
+fn e2e_89_ipv4_cluster_ip() {
+    cluster_ips_of(&[Family::V4]);
+}
+
+/// e2e row 90: a single-stack IPv6 service with an IPv6 EndpointSlice, through the IPv6 ClusterIP
+/// (socket path) and the nodes' IPv6 addresses on the nodePort (TC path, SNAT to the node's
+/// IPv6 address).
+#[test]
+fn e2e_90_ipv6_cluster_ip() {
+    cluster_ips_of(&[Family::V6]);
+}
+
+/// e2e row 91: a RequireDualStack service, IPv4 first.
+#[test]
+fn e2e_91_ipv4_ipv6_cluster_ips() {
+    cluster_ips_of(&[Family::V4, Family::V6]);
+}
+
+/// e2e row 92: a RequireDualStack service, IPv6 first.
+#[test]
+fn e2e_92_ipv6_ipv4_cluster_ips() {
+    cluster_ips_of(&[Family::V6, Family::V4]);
+}
+
+/// Rows 93-99: `from` reaches both endpoints of a dual-stack service through its secondary
+/// family's (IPv6) ClusterIP and every node's IPv6 address on the nodePort, over `mode`.
+fn secondary_family_reaches_all(from: Who, mode: &str) {
+    let c = Cluster::new([&["pod-a"], &["pod-b"]]);
+    netcheck_dual(&c, &DUAL, &dual_pods_ab(&c), 80, false);
+    reaches_all_in(&c, from, mode, Family::V6, &["pod-a", "pod-b"]);
+}
+
+/// e2e row 93: pod → the secondary ClusterIP and nodePorts over TCP.
+#[test]
+fn e2e_93_pod_to_secondary_family_tcp() {
+    secondary_family_reaches_all(Who::Pod(0), "tcp");
+}
+
+/// e2e row 94: the same over UDP.
+#[test]
+fn e2e_94_pod_to_secondary_family_udp() {
+    secondary_family_reaches_all(Who::Pod(0), "udp");
+}
+
+/// e2e row 96: the node itself (a host-network process) → the secondary ClusterIP and nodePorts
+/// over TCP.
+#[test]
+fn e2e_96_node_to_secondary_family_tcp() {
+    secondary_family_reaches_all(Who::Host(0), "tcp");
+}
+
+/// e2e row 97: the same over UDP.
+#[test]
+fn e2e_97_node_to_secondary_family_udp() {
+    secondary_family_reaches_all(Who::Host(0), "udp");
+}
+
+/// e2e row 98: an endpoint (pod-a) → its own service's secondary ClusterIP and nodePorts over
+/// TCP: both endpoints answer, pod-a itself included (hairpin).
+#[test]
+fn e2e_98_endpoint_to_own_secondary_family_tcp() {
+    secondary_family_reaches_all(Who::PodOf(0, 0), "tcp");
+}
+
+/// e2e row 99: the same over UDP.
+#[test]
+fn e2e_99_endpoint_to_own_secondary_family_udp() {
+    secondary_family_reaches_all(Who::PodOf(0, 0), "udp");
+}
+
+/// Rows 100 and 101: pod-b leaves both slices, and every attempt over `mode`, to the IPv6
+/// ClusterIP and to both nodes' IPv6 nodePorts, reaches pod-a only.
+fn update_secondary_family_endpoints(mode: &str) {
+    let c = Cluster::new([&["pod-a"], &["pod-b"]]);
+    netcheck_dual(&c, &DUAL, &dual_pods_ab(&c), 80, false);
+    reaches_all_in(&c, Who::Pod(0), mode, Family::V6, &["pod-a", "pod-b"]);
+    netcheck_dual(&c, &DUAL, &dual_pods_ab(&c)[..1], 80, false);
+    reaches_all_in(&c, Who::Pod(0), mode, Family::V6, &["pod-a"]);
+}
+
+/// e2e row 100: endpoints updated, over TCP.
+#[test]
+fn e2e_100_update_secondary_family_endpoints_tcp() {
+    update_secondary_family_endpoints("tcp");
+}
+
+/// e2e row 101: endpoints updated, over UDP.
+#[test]
+fn e2e_101_update_secondary_family_endpoints_udp() {
+    update_secondary_family_endpoints("udp");
+}
+
+/// Rows 102 and 103: ClientIP affinity on the IPv6 ClusterIP: every attempt of a client pod
+/// (a new socket each) reaches one endpoint, on either node. 20 attempts over four endpoints
+/// without affinity stay on one with probability 4^-19.
+fn secondary_family_affinity(mode: &str, port: u16) {
+    let c = Cluster::new([&["pod-a", "pod-b"], &["pod-c", "pod-d"]]);
+    netcheck_dual(&c, &DUAL, &dual_pods(&c, &[(0, 0), (0, 1), (1, 0), (1, 1)]), 80, true);
+    let to = sock(Family::V6.vip(VIP.octets()[3]), port);
+    for node in 0..2 {
+        sticky(&c.probe(Who::Pod(node), mode, &to, 20), 20, &format!("node-{}'s pod → {to}", node + 1));
+    }
+}
+
+/// e2e row 102: ClientIP affinity over TCP.
+#[test]
+fn e2e_102_secondary_family_client_ip_affinity_tcp() {
+    secondary_family_affinity("tcp", 80);
+}
+
+/// e2e row 103: ClientIP affinity over UDP.
+#[test]
+fn e2e_103_secondary_family_client_ip_affinity_udp() {
+    secondary_family_affinity("udp", 90);
+}
+
+/// e2e row 104: a 2 KB request over TCP through the IPv6 ClusterIP is echoed back whole, by
+/// every endpoint.
+#[test]
+fn e2e_104_secondary_family_large_request_tcp() {
+    let c = Cluster::new([&["pod-a"], &["pod-b"]]);
+    netcheck_dual(&c, &DUAL, &dual_pods_ab(&c), 80, false);
+    let to = sock(Family::V6.vip(VIP.octets()[3]), 80);
+    assert_served(&c.probe(Who::Pod(0), "tcp-big", &to, 40), 40, &["pod-a", "pod-b"], "2 KB over TCP");
+}
+
+/// e2e row 105: a 3000-byte UDP datagram through the IPv6 ClusterIP (more than upstream's 2 KB,
+/// so the sender fragments it on the 1500-byte links) reaches every endpoint and is answered.
+#[test]
+fn e2e_105_secondary_family_large_request_udp() {
+    let c = Cluster::new([&["pod-a"], &["pod-b"]]);
+    netcheck_dual(&c, &DUAL, &dual_pods_ab(&c), 80, false);
+    let to = sock(Family::V6.vip(VIP.octets()[3]), 90);
+    assert_served(&c.probe(Who::Pod(0), "udp-big", &to, 40), 40, &["pod-a", "pod-b"], "3000 B over UDP");
+}
+
+/// e2e row 106: rows 93-105 with hostNetwork endpoints (each node's own addresses, port 8080):
+/// node-1's processes and its client pod reach both nodes' servers through the IPv6 ClusterIP
+/// (TCP, UDP, large requests) and node-1's IPv6 nodePorts; the external client through both
+/// nodes' IPv6 nodePorts (where a connection may pick the receiving node itself).
+#[test]
+fn e2e_106_secondary_family_host_network_endpoints() {
+    let c = Cluster::new([&[], &[]]);
+    let _hosts = [
+        PodServer::start(&c.node(0).ns, 8080, "node-1-host").expect("serving on node-1"),
+        PodServer::start(&c.node(1).ns, 8080, "node-2-host").expect("serving on node-2"),
+    ];
+    let nodes = [(0, "node-1"), (1, "node-2")].map(|(n, node)| DualEndpoint { v4: node_ip(n), v6: node_ip6(n), node });
+    netcheck_dual(&c, &DUAL, &nodes, 8080, false);
+    let hosts = ["node-1-host", "node-2-host"];
+    let (http, udp) = NETCHECK_NODE_PORTS;
+    let vip = Family::V6.vip(VIP.octets()[3]);
+    let own = IpAddr::from(node_ip6(0));
+    for (mode, to) in [
+        ("tcp", sock(vip, 80)),
+        ("udp", sock(vip, 90)),
+        ("tcp-big", sock(vip, 80)),
+        ("udp-big", sock(vip, 90)),
+        ("tcp", sock(own, http)),
+        ("udp", sock(own, udp)),
+    ] {
+        for from in [Who::Host(0), Who::Pod(0)] {
+            assert_served(&c.probe(from, mode, &to, 40), 40, &hosts, &format!("{from:?} → {to} ({mode})"));
+        }
+    }
+    for node in 0..2 {
+        for (mode, port) in [("tcp", http), ("udp", udp)] {
+            let to = sock(node_ip6(node).into(), port);
+            assert_served(&c.probe(Who::Outside, mode, &to, 40), 40, &hosts, &format!("outside → {to} ({mode})"));
+        }
+    }
 }

@@ -6,9 +6,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
     path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -212,13 +215,16 @@ fn snapshot(agent: &Agent) -> Snapshot {
 
 /// The `services` entries of every frontend address but `except`.
 fn entries_except(snapshot: &Snapshot, except: Ipv4Addr) -> BTreeMap<ServiceKey, ServiceValue> {
-    snapshot.0.iter().filter(|(k, _)| k.address != except.octets()).map(|(k, v)| (*k, *v)).collect()
+    snapshot.0.iter().filter(|(k, _)| k.address != proxy_common::addr::from_ip(except)).map(|(k, v)| (*k, *v)).collect()
 }
 
 /// The master entries (frontends) programmed, as (address, port).
 fn frontends(agent: &Agent) -> BTreeSet<(Ipv4Addr, u16)> {
     let maps = agent.maps().expect("opening the pinned maps");
-    maps.services().filter(|(k, _)| k.slot == 0).map(|(k, _)| (Ipv4Addr::from(k.address), k.port)).collect()
+    maps.services()
+        .filter(|(k, _)| k.slot == 0)
+        .filter_map(|(k, _)| Some((Ipv4Addr::from(proxy_common::addr::to_v4(&k.address)?), k.port)))
+        .collect()
 }
 
 /// Sums the counts of the agent's `synced` lines after the first `after`.
@@ -339,12 +345,12 @@ fn e2e_06_up_and_down_services() {
     c.agent.wait_for_log("EndpointSlice default/web-2-a", WAIT).unwrap();
     let after = snapshot(&c.agent);
     assert!(
-        after.0.keys().all(|k| k.address != vip(12).octets()),
+        after.0.keys().all(|k| k.address != proxy_common::addr::from_ip(vip(12))),
         "no entry of the deleted frontend is left: {:?}",
         after.0
     );
     assert!(
-        after.1.values().all(|b| b.address != pod_ip(3).octets()),
+        after.1.values().all(|b| b.address != proxy_common::addr::from_ip(pod_ip(3))),
         "the deleted service's only backend is gone: {:?}",
         after.1
     );
@@ -404,7 +410,7 @@ fn e2e_08_works_after_restarting_the_agent() {
     });
     c.wait_for_pods(11, Some(&[2, 3]), WAIT);
     c.wait_for_pods(12, Some(&[4]), WAIT);
-    let kubernetes = ServiceKey::master([10, 96, 0, 1], 443, proxy_common::proto::TCP);
+    let kubernetes = ServiceKey::master(proxy_common::addr::from_v4([10, 96, 0, 1]), 443, proxy_common::proto::TCP);
     let master = snapshot(&c.agent).0[&kubernetes];
     c.agent.kill();
     assert_served_by(&c.connect(11, 50), 50, &[2, 3]);
@@ -580,7 +586,7 @@ fn healthz_turns_unhealthy_after_the_api_outage_window_and_back_after_recovery()
     c.wait_for_pods(10, Some(&[2, 3]), WAIT);
     c.wait_for_watches();
     let healthz = || {
-        let to = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 10256));
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, 10256));
         http_get(&c.topology.node, to, "/healthz").expect("asking /healthz")
     };
     wait_until("/healthz answers 200 after the first sync", WAIT, || healthz().0 == 200);
@@ -635,7 +641,7 @@ fn a_service_that_does_not_fit_gets_a_warning_event() {
     c.wait_for_pods(20, None, WAIT);
     assert_served_by(&c.connect(10, 20), 20, &[2, 3]);
     thread::sleep(Duration::from_secs(3));
-    let to = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 10256));
+    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, 10256));
     let (status, body) = http_get(&c.topology.node, to, "/healthz").expect("asking /healthz");
     assert_eq!(status, 200, "healthy with a refused service: {body}");
     let lines = c.agent.lines();
@@ -762,4 +768,257 @@ fn first_sync_happens_on_an_empty_cluster() {
     server.apply(&web("web", 10));
     server.apply(&endpoints("web", &[2]));
     agent.wait_for_backends(vip(10), PORT, Some(&backends(&[2])), WAIT).unwrap();
+}
+
+// ---- dual stack (issue 14) ----
+
+/// The dual-stack service's ClusterIPs: `clusterIPs[0]` (IPv4) and the IPv6 one.
+const DUAL_VIP4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const DUAL_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x14);
+
+/// Address `n` on node-1's IPv6 pod network `fd00:10:244:1::/64`.
+fn pod_ip6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, n.into())
+}
+
+/// What pod `n` answers on its IPv6 address (its IPv4 server answers `pod-<n>`).
+fn pod_name6(n: u8) -> String {
+    format!("pod-{n}-v6")
+}
+
+/// Servers on pods' IPv6 addresses, answering every TCP connection and UDP datagram on port 80
+/// with `pod-<n>-v6`; they stop on drop.
+struct Ipv6Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Ipv6Servers {
+    /// Puts node-1's bridge, the pods `pods` and the client pod on `fd00:10:244:1::/64` (`nodad`:
+    /// nothing waits on duplicate address detection; on-link, so nothing is routed beyond the
+    /// bridge) and starts a server in each pod.
+    fn start(topology: &SingleNode, pods: &[u8]) -> Self {
+        let add = |ns: &Netns, dev: &str, n: u8| {
+            ns.ip(&["-6", "addr", "add", &format!("{}/64", pod_ip6(n)), "dev", dev, "nodad"]).expect("an IPv6 address");
+        };
+        add(&topology.node, "br0", 1);
+        add(&topology.client.ns, "eth0", 200);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (pod, &n) in topology.pods.iter().zip(pods) {
+            add(&pod.ns, "eth0", n);
+            let bound = thread::scope(|s| {
+                s.spawn(|| {
+                    pod.ns.enter().expect("entering the pod");
+                    let at = SocketAddr::from((pod_ip6(n), TARGET_PORT));
+                    (TcpListener::bind(at).expect("binding tcp"), UdpSocket::bind(at).expect("binding udp"))
+                })
+                .join()
+                .expect("binding in the pod")
+            });
+            let (tcp, udp) = bound;
+            tcp.set_nonblocking(true).unwrap();
+            udp.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let answer = format!("{}\n", pod_name6(n));
+            let (stop_tcp, answer_tcp) = (stop.clone(), answer.clone());
+            threads.push(thread::spawn(move || {
+                while !stop_tcp.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut conn, _)) => {
+                            let _ = std::io::Write::write_all(&mut conn, answer_tcp.as_bytes());
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }));
+            let stop_udp = stop.clone();
+            threads.push(thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                while !stop_udp.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(answer.as_bytes(), peer);
+                    }
+                }
+            }));
+        }
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Ipv6Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `default/dual`: RequireDualStack, ClusterIPs 10.96.0.20 and fd00:10:96::14, TCP and UDP on
+/// 6666, as the API server allocates them.
+fn dual_stack_service() -> Service {
+    let mut svc = service("dual").named_port("tcp", PORT.into(), "TCP").named_port("udp", PORT.into(), "UDP").build();
+    let spec = svc.spec.as_mut().expect("a spec");
+    spec.cluster_ip = Some(DUAL_VIP4.to_string());
+    spec.cluster_ips = Some(vec![DUAL_VIP4.to_string(), DUAL_VIP6.to_string()]);
+    spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+    spec.ip_family_policy = Some("RequireDualStack".into());
+    svc
+}
+
+/// The slice `dual-<suffix>` of `address_type` with `addresses` on port 80, TCP and UDP.
+fn dual_stack_slice(suffix: &str, address_type: &str, addresses: &[String]) -> EndpointSlice {
+    let mut slice = slice("dual", suffix)
+        .named_port("tcp", TARGET_PORT.into(), "TCP")
+        .named_port("udp", TARGET_PORT.into(), "UDP")
+        .endpoints(addresses.iter().map(String::as_str))
+        .build();
+    slice.address_type = address_type.into();
+    slice
+}
+
+/// `count` probes of `mode` (`tcp-peer`, `udp-peer`) from the client pod to `to`: the backend
+/// names that answered, and the addresses the answers came from (getpeername for TCP, the
+/// reply's source for UDP).
+fn peers(c: &Cluster, mode: &str, to: SocketAddr, count: usize) -> (BTreeSet<String>, BTreeSet<String>) {
+    let tally = probe(
+        PROBE.as_ref(),
+        &c.topology.client.ns,
+        Some(&c.topology.cgroup),
+        &[mode, &to.to_string(), &count.to_string(), "300"],
+    )
+    .expect("running the probe");
+    assert_eq!(tally.answered(), count, "{mode} {to}: every probe is answered: {tally:?}");
+    let split = tally.answers.keys().map(|a| a.split_once('@').expect("answer@peer"));
+    (split.clone().map(|(name, _)| name.to_owned()).collect(), split.map(|(_, peer)| peer.to_owned()).collect())
+}
+
+/// Issue 14's "done when", socket path, through the real API: a RequireDualStack Service with
+/// one IPv4 and one IPv6 EndpointSlice is reached from a pod through both ClusterIPs, and
+/// through `::ffff:` + its IPv4 ClusterIP on an AF_INET6 socket, over TCP and UDP; each family
+/// reaches only its own family's endpoints, and `getpeername()` and UDP replies show the
+/// address the client used.
+#[test]
+fn a_dual_stack_service_is_reached_through_both_clusterips_and_the_ipv4_mapped_one() {
+    let c = Cluster::start(&[2, 3], &[], |_| {});
+    let _servers = Ipv6Servers::start(&c.topology, &[2, 3]);
+    let v4: Vec<String> = [2, 3].iter().map(|n| pod_ip(*n).to_string()).collect();
+    let v6: Vec<String> = [2, 3].iter().map(|n| pod_ip6(*n).to_string()).collect();
+    c.server.apply(&dual_stack_service());
+    c.server.apply(&dual_stack_slice("v4", "IPv4", &v4));
+    c.server.apply(&dual_stack_slice("v6", "IPv6", &v6));
+    c.agent.wait_for_backends(DUAL_VIP4, PORT, Some(&backends(&[2, 3])), WAIT).unwrap();
+    wait_until("the IPv6 ClusterIP has both IPv6 endpoints", WAIT, || {
+        c.agent.backends_of(DUAL_VIP6, PORT).ok().flatten().map(|b| b.into_iter().collect::<BTreeSet<_>>())
+            == Some(v6.iter().map(|a| SocketAddr::new(a.parse().unwrap(), TARGET_PORT)).collect())
+    });
+
+    // default/kubernetes and the IPv4 ClusterIP's TCP and UDP ports; the IPv6 ClusterIP's two.
+    let (status, text) =
+        http_get(&c.topology.node, SocketAddr::from((Ipv4Addr::LOCALHOST, 10249)), "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for series in [r#"proxy_frontends_programmed{family="ipv4"} 3"#, r#"proxy_frontends_programmed{family="ipv6"} 2"#] {
+        assert!(text.lines().any(|l| l == series), "{series} in /metrics:\n{text}");
+    }
+
+    let ipv4_pods: BTreeSet<String> = [2, 3].iter().map(|n| pod_name(*n)).collect();
+    let ipv6_pods: BTreeSet<String> = [2, 3].iter().map(|n| pod_name6(*n)).collect();
+    let mapped = SocketAddr::new(IpAddr::V6(DUAL_VIP4.to_ipv6_mapped()), PORT);
+    let cases = [
+        (SocketAddr::from((DUAL_VIP4, PORT)), &ipv4_pods),
+        (SocketAddr::from((DUAL_VIP6, PORT)), &ipv6_pods),
+        // An AF_INET6 socket to the IPv4 ClusterIP reaches the IPv4 endpoints.
+        (mapped, &ipv4_pods),
+    ];
+    for (to, pods) in cases {
+        for mode in ["tcp-peer", "udp-peer"] {
+            let (names, seen_from) = peers(&c, mode, to, 40);
+            assert_eq!(&names, pods, "{mode} {to}: each endpoint of its family answers, no other");
+            assert_eq!(seen_from, BTreeSet::from([to.to_string()]), "{mode} {to}: the peer is the service address");
+        }
+    }
+
+    // The IPv6 slice emptied: the IPv6 ClusterIP refuses while the IPv4 one still serves.
+    c.server.apply(&dual_stack_slice("v6", "IPv6", &[]));
+    wait_until("the IPv6 ClusterIP has no endpoint", WAIT, || {
+        c.agent.backends_of(DUAL_VIP6, PORT).ok().flatten().is_some_and(|b| b.is_empty())
+    });
+    let refused = probe(
+        PROBE.as_ref(),
+        &c.topology.client.ns,
+        Some(&c.topology.cgroup),
+        &["tcp", &SocketAddr::from((DUAL_VIP6, PORT)).to_string(), "5", "300"],
+    )
+    .expect("running the probe");
+    assert_eq!(refused.errors.get("refused"), Some(&5), "REJECT per family: {refused:?}");
+    let (names, _) = peers(&c, "tcp-peer", SocketAddr::from((DUAL_VIP4, PORT)), 20);
+    assert_eq!(names, ipv4_pods, "the IPv4 family is untouched");
+}
+
+/// node-1's IPv6 InternalIP, inside `--nodeport-addresses`, and an IPv6 ExternalIP outside it.
+const NODE1_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, 0, 2);
+const NODE1_V6_FILTERED: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2);
+
+/// A dual-stack node-1 and the dual-stack service as a NodePort on 30081 (TCP), with a slice of
+/// each family.
+fn dual_stack_nodeport_seed(server: &ApiServer) {
+    server.apply_raw(
+        "Node",
+        json!({
+            "metadata": {"name": "node-1"},
+            // Only the IPv6 range: the TC program must find br0 through the IPv6 routes.
+            "spec": {"podCIDRs": ["fd00:10:244:1::/64"]},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": NODE1.to_string()},
+                {"type": "InternalIP", "address": NODE1_V6.to_string()},
+                {"type": "ExternalIP", "address": NODE1_V6_FILTERED.to_string()},
+            ]},
+        }),
+    );
+    let mut svc = dual_stack_service();
+    let spec = svc.spec.as_mut().expect("a spec");
+    spec.type_ = Some("NodePort".into());
+    spec.ports.as_mut().expect("ports")[0].node_port = Some(30081);
+    server.apply(&svc);
+    let v4: Vec<String> = [2, 3].iter().map(|n| pod_ip(*n).to_string()).collect();
+    let v6: Vec<String> = [2, 3].iter().map(|n| pod_ip6(*n).to_string()).collect();
+    server.apply(&dual_stack_slice("v4", "IPv4", &v4));
+    server.apply(&dual_stack_slice("v6", "IPv6", &v6));
+}
+
+/// A nodePort is served on the node's addresses of both families (its Node object's InternalIPs),
+/// each family's with that family's endpoints; `--nodeport-addresses` takes IPv6 ranges beside
+/// IPv4 ones (an IPv6 range used to stop the agent at start) and filters each family; no
+/// localhost nodePort on IPv6. Traffic from a pod goes through the socket path. The node's only
+/// pod range is IPv6 (`spec.podCIDRs`): the TC program goes on the bridge routing into it.
+#[test]
+fn a_nodeport_is_served_on_the_nodes_ipv6_address_too() {
+    let filter = ["--nodeport-addresses", "172.18.0.0/16,fd00:172:18::/64"];
+    let c = Cluster::start(&[2, 3], &filter, dual_stack_nodeport_seed);
+    let _servers = Ipv6Servers::start(&c.topology, &[2, 3]);
+    c.agent.wait_for_backends(NODE1, 30081, Some(&backends(&[2, 3])), WAIT).unwrap();
+    let v6_backends: BTreeSet<SocketAddr> =
+        [2, 3].iter().map(|n| SocketAddr::from((pod_ip6(*n), TARGET_PORT))).collect();
+    wait_until("the IPv6 node address serves the nodePort", WAIT, || {
+        c.agent.backends_of(NODE1_V6, 30081).ok().flatten().map(|b| b.into_iter().collect::<BTreeSet<_>>())
+            == Some(v6_backends.clone())
+    });
+    assert_eq!(c.agent.count(NODE1_V6_FILTERED, 30081).unwrap(), None, "outside --nodeport-addresses");
+    assert_eq!(c.agent.count(Ipv6Addr::LOCALHOST, 30081).unwrap(), None, "no IPv6 localhost nodePort");
+
+    let ipv6_pods: BTreeSet<String> = [2, 3].iter().map(|n| pod_name6(*n)).collect();
+    let (names, _) = peers(&c, "tcp-peer", SocketAddr::from((NODE1_V6, 30081)), 40);
+    assert_eq!(names, ipv6_pods);
+    let ipv4_pods: BTreeSet<String> = [2, 3].iter().map(|n| pod_name(*n)).collect();
+    let (names, _) = peers(&c, "tcp-peer", SocketAddr::from((NODE1, 30081)), 40);
+    assert_eq!(names, ipv4_pods);
+
+    // The bridge got its IPv6 route when the pods got their addresses; the next rescan finds it.
+    wait_until("tc_ingress attached to br0 for the IPv6 pod range", WAIT, || {
+        c.agent.lines().iter().any(|l| {
+            l.message.starts_with("attached")
+                && l.text("program") == Some("tc_ingress")
+                && l.text("interface") == Some("br0")
+        })
+    });
 }

@@ -20,6 +20,7 @@ use proxy_agent::{
     maglev::{self, MaglevSettings},
 };
 use proxy_common::{
+    addr,
     conntrack::CtKey,
     maglev::{TABLE_SIZE_INDEX, flow_hash, slot},
     maps,
@@ -96,8 +97,11 @@ fn address_of(pods: &[(String, Ipv4Addr)], name: &str) -> Ipv4Addr {
 
 /// The table the agent's builder makes for `pods` with the agents' settings: pod names by slot.
 fn predicted_table(pods: &[(String, Ipv4Addr)]) -> Vec<String> {
-    let named: Vec<(usize, Vec<u8>)> =
-        pods.iter().enumerate().map(|(i, (_, ip))| (i, maglev::backend_name(ip.octets(), TARGET_PORT))).collect();
+    let named: Vec<(usize, Vec<u8>)> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ip))| (i, maglev::backend_name(addr::from_v4(ip.octets()), TARGET_PORT)))
+        .collect();
     let settings = settings();
     maglev::build(&named, settings.table_size, &settings.seed).into_iter().map(|i| pods[i].0.clone()).collect()
 }
@@ -109,8 +113,8 @@ fn settings() -> MaglevSettings {
 /// The pod the table sends the flow from the client's `port` to, by the datapath's flow hash.
 fn predicted(table: &[String], port: u16) -> String {
     let key = CtKey {
-        src: CLIENT_IP.octets(),
-        dst: EXTERNAL_IP.octets(),
+        src: addr::from_v4(CLIENT_IP.octets()),
+        dst: addr::from_v4(EXTERNAL_IP.octets()),
         sport: port,
         dport: SEED_PORT,
         proto: TCP,
@@ -124,7 +128,7 @@ fn predicted(table: &[String], port: u16) -> String {
 /// addresses by slot).
 fn wait_for_table(agent: &Agent, want: &[Ipv4Addr]) {
     let deadline = std::time::Instant::now() + WAIT;
-    let master = ServiceKey::master(EXTERNAL_IP.octets(), SEED_PORT, TCP);
+    let master = ServiceKey::master(addr::from_v4(EXTERNAL_IP.octets()), SEED_PORT, TCP);
     loop {
         // A starting agent may not have pinned its maps yet.
         let held = agent.maps().ok().and_then(|maps| held_table(&maps, &master));
@@ -142,7 +146,8 @@ fn wait_for_table(agent: &Agent, want: &[Ipv4Addr]) {
 
 /// The backend addresses, by slot, of the Maglev table of `master`'s backend set.
 fn held_table(maps: &proxy_agent::datapath::AyaMaps, master: &ServiceKey) -> Option<Vec<Ipv4Addr>> {
-    let backends: BTreeMap<u32, Ipv4Addr> = maps.backends().map(|(id, b)| (id, b.address.into())).collect();
+    let backends: BTreeMap<u32, Ipv4Addr> =
+        maps.backends().filter_map(|(id, b)| Some((id, addr::to_v4(&b.address)?.into()))).collect();
     let id = maps.services().find(|(key, _)| key == master).map(|(_, value)| value.service_id)?;
     if maps.maglev_entry(id, TABLE_SIZE_INDEX) != Some(TABLE_SIZE) {
         return None;

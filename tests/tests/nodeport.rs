@@ -129,7 +129,7 @@ fn e2e_11_external_ip_and_load_balancer_ip() {
     }
     seed(&cluster, &manifests, seed_node_port().external_ip(external_ip).load_balancer_ip(lb_ip).build());
     for ip in [external_ip, lb_ip] {
-        cluster.agents[0].wait_for_count(ip.parse().unwrap(), 6666, Some(2), WAIT).unwrap();
+        cluster.agents[0].wait_for_count(ip.parse::<std::net::IpAddr>().unwrap(), 6666, Some(2), WAIT).unwrap();
         let tally = cluster.external("tcp", &format!("{ip}:6666"), 100);
         assert_eq!(tally.answered(), 100, "{ip}: {tally:?}");
         let (pods, peers) = split(&tally);
@@ -176,7 +176,11 @@ fn icmp_errors_of_tracked_flows_reach_the_client() {
         .endpoint_on(&cluster.pod_ip(1, 0).to_string(), "node-2")
         .build();
     manifests.put(&svc, &[eps]);
-    let key = proxy_common::service::ServiceKey::master(NODE_IPS[0].octets(), 30070, proxy_common::proto::UDP);
+    let key = proxy_common::service::ServiceKey::master(
+        proxy_common::addr::from_ip(NODE_IPS[0]),
+        30070,
+        proxy_common::proto::UDP,
+    );
     let deadline = std::time::Instant::now() + WAIT;
     while !cluster.agents[0].maps().unwrap().services().any(|(k, v)| k == key && v.count == 2) {
         assert!(std::time::Instant::now() < deadline, "the UDP nodePort was not programmed");
@@ -294,7 +298,11 @@ fn udp_flows_leave_a_backend_removed_from_the_service() {
     manifests.service(&other, &[(pod_b, "node-2")]);
     manifests.service(&udp, &[(pod_a, "node-1"), (pod_b, "node-2")]);
     let programmed = |count: u16| {
-        let key = proxy_common::service::ServiceKey::master(NODE_IPS[0].octets(), 30053, proxy_common::proto::UDP);
+        let key = proxy_common::service::ServiceKey::master(
+            proxy_common::addr::from_ip(NODE_IPS[0]),
+            30053,
+            proxy_common::proto::UDP,
+        );
         let deadline = std::time::Instant::now() + WAIT;
         while !cluster.agents[0].maps().unwrap().services().any(|(k, v)| k == key && v.count == count) {
             assert!(std::time::Instant::now() < deadline, "the UDP nodePort does not have {count} backends");
@@ -391,7 +399,7 @@ fn load_balancer_source_ranges_admit_only_listed_clients() {
     manifests.service(&admits, &endpoints);
     manifests.service(&denies, &endpoints);
     for ip in [allowed_ip, denied_ip] {
-        cluster.agents[0].wait_for_count(ip.parse().unwrap(), 6666, Some(2), WAIT).unwrap();
+        cluster.agents[0].wait_for_count(ip.parse::<std::net::IpAddr>().unwrap(), 6666, Some(2), WAIT).unwrap();
     }
     let admitted = cluster.external("tcp", &format!("{allowed_ip}:6666"), 20);
     assert_eq!(admitted.answered(), 20, "a listed client is admitted: {admitted:?}");

@@ -175,8 +175,10 @@ fn cgroup_programs(cgroup: &Path) -> Vec<Value> {
     listed.as_array().cloned().unwrap_or_default()
 }
 
-/// The socket programs the agent attaches to its cgroup, one link each.
-const SOCKET_PROGRAMS: [&str; 4] = ["connect4", "getpeername4", "recvmsg4", "sendmsg4"];
+/// The socket programs the agent attaches to its cgroup, one link each: the IPv4 hooks and
+/// their IPv6 twins, sorted by name.
+const SOCKET_PROGRAMS: [&str; 8] =
+    ["connect4", "connect6", "getpeername4", "getpeername6", "recvmsg4", "recvmsg6", "sendmsg4", "sendmsg6"];
 
 /// The names of the programs attached to `cgroup`, sorted.
 fn program_names(cgroup: &Path) -> Vec<String> {
@@ -258,7 +260,8 @@ fn metrics_report_what_was_programmed() {
     };
     let maps_now = node.agent.maps().expect("the pinned maps");
 
-    assert_eq!(metric(&samples, "proxy_frontends_programmed"), 1.0);
+    assert_eq!(metric(&samples, r#"proxy_frontends_programmed{family="ipv4"}"#), 1.0);
+    assert_eq!(metric(&samples, r#"proxy_frontends_programmed{family="ipv6"}"#), 0.0);
     assert_eq!(metric(&samples, "proxy_backends_programmed"), 2.0);
     assert!(metric(&samples, r#"proxy_skipped_objects_total{reason="bad_address"}"#) >= 1.0);
     assert!(metric(&samples, "proxy_sync_duration_seconds_count") >= 1.0);

@@ -2,7 +2,10 @@
 //! the style of Cilium's `bpf/tests`: each case seeds the maps through the agent's real writer,
 //! runs one hand-built frame (`proxy_tests::frames`) through the real object, and checks the
 //! verdict, the frame that comes out (addresses, ports, checksums recomputed independently) and
-//! the drop counters. Each case opens with a one-line `Flow:` comment.
+//! the drop counters. Each case opens with a one-line `Flow:` comment. Cases that apply to
+//! both IPv4 and IPv6 run once per [`Family`], each in a bed of its own; IPv6-only ones
+//! (extension headers, ICMPv6, UDP's mandatory checksum) and IPv4-only ones (ICMP, UDP without
+//! a checksum, source ranges) follow.
 //!
 //! The object is loaded by the agent's own datapath code into a throwaway network namespace
 //! (where the program's FIB lookups run: an interface on the node network with a route to
@@ -15,7 +18,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
 };
 
@@ -30,7 +33,8 @@ use proxy_agent::{
     observe::drops,
 };
 use proxy_common::{
-    conntrack::{CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    addr,
+    conntrack::{CT_F_LOCAL, CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
     drop, maps,
     proto::{TCP, UDP},
     service::{
@@ -40,7 +44,10 @@ use proxy_common::{
 };
 use proxy_tests::{
     cgroup::Cgroup,
-    frames::{self, ACK, ICMP, ICMP_DEST_UNREACH, MORE_FRAGMENTS, SYN},
+    frames::{
+        self, ACK, ICMP, ICMP_DEST_UNREACH, ICMPV6, ICMPV6_NEIGHBOUR_SOLICITATION, ICMPV6_PKT_TOOBIG, IP6_HLEN,
+        MORE_FRAGMENTS, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, SYN,
+    },
     netns::{Netns, require_root},
     trace::{Trace, drain_events, trace_on},
 };
@@ -52,6 +59,66 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 const NODE_PORT: u16 = 30066;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 255, 1);
 const TARGET_PORT: u16 = 80;
+/// The IPv6 twins, in kind's IPv6 node network and the ULA pod range of issue 14's test bed.
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, 0x64);
+const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 2);
+const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 1);
+const REMOTE_POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 2);
+
+/// The family a case runs in, and its addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Every family, for the cases that hold for both.
+    const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn pick(self, v4: Ipv4Addr, v6: Ipv6Addr) -> IpAddr {
+        match self {
+            Family::V4 => v4.into(),
+            Family::V6 => v6.into(),
+        }
+    }
+
+    fn node(self) -> IpAddr {
+        self.pick(NODE, NODE6)
+    }
+
+    fn client(self) -> SocketAddr {
+        SocketAddr::new(self.pick(*CLIENT.ip(), CLIENT6), CLIENT.port())
+    }
+
+    fn nodeport(self) -> SocketAddr {
+        SocketAddr::new(self.node(), NODE_PORT)
+    }
+
+    fn pod(self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.pick(POD, POD6), port)
+    }
+
+    fn remote_pod(self) -> IpAddr {
+        self.pick(Ipv4Addr::new(10, 244, 2, 2), REMOTE_POD6)
+    }
+
+    /// A fragment of a UDP datagram from the client to the node: `offset` in 8-byte units,
+    /// `more` the "more fragments" flag, `part` the bytes it carries.
+    fn fragment(self, id: u16, offset: u16, more: bool, part: &[u8]) -> Vec<u8> {
+        let (src, dst) = (self.client().ip(), self.node());
+        frames::ethernet(&match (src, dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                frames::ipv4(src, dst, UDP, id, offset | if more { MORE_FRAGMENTS } else { 0 }, part)
+            }
+            _ => {
+                let header = frames::fragment_header(UDP, offset, more, u32::from(id) << 16 | 0xbeef);
+                frames::ipv6(CLIENT6, NODE6, NEXTHDR_FRAGMENT, &[header, part.to_vec()].concat())
+            }
+        })
+    }
+}
 
 /// `TC_ACT_OK`: the packet goes on into the stack.
 const PASS: u32 = 0;
@@ -68,8 +135,8 @@ fn pod(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(POD, port)
 }
 
-fn endpoint(address: Ipv4Addr, local: bool) -> Endpoint {
-    Endpoint { address, port: TARGET_PORT, local, terminating: false }
+fn endpoint(address: impl Into<IpAddr>, local: bool) -> Endpoint {
+    Endpoint { address: address.into(), port: TARGET_PORT, local, terminating: false }
 }
 
 /// A frontend entry of `kind` with `flags` and `backends`.
@@ -102,8 +169,9 @@ struct Out {
 
 impl Bed {
     /// Programs `entry` at `frontend`.
-    fn service(&mut self, frontend: SocketAddrV4, proto: u8, entry: &FrontendEntry) {
-        let frontend = Frontend { address: *frontend.ip(), port: frontend.port(), proto };
+    fn service(&mut self, frontend: impl Into<SocketAddr>, proto: u8, entry: &FrontendEntry) {
+        let frontend = frontend.into();
+        let frontend = Frontend { address: frontend.ip(), port: frontend.port(), proto };
         self.writer.upsert(frontend, entry).expect("writing the service");
     }
 
@@ -160,8 +228,12 @@ fn with_bed(name: &str, case: impl FnOnce(&mut Bed) + Send) {
     for link in ["eth0", "eth1"] {
         ns.ip(&["link", "set", link, "up"]).expect("link up");
     }
+    // `nodad`: the address is usable at once, with no duplicate address detection to wait for.
+    ns.ip(&["addr", "add", &format!("{NODE6}/64"), "dev", "eth0", "nodad"]).expect("the node's IPv6 address");
     ns.ip(&["route", "add", "10.244.0.0/16", "dev", "eth0"]).expect("the pod route");
+    ns.ip(&["route", "add", "fd00:10:244::/48", "dev", "eth0"]).expect("the IPv6 pod route");
     ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]).expect("forwarding on");
+    ns.exec("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]).expect("IPv6 forwarding on");
     let cgroup = Cgroup::new("proxy-packets").expect("a test cgroup");
     let pins = Pins(PathBuf::from(format!("/sys/fs/bpf/proxy-packets-{name}-{}", std::process::id())));
     std::thread::scope(|s| {
@@ -197,13 +269,17 @@ fn ifindex_by_name(name: &str) -> u32 {
 }
 
 /// The ports of the reply entry a SNATed flow opened: the node-side source port it was given.
-fn snat_port(bed: &Bed, backend: SocketAddrV4, proto: u8) -> u16 {
+fn snat_port(bed: &Bed, backend: impl Into<SocketAddr>, proto: u8) -> u16 {
+    let backend = backend.into();
     let ports: Vec<u16> = bed
         .conntrack()
         .iter()
         .filter_map(Result::ok)
         .filter(|(k, v)| {
-            v.flags & CT_F_REPLY != 0 && k.src == backend.ip().octets() && k.sport == backend.port() && k.proto == proto
+            v.flags & CT_F_REPLY != 0
+                && k.src == addr::from_ip(backend.ip())
+                && k.sport == backend.port()
+                && k.proto == proto
         })
         .map(|(k, _)| k.dport)
         .collect();
@@ -211,22 +287,30 @@ fn snat_port(bed: &Bed, backend: SocketAddrV4, proto: u8) -> u16 {
     ports[0]
 }
 
-fn nodeport_service(bed: &mut Bed, proto: u8) {
-    let web = entry(FrontendKind::NodePort, proto, SVC_F_NODE_PORT, vec![endpoint(POD, false)]);
-    bed.service(nodeport(), proto, &web);
+fn nodeport_service(bed: &mut Bed, family: Family, proto: u8) {
+    let web = entry(FrontendKind::NodePort, proto, SVC_F_NODE_PORT, vec![endpoint(family.pod(0).ip(), false)]);
+    bed.service(family.nodeport(), proto, &web);
+}
+
+/// Runs `case` once per family, each in a bed of its own (named `name` and the family).
+fn for_each_family(name: &str, case: impl Fn(&mut Bed, Family) + Sync) {
+    for family in Family::ALL {
+        with_bed(&format!("{name}-{family:?}"), |bed| case(bed, family));
+    }
 }
 
 #[test]
 fn a_nodeport_syn_is_dnated_and_snated_with_correct_checksums() {
     // Flow: client:40000 → node:30066 SYN  ⇒  node:P → pod:80 SYN (P a SNAT port), redirected.
-    with_bed("syn", |bed| {
-        nodeport_service(bed, TCP);
-        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+    for_each_family("syn", |bed, family| {
+        nodeport_service(bed, family, TCP);
+        let out = bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN));
         assert_eq!(out.verdict, REDIRECT);
         let seen = frames::seen(&out.frame);
-        assert_eq!((*seen.src.ip(), seen.dst), (NODE, pod(TARGET_PORT)), "DNAT to the pod, SNAT to the node");
+        let pod = family.pod(TARGET_PORT);
+        assert_eq!((seen.src.ip(), seen.dst), (family.node(), pod), "DNAT to the pod, SNAT to the node");
         assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&seen.src.port()), "a SNAT port: {seen:?}");
-        assert_eq!(seen.src.port(), snat_port(bed, pod(TARGET_PORT), TCP), "the port the flow's reply entry holds");
+        assert_eq!(seen.src.port(), snat_port(bed, pod, TCP), "the port the flow's reply entry holds");
         assert!(frames::ip_checksum_ok(&out.frame), "IPv4 checksum");
         assert!(frames::frame_l4_checksum_ok(&out.frame), "TCP checksum");
         assert_eq!(bed.drops(), BTreeMap::new());
@@ -236,13 +320,15 @@ fn a_nodeport_syn_is_dnated_and_snated_with_correct_checksums() {
 #[test]
 fn the_reply_is_translated_back_to_the_nodeport() {
     // Flow: pod:80 → node:P SYN-ACK (a flow's reply)  ⇒  node:30066 → client:40000, redirected.
-    with_bed("reply", |bed| {
-        nodeport_service(bed, TCP);
-        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN)).verdict, REDIRECT);
-        let port = snat_port(bed, pod(TARGET_PORT), TCP);
-        let out = bed.ingress(&frames::tcp_frame(pod(TARGET_PORT), SocketAddrV4::new(NODE, port), SYN | ACK));
+    for_each_family("reply", |bed, family| {
+        nodeport_service(bed, family, TCP);
+        assert_eq!(bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN)).verdict, REDIRECT);
+        let pod = family.pod(TARGET_PORT);
+        let port = snat_port(bed, pod, TCP);
+        let out = bed.ingress(&frames::tcp_frame(pod, SocketAddr::new(family.node(), port), SYN | ACK));
         assert_eq!(out.verdict, REDIRECT);
-        assert_eq!(frames::seen(&out.frame), frames::Seen { src: nodeport(), dst: CLIENT, proto: TCP });
+        let expected = frames::Seen { src: family.nodeport(), dst: family.client(), proto: TCP };
+        assert_eq!(frames::seen(&out.frame), expected);
         assert!(frames::ip_checksum_ok(&out.frame) && frames::frame_l4_checksum_ok(&out.frame), "checksums");
     });
 }
@@ -252,7 +338,7 @@ fn an_icmp_error_quoting_a_tracked_flow_reaches_the_client_as_about_its_own_pack
     // Flow: gw → node ICMP unreachable quoting node:P → pod:80  ⇒  gw → client, quoting
     // client:40000 → node:30066.
     with_bed("icmp", |bed| {
-        nodeport_service(bed, TCP);
+        nodeport_service(bed, Family::V4, TCP);
         let syn = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
         // The translated packet's IPv4 header and first 8 bytes, as a router quotes them.
         let quoted = [frames::ip_header(&syn.frame), &frames::ip_payload(&syn.frame)[..8]].concat();
@@ -266,6 +352,7 @@ fn an_icmp_error_quoting_a_tracked_flow_reaches_the_client_as_about_its_own_pack
         assert_eq!(frames::checksum(message), 0, "ICMP checksum");
         let inner = &message[8..];
         assert_eq!(frames::checksum(&inner[..20]), 0, "the quoted header's checksum");
+        // The quote as a packet of its own (its length field is the whole original's).
         let quoted = frames::seen(&frames::ethernet(&frames::ipv4(
             Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]),
             Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]),
@@ -274,7 +361,111 @@ fn an_icmp_error_quoting_a_tracked_flow_reaches_the_client_as_about_its_own_pack
             0,
             &inner[20..],
         )));
-        assert_eq!((quoted.src, quoted.dst), (CLIENT, nodeport()), "the client's own packet, as it sent it");
+        assert_eq!(
+            (quoted.src, quoted.dst),
+            (CLIENT.into(), nodeport().into()),
+            "the client's own packet, as it sent it"
+        );
+    });
+}
+
+#[test]
+fn an_icmpv6_packet_too_big_quoting_a_tracked_flow_reaches_the_client_with_correct_checksums() {
+    // Flow: gw → node ICMPv6 Packet Too Big (MTU 1280) quoting node:P → pod:80  ⇒  gw → client,
+    // quoting client:40000 → [node]:30066, MTU kept: path MTU discovery through a nodePort.
+    with_bed("ptb6", |bed| {
+        let family = Family::V6;
+        nodeport_service(bed, family, TCP);
+        let syn = bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN));
+        assert_eq!(syn.verdict, REDIRECT);
+        // As much of the translated packet as fits, as a router quotes it.
+        let quoted = &syn.frame[14..];
+        let icmp = frames::icmp6(GATEWAY6, NODE6, ICMPV6_PKT_TOOBIG, 0, 1280, quoted);
+        let out = bed.ingress(&frames::ethernet(&frames::ipv6(GATEWAY6, NODE6, ICMPV6, &icmp)));
+        assert_eq!(out.verdict, REDIRECT);
+        assert_eq!(frames::addresses(&out.frame), (GATEWAY6.into(), CLIENT6.into()), "to the client");
+        let message = frames::ip_payload(&out.frame);
+        assert_eq!((message[0], &message[4..8]), (ICMPV6_PKT_TOOBIG, &1280u32.to_be_bytes()[..]), "the MTU");
+        assert!(frames::icmp6_checksum_ok(GATEWAY6, CLIENT6, message), "ICMPv6 checksum, pseudo header and all");
+        let quoted = frames::seen(&frames::ethernet(&message[8..]));
+        assert_eq!((quoted.src, quoted.dst), (family.client(), family.nodeport()), "the client's own packet");
+        assert_eq!(&message[8 + IP6_HLEN + 4..], &quoted_tail(&syn.frame)[..], "the rest of the quote untouched");
+        assert_eq!(bed.drops(), BTreeMap::new());
+    });
+}
+
+/// A TCP frame's bytes after its ports: what translating a quote of it leaves alone.
+fn quoted_tail(frame: &[u8]) -> Vec<u8> {
+    frames::upper(frame).1[4..].to_vec()
+}
+
+#[test]
+fn a_neighbour_solicitation_passes_byte_for_byte() {
+    // Flow: client → node's solicited-node multicast, ICMPv6 Neighbour Solicitation  ⇒
+    // passed unchanged; nothing counted.
+    with_bed("ns6", |bed| {
+        nodeport_service(bed, Family::V6, TCP);
+        let multicast = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 2);
+        let message = frames::icmp6(CLIENT6, multicast, ICMPV6_NEIGHBOUR_SOLICITATION, 0, 0, &NODE6.octets());
+        let frame = frames::ethernet(&frames::ipv6(CLIENT6, multicast, ICMPV6, &message));
+        let out = bed.ingress(&frame);
+        assert_eq!((out.verdict, &out.frame), (PASS, &frame));
+        assert_eq!(bed.drops(), BTreeMap::new());
+    });
+}
+
+#[test]
+fn extension_headers_before_tcp_are_walked_and_the_syn_still_translated() {
+    // Flow: client → [node]:30066 SYN behind hop-by-hop and destination options headers  ⇒
+    // node:P → pod:80, headers kept, TCP checksum right.
+    with_bed("ext6", |bed| {
+        let family = Family::V6;
+        nodeport_service(bed, family, TCP);
+        let headers = [frames::options_header(NEXTHDR_DEST), frames::options_header(TCP)].concat();
+        let segment = frames::tcp(family.client(), family.nodeport(), SYN, &[]);
+        let frame = frames::ethernet(&frames::ipv6(CLIENT6, NODE6, NEXTHDR_HOP, &[headers.clone(), segment].concat()));
+        let out = bed.ingress(&frame);
+        assert_eq!(out.verdict, REDIRECT);
+        let seen = frames::seen(&out.frame);
+        assert_eq!((seen.src.ip(), seen.dst, seen.proto), (family.node(), family.pod(TARGET_PORT), TCP));
+        assert_eq!(&frames::ip_payload(&out.frame)[..headers.len()], &headers[..], "extension headers untouched");
+        assert!(frames::frame_l4_checksum_ok(&out.frame), "TCP checksum");
+        assert_eq!(bed.drops(), BTreeMap::new());
+    });
+}
+
+#[test]
+fn more_extension_headers_than_the_bound_pass_to_the_stack_and_are_counted() {
+    // Flow: client → [node]:30066 SYN behind five destination options headers (the walk stops
+    // at four, as Cilium's)  ⇒  passed untouched; malformed +1.
+    with_bed("ext6max", |bed| {
+        let family = Family::V6;
+        nodeport_service(bed, family, TCP);
+        let mut payload = Vec::new();
+        for last in [false, false, false, false, true] {
+            payload.extend(frames::options_header(if last { TCP } else { NEXTHDR_DEST }));
+        }
+        payload.extend(frames::tcp(family.client(), family.nodeport(), SYN, &[]));
+        let frame = frames::ethernet(&frames::ipv6(CLIENT6, NODE6, NEXTHDR_DEST, &payload));
+        let out = bed.ingress(&frame);
+        assert_eq!((out.verdict, &out.frame), (PASS, &frame));
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::MALFORMED), 1)]));
+    });
+}
+
+#[test]
+fn a_udp_datagram_over_ipv6_is_translated_with_a_correct_checksum() {
+    // Flow: client:40000 → [node]:30066 UDP  ⇒  node:P → pod:80, UDP checksum right (never 0:
+    // IPv6 has no "none").
+    with_bed("udp6", |bed| {
+        let family = Family::V6;
+        nodeport_service(bed, family, UDP);
+        let out = bed.ingress(&frames::udp_frame(family.client(), family.nodeport(), 5, b"hello"));
+        assert_eq!(out.verdict, REDIRECT);
+        let seen = frames::seen(&out.frame);
+        assert_eq!((seen.src.ip(), seen.dst), (family.node(), family.pod(TARGET_PORT)));
+        assert!(frames::frame_l4_checksum_ok(&out.frame), "UDP checksum");
+        assert_ne!(&frames::upper(&out.frame).1[6..8], &[0, 0], "a checksum, not none");
     });
 }
 
@@ -282,22 +473,21 @@ fn an_icmp_error_quoting_a_tracked_flow_reaches_the_client_as_about_its_own_pack
 fn fragments_follow_their_first_one_and_reassemble_with_a_correct_checksum() {
     // Flow: client → node:30066 UDP in two fragments  ⇒  node:P → pod:80, both; the
     // reassembled datagram's UDP checksum holds under the new addresses.
-    with_bed("frags", |bed| {
-        nodeport_service(bed, UDP);
-        let datagram = frames::udp(CLIENT, nodeport(), &[7u8; 64], true);
+    for_each_family("frags", |bed, family| {
+        nodeport_service(bed, family, UDP);
+        let datagram = frames::udp(family.client(), family.nodeport(), &[7u8; 64], true);
         let (first, rest) = datagram.split_at(40);
-        let frag = |frag, part: &[u8]| frames::ethernet(&frames::ipv4(*CLIENT.ip(), NODE, UDP, 77, frag, part));
-        let first = bed.ingress(&frag(MORE_FRAGMENTS, first));
-        let later = bed.ingress(&frag(40 / 8, rest));
+        let first = bed.ingress(&family.fragment(77, 0, true, first));
+        let later = bed.ingress(&family.fragment(77, 40 / 8, false, rest));
         assert_eq!((first.verdict, later.verdict), (REDIRECT, REDIRECT));
+        let (node, pod) = (family.node(), family.pod(TARGET_PORT));
         let seen = frames::seen(&first.frame);
-        assert_eq!((*seen.src.ip(), seen.dst), (NODE, pod(TARGET_PORT)));
-        let later_ip = frames::ip_header(&later.frame);
-        assert_eq!((&later_ip[12..16], &later_ip[16..20]), (&NODE.octets()[..], &POD.octets()[..]), "same addresses");
+        assert_eq!((seen.src.ip(), seen.dst), (node, pod));
+        assert_eq!(frames::addresses(&later.frame), (node, pod.ip()), "same addresses");
         assert!(frames::ip_checksum_ok(&first.frame) && frames::ip_checksum_ok(&later.frame), "IPv4 checksums");
-        assert_eq!(frames::ip_payload(&later.frame), rest, "a later fragment's payload is not touched");
-        let whole: Vec<u8> = [frames::ip_payload(&first.frame), frames::ip_payload(&later.frame)].concat();
-        assert!(frames::l4_checksum_ok(NODE, POD, UDP, &whole), "UDP checksum of the reassembled datagram");
+        assert_eq!(frames::upper(&later.frame).1, rest, "a later fragment's payload is not touched");
+        let whole: Vec<u8> = [frames::upper(&first.frame).1, frames::upper(&later.frame).1].concat();
+        assert!(frames::l4_checksum_ok(node, pod.ip(), UDP, &whole), "UDP checksum of the reassembled datagram");
         assert_eq!(bed.drops(), BTreeMap::new());
     });
 }
@@ -305,9 +495,9 @@ fn fragments_follow_their_first_one_and_reassemble_with_a_correct_checksum() {
 #[test]
 fn a_later_fragment_without_its_first_passes_untouched_and_is_counted() {
     // Flow: client → node, a later fragment never preceded by its first  ⇒  passed as is; +1.
-    with_bed("lonefrag", |bed| {
-        nodeport_service(bed, UDP);
-        let frame = frames::ethernet(&frames::ipv4(*CLIENT.ip(), NODE, UDP, 78, 5, &[1u8; 24]));
+    for_each_family("lonefrag", |bed, family| {
+        nodeport_service(bed, family, UDP);
+        let frame = family.fragment(78, 5, false, &[1u8; 24]);
         let out = bed.ingress(&frame);
         assert_eq!((out.verdict, &out.frame), (PASS, &frame));
         assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::FRAGMENT_WITHOUT_STATE), 1)]));
@@ -318,22 +508,22 @@ fn a_later_fragment_without_its_first_passes_untouched_and_is_counted() {
 fn a_udp_datagram_without_a_checksum_keeps_none() {
     // Flow: client:40000 → node:30066 UDP, checksum 0  ⇒  node:P → pod:80, checksum still 0.
     with_bed("udp0", |bed| {
-        nodeport_service(bed, UDP);
+        nodeport_service(bed, Family::V4, UDP);
         let datagram = frames::udp(CLIENT, nodeport(), b"hello", false);
         let out = bed.ingress(&frames::ethernet(&frames::ipv4(*CLIENT.ip(), NODE, UDP, 5, 0, &datagram)));
         assert_eq!(out.verdict, REDIRECT);
-        assert_eq!((*frames::seen(&out.frame).src.ip(), frames::seen(&out.frame).dst), (NODE, pod(TARGET_PORT)));
+        let seen = frames::seen(&out.frame);
+        assert_eq!((seen.src.ip(), seen.dst), (NODE.into(), pod(TARGET_PORT).into()));
         assert!(frames::ip_checksum_ok(&out.frame));
         assert_eq!(&frames::ip_payload(&out.frame)[6..8], &[0, 0], "no checksum stays no checksum");
     });
 }
-
 #[test]
 fn trace_shows_a_new_flow_with_its_snat_and_a_drop_with_its_reason() {
     // Flow: client → node:30066 SYN ⇒ a `tc` line with backend and SNAT address:port; client →
     // lb:80 SYN outside the source ranges ⇒ a `tc` line with source_range_denied.
     with_bed("trace", |bed| {
-        nodeport_service(bed, TCP);
+        nodeport_service(bed, Family::V4, TCP);
         let flags = SVC_F_LOAD_BALANCER | SVC_F_SOURCE_RANGES;
         let mut lb = entry(FrontendKind::LoadBalancer, TCP, flags, vec![endpoint(POD, false)]);
         lb.source_ranges = vec!["192.0.2.0/24".parse::<Cidr>().expect("a CIDR")];
@@ -387,14 +577,50 @@ fn a_client_outside_the_source_ranges_is_dropped_and_counted() {
 fn etp_local_without_a_local_endpoint_is_dropped_and_counted() {
     // Flow: client → node:30066 SYN, eTP=Local, the only endpoint remote  ⇒  dropped;
     // no_local_endpoint +1.
-    with_bed("local", |bed| {
+    for_each_family("local", |bed, family| {
         let flags = SVC_F_NODE_PORT | SVC_F_EXT_LOCAL | SVC_F_TWO_SCOPES;
         let mut web = entry(FrontendKind::NodePort, TCP, flags, Vec::new());
-        web.internal = Some(vec![endpoint(Ipv4Addr::new(10, 244, 2, 2), false)]);
-        bed.service(nodeport(), TCP, &web);
-        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+        web.internal = Some(vec![endpoint(family.remote_pod(), false)]);
+        bed.service(family.nodeport(), TCP, &web);
+        let out = bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN));
         assert_eq!(out.verdict, SHOT);
         assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::NO_LOCAL_ENDPOINT), 1)]));
+    });
+}
+
+#[test]
+fn etp_local_keeps_the_client_address() {
+    // Flow: client:40000 → node:30066 SYN, eTP=Local, a local endpoint  ⇒  client:40000 →
+    // pod:80 (no SNAT), checksums right.
+    for_each_family("keep", |bed, family| {
+        let flags = SVC_F_NODE_PORT | SVC_F_EXT_LOCAL;
+        let web = entry(FrontendKind::NodePort, TCP, flags, vec![endpoint(family.pod(0).ip(), true)]);
+        bed.service(family.nodeport(), TCP, &web);
+        let out = bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN));
+        assert_eq!(out.verdict, REDIRECT);
+        let seen = frames::seen(&out.frame);
+        assert_eq!((seen.src, seen.dst), (family.client(), family.pod(TARGET_PORT)));
+        assert!(frames::ip_checksum_ok(&out.frame) && frames::frame_l4_checksum_ok(&out.frame), "checksums");
+    });
+}
+
+#[test]
+fn a_host_network_endpoint_is_dnated_without_snat_and_handed_to_the_stack() {
+    // Flow: client:40000 → node:30066 SYN, the endpoint the node itself (hostNetwork)  ⇒
+    // client:40000 → node:80, passed to the stack; both entries marked local (the egress
+    // program translates the reply).
+    for_each_family("hostnet", |bed, family| {
+        let web = entry(FrontendKind::NodePort, TCP, SVC_F_NODE_PORT, vec![endpoint(family.node(), true)]);
+        bed.service(family.nodeport(), TCP, &web);
+        let out = bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN));
+        assert_eq!(out.verdict, PASS);
+        let seen = frames::seen(&out.frame);
+        assert_eq!((seen.src, seen.dst), (family.client(), SocketAddr::new(family.node(), TARGET_PORT)), "no SNAT");
+        assert!(frames::ip_checksum_ok(&out.frame) && frames::frame_l4_checksum_ok(&out.frame), "checksums");
+        let flags: Vec<u16> = bed.conntrack().iter().filter_map(Result::ok).map(|(_, v)| v.flags).collect();
+        assert_eq!(flags.len(), 2, "both directions tracked");
+        assert!(flags.iter().all(|f| f & CT_F_LOCAL != 0), "both local: {flags:?}");
+        assert_eq!(bed.drops(), BTreeMap::new());
     });
 }
 
@@ -402,9 +628,9 @@ fn etp_local_without_a_local_endpoint_is_dropped_and_counted() {
 fn no_endpoint_anywhere_goes_to_the_stack_to_be_reset_and_is_counted() {
     // Flow: client → node:30066 SYN, no endpoint  ⇒  passed untouched (the stack answers
     // with a RST: kube-proxy's REJECT); no_endpoint +1.
-    with_bed("none", |bed| {
-        bed.service(nodeport(), TCP, &entry(FrontendKind::NodePort, TCP, SVC_F_NODE_PORT, Vec::new()));
-        let frame = frames::tcp_frame(CLIENT, nodeport(), SYN);
+    for_each_family("none", |bed, family| {
+        bed.service(family.nodeport(), TCP, &entry(FrontendKind::NodePort, TCP, SVC_F_NODE_PORT, Vec::new()));
+        let frame = frames::tcp_frame(family.client(), family.nodeport(), SYN);
         let out = bed.ingress(&frame);
         assert_eq!((out.verdict, &out.frame), (PASS, &frame));
         assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::NO_ENDPOINT), 1)]));
@@ -415,9 +641,9 @@ fn no_endpoint_anywhere_goes_to_the_stack_to_be_reset_and_is_counted() {
 fn a_mid_connection_packet_without_a_flow_is_dropped_and_counted() {
     // Flow: client → node:30066 ACK, no tracked flow  ⇒  dropped (ctstate INVALID);
     // not_a_new_connection +1.
-    with_bed("invalid", |bed| {
-        nodeport_service(bed, TCP);
-        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), ACK));
+    for_each_family("invalid", |bed, family| {
+        nodeport_service(bed, family, TCP);
+        let out = bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), ACK));
         assert_eq!(out.verdict, SHOT);
         assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::NOT_A_NEW_CONNECTION), 1)]));
     });
@@ -427,13 +653,13 @@ fn a_mid_connection_packet_without_a_flow_is_dropped_and_counted() {
 fn a_new_flow_whose_snat_ports_are_all_taken_is_dropped_and_taken_ports_are_kept() {
     // Flow: client → node:30066 SYN, every node:P ← pod:80 reply tuple already held  ⇒
     // dropped; snat_ports_exhausted +1; the holders' entries unchanged.
-    with_bed("snat", |bed| {
-        nodeport_service(bed, TCP);
+    for_each_family("snat", |bed, family| {
+        nodeport_service(bed, family, TCP);
         let mut conntrack = bed.conntrack();
-        let holder = CtValue { dst: [172, 18, 0, 101], flags: CT_F_REPLY, ..CtValue::default() };
+        let holder = CtValue { dst: addr::from_v4([172, 18, 0, 101]), flags: CT_F_REPLY, ..CtValue::default() };
         let key = |port| CtKey {
-            src: POD.octets(),
-            dst: NODE.octets(),
+            src: addr::from_ip(family.pod(0).ip()),
+            dst: addr::from_ip(family.node()),
             sport: TARGET_PORT,
             dport: port,
             proto: TCP,
@@ -442,7 +668,7 @@ fn a_new_flow_whose_snat_ports_are_all_taken_is_dropped_and_taken_ports_are_kept
         for port in SNAT_PORT_MIN..=SNAT_PORT_MAX {
             conntrack.insert(key(port), holder, 0).expect("holding a SNAT port");
         }
-        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+        let out = bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN));
         assert_eq!(out.verdict, SHOT);
         assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::SNAT_PORTS_EXHAUSTED), 1)]));
         let conntrack = bed.conntrack();
@@ -450,8 +676,8 @@ fn a_new_flow_whose_snat_ports_are_all_taken_is_dropped_and_taken_ports_are_kept
             assert_eq!(conntrack.get(&key(port), 0).expect("still held"), holder, "port {port}");
         }
         let client_flow = CtKey {
-            src: CLIENT.ip().octets(),
-            dst: NODE.octets(),
+            src: addr::from_ip(family.client().ip()),
+            dst: addr::from_ip(family.node()),
             sport: CLIENT.port(),
             dport: NODE_PORT,
             proto: TCP,
@@ -465,11 +691,10 @@ fn a_new_flow_whose_snat_ports_are_all_taken_is_dropped_and_taken_ports_are_kept
 fn traffic_for_no_service_passes_byte_for_byte() {
     // Flow: client → node:22 SYN, and a UDP datagram to node:53  ⇒  both passed, unchanged;
     // nothing counted.
-    with_bed("other", |bed| {
-        nodeport_service(bed, TCP);
-        let ssh = frames::tcp_frame(CLIENT, SocketAddrV4::new(NODE, 22), SYN);
-        let dns = SocketAddrV4::new(NODE, 53);
-        let dns = frames::ethernet(&frames::ipv4(*CLIENT.ip(), NODE, UDP, 3, 0, &frames::udp(CLIENT, dns, b"q", true)));
+    for_each_family("other", |bed, family| {
+        nodeport_service(bed, family, TCP);
+        let ssh = frames::tcp_frame(family.client(), SocketAddr::new(family.node(), 22), SYN);
+        let dns = frames::udp_frame(family.client(), SocketAddr::new(family.node(), 53), 3, b"q");
         for frame in [ssh, dns] {
             let out = bed.ingress(&frame);
             assert_eq!((out.verdict, &out.frame), (PASS, &frame));
@@ -479,53 +704,64 @@ fn traffic_for_no_service_passes_byte_for_byte() {
     });
 }
 
-/// Six pods, 10.244.1.2 to .7, for the Maglev cases.
-fn maglev_pods() -> Vec<Ipv4Addr> {
-    (2..8).map(|host| Ipv4Addr::new(10, 244, 1, host)).collect()
+/// Six pods of the family, hosts 2 to 7 of its pod range, for the Maglev cases.
+fn maglev_pods(family: Family) -> Vec<IpAddr> {
+    (2..8)
+        .map(|host| {
+            family.pick(Ipv4Addr::new(10, 244, 1, host), Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, host.into()))
+        })
+        .collect()
 }
 
-/// A nodePort over the six pods that picks by Maglev (table size 251), with `flags` added.
-fn maglev_service(bed: &mut Bed, flags: u16, affinity_timeout: u32) -> MaglevSettings {
+/// A nodePort of the family over its six pods that picks by Maglev (table size 251), with
+/// `flags` added.
+fn maglev_service(bed: &mut Bed, family: Family, flags: u16, affinity_timeout: u32) -> MaglevSettings {
     let settings = MaglevSettings { table_size: 251, ..MaglevSettings::default() };
     bed.writer.set_maglev(settings.clone()).expect("writing the seed");
-    let pods = maglev_pods().into_iter().map(|p| endpoint(p, false)).collect();
+    let pods = maglev_pods(family).into_iter().map(|p| endpoint(p, false)).collect();
     let web = FrontendEntry {
         affinity_timeout,
         ..entry(FrontendKind::NodePort, TCP, SVC_F_NODE_PORT | SVC_F_MAGLEV | flags, pods)
     };
-    bed.service(nodeport(), TCP, &web);
+    bed.service(family.nodeport(), TCP, &web);
     settings
 }
 
-/// The pod in the slot `hash` selects of the table the agent's pure builder makes.
-fn pod_in_slot(settings: &MaglevSettings, hash: u32) -> Ipv4Addr {
-    let named: Vec<(Ipv4Addr, Vec<u8>)> =
-        maglev_pods().into_iter().map(|p| (p, maglev::backend_name(p.octets(), TARGET_PORT))).collect();
+/// The pod in the slot `hash` selects of the table the agent's pure builder makes (pods named
+/// by their 16-byte map address and port).
+fn pod_in_slot(settings: &MaglevSettings, family: Family, hash: u32) -> SocketAddr {
+    let named: Vec<(IpAddr, Vec<u8>)> =
+        maglev_pods(family).into_iter().map(|p| (p, maglev::backend_name(addr::from_ip(p), TARGET_PORT))).collect();
     let table = maglev::build(&named, settings.table_size, &settings.seed);
-    table[proxy_common::maglev::slot(hash, settings.table_size) as usize - 1]
+    SocketAddr::new(table[proxy_common::maglev::slot(hash, settings.table_size) as usize - 1], TARGET_PORT)
+}
+
+/// The datapath's hash of the flow from `client` to the family's nodePort.
+fn flow_hash(settings: &MaglevSettings, family: Family, client: SocketAddr) -> u32 {
+    let key = CtKey {
+        src: addr::from_ip(client.ip()),
+        dst: addr::from_ip(family.node()),
+        sport: client.port(),
+        dport: NODE_PORT,
+        proto: TCP,
+        _pad: [0; 3],
+    };
+    proxy_common::maglev::flow_hash(&key, settings.flow_seed())
 }
 
 #[test]
 fn maglev_sends_a_new_flow_to_the_table_slot_of_its_hash() {
     // Flow: client:P → node:30066 SYN for 32 client ports P, a Maglev nodePort over six pods  ⇒
     // node:S → pod:80, the pod in slot 1 + hash(5-tuple) % 251 of the builder's table.
-    with_bed("maglev", |bed| {
-        let settings = maglev_service(bed, 0, 0);
+    for_each_family("maglev", |bed, family| {
+        let settings = maglev_service(bed, family, 0, 0);
         let mut reached = std::collections::BTreeSet::new();
         for port in 40_000..40_032 {
-            let client = SocketAddrV4::new(*CLIENT.ip(), port);
-            let out = bed.ingress(&frames::tcp_frame(client, nodeport(), SYN));
+            let client = SocketAddr::new(family.client().ip(), port);
+            let out = bed.ingress(&frames::tcp_frame(client, family.nodeport(), SYN));
             assert_eq!(out.verdict, REDIRECT, "port {port}");
-            let key = CtKey {
-                src: client.ip().octets(),
-                dst: NODE.octets(),
-                sport: port,
-                dport: NODE_PORT,
-                proto: TCP,
-                _pad: [0; 3],
-            };
-            let want = pod_in_slot(&settings, proxy_common::maglev::flow_hash(&key, settings.flow_seed()));
-            assert_eq!(frames::seen(&out.frame).dst, SocketAddrV4::new(want, TARGET_PORT), "port {port}");
+            let want = pod_in_slot(&settings, family, flow_hash(&settings, family, client));
+            assert_eq!(frames::seen(&out.frame).dst, want, "port {port}");
             reached.insert(want);
         }
         assert!(reached.len() >= 3, "the flows spread over the pods: {reached:?}");
@@ -536,16 +772,20 @@ fn maglev_sends_a_new_flow_to_the_table_slot_of_its_hash() {
 fn maglev_with_client_ip_affinity_hashes_the_client_address_only() {
     // Flow: client C:P → node:30066 SYN for 16 client addresses C, two ports each, ClientIP
     // affinity  ⇒  both to the pod in slot 1 + hash(C) % 251.
-    with_bed("maglev-affinity", |bed| {
-        let settings = maglev_service(bed, SVC_F_AFFINITY, 600);
+    for_each_family("maglev-affinity", |bed, family| {
+        let settings = maglev_service(bed, family, SVC_F_AFFINITY, 600);
         for host in 100..116 {
-            let address = Ipv4Addr::new(172, 18, 0, host);
-            let want =
-                pod_in_slot(&settings, proxy_common::maglev::hash_bytes(&address.octets(), settings.flow_seed()));
+            let address = family.pick(
+                Ipv4Addr::new(172, 18, 0, host),
+                Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, host.into()),
+            );
+            let hash = proxy_common::maglev::hash_bytes(&addr::from_ip(address), settings.flow_seed());
+            let want = pod_in_slot(&settings, family, hash);
             for port in [41_000, 41_001] {
-                let out = bed.ingress(&frames::tcp_frame(SocketAddrV4::new(address, port), nodeport(), SYN));
-                assert_eq!(out.verdict, REDIRECT, "{address}:{port}");
-                assert_eq!(frames::seen(&out.frame).dst, SocketAddrV4::new(want, TARGET_PORT), "{address}:{port}");
+                let client = SocketAddr::new(address, port);
+                let out = bed.ingress(&frames::tcp_frame(client, family.nodeport(), SYN));
+                assert_eq!(out.verdict, REDIRECT, "{client}");
+                assert_eq!(frames::seen(&out.frame).dst, want, "{client}");
             }
         }
     });
@@ -555,25 +795,17 @@ fn maglev_with_client_ip_affinity_hashes_the_client_address_only() {
 fn trace_names_a_maglev_pick_with_its_table_slot() {
     // Flow: client:40000 → node:30066 SYN at a Maglev nodePort ⇒ a `tc` line with pick
     // `maglev` and the slot of its 5-tuple's hash.
-    with_bed("maglev-trace", |bed| {
-        let settings = maglev_service(bed, 0, 0);
+    for_each_family("maglev-trace", |bed, family| {
+        let settings = maglev_service(bed, family, 0, 0);
         let wait = std::time::Duration::from_secs(5);
         let trace = Trace::start(env!("CARGO_BIN_EXE_agent").as_ref(), &bed.root, &[], wait).expect("trace");
-        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN)).verdict, REDIRECT);
+        assert_eq!(bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN)).verdict, REDIRECT);
         let lines = trace.collect(wait, |seen| !seen.is_empty());
         trace.stop(wait).expect("trace stops on SIGTERM");
         assert_eq!(lines.len(), 1, "{lines:#?}");
-        let key = CtKey {
-            src: CLIENT.ip().octets(),
-            dst: NODE.octets(),
-            sport: CLIENT.port(),
-            dport: NODE_PORT,
-            proto: TCP,
-            _pad: [0; 3],
-        };
-        let hash = proxy_common::maglev::flow_hash(&key, settings.flow_seed());
+        let hash = flow_hash(&settings, family, family.client());
         let slot = proxy_common::maglev::slot(hash, settings.table_size);
         assert_eq!((lines[0]["pick"].as_str(), lines[0]["slot"].as_u64()), (Some("maglev"), Some(u64::from(slot))));
-        assert_eq!(lines[0]["backend"], format!("{}:{TARGET_PORT}/TCP", pod_in_slot(&settings, hash)));
+        assert_eq!(lines[0]["backend"], format!("{}/TCP", pod_in_slot(&settings, family, hash)));
     });
 }

@@ -19,7 +19,10 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use proxy_agent::datapath::writer::MapStore as _;
+use proxy_agent::{
+    datapath::{layout, writer::MapStore as _},
+    sys::bpf::PinnedMap,
+};
 use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::Backend,
@@ -62,6 +65,11 @@ impl Cluster {
     /// Builds the topology, writes the services `seed` makes, and starts agents on the first
     /// `nodes` nodes with `extra` flags.
     fn start(nodes: usize, extra: &[&str], seed: impl FnOnce(&Manifests)) -> Self {
+        Self::start_with(AGENT.as_ref(), nodes, extra, seed)
+    }
+
+    /// [`Cluster::start`] with the agent binary `agent` (another version's).
+    fn start_with(agent: &Path, nodes: usize, extra: &[&str], seed: impl FnOnce(&Manifests)) -> Self {
         let topology = TwoNodes::new([&["pod-a"], &["pod-b"]], TARGET_PORT, true).expect("building the topology");
         let manifests = Manifests::with_nodes("proxy-reliability");
         seed(&manifests);
@@ -70,7 +78,7 @@ impl Cluster {
             let node = &cluster.topology.nodes[i];
             let flags = cluster.manifests.agent_flags(&node.name, extra);
             let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-            let agent = Agent::start_in(Some(&node.ns), AGENT.as_ref(), node.cgroup.path(), &refs).expect("an agent");
+            let agent = Agent::start_in(Some(&node.ns), agent, node.cgroup.path(), &refs).expect("an agent");
             cluster.agents.push(agent);
             cluster.flags.push(flags);
         }
@@ -197,8 +205,10 @@ fn snapshot(root: &Path) -> Snapshot {
 /// not there: what a flush (or a half-written service) would look like to the kernel.
 fn watch_masters(root: &Path, frontends: &[SocketAddrV4], count: u16, stop: &AtomicBool) -> (usize, Vec<String>) {
     let maps = proxy_agent::datapath::AyaMaps::from_pins(root).expect("opening the pinned maps");
-    let masters: Vec<ServiceKey> =
-        frontends.iter().map(|f| ServiceKey::master(f.ip().octets(), f.port(), proxy_common::proto::TCP)).collect();
+    let masters: Vec<ServiceKey> = frontends
+        .iter()
+        .map(|f| ServiceKey::master(proxy_common::addr::from_ip(*f.ip()), f.port(), proxy_common::proto::TCP))
+        .collect();
     let mut reads = 0;
     let mut problems = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -571,14 +581,16 @@ fn no_new_flow_reaches_a_backend_removed_while_the_agent_was_down() {
 }
 
 /// Issue 8 item 2, an upgrade that changes map layouts, under load. Node-1's agent is killed
-/// and started again (1) over pins made exactly what agents before layout versions left (layout
-/// 1: the same maps, no `layout-v<N>` record), and (2) with `--services-map-size` and
-/// `--backends-map-size` changed, so those two maps no longer fit and must be replaced (see
-/// `proxy_agent::datapath::layout`). Meanwhile clients open ~200 connections per second on
-/// both paths and hold one long-lived connection each. The new agent shares the maps that fit
-/// (the flows' conntrack among them) and replaces the two others: new maps, backends carried
-/// over, first sync, then the swap of programs and pins. No connection fails, the long-lived
-/// ones keep working, ids are kept, the new sizes are in place, and the old maps are released.
+/// and started again (1) over pins made to look like what agents before layout versions left
+/// (layout 1: no `layout-v<N>` record) while they are really today's, and (2) with
+/// `--services-map-size` and `--backends-map-size` changed, so those two maps no longer fit and
+/// must be replaced (see `proxy_agent::datapath::layout`). Meanwhile clients open ~200
+/// connections per second on both paths and hold one long-lived connection each. The new agent
+/// shares the maps unchanged since layout 1 and replaces the others (changed since, or
+/// resized): new maps, entries carried over as they are (their sizes, not the missing record,
+/// say they need no conversion), first sync, then the swap of programs and pins. No connection
+/// fails, the long-lived ones keep working (the flows' conntrack entries were carried), ids are
+/// kept, the new sizes are in place, and the old maps are released.
 #[test]
 fn an_upgrade_that_changes_map_layouts_drops_nothing() {
     const LOAD: Duration = Duration::from_secs(8);
@@ -649,7 +661,7 @@ fn an_upgrade_that_changes_map_layouts_drops_nothing() {
     ];
     for name in proxy_common::maps::ALL {
         let (id, size) = info(name);
-        match replaced.contains(name) {
+        match replaced.contains(name) || proxy_common::maps::changed_in(name) > 1 {
             true => assert_ne!(id, old[name].0, "{name} is a new map"),
             false => assert_eq!((id, size), old[name], "{name} is shared with the old programs"),
         }
@@ -664,7 +676,147 @@ fn an_upgrade_that_changes_map_layouts_drops_nothing() {
         replaced.iter().all(|name| !live.contains(&old[name].0))
     });
     let attached = bpftool_cgroup(cluster.topology.nodes[0].cgroup.path());
-    assert_eq!(attached, 4, "the four socket programs, once each");
+    assert_eq!(attached, 8, "the eight socket programs (four hooks per family), once each");
+}
+
+/// Names the agent binary of [`PREVIOUS_LAYOUT_COMMIT`], which `cargo xtask test` builds and
+/// caches under `target/previous-agent/` (`cargo xtask previous-agent` prints it).
+const PREVIOUS_AGENT_ENV: &str = "PROXY_PREVIOUS_AGENT";
+/// The last commit whose maps have layout 2 (4-byte IPv4 addresses in every map).
+const PREVIOUS_LAYOUT_COMMIT: &str = "295edb55bfb9e06f76b4bf1eda11da2c624f8af7";
+
+/// The previous agent's binary; a clear failure (never a skip) when it was not built.
+fn previous_agent() -> PathBuf {
+    let Some(path) = std::env::var_os(PREVIOUS_AGENT_ENV).map(PathBuf::from) else {
+        panic!(
+            "{PREVIOUS_AGENT_ENV} is not set: it names the agent of commit {PREVIOUS_LAYOUT_COMMIT} (the last \
+             layout 2), which `cargo xtask test` builds; run `cargo xtask previous-agent` and export the \
+             {PREVIOUS_AGENT_ENV}=... line it prints"
+        )
+    };
+    assert!(path.is_file(), "{PREVIOUS_AGENT_ENV}={}: no such file; run `cargo xtask previous-agent`", path.display());
+    path
+}
+
+/// The entries of the map `name` pinned under `root`, read as `K` and `V`.
+fn pinned_entries<K: aya::Pod, V: aya::Pod>(root: &Path, name: &str) -> Vec<(K, V)> {
+    let map = PinnedMap::open(&root.join(name)).unwrap_or_else(|e| panic!("opening {name}: {e}"));
+    map.entries().unwrap_or_else(|e| panic!("reading {name}: {e}"))
+}
+
+/// The pod each client sticks to at the ClientIP-affinity service 10.96.0.61 (ClusterIP from
+/// node-1's client pod, nodePort 30061 from outside): ten connections each, all to one pod.
+fn stuck_to(cluster: &Cluster) -> [String; 2] {
+    let tallies = [cluster.connects_from_pod(clusterip(61), 10), cluster.connects_from_outside(node1(30061), 10)];
+    tallies.map(|tally| {
+        assert_eq!(tally.answered(), 10, "{tally:?}");
+        assert_eq!(tally.answers.len(), 1, "ClientIP affinity: one pod per client: {tally:?}");
+        tally.answers.into_keys().next().expect("one pod")
+    })
+}
+
+/// Issue 14, "an upgrade from today's layout under load drops nothing": node-1 runs the real
+/// agent of the last layout-2 commit ([`PREVIOUS_LAYOUT_COMMIT`]: 4-byte addresses in every
+/// map), serving a service and a ClientIP-affinity service; a client pod and the outside client
+/// each stick to a pod. Under ~200 new connections per second on both paths and one held
+/// connection on each, the old agent is SIGKILLed and today's agent starts over its pins: it
+/// replaces every map whose layout changed, carries the entries over converted (IPv4-mapped
+/// 16-byte addresses), syncs and swaps. No connection fails; the held NodePort connection
+/// keeps working (its conntrack entries were converted: without them the new TC program drops
+/// its packets as not new); the affinity and backend entries arrive converted with the same ids;
+/// each client still reaches its pod.
+#[test]
+fn an_upgrade_from_layout_2_under_load_drops_nothing() {
+    use proxy_agent::datapath::layout::v2;
+    use proxy_common::{
+        conntrack::{CtKey, CtValue},
+        maps,
+    };
+
+    const LOAD: Duration = Duration::from_secs(8);
+    let previous = previous_agent();
+    let mut cluster = Cluster::start_with(&previous, 1, &[], |m| {
+        m.service(&nodeport("web", 60, 30060).build(), &BOTH);
+        m.service(&nodeport("sticky", 61, 30061).session_affinity(None).build(), &BOTH);
+    });
+    let root = cluster.agents[0].bpf_root().to_owned();
+    assert!(root.join("layout-v2").is_dir(), "the previous agent pinned layout 2");
+    for (what, tally) in [
+        ("ClusterIP", cluster.connects_from_pod(clusterip(60), 40)),
+        ("NodePort", cluster.connects_from_outside(node1(30060), 40)),
+    ] {
+        assert_eq!(tally.answered(), 40, "{what} through the previous agent: {tally:?}");
+        assert!(tally.from("pod-a") > 0 && tally.from("pod-b") > 0, "{what}: both pods: {tally:?}");
+    }
+    let sticky = stuck_to(&cluster);
+    let old_affinity: Vec<(v2::AffinityKey, AffinityValue)> = pinned_entries(&root, maps::AFFINITY);
+    assert_eq!(old_affinity.len(), 2, "one entry per client: {old_affinity:?}");
+    let old_backends: Vec<(u32, v2::Backend)> = pinned_entries(&root, maps::BACKENDS);
+    let map_id = |name: &str| {
+        let map = aya::maps::MapData::from_pin(root.join(name)).expect("a pinned map");
+        map.info().expect("its info").id()
+    };
+    let old_ids: BTreeMap<&str, u32> = maps::ALL.iter().map(|m| (*m, map_id(m))).collect();
+
+    let Cluster { agents, flags, topology, .. } = &mut cluster;
+    let node = &topology.nodes[0];
+    let (upgrade, held, loads) = thread::scope(|s| {
+        let hold_seconds = (LOAD.as_secs() + 3).to_string();
+        let hold = |netns, cgroup, target: SocketAddrV4| {
+            let args = ["hold".to_owned(), target.to_string(), hold_seconds.clone()];
+            s.spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                probe(PROBE.as_ref(), netns, cgroup, &args).expect("holding a connection")
+            })
+        };
+        let held =
+            [hold(&node.client.ns, Some(&node.cgroup), clusterip(60)), hold(&topology.client, None, node1(30060))];
+        let loads = [
+            s.spawn(|| load(&node.client.ns, Some(&node.cgroup), clusterip(60), 200, LOAD)),
+            s.spawn(|| load(&topology.client, None, node1(30060), 200, LOAD)),
+        ];
+        thread::sleep(Duration::from_secs(3));
+        // Today's agent over the previous agent's pins (`restart` starts this build's agent).
+        let upgrade = restart(&mut agents[0], &flags[0], node);
+        agents[0].wait_for_log("upgrade done", WAIT).expect("the agent swaps to the new maps");
+        (upgrade, held.map(|h| h.join().expect("a held connection")), loads.map(|l| l.join().expect("a load loop")))
+    });
+
+    eprintln!("upgrade from layout 2: first sync {:?} after {:?} (from the SIGKILL)", upgrade.0, upgrade.1);
+    let names = ["ClusterIP from a pod", "NodePort from outside"];
+    for (name, load) in names.iter().zip(&loads) {
+        let (attempted, answered) = (load.attempted, load.tally.answered());
+        eprintln!("{name}: {attempted} attempted, {answered} answered, failures {:?}", load.tally.errors);
+    }
+    for (name, held) in names.iter().zip(&held) {
+        assert_eq!(held.answered(), 1, "{name}: the long-lived connection kept working: {held:?}");
+    }
+    for (name, load) in names.iter().zip(&loads) {
+        assert!(load.attempted >= 1_200, "{name}: about 200 per second: {load:?}");
+        assert_eq!(load.tally.answered(), load.attempted, "{name}: zero failed connections: {load:?}");
+    }
+    assert_eq!(upgrade.0.errors, 0, "{:?}", upgrade.0);
+    // Every map of a changed layout is a new one (the previous agent's are gone with their
+    // pins); the two unchanged since layout 1 are shared.
+    for name in maps::ALL {
+        let shared = maps::changed_in(name) <= 2;
+        assert_eq!(map_id(name) == old_ids[name], shared, "{name}: shared only if its layout did not change");
+    }
+    assert!(root.join(format!("layout-v{}", maps::LAYOUT_VERSION)).is_dir(), "the new layout is recorded");
+    assert!(!root.join("layout-v2").exists() && !layout::staging(&root).exists(), "no old record, no staging");
+    // Converted, same ids: the backends, and the affinity entries as the old agent left them
+    // (nothing has used the sticky service since).
+    let backends: BTreeMap<u32, Backend> = pinned_entries(&root, maps::BACKENDS).into_iter().collect();
+    let want: BTreeMap<u32, Backend> = old_backends.into_iter().map(|(id, b)| (id, b.into())).collect();
+    assert_eq!(backends, want, "the backends with their ids, addresses IPv4-mapped");
+    let affinity: Vec<(AffinityKey, AffinityValue)> = pinned_entries(&root, maps::AFFINITY);
+    for (key, value) in &old_affinity {
+        let new = affinity.iter().find(|(k, _)| *k == AffinityKey::from(*key)).map(|(_, v)| v);
+        assert_eq!(new, Some(value), "{key:?} kept: {affinity:?}");
+    }
+    let conntrack: Vec<(CtKey, CtValue)> = pinned_entries(&root, maps::CONNTRACK);
+    assert!(conntrack.iter().all(|(k, _)| proxy_common::addr::is_v4(&k.src)), "{} flows", conntrack.len());
+    assert_eq!(stuck_to(&cluster), sticky, "each client still reaches the pod it stuck to");
 }
 
 /// e2e row 74 (the eBPF analog of "should recreate its iptables rules if they are deleted") and
@@ -719,7 +871,10 @@ fn wiped_maps_and_links_are_restored_by_the_periodic_check() {
         affinity.get(&key, 0).map_or(true, |v| v.backend_id != NO_SUCH_BACKEND)
     });
     let attached = bpftool_cgroup(cluster.topology.nodes[0].cgroup.path());
-    assert_eq!(attached, 4, "the four socket programs are attached to the node's cgroup again");
+    assert_eq!(
+        attached, 8,
+        "the eight socket programs (four hooks per family) are attached to the node's cgroup again"
+    );
     for (what, tally) in [
         ("ClusterIP", cluster.connects_from_pod(clusterip(30), 40)),
         ("NodePort", cluster.connects_from_outside(node1(30030), 40)),

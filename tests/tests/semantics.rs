@@ -17,7 +17,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::Service;
 use proxy_common::{
-    proto,
+    addr, proto,
     service::{SVC_F_AFFINITY, SVC_F_TERMINATING_FALLBACK, ServiceKey, ServiceValue},
 };
 use proxy_tests::{
@@ -83,7 +83,7 @@ fn assert_refused(ns: &Netns, cgroup: Option<&Cgroup>, to: &str, who: &str) {
 
 /// Waits until the TCP frontend's master entry satisfies `done`.
 fn wait_for_master(agent: &Agent, address: Ipv4Addr, port: u16, what: &str, done: impl Fn(&ServiceValue) -> bool) {
-    let key = ServiceKey::master(address.octets(), port, proto::TCP);
+    let key = ServiceKey::master(addr::from_ip(address), port, proto::TCP);
     let deadline = Instant::now() + WAIT;
     loop {
         let master = agent.maps().expect("opening the pinned maps").services().find(|(k, _)| *k == key).map(|(_, v)| v);

@@ -5,6 +5,7 @@
 #[path = "../../tests/src/conformance.rs"]
 mod conformance;
 mod kind;
+mod previous;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -59,7 +60,7 @@ enum Cmd {
     },
     /// Reproduce the upstream Kubernetes e2e tests of the service datapath (root): run the tests
     /// of every row of docs/behaviours.md (the table is tests/src/conformance.rs), print the
-    /// table with "N of 83 pass" and write it to CONFORMANCE.md. Fails if a test that is not a
+    /// table with "N of 101 pass" and write it to CONFORMANCE.md. Fails if a test that is not a
     /// known failure (`#[ignore = "..."]`) fails.
     Conformance {
         /// Shorten the session-affinity timeout rows (4 s instead of upstream's 125 s); the
@@ -67,6 +68,10 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Build (once, cached by commit under target/previous-agent/) the agent of the last commit
+    /// with the previous map layout, which the reliability suite's upgrade test starts from, and
+    /// print the variable that names it (`PROXY_PREVIOUS_AGENT=...`) for `cargo test` by hand.
+    PreviousAgent,
     /// Run every check and test: fmt, clippy -D warnings, unit tests, real-kernel end-to-end
     /// tests (the conformance rows in their quick mode), then `bench --quick` to prove the
     /// benchmark runs (root; timings are not judged).
@@ -103,6 +108,11 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { quick } => bench(&root, quick),
         Cmd::Conformance { quick } => run_conformance(&root, quick),
+        Cmd::PreviousAgent => {
+            setup::ensure()?;
+            println!("{}={}", previous::ENV, previous::agent(&root)?.display());
+            Ok(())
+        }
         Cmd::Run { dry_run, name } => kind::run(&root, &kind::Options { dry_run, name }, &mut std::io::stdout()),
         Cmd::Test { args } => {
             setup::ensure()?;
@@ -119,8 +129,10 @@ fn main() -> anyhow::Result<()> {
             test.extend(args.iter().map(String::as_str));
             // The conformance rows in their quick mode (short affinity timeouts); the full suite
             // is `cargo xtask conformance`.
+            // The reliability suite upgrades from the previous layout's real agent.
+            let previous = previous::agent(&root)?;
             let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            run(Command::new(cargo_bin).args(&test).env(conformance::QUICK_ENV, "1"))?;
+            run(Command::new(cargo_bin).args(&test).env(conformance::QUICK_ENV, "1").env(previous::ENV, previous))?;
             // Last: prove the benchmark runs end to end (its timings are reported, never judged).
             if args.is_empty() {
                 bench(&root, true)

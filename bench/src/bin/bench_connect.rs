@@ -18,11 +18,17 @@
 //! running (the flag set and a real reader draining the ring, its JSON lines collected), side
 //! by side with the untraced run; `trace_ratio_p50` is traced ÷ untraced p50, median over rounds.
 //!
+//! Families: `ours-mapped` is ours again with an AF_INET6 client socket to the IPv4 ClusterIP
+//! written IPv4-mapped (`[::ffff:10.96.x.y]:port`, the connect6 program), against a direct
+//! AF_INET6 connection to `[::ffff:<pod>]`; `ours-ipv6` makes the probed service a single-stack
+//! IPv6 one (an fd00:10:96:: ClusterIP, an IPv6 EndpointSlice of the pods' IPv6 addresses), against
+//! a direct IPv6 connection. Pods and clients are dual-stack (`nodad` ULA addresses).
+//!
 //! `bench_connect [--quick] [--json]`; run by `cargo xtask bench`. `bench_connect --client
 //! ADDR:PORT WARMUP COUNT` is the client process itself.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::ExitCode,
     time::Duration,
 };
@@ -33,8 +39,10 @@ use proxy_bench::{
 };
 use proxy_tests::{
     cgroup::Cgroup,
-    fixtures::{TempDir, write_text},
+    cluster::{pod_twin6, vip6},
+    fixtures::{TempDir, service, slice, write_text, yaml},
     netns::{Netns, veth},
+    topology::add_address,
     trace::Trace,
 };
 use serde_json::json;
@@ -52,18 +60,35 @@ const CLIENT_BUDGET: Duration = Duration::from_secs(60);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Datapath {
     Ours,
+    /// Ours, the client an AF_INET6 socket to the IPv4-mapped ClusterIP.
+    OursMapped,
+    /// Ours, the probed service IPv6.
+    OursIpv6,
     Iptables,
     Nftables,
 }
 
 impl Datapath {
-    const ALL: [Datapath; 3] = [Datapath::Ours, Datapath::Iptables, Datapath::Nftables];
+    const ALL: [Datapath; 5] =
+        [Datapath::Ours, Datapath::OursMapped, Datapath::OursIpv6, Datapath::Iptables, Datapath::Nftables];
 
     fn name(self) -> &'static str {
         match self {
             Datapath::Ours => "ours",
+            Datapath::OursMapped => "ours-mapped",
+            Datapath::OursIpv6 => "ours-ipv6",
             Datapath::Iptables => "iptables",
             Datapath::Nftables => "nftables",
+        }
+    }
+
+    /// The address a client connects to for `ip` (a ClusterIP or a pod of the IPv4 plan, with
+    /// its IPv6 twin `ip6`): as is, IPv4-mapped, or the twin.
+    fn address(self, ip: Ipv4Addr, ip6: Ipv6Addr) -> IpAddr {
+        match self {
+            Datapath::OursMapped => ip.to_ipv6_mapped().into(),
+            Datapath::OursIpv6 => ip6.into(),
+            _ => ip.into(),
         }
     }
 }
@@ -135,11 +160,12 @@ impl Lab {
     }
 }
 
-/// Puts `ns` on `net`'s bridge as `eth0` with `ip`/24.
+/// Puts `ns` on `net`'s bridge as `eth0` with `ip`/24 and its IPv6 twin /64.
 fn attach(net: &Netns, host_if: &str, ns: &Netns, ip: Ipv4Addr) -> anyhow::Result<()> {
     veth(net, host_if, ns, "eth0")?;
     net.ip(&["link", "set", host_if, "master", "br0"])?;
-    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    add_address(ns, ip, 24, "eth0")?;
+    add_address(ns, pod_twin6(ip), 64, "eth0")?;
     Ok(())
 }
 
@@ -168,14 +194,33 @@ fn services(n: usize) -> Vec<bench::Svc> {
     services
 }
 
+/// The IPv6 twin of the probed service's ClusterIP (`10.96.a.b` → `fd00:10:96::b`, in the
+/// IPv6 service range; the probed service is the last, so its twin is free).
+fn vip_twin(vip: Ipv4Addr) -> Ipv6Addr {
+    vip6(vip.octets()[3])
+}
+
+/// The manifests of `services` for ours: as they are, or with the probed (last) service a
+/// single-stack IPv6 one on its twin ClusterIP, backed by the pods' IPv6 addresses.
+fn our_manifests(datapath: Datapath, services: &[bench::Svc]) -> String {
+    let Some((probed, rest)) = services.split_last().filter(|_| datapath == Datapath::OursIpv6) else {
+        return bench::manifests(services);
+    };
+    let svc = service(&probed.name).cluster_ips(&[vip_twin(probed.vip).into()]).port(probed.port.into());
+    let pods: Vec<String> = PODS.iter().map(|(_, ip)| pod_twin6(*ip).to_string()).collect();
+    let eps = slice(&probed.name, "ipv6").address_type("IPv6").port(probed.target_port.into());
+    let eps = eps.endpoints(pods.iter().map(String::as_str)).build();
+    bench::manifests(rest) + &yaml(&svc.build()) + &yaml(&eps)
+}
+
 /// Programs `datapath` for `services` in `ns`; returns the guard and the time it took.
 fn program(datapath: Datapath, ns: &Netns, services: &[bench::Svc]) -> anyhow::Result<(Programmed, f64)> {
     let n = services.len();
     match datapath {
-        Datapath::Ours => {
+        Datapath::Ours | Datapath::OursMapped | Datapath::OursIpv6 => {
             let cgroup = Cgroup::new("proxy-bench")?;
             let dir = TempDir::new("proxy-bench-manifests")?;
-            write_text(dir.path(), "services.yaml", &bench::manifests(services))?;
+            write_text(dir.path(), "services.yaml", &our_manifests(datapath, services))?;
             let mut agent = BenchAgent::start(
                 ns,
                 &cgroup,
@@ -258,15 +303,17 @@ fn run(opts: Opts) -> anyhow::Result<()> {
         opts.sizes()
     ));
     let lab = Lab::new()?;
-    let direct_to = SocketAddr::V4(SocketAddrV4::new(PODS[0].1, POD_PORT));
     let mut results = Vec::new();
     let mut rows = Vec::new();
     let mut trace_rows = Vec::new();
     let mut k = 0;
     for &n in opts.sizes() {
         let services = services(n);
-        let vip = SocketAddr::V4(SocketAddrV4::new(services[n - 1].vip, services[n - 1].port));
+        let probed = &services[n - 1];
         for datapath in Datapath::ALL.into_iter().filter(|d| opts.wants(d.name())) {
+            // Each family against a direct connection of the same family and socket kind.
+            let vip = SocketAddr::new(datapath.address(probed.vip, vip_twin(probed.vip)), probed.port);
+            let direct_to = SocketAddr::new(datapath.address(PODS[0].1, pod_twin6(PODS[0].1)), POD_PORT);
             bench::check_interrupt()?;
             k += 1;
             let ns = lab.client(k)?;
@@ -285,7 +332,7 @@ fn run(opts: Opts) -> anyhow::Result<()> {
                 sane(&format!("{} via {vip}", datapath.name()), &v, count, PODS.len())?;
                 let s = run_client(&exe, &ns, programmed.cgroup(), direct_to, warmup, count)?;
                 sane("direct from the proxied client", &s, count, 1)?;
-                if let Programmed::Ours { agent, .. } = &programmed {
+                if let (Programmed::Ours { agent, .. }, Datapath::Ours) = (&programmed, datapath) {
                     let t = traced(&exe, agent, &ns, programmed.cgroup(), vip, warmup, count)?;
                     sane("via the VIP, traced", &t, count, PODS.len())?;
                     trace_ratios.push(t.latency.p50 / v.latency.p50);

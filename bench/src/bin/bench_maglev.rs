@@ -23,6 +23,7 @@ use proxy_agent::{
     model::{Endpoint, Frontend, FrontendEntry, FrontendKind, ServicePortName},
 };
 use proxy_common::{
+    addr,
     conntrack::CtKey,
     maglev::{TABLE_SIZE_DEFAULT, flow_hash, slot},
     maps,
@@ -48,7 +49,7 @@ fn backends(n: usize) -> Vec<Ipv4Addr> {
 /// The agent's table (backend indexes by slot) for `pods`.
 fn table(pods: &[Ipv4Addr], settings: &MaglevSettings) -> Vec<usize> {
     let named: Vec<(usize, Vec<u8>)> =
-        pods.iter().enumerate().map(|(i, p)| (i, maglev::backend_name(p.octets(), 80))).collect();
+        pods.iter().enumerate().map(|(i, p)| (i, maglev::backend_name(addr::from_v4(p.octets()), 80))).collect();
     maglev::build(&named, settings.table_size, &settings.seed)
 }
 
@@ -56,8 +57,8 @@ fn table(pods: &[Ipv4Addr], settings: &MaglevSettings) -> Vec<usize> {
 fn flow(i: u32) -> CtKey {
     let client = u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (i & 0xffff);
     CtKey {
-        src: Ipv4Addr::from(client).octets(),
-        dst: [203, 0, 113, 10],
+        src: addr::from_v4(Ipv4Addr::from(client).octets()),
+        dst: addr::from_v4([203, 0, 113, 10]),
         sport: 1024 + (i >> 16) as u16,
         dport: 443,
         proto: TCP,
@@ -129,7 +130,7 @@ fn entry(flags: u16, pods: &[Ipv4Addr]) -> FrontendEntry {
         affinity_timeout: 0,
         backends: pods
             .iter()
-            .map(|&address| Endpoint { address, port: 80, local: false, terminating: false })
+            .map(|&address| Endpoint { address: address.into(), port: 80, local: false, terminating: false })
             .collect(),
         internal: None,
         source_ranges: Vec::new(),
@@ -165,7 +166,7 @@ fn cost(flows: u16) -> anyhow::Result<(f64, f64)> {
             let mut writer = Writer::new(store);
             writer.set_maglev(MaglevSettings::default())?;
             let pods = backends(16);
-            let frontend = |port| Frontend { address: NODE, port, proto: TCP };
+            let frontend = |port| Frontend { address: NODE.into(), port, proto: TCP };
             writer.upsert(frontend(RANDOM_PORT), &entry(SVC_F_NODE_PORT, &pods))?;
             writer.upsert(frontend(MAGLEV_PORT), &entry(SVC_F_NODE_PORT | SVC_F_MAGLEV, &pods))?;
             let program = datapath.tc_program().context("no TC program in the object")?;

@@ -32,6 +32,7 @@ use proxy_bench::{
     self as bench, BenchAgent, Opts, Progress, Summary, Svc, SyncLine, TimedOut, Usage, iptables, median, nftables,
 };
 use proxy_common::{
+    addr,
     backend::{Backend, BackendId},
     maps,
     proto::TCP,
@@ -457,13 +458,13 @@ impl Probe {
     /// The (address, port) of every backend in the frontend's slots; `None` if a read failed
     /// (slots can be mid-rewrite).
     fn backends_of(&self, frontend: (Ipv4Addr, u16)) -> Option<Vec<(Ipv4Addr, u16)>> {
-        let master = ServiceKey::master(frontend.0.octets(), frontend.1, TCP);
+        let master = ServiceKey::master(addr::from_ip(frontend.0), frontend.1, TCP);
         let count = self.services.get(&master, 0).ok()?.count;
         (1..=count)
             .map(|slot| {
                 let id = self.services.get(&master.with_slot(slot), 0).ok()?.backend_id;
                 let backend = self.backends.get(&id, 0).ok()?;
-                Some((Ipv4Addr::from(backend.address), backend.port))
+                Some((Ipv4Addr::from(addr::to_v4(&backend.address)?), backend.port))
             })
             .collect()
     }

@@ -469,6 +469,9 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
             let n = count(f(r, &["services"]).unwrap_or(0.0));
             table.push(vec!["ours, new flow (conntrack miss)".into(), n.clone(), num(f(r, &["new_flow_ns"]), 0)]);
             table.push(vec!["ours, established (conntrack hit)".into(), n.clone(), num(f(r, &["established_ns"]), 0)]);
+            if let Some(v6) = f(r, &["established_v6_ns"]) {
+                table.push(vec!["ours, established over IPv6 (conntrack hit)".into(), n.clone(), format!("{v6:.0}")]);
+            }
             if let Some(pass) = f(r, &["pass_through_ns"]) {
                 table.push(vec!["ours, packet for no frontend (passes)".into(), n, format!("{pass:.0}")]);
             }

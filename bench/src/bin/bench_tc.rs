@@ -8,6 +8,10 @@
 //! a second entry that translates it back, so every repeat is a hit with a full rewrite; new
 //! flows are measured one call at a time with the call overhead measured and subtracted.)
 //!
+//! IPv6: an IPv6 nodePort (16 IPv6 backends) is programmed beside the IPv4 one, and its
+//! established flow is measured the same way in the same rounds (`established_v6_ns`): the
+//! extension-header walk, 16-byte addresses and the pseudo-header checksum against IPv4's.
+//!
 //! Tracing: each round also measures new flows with `trace_on` set (as `proxy-agent trace`
 //! sets it), the ring drained before the measurement so every event is written (2 000 events
 //! fit), side by side with the untraced ones; `new_flow_traced_ns` and the ratio are reported.
@@ -15,7 +19,7 @@
 //!
 //! `bench_tc [--json]`; run by `cargo xtask bench`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context as _;
 use aya::{
@@ -27,6 +31,7 @@ use proxy_agent::{
     model::{Endpoint, Frontend, FrontendEntry, FrontendKind, ServicePortName},
 };
 use proxy_common::{
+    addr,
     conntrack::{CtKey, CtValue},
     maps,
     proto::TCP,
@@ -35,11 +40,15 @@ use proxy_common::{
 use proxy_tests::{
     cgroup::Cgroup,
     cluster::{CLIENT_IP, NODE_IPS},
+    frames::{self, SYN},
     netns::Netns,
 };
 
 const NODE: Ipv4Addr = NODE_IPS[0];
 const CLIENT: Ipv4Addr = CLIENT_IP;
+/// The IPv6 node and client, in kind's IPv6 node network.
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, 0x64);
 const NODE_PORT: u16 = 30066;
 const REPEAT: u32 = 1_000_000;
 /// Calls per measurement; the new flows of all runs, spread over 16 backends, stay far from
@@ -47,7 +56,7 @@ const REPEAT: u32 = 1_000_000;
 const NEW_FLOWS: u16 = 2_000;
 const RUNS: usize = 5;
 
-fn entry(name: &str, flags: u16, backends: &[Ipv4Addr]) -> FrontendEntry {
+fn entry(name: &str, flags: u16, backends: &[IpAddr]) -> FrontendEntry {
     FrontendEntry {
         service: ServicePortName { namespace: "bench".into(), name: name.into(), port: String::new(), proto: TCP },
         kind: if flags & SVC_F_NODE_PORT != 0 { FrontendKind::NodePort } else { FrontendKind::ClusterIp },
@@ -102,6 +111,8 @@ struct Costs {
     new_flow: f64,
     /// A packet of a tracked flow (conntrack hit, DNAT + SNAT).
     established: f64,
+    /// The same over IPv6.
+    established_v6: f64,
     /// A new flow with tracing on (its event written to the ring).
     new_flow_traced: f64,
 }
@@ -127,9 +138,13 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
             };
             let (datapath, store) = Datapath::load(&opts).context("loading the datapath")?;
             let mut writer = Writer::new(store);
-            let backends: Vec<Ipv4Addr> = (0..16).map(|i| Ipv4Addr::new(10, 244, 1 + i % 2, 2 + i / 2)).collect();
-            let nodeport = Frontend { address: NODE, port: NODE_PORT, proto: TCP };
+            let backends: Vec<IpAddr> = (0..16).map(|i| Ipv4Addr::new(10, 244, 1 + i % 2, 2 + i / 2).into()).collect();
+            let nodeport = Frontend { address: NODE.into(), port: NODE_PORT, proto: TCP };
             writer.upsert(nodeport, &entry("nodeport", SVC_F_NODE_PORT, &backends))?;
+            let backends: Vec<IpAddr> =
+                (0..16).map(|i| Ipv6Addr::new(0xfd00, 0x10, 0x244, 1 + i % 2, 0, 0, 0, 2 + i / 2).into()).collect();
+            let nodeport = Frontend { address: NODE6.into(), port: NODE_PORT, proto: TCP };
+            writer.upsert(nodeport, &entry("nodeport6", SVC_F_NODE_PORT, &backends))?;
             for i in 0..services {
                 let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i);
                 let pods = [
@@ -137,8 +152,8 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 245, 0, 2)) + 2 * i),
                 ];
                 writer.upsert(
-                    Frontend { address: vip, port: 80, proto: TCP },
-                    &entry(&format!("svc-{i}"), SVC_F_CLUSTER_IP, &pods),
+                    Frontend { address: vip.into(), port: 80, proto: TCP },
+                    &entry(&format!("svc-{i}"), SVC_F_CLUSTER_IP, &pods.map(IpAddr::from)),
                 )?;
             }
             let program = datapath.tc_program().context("no TC program in the object")?;
@@ -161,26 +176,17 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                 }
                 Ok(total / n)
             };
-            let (mut pass, mut new_flow, mut established) = (Vec::new(), Vec::new(), Vec::new());
-            let mut new_flow_traced = Vec::new();
-            let mut trace_on: aya::maps::Array<MapData, u64> =
-                aya::maps::Array::try_from(Map::Array(MapData::from_pin(bpf_root.join(maps::TRACE_ON))?))?;
-            let mut ring =
-                aya::maps::RingBuf::try_from(Map::RingBuf(MapData::from_pin(bpf_root.join(maps::TRACE_EVENTS))?))?;
             let mut conntrack: aya::maps::HashMap<MapData, CtKey, CtValue> =
                 aya::maps::HashMap::try_from(Map::LruHashMap(MapData::from_pin(bpf_root.join(maps::CONNTRACK))?))?;
-            for round in 0..RUNS as u16 {
-                let per_packet = run(&syn_to(1024, 12345), REPEAT)?;
-                let overhead = calls(&mut (0..NEW_FLOWS).map(|_| syn_to(1024, 12345)))? - per_packet;
-                // Established: a tracked flow's packet, repeated. Its first run translates the
-                // packet; an extra entry for the translated tuple translates it back, so every
-                // run is a conntrack hit with a full rewrite.
-                let sport = 1000 - round;
-                let tracked = syn(sport);
+            // Established: a tracked flow's packet, repeated. Its first run translates the
+            // packet; an extra entry for the translated tuple translates it back, so every run
+            // is a conntrack hit with a full rewrite.
+            let mut established_cost = |client: IpAddr, node: IpAddr, sport: u16| -> anyhow::Result<f64> {
+                let tracked = frames::tcp_frame(SocketAddr::new(client, sport), SocketAddr::new(node, NODE_PORT), SYN);
                 run(&tracked, 1)?;
                 let original = CtKey {
-                    src: CLIENT.octets(),
-                    dst: NODE.octets(),
+                    src: addr::from_ip(client),
+                    dst: addr::from_ip(node),
                     sport,
                     dport: NODE_PORT,
                     proto: TCP,
@@ -203,7 +209,21 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                     ..forward
                 };
                 conntrack.insert(translated, back, 0)?;
-                established.push(run(&tracked, REPEAT)?);
+                run(&tracked, REPEAT)
+            };
+            let (mut pass, mut new_flow, mut established) = (Vec::new(), Vec::new(), Vec::new());
+            let mut established_v6 = Vec::new();
+            let mut new_flow_traced = Vec::new();
+            let mut trace_on: aya::maps::Array<MapData, u64> =
+                aya::maps::Array::try_from(Map::Array(MapData::from_pin(bpf_root.join(maps::TRACE_ON))?))?;
+            let mut ring =
+                aya::maps::RingBuf::try_from(Map::RingBuf(MapData::from_pin(bpf_root.join(maps::TRACE_EVENTS))?))?;
+            for round in 0..RUNS as u16 {
+                let per_packet = run(&syn_to(1024, 12345), REPEAT)?;
+                let overhead = calls(&mut (0..NEW_FLOWS).map(|_| syn_to(1024, 12345)))? - per_packet;
+                let sport = 1000 - round;
+                established.push(established_cost(CLIENT.into(), NODE.into(), sport)?);
+                established_v6.push(established_cost(CLIENT6.into(), NODE6.into(), sport)?);
                 let new = calls(&mut (0..NEW_FLOWS).map(|i| syn(1024 + round * NEW_FLOWS + i)))?;
                 while ring.next().is_some() {}
                 trace_on.set(0, u64::MAX, 0)?;
@@ -223,6 +243,7 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                 pass: median(pass),
                 new_flow: median(new_flow),
                 established: median(established),
+                established_v6: median(established_v6),
                 new_flow_traced: median(new_flow_traced),
             })
         })
@@ -244,10 +265,10 @@ fn main() -> anyhow::Result<()> {
     let json = std::env::args().any(|a| a == "--json");
     let mut rows = Vec::new();
     for services in [1u32, 10_000] {
-        let Costs { pass, new_flow, established, new_flow_traced } = measure(services - 1)?;
+        let Costs { pass, new_flow, established, established_v6, new_flow_traced } = measure(services - 1)?;
         if !json {
             println!(
-                "TC NodePort path, {services:>6} services: new flow {new_flow:7.1} ns/packet (traced {new_flow_traced:7.1}, ×{:.2}), established {established:7.1} ns/packet, not a service {pass:6.1} ns/packet",
+                "TC NodePort path, {services:>6} services: new flow {new_flow:7.1} ns/packet (traced {new_flow_traced:7.1}, ×{:.2}), established {established:7.1} ns/packet (IPv6 {established_v6:7.1}), not a service {pass:6.1} ns/packet",
                 new_flow_traced / new_flow
             );
         }
@@ -255,6 +276,7 @@ fn main() -> anyhow::Result<()> {
             "services": services,
             "new_flow_ns": new_flow,
             "established_ns": established,
+            "established_v6_ns": established_v6,
             "pass_through_ns": pass,
             "new_flow_traced_ns": new_flow_traced,
             "trace_ratio_new_flow": new_flow_traced / new_flow,

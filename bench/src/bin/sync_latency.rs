@@ -14,7 +14,7 @@
 //! Run as root after `cargo build -p proxy-bench --bins -p proxy-tests --bin agent`: `target/debug/sync_latency`.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
@@ -171,9 +171,9 @@ fn wait_for(maps: &AyaMaps, present: Ipv4Addr, gone: Option<Ipv4Addr>, timeout: 
     loop {
         let (mut seen, mut stale) = (false, false);
         for (_, backend) in maps.backends() {
-            let address = Ipv4Addr::from(backend.address);
-            seen |= address == present;
-            stale |= Some(address) == gone;
+            let address = proxy_common::addr::to_ip(&backend.address);
+            seen |= address == IpAddr::from(present);
+            stale |= Some(address) == gone.map(IpAddr::from);
         }
         if seen && !stale {
             return Ok(());

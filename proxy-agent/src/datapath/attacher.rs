@@ -26,7 +26,7 @@ pub trait Attach: Send + 'static {
     /// See [`Datapath::attach_interfaces`].
     fn attach_interfaces(
         &mut self,
-        node_addresses: &[std::net::Ipv4Addr],
+        node_addresses: &[std::net::IpAddr],
         pod_cidrs: &[Cidr],
     ) -> Result<Vec<String>, DatapathError>;
     /// See [`Datapath::restore_links`].
@@ -38,7 +38,7 @@ pub trait Attach: Send + 'static {
 impl Attach for Datapath {
     fn attach_interfaces(
         &mut self,
-        node_addresses: &[std::net::Ipv4Addr],
+        node_addresses: &[std::net::IpAddr],
         pod_cidrs: &[Cidr],
     ) -> Result<Vec<String>, DatapathError> {
         Datapath::attach_interfaces(self, node_addresses, pod_cidrs)
@@ -76,7 +76,7 @@ type Shared = Arc<Mutex<dyn Attach>>;
 pub struct Attacher {
     tx: mpsc::Sender<Job>,
     datapath: Shared,
-    cluster_cidr: Option<Cidr>,
+    cluster_cidrs: Vec<Cidr>,
     /// Resolves when the thread ends (a panic included); taken by [`Attacher::ended`].
     ended: Mutex<Option<oneshot::Receiver<()>>>,
 }
@@ -84,19 +84,20 @@ pub struct Attacher {
 impl Attacher {
     /// Moves `datapath` behind a lock and starts a thread of its own that attaches the TC
     /// programs to the interfaces of the node (its addresses, its pod ranges plus
-    /// `cluster_cidr`), as [`Attacher::rescan`] or else `node` last described it, every
+    /// `cluster_cidrs`), as [`Attacher::rescan`] or else `node` last described it, every
     /// `schedule.rescan`; checks the links every `schedule.check_links`; and finishes an
     /// upgrade when asked. The lock is never held across the upgrade's wait for the kernel.
     pub fn spawn(
         datapath: impl Attach,
         mut node: watch::Receiver<NodeInfo>,
-        cluster_cidr: Option<Cidr>,
+        cluster_cidrs: Vec<Cidr>,
         schedule: Schedule,
     ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let (alive, ended) = oneshot::channel::<()>();
         let shared: Shared = Arc::new(Mutex::new(datapath));
         let datapath = shared.clone();
+        let thread_cidrs = cluster_cidrs.clone();
         std::thread::Builder::new().name("datapath".into()).spawn(move || {
             // Dropped when the thread ends, by a return or a panic's unwinding.
             let _alive = alive;
@@ -122,10 +123,10 @@ impl Attacher {
                         Err(error) => warn!(%error, "checking the program links failed"),
                     }
                 }
-                attach(&mut *datapath, &info, cluster_cidr);
+                attach(&mut *datapath, &info, &thread_cidrs);
             }
         })?;
-        Ok(Self { tx, datapath: shared, cluster_cidr, ended: Mutex::new(Some(ended)) })
+        Ok(Self { tx, datapath: shared, cluster_cidrs, ended: Mutex::new(Some(ended)) })
     }
 
     /// Resolves when the datapath's thread ends, which it must not while the handle lives (a
@@ -145,8 +146,8 @@ impl Attacher {
     /// swapping programs), in which case its thread does it next; never waits.
     pub fn rescan(&self, info: &NodeInfo) {
         match self.datapath.try_lock() {
-            Ok(mut datapath) => attach(&mut *datapath, info, self.cluster_cidr),
-            Err(TryLockError::Poisoned(poisoned)) => attach(&mut *poisoned.into_inner(), info, self.cluster_cidr),
+            Ok(mut datapath) => attach(&mut *datapath, info, &self.cluster_cidrs),
+            Err(TryLockError::Poisoned(poisoned)) => attach(&mut *poisoned.into_inner(), info, &self.cluster_cidrs),
             Err(TryLockError::WouldBlock) => {
                 let _ = self.tx.send(Job::Rescan(info.clone()));
             }
@@ -164,8 +165,8 @@ fn lock(datapath: &Shared) -> MutexGuard<'_, dyn Attach> {
 }
 
 /// Attaches the TC programs to the interfaces of the node `info` describes.
-fn attach(datapath: &mut dyn Attach, info: &NodeInfo, cluster_cidr: Option<Cidr>) {
-    let pod_cidrs: Vec<Cidr> = info.pod_cidrs.iter().copied().chain(cluster_cidr).collect();
+fn attach(datapath: &mut dyn Attach, info: &NodeInfo, cluster_cidrs: &[Cidr]) {
+    let pod_cidrs: Vec<Cidr> = info.pod_cidrs.iter().chain(cluster_cidrs).copied().collect();
     if let Err(error) = datapath.attach_interfaces(&info.nodeport_addresses, &pod_cidrs) {
         warn!(%error, "attaching the TC program to the node's interfaces failed");
     }
@@ -191,7 +192,7 @@ mod tests {
     }
 
     impl Attach for Slow {
-        fn attach_interfaces(&mut self, _: &[std::net::Ipv4Addr], _: &[Cidr]) -> Result<Vec<String>, DatapathError> {
+        fn attach_interfaces(&mut self, _: &[std::net::IpAddr], _: &[Cidr]) -> Result<Vec<String>, DatapathError> {
             self.calls.lock().unwrap().push("attach");
             Ok(Vec::new())
         }
@@ -227,7 +228,7 @@ mod tests {
         let slow = Slow { calls: calls.clone(), release: released };
         let (_node_tx, node) = watch::channel(NodeInfo::default());
         let schedule = Schedule { rescan: Duration::from_secs(3600), check_links: Duration::from_secs(3600) };
-        let attacher = Attacher::spawn(slow, node, None, schedule).unwrap();
+        let attacher = Attacher::spawn(slow, node, Vec::new(), schedule).unwrap();
         attacher.finish_upgrade();
         wait_for(&calls, "upgrade");
         // The upgrade is blocked in the kernel's wait now; these return all the same.
@@ -243,12 +244,12 @@ mod tests {
     }
 
     /// Records the node addresses it is asked to attach for.
-    struct Recorder(Arc<Mutex<Vec<Vec<std::net::Ipv4Addr>>>>);
+    struct Recorder(Arc<Mutex<Vec<Vec<std::net::IpAddr>>>>);
 
     impl Attach for Recorder {
         fn attach_interfaces(
             &mut self,
-            addresses: &[std::net::Ipv4Addr],
+            addresses: &[std::net::IpAddr],
             _: &[Cidr],
         ) -> Result<Vec<String>, DatapathError> {
             self.0.lock().unwrap().push(addresses.to_vec());
@@ -271,8 +272,8 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (_node_tx, node) = watch::channel(NodeInfo::default());
         let schedule = Schedule { rescan: Duration::from_secs(3600), check_links: Duration::from_secs(3600) };
-        let attacher = Attacher::spawn(Recorder(seen.clone()), node, None, schedule).unwrap();
-        let address = std::net::Ipv4Addr::new(172, 18, 0, 2);
+        let attacher = Attacher::spawn(Recorder(seen.clone()), node, Vec::new(), schedule).unwrap();
+        let address = std::net::IpAddr::from([172, 18, 0, 2]);
         attacher.rescan(&NodeInfo { nodeport_addresses: vec![address], ..NodeInfo::default() });
         let deadline = Instant::now() + Duration::from_secs(10);
         while seen.lock().unwrap().is_empty() {
@@ -286,7 +287,7 @@ mod tests {
     struct Crashing;
 
     impl Attach for Crashing {
-        fn attach_interfaces(&mut self, _: &[std::net::Ipv4Addr], _: &[Cidr]) -> Result<Vec<String>, DatapathError> {
+        fn attach_interfaces(&mut self, _: &[std::net::IpAddr], _: &[Cidr]) -> Result<Vec<String>, DatapathError> {
             Ok(Vec::new())
         }
 
@@ -306,12 +307,12 @@ mod tests {
     async fn the_thread_ending_by_a_panic_is_seen_and_a_live_one_is_not() {
         let schedule = Schedule { rescan: Duration::from_millis(10), check_links: Duration::from_millis(10) };
         let (_node_tx, node) = watch::channel(NodeInfo::default());
-        let crashing = Attacher::spawn(Crashing, node.clone(), None, schedule).unwrap();
+        let crashing = Attacher::spawn(Crashing, node.clone(), Vec::new(), schedule).unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(10), crashing.ended()).await;
         assert!(ended.is_ok(), "the panicked thread's end was seen");
 
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let live = Attacher::spawn(Recorder(seen.clone()), node, None, schedule).unwrap();
+        let live = Attacher::spawn(Recorder(seen.clone()), node, Vec::new(), schedule).unwrap();
         let ended = tokio::time::timeout(Duration::from_millis(300), live.ended()).await;
         assert!(ended.is_err(), "a live thread does not end");
         assert!(!seen.lock().unwrap().is_empty(), "and keeps rescanning");

@@ -3,23 +3,24 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::{Arc, Mutex, MutexGuard},
 };
 
 use crate::{model::Cidr, sys::net};
 
 /// The interfaces of this network namespace that hold one of `addresses` or carry a route into
-/// one of `cidrs`.
-pub(super) fn node_interfaces(addresses: &[Ipv4Addr], cidrs: &[Cidr]) -> io::Result<BTreeSet<String>> {
+/// one of `cidrs` (either family: an IPv6 pod range is routed through `/proc/net/ipv6_route`).
+pub(super) fn node_interfaces(addresses: &[IpAddr], cidrs: &[Cidr]) -> io::Result<BTreeSet<String>> {
     let mut names: BTreeSet<String> =
-        net::ipv4_addresses()?.into_iter().filter(|(_, ip)| addresses.contains(ip)).map(|(name, _)| name).collect();
+        net::addresses()?.into_iter().filter(|(_, ip)| addresses.contains(ip)).map(|(name, _)| name).collect();
     if !cidrs.is_empty() {
-        let routes = net::ipv4_routes()?.into_iter();
+        let routes = net::routes()?.into_iter();
         names.extend(
             routes
                 .filter(|(iface, dest)| {
-                    iface != "lo" && *dest != Ipv4Addr::UNSPECIFIED && cidrs.iter().any(|c| c.contains(*dest))
+                    // A default route (`0.0.0.0`, `::`) is inside `0.0.0.0/0`, not a pod route.
+                    iface != "lo" && !dest.is_unspecified() && cidrs.iter().any(|c| c.contains(*dest))
                 })
                 .map(|(iface, _)| iface),
         );
@@ -82,6 +83,8 @@ impl Unattached {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -101,9 +104,11 @@ mod tests {
     }
 
     #[test]
-    fn loopback_holds_127_0_0_1_and_routes_into_no_pod_range() {
-        let lo = node_interfaces(&[Ipv4Addr::LOCALHOST], &[]).unwrap();
+    fn loopback_holds_both_localhosts_and_routes_into_no_pod_range() {
+        let lo = node_interfaces(&[Ipv4Addr::LOCALHOST.into()], &[]).unwrap();
         assert!(lo.contains("lo"), "{lo:?}");
+        let lo6 = node_interfaces(&[std::net::Ipv6Addr::LOCALHOST.into()], &[]).unwrap();
+        assert!(lo6.contains("lo"), "an IPv6 address finds its interface too: {lo6:?}");
         let cidr: Cidr = "127.0.0.0/8".parse().unwrap();
         let none = node_interfaces(&[], &[cidr]).unwrap();
         assert!(!none.contains("lo"), "loopback routes are not pod routes: {none:?}");

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeSet,
     fs, io,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::{fd::AsFd as _, fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::Path,
 };
@@ -13,8 +13,9 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink as AyaPinnedLink},
+        tc::TcAttachOptions,
     },
 };
 use proxy_common::maps;
@@ -29,8 +30,10 @@ use crate::{
     },
 };
 
-/// The cgroup programs and their names in the object (also their link pin names).
-pub(super) const CGROUP_PROGRAMS: &[&str] = &["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+/// The cgroup programs and their names in the object (also their link pin names): the IPv4
+/// hooks and their IPv6 twins, which also serve IPv4-mapped addresses on `AF_INET6` sockets.
+pub(super) const CGROUP_PROGRAMS: &[&str] =
+    &["connect4", "sendmsg4", "recvmsg4", "getpeername4", "connect6", "sendmsg6", "recvmsg6", "getpeername6"];
 /// The TC ingress program; its links are pinned as `links/tc_ingress-<interface>`.
 pub(super) const TC_PROGRAM: &str = "tc_ingress";
 /// The TC egress program (replies of hostNetwork backends); links `links/tc_egress-<interface>`.
@@ -102,7 +105,7 @@ impl Datapath {
     /// that failed are tried again; returns the interfaces newly attached.
     pub fn attach_interfaces(
         &mut self,
-        node_addresses: &[Ipv4Addr],
+        node_addresses: &[IpAddr],
         pod_cidrs: &[Cidr],
     ) -> Result<Vec<String>, DatapathError> {
         if self.upgrading() {
@@ -128,12 +131,39 @@ impl Datapath {
         kind: TcAttachType,
         wanted: &BTreeSet<String>,
     ) -> Result<Vec<String>, DatapathError> {
+        self.attach_tc_as(name, kind, wanted, false)
+    }
+
+    /// [`Datapath::attach_tc`] for an upgrade's swap: each new link runs in front of the old
+    /// one and is pinned beside it (`<pin>_new`) until [`promote_staged`] takes the old links
+    /// out (see [`Datapath::finish_upgrade`] for how the two share the packets meanwhile).
+    pub(super) fn attach_tc_staged(
+        &mut self,
+        name: &'static str,
+        kind: TcAttachType,
+        wanted: &BTreeSet<String>,
+    ) -> Result<Vec<String>, DatapathError> {
+        self.attach_tc_as(name, kind, wanted, true)
+    }
+
+    fn attach_tc_as(
+        &mut self,
+        name: &'static str,
+        kind: TcAttachType,
+        wanted: &BTreeSet<String>,
+        staged: bool,
+    ) -> Result<Vec<String>, DatapathError> {
         let links = self.root.join("links");
         let attached = if name == TC_PROGRAM { &mut self.interfaces } else { &mut self.egress_interfaces };
         let program = classifier(&mut self.ebpf, name)?;
         let mut added = Vec::new();
         for interface in wanted.iter().filter(|n| !attached.contains(*n)) {
-            let id = match program.attach(interface, kind) {
+            let attached = if staged {
+                program.attach_with_options(interface, kind, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            } else {
+                program.attach(interface, kind)
+            };
+            let id = match attached {
                 Ok(id) => id,
                 // An interface can vanish between listing and attaching (a pod going away).
                 Err(error) if sys::net::interface_index(interface).is_none() => {
@@ -158,7 +188,11 @@ impl Datapath {
             };
             let pin = links.join(format!("{name}-{interface}"));
             let link = program.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
-            pin_link(link, &pin)?;
+            if staged {
+                pin_staged(link, &pin)?;
+            } else {
+                pin_link(link, &pin)?;
+            }
             if self.unattached.forget(name, interface) {
                 info!(program = name, interface, "attached after earlier failures");
             } else {
@@ -198,11 +232,49 @@ fn pin_link(link: impl TryInto<FdLink, Error = LinkError>, pin: &Path) -> Result
     replace_pinned_link(link, pin)
 }
 
+/// Where a link is pinned until it takes `path`.
+fn staging_pin(path: &Path) -> std::path::PathBuf {
+    path.with_file_name(format!("{}_new", path.file_name().and_then(|n| n.to_str()).unwrap_or("link")))
+}
+
+/// Pins `link` beside `path` ([`staging_pin`]), for [`promote_staged`].
+fn pin_staged(link: impl TryInto<FdLink, Error = LinkError>, path: &Path) -> Result<(), DatapathError> {
+    let pin_error = |detail: String| DatapathError::Pin { path: path.to_owned(), detail };
+    let link = link.try_into().map_err(|e| pin_error(e.to_string()))?;
+    let staging = staging_pin(path);
+    let _ = fs::remove_file(&staging);
+    // The pin keeps the link; our fd can go.
+    drop(link.pin(&staging).map_err(|e| pin_error(e.to_string()))?);
+    Ok(())
+}
+
+/// Puts every link staged under `links` ([`Datapath::attach_tc_staged`]) in place of the link
+/// pinned where it belongs, detaching that one first: one tight loop over the interfaces, so a
+/// flow crossing two of them meets the old and the new programs for microseconds at most.
+/// Returns how many links took over.
+pub(super) fn promote_staged(links: &Path) -> Result<usize, DatapathError> {
+    let staged: Vec<_> = fs::read_dir(links)
+        .map_err(|source| DatapathError::Bpffs { path: links.to_owned(), source })?
+        .flatten()
+        .filter_map(|e| Some(links.join(e.file_name().to_str()?.strip_suffix("_new")?)))
+        .collect();
+    for path in &staged {
+        let pin_error = |detail: String| DatapathError::Pin { path: path.to_owned(), detail };
+        if let Ok(old) = sys::bpf::obj_get(path) {
+            sys::bpf::link_detach(old.as_fd()).map_err(|e| pin_error(format!("detaching the old link: {e}")))?;
+            fs::remove_file(path).map_err(|e| pin_error(e.to_string()))?;
+        }
+        let staging = staging_pin(path);
+        fs::rename(&staging, path).map_err(|e| pin_error(format!("rename from {}: {e}", staging.display())))?;
+    }
+    Ok(staged.len())
+}
+
 /// Pins `link` at `path`; an earlier link pinned there (an earlier agent's) is detached only
 /// after the new one is attached, so no connect goes untranslated in between.
 fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), DatapathError> {
     let pin_error = |detail: String| DatapathError::Pin { path: path.to_owned(), detail };
-    let staging = path.with_file_name(format!("{}_new", path.file_name().and_then(|n| n.to_str()).unwrap_or("link")));
+    let staging = staging_pin(path);
     let _ = fs::remove_file(&staging);
     let pinned = link.pin(&staging).map_err(|e| pin_error(e.to_string()))?;
     if path.exists() {

@@ -121,6 +121,13 @@ impl Datapath {
         upgrade.carry()?;
         let links = self.root.join("links");
         let old_links = links::pinned_link_ids(&links);
+        // The TC programs change hands without a flow ever meeting a program that lacks its
+        // conntrack entries: the new programs go in front of the old ones on every interface,
+        // dormant (every packet goes on to the old ones); then all wake at once (one map
+        // write) and serve, handing each packet of a flow they do not know on to the old
+        // programs behind them, which open none any more; the old flows are carried over, and
+        // only then do the old programs go.
+        self.set_handover(maps::HANDOVER_DORMANT)?;
         let tc = [(TC_PROGRAM, TcAttachType::Ingress), (TC_EGRESS_PROGRAM, TcAttachType::Egress)];
         for (program, kind) in tc {
             // Every interface the old program is on, as its pins say.
@@ -131,12 +138,28 @@ impl Datapath {
                 .filter_map(|e| e.file_name().to_str()?.strip_prefix(&prefix).map(str::to_owned))
                 .filter(|name| !name.ends_with("_new"))
                 .collect();
-            self.attach_tc(program, kind, &on)?;
+            self.attach_tc_staged(program, kind, &on)?;
         }
+        self.set_handover(maps::HANDOVER_TAKING_OVER)?;
+        let carried = upgrade.carry()?;
+        let promoted = links::promote_staged(&links)?;
+        self.set_handover(maps::HANDOVER_NONE)?;
+        info!(links = promoted, flows = carried, "the new TC programs serve alone");
         for &name in CGROUP_PROGRAMS {
             self.attach_cgroup(name)?;
         }
         Ok(Some(Upgrade { old_links, ..upgrade }))
+    }
+
+    /// Writes where the swap stands for the TC programs ([`maps::HANDOVER`]).
+    fn set_handover(&mut self, state: u32) -> Result<(), DatapathError> {
+        let map = self.ebpf.map_mut(maps::HANDOVER).ok_or(DatapathError::Map {
+            name: maps::HANDOVER,
+            source: aya::maps::MapError::InvalidName { name: maps::HANDOVER.into() },
+        })?;
+        let mut array = aya::maps::Array::<_, u32>::try_from(map)
+            .map_err(|source| DatapathError::Map { name: maps::HANDOVER, source })?;
+        array.set(0, state, 0).map_err(|source| DatapathError::Map { name: maps::HANDOVER, source })
     }
 
     /// The loaded TC program (for `BPF_PROG_TEST_RUN` measurements).

@@ -20,7 +20,7 @@ use proxy_common::{
     conntrack::{CtKey, CtValue},
     maglev::{MaglevConfig, TABLE_SIZE_INDEX, elements, inner_entries, slot_place, slot_value},
     maps,
-    service::{SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceName, ServiceValue, SourceRange},
+    service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
 };
 use tracing::warn;
@@ -189,8 +189,8 @@ impl AyaMaps {
 
 /// The `source_ranges` key admitting `cidr` at `frontend`.
 fn source_range_key(frontend: &Frontend, cidr: &Cidr) -> Key<SourceRange> {
-    let data = SourceRange::new(frontend.address.octets(), frontend.port, frontend.proto, cidr.network.octets());
-    Key::new(SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix), data)
+    let (bits, data) = super::writer::source_range(frontend, cidr);
+    Key::new(bits, data)
 }
 
 /// Deleting an absent key is not an error for the writer.

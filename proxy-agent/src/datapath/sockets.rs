@@ -24,7 +24,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
-    constants::{AF_INET, IPPROTO_UDP},
+    constants::{AF_INET, AF_INET6, IPPROTO_UDP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
     message::SockDiagDestroy,
 };
@@ -48,7 +48,8 @@ fn namespaces() -> Vec<PathBuf> {
     found.into_values().collect()
 }
 
-/// Destroys every IPv4 UDP socket whose cookie is in `cookies`, in every network namespace.
+/// Destroys every UDP socket (AF_INET, and AF_INET6: IPv6 and IPv4-mapped destinations) whose
+/// cookie is in `cookies`, in every network namespace.
 /// Returns how many were destroyed. Blocks for as long as the walk takes: see [`SocketReaper`].
 pub fn destroy_udp(cookies: &HashSet<u64>) -> io::Result<usize> {
     if cookies.is_empty() {
@@ -130,9 +131,9 @@ fn request<T: NetlinkSerializable>(flags: u16, payload: T) -> Vec<u8> {
     buf
 }
 
-fn inet_request(socket_id: SocketId) -> SockDiagMessage {
+fn inet_request(family: u8, socket_id: SocketId) -> SockDiagMessage {
     SockDiagMessage::InetRequest(InetRequest {
-        family: AF_INET,
+        family,
         protocol: IPPROTO_UDP,
         extensions: ExtensionFlags::empty(),
         states: StateFlags::all(),
@@ -140,14 +141,36 @@ fn inet_request(socket_id: SocketId) -> SockDiagMessage {
     })
 }
 
-/// Dumps this namespace's UDP sockets and destroys those with a listed cookie.
+/// Dumps this namespace's UDP sockets of both families and destroys those with a listed cookie.
+/// A dump covers one family: an AF_INET6 socket (the socket path serves those through
+/// connect6/sendmsg6, IPv4-mapped destinations included) is only in the AF_INET6 dump.
 fn destroy_here(cookies: &HashSet<u64>) -> io::Result<usize> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
-    socket.send(&request(NLM_F_REQUEST | NLM_F_DUMP, inet_request(SocketId::new_v4())), 0)?;
-    let mut targets = Vec::new();
     let mut buf = vec![0u8; 65536];
+    let mut targets = Vec::new();
+    for (family, any) in [(AF_INET, SocketId::new_v4()), (AF_INET6, SocketId::new_v6())] {
+        socket.send(&request(NLM_F_REQUEST | NLM_F_DUMP, inet_request(family, any)), 0)?;
+        targets.extend(dump(&mut socket, &mut buf, cookies)?.into_iter().map(|id| (family, id)));
+    }
+    let mut destroyed = 0;
+    for (family, id) in targets {
+        socket.send(&request(NLM_F_REQUEST | NLM_F_ACK, SockDiagDestroy::new(inet_request(family, id))), 0)?;
+        let size = socket.recv(&mut &mut buf[..], 0)?;
+        if let Ok(ack) = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[..size])
+            && let NetlinkPayload::Error(error) = ack.payload
+            && error.code.is_none()
+        {
+            destroyed += 1;
+        }
+    }
+    Ok(destroyed)
+}
+
+/// Reads the answer to one dump request: the sockets with a listed cookie.
+fn dump(socket: &mut Socket, buf: &mut [u8], cookies: &HashSet<u64>) -> io::Result<Vec<SocketId>> {
+    let mut targets = Vec::new();
     'dump: loop {
         let size = socket.recv(&mut &mut buf[..], 0)?;
         let mut offset = 0;
@@ -171,18 +194,7 @@ fn destroy_here(cookies: &HashSet<u64>) -> io::Result<usize> {
             offset += length;
         }
     }
-    let mut destroyed = 0;
-    for id in targets {
-        socket.send(&request(NLM_F_REQUEST | NLM_F_ACK, SockDiagDestroy::new(inet_request(id))), 0)?;
-        let size = socket.recv(&mut &mut buf[..], 0)?;
-        if let Ok(ack) = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[..size])
-            && let NetlinkPayload::Error(error) = ack.payload
-            && error.code.is_none()
-        {
-            destroyed += 1;
-        }
-    }
-    Ok(destroyed)
+    Ok(targets)
 }
 
 #[cfg(test)]

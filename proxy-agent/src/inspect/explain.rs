@@ -13,9 +13,10 @@
 //!   stack answer (a reset or ICMP unreachable: kube-proxy's REJECT); a new flow is SNATed to
 //!   the node unless the policy is Local; packets of a tracked flow follow their conntrack entry.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
+    addr,
     affinity::{AffinityKey, AffinityValue, affinity_service_id},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, BackendId},
     conntrack::CtKey,
@@ -34,11 +35,11 @@ use crate::{datapath::writer::MapStore, model::proto_name};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Query {
     /// The client's address.
-    pub from: Ipv4Addr,
+    pub from: IpAddr,
     /// The client's source port, when known (names a Maglev pick).
     pub from_port: Option<u16>,
     /// The destination.
-    pub to: SocketAddrV4,
+    pub to: SocketAddr,
     /// IP protocol number.
     pub proto: u8,
 }
@@ -101,7 +102,7 @@ pub struct Candidate {
     /// `address:port/PROTO`; `None` when the id is missing from `backends`.
     pub endpoint: Option<String>,
     /// The endpoint address.
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     /// The endpoint port.
     pub port: Option<u16>,
     /// The slots naming it.
@@ -157,7 +158,7 @@ pub struct AffinityExplanation {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Explanation {
     /// The client.
-    pub from: Ipv4Addr,
+    pub from: IpAddr,
     /// `address:port/PROTO`.
     pub to: String,
     /// Whether the destination is a service frontend.
@@ -202,8 +203,8 @@ pub fn snapshot_of<S: MapStore>(store: &S) -> Snapshot {
 
 /// Answers `query` from `snapshot`.
 pub fn explain(snapshot: &Snapshot, query: &Query) -> Explanation {
-    let key = ServiceKey::master(query.to.ip().octets(), query.to.port(), query.proto);
-    let to = format!("{}:{}/{}", query.to.ip(), query.to.port(), proto_name(query.proto));
+    let key = ServiceKey::master(addr::from_ip(query.to.ip()), query.to.port(), query.proto);
+    let to = format!("{}/{}", query.to, proto_name(query.proto));
     let client = client_notes(snapshot, query.from);
     let Some(master) = snapshot.services.get(&key) else {
         return Explanation {
@@ -273,7 +274,7 @@ fn path(
     key: ServiceKey,
     master: &ServiceValue,
     origin: Origin,
-    from: Ipv4Addr,
+    from: IpAddr,
     from_port: Option<u16>,
 ) -> PathExplanation {
     let mut reasons = Vec::new();
@@ -405,7 +406,7 @@ fn path(
 fn maglev_pick(
     snapshot: &Snapshot,
     master: &ServiceValue,
-    from: Ipv4Addr,
+    from: IpAddr,
     port: Option<(u16, u16)>,
     key: ServiceKey,
 ) -> (Verdict, String, Option<u32>) {
@@ -418,11 +419,13 @@ fn maglev_pick(
         );
     };
     let seed = snapshot.maglev_seed.unwrap_or_default();
+    // The datapath hashes the 16-byte map form of the address (IPv4 as IPv4-mapped).
+    let src = addr::from_ip(from);
     let hash = if master.flags & SVC_F_AFFINITY != 0 {
-        Some(proxy_common::maglev::hash_bytes(&from.octets(), seed))
+        Some(proxy_common::maglev::hash_bytes(&src, seed))
     } else {
         port.map(|(sport, dport)| {
-            let flow = CtKey { src: from.octets(), dst: key.address, sport, dport, proto: key.proto, _pad: [0; 3] };
+            let flow = CtKey { src, dst: key.address, sport, dport, proto: key.proto, _pad: [0; 3] };
             proxy_common::maglev::flow_hash(&flow, seed)
         })
     };
@@ -513,7 +516,7 @@ fn candidates(snapshot: &Snapshot, key: ServiceKey, count: u16) -> Vec<Candidate
         out.push(Candidate {
             backend_id: value.backend_id,
             endpoint: backend.map(view::backend_text),
-            address: backend.map(|b| Ipv4Addr::from(b.address)),
+            address: backend.map(|b| addr::to_ip(&b.address)),
             port: backend.map(|b| b.port),
             slots: vec![slot],
             probability: 0.0,
@@ -530,18 +533,18 @@ fn candidates(snapshot: &Snapshot, key: ServiceKey, count: u16) -> Vec<Candidate
 /// Whether `from` is inside one of the `loadBalancerSourceRanges` of the frontend `key`, as
 /// `tc/mod.rs` `admitted` looks it up (the frontend exactly, the client by longest prefix); `None`
 /// when the map was not read.
-fn admitted(snapshot: &Snapshot, key: ServiceKey, from: Ipv4Addr) -> Option<bool> {
+fn admitted(snapshot: &Snapshot, key: ServiceKey, from: IpAddr) -> Option<bool> {
     let ranges = snapshot.source_ranges.as_ref()?;
     let port_be = key.port.to_be_bytes();
     Some(ranges.iter().any(|(prefix_len, range)| {
-        let Some(bits) = prefix_len.checked_sub(SOURCE_RANGE_FRONTEND_BITS).filter(|bits| *bits <= 32) else {
+        let Some(bits) = prefix_len.checked_sub(SOURCE_RANGE_FRONTEND_BITS).filter(|bits| *bits <= 128) else {
             return false;
         };
-        let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+        let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
         range.address == key.address
             && range.port_be == port_be
             && range.proto == key.proto
-            && u32::from_be_bytes(range.client) & mask == u32::from(from) & mask
+            && u128::from_be_bytes(range.client) & mask == u128::from_be_bytes(addr::from_ip(from)) & mask
     }))
 }
 
@@ -551,17 +554,17 @@ fn affinity_entry(snapshot: &Snapshot, key: AffinityKey) -> Option<(AffinityKey,
 }
 
 /// The packet path's affinity key of `from`.
-fn address_key(service_id: u32, from: Ipv4Addr) -> AffinityKey {
-    AffinityKey { netns_cookie: 0, client: from.octets(), service_id }
+fn address_key(service_id: u32, from: IpAddr) -> AffinityKey {
+    AffinityKey { client: addr::from_ip(from), service_id, ..AffinityKey::default() }
 }
 
 /// The socket path's affinity key of a client in the namespace with `cookie`.
 fn netns_key(service_id: u32, cookie: u64) -> AffinityKey {
-    AffinityKey { netns_cookie: cookie, client: [0; 4], service_id }
+    AffinityKey { netns_cookie: cookie, service_id, ..AffinityKey::default() }
 }
 
 /// The one namespace holding `from`, if exactly one does.
-fn client_netns(snapshot: &Snapshot, from: Ipv4Addr) -> Option<&NetnsInfo> {
+fn client_netns(snapshot: &Snapshot, from: IpAddr) -> Option<&NetnsInfo> {
     let mut holding = snapshot.netns.iter().filter(|n| n.addresses.contains(&from));
     let first = holding.next()?;
     holding.next().is_none().then_some(first)
@@ -572,7 +575,7 @@ fn affinity(
     snapshot: &Snapshot,
     index: &ServiceIndex,
     master: &ServiceValue,
-    from: Ipv4Addr,
+    from: IpAddr,
 ) -> Option<AffinityExplanation> {
     let enabled = master.flags & SVC_F_AFFINITY != 0;
     // Each path remembers picks under the id of the backend set it uses.
@@ -603,7 +606,7 @@ fn affinity(
 
 /// What else the destination is, when it is not a frontend.
 fn not_a_frontend_notes(snapshot: &Snapshot, query: &Query) -> Vec<String> {
-    let address = query.to.ip().octets();
+    let address = addr::from_ip(query.to.ip());
     let mut notes = Vec::new();
     let mut others: Vec<String> = snapshot
         .services
@@ -641,7 +644,7 @@ fn not_a_frontend_notes(snapshot: &Snapshot, query: &Query) -> Vec<String> {
 }
 
 /// Who the client is, when the maps know its address.
-fn client_notes(snapshot: &Snapshot, from: Ipv4Addr) -> Vec<String> {
+fn client_notes(snapshot: &Snapshot, from: IpAddr) -> Vec<String> {
     let mut notes = Vec::new();
     let holding: Vec<String> = snapshot
         .netns
@@ -658,14 +661,14 @@ fn client_notes(snapshot: &Snapshot, from: Ipv4Addr) -> Vec<String> {
         )),
     }
     let local_pod =
-        snapshot.backends.values().any(|b| Ipv4Addr::from(b.address) == from && b.flags & BACKEND_F_LOCAL != 0);
+        snapshot.backends.values().any(|b| addr::to_ip(&b.address) == from && b.flags & BACKEND_F_LOCAL != 0);
     if local_pod {
         notes.push("an endpoint on this node: its connects take the socket path (from this node)".to_owned());
     }
     let node_address = snapshot
         .services
         .iter()
-        .any(|(k, v)| k.slot == 0 && v.flags & SVC_F_NODE_PORT != 0 && Ipv4Addr::from(k.address) == from);
+        .any(|(k, v)| k.slot == 0 && v.flags & SVC_F_NODE_PORT != 0 && addr::to_ip(&k.address) == from);
     if node_address {
         notes.push("this node's address: its connects take the socket path (from this node)".to_owned());
     }

@@ -4,9 +4,10 @@
 //! proxy-ebpf/src/lb.rs and its attach points do) then answers "client, destination → verdict"
 //! from those maps. Every expected value comes from the service definitions below.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 use proxy_common::{
+    addr,
     affinity::{AffinityKey, AffinityValue},
     proto::TCP,
     service::{SCOPE_INTERNAL, SVC_F_TWO_SCOPES, ServiceKey},
@@ -124,7 +125,7 @@ fn remembered() -> [(Origin, Ipv4Addr, SocketAddrV4, Ipv4Addr); 3] {
 /// `frontend`: keyed by netns (socket path) or address (packet path), under the `service_id`
 /// of the master of the scope it used.
 fn remember(recorder: &mut Recorder, origin: Origin, frontend: SocketAddrV4, backend: Ipv4Addr, client: Ipv4Addr) {
-    let mut key = ServiceKey::master(frontend.ip().octets(), frontend.port(), TCP);
+    let mut key = ServiceKey::master(addr::from_ip(*frontend.ip()), frontend.port(), TCP);
     let maps = &recorder.maps;
     if origin == Origin::Node && maps.services[&key].flags & SVC_F_TWO_SCOPES != 0 {
         key = key.with_scope(SCOPE_INTERNAL);
@@ -132,11 +133,13 @@ fn remember(recorder: &mut Recorder, origin: Origin, frontend: SocketAddrV4, bac
     let master = maps.services[&key];
     let backend_id = (1..=master.count)
         .map(|slot| maps.services[&key.with_slot(slot)].backend_id)
-        .find(|id| maps.backends[id].address == backend.octets())
+        .find(|id| maps.backends[id].address == addr::from_ip(backend))
         .expect("the remembered backend is in the set the path uses");
     let key = match origin {
-        Origin::Node => AffinityKey { netns_cookie: POD_NETNS, client: [0; 4], service_id: master.service_id },
-        Origin::Outside => AffinityKey { netns_cookie: 0, client: client.octets(), service_id: master.service_id },
+        Origin::Node => AffinityKey { netns_cookie: POD_NETNS, service_id: master.service_id, ..Default::default() },
+        Origin::Outside => {
+            AffinityKey { client: addr::from_ip(client), service_id: master.service_id, ..Default::default() }
+        }
     };
     recorder.affinity.insert(key, AffinityValue { last_used_ns: NOW - 10 * SECOND, backend_id, _pad: 0 });
 }
@@ -152,7 +155,7 @@ fn maps() -> Snapshot {
     snapshot.now_ns = NOW;
     snapshot.affinity = Some(recorder.affinity.iter().map(|(k, v)| (*k, *v)).collect());
     snapshot.source_ranges = Some(recorder.source_range_entries());
-    snapshot.netns = vec![NetnsInfo { cookie: POD_NETNS, name: "pod-a".into(), addresses: vec![POD] }];
+    snapshot.netns = vec![NetnsInfo { cookie: POD_NETNS, name: "pod-a".into(), addresses: vec![POD.into()] }];
     snapshot
 }
 
@@ -176,7 +179,7 @@ fn even(endpoints: &[Ipv4Addr]) -> Want {
 
 /// What `explain` says for `origin`'s traffic from `from` to `to`, as a [`Want`].
 fn verdict(snapshot: &Snapshot, origin: Origin, from: Ipv4Addr, to: SocketAddrV4) -> Want {
-    let e = explain(snapshot, &Query { from, from_port: None, to, proto: TCP });
+    let e = explain(snapshot, &Query { from: from.into(), from_port: None, to: to.into(), proto: TCP });
     if !e.service_frontend {
         return Want::NotAFrontend;
     }
@@ -197,7 +200,9 @@ fn verdict(snapshot: &Snapshot, origin: Origin, from: Ipv4Addr, to: SocketAddrV4
                 .iter()
                 .map(|c| {
                     assert_eq!(c.port, Some(TARGET_PORT), "{c:?}");
-                    (c.address.expect("every slot names a backend"), c.probability)
+                    let address = c.address.expect("every slot names a backend");
+                    let IpAddr::V4(address) = address else { panic!("an IPv4 backend: {address}") };
+                    (address, c.probability)
                 })
                 .collect();
             spread.sort_by_key(|(a, _)| *a);

@@ -26,11 +26,14 @@ pub mod view;
 
 use std::{
     io::{self, Write as _},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
-use proxy_common::proto;
+use proxy_common::{
+    addr, proto,
+    service::{SVC_F_MAGLEV, ServiceKey},
+};
 
 pub use self::{explain::Explanation, pins::Snapshot};
 
@@ -157,11 +160,14 @@ pub struct InspectArgs {
 pub struct ExplainArgs {
     /// The client's address: a pod's, this node's or an external client's. It selects the
     /// client's affinity entry (by address, or by the named network namespace holding it).
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is its IPv4 address.
     #[arg(long, value_name = "IP")]
-    pub from: Ipv4Addr,
-    /// The destination the client connects or sends to.
+    pub from: IpAddr,
+    /// The destination the client connects or sends to: `a.b.c.d:port` or `[ipv6]:port`. An
+    /// IPv4-mapped IPv6 address (`[::ffff:10.96.0.10]:80`, what an AF_INET6 socket connects to)
+    /// is explained as the IPv4 frontend it reaches.
     #[arg(long, value_name = "IP:PORT")]
-    pub to: SocketAddrV4,
+    pub to: SocketAddr,
     /// The client's source port (packet path): with it, a Maglev frontend's answer names the
     /// table slot and backend the flow's 5-tuple hashes to.
     #[arg(long, value_name = "PORT")]
@@ -203,19 +209,34 @@ pub fn explain(root: &Path, args: &ExplainArgs) -> Result<String, InspectError> 
     let mut snapshot = pins::read(root)?;
     // To name netns-keyed affinity entries and find the client's namespace by its address.
     snapshot.netns = pins::netns();
-    let query = explain::Query { from: args.from, from_port: args.from_port, to: args.to, proto: args.proto.number() };
     // The one Maglev table the answer may need, read whole (a lookup per slot).
-    let master = proxy_common::service::ServiceKey::master(args.to.ip().octets(), args.to.port(), query.proto);
-    if let Some(m) = snapshot.services.get(&master).filter(|m| m.flags & proxy_common::service::SVC_F_MAGLEV != 0)
+    let to = args.to.ip().to_canonical();
+    let master = ServiceKey::master(addr::from_ip(to), args.to.port(), args.proto.number());
+    if let Some(m) = snapshot.services.get(&master).filter(|m| m.flags & SVC_F_MAGLEV != 0)
         && let Some(slots) = pins::maglev_slots(root, m.service_id)
     {
         snapshot.maglev_slots.insert(m.service_id, slots);
     }
-    let explanation = explain::explain(&snapshot, &query);
+    let explanation = explain_query(&snapshot, args);
     Ok(match args.output {
         Format::Table => render::explanation(&explanation),
         Format::Json => render::json(&explanation),
     })
+}
+
+/// Explains `args` over `snapshot`, IPv4-mapped addresses as the IPv4 ones they stand for (the
+/// maps hold IPv4 in that very form, so an AF_INET6 socket reaches the IPv4 frontend).
+fn explain_query(snapshot: &Snapshot, args: &ExplainArgs) -> Explanation {
+    let to = SocketAddr::new(args.to.ip().to_canonical(), args.to.port());
+    let query =
+        explain::Query { from: args.from.to_canonical(), from_port: args.from_port, to, proto: args.proto.number() };
+    let mut explanation = explain::explain(snapshot, &query);
+    if to.ip() != args.to.ip() {
+        explanation
+            .notes
+            .insert(0, format!("{} is IPv4-mapped: an AF_INET6 socket connecting there reaches {to}", args.to.ip()));
+    }
+    explanation
 }
 
 /// `proxy-agent inspect`: prints to stdout.

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     fs, io,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -166,7 +166,7 @@ pub fn monotonic_now_ns() -> Result<u64, InspectError> {
 }
 
 /// A network namespace: its cookie (what the socket path keys affinity by), a name and its
-/// IPv4 addresses.
+/// addresses of both families.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetnsInfo {
     /// The netns cookie (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie()`).
@@ -174,8 +174,8 @@ pub struct NetnsInfo {
     /// Its name under `/run/netns` (as `ip netns` and CNI plugins name pods' namespaces), or
     /// `self` for the namespace inspect runs in (on a node: the host's).
     pub name: String,
-    /// The IPv4 addresses of its interfaces.
-    pub addresses: Vec<Ipv4Addr>,
+    /// The addresses of its interfaces.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Every namespace under `/run/netns`, then this process's own. Best effort: a namespace that
@@ -198,8 +198,7 @@ pub fn netns() -> Vec<NetnsInfo> {
 }
 
 /// The cookie and addresses of the namespace at `path`, read by a thread inside it.
-fn netns_info(path: &Path) -> Option<(u64, Vec<Ipv4Addr>)> {
-    let (cookie, addresses) =
-        sys::net::in_netns(path, || (sys::net::netns_cookie(), sys::net::ipv4_addresses())).ok()?;
+fn netns_info(path: &Path) -> Option<(u64, Vec<IpAddr>)> {
+    let (cookie, addresses) = sys::net::in_netns(path, || (sys::net::netns_cookie(), sys::net::addresses())).ok()?;
     Some((cookie.ok()?, addresses.ok()?.into_iter().map(|(_, ip)| ip).collect()))
 }

@@ -1,9 +1,10 @@
 //! The pure rooms of inspect/explain on hand-built snapshots: one case per rule of the kernel's
 //! selection (proxy-ebpf/src/lb.rs) and its attach points, plus the formatting.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
+    addr,
     affinity::{AffinityKey, AffinityValue},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend},
     proto::{TCP, UDP},
@@ -20,7 +21,7 @@ use super::{
 const SECOND: u64 = 1_000_000_000;
 const NOW: u64 = 5_000 * SECOND;
 
-fn ip(text: &str) -> Ipv4Addr {
+fn ip(text: &str) -> IpAddr {
     text.parse().expect("test addresses parse")
 }
 
@@ -51,7 +52,7 @@ impl Build {
     }
 
     fn backend(mut self, id: u32, address: &str, port: u16, flags: u8) -> Self {
-        self.0.backends.insert(id, Backend { address: ip(address).octets(), port, proto: TCP, flags });
+        self.0.backends.insert(id, Backend { address: addr::from_ip(ip(address)), port, proto: TCP, flags });
         self
     }
 
@@ -67,7 +68,7 @@ impl Build {
         timeout: u32,
         ids: &[u32],
     ) -> Self {
-        let key = ServiceKey::master(ip(address).octets(), port, TCP).with_scope(scope);
+        let key = ServiceKey::master(addr::from_ip(ip(address)), port, TCP).with_scope(scope);
         let master =
             ServiceValue { backend_id: 0, count: ids.len() as u16, flags, service_id, affinity_timeout: timeout };
         self.0.services.insert(key, master);
@@ -79,7 +80,9 @@ impl Build {
     }
 
     fn affinity(mut self, cookie: u64, client: &str, service_id: u32, backend_id: u32, age_s: u64) -> Self {
-        let key = AffinityKey { netns_cookie: cookie, client: ip(client).octets(), service_id };
+        // The socket path keys by netns and leaves the address zero, as the kernel does.
+        let client = if cookie == 0 { addr::from_ip(ip(client)) } else { addr::UNSPECIFIED };
+        let key = AffinityKey { netns_cookie: cookie, client, service_id, _pad: 0 };
         let value = AffinityValue { last_used_ns: NOW - age_s * SECOND, backend_id, _pad: 0 };
         self.0.affinity.get_or_insert_with(Vec::new).push((key, value));
         self
@@ -120,10 +123,64 @@ fn etp_local(local: &[u32]) -> Build {
 }
 
 fn query(from: &str, to: &str, port: u16) -> Query {
-    Query { from: ip(from), from_port: None, to: SocketAddrV4::new(ip(to), port), proto: TCP }
+    Query { from: ip(from), from_port: None, to: SocketAddr::new(ip(to), port), proto: TCP }
+}
+
+/// default/web dual stack: 10.96.0.10:80 → 10.244.1.2:8080 and [fd00:10:96::a]:80 →
+/// [fd00:10:244:1::2]:8080.
+fn dual_stack() -> Build {
+    snapshot()
+        .name(1, "default", "web", "")
+        .name(2, "default", "web", "")
+        .backend(1, "10.244.1.2", 8080, LOCAL)
+        .backend(2, "fd00:10:244:1::2", 8080, LOCAL)
+        .frontend("10.96.0.10", 80, SCOPE_EXTERNAL, SVC_F_CLUSTER_IP, 1, 0, &[1])
+        .frontend("fd00:10:96::a", 80, SCOPE_EXTERNAL, SVC_F_CLUSTER_IP, 2, 0, &[2])
 }
 
 // ---- view: services ----
+
+#[test]
+fn ipv6_frontends_and_backends_are_written_with_brackets_and_json_keeps_each_family() {
+    let views = view::services(&dual_stack().build());
+    let texts: Vec<(&str, Vec<String>)> = views
+        .iter()
+        .map(|f| (f.frontend.as_str(), f.scopes[0].backends.iter().map(|b| b.endpoint.clone().unwrap()).collect()))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            ("10.96.0.10:80/TCP", vec!["10.244.1.2:8080".to_owned()]),
+            ("[fd00:10:96::a]:80/TCP", vec!["[fd00:10:244:1::2]:8080".to_owned()])
+        ]
+    );
+    let json: serde_json::Value = serde_json::from_str(&render::json(&views)).unwrap();
+    let addresses: Vec<&str> = json.as_array().unwrap().iter().map(|f| f["address"].as_str().unwrap()).collect();
+    assert_eq!(addresses, ["10.96.0.10", "fd00:10:96::a"], "IPv4 as IPv4 text, never ::ffff:");
+}
+
+#[test]
+fn explain_accepts_ipv6_and_reads_ipv4_mapped_input_as_the_ipv4_frontend() {
+    let s = dual_stack().build();
+    let v6 = explain(&s, &query("fd00:10:244:1::9", "fd00:10:96::a", 80));
+    assert!(v6.service_frontend, "{v6:?}");
+    assert_eq!(v6.to, "[fd00:10:96::a]:80/TCP");
+    assert_eq!(v6.paths[0].candidates[0].endpoint.as_deref(), Some("[fd00:10:244:1::2]:8080/TCP"));
+
+    let args = super::ExplainArgs {
+        from: ip("::ffff:10.244.1.9"),
+        to: "[::ffff:10.96.0.10]:80".parse().unwrap(),
+        from_port: None,
+        proto: super::Protocol::Tcp,
+        output: super::Format::Table,
+    };
+    let mapped = super::explain_query(&s, &args);
+    assert!(mapped.service_frontend, "{mapped:?}");
+    assert_eq!(mapped.to, "10.96.0.10:80/TCP");
+    assert_eq!(mapped.from, ip("10.244.1.9"));
+    assert_eq!(mapped.paths[0].candidates[0].endpoint.as_deref(), Some("10.244.1.2:8080/TCP"));
+    assert!(mapped.notes[0].contains("::ffff:10.96.0.10 is IPv4-mapped"), "{:?}", mapped.notes);
+}
 
 #[test]
 fn nul_padded_names_are_read_up_to_the_first_nul() {
@@ -193,7 +250,7 @@ fn two_scopes_show_the_external_set_then_the_internal_one() {
 #[test]
 fn missing_slots_backends_names_and_internal_masters_are_reported() {
     let mut s = cluster_ip().build();
-    let key = ServiceKey::master(ip("10.96.0.10").octets(), 6666, TCP);
+    let key = ServiceKey::master(addr::from_ip(ip("10.96.0.10")), 6666, TCP);
     s.services.remove(&key.with_slot(2));
     s.backends.remove(&1);
     s.names.clear();
@@ -203,7 +260,7 @@ fn missing_slots_backends_names_and_internal_masters_are_reported() {
     assert!(problems.contains("service id 1 has no service_names entry"), "{problems}");
 
     let mut s = etp_local(&[5]).build();
-    s.services.remove(&ServiceKey::master(ip("172.18.0.2").octets(), 30080, TCP).with_scope(SCOPE_INTERNAL));
+    s.services.remove(&ServiceKey::master(addr::from_ip(ip("172.18.0.2")), 30080, TCP).with_scope(SCOPE_INTERNAL));
     let problems = view::services(&s)[0].problems.join("\n");
     assert!(problems.contains("internal-scope master is missing"), "{problems}");
 }
@@ -388,7 +445,7 @@ fn etp_cluster_nodeport_is_snated_from_outside() {
 #[test]
 fn a_missing_internal_master_refuses_node_traffic() {
     let mut s = etp_local(&[5]).build();
-    s.services.remove(&ServiceKey::master(ip("172.18.0.2").octets(), 30080, TCP).with_scope(SCOPE_INTERNAL));
+    s.services.remove(&ServiceKey::master(addr::from_ip(ip("172.18.0.2")), 30080, TCP).with_scope(SCOPE_INTERNAL));
     let e = explain(&s, &query("10.244.1.200", "172.18.0.2", 30080));
     let node = e.paths.iter().find(|p| p.origins == [Origin::Node]).unwrap();
     assert_eq!(node.verdict, Verdict::Refused);

@@ -3,10 +3,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use proxy_common::{
+    addr::{self, Addr},
     affinity::{AffinityKey, AffinityValue, affinity_service_id},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     conntrack::{CT_F_CLOSING, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, expired, timeout_s},
@@ -56,14 +57,14 @@ pub fn service_label(snapshot: &Snapshot, id: u32) -> String {
     service_ref(snapshot, id).map_or_else(|| format!("service id {id} (unnamed)"), |s| s.display())
 }
 
-/// `address:port/PROTO` of a frontend.
+/// `address:port/PROTO` of a frontend (`[address]:port/PROTO` for IPv6).
 pub fn frontend_text(key: &ServiceKey) -> String {
-    format!("{}:{}/{}", Ipv4Addr::from(key.address), key.port, proto_name(key.proto))
+    format!("{}/{}", SocketAddr::new(addr::to_ip(&key.address), key.port), proto_name(key.proto))
 }
 
 /// `address:port/PROTO` of a backend.
 pub fn backend_text(backend: &Backend) -> String {
-    format!("{}:{}/{}", Ipv4Addr::from(backend.address), backend.port, proto_name(backend.proto))
+    format!("{}/{}", SocketAddr::new(addr::to_ip(&backend.address), backend.port), proto_name(backend.proto))
 }
 
 /// The frontend kinds in `flags`, in words.
@@ -108,7 +109,7 @@ pub struct FrontendView {
     /// `address:port/PROTO`.
     pub frontend: String,
     /// The frontend address.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// The frontend port.
     pub port: u16,
     /// `TCP`, `UDP` or `SCTP`.
@@ -175,7 +176,7 @@ pub struct SlotView {
     /// `address:port`; `None` when the id is not in `backends`.
     pub endpoint: Option<String>,
     /// The endpoint address.
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     /// The endpoint port.
     pub port: Option<u16>,
     /// The endpoint runs on this node.
@@ -222,8 +223,8 @@ pub fn scope_view(snapshot: &Snapshot, key: ServiceKey, flags: u16, problems: &m
         backends.push(SlotView {
             slot,
             backend_id: value.backend_id,
-            endpoint: backend.map(|b| format!("{}:{}", Ipv4Addr::from(b.address), b.port)),
-            address: backend.map(|b| Ipv4Addr::from(b.address)),
+            endpoint: backend.map(|b| SocketAddr::new(addr::to_ip(&b.address), b.port).to_string()),
+            address: backend.map(|b| addr::to_ip(&b.address)),
             port: backend.map(|b| b.port),
             local: backend.is_some_and(|b| b.flags & BACKEND_F_LOCAL != 0),
             terminating: backend.is_some_and(|b| b.flags & BACKEND_F_TERMINATING != 0),
@@ -272,7 +273,7 @@ pub fn frontend_view(snapshot: &Snapshot, key: ServiceKey, master: &ServiceValue
     }
     FrontendView {
         frontend: frontend_text(&key),
-        address: Ipv4Addr::from(key.address),
+        address: addr::to_ip(&key.address),
         port: key.port,
         protocol: proto_name(key.proto),
         service: service.as_ref().map(ServiceRef::display),
@@ -315,7 +316,7 @@ pub struct BackendView {
     /// `address:port/PROTO`.
     pub endpoint: String,
     /// The endpoint address.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// The endpoint port.
     pub port: u16,
     /// `TCP`, `UDP` or `SCTP`.
@@ -352,7 +353,7 @@ pub fn backends(snapshot: &Snapshot) -> Vec<BackendView> {
             BackendView {
                 id,
                 endpoint: backend_text(b),
-                address: Ipv4Addr::from(b.address),
+                address: addr::to_ip(&b.address),
                 port: b.port,
                 protocol: proto_name(b.proto),
                 local: b.flags & BACKEND_F_LOCAL != 0,
@@ -365,7 +366,7 @@ pub fn backends(snapshot: &Snapshot) -> Vec<BackendView> {
 }
 
 /// External-scope masters by (address, port, proto).
-fn masters_by_frontend(snapshot: &Snapshot) -> BTreeMap<([u8; 4], u16, u8), ServiceValue> {
+fn masters_by_frontend(snapshot: &Snapshot) -> BTreeMap<(Addr, u16, u8), ServiceValue> {
     snapshot
         .services
         .iter()
@@ -445,7 +446,7 @@ pub struct AffinityView {
     /// Socket path: the namespace's name, when found (`/run/netns/NAME`, or `self`).
     pub netns: Option<String>,
     /// Packet path: the client's address.
-    pub client_address: Option<Ipv4Addr>,
+    pub client_address: Option<IpAddr>,
     /// The service port's id.
     pub service_id: u32,
     /// `namespace/name[:port]`.
@@ -455,7 +456,7 @@ pub struct AffinityView {
     /// `address:port/PROTO`; `None` when the id is gone.
     pub backend: Option<String>,
     /// The backend's address.
-    pub backend_address: Option<Ipv4Addr>,
+    pub backend_address: Option<IpAddr>,
     /// The backend's port.
     pub backend_port: Option<u16>,
     /// `bpf_ktime_get_ns()` at the last use.
@@ -499,7 +500,7 @@ pub fn netns_name(snapshot: &Snapshot, cookie: u64) -> Option<&str> {
 /// The client of an affinity key in words.
 pub fn client_text(snapshot: &Snapshot, key: &AffinityKey) -> String {
     if key.netns_cookie == 0 {
-        return Ipv4Addr::from(key.client).to_string();
+        return addr::to_ip(&key.client).to_string();
     }
     match netns_name(snapshot, key.netns_cookie) {
         Some(name) => format!("netns {name} (cookie {})", key.netns_cookie),
@@ -525,12 +526,12 @@ pub fn affinity_view(
         path: if socket { "socket" } else { "packet" },
         netns_cookie: socket.then_some(key.netns_cookie),
         netns: if socket { netns_name(snapshot, key.netns_cookie).map(str::to_owned) } else { None },
-        client_address: (!socket).then(|| Ipv4Addr::from(key.client)),
+        client_address: (!socket).then(|| addr::to_ip(&key.client)),
         service_id: key.service_id,
         service: service_ref(snapshot, key.service_id).map(|s| s.display()),
         backend_id: value.backend_id,
         backend: backend.map(backend_text),
-        backend_address: backend.map(|b| Ipv4Addr::from(b.address)),
+        backend_address: backend.map(|b| addr::to_ip(&b.address)),
         backend_port: backend.map(|b| b.port),
         last_used_ns: value.last_used_ns,
         // Millisecond precision is plenty for a timeout counted in seconds.
@@ -561,13 +562,13 @@ pub struct ConntrackView {
     /// `TCP` or `UDP`.
     pub proto: &'static str,
     /// The packet as it arrives: source.
-    pub from: SocketAddrV4,
+    pub from: SocketAddr,
     /// The packet as it arrives: destination.
-    pub to: SocketAddrV4,
+    pub to: SocketAddr,
     /// What the packet is rewritten to: source.
-    pub new_from: SocketAddrV4,
+    pub new_from: SocketAddr,
     /// What the packet is rewritten to: destination.
-    pub new_to: SocketAddrV4,
+    pub new_to: SocketAddr,
     /// The flow's backend id.
     pub backend_id: BackendId,
     /// The source was SNATed to a node address (externalTrafficPolicy: Cluster).
@@ -588,7 +589,7 @@ pub struct ConntrackView {
 
 /// Every conntrack entry, original directions first, then by client.
 pub fn conntrack(snapshot: &Snapshot) -> Vec<ConntrackView> {
-    let addr = |a: [u8; 4], p: u16| SocketAddrV4::new(Ipv4Addr::from(a), p);
+    let addr = |a: Addr, p: u16| SocketAddr::new(addr::to_ip(&a), p);
     let mut rows: Vec<ConntrackView> = snapshot
         .conntrack
         .iter()

@@ -83,9 +83,9 @@ pub enum ConfigError {
 pub struct FileConfig {
     /// `hostnameOverride`.
     pub hostname_override: Option<String>,
-    /// `clusterCIDR` (its IPv4 range).
-    pub cluster_cidr: Option<Cidr>,
-    /// `nodePortAddresses` (its IPv4 ranges); `Some(empty)` means all addresses.
+    /// `clusterCIDR` (comma-separated, one range per family).
+    pub cluster_cidr: Option<Vec<Cidr>>,
+    /// `nodePortAddresses` (ranges of both families); `Some(empty)` means all addresses.
     pub nodeport_addresses: Option<Vec<Cidr>>,
     /// `healthzBindAddress`.
     pub healthz_bind_address: Option<BindAddress>,
@@ -129,7 +129,7 @@ impl FileConfig {
             },
             ..Self::default()
         };
-        config.cluster_cidr = config.cidrs(&fields, "clusterCIDR")?.and_then(|cidrs| cidrs.into_iter().next());
+        config.cluster_cidr = config.cidrs(&fields, "clusterCIDR")?;
         config.nodeport_addresses = config.cidrs(&fields, "nodePortAddresses")?;
         config.healthz_bind_address = fields.bind_address("healthzBindAddress", HEALTHZ_PORT)?;
         config.metrics_bind_address = fields.bind_address("metricsBindAddress", METRICS_PORT)?;
@@ -165,9 +165,8 @@ impl FileConfig {
         Ok(config)
     }
 
-    /// The IPv4 CIDRs of a list field (`nodePortAddresses`) or a comma-separated one
-    /// (`clusterCIDR`); IPv6 ranges and `primary` are noted, as the agent serves IPv4 only and
-    /// has no notion of a primary address.
+    /// The CIDRs (either family) of a list field (`nodePortAddresses`) or a comma-separated one
+    /// (`clusterCIDR`); `primary` is noted, as the agent has no notion of a primary address.
     fn cidrs(&mut self, fields: &Fields<'_>, name: &str) -> Result<Option<Vec<Cidr>>, ConfigError> {
         let entries: Vec<String> = match fields.map.get(name) {
             None | Some(Value::Null) => return Ok(None),
@@ -188,8 +187,6 @@ impl FileConfig {
                     "{name}: \"primary\" (the node's primary addresses) is not supported: nodePorts are served on \
                      every node address unless other ranges are listed - list the node's address as a /32 instead"
                 ));
-            } else if entry.contains(':') {
-                self.notes.push(format!("{name}: {entry} is IPv6, which the agent does not serve: left out"));
             } else {
                 cidrs.push(entry.parse::<Cidr>().map_err(|e| fields.error(name, &e.to_string()))?);
             }
@@ -211,8 +208,10 @@ impl FileConfig {
         if take("hostname_override", "hostnameOverride", self.hostname_override.is_some()) {
             args.hostname_override.clone_from(&self.hostname_override);
         }
-        if take("cluster_cidr", "clusterCIDR", self.cluster_cidr.is_some()) {
-            args.cluster_cidr = self.cluster_cidr;
+        if let Some(cidrs) = &self.cluster_cidr
+            && take("cluster_cidr", "clusterCIDR", true)
+        {
+            args.cluster_cidr.clone_from(cidrs);
         }
         if let Some(cidrs) = &self.nodeport_addresses
             && take("nodeport_addresses", "nodePortAddresses", true)

@@ -9,12 +9,16 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
 
 use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
 pub use service::service_frontends;
 
-pub use self::addr::{Cidr, parse_ipv4};
+pub use self::addr::{Cidr, IpFamily, is_ipv4_mapped, parse_ip, parse_ipv4};
 use crate::maglev::LbAlgorithm;
 
 /// The label that names a slice's service.
@@ -33,10 +37,11 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 pub struct NodeInfo {
     /// The node's name (`--hostname-override`), compared with endpoints' `nodeName`.
     pub name: String,
-    /// Node addresses that serve nodePorts, already filtered by `--nodeport-addresses`.
-    pub nodeport_addresses: Vec<Ipv4Addr>,
-    /// The node's pod ranges (`spec.podCIDRs`): the TC program also attaches to interfaces
-    /// routing into them, where local backends' replies arrive.
+    /// Node addresses of both families that serve nodePorts, already filtered by
+    /// `--nodeport-addresses`, sorted (IPv4 first).
+    pub nodeport_addresses: Vec<IpAddr>,
+    /// The node's pod ranges of both families (`spec.podCIDRs`): the TC program also attaches
+    /// to interfaces routing into them, where local backends' replies arrive.
     pub pod_cidrs: Vec<Cidr>,
     /// Serve nodePorts on 127.0.0.1 too (to the node's own processes), as kube-proxy's
     /// iptables mode does unless `--nodeport-addresses` leaves out 127.0.0.0/8.
@@ -50,8 +55,11 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
-    /// Takes the node's IPv4 InternalIP/ExternalIP addresses, keeping those inside `filter` (all
-    /// of them when `filter` is empty, as kube-proxy does), and its zone label.
+    /// Takes the node's InternalIP/ExternalIP addresses of both families, keeping those inside
+    /// `filter`, its pod ranges and its zone label. As kube-proxy's per-family proxiers read
+    /// `--nodeport-addresses`, each family is filtered by that family's ranges, and a family
+    /// without any keeps all its addresses. IPv4-mapped IPv6 addresses are left out: they would
+    /// alias IPv4 entries.
     pub fn from_node(name: &str, node: Option<&Node>, filter: &[Cidr]) -> Self {
         let addresses = node
             .and_then(|n| n.status.as_ref())
@@ -59,16 +67,17 @@ impl NodeInfo {
             .into_iter()
             .flatten()
             .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-            .filter_map(|a| parse_ipv4(&a.address))
-            .filter(|a| filter.is_empty() || filter.iter().any(|c| c.contains(*a)));
-        let mut nodeport_addresses: Vec<Ipv4Addr> = addresses.collect();
+            .filter_map(|a| parse_ip(&a.address))
+            .filter(|a| !is_ipv4_mapped(*a))
+            .filter(|a| nodeport_filter_admits(filter, *a));
+        let mut nodeport_addresses: Vec<IpAddr> = addresses.collect();
         nodeport_addresses.sort();
         nodeport_addresses.dedup();
         let spec = node.and_then(|n| n.spec.as_ref());
         let cidrs =
             spec.and_then(|s| s.pod_cidrs.clone()).or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]));
-        let pod_cidrs = cidrs.into_iter().flatten().filter_map(|c| c.parse().ok()).collect();
-        let localhost_nodeports = filter.is_empty() || filter.iter().any(|c| c.contains(Ipv4Addr::LOCALHOST));
+        let pod_cidrs = cidrs.into_iter().flatten().filter_map(|c| c.trim().parse().ok()).collect();
+        let localhost_nodeports = nodeport_filter_admits(filter, Ipv4Addr::LOCALHOST.into());
         let zone =
             node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(ZONE_LABEL)).cloned().unwrap_or_default();
         Self {
@@ -87,11 +96,19 @@ impl NodeInfo {
     }
 }
 
+/// Whether `--nodeport-addresses` (`filter`) lets `address` serve nodePorts: when a range of
+/// its family holds it, or when no range is of its family (kube-proxy's `NodePortAddresses`:
+/// an IPv4-only list leaves the IPv6 proxier matching every address).
+fn nodeport_filter_admits(filter: &[Cidr], address: IpAddr) -> bool {
+    let mut same_family = filter.iter().filter(|c| c.family() == IpFamily::of(address)).peekable();
+    same_family.peek().is_none() || same_family.any(|c| c.contains(address))
+}
+
 /// One frontend: what a client connects to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     /// The address (ClusterIP, node address, external IP or LoadBalancer IP).
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// The port (service port, or nodePort).
     pub port: u16,
     /// IP protocol number (`proxy_common::proto`).
@@ -100,7 +117,7 @@ pub struct Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.address, self.port, proto_name(self.proto))
+        write!(f, "{}/{}", SocketAddr::new(self.address, self.port), proto_name(self.proto))
     }
 }
 
@@ -141,7 +158,7 @@ impl fmt::Display for ServicePortName {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
     /// Pod (or host) address.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// Resolved target port.
     pub port: u16,
     /// Runs on this node.
@@ -195,10 +212,14 @@ pub struct FrontendEntry {
 /// Why an object, or a part of one, was skipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SkipReason {
-    /// An address that is not an IPv4 address.
+    /// An address that is not an IP address (or not of its slice's `addressType`).
     BadAddress,
-    /// An IPv6 address or slice (this datapath is IPv4 only).
-    Ipv6,
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`): the maps hold IPv4 in that form, so it
+    /// would alias an IPv4 entry.
+    Ipv4Mapped,
+    /// An externalIP or LoadBalancer IP of a family the service has no ClusterIP of (kube-proxy's
+    /// proxier of that family does not see the service).
+    OtherFamily,
     /// A port outside 1..=65535, or missing.
     BadPort,
     /// A protocol other than TCP, UDP and SCTP.
@@ -222,7 +243,8 @@ impl SkipReason {
     pub fn as_str(self) -> &'static str {
         match self {
             SkipReason::BadAddress => "bad_address",
-            SkipReason::Ipv6 => "ipv6",
+            SkipReason::Ipv4Mapped => "ipv4_mapped",
+            SkipReason::OtherFamily => "other_family",
             SkipReason::BadPort => "bad_port",
             SkipReason::UnknownProtocol => "unknown_protocol",
             SkipReason::MissingServiceLabel => "missing_service_label",

@@ -1,6 +1,6 @@
-//! Hostile and malformed input, generated: Services and EndpointSlices that are valid, nearly
-//! valid (an octet of 256, port 70000, protocol `tcp`, a slice of the wrong address type, a
-//! missing label) or arbitrary text. Whatever comes in, the model must not panic, must still
+//! Hostile and malformed input, generated: Services and EndpointSlices of both families that are
+//! valid, nearly valid (an octet of 256, port 70000, protocol `tcp`, a slice of the wrong address
+//! type, an IPv4-mapped IPv6 address, a missing label) or arbitrary text. Whatever comes in, the model must not panic, must still
 //! program every valid part, and must name every invalid part in a skip with its field and
 //! reason.
 //!
@@ -12,7 +12,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -31,11 +31,12 @@ use super::*;
 const NAMESPACE: &str = "ns";
 const NODE: &str = "node-1";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x18, 0, 0, 0, 0, 2);
 
 fn node() -> NodeInfo {
     NodeInfo {
         name: NODE.into(),
-        nodeport_addresses: vec![NODE_IP],
+        nodeport_addresses: vec![NODE_IP.into(), NODE_IP6.into()],
         pod_cidrs: Vec::new(),
         localhost_nodeports: false,
         zone: String::new(),
@@ -48,8 +49,8 @@ fn node() -> NodeInfo {
 /// The text of an address field.
 #[derive(Clone, Debug)]
 enum Text {
-    /// A valid IPv4 address.
-    Valid(Ipv4Addr),
+    /// A valid address of either family.
+    Valid(IpAddr),
     /// Anything else (near misses, IPv6, arbitrary text); the oracle judges it.
     Other(String),
 }
@@ -166,7 +167,18 @@ struct EndpointPlan {
 
 // ---- strategies ----
 
-fn arb_text(valid: impl Strategy<Value = Ipv4Addr> + 'static) -> BoxedStrategy<Text> {
+/// An IPv4 address `a.b.<index>.h` or, a third of the time, the IPv6 `<v6>:<index>::h`.
+fn arb_ip(a: u8, b: u8, v6: [u16; 3], index: u8, hosts: std::ops::RangeInclusive<u8>) -> BoxedStrategy<IpAddr> {
+    prop_oneof![
+        2 => hosts.clone().prop_map(move |h| IpAddr::from(Ipv4Addr::new(a, b, index, h))),
+        1 => hosts.prop_map(move |h| {
+            IpAddr::from(Ipv6Addr::new(v6[0], v6[1], v6[2], u16::from(index), 0, 0, 0, u16::from(h)))
+        }),
+    ]
+    .boxed()
+}
+
+fn arb_text(valid: impl Strategy<Value = IpAddr> + 'static) -> BoxedStrategy<Text> {
     prop_oneof![
         6 => valid.prop_map(Text::Valid),
         2 => select(NEAR_MISSES).prop_map(|t| Text::Other(t.into())),
@@ -229,7 +241,7 @@ fn arb_port() -> impl Strategy<Value = PortPlan> {
 
 fn arb_endpoint(index: u8) -> impl Strategy<Value = EndpointPlan> {
     // Few distinct pod addresses, so duplicates (within and across slices) are common.
-    let address = arb_text((2u8..=7).prop_map(move |h| Ipv4Addr::new(10, 244, index, h)));
+    let address = arb_text(arb_ip(10, 244, [0xfd00, 0x10, 0x244], index, 2..=7));
     let condition = || option::of(any::<bool>());
     let node_name = prop_oneof![Just(None), Just(Some(NODE.to_owned())), Just(Some("node-2".to_owned()))];
     (collection::vec(address, 0..3), option::of((condition(), condition(), condition())), node_name)
@@ -243,8 +255,8 @@ fn arb_slice(service: String, index: u8, k: usize) -> impl Strategy<Value = Slic
         1 => prop_oneof![Just(String::new()), Just("absent".to_owned()), ".{0,12}"].prop_map(Label::Other),
     ];
     let address_type = prop_oneof![
-        8 => Just("IPv4".to_owned()),
-        1 => Just("IPv6".to_owned()),
+        6 => Just("IPv4".to_owned()),
+        3 => Just("IPv6".to_owned()),
         1 => Just("FQDN".to_owned()),
         1 => ".{0,6}",
     ];
@@ -280,9 +292,9 @@ fn arb_service(index: u8) -> impl Strategy<Value = ServicePlan> {
         2 => Just(Some("LoadBalancer".to_owned())),
         1 => ".{0,8}".prop_map(Some),
     ];
-    let cluster_ip = arb_text((1u8..=250).prop_map(move |h| Ipv4Addr::new(10, 96, index, h)));
-    let external_ip = arb_text((1u8..=250).prop_map(move |h| Ipv4Addr::new(192, 0, index, h)));
-    let lb_ip = option::weighted(0.8, arb_text((1u8..=250).prop_map(move |h| Ipv4Addr::new(198, 51, index, h))));
+    let cluster_ip = arb_text(arb_ip(10, 96, [0xfd00, 0x10, 0x96], index, 1..=250));
+    let external_ip = arb_text(arb_ip(192, 0, [0x2001, 0xdb8, 0x192], index, 1..=250));
+    let lb_ip = option::weighted(0.8, arb_text(arb_ip(198, 51, [0x2001, 0xdb8, 0x198], index, 1..=250)));
     let addresses = (
         collection::vec(cluster_ip, 0..3),
         any::<bool>(),
@@ -429,8 +441,21 @@ fn build_slice(service: &str, plan: &SlicePlan) -> EndpointSlice {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Judged {
     V4(Ipv4Addr),
-    V6,
+    V6(Ipv6Addr),
+    /// IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+    Mapped,
     Bad,
+}
+
+impl Judged {
+    /// The address, if it is one the model may serve.
+    fn ip(self) -> Option<IpAddr> {
+        match self {
+            Judged::V4(ip) => Some(ip.into()),
+            Judged::V6(ip) => Some(ip.into()),
+            Judged::Mapped | Judged::Bad => None,
+        }
+    }
 }
 
 fn judge(text: &str) -> Judged {
@@ -443,7 +468,11 @@ fn judge(text: &str) -> Judged {
     if parts.len() == 4 && octets.len() == 4 {
         return Judged::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]));
     }
-    if text.parse::<std::net::Ipv6Addr>().is_ok() { Judged::V6 } else { Judged::Bad }
+    match text.parse::<Ipv6Addr>() {
+        Ok(ip) if ip.to_ipv4_mapped().is_some() => Judged::Mapped,
+        Ok(ip) => Judged::V6(ip),
+        Err(_) => Judged::Bad,
+    }
 }
 
 fn protocol_of(text: Option<&str>) -> Option<u8> {
@@ -497,13 +526,13 @@ impl ServicePlan {
             let mut valid = Vec::new();
             for (field, text) in fields {
                 match judge(&text) {
-                    Judged::V4(ip) => valid.push(ip),
-                    Judged::V6 => {
-                        out.skips.insert((object.clone(), field, SkipReason::Ipv6));
+                    Judged::Mapped => {
+                        out.skips.insert((object.clone(), field, SkipReason::Ipv4Mapped));
                     }
                     Judged::Bad => {
                         out.skips.insert((object.clone(), field, SkipReason::BadAddress));
                     }
+                    judged => valid.extend(judged.ip().map(|ip| (field, ip))),
                 }
             }
             valid
@@ -525,6 +554,30 @@ impl ServicePlan {
             .filter_map(|(i, t)| Some((format!("status.loadBalancer.ingress[{i}].ip"), t.as_ref()?.text())))
             .collect();
         let lb = addresses(lb_fields, &mut out);
+        // The families of the ClusterIPs, else IPv4; other families' addresses are skipped.
+        let mut families: Vec<IpFamily> = Vec::new();
+        for (_, ip) in &cluster {
+            if !families.contains(&IpFamily::of(*ip)) {
+                families.push(IpFamily::of(*ip));
+            }
+        }
+        if families.is_empty() {
+            families.push(IpFamily::V4);
+        }
+        let served = |list: Vec<(String, IpAddr)>, out: &mut Oracle| {
+            let mut kept = Vec::new();
+            for (field, ip) in list {
+                if families.contains(&IpFamily::of(ip)) {
+                    kept.push(ip);
+                } else {
+                    out.skips.insert((object.clone(), field, SkipReason::OtherFamily));
+                }
+            }
+            kept
+        };
+        let cluster = served(cluster, &mut out);
+        let external = served(external, &mut out);
+        let lb = served(lb, &mut out);
         let node_ports = matches!(self.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         for (i, port) in self.ports.iter().enumerate() {
             let Some(protocol) = protocol_of(port.protocol.as_deref()) else {
@@ -536,7 +589,7 @@ impl ServicePlan {
                 continue;
             };
             let name = port.name.clone().unwrap_or_default();
-            let mut add = |address: Ipv4Addr, port: u16| {
+            let mut add = |address: IpAddr, port: u16| {
                 out.frontends.entry(Frontend { address, port, proto: protocol }).or_default().insert(name.clone());
             };
             for &ip in cluster.iter().chain(&external).chain(&lb) {
@@ -544,27 +597,31 @@ impl ServicePlan {
             }
             if node_ports && let Some(node_port) = port.node_port.filter(|p| *p != 0) {
                 match port_of(node_port) {
-                    Some(node_port) => node.nodeport_addresses.iter().for_each(|ip| add(*ip, node_port)),
+                    Some(node_port) => node
+                        .nodeport_addresses
+                        .iter()
+                        .filter(|ip| families.contains(&IpFamily::of(**ip)))
+                        .for_each(|ip| add(*ip, node_port)),
                     None => {
                         out.skips.insert((object.clone(), format!("spec.ports[{i}].nodePort"), SkipReason::BadPort));
                     }
                 }
             }
-            self.slice_skips(&name, protocol, &mut out.skips);
+            for &family in &families {
+                self.slice_skips(&name, protocol, family, &mut out.skips);
+            }
         }
         out
     }
 
-    /// The skips resolving the service port (`name`, `protocol`) meets in this service's slices.
-    fn slice_skips(&self, name: &str, protocol: u8, skips: &mut BTreeSet<Expected>) {
+    /// The skips resolving the service port (`name`, `protocol`) for `family` meets in this
+    /// service's slices: those of the family, and those of no family.
+    fn slice_skips(&self, name: &str, protocol: u8, family: IpFamily, skips: &mut BTreeSet<Expected>) {
         for slice in self.own_slices() {
             let object = format!("EndpointSlice {NAMESPACE}/{}", slice.name);
             match slice.address_type.as_str() {
-                "IPv4" => {}
-                "IPv6" => {
-                    skips.insert((object, "addressType".into(), SkipReason::Ipv6));
-                    continue;
-                }
+                t if t == family.api_name() => {}
+                "IPv4" | "IPv6" => continue,
                 _ => {
                     skips.insert((object, "addressType".into(), SkipReason::UnsupportedAddressType));
                     continue;
@@ -580,18 +637,25 @@ impl ServicePlan {
                     skips.insert((object.clone(), format!("endpoints[{i}].addresses"), SkipReason::BadAddress));
                     continue;
                 };
-                if !matches!(judge(&first.text()), Judged::V4(_)) {
-                    skips.insert((object.clone(), format!("endpoints[{i}].addresses[0]"), SkipReason::BadAddress));
+                let field = format!("endpoints[{i}].addresses[0]");
+                match judge(&first.text()) {
+                    Judged::Mapped => {
+                        skips.insert((object.clone(), field, SkipReason::Ipv4Mapped));
+                    }
+                    judged if judged.ip().is_some_and(|ip| IpFamily::of(ip) == family) => {}
+                    _ => {
+                        skips.insert((object.clone(), field, SkipReason::BadAddress));
+                    }
                 }
             }
         }
     }
 
-    /// The endpoints the service port (`name`, `protocol`) may use among those `keep` admits:
+    /// The endpoints of `family` the service port (`name`, `protocol`) may use among those `keep` admits:
     /// the ready ones, else the serving and terminating ones. The first occurrence of an
     /// address and port (slices in name order) is the one that counts.
-    fn usable(&self, name: &str, protocol: u8, keep: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
-        let mut slices: Vec<&SlicePlan> = self.own_slices().filter(|s| s.address_type == "IPv4").collect();
+    fn usable(&self, name: &str, protocol: u8, family: IpFamily, keep: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
+        let mut slices: Vec<&SlicePlan> = self.own_slices().filter(|s| s.address_type == family.api_name()).collect();
         slices.sort_by(|a, b| a.name.cmp(&b.name));
         let mut seen = HashSet::new();
         let mut candidates = Vec::new();
@@ -600,7 +664,8 @@ impl ServicePlan {
                 continue;
             };
             for endpoint in &slice.endpoints {
-                let Some(Judged::V4(address)) = endpoint.addresses.first().map(|t| judge(&t.text())) else { continue };
+                let address = endpoint.addresses.first().and_then(|t| judge(&t.text()).ip());
+                let Some(address) = address.filter(|ip| IpFamily::of(*ip) == family) else { continue };
                 if !seen.insert((address, port)) {
                     continue;
                 }
@@ -655,10 +720,11 @@ fn check_service(plan: &ServicePlan) -> Result<Desired, TestCaseError> {
         prop_assert_eq!(&entry.service.name, &plan.name);
         let (name, protocol) = (entry.service.port.as_str(), frontend.proto);
         let local_only = if entry.kind.is_external() { ext_local } else { int_local };
-        let want = plan.usable(name, protocol, |e| !local_only || e.local);
+        let family = IpFamily::of(frontend.address);
+        let want = plan.usable(name, protocol, family, |e| !local_only || e.local);
         prop_assert_eq!(&entry.backends, &want, "backends of {} ({:?})", frontend, entry.kind);
         if entry.kind.is_external() && ext_local {
-            prop_assert_eq!(entry.internal.as_ref(), Some(&plan.usable(name, protocol, |_| true)));
+            prop_assert_eq!(entry.internal.as_ref(), Some(&plan.usable(name, protocol, family, |_| true)));
         } else {
             prop_assert_eq!(entry.internal.as_ref(), None);
         }
@@ -819,7 +885,7 @@ fn big_service(ports: usize) -> ServicePlan {
         kind: Kind::Proxied,
         other_proxy_label: String::new(),
         type_: Some("NodePort".into()),
-        cluster_ips: vec![Text::Valid(Ipv4Addr::new(10, 96, 0, 10))],
+        cluster_ips: vec![Text::Valid(Ipv4Addr::new(10, 96, 0, 10).into())],
         only_cluster_ip: false,
         external_ips: Vec::new(),
         lb_ips: Vec::new(),
@@ -838,7 +904,7 @@ fn big_service(ports: usize) -> ServicePlan {
 }
 
 fn ready(address: Ipv4Addr) -> EndpointPlan {
-    EndpointPlan { addresses: vec![Text::Valid(address)], conditions: None, node_name: Some(NODE.into()) }
+    EndpointPlan { addresses: vec![Text::Valid(address.into())], conditions: None, node_name: Some(NODE.into()) }
 }
 
 /// 2 000 ports, some of them broken, each with its own endpoints in one slice.
@@ -895,7 +961,8 @@ fn one_hundred_thousand_endpoints_in_one_service() {
     let started = Instant::now();
     let desired = check_service(&plan).unwrap();
     let elapsed = started.elapsed();
-    let cluster = &desired.frontends[&Frontend { address: Ipv4Addr::new(10, 96, 0, 10), port: 80, proto: proto::TCP }];
+    let cluster =
+        &desired.frontends[&Frontend { address: Ipv4Addr::new(10, 96, 0, 10).into(), port: 80, proto: proto::TCP }];
     // Each slice loses its first endpoint (broken) and its second (a duplicate of another's).
     assert_eq!(cluster.backends.len(), HUGE - 2 * 10);
     assert_eq!(desired.skipped.iter().filter(|s| s.reason == SkipReason::BadAddress).count(), 10);

@@ -1,9 +1,12 @@
 //! One service → its frontends. Each rule of docs/behaviours.md "Service semantics" is one small step here.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
 
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 use proxy_common::{proto, service::*};
@@ -12,8 +15,8 @@ use crate::maglev::{LB_ALGORITHM_ANNOTATION, LbAlgorithm};
 
 use super::{
     Cidr, DEFAULT_AFFINITY_TIMEOUT, Desired, Endpoint, Frontend, FrontendEntry, FrontendKind, HEADLESS_LABEL,
-    HealthCheck, NodeInfo, SERVICE_PROXY_NAME_LABEL, ServicePortName, Skip, SkipReason, addr::is_ipv6, object_key,
-    parse_ipv4,
+    HealthCheck, IpFamily, NodeInfo, SERVICE_PROXY_NAME_LABEL, ServicePortName, Skip, SkipReason, is_ipv4_mapped,
+    object_key, parse_ip,
 };
 
 /// The frontends of one service and the skips found on the way. `slices` are the slices
@@ -30,11 +33,15 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
         return out;
     }
     let cluster_ips = addresses(&mut skips, cluster_ip_texts(service));
+    let families = served_families(spec, &cluster_ips);
+    let cluster_ips = of_families(&mut skips, cluster_ips, &families);
     let external_ips = addresses(
         &mut skips,
         spec.external_ips.iter().flatten().enumerate().map(|(i, ip)| (format!("spec.externalIPs[{i}]"), ip.as_str())),
     );
+    let external_ips = of_families(&mut skips, external_ips, &families);
     let lb_ips = addresses(&mut skips, lb_ip_texts(service));
+    let lb_ips = of_families(&mut skips, lb_ips, &families);
     let source_ranges = source_ranges(&mut skips, spec.load_balancer_source_ranges.iter().flatten());
     let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     let ext_local = spec.external_traffic_policy.as_deref() == Some("Local");
@@ -44,13 +51,7 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
 
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         let Some((name, number, protocol)) = port_identity(&mut skips, index, port) else { continue };
-        let endpoints = resolve_endpoints(&mut skips, slices, &name, protocol, node);
-        // Topology hints narrow the cluster-wide set only: a Local policy already keeps to this node.
-        let topology = Topology::from_hints(&endpoints, node);
-        let cluster = usable(&endpoints, |c| topology.admits(c, node));
-        let local = usable(&endpoints, |c| c.endpoint.local);
-        let internal_set = if int_local { &local } else { &cluster };
-        let external_set = if ext_local { &local } else { &cluster };
+        let node_port = if node_ports { node_port(&mut skips, index, port) } else { None };
         let service_port = ServicePortName {
             namespace: service.metadata.namespace.clone().unwrap_or_default(),
             name: service.metadata.name.clone().unwrap_or_default(),
@@ -67,59 +68,75 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
         if affinity_timeout != 0 {
             base_flags |= SVC_F_AFFINITY;
         }
-        let entry = |kind: FrontendKind| {
-            // internalTrafficPolicy applies to ClusterIPs only. Traffic from this node to an
-            // external frontend of an eTP=Local service goes to every endpoint, as kube-proxy's
-            // short-circuit to the cluster chain does.
-            let (set, internal) = if kind.is_external() {
-                (external_set, ext_local.then(|| cluster.endpoints.clone()))
-            } else {
-                (internal_set, None)
+        // kube-proxy runs one proxier per family: a family's frontends get that family's
+        // endpoints and source ranges only, and every policy is decided per family.
+        for &family in &families {
+            let endpoints = resolve_endpoints(&mut skips, slices, family, &service_port.port, protocol, node);
+            // Topology hints narrow the cluster-wide set only: a Local policy already keeps to this node.
+            let topology = Topology::from_hints(&endpoints, node);
+            let cluster = usable(&endpoints, |c| topology.admits(c, node));
+            let local = usable(&endpoints, |c| c.endpoint.local);
+            let internal_set = if int_local { &local } else { &cluster };
+            let external_set = if ext_local { &local } else { &cluster };
+            let ranges: Vec<Cidr> = source_ranges.iter().filter(|c| c.family() == family).copied().collect();
+            let entry = |kind: FrontendKind| {
+                // internalTrafficPolicy applies to ClusterIPs only. Traffic from this node to an
+                // external frontend of an eTP=Local service goes to every endpoint, as kube-proxy's
+                // short-circuit to the cluster chain does.
+                let (set, internal) = if kind.is_external() {
+                    (external_set, ext_local.then(|| cluster.endpoints.clone()))
+                } else {
+                    (internal_set, None)
+                };
+                let mut flags = base_flags | kind_flag(kind);
+                if kind == FrontendKind::LoadBalancer && !ranges.is_empty() {
+                    flags |= SVC_F_SOURCE_RANGES;
+                }
+                if internal.is_some() {
+                    flags |= SVC_F_TWO_SCOPES;
+                }
+                if set.fallback {
+                    flags |= SVC_F_TERMINATING_FALLBACK;
+                }
+                // Only traffic from outside can reach another node when the network moves it;
+                // ClusterIPs (the socket path) stay random, as every kube-proxy mode.
+                if maglev && kind.is_external() {
+                    flags |= SVC_F_MAGLEV;
+                }
+                FrontendEntry {
+                    service: service_port.clone(),
+                    kind,
+                    flags,
+                    affinity_timeout,
+                    backends: set.endpoints.clone(),
+                    internal,
+                    source_ranges: if kind == FrontendKind::LoadBalancer { ranges.clone() } else { Vec::new() },
+                }
             };
-            let mut flags = base_flags | kind_flag(kind);
-            if kind == FrontendKind::LoadBalancer && !source_ranges.is_empty() {
-                flags |= SVC_F_SOURCE_RANGES;
+            let mut add = |address: IpAddr, port: u16, kind: FrontendKind| {
+                if IpFamily::of(address) == family {
+                    out.frontends.insert(Frontend { address, port, proto: protocol }, entry(kind));
+                }
+            };
+            for &ip in &cluster_ips {
+                add(ip, number, FrontendKind::ClusterIp);
             }
-            if internal.is_some() {
-                flags |= SVC_F_TWO_SCOPES;
+            if let Some(node_port) = node_port {
+                for &ip in &node.nodeport_addresses {
+                    add(ip, node_port, FrontendKind::NodePort);
+                }
+                // kube-proxy serves localhost nodePorts for IPv4 only (route_localnet has no
+                // IPv6 twin).
+                if node.localhost_nodeports {
+                    add(Ipv4Addr::LOCALHOST.into(), node_port, FrontendKind::NodePort);
+                }
             }
-            if set.fallback {
-                flags |= SVC_F_TERMINATING_FALLBACK;
+            for &ip in &external_ips {
+                add(ip, number, FrontendKind::ExternalIp);
             }
-            // Only traffic from outside can reach another node when the network moves it;
-            // ClusterIPs (the socket path) stay random, as every kube-proxy mode.
-            if maglev && kind.is_external() {
-                flags |= SVC_F_MAGLEV;
+            for &ip in &lb_ips {
+                add(ip, number, FrontendKind::LoadBalancer);
             }
-            FrontendEntry {
-                service: service_port.clone(),
-                kind,
-                flags,
-                affinity_timeout,
-                backends: set.endpoints.clone(),
-                internal,
-                source_ranges: if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() },
-            }
-        };
-        let mut add = |address: Ipv4Addr, port: u16, kind: FrontendKind| {
-            out.frontends.insert(Frontend { address, port, proto: protocol }, entry(kind));
-        };
-        for &ip in &cluster_ips {
-            add(ip, number, FrontendKind::ClusterIp);
-        }
-        if node_ports && let Some(node_port) = node_port(&mut skips, index, port) {
-            for &ip in &node.nodeport_addresses {
-                add(ip, node_port, FrontendKind::NodePort);
-            }
-            if node.localhost_nodeports {
-                add(Ipv4Addr::LOCALHOST, node_port, FrontendKind::NodePort);
-            }
-        }
-        for &ip in &external_ips {
-            add(ip, number, FrontendKind::ExternalIp);
-        }
-        for &ip in &lb_ips {
-            add(ip, number, FrontendKind::LoadBalancer);
         }
     }
     out.health_check = health_check(service, slices, node);
@@ -137,18 +154,22 @@ fn health_check(service: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -
         return None;
     }
     let port = valid_port(spec.health_check_node_port?)?;
-    let local_ready: std::collections::BTreeSet<&str> = slices
-        .iter()
-        .filter(|s| s.address_type == "IPv4")
-        .flat_map(|s| s.endpoints.iter())
-        .filter(|e| !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str()))
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .filter_map(|e| e.addresses.first().map(String::as_str))
-        .collect();
+    // A dual-stack pod is in one slice of each family: count per family, report the larger.
+    let mut local_ready: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for slice in slices.iter().filter(|s| IpFamily::from_api_name(&s.address_type).is_some()) {
+        let ready = slice
+            .endpoints
+            .iter()
+            .filter(|e| !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str()))
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .filter_map(|e| e.addresses.first().map(String::as_str));
+        local_ready.entry(slice.address_type.as_str()).or_default().extend(ready);
+    }
+    let local_endpoints = local_ready.values().map(BTreeSet::len).max().unwrap_or(0);
     let check = HealthCheck {
         namespace: service.metadata.namespace.clone().unwrap_or_default(),
         name: service.metadata.name.clone().unwrap_or_default(),
-        local_endpoints: local_ready.len(),
+        local_endpoints,
     };
     Some((port, check))
 }
@@ -206,14 +227,50 @@ fn lb_ip_texts(service: &Service) -> Vec<(String, &str)> {
         .collect()
 }
 
-/// Parses addresses, skipping IPv6 ones and bad ones with a reason naming the field.
-fn addresses<'a>(skips: &mut Skips, texts: impl IntoIterator<Item = (String, &'a str)>) -> Vec<Ipv4Addr> {
+/// Parses addresses of both families with their field names, skipping bad and IPv4-mapped
+/// ones with a reason naming the field.
+fn addresses<'a>(skips: &mut Skips, texts: impl IntoIterator<Item = (String, &'a str)>) -> Vec<(String, IpAddr)> {
     let mut out = Vec::new();
     for (field, text) in texts {
-        match parse_ipv4(text) {
-            Some(ip) => out.push(ip),
-            None if is_ipv6(text) => skips.push(field, SkipReason::Ipv6, text),
-            None => skips.push(field, SkipReason::BadAddress, format!("{text:?} is not an IPv4 address")),
+        match parse_ip(text) {
+            Some(ip) if is_ipv4_mapped(ip) => {
+                skips.push(field, SkipReason::Ipv4Mapped, format!("{text} is IPv4-mapped IPv6: write it as IPv4"))
+            }
+            Some(ip) => out.push((field, ip)),
+            None => skips.push(field, SkipReason::BadAddress, format!("{text:?} is not an IP address")),
+        }
+    }
+    out
+}
+
+/// The families the service is served in: those of its ClusterIPs (what the API server
+/// allocated for its `ipFamilyPolicy`, `clusterIPs[0]` first), else those of `spec.ipFamilies`,
+/// else IPv4 (objects written before dual stack).
+fn served_families(spec: &ServiceSpec, cluster_ips: &[(String, IpAddr)]) -> Vec<IpFamily> {
+    let mut families: Vec<IpFamily> = cluster_ips.iter().map(|(_, ip)| IpFamily::of(*ip)).collect();
+    if families.is_empty() {
+        families = spec.ip_families.iter().flatten().filter_map(|f| IpFamily::from_api_name(f)).collect();
+    }
+    if families.is_empty() {
+        families.push(IpFamily::V4);
+    }
+    let mut seen = BTreeSet::new();
+    families.retain(|f| seen.insert(*f));
+    families
+}
+
+/// The addresses of the served families, sorted; the others are skipped with their field, as
+/// kube-proxy's proxier of a family ignores the other family's externalIPs and LoadBalancer IPs.
+fn of_families(skips: &mut Skips, addresses: Vec<(String, IpAddr)>, families: &[IpFamily]) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (field, ip) in addresses {
+        let family = IpFamily::of(ip);
+        if families.contains(&family) {
+            out.push(ip);
+        } else {
+            let detail =
+                format!("{ip} is {}, and the service has no {} ClusterIP", family.api_name(), family.api_name());
+            skips.push(field, SkipReason::OtherFamily, detail);
         }
     }
     out.sort();
@@ -348,11 +405,13 @@ impl Topology {
     }
 }
 
-/// The endpoints of the slices' port named `port_name` with `protocol`, deduplicated across
-/// slices (the first slice in name order wins).
+/// The endpoints of the `family` slices' port named `port_name` with `protocol`, deduplicated
+/// across slices (the first slice in name order wins). The other family's slices are its own
+/// frontends' business; slices of another address type (FQDN) are skipped.
 fn resolve_endpoints(
     skips: &mut Skips,
     slices: &[&EndpointSlice],
+    family: IpFamily,
     port_name: &str,
     protocol: u8,
     node: &NodeInfo,
@@ -364,14 +423,11 @@ fn resolve_endpoints(
     for slice in slices {
         let mut slice_skips =
             Skips { object: format!("EndpointSlice {}", object_key(&slice.metadata)), out: Vec::new() };
-        match slice.address_type.as_str() {
-            "IPv4" => {}
-            "IPv6" => {
-                slice_skips.push("addressType".into(), SkipReason::Ipv6, "IPv6");
-                skips.out.append(&mut slice_skips.out);
-                continue;
-            }
-            other => {
+        match IpFamily::from_api_name(&slice.address_type) {
+            Some(f) if f == family => {}
+            Some(_) => continue,
+            None => {
+                let other = slice.address_type.as_str();
                 let detail = if other.is_empty() { "missing" } else { other };
                 slice_skips.push("addressType".into(), SkipReason::UnsupportedAddressType, detail);
                 skips.out.append(&mut slice_skips.out);
@@ -388,10 +444,19 @@ fn resolve_endpoints(
                 slice_skips.push(format!("endpoints[{i}].addresses"), SkipReason::BadAddress, "empty");
                 continue;
             };
-            let Some(address) = parse_ipv4(text) else {
-                let detail = format!("{text:?} is not an IPv4 address");
-                slice_skips.push(format!("endpoints[{i}].addresses[0]"), SkipReason::BadAddress, detail);
-                continue;
+            let field = || format!("endpoints[{i}].addresses[0]");
+            let address = match parse_ip(text) {
+                Some(ip) if is_ipv4_mapped(ip) => {
+                    let detail = format!("{text} is IPv4-mapped IPv6: list it in an IPv4 slice");
+                    slice_skips.push(field(), SkipReason::Ipv4Mapped, detail);
+                    continue;
+                }
+                Some(ip) if IpFamily::of(ip) == family => ip,
+                _ => {
+                    let detail = format!("{text:?} is not an {} address", family.api_name());
+                    slice_skips.push(field(), SkipReason::BadAddress, detail);
+                    continue;
+                }
             };
             if !seen.insert((address, port)) {
                 continue;

@@ -1,7 +1,7 @@
 //! The rules of docs/behaviours.md "Service semantics", one case each, on objects built with small builders.
 //! Every expected value is written from the case's own inputs.
 
-use std::{collections::BTreeSet, fmt::Debug, net::Ipv4Addr};
+use std::{collections::BTreeSet, fmt::Debug, net::IpAddr};
 
 use k8s_openapi::{
     api::{
@@ -158,6 +158,12 @@ impl ServiceBuilder {
         self
     }
 
+    /// `spec.ipFamilies` (what `ipFamilyPolicy` asked for and the API server granted).
+    fn ip_families(mut self, families: &[&str]) -> Self {
+        self.spec().ip_families = Some(families.iter().map(|f| (*f).into()).collect());
+        self
+    }
+
     fn external_name(mut self, name: &str) -> Self {
         let spec = self.spec();
         spec.type_ = Some("ExternalName".into());
@@ -304,8 +310,8 @@ fn node(addresses: &[&str]) -> NodeInfo {
     }
 }
 
-fn ip(text: &str) -> Ipv4Addr {
-    text.parse().expect("test addresses are plain dotted quads")
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("test addresses parse")
 }
 
 fn tcp(address: &str, port: u16) -> Frontend {
@@ -405,9 +411,9 @@ fn frontends_per_service_port() {
             want: vec![(tcp("10.96.0.10", 6666), ClusterIp)],
         },
         Case {
-            rule: "an IPv6 clusterIP of a dual-stack service is left out",
+            rule: "each family's ClusterIP of a dual-stack service is a frontend",
             service: service("s").cluster_ips(&["10.96.0.10", "fd00:10:96::a"]).port(6666).build(),
-            want: vec![(tcp("10.96.0.10", 6666), ClusterIp)],
+            want: vec![(tcp("10.96.0.10", 6666), ClusterIp), (tcp("fd00:10:96::a", 6666), ClusterIp)],
         },
         Case {
             rule: "a leading-zero address is decimal: 010.096.000.011 is 10.96.0.11",
@@ -571,8 +577,45 @@ fn nodeport_addresses_come_from_the_node() {
             want: &["172.18.0.2", "203.0.113.5"],
         },
         Case {
-            rule: "IPv6 node addresses are left out",
+            rule: "IPv6 node addresses serve nodePorts too",
             addresses: &[("InternalIP", "fc00:f853:ccd:e793::2"), ("InternalIP", "172.18.0.2")],
+            filter: &[],
+            want: &["172.18.0.2", "fc00:f853:ccd:e793::2"],
+        },
+        Case {
+            rule: "--nodeport-addresses filters each family by its own CIDRs",
+            addresses: &[
+                ("InternalIP", "fc00:f853:ccd:e793::2"),
+                ("InternalIP", "fd00:1::2"),
+                ("InternalIP", "172.18.0.2"),
+                ("InternalIP", "10.0.0.2"),
+            ],
+            filter: &["172.18.0.0/16", "fc00:f853:ccd:e793::/64"],
+            want: &["172.18.0.2", "fc00:f853:ccd:e793::2"],
+        },
+        Case {
+            rule: "a family without a range in --nodeport-addresses keeps all its addresses (kube-proxy's per-family rule)",
+            addresses: &[
+                ("InternalIP", "fc00:f853:ccd:e793::2"),
+                ("InternalIP", "172.18.0.2"),
+                ("InternalIP", "10.0.0.2"),
+            ],
+            filter: &["172.18.0.0/16"],
+            want: &["172.18.0.2", "fc00:f853:ccd:e793::2"],
+        },
+        Case {
+            rule: "an IPv6-only --nodeport-addresses keeps every IPv4 address",
+            addresses: &[
+                ("InternalIP", "fc00:f853:ccd:e793::2"),
+                ("InternalIP", "fd00:1::2"),
+                ("InternalIP", "172.18.0.2"),
+            ],
+            filter: &["fc00:f853:ccd:e793::/64"],
+            want: &["172.18.0.2", "fc00:f853:ccd:e793::2"],
+        },
+        Case {
+            rule: "an IPv4-mapped node address is left out (it would alias the IPv4 one)",
+            addresses: &[("InternalIP", "::ffff:172.18.0.9"), ("InternalIP", "172.18.0.2")],
             filter: &[],
             want: &["172.18.0.2"],
         },
@@ -600,7 +643,7 @@ fn nodeport_addresses_come_from_the_node() {
         };
         let filter: Vec<Cidr> = case.filter.iter().map(|c| c.parse().unwrap()).collect();
         let info = NodeInfo::from_node(NODE, Some(&node), &filter);
-        let mut want: Vec<Ipv4Addr> = case.want.iter().map(|a| ip(a)).collect();
+        let mut want: Vec<IpAddr> = case.want.iter().map(|a| ip(a)).collect();
         want.sort();
         broken.check_eq(case.rule, "nodePort addresses", info.nodeport_addresses, want);
         broken.check_eq(case.rule, "name", info.name.as_str(), NODE);
@@ -1182,18 +1225,53 @@ fn malformed_parts_are_skipped_with_a_reason_naming_the_field() {
     let web = || service("web").cluster_ip("10.96.0.10").port(80);
     let cases = [
         Case {
-            rule: "an IPv6 clusterIP is skipped as IPv6",
-            service: service("web").cluster_ips(&["10.96.0.10", "fd00:10:96::a"]).port(80).build(),
+            rule: "an IPv4-mapped clusterIP is refused (it would alias the IPv4 entry)",
+            service: service("web").cluster_ips(&["fd00:10:96::a", "::ffff:10.96.0.10"]).port(80).build(),
             slices: vec![],
-            want: ("Service default/web", "spec.clusterIPs[1]", Ipv6, "fd00:10:96::a"),
+            want: ("Service default/web", "spec.clusterIPs[1]", Ipv4Mapped, "::ffff:10.96.0.10"),
+            still_served: Some(tcp("fd00:10:96::a", 80)),
+        },
+        Case {
+            rule: "an IPv4-mapped externalIP is refused",
+            service: web().external_ip("::ffff:192.0.2.10").external_ip("192.0.2.11").build(),
+            slices: vec![],
+            want: ("Service default/web", "spec.externalIPs[0]", Ipv4Mapped, "::ffff:192.0.2.10"),
+            still_served: Some(tcp("192.0.2.11", 80)),
+        },
+        Case {
+            rule: "an IPv4-mapped endpoint in an IPv6 slice is refused",
+            service: service("web").cluster_ips(&["fd00:10:96::a"]).port(80).build(),
+            slices: vec![
+                slice("web", "web-v6")
+                    .address_type("IPv6")
+                    .port(8080)
+                    .endpoint("::ffff:10.244.1.2")
+                    .endpoint("fd00:10:244:1::2")
+                    .build(),
+            ],
+            want: ("EndpointSlice default/web-v6", "endpoints[0].addresses[0]", Ipv4Mapped, "::ffff:10.244.1.2"),
+            still_served: Some(tcp("fd00:10:96::a", 80)),
+        },
+        Case {
+            rule: "an IPv4 address in an IPv6 slice is a bad address",
+            service: service("web").cluster_ips(&["fd00:10:96::a"]).port(80).build(),
+            slices: vec![slice("web", "web-v6").address_type("IPv6").port(8080).endpoint("10.244.1.2").build()],
+            want: ("EndpointSlice default/web-v6", "endpoints[0].addresses[0]", BadAddress, "10.244.1.2"),
+            still_served: Some(tcp("fd00:10:96::a", 80)),
+        },
+        Case {
+            rule: "an IPv6 externalIP of an IPv4-only service is ignored, as kube-proxy's IPv6 proxier never sees it",
+            service: web().external_ip("2001:db8::10").build(),
+            slices: vec![],
+            want: ("Service default/web", "spec.externalIPs[0]", OtherFamily, "2001:db8::10"),
             still_served: Some(tcp("10.96.0.10", 80)),
         },
         Case {
-            rule: "an IPv6 slice is skipped as IPv6",
-            service: web().build(),
-            slices: vec![slice("web", "web-v6").address_type("IPv6").port(8080).endpoint("fd00:10:244:1::2").build()],
-            want: ("EndpointSlice default/web-v6", "addressType", Ipv6, "IPv6"),
-            still_served: Some(tcp("10.96.0.10", 80)),
+            rule: "an IPv4 LoadBalancer IP of an IPv6-only service is ignored",
+            service: service("web").cluster_ips(&["fd00:10:96::a"]).port(80).load_balancer_ip("198.51.100.7").build(),
+            slices: vec![],
+            want: ("Service default/web", "status.loadBalancer.ingress[0].ip", OtherFamily, "198.51.100.7"),
+            still_served: Some(tcp("fd00:10:96::a", 80)),
         },
         Case {
             rule: "a bad address in spec.clusterIPs",
@@ -1483,4 +1561,281 @@ fn localhost_node_ports_when_the_filter_allows_them() {
     assert!(NodeInfo::from_node(NODE, None, &[]).localhost_nodeports, "no --nodeport-addresses: served");
     assert!(NodeInfo::from_node(NODE, None, &cidrs(&["127.0.0.0/8"])).localhost_nodeports);
     assert!(!NodeInfo::from_node(NODE, None, &cidrs(&["172.18.0.0/16"])).localhost_nodeports);
+    assert!(
+        NodeInfo::from_node(NODE, None, &cidrs(&["fd00::/8"])).localhost_nodeports,
+        "IPv6 ranges only: the IPv4 family is unfiltered, localhost included (kube-proxy)"
+    );
+}
+
+// ---- dual stack: one proxier per family ----
+
+/// A dual-stack node: one address of each family.
+fn dual_node() -> NodeInfo {
+    node(&["172.18.0.2", "fd00:172:18::2"])
+}
+
+#[test]
+fn dual_stack_frontends_follow_the_clusterips_families() {
+    use FrontendKind::*;
+
+    struct Case {
+        rule: &'static str,
+        service: Service,
+        want: Vec<(Frontend, FrontendKind)>,
+    }
+    let cases = [
+        Case {
+            rule: "RequireDualStack (IPv4 first): each ClusterIP, and the nodePort on both families' node addresses",
+            service: service("s")
+                .ip_families(&["IPv4", "IPv6"])
+                .cluster_ips(&["10.96.0.10", "fd00:10:96::a"])
+                .port(80)
+                .node_port(30080)
+                .build(),
+            want: vec![
+                (tcp("10.96.0.10", 80), ClusterIp),
+                (tcp("fd00:10:96::a", 80), ClusterIp),
+                (tcp("172.18.0.2", 30080), NodePort),
+                (tcp("fd00:172:18::2", 30080), NodePort),
+            ],
+        },
+        Case {
+            rule: "IPv6 first (clusterIP is the IPv6 one): the same frontends",
+            service: service("s")
+                .ip_families(&["IPv6", "IPv4"])
+                .cluster_ips(&["fd00:10:96::a", "10.96.0.10"])
+                .port(80)
+                .node_port(30080)
+                .build(),
+            want: vec![
+                (tcp("10.96.0.10", 80), ClusterIp),
+                (tcp("fd00:10:96::a", 80), ClusterIp),
+                (tcp("172.18.0.2", 30080), NodePort),
+                (tcp("fd00:172:18::2", 30080), NodePort),
+            ],
+        },
+        Case {
+            rule: "IPv6 single stack: the nodePort is served on the IPv6 node address only",
+            service: service("s")
+                .ip_families(&["IPv6"])
+                .cluster_ips(&["fd00:10:96::a"])
+                .port(80)
+                .node_port(30080)
+                .build(),
+            want: vec![(tcp("fd00:10:96::a", 80), ClusterIp), (tcp("fd00:172:18::2", 30080), NodePort)],
+        },
+        Case {
+            rule: "PreferDualStack granted one family serves that family only",
+            service: service("s").ip_families(&["IPv4"]).cluster_ips(&["10.96.0.10"]).port(80).node_port(30080).build(),
+            want: vec![(tcp("10.96.0.10", 80), ClusterIp), (tcp("172.18.0.2", 30080), NodePort)],
+        },
+        Case {
+            rule: "without ClusterIPs, spec.ipFamilies says which node addresses serve the nodePort",
+            service: service("s").ip_families(&["IPv6"]).port(80).node_port(30080).build(),
+            want: vec![(tcp("fd00:172:18::2", 30080), NodePort)],
+        },
+        Case {
+            rule: "externalIPs and LoadBalancer IPs of both families on a dual-stack service",
+            service: service("s")
+                .cluster_ips(&["10.96.0.10", "fd00:10:96::a"])
+                .port(80)
+                .external_ip("192.0.2.10")
+                .external_ip("2001:db8::10")
+                .load_balancer_ip("198.51.100.7")
+                .load_balancer_ip("2001:db8:1::7")
+                .build(),
+            want: vec![
+                (tcp("10.96.0.10", 80), ClusterIp),
+                (tcp("fd00:10:96::a", 80), ClusterIp),
+                (tcp("192.0.2.10", 80), ExternalIp),
+                (tcp("2001:db8::10", 80), ExternalIp),
+                (tcp("198.51.100.7", 80), LoadBalancer),
+                (tcp("2001:db8:1::7", 80), LoadBalancer),
+            ],
+        },
+    ];
+    let mut broken = Broken::default();
+    for case in cases {
+        let desired = compute(&case.service, &[], &dual_node());
+        let got: BTreeSet<(Frontend, FrontendKind)> = desired.frontends.iter().map(|(f, e)| (*f, e.kind)).collect();
+        let want: BTreeSet<(Frontend, FrontendKind)> = case.want.into_iter().collect();
+        broken.check_eq(case.rule, "frontends", got, want);
+        broken.check_eq(case.rule, "skips", skips(&desired), BTreeSet::new());
+    }
+    broken.assert_none();
+}
+
+#[test]
+fn localhost_node_ports_stay_ipv4_only() {
+    let svc = service("web").cluster_ips(&["10.96.0.10", "fd00:10:96::a"]).port(80).node_port(30080).build();
+    let mut here = dual_node();
+    here.localhost_nodeports = true;
+    let desired = compute(&svc, &[], &here);
+    assert!(desired.frontends.contains_key(&tcp("127.0.0.1", 30080)), "IPv4 localhost serves");
+    assert!(!desired.frontends.contains_key(&tcp("::1", 30080)), "kube-proxy has no IPv6 localhost nodePort");
+    let v6_only = service("web").cluster_ips(&["fd00:10:96::a"]).port(80).node_port(30080).build();
+    let desired = compute(&v6_only, &[], &here);
+    assert!(!desired.frontends.contains_key(&tcp("127.0.0.1", 30080)), "an IPv6-only service has no IPv4 localhost");
+}
+
+/// A dual-stack service `web` (IPv4 first) on port 80, nodePort 30080, LoadBalancer IPs of
+/// both families.
+fn dual_web() -> ServiceBuilder {
+    service("web")
+        .type_("LoadBalancer")
+        .ip_families(&["IPv4", "IPv6"])
+        .cluster_ips(&["10.96.0.10", "fd00:10:96::a"])
+        .named_port("", 80)
+        .node_port(30080)
+        .load_balancer_ip("198.51.100.7")
+        .load_balancer_ip("2001:db8:1::7")
+}
+
+#[test]
+fn each_familys_frontends_get_that_familys_endpoints_only() {
+    let slices = [
+        slice("web", "web-v4").named_port("", 8080).endpoint("10.244.1.2").endpoint("10.244.2.2").build(),
+        slice("web", "web-v6").address_type("IPv6").named_port("", 8080).endpoint("fd00:10:244:1::2").build(),
+    ];
+    let desired = compute(&dual_web().build(), &slices, &dual_node());
+    for v4 in [tcp("10.96.0.10", 80), tcp("172.18.0.2", 30080), tcp("198.51.100.7", 80)] {
+        let entry = entry(&desired, v4, "IPv4 frontend");
+        assert_eq!(endpoints(&entry.backends), strings(&["10.244.1.2:8080", "10.244.2.2:8080"]), "{v4}");
+    }
+    for v6 in [tcp("fd00:10:96::a", 80), tcp("fd00:172:18::2", 30080), tcp("2001:db8:1::7", 80)] {
+        let entry = entry(&desired, v6, "IPv6 frontend");
+        assert_eq!(endpoints(&entry.backends), strings(&["fd00:10:244:1::2:8080"]), "{v6}");
+    }
+    assert_eq!(skips(&desired), BTreeSet::new());
+}
+
+#[test]
+fn a_family_without_endpoints_rejects_while_the_other_serves() {
+    let slices = [slice("web", "web-v4").named_port("", 8080).endpoint("10.244.1.2").build()];
+    let desired = compute(&dual_web().build(), &slices, &dual_node());
+    let v4 = entry(&desired, tcp("10.96.0.10", 80), "IPv4 ClusterIP");
+    assert_eq!(endpoints(&v4.backends), strings(&["10.244.1.2:8080"]));
+    let v6 = entry(&desired, tcp("fd00:10:96::a", 80), "IPv6 ClusterIP");
+    assert!(v6.backends.is_empty(), "no IPv6 endpoint: the IPv6 ClusterIP is a frontend with count 0 (REJECT)");
+}
+
+#[test]
+fn every_policy_is_decided_per_family() {
+    let here = dual_node();
+    // eTP Local: the IPv4 endpoint runs here, the IPv6 one elsewhere.
+    let slices = [
+        slice("web", "web-v4").named_port("", 8080).endpoint("10.244.1.2").on_node(NODE).build(),
+        slice("web", "web-v6")
+            .address_type("IPv6")
+            .named_port("", 8080)
+            .endpoint("fd00:10:244:2::2")
+            .on_node("node-2")
+            .build(),
+    ];
+    let local = compute(&dual_web().external_traffic_policy("Local").build(), &slices, &here);
+    assert_eq!(
+        endpoints(&entry(&local, tcp("172.18.0.2", 30080), "v4 nodePort").backends),
+        strings(&["10.244.1.2:8080"])
+    );
+    let v6 = entry(&local, tcp("fd00:172:18::2", 30080), "v6 nodePort");
+    assert!(v6.backends.is_empty(), "no local IPv6 endpoint: dropped from outside");
+    assert_eq!(v6.internal.as_deref().map(endpoints), Some(strings(&["fd00:10:244:2::2:8080"])), "from this node: all");
+
+    // iTP Local, per family.
+    let internal = compute(&dual_web().internal_traffic_policy("Local").build(), &slices, &here);
+    assert_eq!(endpoints(&entry(&internal, tcp("10.96.0.10", 80), "v4").backends), strings(&["10.244.1.2:8080"]));
+    assert!(entry(&internal, tcp("fd00:10:96::a", 80), "v6").backends.is_empty());
+
+    // ClientIP affinity on both families' frontends.
+    let sticky = compute(&dual_web().session_affinity("ClientIP").build(), &slices, &here);
+    for frontend in [tcp("10.96.0.10", 80), tcp("fd00:10:96::a", 80)] {
+        let entry = entry(&sticky, frontend, "affinity");
+        assert!(entry.flags & SVC_F_AFFINITY != 0 && entry.affinity_timeout == DEFAULT_AFFINITY_TIMEOUT, "{frontend}");
+    }
+
+    // Terminating fallback: IPv4 has a ready endpoint, IPv6 only a terminating one.
+    let slices = [
+        slice("web", "web-v4").named_port("", 8080).endpoint("10.244.1.2").build(),
+        slice("web", "web-v6")
+            .address_type("IPv6")
+            .named_port("", 8080)
+            .endpoint("fd00:10:244:1::2")
+            .not_ready()
+            .serving()
+            .terminating()
+            .build(),
+    ];
+    let fallback = compute(&dual_web().build(), &slices, &here);
+    let v4 = entry(&fallback, tcp("10.96.0.10", 80), "v4");
+    assert_eq!(v4.flags & SVC_F_TERMINATING_FALLBACK, 0);
+    let v6 = entry(&fallback, tcp("fd00:10:96::a", 80), "v6");
+    assert_ne!(v6.flags & SVC_F_TERMINATING_FALLBACK, 0);
+    assert_eq!(endpoints(&v6.backends), strings(&["fd00:10:244:1::2:8080"]));
+
+    // Topology hints: every IPv6 endpoint is hinted (one for this node), the IPv4 ones are not.
+    let slices = [
+        slice("web", "web-v4").named_port("", 8080).endpoint("10.244.1.2").endpoint("10.244.2.2").build(),
+        slice("web", "web-v6")
+            .address_type("IPv6")
+            .named_port("", 8080)
+            .endpoint("fd00:10:244:1::2")
+            .for_nodes(&[NODE])
+            .endpoint("fd00:10:244:2::2")
+            .for_nodes(&["node-2"])
+            .build(),
+    ];
+    let hinted = compute(&dual_web().build(), &slices, &here);
+    assert_eq!(endpoints(&entry(&hinted, tcp("10.96.0.10", 80), "v4").backends).len(), 2, "IPv4 has no hints");
+    assert_eq!(
+        endpoints(&entry(&hinted, tcp("fd00:10:96::a", 80), "v6").backends),
+        strings(&["fd00:10:244:1::2:8080"])
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges_apply_to_their_own_family() {
+    let slices = [slice("web", "web-v4").named_port("", 8080).endpoint("10.244.1.2").build()];
+    let svc = dual_web().source_range("203.0.113.0/24").source_range("2001:db8:ff::/48").build();
+    let desired = compute(&svc, &slices, &dual_node());
+    let v4 = entry(&desired, tcp("198.51.100.7", 80), "v4 LB");
+    assert_eq!(v4.source_ranges, vec!["203.0.113.0/24".parse::<Cidr>().unwrap()]);
+    assert_ne!(v4.flags & SVC_F_SOURCE_RANGES, 0);
+    let v6 = entry(&desired, tcp("2001:db8:1::7", 80), "v6 LB");
+    assert_eq!(v6.source_ranges, vec!["2001:db8:ff::/48".parse::<Cidr>().unwrap()]);
+    assert_ne!(v6.flags & SVC_F_SOURCE_RANGES, 0);
+
+    // kube-proxy's proxier of a family sees only that family's ranges: none means open.
+    let v4_only = compute(&dual_web().source_range("203.0.113.0/24").build(), &slices, &dual_node());
+    let v6 = entry(&v4_only, tcp("2001:db8:1::7", 80), "v6 LB");
+    assert!(v6.source_ranges.is_empty() && v6.flags & SVC_F_SOURCE_RANGES == 0);
+}
+
+#[test]
+fn the_health_check_counts_a_dual_stack_pod_once() {
+    let mut svc = dual_web().external_traffic_policy("Local").build();
+    svc.spec.as_mut().unwrap().health_check_node_port = Some(32000);
+    let slices = [
+        slice("web", "web-v4").named_port("", 8080).endpoint("10.244.1.2").on_node(NODE).build(),
+        slice("web", "web-v6")
+            .address_type("IPv6")
+            .named_port("", 8080)
+            .endpoint("fd00:10:244:1::2")
+            .on_node(NODE)
+            .build(),
+    ];
+    let (_, check) = compute(&svc, &slices, &dual_node()).health_check.expect("a health check");
+    assert_eq!(check.local_endpoints, 1, "one pod, listed in a slice of each family");
+    let (_, check) = compute(&svc, &slices[1..], &dual_node()).health_check.expect("a health check");
+    assert_eq!(check.local_endpoints, 1, "an IPv6-only endpoint counts too");
+}
+
+#[test]
+fn fqdn_slices_are_skipped_with_their_reason() {
+    let slices =
+        [slice("web", "web-fqdn").address_type("FQDN").named_port("", 8080).endpoint("db.example.com").build()];
+    let desired = compute(&dual_web().build(), &slices, &dual_node());
+    let want: BTreeSet<_> =
+        [("EndpointSlice default/web-fqdn".to_owned(), "addressType".to_owned(), SkipReason::UnsupportedAddressType)]
+            .into();
+    assert_eq!(skips(&desired), want, "one skip, not one per family");
 }

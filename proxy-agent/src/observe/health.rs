@@ -252,7 +252,14 @@ mod tests {
 
     /// A sync report with `errors` failed writes and `refused` services.
     fn sync_report(errors: u64, refused: u64) -> crate::sync::SyncReport {
-        crate::sync::SyncReport { frontends: 1, backends: 2, errors, refused, ..Default::default() }
+        crate::sync::SyncReport {
+            frontends: 1,
+            frontends_by_family: [1, 0],
+            backends: 2,
+            errors,
+            refused,
+            ..Default::default()
+        }
     }
 
     fn health(timeout: Duration) -> (Health, Metrics) {

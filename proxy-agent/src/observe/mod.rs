@@ -192,6 +192,7 @@ fn collect(metrics: &Metrics, health: &Health, fills: &kernel::MapFills, root: &
 mod tests {
     use aya::maps::{HashMap, MapData};
     use proxy_common::{
+        addr,
         conntrack::{CtKey, CtValue},
         maps,
     };
@@ -228,8 +229,14 @@ mod tests {
             HashMap::try_from(aya::maps::Map::LruHashMap(MapData::from_pin(root.join(maps::CONNTRACK)).unwrap()))
                 .unwrap();
         for n in 0..50_000u32 {
-            let key =
-                CtKey { src: n.to_be_bytes(), dst: [10, 96, 0, 10], sport: 40_000, dport: 80, proto: 6, _pad: [0; 3] };
+            let key = CtKey {
+                src: addr::from_v4(n.to_be_bytes()),
+                dst: addr::from_v4([10, 96, 0, 10]),
+                sport: 40_000,
+                dport: 80,
+                proto: 6,
+                _pad: [0; 3],
+            };
             conntrack.insert(key, CtValue::default(), 0).unwrap();
         }
         // Counted apart from the agent's reader (an LRU map may evict before it is full).

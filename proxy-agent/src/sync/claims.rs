@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::model::Frontend;
+use crate::model::{Frontend, IpFamily};
 
 /// Which service holds each frontend, and which wait for it.
 #[derive(Debug, Default)]
@@ -15,6 +15,9 @@ pub(crate) struct Claims {
     holder: HashMap<Frontend, String>,
     /// Services that wanted a frontend another service holds.
     contenders: HashMap<Frontend, BTreeSet<String>>,
+    /// Frontends held, IPv4 then IPv6 (kept as they change: counting `holder` per sync would
+    /// walk every frontend).
+    by_family: [usize; 2],
 }
 
 impl Claims {
@@ -41,7 +44,9 @@ impl Claims {
 
     /// Records that `key` holds `frontend`.
     pub(crate) fn claim(&mut self, frontend: Frontend, key: &str) {
-        self.holder.insert(frontend, key.to_owned());
+        if self.holder.insert(frontend, key.to_owned()).is_none() {
+            self.by_family[family_index(&frontend)] += 1;
+        }
     }
 
     /// Records the frontends `key` holds after it was reprogrammed.
@@ -53,13 +58,27 @@ impl Claims {
 
     /// Lets `frontend` go; returns the services that waited for it, to recompute.
     pub(crate) fn release(&mut self, frontend: &Frontend) -> BTreeSet<String> {
-        self.holder.remove(frontend);
+        if self.holder.remove(frontend).is_some() {
+            self.by_family[family_index(frontend)] -= 1;
+        }
         self.contenders.remove(frontend).unwrap_or_default()
+    }
+
+    /// How many frontends are held, IPv4 then IPv6.
+    pub(crate) fn held_by_family(&self) -> [usize; 2] {
+        self.by_family
     }
 
     /// Every service that holds a frontend.
     pub(crate) fn services(&self) -> impl Iterator<Item = &String> {
         self.owned.keys()
+    }
+}
+
+fn family_index(frontend: &Frontend) -> usize {
+    match IpFamily::of(frontend.address) {
+        IpFamily::V4 => 0,
+        IpFamily::V6 => 1,
     }
 }
 
@@ -70,7 +89,7 @@ mod tests {
     use super::*;
 
     fn frontend() -> Frontend {
-        Frontend { address: Ipv4Addr::new(192, 0, 2, 1), port: 80, proto: proxy_common::proto::TCP }
+        Frontend { address: Ipv4Addr::new(192, 0, 2, 1).into(), port: 80, proto: proxy_common::proto::TCP }
     }
 
     #[test]
@@ -88,5 +107,18 @@ mod tests {
         assert_eq!(claims.held_by_other(&frontend(), "default/b"), None, "free for b now");
         assert!(claims.release(&frontend()).is_empty(), "the contender is handed over once");
         assert_eq!(claims.services().count(), 0);
+    }
+
+    #[test]
+    fn held_frontends_are_counted_per_family_once_each() {
+        let mut claims = Claims::default();
+        let v6 = Frontend { address: "fd00:10:96::a".parse().unwrap(), port: 80, proto: proxy_common::proto::TCP };
+        claims.claim(frontend(), "default/a");
+        claims.claim(frontend(), "default/a");
+        claims.claim(v6, "default/a");
+        assert_eq!(claims.held_by_family(), [1, 1], "a frontend claimed twice counts once");
+        claims.release(&v6);
+        claims.release(&v6);
+        assert_eq!(claims.held_by_family(), [1, 0], "a frontend released twice counts once");
     }
 }

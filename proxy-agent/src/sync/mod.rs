@@ -23,7 +23,7 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Node;
-use proxy_common::config::NodeConfig;
+use proxy_common::{addr, config::NodeConfig};
 use tracing::{debug, info, warn};
 
 pub use self::run::run;
@@ -62,6 +62,8 @@ pub struct SyncReport {
     pub writes: WriteStats,
     /// Frontends programmed after the sync.
     pub frontends: usize,
+    /// Of those, IPv4 then IPv6 (the `family` label of `proxy_frontends_programmed`).
+    pub frontends_by_family: [usize; 2],
     /// Distinct backends programmed after the sync.
     pub backends: usize,
     /// Skips found.
@@ -138,8 +140,15 @@ impl<S: MapStore> Syncer<S> {
     /// Writes the node's settings for the datapath: the SNAT address for traffic to externalIPs
     /// and LoadBalancer IPs (the first nodePort address) and the node's netns cookie.
     fn write_node_config(&mut self) {
-        let snat_address = self.node_info.nodeport_addresses.first().map_or([0; 4], |a| a.octets());
-        let config = NodeConfig { snat_address, _pad: [0; 4], host_netns_cookie: self.config.host_netns_cookie };
+        let first = |v4: bool| {
+            let addresses = self.node_info.nodeport_addresses.iter();
+            addresses.filter(|a| a.is_ipv4() == v4).map(|&a| addr::from_ip(a)).next().unwrap_or(addr::UNSPECIFIED)
+        };
+        let config = NodeConfig {
+            snat_v4: first(true),
+            snat_v6: first(false),
+            host_netns_cookie: self.config.host_netns_cookie,
+        };
         if let Err(error) = self.writer.set_node_config(config) {
             warn!(%error, "writing the node's settings to the config map failed");
         }
@@ -223,8 +232,8 @@ impl<S: MapStore> Syncer<S> {
 
     fn report(&self, skip: &Skip, origin: Option<&str>) {
         match skip.reason {
-            // IPv6 is not malformed: this datapath is IPv4 only.
-            SkipReason::Ipv6 => debug!(origin, "{skip}"),
+            // Not malformed: the address belongs to a family the service is not served in.
+            SkipReason::OtherFamily => info!(origin, "ignoring {skip}"),
             _ => warn!(origin, "skipping {skip}"),
         }
         self.metrics.skipped(skip.reason);
@@ -280,6 +289,7 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         report.frontends = self.writer.frontends();
+        report.frontends_by_family = self.claims.held_by_family();
         report.backends = self.writer.backends();
         self.metrics.synced(started.elapsed().as_secs_f64(), &report);
         report
@@ -315,6 +325,7 @@ impl<S: MapStore> Syncer<S> {
         let stale = self.writer.forget_stale();
         self.forget(stale, &mut report);
         report.frontends = self.writer.frontends();
+        report.frontends_by_family = self.claims.held_by_family();
         report.backends = self.writer.backends();
         self.metrics.synced(started.elapsed().as_secs_f64(), &report);
         report

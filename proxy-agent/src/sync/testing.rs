@@ -8,6 +8,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use proxy_common::{
+    addr,
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
@@ -81,6 +82,8 @@ pub(crate) struct MemMaps {
     /// Maglev tables as the kernel holds them: the size, then the slots.
     pub(crate) maglev: HashMap<u32, Vec<u32>>,
     pub(crate) maglev_config: Option<MaglevConfig>,
+    /// The node's settings as last written.
+    pub(crate) config: Option<NodeConfig>,
 }
 
 impl MemMaps {
@@ -90,15 +93,20 @@ impl MemMaps {
     }
 
     /// The backend addresses behind TCP frontend `address:port`, in slot order; `None` if the
-    /// frontend has no master entry.
+    /// frontend has no master entry. A missing or IPv6 backend shows as 0.0.0.0: these
+    /// tests are IPv4 ones.
     pub(crate) fn backends_of(&self, address: Ipv4Addr, port: u16) -> Option<Vec<Ipv4Addr>> {
-        let master = ServiceKey::master(address.octets(), port, TCP);
+        let master = ServiceKey::master(addr::from_ip(address), port, TCP);
         let value = self.services.get(&master)?;
         let slots = 1..=value.count;
         let ids = slots.map(|slot| self.services.get(&master.with_slot(slot)).map(|v| v.backend_id));
         Some(
-            ids.map(|id| id.and_then(|id| self.backends.get(&id)).map_or(Ipv4Addr::UNSPECIFIED, |b| b.address.into()))
-                .collect(),
+            ids.map(|id| {
+                id.and_then(|id| self.backends.get(&id)).map_or(Ipv4Addr::UNSPECIFIED, |b| {
+                    addr::to_v4(&b.address).map_or(Ipv4Addr::UNSPECIFIED, Ipv4Addr::from)
+                })
+            })
+            .collect(),
         )
     }
 }
@@ -177,7 +185,8 @@ impl MapStore for MemMaps {
         Ok(())
     }
 
-    fn put_config(&mut self, _: NodeConfig) -> Result<(), WriteError> {
+    fn put_config(&mut self, config: NodeConfig) -> Result<(), WriteError> {
+        self.config = Some(config);
         Ok(())
     }
 

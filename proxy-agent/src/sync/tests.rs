@@ -102,7 +102,21 @@ fn a_node_change_re_dirties_everything() {
     assert!(syncer.pending());
     let report = syncer.sync();
     assert_eq!(report.services, 2, "every service is recomputed: {report:?}");
-    assert_eq!(syncer.node_updates().borrow().nodeport_addresses, [Ipv4Addr::new(172, 18, 0, 9)]);
+    assert_eq!(syncer.node_updates().borrow().nodeport_addresses, [std::net::IpAddr::from([172, 18, 0, 9])]);
+}
+
+#[test]
+fn a_dual_stack_node_gives_each_family_its_snat_address() {
+    let mut syncer = syncer(MemMaps::with_room(64));
+    let mut dual = node(NODE, NODE_IP);
+    let v6: std::net::Ipv6Addr = "fd00:172:18::2".parse().unwrap();
+    let addresses = dual.status.as_mut().and_then(|s| s.addresses.as_mut()).unwrap();
+    addresses.push(k8s_openapi::api::core::v1::NodeAddress { type_: "InternalIP".into(), address: v6.to_string() });
+    syncer.apply(Update::Nodes(Change::Apply(sourced(dual))));
+    let config = syncer.writer().store().config.expect("the node's settings are written");
+    assert_eq!(config.snat_v4, addr::from_ip(NODE_IP));
+    assert_eq!(config.snat_v6, addr::from_ip(v6), "IPv6 nodePort traffic is SNATed to the IPv6 address");
+    assert_eq!(syncer.node_updates().borrow().nodeport_addresses, [std::net::IpAddr::from(NODE_IP), v6.into()]);
 }
 
 #[test]

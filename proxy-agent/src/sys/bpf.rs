@@ -28,6 +28,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_LINK_DETACH: libc::c_long = 34;
 /// `BPF_MAP_UPDATE_ELEM` flags.
 const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
@@ -186,6 +187,18 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         other => Attachment::Other(other),
     };
     Ok(LinkInfo { id: raw.id, prog_id: raw.prog_id, attachment })
+}
+
+/// `attr.link_detach` of `BPF_LINK_DETACH`.
+#[repr(C)]
+struct LinkDetach {
+    link_fd: u32,
+}
+
+/// Detaches the link `fd` now (its program stops running where it was attached), whoever else
+/// holds the link: unlike dropping the last reference, which the kernel finishes later.
+pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+    bpf(BPF_LINK_DETACH, &mut LinkDetach { link_fd: fd.as_raw_fd() as u32 }).map(drop)
 }
 
 /// `attr.query` of `BPF_PROG_QUERY`.
@@ -381,18 +394,7 @@ impl PinnedMap {
             });
         }
         let mut out = Vec::new();
-        self.for_each(|key, value| {
-            // SAFETY: `key` and `value` hold the map's key and value bytes, whose sizes are those
-            // of the plain-data types `K` and `V` (checked above); unaligned reads of Pod types
-            // are sound.
-            let entry = unsafe {
-                (
-                    std::ptr::read_unaligned(key.as_ptr().cast::<K>()),
-                    std::ptr::read_unaligned(value.as_ptr().cast::<V>()),
-                )
-            };
-            out.push(entry);
-        })?;
+        self.for_each(|key, value| out.push((read_pod(key), read_pod(value))))?;
         Ok(out)
     }
 
@@ -523,16 +525,63 @@ impl PinnedMap {
     pub fn copy_to(&self, to: &PinnedMap, only_missing: bool) -> Result<u64, BpfError> {
         let shape = |i: &MapInfo| (i.map_type, i.key_size, i.value_size);
         if shape(&self.info) != shape(&to.info) {
-            let shapes = (shape(&self.info), shape(&to.info));
-            return Err(BpfError::Layout { from: self.path.clone(), to: to.path.clone(), shapes });
+            return Err(self.layout_error(to));
         }
+        self.copy_with(to, only_missing, |key, value, new_key, new_value| {
+            new_key.extend_from_slice(key);
+            new_value.extend_from_slice(value);
+        })
+    }
+
+    /// Copies every entry into `to` as [`PinnedMap::copy_to`] does, converted by `convert` from
+    /// this map's key and value types `K`, `V` to `to`'s `K2`, `V2` (an upgrade across a layout
+    /// change). Both maps must be of one type, with exactly those sizes.
+    pub fn copy_converted<K: aya::Pod, V: aya::Pod, K2: aya::Pod, V2: aya::Pod>(
+        &self,
+        to: &PinnedMap,
+        only_missing: bool,
+        convert: impl Fn(K, V) -> (K2, V2),
+    ) -> Result<u64, BpfError> {
+        let sizes = |i: &MapInfo| (i.key_size as usize, i.value_size as usize);
+        if self.info.map_type != to.info.map_type
+            || sizes(&self.info) != (size_of::<K>(), size_of::<V>())
+            || sizes(&to.info) != (size_of::<K2>(), size_of::<V2>())
+        {
+            return Err(self.layout_error(to));
+        }
+        self.copy_with(to, only_missing, |key, value, new_key, new_value| {
+            let (key, value) = convert(read_pod(key), read_pod(value));
+            new_key.extend_from_slice(pod_bytes(&key));
+            new_value.extend_from_slice(pod_bytes(&value));
+        })
+    }
+
+    /// The error for copying between this map and `to` when their entries do not fit.
+    pub fn layout_error(&self, to: &PinnedMap) -> BpfError {
+        let shape = |i: &MapInfo| (i.map_type, i.key_size, i.value_size);
+        BpfError::Layout { from: self.path.clone(), to: to.path.clone(), shapes: (shape(&self.info), shape(&to.info)) }
+    }
+
+    /// Writes every entry into `to` as `entry` makes it from this map's key and value bytes
+    /// (into the two cleared buffers it is given, sized for `to`).
+    fn copy_with(
+        &self,
+        to: &PinnedMap,
+        only_missing: bool,
+        mut entry: impl FnMut(&[u8], &[u8], &mut Vec<u8>, &mut Vec<u8>),
+    ) -> Result<u64, BpfError> {
         let flags = if only_missing { BPF_NOEXIST } else { BPF_ANY };
+        let (mut key, mut value) = (Vec::new(), Vec::new());
         let mut written = 0;
         let mut result = Ok(());
-        self.for_each(|key, value| {
+        self.for_each(|old_key, old_value| {
             if result.is_err() {
                 return;
             }
+            key.clear();
+            value.clear();
+            entry(old_key, old_value, &mut key, &mut value);
+            debug_assert_eq!((key.len(), value.len()), (to.info.key_size as usize, to.info.value_size as usize));
             let mut update = Elem {
                 map_fd: to.fd.as_raw_fd() as u32,
                 _pad: 0,
@@ -548,6 +597,22 @@ impl PinnedMap {
         })?;
         result.map(|()| written)
     }
+}
+
+/// A `T` read from `bytes`, which hold exactly its size (checked by the callers against the
+/// map's key and value sizes).
+fn read_pod<T: aya::Pod>(bytes: &[u8]) -> T {
+    assert_eq!(bytes.len(), size_of::<T>(), "a map entry read as a type of another size");
+    // SAFETY: `bytes` holds `size_of::<T>()` bytes (asserted), `T` is plain data for which any
+    // bytes are a value (`aya::Pod`), and the read is unaligned.
+    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+}
+
+/// The bytes of a plain-data value, as the kernel takes them.
+fn pod_bytes<T: aya::Pod>(value: &T) -> &[u8] {
+    // SAFETY: `T` is plain data with every padding byte an explicit field (`aya::Pod`), so all
+    // `size_of::<T>()` bytes behind the reference are initialised, and they live as long as it.
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) }
 }
 
 impl AsFd for PinnedMap {

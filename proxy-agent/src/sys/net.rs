@@ -1,11 +1,11 @@
 //! Network namespaces and interfaces: the calling thread's netns cookie, running a closure on a
 //! thread inside another namespace, interface addresses (`getifaddrs`), interface indexes and
-//! the IPv4 routing table. All of these answer for the calling thread's network namespace.
+//! the routing tables of both families. All of these answer for the calling thread's network namespace.
 
 use std::{
     ffi::{CStr, CString},
     fs, io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
 };
@@ -56,8 +56,8 @@ pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> io::Resul
     })
 }
 
-/// Every IPv4 address of this namespace's interfaces, with the interface's name.
-pub fn ipv4_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
+/// Every IPv4 and IPv6 address of this namespace's interfaces, with the interface's name.
+pub fn addresses() -> io::Result<Vec<(String, IpAddr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we own until freeifaddrs below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -68,12 +68,25 @@ pub fn ipv4_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
     while !entry.is_null() {
         // SAFETY: `entry` is a non-null node of the list getifaddrs returned, alive until it is
         // freed below; `ifa_addr` is checked for null and is a `sockaddr_in` when its family is
-        // AF_INET; `ifa_name` is a NUL-terminated string.
+        // AF_INET, a `sockaddr_in6` when it is AF_INET6; `ifa_name` is a NUL-terminated string.
         unsafe {
             let addr = (*entry).ifa_addr;
-            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
-                let sin = addr.cast::<libc::sockaddr_in>();
-                let ip = Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr));
+            let ip = if addr.is_null() {
+                None
+            } else {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = addr.cast::<libc::sockaddr_in>();
+                        Some(IpAddr::V4(Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr))))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = addr.cast::<libc::sockaddr_in6>();
+                        Some(IpAddr::V6(Ipv6Addr::from((*sin6).sin6_addr.s6_addr)))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(ip) = ip {
                 out.push((CStr::from_ptr((*entry).ifa_name).to_string_lossy().into_owned(), ip));
             }
             entry = (*entry).ifa_next;
@@ -92,23 +105,46 @@ pub fn interface_index(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// The IPv4 routes of this namespace (`/proc/self/net/route`): (interface, destination) pairs.
-pub fn ipv4_routes() -> io::Result<Vec<(String, Ipv4Addr)>> {
-    let path = "/proc/self/net/route";
-    let text = fs::read_to_string(path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
-    Ok(parse_routes(&text))
+/// The routes of both families in this namespace (`/proc/self/net/route` and
+/// `/proc/self/net/ipv6_route`): (interface, destination) pairs. A kernel without IPv6 has no
+/// `ipv6_route`, which counts as no IPv6 route.
+pub fn routes() -> io::Result<Vec<(String, IpAddr)>> {
+    let read = |path: &str| fs::read_to_string(path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")));
+    let mut out = parse_routes(&read("/proc/self/net/route")?);
+    match read("/proc/self/net/ipv6_route") {
+        Ok(text) => out.extend(parse_ipv6_routes(&text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(out)
 }
 
 /// Parses `/proc/net/route`: `Iface Destination Gateway ...`, the destination in host-order hex
 /// of the network-order bytes.
-fn parse_routes(text: &str) -> Vec<(String, Ipv4Addr)> {
+fn parse_routes(text: &str) -> Vec<(String, IpAddr)> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
             let iface = fields.next()?;
             let dest = u32::from_str_radix(fields.next()?, 16).ok()?;
-            Some((iface.to_owned(), Ipv4Addr::from(dest.to_le_bytes())))
+            Some((iface.to_owned(), IpAddr::V4(Ipv4Addr::from(dest.to_le_bytes()))))
+        })
+        .collect()
+}
+
+/// Parses `/proc/net/ipv6_route`: no header; ten fields a line, the destination first (32 hex
+/// digits in network order) and the interface last.
+fn parse_ipv6_routes(text: &str) -> Vec<(String, IpAddr)> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [dest, .., iface] = fields.as_slice() else { return None };
+            if fields.len() != 10 || dest.len() != 32 {
+                return None;
+            }
+            let dest = u128::from_str_radix(dest, 16).ok()?;
+            Some(((*iface).to_owned(), IpAddr::V6(Ipv6Addr::from(dest))))
         })
         .collect()
 }
@@ -125,7 +161,21 @@ mod tests {
                     broken\tzz\n";
         assert_eq!(
             parse_routes(text),
-            vec![("eth0".into(), Ipv4Addr::UNSPECIFIED), ("cni0".into(), Ipv4Addr::new(10, 244, 1, 0))]
+            vec![("eth0".into(), Ipv4Addr::UNSPECIFIED.into()), ("cni0".into(), Ipv4Addr::new(10, 244, 1, 0).into())]
+        );
+    }
+
+    #[test]
+    fn ipv6_routes_are_read_in_network_order() {
+        let text = "fd000010024400010000000000000000 40 00000000000000000000000000000000 00 \
+                    00000000000000000000000000000000 00000400 00000001 00000000 00000001   cni0\n\
+                    00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+                    fd000000000000000000000000000001 00000400 00000001 00000000 00000003   eth0\n\
+                    short line\n";
+        let pods: Ipv6Addr = "fd00:10:244:1::".parse().unwrap();
+        assert_eq!(
+            parse_ipv6_routes(text),
+            vec![("cni0".into(), pods.into()), ("eth0".into(), Ipv6Addr::UNSPECIFIED.into())]
         );
     }
 
@@ -134,7 +184,8 @@ mod tests {
         assert!(netns_cookie().unwrap() != 0);
         assert!(interface_index("lo").is_some());
         assert!(interface_index("no-such-interface0").is_none());
-        assert!(ipv4_addresses().unwrap().contains(&("lo".to_owned(), Ipv4Addr::LOCALHOST)));
+        let addresses = addresses().unwrap();
+        assert!(addresses.contains(&("lo".to_owned(), Ipv4Addr::LOCALHOST.into())), "{addresses:?}");
         let same = in_netns(Path::new("/proc/self/ns/net"), netns_cookie).unwrap().unwrap();
         assert_eq!(same, netns_cookie().unwrap(), "entering our own namespace changes nothing");
     }

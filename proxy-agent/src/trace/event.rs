@@ -1,9 +1,10 @@
 //! A trace event → one line: what happened in words, the filters, and the two output formats.
 //! Pure: the names of services and network namespaces come in through [`Names`].
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 use proxy_common::{
+    addr::{self, Addr},
     drop,
     service::{SCOPE_INTERNAL, SERVICE_ID_LOCAL_SET},
     trace::{NOT_DROPPED, PATH_SOCKET, PICK_AFFINITY, PICK_MAGLEV, PICK_RANDOM, TraceEvent},
@@ -18,11 +19,11 @@ pub trait Names {
     fn service(&mut self, service_id: u32) -> Option<String>;
     /// The service port id of the frontend (address, port, proto), for a drop (whose event
     /// carries no id).
-    fn frontend_service(&mut self, address: [u8; 4], port: u16, proto: u8) -> Option<u32>;
+    fn frontend_service(&mut self, address: Addr, port: u16, proto: u8) -> Option<u32>;
     /// The name of the network namespace with this cookie (`/run/netns/<name>`, or `self`).
     fn netns(&mut self, cookie: u64) -> Option<String>;
     /// Whether the namespace with this cookie has `address` on an interface.
-    fn netns_has(&mut self, cookie: u64, address: Ipv4Addr) -> bool;
+    fn netns_has(&mut self, cookie: u64, address: IpAddr) -> bool;
 }
 
 /// One line of `trace` output.
@@ -72,7 +73,7 @@ pub struct Filter {
     /// `namespace/name` (any port) or `namespace/name:port`.
     pub service: Option<String>,
     /// The client's address (TC), or an address of the client's network namespace (socket).
-    pub from: Option<Ipv4Addr>,
+    pub from: Option<IpAddr>,
 }
 
 impl Filter {
@@ -89,7 +90,7 @@ impl Filter {
             let admitted = if event.path == PATH_SOCKET {
                 names.netns_has(event.netns_cookie, from)
             } else {
-                Ipv4Addr::from(event.client) == from
+                addr::to_ip(&event.client) == from
             };
             if !admitted {
                 return false;
@@ -109,7 +110,7 @@ pub fn line(event: &TraceEvent, time: String, names: &mut dyn Names) -> Line {
             .netns(event.netns_cookie)
             .map_or_else(|| format!("netns cookie {}", event.netns_cookie), |n| format!("netns {n}"))
     } else {
-        SocketAddrV4::new(event.client.into(), event.client_port).to_string()
+        SocketAddr::new(addr::to_ip(&event.client), event.client_port).to_string()
     };
     let service_id = if dropped {
         names.frontend_service(event.frontend, event.frontend_port, event.proto)
@@ -121,9 +122,12 @@ pub fn line(event: &TraceEvent, time: String, names: &mut dyn Names) -> Line {
         path: if socket { "socket" } else { "tc" },
         client,
         netns_cookie: socket.then_some(event.netns_cookie),
-        frontend: format!("{}/{proto}", SocketAddrV4::new(event.frontend.into(), event.frontend_port)),
+        frontend: format!("{}/{proto}", SocketAddr::new(addr::to_ip(&event.frontend), event.frontend_port)),
         service: service_id.and_then(|id| names.service(id & !SERVICE_ID_LOCAL_SET)),
-        backend: kept(!dropped, format!("{}/{proto}", SocketAddrV4::new(event.backend.into(), event.backend_port))),
+        backend: kept(
+            !dropped,
+            format!("{}/{proto}", SocketAddr::new(addr::to_ip(&event.backend), event.backend_port)),
+        ),
         pick: kept(
             !dropped,
             match event.pick {
@@ -136,7 +140,8 @@ pub fn line(event: &TraceEvent, time: String, names: &mut dyn Names) -> Line {
         slot: kept(!dropped, event.slot).filter(|_| event.pick == PICK_RANDOM || event.pick == PICK_MAGLEV),
         endpoints: kept(!dropped, if event.service_id & SERVICE_ID_LOCAL_SET != 0 { "local" } else { "cluster" }),
         scope: kept(!dropped, "internal").filter(|_| event.scope == SCOPE_INTERNAL),
-        snat: (event.snat != [0; 4]).then(|| SocketAddrV4::new(event.snat.into(), event.snat_port).to_string()),
+        snat: (event.snat != addr::UNSPECIFIED)
+            .then(|| SocketAddr::new(addr::to_ip(&event.snat), event.snat_port).to_string()),
         dropped: dropped.then(|| drop::name(event.drop_reason)),
     }
 }
@@ -186,21 +191,21 @@ mod tests {
     #[derive(Default)]
     struct Fixed {
         services: BTreeMap<u32, String>,
-        frontends: BTreeMap<([u8; 4], u16), u32>,
-        netns: BTreeMap<u64, (String, Ipv4Addr)>,
+        frontends: BTreeMap<(Addr, u16), u32>,
+        netns: BTreeMap<u64, (String, IpAddr)>,
     }
 
     impl Names for Fixed {
         fn service(&mut self, id: u32) -> Option<String> {
             self.services.get(&id).cloned()
         }
-        fn frontend_service(&mut self, address: [u8; 4], port: u16, _proto: u8) -> Option<u32> {
+        fn frontend_service(&mut self, address: Addr, port: u16, _proto: u8) -> Option<u32> {
             self.frontends.get(&(address, port)).copied()
         }
         fn netns(&mut self, cookie: u64) -> Option<String> {
             self.netns.get(&cookie).map(|(name, _)| name.clone())
         }
-        fn netns_has(&mut self, cookie: u64, address: Ipv4Addr) -> bool {
+        fn netns_has(&mut self, cookie: u64, address: IpAddr) -> bool {
             self.netns.get(&cookie).is_some_and(|(_, a)| *a == address)
         }
     }
@@ -208,8 +213,8 @@ mod tests {
     fn names() -> Fixed {
         Fixed {
             services: [(7, "default/web:http".to_owned())].into(),
-            frontends: [(([10, 96, 0, 10], 80), 7)].into(),
-            netns: [(42, ("client".to_owned(), Ipv4Addr::new(10, 244, 0, 5)))].into(),
+            frontends: [((addr::from_v4([10, 96, 0, 10]), 80), 7)].into(),
+            netns: [(42, ("client".to_owned(), IpAddr::from([10, 244, 0, 5])))].into(),
         }
     }
 
@@ -218,9 +223,9 @@ mod tests {
             path: PATH_SOCKET,
             proto: TCP,
             netns_cookie: 42,
-            frontend: [10, 96, 0, 10],
+            frontend: addr::from_v4([10, 96, 0, 10]),
             frontend_port: 80,
-            backend: [10, 244, 1, 2],
+            backend: addr::from_v4([10, 244, 1, 2]),
             backend_port: 8080,
             service_id: 7 | SERVICE_ID_LOCAL_SET,
             backend_id: 3,
@@ -259,9 +264,9 @@ mod tests {
         let event = TraceEvent {
             path: PATH_TC,
             proto: TCP,
-            client: [192, 0, 2, 1],
+            client: addr::from_v4([192, 0, 2, 1]),
             client_port: 40000,
-            frontend: [10, 96, 0, 10],
+            frontend: addr::from_v4([10, 96, 0, 10]),
             frontend_port: 80,
             drop_reason: drop::SOURCE_RANGE_DENIED,
             ..TraceEvent::default()
@@ -279,7 +284,7 @@ mod tests {
         let event = socket_pick();
         let line = line(&event, "t".into(), &mut names());
         let admits = |service: Option<&str>, from: Option<[u8; 4]>| {
-            let filter = Filter { service: service.map(str::to_owned), from: from.map(Ipv4Addr::from) };
+            let filter = Filter { service: service.map(str::to_owned), from: from.map(IpAddr::from) };
             filter.admits(&event, &line, &mut names())
         };
         assert!(admits(Some("default/web"), None));

@@ -16,13 +16,14 @@ pub mod event;
 use std::{
     collections::BTreeMap,
     io::{self, Write as _},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, RingBuf};
 use proxy_common::{
+    addr::Addr,
     maps,
     service::{ServiceKey, ServiceName, ServiceValue},
     trace::{HOLD_NS, REFRESH_NS, TraceEvent, TraceUntil},
@@ -42,9 +43,10 @@ pub struct TraceArgs {
     /// Only this service: `namespace/name` (any port) or `namespace/name:port`.
     #[arg(long, value_name = "NS/NAME")]
     pub service: Option<String>,
-    /// Only this client: its address (TC), or an address of its network namespace (socket path).
+    /// Only this client: its address (TC), or an address of its network namespace (socket path);
+    /// either family, an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) meaning its IPv4 address.
     #[arg(long, value_name = "IP")]
-    pub from: Option<Ipv4Addr>,
+    pub from: Option<IpAddr>,
     /// Output format: one line per event, as a table row or a JSON object.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     pub output: Format,
@@ -172,7 +174,7 @@ impl Names for PinnedNames {
         Some(label)
     }
 
-    fn frontend_service(&mut self, address: [u8; 4], port: u16, proto: u8) -> Option<u32> {
+    fn frontend_service(&mut self, address: Addr, port: u16, proto: u8) -> Option<u32> {
         let master = self.services.get(&ServiceKey::master(address, port, proto), 0).ok()?;
         Some(master.service_id)
     }
@@ -181,7 +183,7 @@ impl Names for PinnedNames {
         self.netns_info(cookie).map(|n| n.name.clone())
     }
 
-    fn netns_has(&mut self, cookie: u64, address: Ipv4Addr) -> bool {
+    fn netns_has(&mut self, cookie: u64, address: IpAddr) -> bool {
         self.netns_info(cookie).is_some_and(|n| n.addresses.contains(&address))
     }
 }
@@ -213,7 +215,7 @@ pub async fn run(root: &Path, args: &TraceArgs) -> Result<(), TraceError> {
     let mut ring: RingBuf<MapData> = typed(root, maps::TRACE_EVENTS)?;
     let mut names = PinnedNames::open(root)?;
     let mut flag = Flag::open(root)?;
-    let filter = Filter { service: args.service.clone(), from: args.from };
+    let filter = Filter { service: args.service.clone(), from: args.from.map(|ip| ip.to_canonical()) };
     let mut interrupt = signal(SignalKind::interrupt()).map_err(TraceError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(TraceError::Signals)?;
     let clocks = Clocks::now()?;

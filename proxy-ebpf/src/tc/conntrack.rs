@@ -1,6 +1,7 @@
 //! The flow table of the TC path: opening a flow (both directions) and following its TCP state.
 
 use proxy_common::{
+    addr::Addr,
     conntrack::{
         CT_F_CLOSING, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, with_close_bits,
     },
@@ -12,6 +13,8 @@ use super::{
     nat,
     packet::{Packet, TCP_FIN, TCP_RST},
 };
+use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
+
 use crate::{lb::Selected, maps::CONNTRACK};
 
 /// A conntrack entry's `last_seen_ns` is refreshed at most this often.
@@ -53,20 +56,38 @@ fn mark_other_direction(value: &CtValue, bits: u16, now: u64) {
     }
 }
 
-/// Records a new flow in both directions and returns the original direction's translation, or
-/// the drop reason: `snat`: the node address to translate the source to (with a free port);
-/// `local`: the backend is one of the node's own addresses.
+/// A new flow's entries, built in per-CPU map memory: beside the rest of a new flow's state
+/// they do not fit the 512-byte BPF stack.
+#[repr(C)]
+pub struct FlowScratch {
+    forward: CtValue,
+    reply: CtValue,
+    reply_key: CtKey,
+}
+
+/// Scratch space of [`open_flow`], one per CPU (a program runs to its end on one CPU).
+#[btf_map(name = "flow_scratch")]
+static FLOW_SCRATCH: PerCpuArray<FlowScratch, 1> = PerCpuArray::new();
+
+/// Records a new flow in both directions and returns the original direction's translation
+/// (in per-CPU scratch memory, valid until the program ends), or the drop reason: `snat`: the
+/// node address to translate the source to (with a free port); `local`: the backend is one of
+/// the node's own addresses.
+#[inline(always)]
+#[expect(clippy::needless_borrows_for_generic_args, reason = "a copy would land on the BPF stack")]
 pub fn open_flow(
     packet: &Packet,
-    key: &CtKey,
     selected: &Selected,
-    snat: Option<[u8; 4]>,
+    snat: Option<Addr>,
     local: bool,
     now: u64,
-) -> Result<CtValue, u32> {
-    let backend = selected.backend;
+) -> Result<&'static CtValue, u32> {
+    let scratch = FLOW_SCRATCH.get_ptr_mut(0).ok_or(drop::CONNTRACK_INSERT_FAILED)?;
+    // SAFETY: a per-CPU array element, used only by this program run on this CPU.
+    let FlowScratch { forward, reply, reply_key } = unsafe { &mut *scratch };
+    let backend = &selected.backend;
     let local = if local { CT_F_LOCAL } else { 0 };
-    let mut forward = CtValue {
+    *forward = CtValue {
         src: packet.src,
         dst: backend.address,
         sport: packet.sport,
@@ -76,7 +97,7 @@ pub fn open_flow(
         flags: local,
         _pad: [0; 6],
     };
-    let reply = CtValue {
+    *reply = CtValue {
         src: packet.dst,
         dst: packet.src,
         sport: packet.dport,
@@ -86,7 +107,7 @@ pub fn open_flow(
         flags: CT_F_REPLY | local,
         _pad: [0; 6],
     };
-    let mut reply_key = CtKey {
+    *reply_key = CtKey {
         src: backend.address,
         dst: packet.src,
         sport: backend.port,
@@ -98,11 +119,11 @@ pub fn open_flow(
         forward.src = address;
         forward.flags |= CT_F_SNAT;
         reply_key.dst = address;
-        forward.sport = nat::claim_port(reply_key, &reply).ok_or(drop::SNAT_PORTS_EXHAUSTED)?;
+        forward.sport = nat::claim_port(reply_key, reply).ok_or(drop::SNAT_PORTS_EXHAUSTED)?;
     } else {
-        CONNTRACK.insert(reply_key, reply, 0).map_err(|_| drop::CONNTRACK_INSERT_FAILED)?;
+        CONNTRACK.insert(&*reply_key, &*reply, 0).map_err(|_| drop::CONNTRACK_INSERT_FAILED)?;
     }
-    CONNTRACK.insert(key, forward, 0).map_err(|_| drop::CONNTRACK_INSERT_FAILED)?;
+    CONNTRACK.insert(packet.key(), &*forward, 0).map_err(|_| drop::CONNTRACK_INSERT_FAILED)?;
     Ok(forward)
 }
 

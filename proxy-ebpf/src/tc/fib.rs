@@ -9,11 +9,15 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
-use proxy_common::drop;
+use proxy_common::{
+    addr::{self, Addr},
+    drop,
+};
 
 use crate::drops;
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// The FIB's answer for a packet: the `BPF_FIB_LKUP_RET_*` code (negative: an error) and the
 /// interface to send it out of.
@@ -25,17 +29,27 @@ pub struct Route {
 }
 
 /// Sends a translated packet out of the interface the routing table picks for it.
-pub fn forward(ctx: &TcContext, src: [u8; 4], dst: [u8; 4]) -> i32 {
+pub fn forward(ctx: &TcContext, src: &Addr, dst: &Addr) -> i32 {
     deliver(route(ctx, src, dst))
 }
 
 /// The FIB's answer for a packet from `src` to `dst` that arrived on this packet's interface.
-pub fn route(ctx: &TcContext, src: [u8; 4], dst: [u8; 4]) -> Route {
+/// Written to use little stack: it is called from the deepest frames of the TC program.
+pub fn route(ctx: &TcContext, src: &Addr, dst: &Addr) -> Route {
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     let mut params: FibLookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    if addr::is_v4(src) && addr::is_v4(dst) {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[12], src[13], src[14], src[15]]);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[12], dst[13], dst[14], dst[15]]);
+    } else {
+        params.family = AF_INET6;
+        // SAFETY: 16 bytes as four words, in the same (network) order the helper reads them.
+        unsafe {
+            params.__bindgen_anon_3.ipv6_src = core::mem::transmute::<Addr, [u32; 4]>(*src);
+            params.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<Addr, [u32; 4]>(*dst);
+        }
+    }
     // SAFETY: the context pointer is the program's own skb.
     params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     let size = size_of::<FibLookup>() as i32;

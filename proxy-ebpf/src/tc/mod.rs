@@ -14,10 +14,11 @@
 //! to the stack; its replies leave through the stack, past no ingress hook, so the egress
 //! program on the node's interfaces translates them back.
 //!
-//! - [`packet`]: parsing and predicates on the parsed packet;
+//! - [`packet`]: parsing (IPv4, and IPv6 with [`ipv6`]'s walk over extension headers) and
+//!   predicates on the parsed packet;
 //! - [`conntrack`]: opening and following flows;
 //! - [`nat`]: SNAT address and port, the rewrite and its checksums;
-//! - [`icmp`]: ICMP errors quoting a tracked flow;
+//! - [`icmp`]: ICMP and ICMPv6 errors quoting a tracked flow;
 //! - [`fib`]: sending a translated packet on.
 //!
 //! Every packet dropped (or handed to the stack to be refused) is counted by reason
@@ -26,21 +27,23 @@
 mod conntrack;
 mod fib;
 mod icmp;
+mod ipv6;
 mod nat;
 mod packet;
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_OK},
-    btf_maps::lpm_trie::Key,
+    bindings::{BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_OK, TC_ACT_UNSPEC},
+    btf_maps::{Array, lpm_trie::Key},
     helpers::bpf_ktime_get_coarse_ns,
-    macros::classifier,
+    macros::{btf_map, classifier},
     programs::TcContext,
 };
 use proxy_common::{
     affinity::AffinityKey,
     conntrack::CT_F_SNAT,
-    conntrack::{CT_F_LOCAL, CT_F_REPLY, CtKey, CtValue, expired},
+    conntrack::{CT_F_LOCAL, CT_F_REPLY, CtValue, expired},
     drop,
+    maps::{HANDOVER_DORMANT, HANDOVER_NONE},
     service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, SourceRange},
     trace::PATH_TC,
 };
@@ -53,11 +56,33 @@ use crate::{
     trace,
 };
 
+/// Where an upgrade's swap stands for these programs (`proxy_common::maps::HANDOVER_*`): see
+/// [`pass`]. Not pinned: this object's own, written only by the agent that loaded it.
+#[btf_map(name = "handover")]
+static HANDOVER: Array<u32, 1> = Array::new();
+
+/// A call of its own: its lookup key does not widen the callers' stack frames.
+#[inline(never)]
+fn handover() -> u32 {
+    HANDOVER.get(0).copied().unwrap_or(HANDOVER_NONE)
+}
+
+/// The verdict for a packet these programs leave as it is: on to the stack, or, while an
+/// upgrade hands over, on to the older agent's programs attached after these (tcx's "next",
+/// which is "pass" at the end of the chain), which then still serve the flows they opened.
+fn pass() -> i32 {
+    if handover() == HANDOVER_NONE { TC_ACT_OK } else { TC_ACT_UNSPEC }
+}
+
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    match Packet::parse(&ctx) {
-        Ok(packet) => ingress(&ctx, &packet),
-        Err(Skip::Other) => icmp::icmp_error(&ctx).unwrap_or(TC_ACT_OK),
+    if handover() == HANDOVER_DORMANT {
+        return TC_ACT_UNSPEC;
+    }
+    let mut packet = Packet::EMPTY;
+    match packet.parse(&ctx) {
+        Ok(()) => ingress(&ctx, &packet),
+        Err(Skip::Other) => icmp::icmp_error(&ctx),
         // Left to the stack, as before there was a count: it discards a malformed packet, and
         // a fragment without its first one is not ours to translate.
         Err(skip) => {
@@ -80,60 +105,105 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
         return TC_ACT_OK;
     }
-    match Packet::parse(&ctx) {
-        Ok(packet) => egress(&ctx, &packet),
+    if handover() == HANDOVER_DORMANT {
+        return TC_ACT_UNSPEC;
+    }
+    let mut packet = Packet::EMPTY;
+    match packet.parse(&ctx) {
+        Ok(()) => egress(&ctx, &packet),
         Err(_) => TC_ACT_OK,
     }
 }
 
+/// Returned by [`follow`] for a packet of no tracked flow.
+const CONTINUE: i32 = i32::MIN;
+/// Returned by [`choose`]: the packet is for no frontend (or opens nothing): let it pass.
+const PASS: u32 = u32::MAX;
+/// Returned by [`choose`]: a backend is chosen, open a flow; by [`new_flow`]: it is open.
+const OPEN: u32 = u32::MAX - 1;
+
 /// A packet from outside: a tracked flow's is translated, a frontend's first opens a flow,
-/// anything else passes.
+/// anything else passes. Each step is a function of its own (a BPF-to-BPF call) called from
+/// here, so their stack frames sit side by side rather than on top of each other: the BPF
+/// stack (512 bytes for the whole call chain) holds 16-byte addresses only that way.
+#[inline(always)]
 fn ingress(ctx: &TcContext, packet: &Packet) -> i32 {
-    let key = packet.key();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        // The clock only where it is needed: most packets that reach here are for no frontend.
-        // SAFETY: a plain helper call without arguments.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
-        let value = unsafe { &mut *entry };
-        if conntrack::follows(value, packet, now) {
-            conntrack::track(value, packet, now);
-            let to = *value;
-            return translate(ctx, packet, &to);
-        }
+    let verdict = follow(ctx, packet);
+    if verdict != CONTINUE {
+        return verdict;
     }
     if !packet.has_l4 {
         // A later fragment of a flow that is not tracked: nothing to translate.
-        return TC_ACT_OK;
+        return pass();
     }
-    let client = AffinityKey { client: packet.src, ..AffinityKey::default() };
-    match lb::select_flow(packet.dst, packet.dport, packet.proto, client, Origin::External, Some(&key)) {
-        Verdict::NotAService => TC_ACT_OK,
-        // No local endpoint under eTP=Local while other nodes have some: drop, as kube-proxy
-        // does (with no endpoint anywhere it rejects, below).
-        Verdict::NoBackend(flags)
-            if flags & SVC_F_EXT_LOCAL != 0 && lb::cluster_has_backends(packet.dst, packet.dport, packet.proto) =>
-        {
-            refuse(packet, drop::NO_LOCAL_ENDPOINT)
-        }
+    let mut selected = Selected::default();
+    let mut verdict = TC_ACT_OK;
+    let reason = match choose(packet, &mut selected) {
+        OPEN => new_flow(ctx, packet, &selected, &mut verdict),
+        other => other,
+    };
+    match reason {
+        OPEN => verdict,
+        PASS => pass(),
+        // A flow the older programs behind these opened, while they hand over.
+        drop::NOT_A_NEW_CONNECTION if handover() != HANDOVER_NONE => TC_ACT_UNSPEC,
         // No endpoint at all: the node's own stack answers (TCP RST, ICMP port unreachable),
         // which is kube-proxy's REJECT.
-        Verdict::NoBackend(_) => {
+        drop::NO_ENDPOINT => {
             refuse(packet, drop::NO_ENDPOINT);
             TC_ACT_OK
         }
-        Verdict::Backend(_) if !packet.may_open_flow() => refuse(packet, drop::NOT_A_NEW_CONNECTION),
-        // loadBalancerSourceRanges: only listed clients, as kube-proxy's firewall chain.
-        Verdict::Backend(selected) if selected.flags & SVC_F_SOURCE_RANGES != 0 && !admitted(packet) => {
-            refuse(packet, drop::SOURCE_RANGE_DENIED)
+        reason => refuse(packet, reason),
+    }
+}
+
+/// A packet of a tracked flow is translated and sent on; [`CONTINUE`] for any other.
+#[inline(never)]
+fn follow(ctx: &TcContext, packet: &Packet) -> i32 {
+    let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) else { return CONTINUE };
+    // The clock only where it is needed: most packets that reach here are for no frontend.
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
+    let value = unsafe { &mut *entry };
+    if !conntrack::follows(value, packet, now) {
+        return CONTINUE;
+    }
+    conntrack::track(value, packet, now);
+    let to = *value;
+    translate(ctx, packet, &to)
+}
+
+/// The first packet to a frontend: picks its backend into `selected` and returns [`OPEN`];
+/// [`PASS`] for a packet to no frontend; else the reason to drop it (`proxy_common::drop`).
+#[inline(never)]
+fn choose(packet: &Packet, selected: &mut Selected) -> u32 {
+    let client = AffinityKey { client: packet.src, ..AffinityKey::default() };
+    match lb::select_flow(packet.dst, packet.dport, packet.proto, client, Origin::External, Some(packet)) {
+        Verdict::NotAService => PASS,
+        // No local endpoint under eTP=Local while other nodes have some: drop, as kube-proxy
+        // does (with no endpoint anywhere it rejects).
+        Verdict::NoBackend(flags)
+            if flags & SVC_F_EXT_LOCAL != 0 && lb::cluster_has_backends(packet.dst, packet.dport, packet.proto) =>
+        {
+            drop::NO_LOCAL_ENDPOINT
         }
-        Verdict::Backend(selected) => new_flow(ctx, packet, &key, &selected),
+        Verdict::NoBackend(_) => drop::NO_ENDPOINT,
+        Verdict::Backend(_) if !packet.may_open_flow() => drop::NOT_A_NEW_CONNECTION,
+        // loadBalancerSourceRanges: only listed clients, as kube-proxy's firewall chain.
+        Verdict::Backend(chosen) if chosen.flags & SVC_F_SOURCE_RANGES != 0 && !admitted(packet) => {
+            drop::SOURCE_RANGE_DENIED
+        }
+        Verdict::Backend(chosen) => {
+            *selected = chosen;
+            OPEN
+        }
     }
 }
 
 /// A packet the node sends: the reply of a flow to a local backend is translated back.
 fn egress(ctx: &TcContext, packet: &Packet) -> i32 {
-    let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) else { return TC_ACT_OK };
+    let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) else { return pass() };
     // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
     let value = unsafe { &mut *entry };
     if value.flags & (CT_F_LOCAL | CT_F_REPLY) != CT_F_LOCAL | CT_F_REPLY {
@@ -153,51 +223,59 @@ fn egress(ctx: &TcContext, packet: &Packet) -> i32 {
     }
 }
 
-/// Opens a flow to `selected` for the connection's first packet, translates it and sends it on.
-fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, selected: &Selected) -> i32 {
+/// Opens a flow to `selected` for the connection's first packet, translates it and sends it on,
+/// setting `verdict`; returns [`OPEN`], or the reason to drop the packet (the caller counts
+/// it: [`refuse`] called from here would stack its frame on this one's). A function of its
+/// own (a BPF-to-BPF call), so its stack is not added to the lookup's.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, packet: &Packet, selected: &Selected, verdict: &mut i32) -> u32 {
     let snat = if selected.flags & SVC_F_EXT_LOCAL == 0 {
         match nat::snat_address(selected.flags, packet.dst) {
             Some(address) => Some(address),
-            None => return refuse(packet, drop::NO_SNAT_ADDRESS),
+            None => return drop::NO_SNAT_ADDRESS,
         }
     } else {
         None
     };
     // The route the translated packet takes, looked up once: it also tells whether the backend
     // is one of the node's own addresses (not forwarded: local).
-    let route = fib::route(ctx, snat.unwrap_or(packet.src), selected.backend.address);
+    let route = fib::route(ctx, snat.as_ref().unwrap_or(&packet.src), &selected.backend.address);
     let local = route.rc == BPF_FIB_LKUP_RET_NOT_FWDED;
     let snat = if local { None } else { snat };
     // SAFETY: a plain helper call without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let to = match conntrack::open_flow(packet, key, selected, snat, local, now) {
+    let to = match conntrack::open_flow(packet, selected, snat, local, now) {
         Ok(to) => to,
-        Err(reason) => return refuse(packet, reason),
+        Err(reason) => return reason,
     };
-    if nat::rewrite(ctx, packet, &to).is_err() {
-        return refuse(packet, drop::REWRITE_FAILED);
+    if nat::rewrite(ctx, packet, to).is_err() {
+        return drop::REWRITE_FAILED;
     }
     if trace::on() {
-        let mut event = trace::translated(PATH_TC, packet.proto, packet.dst, packet.dport, selected);
-        event.client = packet.src;
-        event.client_port = packet.sport;
-        if to.flags & CT_F_SNAT != 0 {
-            event.snat = to.src;
-            event.snat_port = to.sport;
-        }
-        trace::emit(event);
+        trace::emit(|event| {
+            trace::translated(event, (PATH_TC, packet.proto), &packet.dst, packet.dport, selected);
+            event.client = packet.src;
+            event.client_port = packet.sport;
+            if to.flags & CT_F_SNAT != 0 {
+                event.snat = to.src;
+                event.snat_port = to.sport;
+            }
+        });
     }
-    fib::deliver(route)
+    *verdict = fib::deliver(route);
+    OPEN
 }
 
 /// Counts (and traces) a drop of a packet to a frontend for `reason`; returns the verdict that
-/// drops it.
+/// drops it. A function of its own: the trace event's fields are not on a new flow's stack.
+#[inline(never)]
 fn refuse(packet: &Packet, reason: u32) -> i32 {
     if trace::on() {
-        let mut event = trace::dropped(PATH_TC, packet.proto, packet.dst, packet.dport, reason);
-        event.client = packet.src;
-        event.client_port = packet.sport;
-        trace::emit(event);
+        trace::emit(|event| {
+            trace::dropped(event, (PATH_TC, packet.proto), &packet.dst, packet.dport, reason);
+            event.client = packet.src;
+            event.client_port = packet.sport;
+        });
     }
     drops::shot(reason)
 }
@@ -205,14 +283,15 @@ fn refuse(packet: &Packet, reason: u32) -> i32 {
 /// Whether the packet's client is inside one of its frontend's `loadBalancerSourceRanges`.
 fn admitted(packet: &Packet) -> bool {
     let data = SourceRange::new(packet.dst, packet.dport, packet.proto, packet.src);
-    let key = Key::new(SOURCE_RANGE_FRONTEND_BITS + 32, data);
+    let key = Key::new(SOURCE_RANGE_FRONTEND_BITS + 128, data);
     SOURCE_RANGES.get(&key).is_some()
 }
 
 /// Rewrites a tracked flow's packet to `to` and sends it on.
+#[inline(always)]
 fn translate(ctx: &TcContext, packet: &Packet, to: &CtValue) -> i32 {
     if nat::rewrite(ctx, packet, to).is_err() {
         return drops::shot(drop::REWRITE_FAILED);
     }
-    fib::forward(ctx, to.src, to.dst)
+    fib::forward(ctx, &to.src, &to.dst)
 }

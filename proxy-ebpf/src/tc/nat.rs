@@ -3,43 +3,51 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
-    helpers::{bpf_csum_diff, bpf_get_prandom_u32},
+    helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_skb_store_bytes},
     programs::TcContext,
 };
 use proxy_common::{
+    addr::{self, Addr},
     conntrack::{CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
     proto::{TCP, UDP},
     service::SVC_F_NODE_PORT,
 };
 
-use super::packet::{IP_CSUM, IP_SRC, Packet};
+use super::{
+    ipv6::IP6_SRC,
+    packet::{Family, IP_CSUM, IP_SRC, Packet},
+};
 use crate::maps::{CONFIG, CONNTRACK};
+
+use core::mem::offset_of;
 
 /// Attempts at a free SNAT port before the new flow is dropped.
 const SNAT_TRIES: u32 = 16;
 
 /// The node address to SNAT to: the frontend itself when it is a node address (NodePort),
 /// else the node's configured address.
-pub fn snat_address(flags: u16, frontend: [u8; 4]) -> Option<[u8; 4]> {
+pub fn snat_address(flags: u16, frontend: Addr) -> Option<Addr> {
     if flags & SVC_F_NODE_PORT != 0 {
         return Some(frontend);
     }
-    let address = CONFIG.get(0)?.snat_address;
-    (address != [0; 4]).then_some(address)
+    let config = CONFIG.get(0)?;
+    let address = if addr::is_v4(&frontend) { config.snat_v4 } else { config.snat_v6 };
+    (address != addr::UNSPECIFIED).then_some(address)
 }
 
 /// Claims a free SNAT port for a flow whose reply entry is `reply` under `reply_key` (its
 /// destination port is set to the port): a port is ours only if no flow holds that reply
 /// tuple yet, so the reply entry is inserted here (`reply_key` with that port). `None`: every
 /// port tried was taken.
-pub fn claim_port(mut reply_key: CtKey, reply: &CtValue) -> Option<u16> {
+#[expect(clippy::needless_borrows_for_generic_args, reason = "a copy would land on the BPF stack")]
+pub fn claim_port(reply_key: &mut CtKey, reply: &CtValue) -> Option<u16> {
     let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
     for _ in 0..SNAT_TRIES {
         // SAFETY: a plain helper call without arguments.
         let random = unsafe { bpf_get_prandom_u32() };
         let port = SNAT_PORT_MIN + (random % span) as u16;
         reply_key.dport = port;
-        if CONNTRACK.insert(reply_key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+        if CONNTRACK.insert(&*reply_key, reply, u64::from(BPF_NOEXIST)).is_ok() {
             return Some(port);
         }
     }
@@ -50,20 +58,34 @@ pub fn claim_port(mut reply_key: CtKey, reply: &CtValue) -> Option<u16> {
 pub fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64> {
     let csum = packet.l4_csum();
     // A later fragment has no L4 header (its checksum was fixed in the first one); a UDP
-    // checksum of zero means "none": keep it so.
-    let l4_csum = packet.has_l4 && (packet.proto == TCP || ctx.load::<u16>(csum)? != 0);
+    // checksum of zero means "none" over IPv4: keep it so. (IPv6 forbids it: always fixed.)
+    let l4_csum = packet.has_l4 && (packet.proto == TCP || packet.family == Family::V6 || ctx.load::<u16>(csum)? != 0);
+    // A UDP checksum that comes out 0 is sent as 0xffff (0 would mean "none").
     let mangled = if packet.proto == UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     // Source and destination address are adjacent: one checksum difference, one store. The
     // L4 checksum covers them through the pseudo header.
-    let old = [u32::from_ne_bytes(packet.src), u32::from_ne_bytes(packet.dst)];
-    let new = [u32::from_ne_bytes(to.src), u32::from_ne_bytes(to.dst)];
-    if old != new {
-        let diff = csum_diff(&old, &new)?;
-        ctx.l3_csum_replace(IP_CSUM, 0, diff, 0)?;
-        if l4_csum {
-            ctx.l4_csum_replace(csum, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
+    if packet.family == Family::V6 {
+        if packet.src != to.src || packet.dst != to.dst {
+            // IPv6 has no header checksum: only the L4 one covers the addresses.
+            // SAFETY: both are the first 32 bytes of `repr(C)` structs (source, destination).
+            let (old, new) = unsafe { (&*addresses(packet), &*addresses(to)) };
+            let diff = csum_diff(old, new)?;
+            if l4_csum {
+                ctx.l4_csum_replace(csum, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
+            }
+            store(ctx, IP6_SRC, new)?;
         }
-        ctx.store(IP_SRC, &new, 0)?;
+    } else {
+        let old = [v4_word(&packet.src), v4_word(&packet.dst)];
+        let new = [v4_word(&to.src), v4_word(&to.dst)];
+        if old != new {
+            let diff = csum_diff(&old, &new)?;
+            ctx.l3_csum_replace(IP_CSUM, 0, diff, 0)?;
+            if l4_csum {
+                ctx.l4_csum_replace(csum, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
+            }
+            ctx.store(IP_SRC, &new, 0)?;
+        }
     }
     // So are the ports, in the L4 header itself.
     let port_word = |sport: u16, dport: u16| {
@@ -80,9 +102,41 @@ pub fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64
     Ok(())
 }
 
+/// The IPv4 address of a mapped address, as the word the packet holds.
+#[inline(always)]
+pub fn v4_word(address: &Addr) -> u32 {
+    u32::from_ne_bytes([address[12], address[13], address[14], address[15]])
+}
+
+/// The source and destination address of a packet or a conntrack value as one 32-byte run:
+/// both types hold them first, in that order, and are `repr(C)`. Read through a pointer, not
+/// copied: the BPF stack has no room for two copies.
+pub fn addresses<T: Addresses>(value: &T) -> *const [u32; 8] {
+    (value as *const T).cast()
+}
+
+/// Types that start with their source and destination [`Addr`], adjacent (`repr(C)`).
+pub trait Addresses {}
+impl Addresses for Packet {}
+impl Addresses for CtValue {}
+impl Addresses for CtKey {}
+const _: () = assert!(offset_of!(Packet, src) == 0 && offset_of!(Packet, dst) == 16);
+const _: () = assert!(offset_of!(CtValue, src) == 0 && offset_of!(CtValue, dst) == 16);
+const _: () = assert!(offset_of!(CtKey, src) == 0 && offset_of!(CtKey, dst) == 16);
+
+/// Stores `bytes` (any size) into the packet at `offset`.
+#[inline(always)]
+pub fn store<T>(ctx: &TcContext, offset: usize, bytes: &T) -> Result<(), i64> {
+    // SAFETY: `bytes` is valid for its size; the helper only reads it.
+    let rc = unsafe {
+        bpf_skb_store_bytes(ctx.skb.skb.cast(), offset as u32, (bytes as *const T).cast(), size_of::<T>() as u32, 0)
+    };
+    if rc < 0 { Err(rc) } else { Ok(()) }
+}
+
 /// The one's-complement checksum difference between two runs of 32-bit words (`bpf_csum_diff`),
 /// for the `*_csum_replace` helpers' "precomputed difference" form.
-fn csum_diff<const N: usize>(old: &[u32; N], new: &[u32; N]) -> Result<u64, i64> {
+pub fn csum_diff<const N: usize>(old: &[u32; N], new: &[u32; N]) -> Result<u64, i64> {
     let size = (N * 4) as u32;
     // SAFETY: both pointers are valid for `size` bytes; the helper only reads them.
     let diff = unsafe { bpf_csum_diff(old.as_ptr().cast_mut(), size, new.as_ptr().cast_mut(), size, 0) };

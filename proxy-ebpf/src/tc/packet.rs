@@ -1,18 +1,24 @@
 //! Reading packets: header offsets, the parsed 5-tuple, and small predicates on it (as
 //! Cilium's `lb.h` names its questions), so the decisions elsewhere read as sentences.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
 use network_types::ip::Ipv4Hdr;
 use proxy_common::{
+    addr::{self, Addr},
     conntrack::{CT_F_CLOSING, CtKey, FragKey, FragPorts},
     drop,
+    maglev::{Tuple, tuple_hash},
     proto::{TCP, UDP},
 };
 
+use super::ipv6::{self, ETH_P_IPV6, IP6_NEXTHDR, IP6_SRC};
 use crate::maps::FRAGMENTS;
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// Offset of the EtherType.
+pub const ETH_TYPE: usize = 12;
 /// Offsets of the IPv4 checksum, source and destination address in the frame.
 pub const IP_CSUM: usize = ETH_HLEN + 10;
 pub const IP_SRC: usize = ETH_HLEN + 12;
@@ -40,9 +46,10 @@ struct Head {
 
 /// Why a packet is not parsed into a [`Packet`].
 pub enum Skip {
-    /// Not TCP or UDP over IPv4: not ours (an ICMP error may still be).
+    /// Not TCP or UDP over IPv4 or IPv6: not ours (an ICMP error may still be).
     Other,
-    /// IPv4 TCP/UDP whose headers do not fit the packet or have a bad length.
+    /// TCP/UDP whose headers do not fit the packet or have a bad length, or IPv6 with more
+    /// extension headers than the walk's bound.
     Malformed,
     /// A later fragment whose first fragment was not seen: its ports are unknown.
     FragmentWithoutState,
@@ -59,64 +66,82 @@ impl Skip {
     }
 }
 
-/// The fields of a TCP or UDP over IPv4 packet the datapath reads.
+/// The IP version of a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// The fields of a TCP or UDP packet the datapath reads. `src` and `dst` come first and in
+/// this order (`repr(C)`): IPv6 loads and rewrites both in one 32-byte run.
+#[repr(C)]
 pub struct Packet {
+    /// Source address ([`proxy_common::addr`]: IPv4 as IPv4-mapped IPv6).
+    pub src: Addr,
+    /// Destination address, likewise.
+    pub dst: Addr,
     /// Offset of the L4 header.
     pub l4: usize,
     /// Whether the L4 header is in this packet (not a later fragment).
     pub has_l4: bool,
     pub proto: u8,
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub family: Family,
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
 }
 
-impl Packet {
-    /// Parses TCP/UDP over IPv4. A later fragment (no L4 header) gets the ports its first
-    /// fragment recorded; a first fragment records them for the rest.
-    /// Inlined into each program: a BPF-to-BPF call returning this `Result` would carry BTF
-    /// the kernel rejects (a niche-tagged union).
+/// The flow's 5-tuple for the Maglev hash, read in place: the same hash as of [`Packet::key`].
+impl Tuple for Packet {
     #[inline(always)]
-    pub fn parse(ctx: &TcContext) -> Result<Self, Skip> {
-        // Ethernet and IPv4 headers in one load.
-        let head: Head = ctx.load(0).map_err(|_| Skip::Other)?;
-        if u16::from_be_bytes(head.ether_type) != ETH_P_IP {
-            return Err(Skip::Other);
-        }
-        let ip = head.ip;
-        if ip.vihl >> 4 != 4 || (ip.proto != TCP && ip.proto != UDP) {
-            return Err(Skip::Other);
-        }
-        let ihl = usize::from(ip.vihl & 0x0f) * 4;
-        if ihl < 20 {
-            return Err(Skip::Malformed);
-        }
-        let frags = u16::from_be_bytes(ip.frags);
-        let frag =
-            FragKey { src: ip.src_addr, dst: ip.dst_addr, id: u16::from_be_bytes(ip.id), proto: ip.proto, _pad: 0 };
-        let l4 = ETH_HLEN + ihl;
-        if frags & IP_OFFSET != 0 {
-            // SAFETY: the value is copied out at once.
-            let ports = unsafe { FRAGMENTS.get(frag).copied() }.ok_or(Skip::FragmentWithoutState)?;
-            let (sport, dport) = (ports.sport, ports.dport);
-            let (src, dst, proto) = (ip.src_addr, ip.dst_addr, ip.proto);
-            return Ok(Self { l4, has_l4: false, proto, src, dst, sport, dport, tcp_flags: 0 });
-        }
-        // Ports (and TCP's flags) in one load.
-        let (ports, tcp_flags) = if ip.proto == TCP {
-            let tcp: [u8; 14] = ctx.load(l4).map_err(|_| Skip::Malformed)?;
-            ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS])
-        } else {
-            (ctx.load::<[u8; 4]>(l4).map_err(|_| Skip::Malformed)?, 0)
+    fn tuple_hash(&self, seed: u32) -> u32 {
+        tuple_hash(&self.src, &self.dst, [self.sport, self.dport], self.proto, seed)
+    }
+
+    #[inline(always)]
+    fn client(&self) -> &Addr {
+        &self.src
+    }
+}
+
+impl Packet {
+    /// A packet before [`Self::parse`] fills it in.
+    pub const EMPTY: Self = Self {
+        src: addr::UNSPECIFIED,
+        dst: addr::UNSPECIFIED,
+        l4: 0,
+        has_l4: false,
+        proto: 0,
+        family: Family::V4,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+    };
+
+    /// Parses TCP/UDP over IPv4 or IPv6 into `self`. A later fragment (no L4 header) gets the
+    /// ports its first fragment recorded; a first fragment records them for the rest.
+    /// Fills in the caller's packet rather than returning one: a returned packet is copied
+    /// on the program's main frame, under which the deepest calls sit (and a BPF-to-BPF call
+    /// returning this `Result` would carry BTF the kernel rejects: a niche-tagged union).
+    /// IPv4 is parsed inline (no call on the common path); IPv6's header walk and any
+    /// fragment's key are BPF-to-BPF calls ([`parse_v6`], [`fragment`]), so their stack sits
+    /// beside the deepest chain, not under it.
+    #[inline(always)]
+    pub fn parse(&mut self, ctx: &TcContext) -> Result<(), Skip> {
+        // Ethernet and IPv4 headers in one load (an IPv6 packet is longer than both).
+        let Ok(head) = ctx.load::<Head>(0) else { return Err(Skip::Other) };
+        let code = match u16::from_be_bytes(head.ether_type) {
+            ETH_P_IP => answer(parse_v4(ctx, self, &head.ip)),
+            ETH_P_IPV6 => parse_v6(ctx, self),
+            _ => OTHER,
         };
-        let (sport, dport) = (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
-        if frags & IP_MF != 0 {
-            // The first of several fragments: the rest will need these ports.
-            let _ = FRAGMENTS.insert(frag, FragPorts { sport, dport }, 0);
+        match code {
+            PARSED => Ok(()),
+            MALFORMED => Err(Skip::Malformed),
+            FRAGMENT_WITHOUT_STATE => Err(Skip::FragmentWithoutState),
+            _ => Err(Skip::Other),
         }
-        Ok(Self { l4, has_l4: true, proto: ip.proto, src: ip.src_addr, dst: ip.dst_addr, sport, dport, tcp_flags })
     }
 
     /// The conntrack key of the packet as it arrived.
@@ -145,4 +170,119 @@ impl Packet {
     pub fn l4_csum(&self) -> usize {
         self.l4 + if self.proto == TCP { TCP_CSUM } else { UDP_CSUM }
     }
+}
+
+/// The per-family parsers' answers: parsed, or why not (as [`Skip`], which cannot cross a
+/// BPF-to-BPF call: see [`Packet::parse`]).
+const PARSED: u32 = 0;
+const OTHER: u32 = 1;
+const MALFORMED: u32 = 2;
+const FRAGMENT_WITHOUT_STATE: u32 = 3;
+
+/// [`Skip`] as a parser's answer.
+#[inline(always)]
+fn answer(result: Result<(), Skip>) -> u32 {
+    match result {
+        Ok(()) => PARSED,
+        Err(Skip::Other) => OTHER,
+        Err(Skip::Malformed) => MALFORMED,
+        Err(Skip::FragmentWithoutState) => FRAGMENT_WITHOUT_STATE,
+    }
+}
+
+/// Parses TCP/UDP over IPv4 (header `ip`) into `packet`.
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, packet: &mut Packet, ip: &Ipv4Hdr) -> Result<(), Skip> {
+    if ip.vihl >> 4 != 4 || (ip.proto != TCP && ip.proto != UDP) {
+        return Err(Skip::Other);
+    }
+    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(Skip::Malformed);
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    (packet.src, packet.dst) = (addr::from_v4(ip.src_addr), addr::from_v4(ip.dst_addr));
+    (packet.family, packet.proto, packet.l4) = (Family::V4, ip.proto, ETH_HLEN + ihl);
+    let id = u32::from(u16::from_be_bytes(ip.id));
+    ports(ctx, packet, id, frags & IP_OFFSET != 0, frags & IP_MF != 0)
+}
+
+/// Fills in the packet's ports (and TCP flags) from its L4 header; a fragment's (`id`;
+/// `later`: not the first; `more`: not the last) through [`fragment`].
+#[inline(always)]
+fn ports(ctx: &TcContext, packet: &mut Packet, id: u32, later: bool, more: bool) -> Result<(), Skip> {
+    if later || more {
+        return match fragment(ctx, packet, id, later) {
+            PARSED => Ok(()),
+            FRAGMENT_WITHOUT_STATE => Err(Skip::FragmentWithoutState),
+            _ => Err(Skip::Malformed),
+        };
+    }
+    let (sport, dport, tcp_flags) = load_ports(ctx, packet.l4, packet.proto)?;
+    (packet.sport, packet.dport, packet.tcp_flags, packet.has_l4) = (sport, dport, tcp_flags, true);
+    Ok(())
+}
+
+/// A fragment's ports: a later one's from what its first fragment recorded, and a first
+/// one's from its L4 header, recorded for the rest. A function of its own (a BPF-to-BPF
+/// call): the rare path's key is not on the main frame, where every packet's parse sits.
+#[inline(never)]
+fn fragment(ctx: &TcContext, packet: &mut Packet, id: u32, later: bool) -> u32 {
+    let frag = FragKey { src: packet.src, dst: packet.dst, id, proto: packet.proto, _pad: [0; 3] };
+    if later {
+        // SAFETY: the value is copied out at once.
+        let Some(ports) = (unsafe { FRAGMENTS.get(frag).copied() }) else { return FRAGMENT_WITHOUT_STATE };
+        (packet.sport, packet.dport, packet.has_l4) = (ports.sport, ports.dport, false);
+        return PARSED;
+    }
+    let Ok((sport, dport, tcp_flags)) = load_ports(ctx, packet.l4, packet.proto) else { return MALFORMED };
+    // The first of several fragments: the rest will need these ports.
+    let _ = FRAGMENTS.insert(frag, FragPorts { sport, dport }, 0);
+    (packet.sport, packet.dport, packet.tcp_flags, packet.has_l4) = (sport, dport, tcp_flags, true);
+    PARSED
+}
+
+/// Parses TCP/UDP over IPv6 into `packet`: the extension headers walked ([`ipv6::walk`]),
+/// fragments as IPv4's.
+#[inline(never)]
+fn parse_v6(ctx: &TcContext, packet: &mut Packet) -> u32 {
+    answer(try_parse_v6(ctx, packet))
+}
+
+#[inline(always)]
+fn try_parse_v6(ctx: &TcContext, packet: &mut Packet) -> Result<(), Skip> {
+    let nexthdr: u8 = ctx.load(IP6_NEXTHDR).map_err(|_| Skip::Other)?;
+    let upper = ipv6::walk(ctx, nexthdr)?;
+    if upper.proto != TCP && upper.proto != UDP {
+        return Err(Skip::Other);
+    }
+    // Both addresses in one load, straight into the packet (no copy on the stack).
+    // SAFETY: `src` and `dst` are the first 32 bytes of the `repr(C)` packet.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), IP6_SRC as u32, ptr_to_addresses(packet).cast(), 32) };
+    if rc != 0 {
+        return Err(Skip::Malformed);
+    }
+    (packet.family, packet.proto, packet.l4) = (Family::V6, upper.proto, upper.offset);
+    match upper.fragment {
+        Some(fragment) => ports(ctx, packet, fragment.id, fragment.later, fragment.more),
+        None => ports(ctx, packet, 0, false, false),
+    }
+}
+
+/// The 32 bytes of `packet`'s source and destination address.
+fn ptr_to_addresses(packet: &mut Packet) -> *mut [u8; 32] {
+    (packet as *mut Packet).cast()
+}
+
+/// Source port, destination port and TCP flags (0 for UDP) of the L4 header at `l4`, in one
+/// load.
+#[inline(always)]
+fn load_ports(ctx: &TcContext, l4: usize, proto: u8) -> Result<(u16, u16, u8), Skip> {
+    let (ports, tcp_flags) = if proto == TCP {
+        let tcp: [u8; 14] = ctx.load(l4).map_err(|_| Skip::Malformed)?;
+        ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS])
+    } else {
+        (ctx.load::<[u8; 4]>(l4).map_err(|_| Skip::Malformed)?, 0)
+    };
+    Ok((u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]), tcp_flags))
 }

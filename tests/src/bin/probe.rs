@@ -11,6 +11,11 @@
 //! `probe hold ADDR:PORT SECONDS` keeps one connection and round-trips a line every 100 ms for
 //! SECONDS, printing `ok <greeting>` if every round trip worked. Bounded in count
 //! (at most 100 000) and in time: after 60 s the remaining attempts are reported as `err budget`. Run inside a test namespace and cgroup (see `proxy_tests::client`).
+//!
+//! Sockets follow the family of ADDR: `10.96.0.10:6666` an AF_INET socket, `[fd00:10:96::10]:6666`
+//! an AF_INET6 one, and `[::ffff:10.96.0.10]:6666` an AF_INET6 socket to an IPv4-mapped address
+//! (IPV6_V6ONLY off), as a dual-stack application reaches an IPv4 service. Answers show the
+//! peer as that socket sees it (`[::ffff:10.96.0.10]:6666` in the last case).
 
 use std::{
     io::{BufRead as _, BufReader, ErrorKind},
@@ -58,15 +63,30 @@ fn udp_exchange(socket: &UdpSocket, addr: Option<SocketAddr>) -> std::io::Result
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), from))
 }
 
+/// An unconnected UDP socket on an ephemeral port, of the family of `target`; an AF_INET6 one
+/// takes IPv4-mapped targets too (IPV6_V6ONLY off, whatever the sysctl default).
+fn udp_socket(target: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(target), Type::DGRAM, None)?;
+    let any: SocketAddr = if target.is_ipv6() {
+        socket.set_only_v6(false)?;
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    socket.bind(&any.into())?;
+    Ok(socket.into())
+}
+
 fn udp_peer(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     let (answer, from) = udp_exchange(&socket, Some(addr))?;
     Ok(format!("{answer}@{from}"))
 }
 
 fn udp_connected(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.connect(addr)?;
     let (answer, _) = udp_exchange(&socket, None)?;
@@ -86,7 +106,7 @@ fn http_get(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
 }
 
 fn udp_big(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(&[b'x'; 3000], addr)?;
     let mut buf = [0u8; 512];
@@ -113,7 +133,7 @@ fn tcp_big(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
 }
 
 fn udp(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"hello\n", addr)?;
     let mut buf = [0u8; 512];
@@ -145,7 +165,7 @@ fn hold(addr: SocketAddr, seconds: u64) -> std::io::Result<String> {
 
 /// One connected UDP socket that must keep working (or fail visibly).
 fn udp_hold(addr: SocketAddr, seconds: u64) -> std::io::Result<String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = udp_socket(addr)?;
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
     socket.connect(addr)?;
     let (first, _) = udp_exchange(&socket, None)?;
@@ -182,7 +202,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if proto == "udp-sticky" {
-        let socket = match UdpSocket::bind("0.0.0.0:0").and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s)) {
+        let socket = match udp_socket(addr).and_then(|s| s.set_read_timeout(Some(timeout)).map(|()| s)) {
             Ok(socket) => socket,
             Err(e) => {
                 eprintln!("binding a UDP socket: {e}");

@@ -109,7 +109,7 @@ impl Svc {
 
 /// This node, serving nodePorts on [`NODE_IP`].
 pub(crate) fn node() -> NodeInfo {
-    NodeInfo { name: NODE.into(), nodeport_addresses: vec![NODE_IP], ..NodeInfo::default() }
+    NodeInfo { name: NODE.into(), nodeport_addresses: vec![NODE_IP.into()], ..NodeInfo::default() }
 }
 
 /// Programs `services` as the sync loop would (the model's frontends, upserted one by one).

@@ -3,6 +3,7 @@
 use std::net::Ipv4Addr;
 
 use proxy_common::{
+    addr,
     maglev::TABLE_SIZE_INDEX,
     service::{SVC_F_MAGLEV, ServiceKey},
 };
@@ -37,7 +38,7 @@ fn maglev_service(lasts: &[u8]) -> Svc {
 }
 
 fn master(writer: &Writer<Recorder>, address: Ipv4Addr, port: u16) -> proxy_common::service::ServiceValue {
-    writer.store().maps.services[&ServiceKey::master(address.octets(), port, proxy_common::proto::TCP)]
+    writer.store().maps.services[&ServiceKey::master(addr::from_ip(address), port, proxy_common::proto::TCP)]
 }
 
 /// The table the pure builder makes for pods `lasts` (named by address and target port),
@@ -45,11 +46,11 @@ fn master(writer: &Writer<Recorder>, address: Ipv4Addr, port: u16) -> proxy_comm
 fn expected_table(writer: &Writer<Recorder>, lasts: &[u8]) -> Vec<u32> {
     let id_of = |address: Ipv4Addr| {
         let backends = &writer.store().maps.backends;
-        *backends.iter().find(|(_, b)| b.address == address.octets()).expect("the pod is a backend").0
+        *backends.iter().find(|(_, b)| b.address == addr::from_ip(address)).expect("the pod is a backend").0
     };
     let named: Vec<(u32, Vec<u8>)> = lasts
         .iter()
-        .map(|&l| (id_of(pod(l)), maglev::backend_name(pod(l).octets(), super::fixture::TARGET_PORT)))
+        .map(|&l| (id_of(pod(l)), maglev::backend_name(addr::from_ip(pod(l)), super::fixture::TARGET_PORT)))
         .collect();
     let settings = MaglevSettings::default();
     std::iter::once(settings.table_size).chain(maglev::build(&named, settings.table_size, &settings.seed)).collect()
@@ -149,12 +150,14 @@ fn inspect_shows_the_algorithm_and_explain_names_the_maglev_slot() {
 
     let client = Ipv4Addr::new(172, 18, 0, 100);
     let to = std::net::SocketAddrV4::new(NODE_IP, NODE_PORT);
-    let answer =
-        explain(&snapshot, &Query { from: client, from_port: Some(40_000), to, proto: proxy_common::proto::TCP });
+    let answer = explain(
+        &snapshot,
+        &Query { from: client.into(), from_port: Some(40_000), to: to.into(), proto: proxy_common::proto::TCP },
+    );
     let outside = answer.paths.iter().find(|p| p.origins.contains(&crate::inspect::explain::Origin::Outside)).unwrap();
     let flow = proxy_common::conntrack::CtKey {
-        src: client.octets(),
-        dst: NODE_IP.octets(),
+        src: addr::from_ip(client),
+        dst: addr::from_ip(NODE_IP),
         sport: 40_000,
         dport: NODE_PORT,
         proto: proxy_common::proto::TCP,
@@ -164,7 +167,7 @@ fn inspect_shows_the_algorithm_and_explain_names_the_maglev_slot() {
     let backend_id = expected_table(&writer, &[2, 3, 4])[slot as usize];
     let backend = writer.store().maps.backends[&backend_id];
     assert_eq!((outside.verdict, outside.maglev_slot), (Verdict::Maglev, Some(slot)));
-    let named = format!("{}:{}", Ipv4Addr::from(backend.address), backend.port);
+    let named = format!("{}:{}", addr::to_ip(&backend.address), backend.port);
     assert!(
         outside.summary.contains(&named) && outside.summary.contains(&format!("slot {slot} of 16381")),
         "{}",

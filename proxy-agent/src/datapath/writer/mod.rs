@@ -39,18 +39,37 @@ mod tests;
 use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
+    addr,
     affinity::affinity_service_id,
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
     maglev::MaglevConfig,
-    service::{SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
+    service::{SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockRevKey, SockRevValue},
 };
 
 use self::ids::Ids;
 pub use self::{slots::slot_order, stale::Departed};
 use crate::model::{Cidr, Frontend, ServicePortName};
+
+/// The key of a frontend's master entry in the `services` map.
+pub(crate) fn master_key(frontend: &Frontend) -> ServiceKey {
+    ServiceKey::master(addr::from_ip(frontend.address), frontend.port, frontend.proto)
+}
+
+/// The frontend a `services` entry belongs to.
+pub(crate) fn frontend_of(key: &ServiceKey) -> Frontend {
+    Frontend { address: addr::to_ip(&key.address), port: key.port, proto: key.proto }
+}
+
+/// The `source_ranges` entry admitting clients in `cidr` at `frontend`: (prefix length over
+/// the whole key, key data).
+pub(crate) fn source_range(frontend: &Frontend, cidr: &Cidr) -> (u32, SourceRange) {
+    let (client, bits) = cidr.map_prefix();
+    let data = SourceRange::new(addr::from_ip(frontend.address), frontend.port, frontend.proto, client);
+    (SOURCE_RANGE_FRONTEND_BITS + bits, data)
+}
 
 /// The map operations the writer needs; the real implementation is over the pinned BPF maps.
 pub trait MapStore {

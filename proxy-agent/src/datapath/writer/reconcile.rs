@@ -9,7 +9,7 @@ use proxy_common::{
     service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
 };
 
-use super::{MapStore, Programmed, WriteStats, Writer, ids::service_name, internal_master};
+use super::{MapStore, Programmed, WriteStats, Writer, frontend_of, ids::service_name, internal_master, master_key};
 use crate::model::{Frontend, FrontendEntry};
 
 impl<S: MapStore> Writer<S> {
@@ -68,7 +68,7 @@ impl<S: MapStore> Writer<S> {
             service_id: affinity_service_id(service_id, entry.flags, SCOPE_EXTERNAL),
             affinity_timeout: entry.affinity_timeout,
         };
-        let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+        let key = master_key(&frontend);
         let internal_key = key.with_scope(SCOPE_INTERNAL);
         // Admitted client ranges before the master that turns the check on.
         let old_ranges = old.map_or(&[][..], |o| &o.ranges[..]);
@@ -110,7 +110,7 @@ impl<S: MapStore> Writer<S> {
     /// the references both layouts held. Best effort: a failing delete leaves an entry the next
     /// sweep removes.
     fn refuse(&mut self, frontend: Frontend, entry: &FrontendEntry, old: Option<Programmed>, taken: &[Backend]) {
-        let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+        let key = master_key(&frontend);
         let old_len = |internal: bool| {
             old.as_ref()
                 .map_or(0, |o| if internal { o.internal.as_ref().map_or(0, Vec::len) } else { o.external.len() })
@@ -143,7 +143,7 @@ impl<S: MapStore> Writer<S> {
         let Some(old) = self.programmed.remove(&frontend) else { return Ok(stats) };
         self.departed(&old, None);
         self.update_maglev(frontend);
-        let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+        let key = master_key(&frontend);
         self.store.delete_service(key)?;
         stats.service_writes += 1;
         self.trim_slots(key, old.external.len(), 0, &mut stats)?;
@@ -228,7 +228,7 @@ impl<S: MapStore> Writer<S> {
             for cidr in &p.ranges {
                 self.store.put_source_range(frontend, cidr)?;
             }
-            let key = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+            let key = master_key(frontend);
             let scopes = [(key, Some(&p.external)), (key.with_scope(SCOPE_INTERNAL), p.internal.as_ref())];
             for (scope, ids) in scopes {
                 for (i, &backend_id) in ids.into_iter().flatten().enumerate() {
@@ -257,7 +257,7 @@ impl<S: MapStore> Writer<S> {
     }
 
     fn is_programmed(&self, key: &ServiceKey) -> bool {
-        let frontend = Frontend { address: key.address.into(), port: key.port, proto: key.proto };
+        let frontend = frontend_of(key);
         let Some(p) = self.programmed.get(&frontend) else { return false };
         let slots = if key.scope == SCOPE_INTERNAL { p.internal.as_deref() } else { Some(&p.external[..]) };
         slots.is_some_and(|slots| usize::from(key.slot) <= slots.len())

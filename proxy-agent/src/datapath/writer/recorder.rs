@@ -16,10 +16,7 @@ use proxy_common::{
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
     maglev::MaglevConfig,
-    service::{
-        SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, SVC_F_TWO_SCOPES, ServiceKey, ServiceName,
-        ServiceValue, SourceRange,
-    },
+    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_TWO_SCOPES, ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
 };
 
@@ -121,12 +118,7 @@ impl Recorder {
     /// The `source_ranges` trie's entries: (prefix length over the whole key, key data), as
     /// the pinned store writes them.
     pub(crate) fn source_range_entries(&self) -> Vec<(u32, SourceRange)> {
-        let entry = |(frontend, cidr): &(Frontend, Cidr)| {
-            let data =
-                SourceRange::new(frontend.address.octets(), frontend.port, frontend.proto, cidr.network.octets());
-            (SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix), data)
-        };
-        self.ranges.iter().map(entry).collect()
+        self.ranges.iter().map(|(frontend, cidr)| super::source_range(frontend, cidr)).collect()
     }
 
     fn put(&mut self, op: Op) -> Result<(), Full> {

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use proxy_common::{
+    addr,
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     service::{ServiceKey, ServiceValue},
 };
@@ -86,7 +87,7 @@ fn backend_of(endpoint: &Endpoint, proto: u8) -> Backend {
     if endpoint.terminating {
         flags |= BACKEND_F_TERMINATING;
     }
-    Backend { address: endpoint.address.octets(), port: endpoint.port, proto, flags }
+    Backend { address: addr::from_ip(endpoint.address), port: endpoint.port, proto, flags }
 }
 
 /// New slot order for the backend ids `wanted` (distinct) given the `old` order: survivors keep

@@ -5,7 +5,12 @@
 
 use std::collections::HashSet;
 
-use proxy_common::{backend::BackendId, conntrack::CT_F_REPLY, proto};
+use proxy_common::{
+    addr::{self, Addr},
+    backend::BackendId,
+    conntrack::CT_F_REPLY,
+    proto,
+};
 
 use super::{MapStore, Programmed, Writer};
 use crate::model::Frontend;
@@ -78,8 +83,8 @@ impl<S: MapStore> Writer<S> {
     /// Whether backend (address, port) is behind the programmed frontend (address, port, proto).
     /// Looks at that one frontend only: it runs once per socket or flow entry, after syncs that
     /// removed backends, and must stay cheap however many services there are.
-    fn behind(&self, address: [u8; 4], port: u16, proto: u8, backend: [u8; 4], backend_port: u16) -> bool {
-        let frontend = Frontend { address: address.into(), port, proto };
+    fn behind(&self, address: Addr, port: u16, proto: u8, backend: Addr, backend_port: u16) -> bool {
+        let frontend = Frontend { address: addr::to_ip(&address), port, proto };
         let Some(programmed) = self.programmed.get(&frontend) else { return false };
         programmed
             .external

@@ -5,6 +5,7 @@
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use proxy_common::{
+    addr,
     affinity::{AffinityKey, AffinityValue},
     backend::BackendId,
     proto::TCP,
@@ -65,21 +66,25 @@ fn fill_as_the_kernel(writer: &mut Writer<Recorder>) -> HashMap<(Ipv4Addr, Path)
     let mut client = 0u32;
     for (address, port) in frontends {
         for path in [Path::Socket, Path::Packet] {
-            let key = ServiceKey::master(address.octets(), port, TCP);
+            let key = ServiceKey::master(addr::from_ip(address), port, TCP);
             for (service_id, backend_id) in kernel_picks(&writer.store.maps, key, path) {
                 client += 1;
                 let value = AffinityValue { last_used_ns: 1, backend_id, _pad: 0 };
                 let key = match path {
-                    Path::Socket => AffinityKey { netns_cookie: client.into(), client: [0; 4], service_id },
-                    Path::Packet => AffinityKey { netns_cookie: 0, client: client.to_be_bytes(), service_id },
+                    Path::Socket => AffinityKey { netns_cookie: client.into(), service_id, ..AffinityKey::default() },
+                    Path::Packet => AffinityKey {
+                        client: addr::from_v4(client.to_be_bytes()),
+                        service_id,
+                        ..AffinityKey::default()
+                    },
                 };
                 writer.store.affinity.insert(key, value);
                 if path == Path::Socket {
-                    let key =
-                        SockBackendKey { cookie: client.into(), address: address.octets(), port, proto: TCP, _pad: 0 };
+                    let address = addr::from_ip(address);
+                    let key = SockBackendKey { cookie: client.into(), address, port, proto: TCP, _pad: [0; 5] };
                     writer.store.sock_backend.insert(key, SockBackendValue { backend_id, service_id });
                 }
-                let backend = Ipv4Addr::from(writer.store.maps.backends[&backend_id].address);
+                let backend = addr::to_v4(&writer.store.maps.backends[&backend_id].address).expect("IPv4").into();
                 picks.entry((address, path)).or_insert_with(Vec::new).push(backend);
             }
         }
@@ -90,7 +95,7 @@ fn fill_as_the_kernel(writer: &mut Writer<Recorder>) -> HashMap<(Ipv4Addr, Path)
 /// The backend id of the endpoint at `address`.
 fn backend_id(writer: &Writer<Recorder>, address: Ipv4Addr) -> BackendId {
     let backends = &writer.store.maps.backends;
-    *backends.iter().find(|(_, b)| b.address == address.octets()).expect("the endpoint is programmed").0
+    *backends.iter().find(|(_, b)| b.address == addr::from_ip(address)).expect("the endpoint is programmed").0
 }
 
 /// The backend ids the affinity and UDP-socket entries name, each sorted.
@@ -131,10 +136,11 @@ fn the_periodic_check_removes_an_entry_whose_backend_is_outside_its_set() {
     fill_as_the_kernel(&mut writer);
     // The packet path's NodePort set is local only: an entry under its id naming the remote
     // endpoint (left from before the policy became Local) must go, the valid ones stay.
-    let node_port = ServiceKey::master(NODE_IP.octets(), NODE_PORT, TCP);
+    let node_port = ServiceKey::master(addr::from_ip(NODE_IP), NODE_PORT, TCP);
     let local_set_id = writer.store.maps.services[&node_port].service_id;
     let remote_id = backend_id(&writer, REMOTE);
-    let stale = AffinityKey { netns_cookie: 0, client: [192, 0, 2, 1], service_id: local_set_id };
+    let stale =
+        AffinityKey { client: addr::from_v4([192, 0, 2, 1]), service_id: local_set_id, ..AffinityKey::default() };
     writer.store.affinity.insert(stale, AffinityValue { last_used_ns: 1, backend_id: remote_id, _pad: 0 });
     let valid = writer.store.affinity.len() - 1;
 

@@ -11,6 +11,7 @@ use std::{
 
 use proptest::{collection, option, prelude::*};
 use proxy_common::{
+    addr,
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     proto::TCP,
     service::{
@@ -20,7 +21,7 @@ use proxy_common::{
 };
 
 use super::{
-    WriteStats, Writer,
+    WriteStats, Writer, frontend_of, master_key,
     recorder::{Maps, Op, Recorder},
     slot_order,
 };
@@ -58,7 +59,7 @@ fn read_back(maps: &Maps) -> (View, Vec<ServiceKey>, Vec<BackendId>) {
             backends.push(maps.backends[&id]);
         }
         backends.sort();
-        let frontend = Frontend { address: Ipv4Addr::from(key.address), port: key.port, proto: key.proto };
+        let frontend = frontend_of(key);
         let scope = Scope { flags: master.flags, affinity_timeout: master.affinity_timeout, backends };
         view.insert((frontend, key.scope), scope);
     }
@@ -91,7 +92,7 @@ fn backends(set: &[Endpoint], proto: u8) -> Vec<Backend> {
         .map(|e| {
             let local = if e.local { BACKEND_F_LOCAL } else { 0 };
             let terminating = if e.terminating { BACKEND_F_TERMINATING } else { 0 };
-            Backend { address: e.address.octets(), port: e.port, proto, flags: local | terminating }
+            Backend { address: addr::from_ip(e.address), port: e.port, proto, flags: local | terminating }
         })
         .collect();
     distinct.into_iter().collect()
@@ -103,7 +104,7 @@ fn backends(set: &[Endpoint], proto: u8) -> Vec<Backend> {
 fn check_service_ids(maps: &Maps, state: &State, label: &str) {
     let mut ids: BTreeMap<&ServicePortName, BTreeSet<u32>> = BTreeMap::new();
     for (frontend, entry) in state {
-        let master = ServiceKey::master(frontend.address.octets(), frontend.port, frontend.proto);
+        let master = master_key(frontend);
         let scopes = [Some(SCOPE_EXTERNAL), entry.internal.as_ref().map(|_| SCOPE_INTERNAL)];
         let policy = if entry.kind == FrontendKind::ClusterIp { SVC_F_INT_LOCAL } else { SVC_F_EXT_LOCAL };
         for scope in scopes.into_iter().flatten() {
@@ -230,13 +231,13 @@ impl Harness {
 
 /// ClusterIP 10.96.0.`n`:80/TCP.
 fn frontend(n: u8) -> Frontend {
-    Frontend { address: Ipv4Addr::new(10, 96, 0, n), port: 80, proto: TCP }
+    Frontend { address: Ipv4Addr::new(10, 96, 0, n).into(), port: 80, proto: TCP }
 }
 
 /// Endpoint `n`: a pod address of its own on port 8080; even ones are on this node.
 fn endpoint(n: u32) -> Endpoint {
     let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n);
-    Endpoint { address, port: 8080, local: n.is_multiple_of(2), terminating: false }
+    Endpoint { address: address.into(), port: 8080, local: n.is_multiple_of(2), terminating: false }
 }
 
 /// A ClusterIP entry of service port `default/<service>` with endpoints `ns`.
@@ -423,7 +424,7 @@ fn a_new_writer_takes_over_an_earlier_agents_maps() {
     for (id, n) in [(7, 1), (40, 2), (41, 3)] {
         maps.backends.insert(id, backend(n));
     }
-    let master = |f: Frontend| ServiceKey::master(f.address.octets(), f.port, f.proto);
+    let master = |f: Frontend| master_key(&f);
     let slot = |id| ServiceValue { backend_id: id, ..ServiceValue::default() };
     let value = |count, flags| ServiceValue { count, flags, service_id: 3, ..ServiceValue::default() };
     maps.services.insert(master(a), value(3, SVC_F_CLUSTER_IP | SVC_F_TWO_SCOPES));
@@ -453,7 +454,7 @@ fn a_new_writer_takes_over_an_earlier_agents_maps() {
     let deleted: BTreeSet<BackendId> =
         swept.iter().filter_map(|op| if let Op::DeleteBackend(id) = op { Some(*id) } else { None }).collect();
     assert_eq!(deleted, BTreeSet::from([7, 41]), "the sweep deletes the backends nobody claimed");
-    assert!(harness.kernel.services.keys().all(|key| key.address == a.address.octets()), "`stale` is gone");
+    assert!(harness.kernel.services.keys().all(|key| key.address == addr::from_ip(a.address)), "`stale` is gone");
     let again = harness.sweep();
     assert!(again.is_empty(), "a second sweep finds nothing: {again:?}");
     harness.program(&State::new());
@@ -469,7 +470,7 @@ fn restore_puts_back_entries_deleted_or_changed_under_the_writer() {
     assert_eq!(harness.restore(), WriteStats::default(), "maps as programmed: nothing is written");
 
     // Someone deletes and scribbles on entries (`bpftool map delete/update`).
-    let master = |f: Frontend| ServiceKey::master(f.address.octets(), f.port, f.proto);
+    let master = |f: Frontend| master_key(&f);
     let slot = |backend_id| ServiceValue { backend_id, ..ServiceValue::default() };
     let maps = &mut harness.writer.store.maps;
     maps.services.remove(&master(a));

@@ -9,18 +9,23 @@
 //! is lost. A map that changed or is resized is *replaced*, while the old programs keep serving
 //! from the old map:
 //! 1. the object is loaded with a new map pinned under `upgrade-v<N>/`, attaching nothing;
-//! 2. the entries are carried over ([`carry`]) where key and value still fit: backends and
-//!    service names first (every id stays what flow and affinity entries name), then flows,
-//!    affinity and socket entries; a map whose entries do not fit starts empty (logged), and the
-//!    services map is rebuilt by the sync;
+//! 2. the entries are carried over ([`carry`]): backends and service names first (every id
+//!    stays what flow and affinity entries name), then flows, affinity and socket entries;
+//!    copied as they are where key and value still fit, converted from an older layout's types
+//!    where this agent knows them ([`v2`]: 4-byte IPv4 addresses become IPv4-mapped), else the
+//!    map starts empty (logged); the services and Maglev maps are rebuilt by the sync;
 //! 3. the first full sync fills the new maps;
-//! 4. [`super::Datapath::finish_upgrade`] swaps: the new programs replace the old ones (each
-//!    link replaced only once the new one is attached), the flows the old programs started
-//!    meanwhile are carried again, and the new maps take the old ones' pins.
+//! 4. [`super::Datapath::finish_upgrade`] swaps. The socket programs' links are replaced once
+//!    the new ones are attached. The TC programs, whose flows live in the conntrack map, change
+//!    hands so that no packet of a flow meets a program without its entries: the new ones go in
+//!    front of the old ones on every interface, dormant (every packet goes on to the old
+//!    ones); one write to their `handover` array wakes them on all interfaces at once; a
+//!    packet of no flow of theirs then goes on to the old programs behind them, which open no
+//!    flow any more; the old flows are carried over, and only then are the old links detached.
+//!    The new maps then take the old ones' pins.
 //!
-//! Only a replaced `conntrack` map has a window: a NodePort flow whose first packets cross two
-//! interfaces while one runs the old program and the other the new one (tens of milliseconds)
-//! can lose its translation.
+//! The upgrade from layout 2 (4-byte addresses) is tested under load with that agent's own
+//! binary (`tests/tests/reliability.rs`, built by `cargo xtask previous-agent`).
 
 use std::{
     collections::BTreeMap,
@@ -33,8 +38,10 @@ use tracing::{info, warn};
 
 use crate::sys::bpf::{BpfError, PinnedMap};
 
+pub mod v2;
+
 /// The maps whose entries an upgrade carries over, ids first. The others are rebuilt (services,
-/// source ranges, config) or short-lived (fragments).
+/// source ranges, config, Maglev tables and seed) or short-lived (fragments).
 const CARRIED: &[&str] =
     &[maps::BACKENDS, maps::SERVICE_NAMES, maps::CONNTRACK, maps::AFFINITY, maps::SOCK_REV, maps::SOCK_BACKEND];
 
@@ -199,7 +206,7 @@ pub fn carry(from: &Path, to: &Path, replaced: &[&str], only_flows: bool) -> Res
     let carried = if only_flows { FLOWS } else { CARRIED };
     for name in carried.iter().filter(|m| replaced.contains(m)) {
         let copy = PinnedMap::open(&from.join(name))
-            .and_then(|source| source.copy_to(&PinnedMap::open(&to.join(name))?, only_flows));
+            .and_then(|source| carry_map(name, &source, &PinnedMap::open(&to.join(name))?, only_flows));
         match copy {
             Ok(n) => {
                 info!(map = name, entries = n, "carried over to the new map");
@@ -212,6 +219,21 @@ pub fn carry(from: &Path, to: &Path, replaced: &[&str], only_flows: bool) -> Res
         }
     }
     Ok(copied)
+}
+
+/// Copies map `name`'s entries from `source` to `target`: as they are when the two have the
+/// same shape, else converted from the layout the source's key and value sizes say it has (the
+/// sizes, not the recorded layout version, decide: a record can be missing or wrong).
+fn carry_map(name: &str, source: &PinnedMap, target: &PinnedMap, only_missing: bool) -> Result<u64, BpfError> {
+    let shape = |m: &PinnedMap| {
+        let info = m.info();
+        (info.map_type, info.key_size, info.value_size)
+    };
+    if shape(source) == shape(target) {
+        return source.copy_to(target, only_missing);
+    }
+    info!(map = name, "converting the entries of an older layout");
+    v2::convert(name, source, target, only_missing)
 }
 
 /// Puts the `replaced` maps pinned under `staging` in place of those under `root` (whose
@@ -280,5 +302,114 @@ mod tests {
         assert_ne!(services.map_flags, 0, "the object's services map is not preallocated");
         services.map_flags = 0;
         assert_eq!(to_replace(pins.root(), LAYOUT_VERSION, &wanted), vec![maps::SERVICES]);
+    }
+
+    /// Maps of layout 2's shapes (4-byte addresses), made with bpftool as that agent pinned
+    /// them, each with the map type of today's object's map.
+    struct V2Pins(PathBuf);
+
+    impl V2Pins {
+        fn new(name: &str) -> Self {
+            let root = PathBuf::from(format!("/sys/fs/bpf/proxy-unit-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&root);
+            crate::datapath::ensure_bpffs(&root).expect("a bpffs directory (run as root)");
+            let types = wanted(super::super::load::OBJECT, &BTreeMap::new()).unwrap();
+            let shapes =
+                [(maps::CONNTRACK, 16, 32), (maps::AFFINITY, 16, 16), (maps::BACKENDS, 4, 8), (maps::SOCK_REV, 16, 8)];
+            for (map, key, value) in shapes {
+                let kind = match types[map].map_type {
+                    1 => "hash",
+                    9 => "lru_hash",
+                    other => panic!("{map}: map type {other} not expected"),
+                };
+                let path = root.join(map);
+                let (key, value) = (key.to_string(), value.to_string());
+                let args = ["map", "create"].into_iter().chain([path.to_str().unwrap(), "type", kind, "key", &key]);
+                let args: Vec<&str> = args.chain(["value", &value, "entries", "64", "name", map]).collect();
+                let out = std::process::Command::new("bpftool").args(&args).output().expect("running bpftool");
+                assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Self(root)
+        }
+
+        fn insert<K: aya::Pod, V: aya::Pod>(&self, map: &str, key: K, value: V) {
+            let data = aya::maps::MapData::from_pin(self.0.join(map)).expect("a pinned map");
+            let mut hash = aya::maps::HashMap::<_, K, V>::try_from(aya::maps::Map::from_map_data(data).unwrap())
+                .expect("a hash map");
+            hash.insert(key, value, 0).expect("inserting");
+        }
+    }
+
+    impl Drop for V2Pins {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Issue 14: an agent of layout 3 replacing layout 2's maps used to start `conntrack`,
+    /// `affinity`, `backends` and the socket maps empty ("its entries do not fit"): NodePort
+    /// flows, ClientIP affinity and backend ids were lost. Real maps of both layouts: every entry
+    /// arrives converted, and the second carry (at the swap) keeps what the new programs wrote.
+    #[test]
+    fn entries_of_layout_2_maps_are_converted_into_the_new_ones() {
+        use proxy_common::{affinity::*, backend::Backend, conntrack::*, sock::*};
+
+        let old = V2Pins::new("layout-v2");
+        let new = crate::datapath::testing::PinnedMaps::new("layout-v3", 64);
+        let flow =
+            v2::CtKey { src: [192, 0, 2, 7], dst: [10, 0, 0, 1], sport: 40000, dport: 30050, proto: 6, _pad: [0; 3] };
+        let translated =
+            v2::CtValue { dst: [10, 244, 2, 2], dport: 8080, backend_id: 2, last_seen_ns: 5, ..Default::default() };
+        old.insert(maps::CONNTRACK, flow, translated);
+        let client = v2::AffinityKey { netns_cookie: 0, client: [192, 0, 2, 7], service_id: 9 };
+        old.insert(maps::AFFINITY, client, AffinityValue { last_used_ns: 11, backend_id: 2, _pad: 0 });
+        old.insert(maps::BACKENDS, 2u32, v2::Backend { address: [10, 244, 2, 2], port: 8080, proto: 6, flags: 0 });
+        let socket = v2::SockRevKey { cookie: 3, address: [10, 244, 2, 2], port: 8080, _pad: [0; 2] };
+        old.insert(maps::SOCK_REV, socket, v2::SockRevValue { address: [10, 96, 0, 50], port: 6666, _pad: [0; 2] });
+
+        let replaced = [maps::BACKENDS, maps::CONNTRACK, maps::AFFINITY, maps::SOCK_REV];
+        assert_eq!(carry(&old.0, new.root(), &replaced, false).unwrap(), 4, "every entry is carried");
+        let read = |map: &str| PinnedMap::open(&new.root().join(map)).unwrap();
+        let flows: Vec<(CtKey, CtValue)> = read(maps::CONNTRACK).entries().unwrap();
+        assert_eq!(flows, [(CtKey::from(flow), CtValue::from(translated))]);
+        assert_eq!(flows[0].0.src, std::net::Ipv4Addr::new(192, 0, 2, 7).to_ipv6_mapped().octets());
+        let affinity: Vec<(AffinityKey, AffinityValue)> = read(maps::AFFINITY).entries().unwrap();
+        assert_eq!(affinity, [(AffinityKey::from(client), AffinityValue { last_used_ns: 11, backend_id: 2, _pad: 0 })]);
+        let backends: Vec<(u32, Backend)> = read(maps::BACKENDS).entries().unwrap();
+        assert_eq!(
+            backends.iter().map(|(id, b)| (*id, proxy_common::addr::to_ip(&b.address))).collect::<Vec<_>>(),
+            [(2, std::net::Ipv4Addr::new(10, 244, 2, 2).into())]
+        );
+        let sockets: Vec<(SockRevKey, SockRevValue)> = read(maps::SOCK_REV).entries().unwrap();
+        assert_eq!(
+            sockets,
+            [(
+                SockRevKey::from(socket),
+                SockRevValue::from(v2::SockRevValue { address: [10, 96, 0, 50], port: 6666, _pad: [0; 2] })
+            )]
+        );
+
+        // The new programs refreshed the flow meanwhile: the second carry keeps their entry.
+        let mut conntrack = aya::maps::HashMap::<_, CtKey, CtValue>::try_from(
+            aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(new.root().join(maps::CONNTRACK)).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let newer = CtValue { last_seen_ns: 99, ..CtValue::from(translated) };
+        conntrack.insert(CtKey::from(flow), newer, 0).unwrap();
+        assert_eq!(carry(&old.0, new.root(), &replaced, true).unwrap(), 0, "nothing missing");
+        assert_eq!(conntrack.get(&CtKey::from(flow), 0).unwrap(), newer);
+    }
+
+    #[test]
+    fn a_map_of_an_unknown_shape_starts_empty() {
+        let old = V2Pins::new("layout-odd");
+        let new = crate::datapath::testing::PinnedMaps::new("layout-odd-v3", 64);
+        // service_names has no layout-2 conversion: its shape never changed. A pin of another
+        // shape under its name is not read as anything.
+        fs::rename(old.0.join(maps::SOCK_REV), old.0.join(maps::SERVICE_NAMES)).unwrap();
+        let socket = v2::SockRevKey { cookie: 3, address: [10, 244, 2, 2], port: 8080, _pad: [0; 2] };
+        old.insert(maps::SERVICE_NAMES, socket, v2::SockRevValue::default());
+        assert_eq!(carry(&old.0, new.root(), &[maps::SERVICE_NAMES], false).unwrap(), 0);
     }
 }

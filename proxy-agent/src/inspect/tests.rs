@@ -596,3 +596,36 @@ impl Build {
         self
     }
 }
+
+#[test]
+fn explain_names_the_maglev_slot_of_an_ipv6_flow_by_the_hash_of_its_16_byte_addresses() {
+    const SIZE: u32 = 251;
+    let pods = ["fd00:10:244:1::2", "fd00:10:244:1::3", "fd00:10:244:2::2"];
+    let named: Vec<(u32, Vec<u8>)> =
+        (1..).zip(pods).map(|(id, pod)| (id, crate::maglev::backend_name(addr::from_ip(ip(pod)), 8080))).collect();
+    let table = crate::maglev::build(&named, SIZE, crate::maglev::DEFAULT_SEED);
+    let mut s = pods
+        .iter()
+        .zip(1..)
+        .fold(snapshot().name(7, "default", "web", ""), |b, (pod, id)| b.backend(id, pod, 8080, 0))
+        .frontend("fd00:172:18::2", 30080, SCOPE_EXTERNAL, SVC_F_NODE_PORT | SVC_F_MAGLEV, 7, 0, &[1, 2, 3])
+        .build();
+    let seed = 0x5eed;
+    (s.maglev_seed, s.maglev_sizes, s.maglev_slots) = (Some(seed), [(7, SIZE)].into(), [(7, table.clone())].into());
+
+    let answer =
+        explain(&s, &Query { from_port: Some(40_000), ..query("fc00:f853:ccd:e793::64", "fd00:172:18::2", 30080) });
+    let outside = answer.paths.iter().find(|p| p.origins.contains(&Origin::Outside)).expect("a path from outside");
+    let flow = proxy_common::conntrack::CtKey {
+        src: addr::from_ip(ip("fc00:f853:ccd:e793::64")),
+        dst: addr::from_ip(ip("fd00:172:18::2")),
+        sport: 40_000,
+        dport: 30080,
+        proto: TCP,
+        _pad: [0; 3],
+    };
+    let slot = proxy_common::maglev::slot(proxy_common::maglev::flow_hash(&flow, seed), SIZE);
+    assert_eq!((outside.verdict, outside.maglev_slot), (Verdict::Maglev, Some(slot)));
+    let pod = pods[table[slot as usize - 1] as usize - 1];
+    assert!(outside.summary.contains(&format!("to [{pod}]:8080/TCP")), "{}", outside.summary);
+}

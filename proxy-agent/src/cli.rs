@@ -14,6 +14,7 @@ use tracing::{error, info};
 
 use crate::{
     datapath::{self, Datapath, LoadOptions, writer::Writer},
+    maglev::{self, LbAlgorithm, MaglevSettings},
     metrics::Metrics,
     model::Cidr,
     observe,
@@ -110,6 +111,29 @@ pub struct RunArgs {
     /// socket) and `fragments` (a 32nd). LRUs, preallocated by the kernel.
     #[arg(long, value_name = "N", default_value_t = proxy_common::maps::CONNTRACK_MAX_ENTRIES)]
     pub conntrack_map_size: u32,
+
+    /// How traffic from outside the node (nodePorts, externalIPs, LoadBalancer IPs) picks a
+    /// backend: `random` on each node (kube-proxy's behaviour), or `maglev`: the entry of the
+    /// backend set's Maglev table for a hash of the flow's 5-tuple (of the client address under
+    /// ClientIP affinity), so a flow the network moves to another node keeps its backend. A
+    /// service's `proxy.kube-ebpf.io/lb-algorithm` annotation (`random` or `maglev`) overrides
+    /// this for that service. ClusterIP traffic is always random.
+    #[arg(long, value_name = "ALGORITHM", value_enum, default_value_t = LbAlgorithm::Random)]
+    pub lb_algorithm: LbAlgorithm,
+
+    /// Slots per Maglev table: a prime in [251, 65521]; 16381 by default, as Cilium. Keep it
+    /// above 100 times the largest backend set (imbalance near 1 %). A table costs 4 bytes a
+    /// slot (64 KiB at 16381) and exists only for a service port that uses Maglev and has an
+    /// external frontend with endpoints (one per port, shared by its frontends): 10 000 such
+    /// services take 628 MiB at 16381, 42 MiB at 1021. The number of tables is bounded by
+    /// --services-map-size. Every node must use the same value.
+    #[arg(long, value_name = "N", default_value_t = proxy_common::maglev::TABLE_SIZE_DEFAULT, value_parser = maglev::parse_table_size)]
+    pub maglev_table_size: u32,
+
+    /// Seed of the Maglev permutations and flow hash. Every node must use the same, or a flow
+    /// moved to another node lands on another backend.
+    #[arg(long, value_name = "STRING", default_value = maglev::DEFAULT_SEED)]
+    pub maglev_hash_seed: String,
 
     /// Serve the health check (`GET /healthz`) here; empty disables it. Given twice, the last wins.
     #[arg(long, value_name = "IP:PORT", default_value = "0.0.0.0:10256", overrides_with = "healthz_bind_address")]
@@ -356,10 +380,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!(%error, "cannot read this network namespace's cookie: no localhost nodePorts");
         0
     });
-    let config =
-        SyncConfig { node_name: node_name.clone(), nodeport_cidrs: args.nodeport_addresses.clone(), host_netns_cookie };
+    let config = SyncConfig {
+        node_name: node_name.clone(),
+        nodeport_cidrs: args.nodeport_addresses.clone(),
+        host_netns_cookie,
+        lb_algorithm: args.lb_algorithm,
+    };
     info!(node = config.node_name, bpf_root = %opts.bpf_root.display(), cgroup = %opts.cgroup.display(), "datapath ready");
-    let mut syncer = Syncer::new(Writer::new(maps), config, metrics.clone());
+    let settings = MaglevSettings { table_size: args.maglev_table_size, seed: args.maglev_hash_seed.clone() };
+    info!(
+        lb_algorithm = args.lb_algorithm.as_str(),
+        maglev_table_size = settings.table_size,
+        maglev_table_bytes = settings.table_bytes(),
+        "backend selection for traffic from outside"
+    );
+    let mut writer = Writer::new(maps);
+    writer.set_maglev(settings).context("writing the Maglev hash seed (map maglev_config)")?;
+    let mut syncer = Syncer::new(writer, config, metrics.clone());
     let (updates_tx, updates) = mpsc::channel(1024);
     let updates = observer.track(updates);
     let mut tasks = Tasks::default();
@@ -464,6 +501,21 @@ mod tests {
         assert_eq!(parse("--min-sync-period", "0s").expect("no coalescing").min_sync_period, Duration::ZERO);
         let error = parse("--sync-period", "0s").expect_err("refused").to_string();
         assert!(error.contains("greater than zero"), "{error}");
+    }
+
+    #[test]
+    fn the_maglev_flags_default_as_documented_and_refuse_a_size_that_is_not_a_prime_in_range() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["proxy-agent"], args].concat()).map(|c| c.run);
+        let defaults = parse(&[]).expect("no flags");
+        assert_eq!(defaults.lb_algorithm, LbAlgorithm::Random, "kube-proxy's behaviour by default");
+        assert_eq!((defaults.maglev_table_size, defaults.maglev_hash_seed.as_str()), (16_381, maglev::DEFAULT_SEED));
+        let chosen = parse(&["--lb-algorithm", "maglev", "--maglev-table-size", "1021"]).expect("valid");
+        assert_eq!((chosen.lb_algorithm, chosen.maglev_table_size), (LbAlgorithm::Maglev, 1021));
+        for bad in ["16383", "100", "70000", "x"] {
+            let error = parse(&["--maglev-table-size", bad]).expect_err("refused").to_string();
+            assert!(error.contains(&format!("--maglev-table-size {bad}")), "{error}");
+        }
+        assert!(parse(&["--lb-algorithm", "round-robin"]).is_err());
     }
 
     #[test]

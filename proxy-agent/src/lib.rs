@@ -3,6 +3,7 @@
 //!
 //! - [`source`]: where objects come from (a manifest directory, the Kubernetes API);
 //! - [`model`]: the pure desired state (no I/O);
+//! - [`maglev`]: Maglev consistent-hashing tables, built from a backend set (pure);
 //! - [`sync`]: change tracking and the diff, feeding the writer;
 //! - [`datapath`]: loading and attaching the BPF object, and the map writer (the only code that
 //!   touches the maps);
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod datapath;
 pub mod inspect;
 pub mod kube_proxy;
+pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod observe;

@@ -38,6 +38,11 @@ pub const TRACE_EVENTS: &str = "trace_events";
 /// one entry at index 0.
 pub const TRACE_ON: &str = "trace_on";
 
+/// Maglev tables (`crate::maglev`): a hash of maps, backend-set id → inner `u64` array (the size, then two slots an element).
+pub const MAGLEV: &str = "maglev";
+/// The flow hash's seed ([`crate::maglev::MaglevConfig`]), one entry at index 0.
+pub const MAGLEV_CONFIG: &str = "maglev_config";
+
 /// Default size of [`SERVICES`] (`--services-map-size`): 100 000 services with 10 endpoints
 /// (a master entry and ten slots each on a ClusterIP: 1 100 000 entries) fit, with room for
 /// nodePorts. The map is not preallocated (see the agent's `datapath` module), so the size is
@@ -66,6 +71,13 @@ pub const fn source_ranges_max_entries(services: u32) -> u32 {
     services
 }
 
+/// Size of [`MAGLEV`] for a services map of `services` entries: at most one table per service
+/// port (its external backend set), and every service port needs a master entry in
+/// [`SERVICES`]. Not preallocated: an entry exists only for a service that uses Maglev.
+pub const fn maglev_max_entries(services: u32) -> u32 {
+    services
+}
+
 /// Size of [`SOCK_REV`] and [`SOCK_BACKEND`] for a conntrack map of `conntrack` entries: one
 /// entry a connected (or unconnected UDP) socket, sized like the flows conntrack holds (two
 /// entries each). LRUs: when full, the least recently used socket's entry goes.
@@ -86,10 +98,11 @@ const _: () = assert!(BACKENDS_MAX_ENTRIES >= 1_000_000);
 const _: () = assert!(service_names_max_entries(SERVICES_MAX_ENTRIES) >= 100_000);
 
 /// The flag that sizes map `name`, directly or through one of the functions above; `None`
-/// for the fixed-size maps ([`CONFIG`], [`DROPS`], [`TRACE_EVENTS`], [`TRACE_ON`]).
+/// for the fixed-size maps ([`CONFIG`], [`DROPS`], [`TRACE_EVENTS`], [`TRACE_ON`],
+/// [`MAGLEV_CONFIG`]).
 pub fn size_flag(name: &str) -> Option<&'static str> {
     match name {
-        SERVICES | SERVICE_NAMES | SOURCE_RANGES => Some("--services-map-size"),
+        SERVICES | SERVICE_NAMES | SOURCE_RANGES | MAGLEV => Some("--services-map-size"),
         BACKENDS => Some("--backends-map-size"),
         AFFINITY => Some("--affinity-map-size"),
         CONNTRACK | SOCK_REV | SOCK_BACKEND | FRAGMENTS => Some("--conntrack-map-size"),
@@ -115,6 +128,8 @@ pub const ALL: &[&str] = &[
     DROPS,
     TRACE_EVENTS,
     TRACE_ON,
+    MAGLEV,
+    MAGLEV_CONFIG,
 ];
 
 /// The version of the maps' layout: their names, key and value types, and what their fields
@@ -148,6 +163,10 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     // Layout 3: events with 16-byte addresses.
     (TRACE_EVENTS, 3),
     (TRACE_ON, 1),
+    // Added after layout 2, with the additive `SVC_F_MAGLEV` bit (older programs ignore it):
+    // new maps need no bump.
+    (MAGLEV, 1),
+    (MAGLEV_CONFIG, 1),
 ];
 
 /// The TC programs' `handover` array: where an upgrade's swap stands for them. Not pinned and
@@ -205,7 +224,8 @@ mod tests {
     #[test]
     fn every_map_but_the_fixed_arrays_is_sized_by_a_flag() {
         for map in super::ALL {
-            let fixed = [super::CONFIG, super::DROPS, super::TRACE_EVENTS, super::TRACE_ON].contains(map);
+            let fixed =
+                [super::CONFIG, super::DROPS, super::TRACE_EVENTS, super::TRACE_ON, super::MAGLEV_CONFIG].contains(map);
             assert_eq!(super::size_flag(map).is_none(), fixed, "{map}");
         }
     }

@@ -98,6 +98,10 @@ pub const SVC_F_TERMINATING_FALLBACK: u16 = 1 << 8;
 /// `loadBalancerSourceRanges`: traffic from outside is admitted only from the client prefixes
 /// in the `source_ranges` map.
 pub const SVC_F_SOURCE_RANGES: u16 = 1 << 9;
+/// Traffic from outside picks its backend from the Maglev table of the frontend's backend set
+/// (`crate::maglev`) instead of at random, so every node sends a flow to the same backend.
+/// Set only on external frontends (nodePort, externalIP, LoadBalancer).
+pub const SVC_F_MAGLEV: u16 = 1 << 10;
 
 /// Data of a `source_ranges` LPM trie key (the trie's key is this behind a `u32` prefix
 /// length): a frontend, then a client prefix. The prefix length counts the

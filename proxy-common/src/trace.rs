@@ -14,7 +14,8 @@ pub const PATH_TC: u8 = 1;
 pub const PICK_RANDOM: u8 = 0;
 /// The client's ClientIP-affinity entry named the backend.
 pub const PICK_AFFINITY: u8 = 1;
-// Room for a Maglev pick (slot of the lookup table) when that exists: the next number.
+/// The flow's hash chose the slot ([`TraceEvent::slot`]) of the backend set's Maglev table.
+pub const PICK_MAGLEV: u8 = 2;
 
 /// [`TraceEvent::drop_reason`] of a translation (nothing dropped).
 pub const NOT_DROPPED: u32 = u32::MAX;
@@ -58,7 +59,8 @@ pub struct TraceEvent {
     pub pick: u8,
     /// The backend set picked from: `SCOPE_EXTERNAL` or `SCOPE_INTERNAL` ([`crate::service`]).
     pub scope: u8,
-    /// The slot picked at random (`1..=count`); 0 for an affinity hit or a drop.
+    /// The slot picked at random (`1..=count`) or the Maglev table's slot (`1..=M`); 0 for an
+    /// affinity hit or a drop.
     pub slot: u16,
     pub _pad: [u8; 6],
 }

@@ -6,11 +6,16 @@ use proxy_common::{
     addr::Addr,
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
-    service::{SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue},
-    trace::{PICK_AFFINITY, PICK_RANDOM},
+    conntrack::CtKey,
+    maglev::Tuple,
+    service::{SCOPE_INTERNAL, SVC_F_AFFINITY, SVC_F_MAGLEV, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue},
+    trace::{PICK_AFFINITY, PICK_MAGLEV, PICK_RANDOM},
 };
 
-use crate::maps::{AFFINITY, BACKENDS, SERVICES};
+use crate::{
+    maglev,
+    maps::{AFFINITY, BACKENDS, SERVICES},
+};
 
 /// Where a frontend lookup leads.
 pub enum Verdict {
@@ -39,7 +44,7 @@ pub struct Selected {
     /// The backend set it came from (`SCOPE_*`): the internal one under a Local policy that
     /// applies only to external traffic, or the other way round.
     pub scope: u8,
-    /// The slot picked at random; 0 for an affinity hit.
+    /// The slot picked at random, or the Maglev table's slot; 0 for an affinity hit.
     pub slot: u16,
 }
 
@@ -85,6 +90,22 @@ fn in_scope(key: ServiceKey, master: ServiceValue, origin: Origin) -> Option<(Se
 /// affinity; its `service_id` is filled in here.
 #[inline(always)]
 pub fn select(address: Addr, port: u16, proto: u8, client: AffinityKey, origin: Origin) -> Verdict {
+    select_flow::<CtKey>(address, port, proto, client, origin, None)
+}
+
+/// [`select`] for a packet of a new flow (its 5-tuple): at a frontend with `SVC_F_MAGLEV`,
+/// traffic from outside takes the backend set's Maglev table entry for the flow's hash (of the
+/// client address under ClientIP affinity), so every node picks the same backend for it.
+/// Without a table (not written yet) the pick is random.
+#[inline(always)]
+pub fn select_flow<F: Tuple>(
+    address: Addr,
+    port: u16,
+    proto: u8,
+    client: AffinityKey,
+    origin: Origin,
+    flow: Option<&F>,
+) -> Verdict {
     let key = ServiceKey::master(address, port, proto);
     let Some(external) = master(&key) else {
         return Verdict::NotAService;
@@ -111,15 +132,26 @@ pub fn select(address: Addr, port: u16, proto: u8, client: AffinityKey, origin: 
     if affinity && let Some((id, backend)) = remembered(&affinity_key, master.affinity_timeout, now) {
         return Verdict::Backend(selected(backend, id, PICK_AFFINITY, 0));
     }
-    let Some((slot, id, backend)) = pick(key, master.count) else {
-        return Verdict::NoBackend(master.flags);
+    let hashed = match flow {
+        Some(flow) if origin == Origin::External && master.flags & SVC_F_MAGLEV != 0 => {
+            // The master's id is its backend set's (affinity_service_id): the table's key.
+            maglev::pick(master.service_id, flow, affinity).and_then(|(slot, id)| Some((slot, id, backend(id)?)))
+        }
+        _ => None,
+    };
+    let (pick_kind, (slot, id, backend)) = match hashed {
+        Some(picked) => (PICK_MAGLEV, picked),
+        None => match pick(key, master.count) {
+            Some(picked) => (PICK_RANDOM, picked),
+            None => return Verdict::NoBackend(master.flags),
+        },
     };
     if affinity {
         let value = AffinityValue { last_used_ns: now, backend_id: id, _pad: 0 };
         // Losing the affinity record only costs stickiness for the next connection.
         let _ = AFFINITY.insert(affinity_key, value, 0);
     }
-    Verdict::Backend(selected(backend, id, PICK_RANDOM, slot))
+    Verdict::Backend(selected(backend, id, pick_kind, slot))
 }
 
 #[inline(always)]

@@ -3,6 +3,7 @@
 //! - `maps`: every map, declared with BTF so `bpftool` prints field names.
 //! - `drops`: the per-reason count of every packet or socket call dropped or refused.
 //! - `lb`: frontend lookup and backend selection, the one place that decides where traffic goes.
+//! - `maglev`: the Maglev table lookup `lb` uses for traffic from outside.
 //! - `sock`: cgroup sock_addr programs (socket load balancing for traffic started on the node).
 //! - `tc`: the TC ingress and egress programs (NodePort and external traffic: DNAT, SNAT,
 //!   conntrack), split by job under `tc/`.
@@ -17,6 +18,8 @@
 mod drops;
 #[cfg(target_arch = "bpf")]
 mod lb;
+#[cfg(target_arch = "bpf")]
+mod maglev;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

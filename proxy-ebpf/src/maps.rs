@@ -2,8 +2,8 @@
 //! are repeated as literals because the attribute needs one; the agent checks them at load).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use proxy_common::{
@@ -11,9 +11,11 @@ use proxy_common::{
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue, FragKey, FragPorts},
+    maglev::{MaglevConfig, TABLE_SIZE_DEFAULT, inner_entries},
     maps::{
         AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, DROPS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
-        fragments_max_entries, service_names_max_entries, sock_max_entries, source_ranges_max_entries,
+        fragments_max_entries, maglev_max_entries, service_names_max_entries, sock_max_entries,
+        source_ranges_max_entries,
     },
     service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
@@ -92,3 +94,22 @@ pub static TRACE_EVENTS: RingBuf<TraceEvent, { TRACE_EVENTS_BYTES as usize }> = 
 /// Until when (index 0) the programs write [`TRACE_EVENTS`]; 0: nobody traces.
 #[btf_map(name = "trace_on")]
 pub static TRACE_ON: Array<TraceUntil, 1> = Array::new();
+
+/// Flags of a Maglev table: `BPF_F_INNER_MAP` lets tables of any size sit in [`MAGLEV`] (each
+/// carries its size, `proxy_common::maglev`), so `--maglev-table-size` needs no new object.
+const MAGLEV_TABLE: usize = BPF_F_INNER_MAP as usize;
+
+/// One Maglev table: element 0 holds its size `M`, the rest the backend ids of slots `1..=M`,
+/// two to an element (`proxy_common::maglev::slot_place`). The size here is only the
+/// template's; the agent creates each table with the size it was asked for.
+pub type MaglevTable = Array<u64, { inner_entries(TABLE_SIZE_DEFAULT) as usize }, MAGLEV_TABLE>;
+
+/// Backend-set id (`affinity_service_id`) → its Maglev table. The agent swaps a whole new
+/// table in with one update, so a lookup never sees a half-built one.
+#[btf_map(name = "maglev")]
+pub static MAGLEV: HashOfMaps<u32, MaglevTable, { maglev_max_entries(SERVICES_MAX_ENTRIES) as usize }, AGENT_WRITTEN> =
+    HashOfMaps::new();
+
+/// The flow hash's seed (index 0), from `--maglev-hash-seed`.
+#[btf_map(name = "maglev_config")]
+pub static MAGLEV_CONFIG: Array<MaglevConfig, 1> = Array::new();

@@ -28,6 +28,7 @@ use aya::{
 };
 use proxy_agent::{
     datapath::{Datapath, LoadOptions, writer::Writer},
+    maglev::{self, MaglevSettings},
     model::{Cidr, Endpoint, Frontend, FrontendEntry, FrontendKind, ServicePortName},
     observe::drops,
 };
@@ -36,7 +37,10 @@ use proxy_common::{
     conntrack::{CT_F_LOCAL, CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
     drop, maps,
     proto::{TCP, UDP},
-    service::{SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES},
+    service::{
+        SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
+        SVC_F_TWO_SCOPES,
+    },
 };
 use proxy_tests::{
     cgroup::Cgroup,
@@ -697,5 +701,111 @@ fn traffic_for_no_service_passes_byte_for_byte() {
         }
         assert_eq!(bed.drops(), BTreeMap::new());
         assert_eq!(bed.conntrack().keys().count(), 0);
+    });
+}
+
+/// Six pods of the family, hosts 2 to 7 of its pod range, for the Maglev cases.
+fn maglev_pods(family: Family) -> Vec<IpAddr> {
+    (2..8)
+        .map(|host| {
+            family.pick(Ipv4Addr::new(10, 244, 1, host), Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, host.into()))
+        })
+        .collect()
+}
+
+/// A nodePort of the family over its six pods that picks by Maglev (table size 251), with
+/// `flags` added.
+fn maglev_service(bed: &mut Bed, family: Family, flags: u16, affinity_timeout: u32) -> MaglevSettings {
+    let settings = MaglevSettings { table_size: 251, ..MaglevSettings::default() };
+    bed.writer.set_maglev(settings.clone()).expect("writing the seed");
+    let pods = maglev_pods(family).into_iter().map(|p| endpoint(p, false)).collect();
+    let web = FrontendEntry {
+        affinity_timeout,
+        ..entry(FrontendKind::NodePort, TCP, SVC_F_NODE_PORT | SVC_F_MAGLEV | flags, pods)
+    };
+    bed.service(family.nodeport(), TCP, &web);
+    settings
+}
+
+/// The pod in the slot `hash` selects of the table the agent's pure builder makes (pods named
+/// by their 16-byte map address and port).
+fn pod_in_slot(settings: &MaglevSettings, family: Family, hash: u32) -> SocketAddr {
+    let named: Vec<(IpAddr, Vec<u8>)> =
+        maglev_pods(family).into_iter().map(|p| (p, maglev::backend_name(addr::from_ip(p), TARGET_PORT))).collect();
+    let table = maglev::build(&named, settings.table_size, &settings.seed);
+    SocketAddr::new(table[proxy_common::maglev::slot(hash, settings.table_size) as usize - 1], TARGET_PORT)
+}
+
+/// The datapath's hash of the flow from `client` to the family's nodePort.
+fn flow_hash(settings: &MaglevSettings, family: Family, client: SocketAddr) -> u32 {
+    let key = CtKey {
+        src: addr::from_ip(client.ip()),
+        dst: addr::from_ip(family.node()),
+        sport: client.port(),
+        dport: NODE_PORT,
+        proto: TCP,
+        _pad: [0; 3],
+    };
+    proxy_common::maglev::flow_hash(&key, settings.flow_seed())
+}
+
+#[test]
+fn maglev_sends_a_new_flow_to_the_table_slot_of_its_hash() {
+    // Flow: client:P → node:30066 SYN for 32 client ports P, a Maglev nodePort over six pods  ⇒
+    // node:S → pod:80, the pod in slot 1 + hash(5-tuple) % 251 of the builder's table.
+    for_each_family("maglev", |bed, family| {
+        let settings = maglev_service(bed, family, 0, 0);
+        let mut reached = std::collections::BTreeSet::new();
+        for port in 40_000..40_032 {
+            let client = SocketAddr::new(family.client().ip(), port);
+            let out = bed.ingress(&frames::tcp_frame(client, family.nodeport(), SYN));
+            assert_eq!(out.verdict, REDIRECT, "port {port}");
+            let want = pod_in_slot(&settings, family, flow_hash(&settings, family, client));
+            assert_eq!(frames::seen(&out.frame).dst, want, "port {port}");
+            reached.insert(want);
+        }
+        assert!(reached.len() >= 3, "the flows spread over the pods: {reached:?}");
+    });
+}
+
+#[test]
+fn maglev_with_client_ip_affinity_hashes_the_client_address_only() {
+    // Flow: client C:P → node:30066 SYN for 16 client addresses C, two ports each, ClientIP
+    // affinity  ⇒  both to the pod in slot 1 + hash(C) % 251.
+    for_each_family("maglev-affinity", |bed, family| {
+        let settings = maglev_service(bed, family, SVC_F_AFFINITY, 600);
+        for host in 100..116 {
+            let address = family.pick(
+                Ipv4Addr::new(172, 18, 0, host),
+                Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, host.into()),
+            );
+            let hash = proxy_common::maglev::hash_bytes(&addr::from_ip(address), settings.flow_seed());
+            let want = pod_in_slot(&settings, family, hash);
+            for port in [41_000, 41_001] {
+                let client = SocketAddr::new(address, port);
+                let out = bed.ingress(&frames::tcp_frame(client, family.nodeport(), SYN));
+                assert_eq!(out.verdict, REDIRECT, "{client}");
+                assert_eq!(frames::seen(&out.frame).dst, want, "{client}");
+            }
+        }
+    });
+}
+
+#[test]
+fn trace_names_a_maglev_pick_with_its_table_slot() {
+    // Flow: client:40000 → node:30066 SYN at a Maglev nodePort ⇒ a `tc` line with pick
+    // `maglev` and the slot of its 5-tuple's hash.
+    for_each_family("maglev-trace", |bed, family| {
+        let settings = maglev_service(bed, family, 0, 0);
+        let wait = std::time::Duration::from_secs(5);
+        let trace = Trace::start(env!("CARGO_BIN_EXE_agent").as_ref(), &bed.root, &[], wait).expect("trace");
+        assert_eq!(bed.ingress(&frames::tcp_frame(family.client(), family.nodeport(), SYN)).verdict, REDIRECT);
+        let lines = trace.collect(wait, |seen| !seen.is_empty());
+        trace.stop(wait).expect("trace stops on SIGTERM");
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        let hash = flow_hash(&settings, family, family.client());
+        let slot = proxy_common::maglev::slot(hash, settings.table_size);
+        assert_eq!((lines[0]["pick"].as_str(), lines[0]["slot"].as_u64()), (Some("maglev"), Some(u64::from(slot))));
+        assert_eq!(lines[0]["backend"], format!("{}/TCP", pod_in_slot(&settings, family, hash)));
     });
 }

@@ -151,6 +151,7 @@ const BENCHES: &[(&str, bool)] = &[
     ("bench_connect", true),
     ("bench_program", true),
     ("bench_throughput", true),
+    ("bench_maglev", true),
     ("sync_latency", false),
 ];
 

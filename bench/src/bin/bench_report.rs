@@ -548,6 +548,46 @@ fn sections(b: &Value, svg_name: &str) -> Vec<(String, String, String)> {
         out.push(("Tracing".into(), bench_table(&header, &table), md));
     }
 
+    // Maglev: spread, disruption and per-packet cost (`bench_maglev`).
+    let maglev = &b["bench_maglev"];
+    if maglev.is_object() {
+        let header = ["N backends", "M", "flows", "max/min", "max/mean", "moved on 1 removal", "ideal 1/N"];
+        let pct = |x: Option<f64>| x.map_or_else(|| "–".to_owned(), |x| format!("{:.2} %", x * 100.0));
+        let mut table: Vec<Vec<String>> = rows(maglev, &["spread"])
+            .iter()
+            .map(|r| {
+                vec![
+                    count(f(r, &["backends"]).unwrap_or(0.0)),
+                    count(f(r, &["table_size"]).unwrap_or(0.0)),
+                    num(f(r, &["flows"]), 0),
+                    num(f(r, &["max_over_min"]), 3),
+                    num(f(r, &["max_over_mean"]), 3),
+                    pct(f(r, &["moved_flows_share"])),
+                    pct(f(r, &["ideal_share"])),
+                ]
+            })
+            .collect();
+        let cost = &maglev["cost"];
+        table.push(vec![
+            format!("TC new flow, {} backends", count(f(cost, &["backends"]).unwrap_or(0.0))),
+            format!("random {} ns", num(f(cost, &["random_new_flow_ns"]), 0)),
+            format!("Maglev {} ns", num(f(cost, &["maglev_new_flow_ns"]), 0)),
+            format!("×{}", num(f(cost, &["ratio"]), 2)),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        let md = format!(
+            "{}\n`bench_maglev`: the agent's table for N backends, then distinct 5-tuples hashed with the datapath's flow \
+             hash (`proxy_common::maglev`): flows per backend (max ÷ min, max ÷ mean), and the share of the same flows \
+             that change backend when one backend leaves (mean over removing each of the first ten). The last row is \
+             `BPF_PROG_TEST_RUN` ns/packet for a new flow (a SYN) at a random and at a Maglev nodePort over the same 16 \
+             backends, measured side by side in one run (call overhead subtracted, as section 3).\n",
+            md_table(&header, &table)
+        );
+        out.push(("Maglev consistent hashing".into(), bench_table(&header, &table), md));
+    }
+
     // 4. Agent memory and CPU.
     let agent = &program["agent"];
     if agent.is_object() {

@@ -1,12 +1,15 @@
 //! The map handles the writer writes through ([`AyaMaps`], the [`MapStore`] of the real
 //! kernel), opened from a loaded object or from the pins.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, MapError,
+        Array, HashMap, HashOfMaps, Map, MapData, MapError,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -15,6 +18,7 @@ use proxy_common::{
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
+    maglev::{MaglevConfig, TABLE_SIZE_INDEX, elements, inner_entries, slot_place, slot_value},
     maps,
     service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
@@ -95,6 +99,8 @@ pub struct AyaMaps {
     backends: Hash<BackendId, Backend>,
     names: Hash<u32, ServiceName>,
     config: Array<MapData, NodeConfig>,
+    maglev: HashOfMaps<MapData, u32, MapData>,
+    maglev_config: Array<MapData, MaglevConfig>,
 }
 
 impl AyaMaps {
@@ -114,6 +120,8 @@ impl AyaMaps {
         }
         let config = take(ebpf, maps::CONFIG)?;
         let ranges = take(ebpf, maps::SOURCE_RANGES)?;
+        let maglev = take(ebpf, maps::MAGLEV)?;
+        let maglev_config = take(ebpf, maps::MAGLEV_CONFIG)?;
         Ok(Self {
             conntrack: hash(ebpf, maps::CONNTRACK, &pin(maps::CONNTRACK))?,
             sock_rev: hash(ebpf, maps::SOCK_REV, &pin(maps::SOCK_REV))?,
@@ -125,6 +133,9 @@ impl AyaMaps {
             backends: hash(ebpf, maps::BACKENDS, &pin(maps::BACKENDS))?,
             names: hash(ebpf, maps::SERVICE_NAMES, &pin(maps::SERVICE_NAMES))?,
             config: Array::try_from(config).map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?,
+            maglev: HashOfMaps::try_from(maglev).map_err(|source| DatapathError::Map { name: maps::MAGLEV, source })?,
+            maglev_config: Array::try_from(maglev_config)
+                .map_err(|source| DatapathError::Map { name: maps::MAGLEV_CONFIG, source })?,
         })
     }
 
@@ -139,6 +150,8 @@ impl AyaMaps {
         };
         let config = data(maps::CONFIG)?;
         let ranges = data(maps::SOURCE_RANGES)?;
+        let maglev = data(maps::MAGLEV)?;
+        let maglev_config = data(maps::MAGLEV_CONFIG)?;
         Ok(Self {
             conntrack: Hash::from_pin(maps::CONNTRACK, &root.join(maps::CONNTRACK))?,
             sock_rev: Hash::from_pin(maps::SOCK_REV, &root.join(maps::SOCK_REV))?,
@@ -151,6 +164,10 @@ impl AyaMaps {
             names: Hash::from_pin(maps::SERVICE_NAMES, &root.join(maps::SERVICE_NAMES))?,
             config: Array::try_from(Map::Array(config))
                 .map_err(|source| DatapathError::Map { name: maps::CONFIG, source })?,
+            maglev: HashOfMaps::try_from(Map::HashOfMaps(maglev))
+                .map_err(|source| DatapathError::Map { name: maps::MAGLEV, source })?,
+            maglev_config: Array::try_from(Map::Array(maglev_config))
+                .map_err(|source| DatapathError::Map { name: maps::MAGLEV_CONFIG, source })?,
         })
     }
 
@@ -300,7 +317,58 @@ impl MapStore for AyaMaps {
     fn service_names(&self) -> Vec<(u32, ServiceName)> {
         self.service_names().collect()
     }
+
+    fn put_maglev_config(&mut self, config: MaglevConfig) -> Result<(), WriteError> {
+        self.maglev_config.set(0, config, 0).map_err(on(maps::MAGLEV_CONFIG))
+    }
+
+    fn put_maglev_table(&mut self, id: u32, slots: &[BackendId]) -> Result<(), WriteError> {
+        let size = slots.len() as u32;
+        // A new inner array each time, filled before it is reachable, then swapped in whole.
+        let def = aya_obj::Map::new_from_params(ARRAY, 4, 8, inner_entries(size), INNER_MAP);
+        let table = MapData::create(def, "maglev_table", None).map_err(on(maps::MAGLEV))?;
+        let values: Vec<u64> = elements(slots).collect();
+        crate::sys::bpf::fill_u64_array(table.fd().as_fd(), &values).map_err(|io_error| {
+            on(maps::MAGLEV)(MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error }))
+        })?;
+        // The outer map keeps the table; this descriptor (and the replaced table, once no
+        // program runs on it) goes.
+        self.maglev.insert(id, &table, 0).map_err(on(maps::MAGLEV))
+    }
+
+    fn delete_maglev_table(&mut self, id: u32) -> Result<(), WriteError> {
+        absent_ok(self.maglev.remove(&id)).map_err(on(maps::MAGLEV))
+    }
+
+    fn maglev_tables(&self) -> Vec<u32> {
+        self.maglev.keys().filter_map(Result::ok).collect()
+    }
+
+    fn maglev_entry(&self, id: u32, index: u32) -> Option<u32> {
+        table_entry(&self.maglev.get(&id, 0).ok()?, index)
+    }
 }
+
+/// Entry `index` of the Maglev table `table` (0: its size, `1..=size`: the slots), unpacked
+/// from its `u64` elements (`proxy_common::maglev::slot_place`).
+pub(crate) fn table_entry(table: &MapData, index: u32) -> Option<u32> {
+    let element = |i| crate::sys::bpf::lookup_u64(table.fd().as_fd(), i).ok().flatten();
+    let size = element(TABLE_SIZE_INDEX)? as u32;
+    if index == TABLE_SIZE_INDEX {
+        return Some(size);
+    }
+    if index > size {
+        return None;
+    }
+    let (at, shift) = slot_place(index);
+    Some(slot_value(element(at)?, shift))
+}
+
+/// `BPF_MAP_TYPE_ARRAY`, a Maglev table's type.
+const ARRAY: u32 = 2;
+/// `BPF_F_INNER_MAP`: tables of any size fit the outer map's template (the program reads each
+/// table's size from the table).
+const INNER_MAP: u32 = 1 << 12;
 
 #[cfg(test)]
 mod tests {
@@ -318,6 +386,25 @@ mod tests {
         let mut ids: Vec<u32> = maps.service_names().map(|(id, _)| id).collect();
         ids.sort_unstable();
         assert_eq!(ids, (1..=3000).collect::<Vec<_>>());
+    }
+
+    /// A table is a new inner array swapped in whole: its size and slots read back, a smaller
+    /// one replaces it, and a deleted one is gone.
+    #[test]
+    fn a_maglev_table_is_written_whole_and_replaced_by_one_of_another_size() {
+        let pins = PinnedMaps::new("maps-maglev", 4096);
+        let mut maps = AyaMaps::from_pins(pins.root()).expect("opening the pinned maps");
+        let big: Vec<u32> = (0..16_381).map(|i| i % 7 + 1).collect();
+        maps.put_maglev_table(5, &big).expect("writing a table");
+        assert_eq!(maps.maglev_tables(), [5]);
+        assert_eq!(maps.maglev_entry(5, TABLE_SIZE_INDEX), Some(16_381));
+        assert_eq!((1..=16_381).map(|i| maps.maglev_entry(5, i).unwrap()).collect::<Vec<_>>(), big);
+        assert_eq!(maps.maglev_entry(5, 16_382), None, "nothing past the table");
+        maps.put_maglev_table(5, &[9; 251]).expect("replacing it");
+        assert_eq!((maps.maglev_entry(5, 0), maps.maglev_entry(5, 251)), (Some(251), Some(9)));
+        maps.delete_maglev_table(5).expect("deleting it");
+        assert!(maps.maglev_tables().is_empty());
+        maps.delete_maglev_table(5).expect("an absent table is no error");
     }
 
     /// A pin that is there but cannot be opened is reported with its path and the OS error, not

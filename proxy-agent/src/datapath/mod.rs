@@ -30,6 +30,7 @@ use std::{
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
 use proxy_common::maps as names;
 
+pub(crate) use self::maps::table_entry as maglev_table_entry;
 pub use self::{
     attacher::{Attach, Attacher, Schedule},
     bpffs::{ensure_bpffs, find_cgroup2_mount},
@@ -98,6 +99,7 @@ impl LoadOptions {
             (names::SERVICES, self.services_max),
             (names::SERVICE_NAMES, names::service_names_max_entries(self.services_max)),
             (names::SOURCE_RANGES, names::source_ranges_max_entries(self.services_max)),
+            (names::MAGLEV, names::maglev_max_entries(self.services_max)),
             (names::BACKENDS, self.backends_max),
             (names::AFFINITY, self.affinity_max),
             (names::CONNTRACK, self.conntrack_max),
@@ -199,6 +201,7 @@ mod tests {
         let sizes = options(2_097_152, 1024).map_sizes();
         assert_eq!(sizes[names::SERVICE_NAMES], 2_097_152);
         assert_eq!(sizes[names::SOURCE_RANGES], 2_097_152);
+        assert_eq!(sizes[names::MAGLEV], 2_097_152, "a table per service port at most");
         assert_eq!(options(12, 1024).map_sizes()[names::SERVICE_NAMES], 12);
     }
 

@@ -19,6 +19,7 @@ use proxy_common::{
     addr,
     affinity::{AffinityKey, AffinityValue, affinity_service_id},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, BackendId},
+    conntrack::CtKey,
     service::*,
 };
 use serde::Serialize;
@@ -35,6 +36,8 @@ use crate::{datapath::writer::MapStore, model::proto_name};
 pub struct Query {
     /// The client's address.
     pub from: IpAddr,
+    /// The client's source port, when known (names a Maglev pick).
+    pub from_port: Option<u16>,
     /// The destination.
     pub to: SocketAddr,
     /// IP protocol number.
@@ -79,6 +82,8 @@ impl Origin {
 pub enum Verdict {
     /// One of the candidates, uniformly at random.
     Random,
+    /// The backend in the Maglev table slot the flow's hash selects (the same on every node).
+    Maglev,
     /// The backend the client's fresh affinity entry names.
     Sticky,
     /// Refused: ECONNREFUSED on the socket path, the node stack's reset or ICMP port
@@ -127,6 +132,10 @@ pub struct PathExplanation {
     pub candidates: Vec<Candidate>,
     /// With [`Verdict::Sticky`]: the remembered backend.
     pub sticky_to: Option<String>,
+    /// With [`Verdict::Maglev`]: the table slot (`1..=M`) the flow hashes to, when the client
+    /// port is known (or under ClientIP affinity, which hashes the address only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maglev_slot: Option<u32>,
 }
 
 /// The ClientIP affinity entries that bear on the query.
@@ -175,6 +184,19 @@ pub fn snapshot_of<S: MapStore>(store: &S) -> Snapshot {
         services: store.service_entries().into_iter().collect(),
         backends: store.backend_entries().into_iter().collect(),
         names: store.service_names().into_iter().collect(),
+        maglev_sizes: store
+            .maglev_tables()
+            .into_iter()
+            .filter_map(|id| Some((id, store.maglev_entry(id, 0)?)))
+            .collect(),
+        maglev_slots: store
+            .maglev_tables()
+            .into_iter()
+            .filter_map(|id| {
+                let size = store.maglev_entry(id, 0)?;
+                Some((id, (1..=size).map(|slot| store.maglev_entry(id, slot)).collect::<Option<Vec<u32>>>()?))
+            })
+            .collect(),
         ..Snapshot::default()
     }
 }
@@ -199,8 +221,8 @@ pub fn explain(snapshot: &Snapshot, query: &Query) -> Explanation {
     let frontend = view::frontend_view(snapshot, key, master);
     let notes = frontend.problems.iter().map(|p| format!("map problem: {p}")).collect();
     let index = ServiceIndex::new(snapshot);
-    let node = path(snapshot, &index, key, master, Origin::Node, query.from);
-    let outside = path(snapshot, &index, key, master, Origin::Outside, query.from);
+    let node = path(snapshot, &index, key, master, Origin::Node, query.from, query.from_port);
+    let outside = path(snapshot, &index, key, master, Origin::Outside, query.from, query.from_port);
     let paths = if node.scope == outside.scope && node.verdict == outside.verdict && node.sticky_to == outside.sticky_to
     {
         vec![merge(node, outside)]
@@ -253,6 +275,7 @@ fn path(
     master: &ServiceValue,
     origin: Origin,
     from: IpAddr,
+    from_port: Option<u16>,
 ) -> PathExplanation {
     let mut reasons = Vec::new();
     // `lb::cluster_has_backends`: whether the cluster-wide set (the internal scope) has any.
@@ -271,6 +294,7 @@ fn path(
                     summary: "refused: connect() fails at once with ECONNREFUSED".into(),
                     candidates: Vec::new(),
                     sticky_to: None,
+                    maglev_slot: None,
                 };
             }
         }
@@ -294,6 +318,7 @@ fn path(
             summary,
             candidates: Vec::new(),
             sticky_to: None,
+            maglev_slot: None,
         };
     }
     if origin == Origin::Outside && master.flags & SVC_F_SOURCE_RANGES != 0 {
@@ -310,6 +335,7 @@ fn path(
                         .into(),
                     candidates: Vec::new(),
                     sticky_to: None,
+                    maglev_slot: None,
                 };
             }
             None => reasons.push(
@@ -368,7 +394,64 @@ fn path(
     } else if master.flags & SVC_F_AFFINITY != 0 {
         summary += "; the pick is remembered for the client (ClientIP affinity, see below)";
     }
-    PathExplanation { origins: vec![origin], scope, reasons, verdict, summary, candidates, sticky_to }
+    let mut maglev_slot = None;
+    if verdict == Verdict::Random && origin == Origin::Outside && master.flags & SVC_F_MAGLEV != 0 {
+        (verdict, summary, maglev_slot) = maglev_pick(snapshot, master, from, from_port.map(|p| (p, key.port)), key);
+    }
+    PathExplanation { origins: vec![origin], scope, reasons, verdict, summary, candidates, sticky_to, maglev_slot }
+}
+
+/// A new flow from outside at a Maglev frontend (`lb::select_flow`): the slot of the set's
+/// table that the flow's hash selects (of the client address only under ClientIP affinity).
+fn maglev_pick(
+    snapshot: &Snapshot,
+    master: &ServiceValue,
+    from: IpAddr,
+    port: Option<(u16, u16)>,
+    key: ServiceKey,
+) -> (Verdict, String, Option<u32>) {
+    let id = master.service_id;
+    let Some(&size) = snapshot.maglev_sizes.get(&id) else {
+        return (
+            Verdict::Random,
+            format!("Maglev, but the backend set has no table yet (id {id}): uniformly at random until it is written"),
+            None,
+        );
+    };
+    let seed = snapshot.maglev_seed.unwrap_or_default();
+    // The datapath hashes the 16-byte map form of the address (IPv4 as IPv4-mapped).
+    let src = addr::from_ip(from);
+    let hash = if master.flags & SVC_F_AFFINITY != 0 {
+        Some(proxy_common::maglev::hash_bytes(&src, seed))
+    } else {
+        port.map(|(sport, dport)| {
+            let flow = CtKey { src, dst: key.address, sport, dport, proto: key.proto, _pad: [0; 3] };
+            proxy_common::maglev::flow_hash(&flow, seed)
+        })
+    };
+    let what = if master.flags & SVC_F_AFFINITY != 0 { "the client address" } else { "the flow's 5-tuple" };
+    let Some(hash) = hash else {
+        return (
+            Verdict::Maglev,
+            format!(
+                "a new flow goes to the backend in slot 1 + hash({what}) % {size} of the set's Maglev table, the \
+                 same on every node with the same backends, table size and seed (give --from-port to name it)"
+            ),
+            None,
+        );
+    };
+    let slot = proxy_common::maglev::slot(hash, size);
+    let backend = snapshot
+        .maglev_slots
+        .get(&id)
+        .and_then(|slots| slots.get(slot as usize - 1))
+        .map(|id| snapshot.backends.get(id).map_or(format!("backend id {id} (missing)"), view::backend_text));
+    let to = backend.map_or_else(|| "the backend there".to_owned(), |b| b.to_string());
+    (
+        Verdict::Maglev,
+        format!("to {to}: Maglev slot {slot} of {size}, by the hash of {what}; the same on every node"),
+        Some(slot),
+    )
 }
 
 /// Why a scope holds the backends it holds.

@@ -179,7 +179,7 @@ fn even(endpoints: &[Ipv4Addr]) -> Want {
 
 /// What `explain` says for `origin`'s traffic from `from` to `to`, as a [`Want`].
 fn verdict(snapshot: &Snapshot, origin: Origin, from: Ipv4Addr, to: SocketAddrV4) -> Want {
-    let e = explain(snapshot, &Query { from: from.into(), to: to.into(), proto: TCP });
+    let e = explain(snapshot, &Query { from: from.into(), from_port: None, to: to.into(), proto: TCP });
     if !e.service_frontend {
         return Want::NotAFrontend;
     }
@@ -192,6 +192,8 @@ fn verdict(snapshot: &Snapshot, origin: Origin, from: Ipv4Addr, to: SocketAddrV4
             let address = to.split(':').next().and_then(|a| a.parse().ok()).expect("address:port/PROTO");
             Want::Sticky(address)
         }
+        // No service of these tables uses Maglev.
+        Verdict::Maglev => unreachable!("a Maglev verdict in tables without Maglev services: {path:?}"),
         Verdict::Random => {
             let mut spread: Vec<(Ipv4Addr, f64)> = path
                 .candidates

@@ -30,7 +30,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use proxy_common::proto;
+use proxy_common::{
+    addr, proto,
+    service::{SVC_F_MAGLEV, ServiceKey},
+};
 
 pub use self::{explain::Explanation, pins::Snapshot};
 
@@ -165,6 +168,10 @@ pub struct ExplainArgs {
     /// is explained as the IPv4 frontend it reaches.
     #[arg(long, value_name = "IP:PORT")]
     pub to: SocketAddr,
+    /// The client's source port (packet path): with it, a Maglev frontend's answer names the
+    /// table slot and backend the flow's 5-tuple hashes to.
+    #[arg(long, value_name = "PORT")]
+    pub from_port: Option<u16>,
     /// The transport protocol.
     #[arg(long, value_enum, default_value_t = Protocol::Tcp)]
     pub proto: Protocol,
@@ -202,6 +209,14 @@ pub fn explain(root: &Path, args: &ExplainArgs) -> Result<String, InspectError> 
     let mut snapshot = pins::read(root)?;
     // To name netns-keyed affinity entries and find the client's namespace by its address.
     snapshot.netns = pins::netns();
+    // The one Maglev table the answer may need, read whole (a lookup per slot).
+    let to = args.to.ip().to_canonical();
+    let master = ServiceKey::master(addr::from_ip(to), args.to.port(), args.proto.number());
+    if let Some(m) = snapshot.services.get(&master).filter(|m| m.flags & SVC_F_MAGLEV != 0)
+        && let Some(slots) = pins::maglev_slots(root, m.service_id)
+    {
+        snapshot.maglev_slots.insert(m.service_id, slots);
+    }
     let explanation = explain_query(&snapshot, args);
     Ok(match args.output {
         Format::Table => render::explanation(&explanation),
@@ -213,7 +228,8 @@ pub fn explain(root: &Path, args: &ExplainArgs) -> Result<String, InspectError> 
 /// maps hold IPv4 in that very form, so an AF_INET6 socket reaches the IPv4 frontend).
 fn explain_query(snapshot: &Snapshot, args: &ExplainArgs) -> Explanation {
     let to = SocketAddr::new(args.to.ip().to_canonical(), args.to.port());
-    let query = explain::Query { from: args.from.to_canonical(), to, proto: args.proto.number() };
+    let query =
+        explain::Query { from: args.from.to_canonical(), from_port: args.from_port, to, proto: args.proto.number() };
     let mut explanation = explain::explain(snapshot, &query);
     if to.ip() != args.to.ip() {
         explanation

@@ -13,6 +13,7 @@ use proxy_common::{
     affinity::{AffinityKey, AffinityValue},
     backend::{Backend, BackendId},
     conntrack::{CtKey, CtValue},
+    maglev::{MaglevConfig, TABLE_SIZE_INDEX},
     maps,
     service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
 };
@@ -45,6 +46,13 @@ pub struct Snapshot {
     /// to name the netns cookies of socket-path affinity entries and find a client's namespace.
     /// Empty unless [`netns`] filled it.
     pub netns: Vec<NetnsInfo>,
+    /// The size `M` of each Maglev table, by backend-set id (`maglev` map).
+    pub maglev_sizes: BTreeMap<u32, u32>,
+    /// The slots of the Maglev tables read whole (`explain` reads the one its query needs):
+    /// slot `i + 1` is element `i`.
+    pub maglev_slots: BTreeMap<u32, Vec<u32>>,
+    /// The flow hash's seed (`maglev_config`); `None` when the map is not pinned.
+    pub maglev_seed: Option<u32>,
 }
 
 /// Reads the maps pinned under `root`.
@@ -88,7 +96,43 @@ pub fn read(root: &Path) -> Result<Snapshot, InspectError> {
         source_ranges,
         now_ns,
         netns: Vec::new(),
+        maglev_sizes: maglev_tables(root).into_iter().filter_map(|(id, table)| Some((id, table.size()?))).collect(),
+        maglev_slots: BTreeMap::new(),
+        maglev_seed: entries::<u32, MaglevConfig>(root, maps::MAGLEV_CONFIG)
+            .ok()
+            .and_then(|e| e.first().map(|(_, config)| config.seed)),
     })
+}
+
+/// One Maglev table, opened from the id the outer map holds.
+struct InnerTable(aya::maps::MapData);
+
+impl InnerTable {
+    fn entry(&self, index: u32) -> Option<u32> {
+        crate::datapath::maglev_table_entry(&self.0, index)
+    }
+
+    fn size(&self) -> Option<u32> {
+        self.entry(TABLE_SIZE_INDEX)
+    }
+}
+
+/// The Maglev tables pinned under `root`, by backend-set id; none when the map is not pinned
+/// (maps of an agent from before Maglev) or cannot be read.
+fn maglev_tables(root: &Path) -> Vec<(u32, InnerTable)> {
+    let Ok(outer) = PinnedMap::open(&root.join(maps::MAGLEV)) else { return Vec::new() };
+    // A map-in-map's value, read from userspace, is the inner map's id.
+    let ids: Vec<(u32, u32)> = outer.entries().unwrap_or_default();
+    ids.into_iter()
+        .filter_map(|(id, map_id)| Some((id, InnerTable(aya::maps::MapData::from_id(map_id).ok()?))))
+        .collect()
+}
+
+/// The slots of Maglev table `id` under `root` (one lookup per slot: only for `explain`).
+pub fn maglev_slots(root: &Path, id: u32) -> Option<Vec<u32>> {
+    let (_, table) = maglev_tables(root).into_iter().find(|(table, _)| *table == id)?;
+    let size = table.size()?;
+    (1..=size).map(|slot| table.entry(slot)).collect()
 }
 
 fn has_any_map(root: &Path) -> bool {

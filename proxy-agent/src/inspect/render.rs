@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::{
     Snapshot,
-    explain::{Explanation, Origin, PathExplanation},
+    explain::{Explanation, Origin, PathExplanation, Verdict},
     view::{AffinityView, BackendView, ConntrackView, FrontendView, ScopeView},
 };
 
@@ -218,6 +218,9 @@ fn path(out: &mut String, path: &PathExplanation, two_scopes: bool) {
     }
     if count > 0 && path.sticky_to.is_some() {
         let _ = writeln!(out, "    (the odds apply once the affinity entry expires)");
+    }
+    if count > 0 && path.verdict == Verdict::Maglev {
+        let _ = writeln!(out, "    (each backend's share of new flows over all clients: ⌊M/N⌋ or ⌈M/N⌉ table slots)");
     }
 }
 

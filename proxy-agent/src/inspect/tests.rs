@@ -123,7 +123,7 @@ fn etp_local(local: &[u32]) -> Build {
 }
 
 fn query(from: &str, to: &str, port: u16) -> Query {
-    Query { from: ip(from), to: SocketAddr::new(ip(to), port), proto: TCP }
+    Query { from: ip(from), from_port: None, to: SocketAddr::new(ip(to), port), proto: TCP }
 }
 
 /// default/web dual stack: 10.96.0.10:80 → 10.244.1.2:8080 and [fd00:10:96::a]:80 →
@@ -170,6 +170,7 @@ fn explain_accepts_ipv6_and_reads_ipv4_mapped_input_as_the_ipv4_frontend() {
     let args = super::ExplainArgs {
         from: ip("::ffff:10.244.1.9"),
         to: "[::ffff:10.96.0.10]:80".parse().unwrap(),
+        from_port: None,
         proto: super::Protocol::Tcp,
         output: super::Format::Table,
     };
@@ -594,4 +595,37 @@ impl Build {
         self.0.names.extend(other.0.names);
         self
     }
+}
+
+#[test]
+fn explain_names_the_maglev_slot_of_an_ipv6_flow_by_the_hash_of_its_16_byte_addresses() {
+    const SIZE: u32 = 251;
+    let pods = ["fd00:10:244:1::2", "fd00:10:244:1::3", "fd00:10:244:2::2"];
+    let named: Vec<(u32, Vec<u8>)> =
+        (1..).zip(pods).map(|(id, pod)| (id, crate::maglev::backend_name(addr::from_ip(ip(pod)), 8080))).collect();
+    let table = crate::maglev::build(&named, SIZE, crate::maglev::DEFAULT_SEED);
+    let mut s = pods
+        .iter()
+        .zip(1..)
+        .fold(snapshot().name(7, "default", "web", ""), |b, (pod, id)| b.backend(id, pod, 8080, 0))
+        .frontend("fd00:172:18::2", 30080, SCOPE_EXTERNAL, SVC_F_NODE_PORT | SVC_F_MAGLEV, 7, 0, &[1, 2, 3])
+        .build();
+    let seed = 0x5eed;
+    (s.maglev_seed, s.maglev_sizes, s.maglev_slots) = (Some(seed), [(7, SIZE)].into(), [(7, table.clone())].into());
+
+    let answer =
+        explain(&s, &Query { from_port: Some(40_000), ..query("fc00:f853:ccd:e793::64", "fd00:172:18::2", 30080) });
+    let outside = answer.paths.iter().find(|p| p.origins.contains(&Origin::Outside)).expect("a path from outside");
+    let flow = proxy_common::conntrack::CtKey {
+        src: addr::from_ip(ip("fc00:f853:ccd:e793::64")),
+        dst: addr::from_ip(ip("fd00:172:18::2")),
+        sport: 40_000,
+        dport: 30080,
+        proto: TCP,
+        _pad: [0; 3],
+    };
+    let slot = proxy_common::maglev::slot(proxy_common::maglev::flow_hash(&flow, seed), SIZE);
+    assert_eq!((outside.verdict, outside.maglev_slot), (Verdict::Maglev, Some(slot)));
+    let pod = pods[table[slot as usize - 1] as usize - 1];
+    assert!(outside.summary.contains(&format!("to [{pod}]:8080/TCP")), "{}", outside.summary);
 }

@@ -126,8 +126,15 @@ pub struct FrontendView {
     pub service_id: u32,
     /// `ClusterIP`, `NodePort`, `ExternalIP`, `LoadBalancer`.
     pub kinds: Vec<&'static str>,
-    /// The policy flags in words (see [`policies`]).
+    /// The policy flags in words (see [`policies`]), and the Maglev table when the frontend
+    /// hashes (`maglev M=16381`).
     pub policies: Vec<String>,
+    /// How traffic from outside picks a backend at this frontend: `random` or `maglev`
+    /// (traffic from the node always picks at random).
+    pub algorithm: &'static str,
+    /// The size of the backend set's Maglev table; `None` when the frontend does not hash, or
+    /// its table is not written (yet).
+    pub maglev_table_size: Option<u32>,
     /// `Local` or `Cluster`.
     pub external_traffic_policy: &'static str,
     /// `Local` or `Cluster`.
@@ -253,6 +260,17 @@ pub fn frontend_view(snapshot: &Snapshot, key: ServiceKey, master: &ServiceValue
         problems.push("an internal-scope master without the two-scopes flag: the kernel ignores it".to_owned());
     }
     let affinity = flags & SVC_F_AFFINITY != 0;
+    let maglev = flags & SVC_F_MAGLEV != 0;
+    let maglev_table_size = snapshot.maglev_sizes.get(&master.service_id).copied().filter(|_| maglev);
+    let mut policies = policies(flags, master.affinity_timeout);
+    match maglev_table_size {
+        Some(size) => policies.push(format!("maglev M={size}")),
+        None if maglev => {
+            policies.push("maglev (no table)".to_owned());
+            problems.push("Maglev frontend without a table: new flows from outside are picked at random".to_owned());
+        }
+        None => {}
+    }
     FrontendView {
         frontend: frontend_text(&key),
         address: addr::to_ip(&key.address),
@@ -264,7 +282,9 @@ pub fn frontend_view(snapshot: &Snapshot, key: ServiceKey, master: &ServiceValue
         port_name: service.as_ref().map(|s| s.port_name.clone()),
         service_id: master.service_id,
         kinds: kinds(flags),
-        policies: policies(flags, master.affinity_timeout),
+        policies,
+        algorithm: if maglev { "maglev" } else { "random" },
+        maglev_table_size,
         external_traffic_policy: if flags & SVC_F_EXT_LOCAL != 0 { "Local" } else { "Cluster" },
         internal_traffic_policy: if flags & SVC_F_INT_LOCAL != 0 { "Local" } else { "Cluster" },
         affinity_timeout_seconds: affinity.then_some(master.affinity_timeout),

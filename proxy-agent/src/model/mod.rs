@@ -19,6 +19,7 @@ use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
 pub use service::service_frontends;
 
 pub use self::addr::{Cidr, IpFamily, is_ipv4_mapped, parse_ip, parse_ipv4};
+use crate::maglev::LbAlgorithm;
 
 /// The label that names a slice's service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -48,6 +49,9 @@ pub struct NodeInfo {
     /// The node's zone (its `topology.kubernetes.io/zone` label), empty when unlabelled: endpoints
     /// hinted for this zone are preferred (topology-aware routing).
     pub zone: String,
+    /// `--lb-algorithm`: how traffic from outside picks a backend where a service's
+    /// [`LB_ALGORITHM_ANNOTATION`](crate::maglev::LB_ALGORITHM_ANNOTATION) does not choose.
+    pub lb_algorithm: LbAlgorithm,
 }
 
 impl NodeInfo {
@@ -76,7 +80,19 @@ impl NodeInfo {
         let localhost_nodeports = nodeport_filter_admits(filter, Ipv4Addr::LOCALHOST.into());
         let zone =
             node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(ZONE_LABEL)).cloned().unwrap_or_default();
-        Self { name: name.to_owned(), nodeport_addresses, pod_cidrs, localhost_nodeports, zone }
+        Self {
+            name: name.to_owned(),
+            nodeport_addresses,
+            pod_cidrs,
+            localhost_nodeports,
+            zone,
+            lb_algorithm: LbAlgorithm::default(),
+        }
+    }
+
+    /// The same node with `--lb-algorithm` `algorithm`.
+    pub fn with_lb_algorithm(self, lb_algorithm: LbAlgorithm) -> Self {
+        Self { lb_algorithm, ..self }
     }
 }
 

@@ -40,6 +40,7 @@ fn node() -> NodeInfo {
         pod_cidrs: Vec::new(),
         localhost_nodeports: false,
         zone: String::new(),
+        lb_algorithm: LbAlgorithm::Random,
     }
 }
 

@@ -11,6 +11,8 @@ use k8s_openapi::api::{
 };
 use proxy_common::{proto, service::*};
 
+use crate::maglev::{LB_ALGORITHM_ANNOTATION, LbAlgorithm};
+
 use super::{
     Cidr, DEFAULT_AFFINITY_TIMEOUT, Desired, Endpoint, Frontend, FrontendEntry, FrontendKind, HEADLESS_LABEL,
     HealthCheck, IpFamily, NodeInfo, SERVICE_PROXY_NAME_LABEL, ServicePortName, Skip, SkipReason, is_ipv4_mapped,
@@ -45,6 +47,7 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
     let ext_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let int_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let affinity_timeout = affinity_timeout(service);
+    let maglev = lb_algorithm(service, node, &mut skips) == LbAlgorithm::Maglev;
 
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         let Some((name, number, protocol)) = port_identity(&mut skips, index, port) else { continue };
@@ -94,6 +97,11 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
                 }
                 if set.fallback {
                     flags |= SVC_F_TERMINATING_FALLBACK;
+                }
+                // Only traffic from outside can reach another node when the network moves it;
+                // ClusterIPs (the socket path) stay random, as every kube-proxy mode.
+                if maglev && kind.is_external() {
+                    flags |= SVC_F_MAGLEV;
                 }
                 FrontendEntry {
                     service: service_port.clone(),
@@ -505,4 +513,21 @@ fn usable(candidates: &[Candidate], keep: impl Fn(&Candidate) -> bool) -> Usable
     }
     endpoints.sort();
     Usable { fallback: fallback && !endpoints.is_empty(), endpoints }
+}
+
+/// The service's algorithm for traffic from outside: its
+/// [`LB_ALGORITHM_ANNOTATION`] when that names one, else `--lb-algorithm`. An unknown value is
+/// reported and ignored.
+fn lb_algorithm(service: &Service, node: &NodeInfo, skips: &mut Skips) -> LbAlgorithm {
+    let annotations = service.metadata.annotations.as_ref();
+    let Some(value) = annotations.and_then(|a| a.get(LB_ALGORITHM_ANNOTATION)) else { return node.lb_algorithm };
+    LbAlgorithm::parse(value).unwrap_or_else(|| {
+        let field = format!("metadata.annotations[{LB_ALGORITHM_ANNOTATION}]");
+        skips.push(
+            field,
+            SkipReason::Unparseable,
+            format!("{value:?} is neither random nor maglev; using --lb-algorithm"),
+        );
+        node.lb_algorithm
+    })
 }

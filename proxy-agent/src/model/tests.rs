@@ -306,6 +306,7 @@ fn node(addresses: &[&str]) -> NodeInfo {
         pod_cidrs: Vec::new(),
         localhost_nodeports: false,
         zone: String::new(),
+        lb_algorithm: LbAlgorithm::Random,
     }
 }
 

@@ -5,6 +5,7 @@ pub mod kube;
 pub mod manifests;
 pub mod rbac;
 
+use crate::maglev::LB_ALGORITHM_ANNOTATION;
 use std::sync::Arc;
 
 use k8s_openapi::{
@@ -78,7 +79,10 @@ fn trim_meta(meta: &mut ObjectMeta) {
 impl Trim for Service {
     fn trim(&mut self) {
         // spec and status (LoadBalancer ingress) are read; only the status conditions are not.
+        // Of the annotations, only the one choosing the load-balancing algorithm.
+        let algorithm = self.metadata.annotations.as_mut().and_then(|a| a.remove_entry(LB_ALGORITHM_ANNOTATION));
         trim_meta(&mut self.metadata);
+        self.metadata.annotations = algorithm.map(|entry| [entry].into());
         if let Some(status) = &mut self.status {
             status.conditions = None;
         }
@@ -116,6 +120,22 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// The algorithm annotation is the one annotation the model reads: it survives the trim
+    /// (without this, `proxy.kube-ebpf.io/lb-algorithm` never reached the model).
+    #[test]
+    fn trim_keeps_the_lb_algorithm_annotation_only() {
+        let mut service: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "annotations": {
+                LB_ALGORITHM_ANNOTATION: "maglev",
+                "kubectl.kubernetes.io/last-applied-configuration": "{...}",
+            }},
+        }))
+        .unwrap();
+        service.trim();
+        let kept = service.metadata.annotations.expect("the annotation survives");
+        assert_eq!(kept.into_iter().collect::<Vec<_>>(), [(LB_ALGORITHM_ANNOTATION.to_owned(), "maglev".to_owned())]);
+    }
 
     /// A trimmed object reads the same to the model: every field it uses survives.
     #[test]

@@ -48,6 +48,9 @@ pub struct SyncConfig {
     pub nodeport_cidrs: Vec<Cidr>,
     /// The agent's (the node's) network namespace cookie, for loopback nodePorts; 0: unknown.
     pub host_netns_cookie: u64,
+    /// `--lb-algorithm`: how traffic from outside picks a backend, unless a service's
+    /// annotation says otherwise.
+    pub lb_algorithm: crate::maglev::LbAlgorithm,
 }
 
 /// The outcome of one sync, for the log line and tests.
@@ -112,7 +115,8 @@ pub struct Syncer<S> {
 impl<S: MapStore> Syncer<S> {
     /// A syncer writing through `writer`.
     pub fn new(writer: Writer<S>, config: SyncConfig, metrics: Metrics) -> Self {
-        let node_info = NodeInfo::from_node(&config.node_name, None, &config.nodeport_cidrs);
+        let node_info =
+            NodeInfo::from_node(&config.node_name, None, &config.nodeport_cidrs).with_lb_algorithm(config.lb_algorithm);
         let mut syncer = Self {
             tracker: Tracker::default(),
             writer,
@@ -212,7 +216,8 @@ impl<S: MapStore> Syncer<S> {
             Change::Delete(key) if key.trim_start_matches('/') == name => None,
             Change::Delete(_) => return,
         };
-        let info = NodeInfo::from_node(name, node.as_deref(), &self.config.nodeport_cidrs);
+        let info = NodeInfo::from_node(name, node.as_deref(), &self.config.nodeport_cidrs)
+            .with_lb_algorithm(self.config.lb_algorithm);
         if info != self.node_info {
             info!(node = name, addresses = ?info.nodeport_addresses, zone = %info.zone, "node addresses for nodePorts");
             if let Some(hook) = &mut self.node_hook {

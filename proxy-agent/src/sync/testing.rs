@@ -12,6 +12,7 @@ use proxy_common::{
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
+    maglev::MaglevConfig,
     proto::TCP,
     service::{ServiceKey, ServiceName, ServiceValue},
     sock::{SockRevKey, SockRevValue},
@@ -78,6 +79,9 @@ pub(crate) struct MemMaps {
     pub(crate) backends: HashMap<BackendId, Backend>,
     pub(crate) services_max: usize,
     pub(crate) writes: usize,
+    /// Maglev tables as the kernel holds them: the size, then the slots.
+    pub(crate) maglev: HashMap<u32, Vec<u32>>,
+    pub(crate) maglev_config: Option<MaglevConfig>,
     /// The node's settings as last written.
     pub(crate) config: Option<NodeConfig>,
 }
@@ -196,5 +200,29 @@ impl MapStore for MemMaps {
 
     fn service_names(&self) -> Vec<(u32, ServiceName)> {
         Vec::new()
+    }
+
+    fn put_maglev_config(&mut self, config: MaglevConfig) -> Result<(), WriteError> {
+        self.maglev_config = Some(config);
+        Ok(())
+    }
+
+    fn put_maglev_table(&mut self, id: u32, slots: &[BackendId]) -> Result<(), WriteError> {
+        let size = slots.len() as u32;
+        self.maglev.insert(id, std::iter::once(size).chain(slots.iter().copied()).collect());
+        Ok(())
+    }
+
+    fn delete_maglev_table(&mut self, id: u32) -> Result<(), WriteError> {
+        self.maglev.remove(&id);
+        Ok(())
+    }
+
+    fn maglev_tables(&self) -> Vec<u32> {
+        self.maglev.keys().copied().collect()
+    }
+
+    fn maglev_entry(&self, id: u32, index: u32) -> Option<u32> {
+        self.maglev.get(&id)?.get(index as usize).copied()
     }
 }

@@ -7,7 +7,7 @@ use proxy_common::{
     addr::{self, Addr},
     drop,
     service::{SCOPE_INTERNAL, SERVICE_ID_LOCAL_SET},
-    trace::{NOT_DROPPED, PATH_SOCKET, PICK_AFFINITY, PICK_RANDOM, TraceEvent},
+    trace::{NOT_DROPPED, PATH_SOCKET, PICK_AFFINITY, PICK_MAGLEV, PICK_RANDOM, TraceEvent},
 };
 use serde::Serialize;
 
@@ -46,10 +46,10 @@ pub struct Line {
     /// The chosen backend, `address:port/PROTO`; absent for a drop.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
-    /// Why this backend: `random` or `affinity` (a Maglev slot later).
+    /// Why this backend: `random`, `affinity` or `maglev`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pick: Option<&'static str>,
-    /// The slot picked at random.
+    /// The slot picked at random, or the Maglev table slot.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slot: Option<u16>,
     /// The backend set picked from: `cluster` (every ready endpoint) or `local` (this node's
@@ -133,10 +133,11 @@ pub fn line(event: &TraceEvent, time: String, names: &mut dyn Names) -> Line {
             match event.pick {
                 PICK_RANDOM => "random",
                 PICK_AFFINITY => "affinity",
+                PICK_MAGLEV => "maglev",
                 _ => "unknown",
             },
         ),
-        slot: kept(!dropped, event.slot).filter(|_| event.pick == PICK_RANDOM),
+        slot: kept(!dropped, event.slot).filter(|_| event.pick == PICK_RANDOM || event.pick == PICK_MAGLEV),
         endpoints: kept(!dropped, if event.service_id & SERVICE_ID_LOCAL_SET != 0 { "local" } else { "cluster" }),
         scope: kept(!dropped, "internal").filter(|_| event.scope == SCOPE_INTERNAL),
         snat: (event.snat != addr::UNSPECIFIED)
@@ -248,6 +249,14 @@ mod tests {
             table_line(&line),
             "t socket netns client -> 10.96.0.10:80/TCP (default/web:http) => 10.244.1.2:8080/TCP [random slot 2, local endpoints]"
         );
+    }
+
+    #[test]
+    fn a_maglev_pick_is_named_with_its_table_slot() {
+        let event = TraceEvent { path: PATH_TC, pick: PICK_MAGLEV, slot: 12_345, ..socket_pick() };
+        let line = line(&event, "t".into(), &mut names());
+        assert_eq!((line.pick, line.slot), (Some("maglev"), Some(12_345)));
+        assert!(table_line(&line).contains("[maglev slot 12345, "), "{}", table_line(&line));
     }
 
     #[test]

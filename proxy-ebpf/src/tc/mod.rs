@@ -179,7 +179,7 @@ fn follow(ctx: &TcContext, packet: &Packet) -> i32 {
 #[inline(never)]
 fn choose(packet: &Packet, selected: &mut Selected) -> u32 {
     let client = AffinityKey { client: packet.src, ..AffinityKey::default() };
-    match lb::select(packet.dst, packet.dport, packet.proto, client, Origin::External) {
+    match lb::select_flow(packet.dst, packet.dport, packet.proto, client, Origin::External, Some(packet)) {
         Verdict::NotAService => PASS,
         // No local endpoint under eTP=Local while other nodes have some: drop, as kube-proxy
         // does (with no endpoint anywhere it rejects).

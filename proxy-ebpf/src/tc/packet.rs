@@ -7,6 +7,7 @@ use proxy_common::{
     addr::{self, Addr},
     conntrack::{CT_F_CLOSING, CtKey, FragKey, FragPorts},
     drop,
+    maglev::{Tuple, tuple_hash},
     proto::{TCP, UDP},
 };
 
@@ -89,6 +90,19 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+}
+
+/// The flow's 5-tuple for the Maglev hash, read in place: the same hash as of [`Packet::key`].
+impl Tuple for Packet {
+    #[inline(always)]
+    fn tuple_hash(&self, seed: u32) -> u32 {
+        tuple_hash(&self.src, &self.dst, [self.sport, self.dport], self.proto, seed)
+    }
+
+    #[inline(always)]
+    fn client(&self) -> &Addr {
+        &self.src
+    }
 }
 
 impl Packet {

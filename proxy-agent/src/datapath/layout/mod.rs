@@ -13,7 +13,7 @@
 //!    stays what flow and affinity entries name), then flows, affinity and socket entries;
 //!    copied as they are where key and value still fit, converted from an older layout's types
 //!    where this agent knows them ([`v2`]: 4-byte IPv4 addresses become IPv4-mapped), else the
-//!    map starts empty (logged); the services map is rebuilt by the sync;
+//!    map starts empty (logged); the services and Maglev maps are rebuilt by the sync;
 //! 3. the first full sync fills the new maps;
 //! 4. [`super::Datapath::finish_upgrade`] swaps. The socket programs' links are replaced once
 //!    the new ones are attached. The TC programs, whose flows live in the conntrack map, change
@@ -41,7 +41,7 @@ use crate::sys::bpf::{BpfError, PinnedMap};
 pub mod v2;
 
 /// The maps whose entries an upgrade carries over, ids first. The others are rebuilt (services,
-/// source ranges, config) or short-lived (fragments).
+/// source ranges, config, Maglev tables and seed) or short-lived (fragments).
 const CARRIED: &[&str] =
     &[maps::BACKENDS, maps::SERVICE_NAMES, maps::CONNTRACK, maps::AFFINITY, maps::SOCK_REV, maps::SOCK_BACKEND];
 

@@ -74,6 +74,11 @@ impl Svc {
     }
 
     /// An endpoint at `address` on node `node`.
+    pub(crate) fn annotate(mut self, key: &str, value: &str) -> Self {
+        self.service["metadata"]["annotations"][key] = json!(value);
+        self
+    }
+
     pub(crate) fn endpoint(mut self, address: Ipv4Addr, node: &str, condition: Condition) -> Self {
         let ready = condition == Condition::Ready;
         self.endpoints.push(json!({
@@ -84,7 +89,7 @@ impl Svc {
         self
     }
 
-    fn objects(&self) -> (Service, EndpointSlice) {
+    pub(crate) fn objects(&self) -> (Service, EndpointSlice) {
         let name = &self.service["metadata"]["name"];
         let slice = json!({
             "metadata": {

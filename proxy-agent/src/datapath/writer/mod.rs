@@ -17,11 +17,15 @@
 //! - [`reconcile`]: the ordered write of one frontend (upsert, remove, refusal), the sweep of
 //!   an earlier agent's leftovers and the periodic compare-and-repair;
 //! - [`stale`]: entries that keep clients on backends which left (affinity, UDP sockets,
-//!   socket reverse entries, UDP flows).
+//!   socket reverse entries, UDP flows);
+//! - [`maglev`]: the Maglev table of each backend set that traffic from outside hashes into.
 
 #[cfg(test)]
 pub(crate) mod fixture;
 mod ids;
+mod maglev;
+#[cfg(test)]
+mod maglev_tests;
 mod reconcile;
 #[cfg(test)]
 pub(crate) mod recorder;
@@ -40,6 +44,7 @@ use proxy_common::{
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
+    maglev::MaglevConfig,
     service::{SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockRevKey, SockRevValue},
 };
@@ -105,6 +110,17 @@ pub trait MapStore {
     fn backend_entries(&self) -> Vec<(BackendId, Backend)>;
     /// Every `service_names` entry present.
     fn service_names(&self) -> Vec<(u32, ServiceName)>;
+    /// Writes the flow hash's seed (`maglev_config` map).
+    fn put_maglev_config(&mut self, config: MaglevConfig) -> Result<(), Self::Error>;
+    /// Puts `slots` (slot `i + 1` → `slots[i]`) as backend set `id`'s Maglev table, replacing
+    /// any earlier one in one update: a lookup sees the old table or the new one.
+    fn put_maglev_table(&mut self, id: u32, slots: &[BackendId]) -> Result<(), Self::Error>;
+    /// Deletes backend set `id`'s Maglev table (absent is fine).
+    fn delete_maglev_table(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// The ids of the Maglev tables present.
+    fn maglev_tables(&self) -> Vec<u32>;
+    /// Entry `index` of Maglev table `id`: index 0 is its size `M`, `1..=M` its slots.
+    fn maglev_entry(&self, id: u32, index: u32) -> Option<u32>;
 }
 
 /// What is programmed for one frontend.
@@ -174,6 +190,8 @@ pub struct Writer<S> {
     /// (affinity id, backend id) pairs that stopped being valid since the last
     /// [`Writer::forget_departed`].
     gone: HashSet<(u32, BackendId)>,
+    /// Maglev settings and tables.
+    maglev: maglev::Tables,
 }
 
 impl<S: MapStore> Writer<S> {
@@ -189,6 +207,7 @@ impl<S: MapStore> Writer<S> {
             backend_by_id: HashMap::new(),
             services,
             gone: HashSet::new(),
+            maglev: maglev::Tables::default(),
         }
     }
 

@@ -25,6 +25,9 @@ impl<S: MapStore> Writer<S> {
                     self.departed(old, Some(&new));
                 }
                 self.programmed.insert(frontend, new);
+                // The table names the new backends (written above) and none that `release`
+                // deletes next.
+                self.update_maglev(frontend);
                 if let Some(old) = old {
                     self.release(&old, &mut stats)?;
                 }
@@ -115,6 +118,7 @@ impl<S: MapStore> Writer<S> {
         let external_len = old_len(false).max(entry.backends.len());
         let internal_len = old_len(true).max(entry.internal.as_ref().map_or(0, Vec::len));
         let mut stats = WriteStats::default();
+        self.update_maglev(frontend);
         let _ = self.store.delete_service(key);
         let _ = self.store.delete_service(key.with_scope(SCOPE_INTERNAL));
         let _ = self.trim_slots(key, external_len, 0, &mut stats);
@@ -138,6 +142,7 @@ impl<S: MapStore> Writer<S> {
         let mut stats = WriteStats::default();
         let Some(old) = self.programmed.remove(&frontend) else { return Ok(stats) };
         self.departed(&old, None);
+        self.update_maglev(frontend);
         let key = master_key(&frontend);
         self.store.delete_service(key)?;
         stats.service_writes += 1;
@@ -168,6 +173,8 @@ impl<S: MapStore> Writer<S> {
             self.services.in_use.remove(&id);
             self.store.delete_service_name(id)?;
         }
+        let tables = self.store.maglev_tables().into_iter().collect();
+        self.sweep_maglev(tables)?;
         Ok(stats)
     }
 
@@ -245,6 +252,7 @@ impl<S: MapStore> Writer<S> {
             }
         }
         self.delete_unprogrammed(present.into_keys().collect(), backends.into_keys().collect(), &mut stats)?;
+        self.restore_maglev()?;
         Ok(stats)
     }
 

@@ -15,6 +15,7 @@ use proxy_common::{
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue},
+    maglev::MaglevConfig,
     service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_F_TWO_SCOPES, ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
 };
@@ -103,6 +104,9 @@ pub(crate) struct Recorder {
     pub(crate) affinity: HashMap<AffinityKey, AffinityValue>,
     /// `sock_backend`: written by tests as the kernel would ([`MapStore::forget`] deletes).
     pub(crate) sock_backend: HashMap<SockBackendKey, SockBackendValue>,
+    /// Maglev tables as the kernel holds them: the size, then the slots.
+    pub(crate) maglev: BTreeMap<u32, Vec<u32>>,
+    pub(crate) maglev_config: Option<MaglevConfig>,
 }
 
 /// A put into a full map.
@@ -207,5 +211,29 @@ impl MapStore for Recorder {
 
     fn backend_entries(&self) -> Vec<(BackendId, Backend)> {
         self.maps.backends.iter().map(|(id, backend)| (*id, *backend)).collect()
+    }
+
+    fn put_maglev_config(&mut self, config: MaglevConfig) -> Result<(), Full> {
+        self.maglev_config = Some(config);
+        Ok(())
+    }
+
+    fn put_maglev_table(&mut self, id: u32, slots: &[BackendId]) -> Result<(), Full> {
+        let size = slots.len() as u32;
+        self.maglev.insert(id, std::iter::once(size).chain(slots.iter().copied()).collect());
+        Ok(())
+    }
+
+    fn delete_maglev_table(&mut self, id: u32) -> Result<(), Full> {
+        self.maglev.remove(&id);
+        Ok(())
+    }
+
+    fn maglev_tables(&self) -> Vec<u32> {
+        self.maglev.keys().copied().collect()
+    }
+
+    fn maglev_entry(&self, id: u32, index: u32) -> Option<u32> {
+        self.maglev.get(&id)?.get(index as usize).copied()
     }
 }

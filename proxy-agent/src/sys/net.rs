@@ -234,6 +234,53 @@ fn parse_ipv6_routes(text: &str) -> Vec<(String, IpAddr)> {
 mod tests {
     use super::*;
 
+    /// One `RTM_NEWLINK` message: ifinfomsg with `index`, then IFLA_IFNAME and, if not 0,
+    /// IFLA_MASTER.
+    fn newlink(index: u32, name: &str, master: u32) -> Vec<u8> {
+        let attr = |kind: u16, value: &[u8]| {
+            let mut a = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+            a.extend(kind.to_ne_bytes());
+            a.extend(value);
+            a.resize(a.len().next_multiple_of(4), 0);
+            a
+        };
+        let mut body = vec![0u8; 16];
+        body[4..8].copy_from_slice(&index.to_ne_bytes());
+        body.extend(attr(IFLA_IFNAME, format!("{name}\0").as_bytes()));
+        if master != 0 {
+            body.extend(attr(IFLA_MASTER, &master.to_ne_bytes()));
+        }
+        let mut message = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
+        message.extend(libc::RTM_NEWLINK.to_ne_bytes());
+        message.extend([0u8; 10]);
+        message.extend(body);
+        message
+    }
+
+    #[test]
+    fn a_link_dump_names_each_interface_and_its_master() {
+        let mut batch = newlink(1, "lo", 0);
+        batch.extend(newlink(4, "veth0", 3));
+        batch.extend(newlink(3, "br0", 0));
+        let mut out = Vec::new();
+        assert!(!parse_links(&batch, &mut out).unwrap(), "no NLMSG_DONE yet");
+        assert_eq!(out, [("lo".into(), 1, 0), ("veth0".into(), 4, 3), ("br0".into(), 3, 0)]);
+        let mut done = 16u32.to_ne_bytes().to_vec();
+        done.extend((libc::NLMSG_DONE as u16).to_ne_bytes());
+        done.extend([0u8; 10]);
+        assert!(parse_links(&done, &mut out).unwrap(), "NLMSG_DONE ends the dump");
+        let mut cut = newlink(5, "eth0", 0);
+        cut.truncate(cut.len() - 8);
+        assert!(parse_links(&cut, &mut Vec::new()).is_err(), "a message longer than the batch is refused");
+    }
+
+    #[test]
+    fn loopback_is_no_bridge_port() {
+        let ports = bridge_ports(&["lo".into()]).unwrap();
+        assert!(ports.is_empty(), "{ports:?}");
+        assert!(bridge_ports(&["no-such-interface".into()]).unwrap().is_empty());
+    }
+
     #[test]
     fn routes_are_read_in_network_order() {
         let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\

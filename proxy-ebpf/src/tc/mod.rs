@@ -203,7 +203,7 @@ fn origin(ctx: &TcContext) -> Origin {
     // SAFETY: the context pointer is the program's own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // SAFETY: only whether there is an entry is read.
-    if unsafe { POD_INTERFACES.get(&ifindex) }.is_some() { Origin::Node } else { Origin::External }
+    if unsafe { POD_INTERFACES.get(ifindex) }.is_some() { Origin::Node } else { Origin::External }
 }
 
 /// The first packet to a frontend: picks its backend into `selected` and returns [`OPEN`];

@@ -767,7 +767,11 @@ pub const ROWS: &[Row] = &[
         title: "Traffic Distribution: should route traffic to an endpoint on the same node or fall back to same zone when using PreferSameNode",
         conformance: false,
         reproducible: Reproducible::YesStar,
-        tests: &["conformance::e2e_82_prefer_same_node_falls_back_to_the_zone_then_all"],
+        tests: &[
+            "conformance::e2e_82_prefer_same_node_falls_back_to_the_zone_then_all",
+            "mesh::topology_hints_same_node::ipv4::mesh",
+            "mesh::topology_hints_same_node::ipv6::mesh",
+        ],
         gap: "",
     },
     Row {

@@ -261,3 +261,31 @@ per_mode! {
         assert_translated_where(mode, &agent, family, pod(family, 2), 20);
     }
 }
+
+per_mode! {
+    /// e2e row 82's same-node part: `trafficDistribution: PreferSameNode` with every
+    /// endpoint hinted for its node (as the EndpointSlice controller writes it): a pod's
+    /// connections go only to the endpoint hinted for node-1, never to node-2's.
+    fn topology_hints_same_node(family: Family, mode: Mode) {
+        let manifests = Manifests::zoned("proxy-mesh", &["zone-a", "zone-b"]);
+        let svc = service(SEED)
+            .cluster_ips(&[vip(family)])
+            .named_port("tcp", PORT.into(), "TCP")
+            .traffic_distribution("PreferSameNode");
+        let eps = slice(SEED, &family.name().to_lowercase())
+            .address_type(family.name())
+            .named_port("tcp", TARGET_PORT.into(), "TCP")
+            .endpoint_on(&pod(family, 2).to_string(), "node-1")
+            .for_zones(&["zone-a"])
+            .for_nodes(&["node-1"])
+            .endpoint_on(&pod(family, 3).to_string(), "node-2")
+            .for_zones(&["zone-b"])
+            .for_nodes(&["node-2"]);
+        manifests.put(&svc.build(), &[eps.build()]);
+        let (topology, agent) = setup(&[2, 3], &manifests, mode);
+        agent.wait_for_count(vip(family), PORT, Some(1), WAIT).unwrap();
+        let tally = run(&topology, &topology.client.ns, "tcp", family, 40);
+        let hinted = format!("pod-2 {}", client(family));
+        assert_eq!(tally.from(&hinted), 40, "only the endpoint hinted for node-1 answers: {tally:?}");
+    }
+}

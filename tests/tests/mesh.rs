@@ -20,7 +20,7 @@ use proxy_tests::{
     cluster::{self, Family, Manifests, SEED, SEED_PORT as PORT, TARGET_PORT},
     fixtures::{service, slice},
     netns::Netns,
-    pod::PEER,
+    pod::{PEER, PodServer},
     topology::SingleNode,
 };
 
@@ -287,5 +287,32 @@ per_mode! {
         let tally = run(&topology, &topology.client.ns, "tcp", family, 40);
         let hinted = format!("pod-2 {}", client(family));
         assert_eq!(tally.from(&hinted), 40, "only the endpoint hinted for node-1 answers: {tally:?}");
+    }
+}
+
+per_mode! {
+    /// e2e row 33's backend side: a hostNetwork endpoint (a server in node-1's own namespace, at
+    /// its pod-bridge address) serves a pod's connections to the ClusterIP. In mesh mode the
+    /// node delivers the DNATed packets locally and its replies, which leave through the stack
+    /// towards the pod, are translated back on their way out.
+    fn host_network_backend(family: Family, mode: Mode) {
+        let manifests = Manifests::with_nodes("proxy-mesh");
+        let gateway: IpAddr = match family {
+            Family::V4 => cluster::pod_gateway(0).into(),
+            Family::V6 => cluster::pod_gateway6(0).into(),
+        };
+        let svc = service(SEED).cluster_ips(&[vip(family)]).named_port("tcp", PORT.into(), "TCP");
+        let eps = slice(SEED, &family.name().to_lowercase())
+            .address_type(family.name())
+            .named_port("tcp", TARGET_PORT.into(), "TCP")
+            .endpoint_on(&gateway.to_string(), "node-1");
+        manifests.put(&svc.build(), &[eps.build()]);
+        let (topology, agent) = setup(&[], &manifests, mode);
+        let _host = PodServer::start(&topology.node, TARGET_PORT, &format!("host {PEER}")).expect("a host server");
+        agent.wait_for_count(vip(family), PORT, Some(1), WAIT).unwrap();
+        let tally = run(&topology, &topology.client.ns, "tcp", family, 20);
+        let seen = format!("host {}", client(family));
+        assert_eq!(tally.from(&seen), 20, "the node's server answers, seeing the pod: {tally:?}");
+        assert_translated_where(mode, &agent, family, client(family), 20);
     }
 }

@@ -79,6 +79,8 @@ pub const ROWS: &[Row] = &[
             "control_plane::e2e_01_serve_a_basic_endpoint_from_pods",
             "mesh::uniform_pick_without_snat::ipv4::mesh",
             "mesh::uniform_pick_without_snat::ipv6::mesh",
+            "mesh::endpoints_on_both_nodes::ipv4::mesh",
+            "mesh::endpoints_on_both_nodes::ipv6::mesh",
         ],
         gap: "",
     },

@@ -21,7 +21,7 @@ use proxy_tests::{
     fixtures::{service, slice},
     netns::Netns,
     pod::{PEER, PodServer},
-    topology::SingleNode,
+    topology::{SingleNode, TwoNodes},
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
@@ -314,5 +314,41 @@ per_mode! {
         let seen = format!("host {}", client(family));
         assert_eq!(tally.from(&seen), 20, "the node's server answers, seeing the pod: {tally:?}");
         assert_translated_where(mode, &agent, family, client(family), 20);
+    }
+}
+
+per_mode! {
+    /// e2e row 1 across nodes (TwoNodes: pods on node-1 and node-2, each node with its agent):
+    /// a pod on node-1 reaches the ClusterIP's endpoints on both nodes, and the one on node-2
+    /// sees the pod's own address. In mesh mode the packet crosses to node-2 addressed to the
+    /// backend (DNAT on node-1, no SNAT) and node-2's reply comes back into node-1 from outside,
+    /// where the flow's conntrack entry translates it back.
+    fn endpoints_on_both_nodes(family: Family, mode: Mode) {
+        let manifests = Manifests::with_nodes("proxy-mesh");
+        let remote = family.pod_ip(1, 2);
+        let names = [format!("pod-a {PEER}"), format!("pod-b {PEER}")];
+        let topology = TwoNodes::new([&[names[0].as_str()], &[names[1].as_str()]], TARGET_PORT, true)
+            .expect("building the two nodes");
+        let svc = service(SEED).cluster_ips(&[vip(family)]).named_port("tcp", PORT.into(), "TCP");
+        let eps = slice(SEED, &family.name().to_lowercase())
+            .address_type(family.name())
+            .named_port("tcp", TARGET_PORT.into(), "TCP")
+            .endpoint_on(&pod(family, 2).to_string(), "node-1")
+            .endpoint_on(&remote.to_string(), "node-2");
+        manifests.put(&svc.build(), &[eps.build()]);
+        let flags: &[&str] = if mode == Mode::Mesh { &[FLAG] } else { &[] };
+        let agents: Vec<Agent> =
+            topology.nodes.iter().map(|n| manifests.start_agent(AGENT, &n.ns, &n.cgroup, &n.name, flags)).collect();
+        agents[0].wait_for_count(vip(family), PORT, Some(2), WAIT).unwrap();
+        let node1 = &topology.nodes[0];
+        let target = std::net::SocketAddr::new(vip(family), PORT).to_string();
+        let tally = probe(PROBE.as_ref(), &node1.client.ns, Some(&node1.cgroup), &["tcp", &target, "40", "1000"])
+            .expect("running the probe");
+        let seen = client(family);
+        for name in ["pod-a", "pod-b"] {
+            assert!(tally.from(&format!("{name} {seen}")) > 0, "{name} answers, seeing the pod: {tally:?}");
+        }
+        assert_eq!(tally.answered(), 40, "{tally:?}");
+        assert_translated_where(mode, &agents[0], family, seen, 40);
     }
 }

@@ -138,19 +138,20 @@ fn run(topology: &SingleNode, ns: &Netns, how: &str, family: Family, count: usiz
         .expect("running the probe")
 }
 
-/// The TC path's conntrack entries of flows the node saw leave `from` for the ClusterIP.
-fn flows_to_vip(agent: &Agent, family: Family, from: IpAddr) -> usize {
+/// The TC path's conntrack entries of flows the node saw leave `from` (anyone: `None`) for
+/// the ClusterIP.
+fn flows_to_vip(agent: &Agent, family: Family, from: Option<IpAddr>) -> usize {
     let snapshot = proxy_agent::inspect::pins::read(agent.bpf_root()).expect("reading the pinned maps");
-    let (from, to) = (addr::from_ip(from), addr::from_ip(vip(family)));
+    let (from, to) = (from.map(addr::from_ip), addr::from_ip(vip(family)));
     let entries = snapshot.conntrack.expect("the conntrack map is pinned");
-    entries.iter().filter(|(k, _)| k.src == from && k.dst == to && k.dport == PORT).count()
+    entries.iter().filter(|(k, _)| from.is_none_or(|f| k.src == f) && k.dst == to && k.dport == PORT).count()
 }
 
 /// Asserts where the pod's traffic was translated: in mesh mode the node saw `connections`
 /// flows from `from` to the ClusterIP (the pod's packets carried it on the pod's own wire);
 /// with the socket path, none (they carried the backend's address already).
 fn assert_translated_where(mode: Mode, agent: &Agent, family: Family, from: IpAddr, connections: usize) {
-    let flows = flows_to_vip(agent, family, from);
+    let flows = flows_to_vip(agent, family, Some(from));
     match mode {
         Mode::Mesh => assert_eq!(flows, connections, "each connection left the pod for the ClusterIP"),
         Mode::Socket => assert_eq!(flows, 0, "connect() was rewritten in the pod: no packet carried the ClusterIP"),
@@ -350,5 +351,20 @@ per_mode! {
         }
         assert_eq!(tally.answered(), 40, "{tally:?}");
         assert_translated_where(mode, &agents[0], family, seen, 40);
+    }
+}
+
+per_mode! {
+    /// The host network namespace keeps the socket path in both modes: a process of node-1's own
+    /// namespace (a hostNetwork client, in the agent's cgroup) is translated at `connect()`, so
+    /// no packet of it carries the ClusterIP (e2e row 32's client side).
+    fn host_network_client_keeps_the_socket_path(family: Family, mode: Mode) {
+        let manifests = Manifests::with_nodes("proxy-mesh");
+        put_seed(&manifests, family, &[(2, "node-1")], |s| s);
+        let (topology, agent) = setup(&[2], &manifests, mode);
+        agent.wait_for_count(vip(family), PORT, Some(1), WAIT).unwrap();
+        let tally = run(&topology, &topology.node, "tcp", family, 20);
+        assert_eq!(tally.answered(), 20, "{tally:?}");
+        assert_eq!(flows_to_vip(&agent, family, None), 0, "connect() was rewritten on the node");
     }
 }

@@ -170,8 +170,9 @@ impl Datapath {
 
     /// Makes the `pod_interfaces` map hold exactly `interfaces` (by index; one gone meanwhile
     /// is left out): the TC ingress program translates new flows from there as the socket
-    /// path would.
-    pub(super) fn set_pod_interfaces(&mut self, interfaces: &BTreeSet<String>) -> Result<(), DatapathError> {
+    /// path would. The agent calls it on every interface scan under
+    /// `--bpf-lb-sock-hostns-only`; public for tests that run frames through the program.
+    pub fn set_pod_interfaces(&mut self, interfaces: &BTreeSet<String>) -> Result<(), DatapathError> {
         let name = maps::POD_INTERFACES;
         let wanted: BTreeSet<u32> = interfaces.iter().filter_map(|i| crate::sys::net::interface_index(i)).collect();
         if wanted == self.pod_interfaces {

@@ -71,6 +71,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
     pub cluster_cidr: Vec<Cidr>,
 
+    /// Socket load balancing only for the host network namespace (Cilium's flag, for service
+    /// meshes): pods' connections leave them with the service address, where a sidecar or node
+    /// proxy sees it, and are translated per packet on the node (TC on the pod-facing
+    /// interfaces, DNAT without SNAT), with the same backend choice. Needs --cluster-cidr or
+    /// the Node's podCIDRs to find those interfaces.
+    #[arg(long)]
+    pub bpf_lb_sock_hostns_only: bool,
+
     /// bpffs directory where maps and links are pinned.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy", global = true)]
     pub bpf_root: PathBuf,
@@ -364,6 +372,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         backends_max: args.backends_map_size,
         affinity_max: args.affinity_map_size,
         conntrack_max: args.conntrack_map_size,
+        sock_hostns_only: args.bpf_lb_sock_hostns_only,
     };
     let (datapath, maps) = Datapath::load(&opts).context("loading the datapath")?;
     let metrics = Metrics::new();

@@ -43,6 +43,19 @@ pub const MAGLEV: &str = "maglev";
 /// The flow hash's seed ([`crate::maglev::MaglevConfig`]), one entry at index 0.
 pub const MAGLEV_CONFIG: &str = "maglev_config";
 
+/// Whether the socket programs translate only for sockets of the host network namespace
+/// (`--bpf-lb-sock-hostns-only`, for service meshes): a `u32` array of one entry, 1 for yes.
+/// Like [`HANDOVER`], not pinned and not in [`ALL`]: every loaded object has its own, written
+/// by the agent that loaded it before anything is attached, so the setting follows the flag of
+/// the agent whose programs run and no pinned map changes layout.
+pub const SOCK_HOSTNS_ONLY: &str = "sock_hostns_only";
+/// The pod-facing interfaces (ifindex → 1) whose packets the TC ingress program translates as
+/// the socket programs would, when those leave pods alone ([`SOCK_HOSTNS_ONLY`]): empty
+/// otherwise. Not pinned, as [`SOCK_HOSTNS_ONLY`]; rewritten by the agent on every interface scan.
+pub const POD_INTERFACES: &str = "pod_interfaces";
+/// Size of [`POD_INTERFACES`]: far more pods than a node runs (kubelet's default is 110).
+pub const POD_INTERFACES_MAX_ENTRIES: u32 = 16_384;
+
 /// Default size of [`SERVICES`] (`--services-map-size`): 100 000 services with 10 endpoints
 /// (a master entry and ten slots each on a ClusterIP: 1 100 000 entries) fit, with room for
 /// nodePorts. The map is not preallocated (see the agent's `datapath` module), so the size is

@@ -13,9 +13,9 @@ use proxy_common::{
     conntrack::{CtKey, CtValue, FragKey, FragPorts},
     maglev::{MaglevConfig, TABLE_SIZE_DEFAULT, inner_entries},
     maps::{
-        AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, DROPS_MAX_ENTRIES, SERVICES_MAX_ENTRIES,
-        fragments_max_entries, maglev_max_entries, service_names_max_entries, sock_max_entries,
-        source_ranges_max_entries,
+        AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, DROPS_MAX_ENTRIES,
+        POD_INTERFACES_MAX_ENTRIES, SERVICES_MAX_ENTRIES, fragments_max_entries, maglev_max_entries,
+        service_names_max_entries, sock_max_entries, source_ranges_max_entries,
     },
     service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
     sock::{SockBackendKey, SockBackendValue, SockRevKey, SockRevValue},
@@ -57,6 +57,17 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue, { CONNTRACK_MAX_ENTRIES as usiz
 /// The node's settings (index 0), written by the agent.
 #[btf_map(name = "config")]
 pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// 1 (index 0) under `--bpf-lb-sock-hostns-only`: the socket programs leave sockets outside the
+/// host network namespace alone, and pods' traffic is translated per packet by TC instead.
+/// Not pinned: this object's own, written by the agent that loaded it.
+#[btf_map(name = "sock_hostns_only")]
+pub static SOCK_HOSTNS_ONLY: Array<u32, 1> = Array::new();
+
+/// Pod-facing interfaces (ifindex → 1) whose packets TC translates as the socket path would
+/// (`--bpf-lb-sock-hostns-only`); empty without it. Not pinned, as [`SOCK_HOSTNS_ONLY`].
+#[btf_map(name = "pod_interfaces")]
+pub static POD_INTERFACES: HashMap<u32, u32, { POD_INTERFACES_MAX_ENTRIES as usize }, AGENT_WRITTEN> = HashMap::new();
 
 /// Socket and backend → the frontend it addressed: replies (`recvmsg`) and `getpeername` show
 /// the service address.

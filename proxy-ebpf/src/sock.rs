@@ -4,6 +4,10 @@
 //! and keep one backend per socket; replies (recvmsg) and getpeername() show the service address
 //! again. The packets themselves need no translation.
 //!
+//! Under `--bpf-lb-sock-hostns-only` (for service meshes) only sockets of the host network
+//! namespace are translated: a pod's traffic leaves it with the service address, where the
+//! pod's sidecar can see it, and TC translates it on the node (`crate::tc`).
+//!
 //! The IPv6 hooks share everything with the IPv4 ones: the maps hold IPv4 as IPv4-mapped IPv6
 //! (`proxy_common::addr`), so an `AF_INET6` socket addressing `::ffff:10.96.0.10` finds the IPv4
 //! ClusterIP's entry and is sent to `::ffff:` + the backend's IPv4 address, and its replies and
@@ -29,7 +33,7 @@ use proxy_common::{
 use crate::{
     drops,
     lb::{self, Origin, Verdict},
-    maps::{CONFIG, SOCK_BACKEND, SOCK_REV},
+    maps::{CONFIG, SOCK_BACKEND, SOCK_HOSTNS_ONLY, SOCK_REV},
     trace,
 };
 
@@ -134,13 +138,17 @@ fn translate(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     let (address, port, proto) = destination(sa, family);
     // SAFETY: a plain helper call on the program's own context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if host_netns_only() && !in_host_netns(netns_cookie) {
+        // A pod's socket: its traffic is translated per packet on the node (TC).
+        return ALLOW;
+    }
+    // SAFETY: as above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let sticky_key = SockBackendKey { cookie, address, port, proto, _pad: [0; 5] };
     if sticky && proto == UDP && reuse_kept_backend(ctx, family, &sticky_key) {
         return ALLOW;
     }
-    // SAFETY: as above.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // 127.0.0.1:<nodePort> is the node's, not a pod's own loopback.
     if addr::to_v4(&address).is_some_and(|v4| v4[0] == 127) && !in_host_netns(netns_cookie) {
         return ALLOW;
@@ -177,6 +185,12 @@ fn translate(ctx: &SockAddrContext, family: Family, sticky: bool) -> i32 {
             ALLOW
         }
     }
+}
+
+/// Whether only the host network namespace's sockets are translated (`--bpf-lb-sock-hostns-only`).
+#[inline(always)]
+fn host_netns_only() -> bool {
+    SOCK_HOSTNS_ONLY.get(0).is_some_and(|on| *on != 0)
 }
 
 /// Whether a socket's network namespace is the node's own.

@@ -60,6 +60,8 @@ pub struct Row {
     /// Whether it can be reproduced here.
     pub reproducible: Reproducible,
     /// The tests that prove it, `suite::test`; the row passes when every one of them passes.
+    /// A ClusterIP row also names the `mesh` suite's `NAME::<family>::mesh` tests: the same
+    /// behaviour under `--bpf-lb-sock-hostns-only`, so the row holds in both modes.
     pub tests: &'static [&'static str],
     /// What is missing for the row to pass (the part its tests, if any, do not prove), or why it
     /// cannot be reproduced; empty otherwise.
@@ -73,7 +75,13 @@ pub const ROWS: &[Row] = &[
         title: "Services: should serve a basic endpoint from pods",
         conformance: true,
         reproducible: Reproducible::Yes,
-        tests: &["control_plane::e2e_01_serve_a_basic_endpoint_from_pods"],
+        tests: &[
+            "control_plane::e2e_01_serve_a_basic_endpoint_from_pods",
+            "mesh::uniform_pick_without_snat::ipv4::mesh",
+            "mesh::uniform_pick_without_snat::ipv6::mesh",
+            "mesh::endpoints_on_both_nodes::ipv4::mesh",
+            "mesh::endpoints_on_both_nodes::ipv6::mesh",
+        ],
         gap: "",
     },
     Row {
@@ -97,7 +105,11 @@ pub const ROWS: &[Row] = &[
         title: "Services: should preserve source pod IP for traffic thru service cluster IP [LinuxOnly]",
         conformance: false,
         reproducible: Reproducible::Yes,
-        tests: &["semantics::e2e_04_backends_see_the_client_pod_address"],
+        tests: &[
+            "semantics::e2e_04_backends_see_the_client_pod_address",
+            "mesh::uniform_pick_without_snat::ipv4::mesh",
+            "mesh::uniform_pick_without_snat::ipv6::mesh",
+        ],
         gap: "",
     },
     Row {
@@ -105,7 +117,11 @@ pub const ROWS: &[Row] = &[
         title: "Services: should allow pods to hairpin back to themselves through services",
         conformance: false,
         reproducible: Reproducible::Yes,
-        tests: &["semantics::e2e_05_hairpin_to_itself_through_its_service"],
+        tests: &[
+            "semantics::e2e_05_hairpin_to_itself_through_its_service",
+            "mesh::hairpin::ipv4::mesh",
+            "mesh::hairpin::ipv6::mesh",
+        ],
         gap: "",
     },
     Row {
@@ -240,7 +256,11 @@ pub const ROWS: &[Row] = &[
         title: "Services: should have session affinity work for service with type clusterIP [LinuxOnly]",
         conformance: true,
         reproducible: Reproducible::Yes,
-        tests: &["semantics::e2e_21_client_ip_affinity_sticks_per_client_pod"],
+        tests: &[
+            "semantics::e2e_21_client_ip_affinity_sticks_per_client_pod",
+            "mesh::client_ip_affinity::ipv4::mesh",
+            "mesh::client_ip_affinity::ipv6::mesh",
+        ],
         gap: "",
     },
     Row {
@@ -310,6 +330,8 @@ pub const ROWS: &[Row] = &[
         tests: &[
             "semantics::e2e_29_no_endpoints_refuses_at_once",
             "semantics::e2e_29_no_endpoints_refuses_external_traffic_policy_local_too",
+            "mesh::no_endpoints_refused::ipv4::mesh",
+            "mesh::no_endpoints_refused::ipv6::mesh",
         ],
         gap: "",
     },
@@ -329,6 +351,8 @@ pub const ROWS: &[Row] = &[
         tests: &[
             "semantics::e2e_31_internal_traffic_policy_local",
             "semantics::e2e_31_affinity_does_not_override_internal_traffic_policy_local",
+            "mesh::internal_traffic_policy_local::ipv4::mesh",
+            "mesh::internal_traffic_policy_local::ipv6::mesh",
         ],
         gap: "",
     },
@@ -521,7 +545,11 @@ pub const ROWS: &[Row] = &[
         title: "Networking Granular Checks: Services should function for pod-Service: udp",
         conformance: false,
         reproducible: Reproducible::Yes,
-        tests: &["conformance::e2e_55_pod_to_service_udp"],
+        tests: &[
+            "conformance::e2e_55_pod_to_service_udp",
+            "mesh::udp_replies_from_the_cluster_ip::ipv4::mesh",
+            "mesh::udp_replies_from_the_cluster_ip::ipv6::mesh",
+        ],
         gap: "",
     },
     Row {
@@ -633,7 +661,11 @@ pub const ROWS: &[Row] = &[
         title: "Networking Granular Checks: Services should function for client IP based session affinity: http",
         conformance: false,
         reproducible: Reproducible::Yes,
-        tests: &["semantics::e2e_21_client_ip_affinity_sticks_per_client_pod"],
+        tests: &[
+            "semantics::e2e_21_client_ip_affinity_sticks_per_client_pod",
+            "mesh::client_ip_affinity::ipv4::mesh",
+            "mesh::client_ip_affinity::ipv6::mesh",
+        ],
         gap: "",
     },
     Row {
@@ -737,7 +769,11 @@ pub const ROWS: &[Row] = &[
         title: "Traffic Distribution: should route traffic to an endpoint on the same node or fall back to same zone when using PreferSameNode",
         conformance: false,
         reproducible: Reproducible::YesStar,
-        tests: &["conformance::e2e_82_prefer_same_node_falls_back_to_the_zone_then_all"],
+        tests: &[
+            "conformance::e2e_82_prefer_same_node_falls_back_to_the_zone_then_all",
+            "mesh::topology_hints_same_node::ipv4::mesh",
+            "mesh::topology_hints_same_node::ipv6::mesh",
+        ],
         gap: "",
     },
     Row {

@@ -38,8 +38,8 @@ use proxy_common::{
     drop, maps,
     proto::{TCP, UDP},
     service::{
-        SVC_F_AFFINITY, SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
-        SVC_F_TWO_SCOPES,
+        SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_MAGLEV, SVC_F_NODE_PORT,
+        SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES,
     },
 };
 use proxy_tests::{
@@ -247,6 +247,7 @@ fn with_bed(name: &str, case: impl FnOnce(&mut Bed) + Send) {
                 backends_max: 1024,
                 affinity_max: 1024,
                 conntrack_max: 16_384,
+                sock_hostns_only: false,
             };
             let (datapath, store) = Datapath::load(&opts).expect("loading the datapath");
             let mut bed = Bed { datapath, writer: Writer::new(store), root: pins.0.clone(), ifindex };
@@ -807,5 +808,92 @@ fn trace_names_a_maglev_pick_with_its_table_slot() {
         let slot = proxy_common::maglev::slot(hash, settings.table_size);
         assert_eq!((lines[0]["pick"].as_str(), lines[0]["slot"].as_u64()), (Some("maglev"), Some(u64::from(slot))));
         assert_eq!(lines[0]["backend"], format!("{}/TCP", pod_in_slot(&settings, family, hash)));
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mesh mode (`--bpf-lb-sock-hostns-only`): a pod's packets, arriving on a pod-facing interface
+// ---------------------------------------------------------------------------------------------
+
+/// A ClusterIP in the family.
+fn cluster_ip(family: Family) -> SocketAddr {
+    SocketAddr::new(family.pick(Ipv4Addr::new(10, 96, 0, 10), Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10)), 80)
+}
+
+/// A client pod (another pod than the backend) in the family.
+fn client_pod(family: Family) -> SocketAddr {
+    SocketAddr::new(
+        family.pick(Ipv4Addr::new(10, 244, 1, 200), Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x200)),
+        40000,
+    )
+}
+
+/// The bed's interface made pod-facing, and the ClusterIP programmed with `backends`.
+fn mesh_bed(bed: &mut Bed, family: Family, proto: u8, backends: Vec<Endpoint>) {
+    let eth0 = std::collections::BTreeSet::from(["eth0".to_owned()]);
+    bed.datapath.set_pod_interfaces(&eth0).expect("listing eth0 as pod-facing");
+    let ip = entry(FrontendKind::ClusterIp, proto, SVC_F_CLUSTER_IP, backends);
+    bed.service(cluster_ip(family), proto, &ip);
+}
+
+#[test]
+fn a_pods_syn_to_a_cluster_ip_is_dnated_without_snat() {
+    // Flow: pod:40000 → ClusterIP:80 SYN on a pod-facing interface  ⇒  pod:40000 → backend:80,
+    // redirected, checksums right.
+    for_each_family("mesh-syn", |bed, family| {
+        mesh_bed(bed, family, TCP, vec![endpoint(family.pod(0).ip(), false)]);
+        let out = bed.ingress(&frames::tcp_frame(client_pod(family), cluster_ip(family), SYN));
+        assert_eq!(out.verdict, REDIRECT);
+        let expected = frames::Seen { src: client_pod(family), dst: family.pod(TARGET_PORT), proto: TCP };
+        assert_eq!(frames::seen(&out.frame), expected, "DNAT only");
+        assert!(frames::ip_checksum_ok(&out.frame) && frames::frame_l4_checksum_ok(&out.frame), "checksums");
+    });
+}
+
+#[test]
+fn a_pods_syn_to_a_cluster_ip_without_endpoints_is_answered_with_a_reset() {
+    // Flow: pod:40000 → ClusterIP:80 SYN (seq 1), no endpoint  ⇒  ClusterIP:80 → pod:40000
+    // RST|ACK acking 2, sent back out (redirected); no_endpoint +1.
+    for_each_family("mesh-rst", |bed, family| {
+        mesh_bed(bed, family, TCP, Vec::new());
+        let out = bed.ingress(&frames::tcp_frame(client_pod(family), cluster_ip(family), SYN));
+        assert_eq!(out.verdict, REDIRECT);
+        let expected = frames::Seen { src: cluster_ip(family), dst: client_pod(family), proto: TCP };
+        assert_eq!(frames::seen(&out.frame), expected);
+        let (_, segment) = frames::upper(&out.frame);
+        assert_eq!(segment.len(), 20, "a bare TCP header");
+        assert_eq!(segment[13], 0x14, "RST|ACK");
+        assert_eq!(u32::from_be_bytes(segment[8..12].try_into().unwrap()), 2, "acks the SYN (seq 1)");
+        assert!(frames::ip_checksum_ok(&out.frame) && frames::frame_l4_checksum_ok(&out.frame), "checksums");
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::NO_ENDPOINT), 1)]));
+    });
+}
+
+#[test]
+fn a_pods_datagram_to_a_cluster_ip_without_endpoints_is_answered_with_port_unreachable() {
+    // Flow: pod:40000 → ClusterIP:80 UDP, no endpoint  ⇒  ClusterIP → pod ICMP (ICMPv6) port
+    // unreachable quoting the datagram's IP and UDP headers, redirected; no_endpoint +1.
+    for_each_family("mesh-icmp", |bed, family| {
+        mesh_bed(bed, family, UDP, Vec::new());
+        let frame = frames::udp_frame(client_pod(family), cluster_ip(family), 1, b"hello");
+        let out = bed.ingress(&frame);
+        assert_eq!(out.verdict, REDIRECT);
+        assert_eq!(frames::addresses(&out.frame), (cluster_ip(family).ip(), client_pod(family).ip()));
+        let quoted_len = frames::ip_header(&frame).len() + 8;
+        let quoted = &frame[14..14 + quoted_len];
+        let (proto, message) = frames::upper(&out.frame);
+        match (cluster_ip(family).ip(), client_pod(family).ip()) {
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                assert_eq!((proto, message[0], message[1]), (ICMPV6, 1, 4), "ICMPv6 port unreachable");
+                assert!(frames::icmp6_checksum_ok(src, dst, message), "ICMPv6 checksum");
+            }
+            _ => {
+                assert_eq!((proto, message[0], message[1]), (ICMP, ICMP_DEST_UNREACH, 3), "port unreachable");
+                assert_eq!(frames::checksum(message), 0, "ICMP checksum");
+                assert!(frames::ip_checksum_ok(&out.frame), "IPv4 checksum");
+            }
+        }
+        assert_eq!(&message[8..], quoted, "the datagram's headers quoted");
+        assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::NO_ENDPOINT), 1)]));
     });
 }

@@ -118,6 +118,7 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                 backends_max: maps::BACKENDS_MAX_ENTRIES,
                 affinity_max: maps::AFFINITY_MAX_ENTRIES,
                 conntrack_max: maps::CONNTRACK_MAX_ENTRIES,
+                sock_hostns_only: false,
             };
             let (datapath, store) = Datapath::load(&opts).context("loading the datapath")?;
             let mut writer = Writer::new(store);

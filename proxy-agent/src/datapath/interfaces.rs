@@ -28,6 +28,16 @@ pub(super) fn node_interfaces(addresses: &[IpAddr], cidrs: &[Cidr]) -> io::Resul
     Ok(names)
 }
 
+/// The interfaces pods' traffic enters the node through: those routing into one of `cidrs`
+/// (kind's per-pod veths, or a pod bridge) and the ports of such a bridge (its pods' veths).
+pub(super) fn pod_interfaces(cidrs: &[Cidr]) -> io::Result<BTreeSet<String>> {
+    let routed = node_interfaces(&[], cidrs)?;
+    let bridges: Vec<String> = routed.iter().cloned().collect();
+    let mut names = routed;
+    names.extend(net::bridge_ports(&bridges)?);
+    Ok(names)
+}
+
 /// One interface that should carry a TC program and does not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnattachedInterface {

@@ -112,8 +112,18 @@ impl Datapath {
             // The old programs serve until the swap attaches the new ones.
             return Ok(Vec::new());
         }
-        let present = interfaces::node_interfaces(node_addresses, pod_cidrs).map_err(DatapathError::Interfaces)?;
-        let node_facing = interfaces::node_interfaces(node_addresses, &[]).map_err(DatapathError::Interfaces)?;
+        let mut present = interfaces::node_interfaces(node_addresses, pod_cidrs).map_err(DatapathError::Interfaces)?;
+        let mut node_facing = interfaces::node_interfaces(node_addresses, &[]).map_err(DatapathError::Interfaces)?;
+        if self.sock_hostns_only {
+            // Pods' own traffic is translated on the way in from them: on every pod-facing
+            // interface, a pod bridge's ports included (a reply between two pods of one bridge
+            // never reaches the bridge's own hooks); and replies of hostNetwork backends to pods
+            // leave through the pod-facing interfaces.
+            let pods = interfaces::pod_interfaces(pod_cidrs).map_err(DatapathError::Interfaces)?;
+            self.set_pod_interfaces(&pods)?;
+            node_facing.extend(interfaces::node_interfaces(&[], pod_cidrs).map_err(DatapathError::Interfaces)?);
+            present.extend(pods);
+        }
         let added = self.attach_tc(TC_PROGRAM, TcAttachType::Ingress, &present)?;
         self.attach_tc(TC_EGRESS_PROGRAM, TcAttachType::Egress, &node_facing)?;
         Ok(added)

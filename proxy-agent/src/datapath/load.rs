@@ -83,7 +83,12 @@ impl Datapath {
             egress_interfaces: BTreeSet::new(),
             unattached: Unattached::default(),
             replacing,
+            sock_hostns_only: opts.sock_hostns_only,
+            pod_interfaces: BTreeSet::new(),
         };
+        // Before any socket program is attached, so that no pod's connection is translated
+        // under the flag.
+        datapath.set_array(maps::SOCK_HOSTNS_ONLY, u32::from(opts.sock_hostns_only))?;
         if datapath.upgrading() {
             let staging = layout::staging(root);
             layout::carry(root, &staging, &datapath.replacing, false)
@@ -127,7 +132,7 @@ impl Datapath {
         // write) and serve, handing each packet of a flow they do not know on to the old
         // programs behind them, which open none any more; the old flows are carried over, and
         // only then do the old programs go.
-        self.set_handover(maps::HANDOVER_DORMANT)?;
+        self.set_array(maps::HANDOVER, maps::HANDOVER_DORMANT)?;
         let tc = [(TC_PROGRAM, TcAttachType::Ingress), (TC_EGRESS_PROGRAM, TcAttachType::Egress)];
         for (program, kind) in tc {
             // Every interface the old program is on, as its pins say.
@@ -140,10 +145,10 @@ impl Datapath {
                 .collect();
             self.attach_tc_staged(program, kind, &on)?;
         }
-        self.set_handover(maps::HANDOVER_TAKING_OVER)?;
+        self.set_array(maps::HANDOVER, maps::HANDOVER_TAKING_OVER)?;
         let carried = upgrade.carry()?;
         let promoted = links::promote_staged(&links)?;
-        self.set_handover(maps::HANDOVER_NONE)?;
+        self.set_array(maps::HANDOVER, maps::HANDOVER_NONE)?;
         info!(links = promoted, flows = carried, "the new TC programs serve alone");
         for &name in CGROUP_PROGRAMS {
             self.attach_cgroup(name)?;
@@ -151,15 +156,43 @@ impl Datapath {
         Ok(Some(Upgrade { old_links, ..upgrade }))
     }
 
-    /// Writes where the swap stands for the TC programs ([`maps::HANDOVER`]).
-    fn set_handover(&mut self, state: u32) -> Result<(), DatapathError> {
-        let map = self.ebpf.map_mut(maps::HANDOVER).ok_or(DatapathError::Map {
-            name: maps::HANDOVER,
-            source: aya::maps::MapError::InvalidName { name: maps::HANDOVER.into() },
-        })?;
-        let mut array = aya::maps::Array::<_, u32>::try_from(map)
-            .map_err(|source| DatapathError::Map { name: maps::HANDOVER, source })?;
-        array.set(0, state, 0).map_err(|source| DatapathError::Map { name: maps::HANDOVER, source })
+    /// Writes index 0 of one of this object's own one-entry `u32` arrays: where the swap
+    /// stands for the TC programs ([`maps::HANDOVER`]), or [`maps::SOCK_HOSTNS_ONLY`].
+    fn set_array(&mut self, name: &'static str, value: u32) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } })?;
+        let mut array =
+            aya::maps::Array::<_, u32>::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        array.set(0, value, 0).map_err(|source| DatapathError::Map { name, source })
+    }
+
+    /// Makes the `pod_interfaces` map hold exactly `interfaces` (by index; one gone meanwhile
+    /// is left out): the TC ingress program translates new flows from there as the socket
+    /// path would. The agent calls it on every interface scan under
+    /// `--bpf-lb-sock-hostns-only`; public for tests that run frames through the program.
+    pub fn set_pod_interfaces(&mut self, interfaces: &BTreeSet<String>) -> Result<(), DatapathError> {
+        let name = maps::POD_INTERFACES;
+        let wanted: BTreeSet<u32> = interfaces.iter().filter_map(|i| crate::sys::net::interface_index(i)).collect();
+        if wanted == self.pod_interfaces {
+            return Ok(());
+        }
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::Map { name, source: aya::maps::MapError::InvalidName { name: name.into() } })?;
+        let mut pods =
+            aya::maps::HashMap::<_, u32, u32>::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
+        for index in self.pod_interfaces.difference(&wanted) {
+            // Already gone with its interface's index is fine: only its absence matters.
+            let _ = pods.remove(index);
+        }
+        for index in &wanted {
+            pods.insert(index, 1, 0).map_err(|source| DatapathError::Map { name, source })?;
+        }
+        self.pod_interfaces = wanted;
+        Ok(())
     }
 
     /// The loaded TC program (for `BPF_PROG_TEST_RUN` measurements).

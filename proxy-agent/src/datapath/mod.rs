@@ -89,6 +89,9 @@ pub struct LoadOptions {
     pub affinity_max: u32,
     /// Size of the `conntrack` map.
     pub conntrack_max: u32,
+    /// `--bpf-lb-sock-hostns-only`: the socket programs translate only for the host network
+    /// namespace's sockets, and TC on the pod-facing interfaces translates pods' traffic.
+    pub sock_hostns_only: bool,
 }
 
 impl LoadOptions {
@@ -126,6 +129,10 @@ pub struct Datapath {
     /// Pinned maps being replaced by new ones (see [`layout`]): nothing is attached until
     /// [`Datapath::finish_upgrade`].
     replacing: Vec<&'static str>,
+    /// `--bpf-lb-sock-hostns-only` ([`LoadOptions::sock_hostns_only`]).
+    sock_hostns_only: bool,
+    /// The ifindexes last written to the `pod_interfaces` map.
+    pod_interfaces: BTreeSet<u32>,
 }
 
 /// For tests of code that reads pinned maps: the object's maps, created and pinned without any
@@ -191,6 +198,7 @@ mod tests {
             backends_max: 7,
             affinity_max: 5,
             conntrack_max,
+            sock_hostns_only: false,
         }
     }
 

@@ -105,6 +105,87 @@ pub fn interface_index(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
+/// The ports of the bridges called `bridges` in this namespace (a pod bridge's veths), from an
+/// `RTM_GETLINK` dump: each interface whose `IFLA_MASTER` is one of them. Asked of netlink, not
+/// `/sys/class/net`, which shows the namespace sysfs was mounted in.
+pub fn bridge_ports(bridges: &[String]) -> io::Result<Vec<String>> {
+    let masters: Vec<u32> = bridges.iter().filter_map(|b| interface_index(b)).collect();
+    if masters.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(links()?.into_iter().filter(|(_, _, master)| masters.contains(master)).map(|(name, _, _)| name).collect())
+}
+
+/// `RTM_GETLINK`'s attributes read here (`linux/if_link.h`).
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
+
+/// Every interface of this namespace: (name, index, master's index or 0).
+fn links() -> io::Result<Vec<(String, u32, u32)>> {
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    // nlmsghdr (16 bytes) + ifinfomsg (16 bytes, all zero: every family, every interface).
+    let mut request = [0u8; 32];
+    request[0..4].copy_from_slice(&32u32.to_ne_bytes());
+    request[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    request[6..8].copy_from_slice(&flags.to_ne_bytes());
+    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    socket.send(&request, 0)?;
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::new();
+    loop {
+        let size = socket.recv(&mut &mut buf[..], 0)?;
+        if parse_links(&buf[..size], &mut out)? {
+            return Ok(out);
+        }
+    }
+}
+
+/// Reads one batch of an `RTM_GETLINK` dump into `out`; whether the dump ended.
+fn parse_links(mut buf: &[u8], out: &mut Vec<(String, u32, u32)>) -> io::Result<bool> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("RTM_GETLINK dump: {what}"));
+    let u16_at = |b: &[u8], at: usize| u16::from_ne_bytes([b[at], b[at + 1]]);
+    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    while buf.len() >= 16 {
+        let length = u32_at(buf, 0) as usize;
+        if length < 16 || length > buf.len() {
+            return Err(invalid("a message overruns the buffer"));
+        }
+        let kind = u16_at(buf, 4);
+        if kind == libc::NLMSG_DONE as u16 {
+            return Ok(true);
+        }
+        if kind == libc::NLMSG_ERROR as u16 {
+            let code = if length >= 20 { u32_at(buf, 16) as i32 } else { 0 };
+            return Err(io::Error::from_raw_os_error(-code));
+        }
+        if kind == libc::RTM_NEWLINK && length >= 32 {
+            let index = u32_at(buf, 20);
+            let (mut name, mut master) = (String::new(), 0);
+            let mut attrs = &buf[32..length];
+            while attrs.len() >= 4 {
+                let size = usize::from(u16_at(attrs, 0));
+                if size < 4 || size > attrs.len() {
+                    break;
+                }
+                let value = &attrs[4..size];
+                match u16_at(attrs, 2) {
+                    IFLA_IFNAME => name = String::from_utf8_lossy(value).trim_end_matches('\0').to_owned(),
+                    IFLA_MASTER if value.len() >= 4 => master = u32_at(value, 0),
+                    _ => {}
+                }
+                attrs = &attrs[size.next_multiple_of(4).min(attrs.len())..];
+            }
+            out.push((name, index, master));
+        }
+        buf = &buf[length.next_multiple_of(4).min(buf.len())..];
+    }
+    Ok(false)
+}
+
 /// The routes of both families in this namespace (`/proc/self/net/route` and
 /// `/proc/self/net/ipv6_route`): (interface, destination) pairs. A kernel without IPv6 has no
 /// `ipv6_route`, which counts as no IPv6 route.
@@ -152,6 +233,53 @@ fn parse_ipv6_routes(text: &str) -> Vec<(String, IpAddr)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One `RTM_NEWLINK` message: ifinfomsg with `index`, then IFLA_IFNAME and, if not 0,
+    /// IFLA_MASTER.
+    fn newlink(index: u32, name: &str, master: u32) -> Vec<u8> {
+        let attr = |kind: u16, value: &[u8]| {
+            let mut a = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+            a.extend(kind.to_ne_bytes());
+            a.extend(value);
+            a.resize(a.len().next_multiple_of(4), 0);
+            a
+        };
+        let mut body = vec![0u8; 16];
+        body[4..8].copy_from_slice(&index.to_ne_bytes());
+        body.extend(attr(IFLA_IFNAME, format!("{name}\0").as_bytes()));
+        if master != 0 {
+            body.extend(attr(IFLA_MASTER, &master.to_ne_bytes()));
+        }
+        let mut message = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
+        message.extend(libc::RTM_NEWLINK.to_ne_bytes());
+        message.extend([0u8; 10]);
+        message.extend(body);
+        message
+    }
+
+    #[test]
+    fn a_link_dump_names_each_interface_and_its_master() {
+        let mut batch = newlink(1, "lo", 0);
+        batch.extend(newlink(4, "veth0", 3));
+        batch.extend(newlink(3, "br0", 0));
+        let mut out = Vec::new();
+        assert!(!parse_links(&batch, &mut out).unwrap(), "no NLMSG_DONE yet");
+        assert_eq!(out, [("lo".into(), 1, 0), ("veth0".into(), 4, 3), ("br0".into(), 3, 0)]);
+        let mut done = 16u32.to_ne_bytes().to_vec();
+        done.extend((libc::NLMSG_DONE as u16).to_ne_bytes());
+        done.extend([0u8; 10]);
+        assert!(parse_links(&done, &mut out).unwrap(), "NLMSG_DONE ends the dump");
+        let mut cut = newlink(5, "eth0", 0);
+        cut.truncate(cut.len() - 8);
+        assert!(parse_links(&cut, &mut Vec::new()).is_err(), "a message longer than the batch is refused");
+    }
+
+    #[test]
+    fn loopback_is_no_bridge_port() {
+        let ports = bridge_ports(&["lo".into()]).unwrap();
+        assert!(ports.is_empty(), "{ports:?}");
+        assert!(bridge_ports(&["no-such-interface".into()]).unwrap().is_empty());
+    }
 
     #[test]
     fn routes_are_read_in_network_order() {

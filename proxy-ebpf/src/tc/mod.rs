@@ -14,12 +14,20 @@
 //! to the stack; its replies leave through the stack, past no ingress hook, so the egress
 //! program on the node's interfaces translates them back.
 //!
+//! Under `--bpf-lb-sock-hostns-only` the ingress program also runs on the pod-facing
+//! interfaces the agent lists in `pod_interfaces`: pods' traffic leaves them untranslated (the
+//! socket programs leave pods alone, for service meshes), and a new flow from there is opened
+//! as the socket path would pick it ([`Origin::Node`]: ClusterIPs, internal traffic policy, no
+//! source ranges) and DNATed without SNAT, kube-proxy's way; only a pod reaching itself
+//! (hairpin) is SNATed to the node, as kube-proxy masquerades it.
+//!
 //! - [`packet`]: parsing (IPv4, and IPv6 with [`ipv6`]'s walk over extension headers) and
 //!   predicates on the parsed packet;
 //! - [`conntrack`]: opening and following flows;
 //! - [`nat`]: SNAT address and port, the rewrite and its checksums;
 //! - [`icmp`]: ICMP and ICMPv6 errors quoting a tracked flow;
-//! - [`fib`]: sending a translated packet on.
+//! - [`fib`]: sending a translated packet on;
+//! - [`reject`]: kube-proxy's REJECT for pods' packets (a TCP reset, an ICMP port unreachable).
 //!
 //! Every packet dropped (or handed to the stack to be refused) is counted by reason
 //! ([`crate::drops`]).
@@ -30,6 +38,7 @@ mod icmp;
 mod ipv6;
 mod nat;
 mod packet;
+mod reject;
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_OK, TC_ACT_UNSPEC},
@@ -52,7 +61,7 @@ use self::packet::{Packet, Skip};
 use crate::{
     drops,
     lb::{self, Origin, Selected, Verdict},
-    maps::{CONNTRACK, SOURCE_RANGES},
+    maps::{CONNTRACK, POD_INTERFACES, SOURCE_RANGES},
     trace,
 };
 
@@ -136,10 +145,15 @@ fn ingress(ctx: &TcContext, packet: &Packet) -> i32 {
         // A later fragment of a flow that is not tracked: nothing to translate.
         return pass();
     }
+    let origin = origin(ctx);
     let mut selected = Selected::default();
     let mut verdict = TC_ACT_OK;
-    let reason = match choose(packet, &mut selected) {
-        OPEN => new_flow(ctx, packet, &selected, &mut verdict),
+    let chosen = match origin {
+        Origin::External => choose(packet, &mut selected),
+        Origin::Node => choose_for_pod(packet, &mut selected),
+    };
+    let reason = match chosen {
+        OPEN => new_flow(ctx, packet, &selected, origin, &mut verdict),
         other => other,
     };
     match reason {
@@ -147,6 +161,12 @@ fn ingress(ctx: &TcContext, packet: &Packet) -> i32 {
         PASS => pass(),
         // A flow the older programs behind these opened, while they hand over.
         drop::NOT_A_NEW_CONNECTION if handover() != HANDOVER_NONE => TC_ACT_UNSPEC,
+        // A pod's packet to the service address would be routed on by the stack: the node
+        // answers it itself, as kube-proxy's REJECT does.
+        drop::NO_ENDPOINT if origin == Origin::Node => {
+            refuse(packet, drop::NO_ENDPOINT);
+            reject::reject(ctx, packet)
+        }
         // No endpoint at all: the node's own stack answers (TCP RST, ICMP port unreachable),
         // which is kube-proxy's REJECT.
         drop::NO_ENDPOINT => {
@@ -174,6 +194,18 @@ fn follow(ctx: &TcContext, packet: &Packet) -> i32 {
     translate(ctx, packet, &to)
 }
 
+/// Whose traffic a packet's new flow is: a pod's of this node ([`Origin::Node`], as the socket
+/// path would have translated it) when it arrived on a pod-facing interface the agent listed
+/// (only under `--bpf-lb-sock-hostns-only`), else from outside the node. A call of its own: the
+/// lookup key does not widen the caller's frame.
+#[inline(never)]
+fn origin(ctx: &TcContext) -> Origin {
+    // SAFETY: the context pointer is the program's own skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: only whether there is an entry is read.
+    if unsafe { POD_INTERFACES.get(ifindex) }.is_some() { Origin::Node } else { Origin::External }
+}
+
 /// The first packet to a frontend: picks its backend into `selected` and returns [`OPEN`];
 /// [`PASS`] for a packet to no frontend; else the reason to drop it (`proxy_common::drop`).
 #[inline(never)]
@@ -194,6 +226,25 @@ fn choose(packet: &Packet, selected: &mut Selected) -> u32 {
         Verdict::Backend(chosen) if chosen.flags & SVC_F_SOURCE_RANGES != 0 && !admitted(packet) => {
             drop::SOURCE_RANGE_DENIED
         }
+        Verdict::Backend(chosen) => {
+            *selected = chosen;
+            OPEN
+        }
+    }
+}
+
+/// [`choose`] for a pod's packet (`--bpf-lb-sock-hostns-only`): the pick the socket path would
+/// make ([`Origin::Node`]: the node's backend set, internal traffic policy, no source ranges,
+/// no Maglev), the client being the pod's address. A function of its own: with both origins in
+/// one, the frame outgrows the BPF stack.
+#[inline(never)]
+fn choose_for_pod(packet: &Packet, selected: &mut Selected) -> u32 {
+    let client = AffinityKey { client: packet.src, ..AffinityKey::default() };
+    match lb::select(packet.dst, packet.dport, packet.proto, client, Origin::Node) {
+        Verdict::NotAService => PASS,
+        // The node's backend set is empty: nothing serves this pod, a REJECT.
+        Verdict::NoBackend(_) => drop::NO_ENDPOINT,
+        Verdict::Backend(_) if !packet.may_open_flow() => drop::NOT_A_NEW_CONNECTION,
         Verdict::Backend(chosen) => {
             *selected = chosen;
             OPEN
@@ -228,8 +279,14 @@ fn egress(ctx: &TcContext, packet: &Packet) -> i32 {
 /// it: [`refuse`] called from here would stack its frame on this one's). A function of its
 /// own (a BPF-to-BPF call), so its stack is not added to the lookup's.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, packet: &Packet, selected: &Selected, verdict: &mut i32) -> u32 {
-    let snat = if selected.flags & SVC_F_EXT_LOCAL == 0 {
+fn new_flow(ctx: &TcContext, packet: &Packet, selected: &Selected, origin: Origin, verdict: &mut i32) -> u32 {
+    // A pod's flow keeps its source (kube-proxy DNATs it only), but a pod reaching itself is
+    // masqueraded: it would drop a packet from its own address.
+    let snat_needed = match origin {
+        Origin::Node => selected.backend.address == packet.src,
+        Origin::External => selected.flags & SVC_F_EXT_LOCAL == 0,
+    };
+    let snat = if snat_needed {
         match nat::snat_address(selected.flags, packet.dst) {
             Some(address) => Some(address),
             None => return drop::NO_SNAT_ADDRESS,

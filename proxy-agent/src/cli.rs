@@ -14,6 +14,7 @@ use tracing::{error, info};
 
 use crate::{
     datapath::{self, Datapath, LoadOptions, writer::Writer},
+    dsr::LbMode,
     maglev::{self, LbAlgorithm, MaglevSettings},
     metrics::Metrics,
     model::Cidr,
@@ -120,6 +121,15 @@ pub struct RunArgs {
     /// this for that service. ClusterIP traffic is always random.
     #[arg(long, value_name = "ALGORITHM", value_enum, default_value_t = LbAlgorithm::Random)]
     pub lb_algorithm: LbAlgorithm,
+
+    /// How traffic from outside under `externalTrafficPolicy: Cluster` reaches a backend on
+    /// another node: `snat` to the receiving node (kube-proxy's behaviour), `dsr`: direct
+    /// server return, the client's address kept and the reply sent straight from the
+    /// backend's node (IPv4; IPv6 stays SNATed), or `hybrid`: DSR for TCP, SNAT for UDP.
+    /// DSR needs this agent on every node that runs backends (a DaemonSet): the backend's node
+    /// rewrites the replies.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = LbMode::Snat)]
+    pub lb_mode: LbMode,
 
     /// Slots per Maglev table: a prime in [251, 65521]; 16381 by default, as Cilium. Keep it
     /// above 100 times the largest backend set (imbalance near 1 %). A table costs 4 bytes a
@@ -385,11 +395,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         nodeport_cidrs: args.nodeport_addresses.clone(),
         host_netns_cookie,
         lb_algorithm: args.lb_algorithm,
+        lb_mode: args.lb_mode,
     };
     info!(node = config.node_name, bpf_root = %opts.bpf_root.display(), cgroup = %opts.cgroup.display(), "datapath ready");
     let settings = MaglevSettings { table_size: args.maglev_table_size, seed: args.maglev_hash_seed.clone() };
     info!(
         lb_algorithm = args.lb_algorithm.as_str(),
+        lb_mode = args.lb_mode.as_str(),
         maglev_table_size = settings.table_size,
         maglev_table_bytes = settings.table_bytes(),
         "backend selection for traffic from outside"

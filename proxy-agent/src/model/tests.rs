@@ -307,6 +307,7 @@ fn node(addresses: &[&str]) -> NodeInfo {
         localhost_nodeports: false,
         zone: String::new(),
         lb_algorithm: LbAlgorithm::Random,
+        lb_mode: crate::dsr::LbMode::Snat,
     }
 }
 

@@ -520,6 +520,10 @@ mod tests {
         let parse = |args: &[&str]| Cli::try_parse_from([&["proxy-agent"], args].concat()).map(|c| c.run);
         let defaults = parse(&[]).expect("no flags");
         assert_eq!(defaults.lb_algorithm, LbAlgorithm::Random, "kube-proxy's behaviour by default");
+        assert_eq!(defaults.lb_mode, LbMode::Snat, "kube-proxy's behaviour by default");
+        let modes = ["snat", "dsr", "hybrid"].map(|m| parse(&["--lb-mode", m]).expect("valid").lb_mode);
+        assert_eq!(modes, [LbMode::Snat, LbMode::Dsr, LbMode::Hybrid]);
+        assert!(parse(&["--lb-mode", "tunnel"]).is_err(), "an unknown mode is refused");
         assert_eq!((defaults.maglev_table_size, defaults.maglev_hash_seed.as_str()), (16_381, maglev::DEFAULT_SEED));
         let chosen = parse(&["--lb-algorithm", "maglev", "--maglev-table-size", "1021"]).expect("valid");
         assert_eq!((chosen.lb_algorithm, chosen.maglev_table_size), (LbAlgorithm::Maglev, 1021));

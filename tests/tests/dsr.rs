@@ -30,7 +30,7 @@ const PODS: [[&str; 2]; 2] = [["pod-a {peer}", "pod-b {peer}"], ["pod-c {peer}",
 /// Both nodes with an agent each, in one `--lb-mode`, serving the seed service on pods of
 /// both nodes.
 struct Cluster {
-    _agents: Vec<Agent>,
+    agents: Vec<Agent>,
     topology: TwoNodes,
     _manifests: Manifests,
 }
@@ -48,7 +48,7 @@ impl Cluster {
             .flat_map(|n| n.pods.iter().map(move |p| (p.ip, if n.name == "node-1" { "node-1" } else { "node-2" })))
             .collect();
         manifests.service(&seed_node_port().build(), &endpoints);
-        let cluster = Self { _agents: agents, topology, _manifests: manifests };
+        let cluster = Self { agents, topology, _manifests: manifests };
         cluster.wait_until_served();
         cluster
     }
@@ -287,10 +287,25 @@ fn udp_peer_of_remote_pod(cluster: &Cluster) -> String {
 }
 
 /// Issue 16: `hybrid` is DSR for TCP and SNAT for UDP: a remote pod sees the client over TCP
-/// and node-1 over UDP (whose answer still arrives, through node-1).
+/// and node-1 over UDP (whose answer still arrives, through node-1); `inspect services` shows
+/// the mode of each frontend, read from the real pins, and `explain` says it.
 #[test]
 fn hybrid_keeps_the_client_for_tcp_and_snats_udp() {
     let cluster = Cluster::new("hybrid");
+    let services = cluster.agents[0].cli_json(AGENT, &["inspect", "services"]);
+    let mode = |protocol: &str| {
+        let frontends = services.as_array().expect("a list of frontends");
+        let node_port = |f: &&serde_json::Value| {
+            f["address"] == NODE_IPS[0].to_string() && f["port"] == SEED_NODE_PORT && f["protocol"] == protocol
+        };
+        frontends.iter().find(node_port).map(|f| f["lb_mode"].clone()).expect("the nodePort is listed")
+    };
+    assert_eq!((mode("TCP"), mode("UDP")), ("dsr".into(), "snat".into()));
+    let to = format!("{}:{SEED_NODE_PORT}", NODE_IPS[0]);
+    let answer = cluster.agents[0].cli_json(AGENT, &["explain", "--from", &CLIENT_IP.to_string(), "--to", &to]);
+    let paths = answer["paths"].as_array().expect("paths");
+    assert!(paths.iter().any(|p| p["lb_mode"] == "dsr"), "explain says dsr for traffic from outside: {answer:#}");
+
     let tcp = answers(&cluster, 20);
     assert!(tcp.iter().all(|a| a.ends_with(&format!(" {CLIENT_IP}"))), "TCP keeps the client: {tcp:?}");
     let udp = udp_peer_of_remote_pod(&cluster);

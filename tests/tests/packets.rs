@@ -38,8 +38,8 @@ use proxy_common::{
     drop, maps,
     proto::{TCP, UDP},
     service::{
-        SVC_F_AFFINITY, SVC_F_DSR, SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_MAGLEV, SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES,
-        SVC_F_TWO_SCOPES,
+        SVC_F_AFFINITY, SVC_F_DSR, SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_MAGLEV, SVC_F_NODE_PORT,
+        SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES,
     },
 };
 use proxy_tests::{

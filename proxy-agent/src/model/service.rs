@@ -104,7 +104,8 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
                     flags |= SVC_F_MAGLEV;
                 }
                 // Under eTP Local the client's address is kept anyway and the backend local.
-                if kind.is_external() && !ext_local && node.lb_mode.dsr_for(protocol) {
+                // The option is IPv4's: IPv6 frontends stay SNATed.
+                if kind.is_external() && !ext_local && family == IpFamily::V4 && node.lb_mode.dsr_for(protocol) {
                     flags |= SVC_F_DSR;
                 }
                 FrontendEntry {

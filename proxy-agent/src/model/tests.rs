@@ -307,7 +307,7 @@ fn node(addresses: &[&str]) -> NodeInfo {
         localhost_nodeports: false,
         zone: String::new(),
         lb_algorithm: LbAlgorithm::Random,
-        lb_mode: crate::dsr::LbMode::Snat,
+        lb_mode: LbMode::Snat,
     }
 }
 
@@ -1845,7 +1845,6 @@ fn fqdn_slices_are_skipped_with_their_reason() {
 /// for TCP only; never on a ClusterIP, under eTP Local, or for IPv6 (the option is IPv4's).
 #[test]
 fn lb_mode_marks_external_ipv4_frontends_under_etp_cluster_for_dsr() {
-    use crate::dsr::LbMode;
     let build = |policy: &str| {
         service("s")
             .ip_families(&["IPv4", "IPv6"])

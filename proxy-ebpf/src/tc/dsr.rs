@@ -82,6 +82,7 @@ pub fn receive(ctx: &TcContext, packet: &Packet) -> i32 {
 
 /// Records the frontend the packet's option names; false if it carries none of ours.
 #[inline(always)]
+#[expect(clippy::needless_borrows_for_generic_args, reason = "a copy would land on the BPF stack")]
 fn learn(ctx: &TcContext, packet: &Packet) -> bool {
     let Ok(words) = ctx.load::<[u32; 2]>(ETH_HLEN + IP_HLEN) else { return false };
     let Some((address, port)) = dsr::parse_option(words) else { return false };

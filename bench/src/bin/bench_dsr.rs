@@ -185,7 +185,8 @@ fn run(opts: Opts) -> anyhow::Result<()> {
             let bed = Bed::new(mode).with_context(|| format!("the two nodes under --lb-mode {mode}"))?;
             let up = bed.upload(duration).with_context(|| format!("the upload under {mode}"))?;
             let down = bed.download(duration).with_context(|| format!("the download under {mode}"))?;
-            progress.say(format!("round {}/{rounds} {mode}: upload {up:.2} Gbit/s, download {down:.2} Gbit/s", round + 1));
+            progress
+                .say(format!("round {}/{rounds} {mode}: upload {up:.2} Gbit/s, download {down:.2} Gbit/s", round + 1));
             rates[i][0].push(up);
             rates[i][1].push(down);
         }

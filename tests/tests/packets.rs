@@ -929,6 +929,21 @@ fn the_backends_node_learns_the_option_and_sends_the_reply_from_the_frontend() {
 }
 
 #[test]
+fn a_syn_without_the_option_forgets_the_tuples_frontend() {
+    // Flow: client → pod:80 SYN with option ⇒ learnt; the same tuple's SYN without it (a new
+    // connection straight to the pod) ⇒ forgotten: the pod's SYN-ACK passes untranslated.
+    with_bed("dsr-forget", |bed| {
+        let pod = SocketAddrV4::new(POD, TARGET_PORT);
+        let syn = frames::tcp_frame(CLIENT, pod, SYN);
+        assert_eq!(bed.ingress(&with_option(&syn, dsr_option(OTHER_NODE_PORT))).verdict, PASS);
+        assert_eq!(bed.ingress(&syn).verdict, PASS);
+        let reply = frames::tcp_frame(pod, CLIENT, SYN | ACK);
+        let out = bed.ingress(&reply);
+        assert_eq!((out.verdict, &out.frame), (PASS, &reply), "the old frontend is forgotten");
+    });
+}
+
+#[test]
 fn another_ip_option_teaches_nothing() {
     // Flow: client → pod:80 SYN with Router Alert-like option ⇒ passed; the pod's SYN-ACK ⇒
     // passed untranslated.

@@ -9,7 +9,7 @@
 use aya_ebpf::{bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_NET, helpers::bpf_csum_diff, programs::TcContext};
 use proxy_common::{
     addr,
-    conntrack::CtValue,
+    conntrack::{CtKey, CtValue},
     dsr::{self, DsrValue, OPT_LEN},
 };
 
@@ -77,7 +77,28 @@ pub fn receive(ctx: &TcContext, packet: &Packet) -> i32 {
     if packet.l4 >= ETH_HLEN + IP_HLEN + usize::from(OPT_LEN) && learn(ctx, packet) {
         return CONTINUE;
     }
+    if packet.is_syn() {
+        // A new connection on the tuple without the option (straight to the pod, or SNATed
+        // elsewhere): an older DSR flow's frontend must not rewrite its replies.
+        forget(packet);
+        return CONTINUE;
+    }
     reply(ctx, packet)
+}
+
+/// The `dsr` key of the packet's flow: its reply tuple (backend → client).
+#[inline(always)]
+fn reply_key(packet: &Packet) -> CtKey {
+    let mut key = packet.key();
+    (key.src, key.dst, key.sport, key.dport) = (packet.dst, packet.src, packet.dport, packet.sport);
+    key
+}
+
+/// Drops what an earlier flow on the packet's tuple recorded.
+#[inline(always)]
+#[expect(clippy::needless_borrows_for_generic_args, reason = "a copy would land on the BPF stack")]
+fn forget(packet: &Packet) {
+    let _ = DSR.remove(&reply_key(packet));
 }
 
 /// Records the frontend the packet's option names; false if it carries none of ours.
@@ -86,8 +107,7 @@ pub fn receive(ctx: &TcContext, packet: &Packet) -> i32 {
 fn learn(ctx: &TcContext, packet: &Packet) -> bool {
     let Ok(words) = ctx.load::<[u32; 2]>(ETH_HLEN + IP_HLEN) else { return false };
     let Some((address, port)) = dsr::parse_option(words) else { return false };
-    let mut key = packet.key();
-    (key.src, key.dst, key.sport, key.dport) = (packet.dst, packet.src, packet.dport, packet.sport);
+    let key = reply_key(packet);
     let value = DsrValue { address: addr::from_v4(address), port, _pad: [0; 6] };
     // A new connection on a reused tuple names its own frontend: the newest option wins.
     let _ = DSR.insert(&key, &value, 0);

@@ -14,6 +14,7 @@ use tracing::{error, info};
 
 use crate::{
     datapath::{self, Datapath, LoadOptions, writer::Writer},
+    dsr::LbMode,
     maglev::{self, LbAlgorithm, MaglevSettings},
     metrics::Metrics,
     model::Cidr,
@@ -128,6 +129,15 @@ pub struct RunArgs {
     /// this for that service. ClusterIP traffic is always random.
     #[arg(long, value_name = "ALGORITHM", value_enum, default_value_t = LbAlgorithm::Random)]
     pub lb_algorithm: LbAlgorithm,
+
+    /// How traffic from outside under `externalTrafficPolicy: Cluster` reaches a backend on
+    /// another node: `snat` to the receiving node (kube-proxy's behaviour), `dsr`: direct
+    /// server return, the client's address kept and the reply sent straight from the
+    /// backend's node (IPv4; IPv6 stays SNATed), or `hybrid`: DSR for TCP, SNAT for UDP.
+    /// DSR needs this agent on every node that runs backends (a DaemonSet): the backend's node
+    /// rewrites the replies.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = LbMode::Snat)]
+    pub lb_mode: LbMode,
 
     /// Slots per Maglev table: a prime in [251, 65521]; 16381 by default, as Cilium. Keep it
     /// above 100 times the largest backend set (imbalance near 1 %). A table costs 4 bytes a
@@ -394,11 +404,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         nodeport_cidrs: args.nodeport_addresses.clone(),
         host_netns_cookie,
         lb_algorithm: args.lb_algorithm,
+        lb_mode: args.lb_mode,
     };
     info!(node = config.node_name, bpf_root = %opts.bpf_root.display(), cgroup = %opts.cgroup.display(), "datapath ready");
     let settings = MaglevSettings { table_size: args.maglev_table_size, seed: args.maglev_hash_seed.clone() };
     info!(
         lb_algorithm = args.lb_algorithm.as_str(),
+        lb_mode = args.lb_mode.as_str(),
         maglev_table_size = settings.table_size,
         maglev_table_bytes = settings.table_bytes(),
         "backend selection for traffic from outside"
@@ -517,6 +529,10 @@ mod tests {
         let parse = |args: &[&str]| Cli::try_parse_from([&["proxy-agent"], args].concat()).map(|c| c.run);
         let defaults = parse(&[]).expect("no flags");
         assert_eq!(defaults.lb_algorithm, LbAlgorithm::Random, "kube-proxy's behaviour by default");
+        assert_eq!(defaults.lb_mode, LbMode::Snat, "kube-proxy's behaviour by default");
+        let modes = ["snat", "dsr", "hybrid"].map(|m| parse(&["--lb-mode", m]).expect("valid").lb_mode);
+        assert_eq!(modes, [LbMode::Snat, LbMode::Dsr, LbMode::Hybrid]);
+        assert!(parse(&["--lb-mode", "tunnel"]).is_err(), "an unknown mode is refused");
         assert_eq!((defaults.maglev_table_size, defaults.maglev_hash_seed.as_str()), (16_381, maglev::DEFAULT_SEED));
         let chosen = parse(&["--lb-algorithm", "maglev", "--maglev-table-size", "1021"]).expect("valid");
         assert_eq!((chosen.lb_algorithm, chosen.maglev_table_size), (LbAlgorithm::Maglev, 1021));

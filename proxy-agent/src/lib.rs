@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod datapath;
+pub mod dsr;
 pub mod inspect;
 pub mod kube_proxy;
 pub mod maglev;

@@ -60,6 +60,10 @@ pub const CT_F_PEER_FIN: u16 = 1 << 4;
 /// SNATed, the node's stack delivers its packets, and its replies, which leave through the
 /// stack, are reverse-translated by the TC egress program.
 pub const CT_F_LOCAL: u16 = 1 << 5;
+/// The flow goes by direct server return to a backend on another node: its packets are not
+/// SNATed, and those that may open the flow there (a TCP SYN, every UDP datagram) carry the
+/// frontend in an IPv4 option (`crate::dsr`). Its replies never come back through this node.
+pub const CT_F_DSR: u16 = 1 << 6;
 
 /// Idle timeout of an established TCP flow.
 pub const CT_TIMEOUT_TCP_S: u64 = 6 * 3600;

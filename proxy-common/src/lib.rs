@@ -12,6 +12,7 @@ pub mod backend;
 pub mod config;
 pub mod conntrack;
 pub mod drop;
+pub mod dsr;
 pub mod maglev;
 pub mod maps;
 pub mod service;

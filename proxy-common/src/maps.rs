@@ -38,6 +38,10 @@ pub const TRACE_EVENTS: &str = "trace_events";
 /// one entry at index 0.
 pub const TRACE_ON: &str = "trace_on";
 
+/// Direct server return on the backend's node: the flow's reply tuple → the frontend its
+/// replies come from ([`crate::dsr`]), an LRU.
+pub const DSR: &str = "dsr";
+
 /// Maglev tables (`crate::maglev`): a hash of maps, backend-set id → inner `u64` array (the size, then two slots an element).
 pub const MAGLEV: &str = "maglev";
 /// The flow hash's seed ([`crate::maglev::MaglevConfig`]), one entry at index 0.
@@ -98,6 +102,13 @@ pub const fn sock_max_entries(conntrack: u32) -> u32 {
     if conntrack < 2 { 1 } else { conntrack / 2 }
 }
 
+/// Size of [`DSR`] for a conntrack map of `conntrack` entries: one entry a flow served from
+/// this node by direct server return, which on the node that received it holds two conntrack
+/// entries; an LRU.
+pub const fn dsr_max_entries(conntrack: u32) -> u32 {
+    if conntrack < 2 { 1 } else { conntrack / 2 }
+}
+
 /// Size of [`FRAGMENTS`] for a conntrack map of `conntrack` entries: fragmented datagrams in
 /// flight are a small share of the flows (an LRU, entries live milliseconds).
 pub const fn fragments_max_entries(conntrack: u32) -> u32 {
@@ -118,7 +129,7 @@ pub fn size_flag(name: &str) -> Option<&'static str> {
         SERVICES | SERVICE_NAMES | SOURCE_RANGES | MAGLEV => Some("--services-map-size"),
         BACKENDS => Some("--backends-map-size"),
         AFFINITY => Some("--affinity-map-size"),
-        CONNTRACK | SOCK_REV | SOCK_BACKEND | FRAGMENTS => Some("--conntrack-map-size"),
+        CONNTRACK | SOCK_REV | SOCK_BACKEND | FRAGMENTS | DSR => Some("--conntrack-map-size"),
         _ => None,
     }
 }
@@ -143,6 +154,7 @@ pub const ALL: &[&str] = &[
     TRACE_ON,
     MAGLEV,
     MAGLEV_CONFIG,
+    DSR,
 ];
 
 /// The version of the maps' layout: their names, key and value types, and what their fields
@@ -180,6 +192,9 @@ pub const CHANGED_IN: &[(&str, u32)] = &[
     // new maps need no bump.
     (MAGLEV, 1),
     (MAGLEV_CONFIG, 1),
+    // Added after layout 3, with the additive `SVC_F_DSR` and `CT_F_DSR` bits: a new map needs
+    // no bump.
+    (DSR, 1),
 ];
 
 /// The TC programs' `handover` array: where an upgrade's swap stands for them. Not pinned and

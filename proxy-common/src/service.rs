@@ -102,6 +102,11 @@ pub const SVC_F_SOURCE_RANGES: u16 = 1 << 9;
 /// (`crate::maglev`) instead of at random, so every node sends a flow to the same backend.
 /// Set only on external frontends (nodePort, externalIP, LoadBalancer).
 pub const SVC_F_MAGLEV: u16 = 1 << 10;
+/// Traffic from outside to a backend on another node goes by direct server return
+/// (`crate::dsr`): DNATed without SNAT, the frontend carried to the backend's node in an IPv4
+/// option, and answered from there. Set only on external frontends under
+/// `externalTrafficPolicy: Cluster` (`--lb-mode dsr`, or `hybrid` for TCP).
+pub const SVC_F_DSR: u16 = 1 << 11;
 
 /// Data of a `source_ranges` LPM trie key (the trie's key is this behind a `u32` prefix
 /// length): a frontend, then a client prefix. The prefix length counts the

@@ -11,10 +11,11 @@ use proxy_common::{
     backend::{Backend, BackendId},
     config::NodeConfig,
     conntrack::{CtKey, CtValue, FragKey, FragPorts},
+    dsr::DsrValue,
     maglev::{MaglevConfig, TABLE_SIZE_DEFAULT, inner_entries},
     maps::{
         AFFINITY_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, DROPS_MAX_ENTRIES,
-        POD_INTERFACES_MAX_ENTRIES, SERVICES_MAX_ENTRIES, fragments_max_entries, maglev_max_entries,
+        POD_INTERFACES_MAX_ENTRIES, SERVICES_MAX_ENTRIES, dsr_max_entries, fragments_max_entries, maglev_max_entries,
         service_names_max_entries, sock_max_entries, source_ranges_max_entries,
     },
     service::{ServiceKey, ServiceName, ServiceValue, SourceRange},
@@ -87,6 +88,11 @@ pub static SOCK_BACKEND: LruHashMap<
 #[btf_map(name = "source_ranges")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { source_ranges_max_entries(SERVICES_MAX_ENTRIES) as usize }> =
     LpmTrie::new();
+
+/// Direct server return on the backend's node: a flow's reply tuple (backend → client) → the
+/// frontend its replies come from, learnt from the option the receiving node added.
+#[btf_map(name = "dsr")]
+pub static DSR: LruHashMap<CtKey, DsrValue, { dsr_max_entries(CONNTRACK_MAX_ENTRIES) as usize }> = LruHashMap::new();
 
 /// Ports of fragmented datagrams in flight: the first fragment records them for the rest.
 #[btf_map(name = "fragments")]

@@ -38,8 +38,8 @@ use proxy_common::{
     drop, maps,
     proto::{TCP, UDP},
     service::{
-        SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_MAGLEV, SVC_F_NODE_PORT,
-        SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES,
+        SVC_F_AFFINITY, SVC_F_CLUSTER_IP, SVC_F_DSR, SVC_F_EXT_LOCAL, SVC_F_LOAD_BALANCER, SVC_F_MAGLEV,
+        SVC_F_NODE_PORT, SVC_F_SOURCE_RANGES, SVC_F_TWO_SCOPES,
     },
 };
 use proxy_tests::{
@@ -895,5 +895,154 @@ fn a_pods_datagram_to_a_cluster_ip_without_endpoints_is_answered_with_port_unrea
         }
         assert_eq!(&message[8..], quoted, "the datagram's headers quoted");
         assert_eq!(bed.drops(), BTreeMap::from([(drop::name(drop::NO_ENDPOINT), 1)]));
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct server return (IPv4 only: IPv6 frontends stay SNATed)
+// ---------------------------------------------------------------------------------------------
+
+/// A frontend on another node (node-1 of the two-node bed), named by the option a DSR packet
+/// carries: distinct from this bed's own address, so a reply's new source can only come from it.
+const OTHER_NODE_PORT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(172, 18, 0, 3), 30099);
+
+/// The IPv4 header of `frame`, options included, and the L4 segment behind it.
+fn header_and_segment(frame: &[u8]) -> (&[u8], &[u8]) {
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    (&frame[14..14 + ihl], &frame[14 + ihl..14 + total])
+}
+
+/// Whether both checksums of an IPv4 frame (options and all) are right, computed here.
+fn checksums_ok(frame: &[u8]) -> bool {
+    let (header, segment) = header_and_segment(frame);
+    let (src, dst) = frames::addresses(frame);
+    frames::checksum(header) == 0 && frames::l4_checksum_ok(src, dst, header[9], segment)
+}
+
+/// `frame` (IPv4, no options) with the 8 bytes `option` behind its fixed header, the header's
+/// length, total length and checksum fixed.
+fn with_option(frame: &[u8], option: [u8; 8]) -> Vec<u8> {
+    let mut out = [&frame[..34], &option, &frame[34..]].concat();
+    out[14] += 2;
+    let total = u16::from_be_bytes([out[16], out[17]]) + 8;
+    out[16..18].copy_from_slice(&total.to_be_bytes());
+    out[24..26].copy_from_slice(&[0, 0]);
+    let sum = frames::checksum(&out[14..42]);
+    out[24..26].copy_from_slice(&sum.to_be_bytes());
+    out
+}
+
+/// The option that names `frontend`: type 0x9a, length 8, port, address.
+fn dsr_option(frontend: SocketAddrV4) -> [u8; 8] {
+    let [p0, p1] = frontend.port().to_be_bytes();
+    let [a, b, c, d] = frontend.ip().octets();
+    [0x9a, 8, p0, p1, a, b, c, d]
+}
+
+fn dsr_service(bed: &mut Bed, proto: u8, pod: IpAddr, local: bool) {
+    let web = entry(FrontendKind::NodePort, proto, SVC_F_NODE_PORT | SVC_F_DSR, vec![endpoint(pod, local)]);
+    bed.service(nodeport(), proto, &web);
+}
+
+#[test]
+fn a_dsr_syn_to_a_remote_pod_keeps_the_client_and_carries_the_frontend_in_an_option() {
+    // Flow: client:40000 → node:30066 SYN ⇒ client:40000 → remote-pod:80 SYN with option
+    // [0x9a, 8, 30066, node], redirected; then the ACK ⇒ the same translation, no option.
+    with_bed("dsr-syn", |bed| {
+        let remote = Family::V4.remote_pod();
+        dsr_service(bed, TCP, remote, false);
+        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+        assert_eq!(out.verdict, REDIRECT);
+        let (header, segment) = header_and_segment(&out.frame);
+        assert_eq!(header.len(), 28, "the header grew by the option");
+        assert_eq!(header[20..], dsr_option(nodeport()), "the option names the frontend");
+        let (src, dst) = frames::addresses(&out.frame);
+        let port = |o: usize| u16::from_be_bytes([segment[o], segment[o + 1]]);
+        let pod = SocketAddr::new(remote, TARGET_PORT);
+        let seen = (SocketAddr::new(src, port(0)), SocketAddr::new(dst, port(2)));
+        assert_eq!(seen, (CLIENT.into(), pod), "DNAT only: the client's address is kept");
+        assert_eq!(segment.len(), frames::ip_payload(&frames::tcp_frame(CLIENT, nodeport(), SYN)).len());
+        assert!(checksums_ok(&out.frame), "IPv4 checksum (option included) and TCP checksum");
+
+        let ack = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), ACK));
+        assert_eq!(ack.verdict, REDIRECT);
+        assert_eq!(header_and_segment(&ack.frame).0.len(), 20, "only a SYN carries the option");
+        assert_eq!(frames::seen(&ack.frame).dst, pod);
+        assert!(checksums_ok(&ack.frame));
+        assert_eq!(bed.drops(), BTreeMap::new());
+    });
+}
+
+#[test]
+fn dsr_to_a_local_pod_keeps_the_client_without_an_option_and_udp_carries_it_in_every_datagram() {
+    // Flow: client → node:30066 SYN, local pod ⇒ client → pod:80, no option;
+    // client → node:30066 UDP twice, remote pod ⇒ both datagrams carry the option.
+    with_bed("dsr-local-udp", |bed| {
+        dsr_service(bed, TCP, POD.into(), true);
+        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+        assert_eq!(out.verdict, REDIRECT);
+        assert_eq!(header_and_segment(&out.frame).0.len(), 20, "no option to a local pod");
+        assert_eq!(frames::seen(&out.frame).src, SocketAddr::from(CLIENT), "not SNATed");
+
+        let remote = Family::V4.remote_pod();
+        dsr_service(bed, UDP, remote, false);
+        for id in [1, 2] {
+            let out = bed.ingress(&frames::udp_frame(CLIENT, nodeport(), id, b"hello"));
+            assert_eq!(out.verdict, REDIRECT, "datagram {id}");
+            assert_eq!(header_and_segment(&out.frame).0[20..], dsr_option(nodeport()), "datagram {id}");
+            assert!(checksums_ok(&out.frame), "datagram {id}");
+        }
+    });
+}
+
+#[test]
+fn the_backends_node_learns_the_option_and_sends_the_reply_from_the_frontend() {
+    // Flow: client:40000 → pod:80 SYN with option [30099, other node] ⇒ passed on unchanged;
+    // pod:80 → client:40000 SYN-ACK ⇒ other-node:30099 → client:40000, redirected.
+    with_bed("dsr-reply", |bed| {
+        let pod = SocketAddrV4::new(POD, TARGET_PORT);
+        let syn = with_option(&frames::tcp_frame(CLIENT, pod, SYN), dsr_option(OTHER_NODE_PORT));
+        assert!(checksums_ok(&syn), "the hand-built frame is valid");
+        let out = bed.ingress(&syn);
+        assert_eq!((out.verdict, &out.frame), (PASS, &syn), "delivered as it came, option kept");
+
+        let out = bed.ingress(&frames::tcp_frame(pod, CLIENT, SYN | ACK));
+        assert_eq!(out.verdict, REDIRECT);
+        let seen = frames::seen(&out.frame);
+        assert_eq!((seen.src, seen.dst), (OTHER_NODE_PORT.into(), CLIENT.into()), "from the frontend");
+        assert!(checksums_ok(&out.frame));
+        assert_eq!(bed.drops(), BTreeMap::new());
+    });
+}
+
+#[test]
+fn a_syn_without_the_option_forgets_the_tuples_frontend() {
+    // Flow: client → pod:80 SYN with option ⇒ learnt; the same tuple's SYN without it (a new
+    // connection straight to the pod) ⇒ forgotten: the pod's SYN-ACK passes untranslated.
+    with_bed("dsr-forget", |bed| {
+        let pod = SocketAddrV4::new(POD, TARGET_PORT);
+        let syn = frames::tcp_frame(CLIENT, pod, SYN);
+        assert_eq!(bed.ingress(&with_option(&syn, dsr_option(OTHER_NODE_PORT))).verdict, PASS);
+        assert_eq!(bed.ingress(&syn).verdict, PASS);
+        let reply = frames::tcp_frame(pod, CLIENT, SYN | ACK);
+        let out = bed.ingress(&reply);
+        assert_eq!((out.verdict, &out.frame), (PASS, &reply), "the old frontend is forgotten");
+    });
+}
+
+#[test]
+fn another_ip_option_teaches_nothing() {
+    // Flow: client → pod:80 SYN with Router Alert-like option ⇒ passed; the pod's SYN-ACK ⇒
+    // passed untranslated.
+    with_bed("dsr-other-option", |bed| {
+        let pod = SocketAddrV4::new(POD, TARGET_PORT);
+        let mut option = dsr_option(OTHER_NODE_PORT);
+        option[0] = 0x94;
+        let out = bed.ingress(&with_option(&frames::tcp_frame(CLIENT, pod, SYN), option));
+        assert_eq!(out.verdict, PASS);
+        let reply = frames::tcp_frame(pod, CLIENT, SYN | ACK);
+        let out = bed.ingress(&reply);
+        assert_eq!((out.verdict, &out.frame), (PASS, &reply));
     });
 }

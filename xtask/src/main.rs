@@ -152,6 +152,7 @@ const BENCHES: &[(&str, bool)] = &[
     ("bench_program", true),
     ("bench_throughput", true),
     ("bench_maglev", true),
+    ("bench_dsr", true),
     ("sync_latency", false),
 ];
 

@@ -109,6 +109,7 @@ impl LoadOptions {
             (names::SOCK_REV, names::sock_max_entries(self.conntrack_max)),
             (names::SOCK_BACKEND, names::sock_max_entries(self.conntrack_max)),
             (names::FRAGMENTS, names::fragments_max_entries(self.conntrack_max)),
+            (names::DSR, names::dsr_max_entries(self.conntrack_max)),
         ])
     }
 }

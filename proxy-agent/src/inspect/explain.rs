@@ -136,6 +136,10 @@ pub struct PathExplanation {
     /// port is known (or under ClientIP affinity, which hashes the address only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maglev_slot: Option<u32>,
+    /// For traffic from outside at a nodePort, external IP or LoadBalancer IP: `dsr`, `snat`
+    /// or `local` (`super::view::lb_mode`), how a new flow reaches a backend on another node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lb_mode: Option<&'static str>,
 }
 
 /// The ClientIP affinity entries that bear on the query.
@@ -264,7 +268,7 @@ fn merge(node: PathExplanation, outside: PathExplanation) -> PathExplanation {
         let rest = rest.split_once(": ").map_or(rest, |(_, rest)| rest);
         format!("{first}; from outside, {rest}{suffix}")
     };
-    PathExplanation { origins: vec![Origin::Node, Origin::Outside], reasons, summary, ..node }
+    PathExplanation { origins: vec![Origin::Node, Origin::Outside], reasons, summary, lb_mode: outside.lb_mode, ..node }
 }
 
 /// One origin's path through `lb::select` and its attach point.
@@ -295,6 +299,7 @@ fn path(
                     candidates: Vec::new(),
                     sticky_to: None,
                     maglev_slot: None,
+                    lb_mode: None,
                 };
             }
         }
@@ -319,6 +324,7 @@ fn path(
             candidates: Vec::new(),
             sticky_to: None,
             maglev_slot: None,
+            lb_mode: None,
         };
     }
     if origin == Origin::Outside && master.flags & SVC_F_SOURCE_RANGES != 0 {
@@ -336,6 +342,7 @@ fn path(
                     candidates: Vec::new(),
                     sticky_to: None,
                     maglev_slot: None,
+                    lb_mode: None,
                 };
             }
             None => reasons.push(
@@ -353,6 +360,10 @@ fn path(
     if origin == Origin::Outside && external_kind {
         reasons.push(if master.flags & SVC_F_EXT_LOCAL != 0 {
             "a new flow keeps the client's source address (externalTrafficPolicy Local)".into()
+        } else if master.flags & SVC_F_DSR != 0 {
+            "a new flow keeps the client's source address (direct server return): a backend on another node gets \
+             the frontend in an IPv4 option and answers the client straight from its node"
+                .into()
         } else {
             "a new flow is SNATed to a node address, so replies come back through this node".into()
         });
@@ -398,7 +409,18 @@ fn path(
     if verdict == Verdict::Random && origin == Origin::Outside && master.flags & SVC_F_MAGLEV != 0 {
         (verdict, summary, maglev_slot) = maglev_pick(snapshot, master, from, from_port.map(|p| (p, key.port)), key);
     }
-    PathExplanation { origins: vec![origin], scope, reasons, verdict, summary, candidates, sticky_to, maglev_slot }
+    let lb_mode = if origin == Origin::Outside { view::lb_mode(master.flags) } else { None };
+    PathExplanation {
+        origins: vec![origin],
+        scope,
+        reasons,
+        verdict,
+        summary,
+        candidates,
+        sticky_to,
+        maglev_slot,
+        lb_mode,
+    }
 }
 
 /// A new flow from outside at a Maglev frontend (`lb::select_flow`): the slot of the set's

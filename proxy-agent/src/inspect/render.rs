@@ -324,6 +324,9 @@ pub fn conntrack(entries: &[ConntrackView], snapshot: &Snapshot) -> String {
             if e.local {
                 state.push("local");
             }
+            if e.dsr {
+                state.push("dsr");
+            }
             if e.close_wait {
                 state.push("close_wait");
             }

@@ -443,6 +443,27 @@ fn etp_cluster_nodeport_is_snated_from_outside() {
 }
 
 #[test]
+fn a_dsr_nodeport_says_dsr_in_explain_and_inspect() {
+    let flags = SVC_F_NODE_PORT | SVC_F_DSR;
+    let s = cluster_ip().frontend("172.18.0.2", 30066, SCOPE_EXTERNAL, flags, 1, 0, &[1, 2]).build();
+    let e = explain(&s, &query("172.18.0.100", "172.18.0.2", 30066));
+    assert_eq!(e.paths[0].lb_mode, Some("dsr"));
+    assert!(e.paths[0].reasons.iter().any(|r| r.contains("direct server return")), "{:?}", e.paths);
+    let views = view::services(&s);
+    let modes: Vec<_> = views.iter().map(|f| (f.port, f.lb_mode)).collect();
+    assert_eq!(modes, [(6666, None), (30066, Some("dsr"))], "the ClusterIP has no mode");
+    assert!(render::services(&views, &s.root).contains("dsr"));
+}
+
+#[test]
+fn an_etp_cluster_nodeport_without_dsr_is_snat_and_etp_local_is_local() {
+    let s = cluster_ip().frontend("172.18.0.2", 30066, SCOPE_EXTERNAL, SVC_F_NODE_PORT, 1, 0, &[1, 2]).build();
+    assert_eq!(explain(&s, &query("172.18.0.100", "172.18.0.2", 30066)).paths[0].lb_mode, Some("snat"));
+    assert_eq!(view::lb_mode(SVC_F_NODE_PORT | SVC_F_EXT_LOCAL), Some("local"));
+    assert_eq!(view::lb_mode(SVC_F_CLUSTER_IP), None);
+}
+
+#[test]
 fn a_missing_internal_master_refuses_node_traffic() {
     let mut s = etp_local(&[5]).build();
     s.services.remove(&ServiceKey::master(addr::from_ip(ip("172.18.0.2")), 30080, TCP).with_scope(SCOPE_INTERNAL));

@@ -10,7 +10,9 @@ use proxy_common::{
     addr::{self, Addr},
     affinity::{AffinityKey, AffinityValue, affinity_service_id},
     backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
-    conntrack::{CT_F_CLOSING, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, expired, timeout_s},
+    conntrack::{
+        CT_F_CLOSING, CT_F_DSR, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, expired, timeout_s,
+    },
     service::*,
 };
 use serde::Serialize;
@@ -100,7 +102,25 @@ pub fn policies(flags: u16, affinity_timeout: u32) -> Vec<String> {
     if flags & SVC_F_TWO_SCOPES != 0 {
         out.push("two scopes".to_owned());
     }
+    if flags & SVC_F_DSR != 0 {
+        out.push("dsr".to_owned());
+    }
     out
+}
+
+/// How traffic from outside reaches a backend on another node at a frontend with `flags`:
+/// `dsr` (direct server return), `snat`, or `local` (eTP Local: no other node's backend);
+/// `None` for a ClusterIP, which only this node's sockets reach.
+pub fn lb_mode(flags: u16) -> Option<&'static str> {
+    if flags & (SVC_F_NODE_PORT | SVC_F_EXTERNAL_IP | SVC_F_LOAD_BALANCER) == 0 {
+        None
+    } else if flags & SVC_F_EXT_LOCAL != 0 {
+        Some("local")
+    } else if flags & SVC_F_DSR != 0 {
+        Some("dsr")
+    } else {
+        Some("snat")
+    }
 }
 
 /// One frontend as the kernel sees it.
@@ -135,6 +155,9 @@ pub struct FrontendView {
     /// The size of the backend set's Maglev table; `None` when the frontend does not hash, or
     /// its table is not written (yet).
     pub maglev_table_size: Option<u32>,
+    /// How traffic from outside reaches a backend on another node ([`lb_mode`]): `dsr`,
+    /// `snat` or `local`; `None` for a ClusterIP.
+    pub lb_mode: Option<&'static str>,
     /// `Local` or `Cluster`.
     pub external_traffic_policy: &'static str,
     /// `Local` or `Cluster`.
@@ -285,6 +308,7 @@ pub fn frontend_view(snapshot: &Snapshot, key: ServiceKey, master: &ServiceValue
         policies,
         algorithm: if maglev { "maglev" } else { "random" },
         maglev_table_size,
+        lb_mode: lb_mode(flags),
         external_traffic_policy: if flags & SVC_F_EXT_LOCAL != 0 { "Local" } else { "Cluster" },
         internal_traffic_policy: if flags & SVC_F_INT_LOCAL != 0 { "Local" } else { "Cluster" },
         affinity_timeout_seconds: affinity.then_some(master.affinity_timeout),
@@ -575,6 +599,9 @@ pub struct ConntrackView {
     pub snat: bool,
     /// The backend is the node itself (hostNetwork): no SNAT, replies translated on egress.
     pub local: bool,
+    /// Direct server return to a backend on another node: not SNATed, the replies go
+    /// straight from there to the client (this node sees none).
+    pub dsr: bool,
     /// A FIN went one way only: the flow is half-closed (CLOSE_WAIT), the other way still open.
     pub close_wait: bool,
     /// FINs went both ways, or a RST: the flow is closing.
@@ -604,6 +631,7 @@ pub fn conntrack(snapshot: &Snapshot) -> Vec<ConntrackView> {
             backend_id: v.backend_id,
             snat: v.flags & CT_F_SNAT != 0,
             local: v.flags & CT_F_LOCAL != 0,
+            dsr: v.flags & CT_F_DSR != 0,
             close_wait: v.flags & CT_F_CLOSING == 0 && v.flags & (CT_F_FIN | CT_F_PEER_FIN) != 0,
             closing: v.flags & CT_F_CLOSING != 0,
             timeout_seconds: timeout_s(v.flags, k.proto),

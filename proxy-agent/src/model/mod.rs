@@ -19,7 +19,7 @@ use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
 pub use service::service_frontends;
 
 pub use self::addr::{Cidr, IpFamily, is_ipv4_mapped, parse_ip, parse_ipv4};
-use crate::maglev::LbAlgorithm;
+use crate::{dsr::LbMode, maglev::LbAlgorithm};
 
 /// The label that names a slice's service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -52,6 +52,9 @@ pub struct NodeInfo {
     /// `--lb-algorithm`: how traffic from outside picks a backend where a service's
     /// [`LB_ALGORITHM_ANNOTATION`](crate::maglev::LB_ALGORITHM_ANNOTATION) does not choose.
     pub lb_algorithm: LbAlgorithm,
+    /// `--lb-mode`: SNAT or direct server return for traffic from outside under
+    /// `externalTrafficPolicy: Cluster`.
+    pub lb_mode: LbMode,
 }
 
 impl NodeInfo {
@@ -87,12 +90,18 @@ impl NodeInfo {
             localhost_nodeports,
             zone,
             lb_algorithm: LbAlgorithm::default(),
+            lb_mode: LbMode::default(),
         }
     }
 
     /// The same node with `--lb-algorithm` `algorithm`.
     pub fn with_lb_algorithm(self, lb_algorithm: LbAlgorithm) -> Self {
         Self { lb_algorithm, ..self }
+    }
+
+    /// The same node with `--lb-mode` `lb_mode`.
+    pub fn with_lb_mode(self, lb_mode: LbMode) -> Self {
+        Self { lb_mode, ..self }
     }
 }
 

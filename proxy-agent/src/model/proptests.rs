@@ -41,6 +41,7 @@ fn node() -> NodeInfo {
         localhost_nodeports: false,
         zone: String::new(),
         lb_algorithm: LbAlgorithm::Random,
+        lb_mode: LbMode::Snat,
     }
 }
 

@@ -103,6 +103,11 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
                 if maglev && kind.is_external() {
                     flags |= SVC_F_MAGLEV;
                 }
+                // Under eTP Local the client's address is kept anyway and the backend local.
+                // The option is IPv4's: IPv6 frontends stay SNATed.
+                if kind.is_external() && !ext_local && family == IpFamily::V4 && node.lb_mode.dsr_for(protocol) {
+                    flags |= SVC_F_DSR;
+                }
                 FrontendEntry {
                     service: service_port.clone(),
                     kind,

@@ -307,6 +307,7 @@ fn node(addresses: &[&str]) -> NodeInfo {
         localhost_nodeports: false,
         zone: String::new(),
         lb_algorithm: LbAlgorithm::Random,
+        lb_mode: LbMode::Snat,
     }
 }
 
@@ -1838,4 +1839,36 @@ fn fqdn_slices_are_skipped_with_their_reason() {
         [("EndpointSlice default/web-fqdn".to_owned(), "addressType".to_owned(), SkipReason::UnsupportedAddressType)]
             .into();
     assert_eq!(skips(&desired), want, "one skip, not one per family");
+}
+
+/// `--lb-mode`: direct server return on external IPv4 frontends under eTP Cluster; `hybrid`
+/// for TCP only; never on a ClusterIP, under eTP Local, or for IPv6 (the option is IPv4's).
+#[test]
+fn lb_mode_marks_external_ipv4_frontends_under_etp_cluster_for_dsr() {
+    let build = |policy: &str| {
+        service("s")
+            .ip_families(&["IPv4", "IPv6"])
+            .cluster_ips(&["10.96.0.10", "fd00:10:96::a"])
+            .port(80)
+            .node_port(30080)
+            .port(53)
+            .protocol("UDP")
+            .node_port(30053)
+            .external_ip("192.0.2.10")
+            .external_traffic_policy(policy)
+            .build()
+    };
+    let dsr_frontends = |mode: LbMode, policy: &str| -> BTreeSet<String> {
+        let node = NodeInfo { lb_mode: mode, ..node(&["172.18.0.2", "fc00::2"]) };
+        let desired = compute(&build(policy), &[], &node);
+        desired.frontends.iter().filter(|(_, e)| e.flags & SVC_F_DSR != 0).map(|(f, _)| f.to_string()).collect()
+    };
+    let names = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
+    assert_eq!(dsr_frontends(LbMode::Snat, "Cluster"), BTreeSet::new(), "snat: none");
+    assert_eq!(
+        dsr_frontends(LbMode::Dsr, "Cluster"),
+        names(&["172.18.0.2:30080/TCP", "172.18.0.2:30053/UDP", "192.0.2.10:80/TCP", "192.0.2.10:53/UDP"])
+    );
+    assert_eq!(dsr_frontends(LbMode::Hybrid, "Cluster"), names(&["172.18.0.2:30080/TCP", "192.0.2.10:80/TCP"]));
+    assert_eq!(dsr_frontends(LbMode::Dsr, "Local"), BTreeSet::new(), "eTP Local keeps the client anyway");
 }

@@ -51,6 +51,8 @@ pub struct SyncConfig {
     /// `--lb-algorithm`: how traffic from outside picks a backend, unless a service's
     /// annotation says otherwise.
     pub lb_algorithm: crate::maglev::LbAlgorithm,
+    /// `--lb-mode`: SNAT or direct server return for traffic from outside.
+    pub lb_mode: crate::dsr::LbMode,
 }
 
 /// The outcome of one sync, for the log line and tests.
@@ -115,8 +117,9 @@ pub struct Syncer<S> {
 impl<S: MapStore> Syncer<S> {
     /// A syncer writing through `writer`.
     pub fn new(writer: Writer<S>, config: SyncConfig, metrics: Metrics) -> Self {
-        let node_info =
-            NodeInfo::from_node(&config.node_name, None, &config.nodeport_cidrs).with_lb_algorithm(config.lb_algorithm);
+        let node_info = NodeInfo::from_node(&config.node_name, None, &config.nodeport_cidrs)
+            .with_lb_algorithm(config.lb_algorithm)
+            .with_lb_mode(config.lb_mode);
         let mut syncer = Self {
             tracker: Tracker::default(),
             writer,
@@ -217,7 +220,8 @@ impl<S: MapStore> Syncer<S> {
             Change::Delete(_) => return,
         };
         let info = NodeInfo::from_node(name, node.as_deref(), &self.config.nodeport_cidrs)
-            .with_lb_algorithm(self.config.lb_algorithm);
+            .with_lb_algorithm(self.config.lb_algorithm)
+            .with_lb_mode(self.config.lb_mode);
         if info != self.node_info {
             info!(node = name, addresses = ?info.nodeport_addresses, zone = %info.zone, "node addresses for nodePorts");
             if let Some(hook) = &mut self.node_hook {

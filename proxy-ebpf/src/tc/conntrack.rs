@@ -3,7 +3,8 @@
 use proxy_common::{
     addr::Addr,
     conntrack::{
-        CT_F_CLOSING, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue, with_close_bits,
+        CT_F_CLOSING, CT_F_DSR, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, CtKey, CtValue,
+        with_close_bits,
     },
     drop,
     proto::TCP,
@@ -71,22 +72,23 @@ static FLOW_SCRATCH: PerCpuArray<FlowScratch, 1> = PerCpuArray::new();
 
 /// Records a new flow in both directions and returns the original direction's translation
 /// (in per-CPU scratch memory, valid until the program ends), or the drop reason: `snat`: the
-/// node address to translate the source to (with a free port); `local`: the backend is one of
-/// the node's own addresses.
+/// node address to translate the source to (with a free port); `flags`: `CT_F_LOCAL` (the
+/// backend is one of the node's own addresses) or `CT_F_DSR` (direct server return), kept on
+/// both entries.
 #[inline(always)]
 #[expect(clippy::needless_borrows_for_generic_args, reason = "a copy would land on the BPF stack")]
 pub fn open_flow(
     packet: &Packet,
     selected: &Selected,
     snat: Option<Addr>,
-    local: bool,
+    flags: u16,
     now: u64,
 ) -> Result<&'static CtValue, u32> {
     let scratch = FLOW_SCRATCH.get_ptr_mut(0).ok_or(drop::CONNTRACK_INSERT_FAILED)?;
     // SAFETY: a per-CPU array element, used only by this program run on this CPU.
     let FlowScratch { forward, reply, reply_key } = unsafe { &mut *scratch };
     let backend = &selected.backend;
-    let local = if local { CT_F_LOCAL } else { 0 };
+    let kept = flags & (CT_F_LOCAL | CT_F_DSR);
     *forward = CtValue {
         src: packet.src,
         dst: backend.address,
@@ -94,7 +96,7 @@ pub fn open_flow(
         dport: backend.port,
         backend_id: selected.id,
         last_seen_ns: now,
-        flags: local,
+        flags: kept,
         _pad: [0; 6],
     };
     *reply = CtValue {
@@ -104,7 +106,7 @@ pub fn open_flow(
         dport: packet.sport,
         backend_id: selected.id,
         last_seen_ns: now,
-        flags: CT_F_REPLY | local,
+        flags: CT_F_REPLY | kept,
         _pad: [0; 6],
     };
     *reply_key = CtKey {

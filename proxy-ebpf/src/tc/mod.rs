@@ -26,6 +26,7 @@
 //! - [`conntrack`]: opening and following flows;
 //! - [`nat`]: SNAT address and port, the rewrite and its checksums;
 //! - [`icmp`]: ICMP and ICMPv6 errors quoting a tracked flow;
+//! - [`dsr`]: direct server return, the option to the backend's node and, there, the replies;
 //! - [`fib`]: sending a translated packet on;
 //! - [`reject`]: kube-proxy's REJECT for pods' packets (a TCP reset, an ICMP port unreachable).
 //!
@@ -33,6 +34,7 @@
 //! ([`crate::drops`]).
 
 mod conntrack;
+mod dsr;
 mod fib;
 mod icmp;
 mod ipv6;
@@ -49,15 +51,15 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::AffinityKey,
-    conntrack::CT_F_SNAT,
-    conntrack::{CT_F_LOCAL, CT_F_REPLY, CtValue, expired},
+    backend::BACKEND_F_LOCAL,
+    conntrack::{CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CtValue, expired},
     drop,
     maps::{HANDOVER_DORMANT, HANDOVER_NONE},
-    service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, SourceRange},
+    service::{SOURCE_RANGE_FRONTEND_BITS, SVC_F_DSR, SVC_F_EXT_LOCAL, SVC_F_SOURCE_RANGES, SourceRange},
     trace::PATH_TC,
 };
 
-use self::packet::{Packet, Skip};
+use self::packet::{Family, Packet, Skip};
 use crate::{
     drops,
     lb::{self, Origin, Selected, Verdict},
@@ -141,6 +143,10 @@ fn ingress(ctx: &TcContext, packet: &Packet) -> i32 {
     if verdict != CONTINUE {
         return verdict;
     }
+    let verdict = dsr::receive(ctx, packet);
+    if verdict != CONTINUE {
+        return verdict;
+    }
     if !packet.has_l4 {
         // A later fragment of a flow that is not tracked: nothing to translate.
         return pass();
@@ -191,6 +197,10 @@ fn follow(ctx: &TcContext, packet: &Packet) -> i32 {
     }
     conntrack::track(value, packet, now);
     let to = *value;
+    if to.flags & CT_F_DSR != 0 && packet.may_open_flow() {
+        // A retransmitted SYN or a later datagram: the backend's node may not know it yet.
+        return dsr::forward(ctx, packet, &to);
+    }
     translate(ctx, packet, &to)
 }
 
@@ -254,7 +264,13 @@ fn choose_for_pod(packet: &Packet, selected: &mut Selected) -> u32 {
 
 /// A packet the node sends: the reply of a flow to a local backend is translated back.
 fn egress(ctx: &TcContext, packet: &Packet) -> i32 {
-    let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) else { return pass() };
+    let Some(entry) = CONNTRACK.get_ptr_mut(packet.key()) else {
+        // A hostNetwork backend's reply to a flow another node sent here by DSR.
+        if packet.family == Family::V4 && dsr::reply_leaving(ctx, packet) {
+            return TC_ACT_OK;
+        }
+        return pass();
+    };
     // SAFETY: the pointer comes from a successful lookup; fields are plain integers.
     let value = unsafe { &mut *entry };
     if value.flags & (CT_F_LOCAL | CT_F_REPLY) != CT_F_LOCAL | CT_F_REPLY {
@@ -280,11 +296,15 @@ fn egress(ctx: &TcContext, packet: &Packet) -> i32 {
 /// own (a BPF-to-BPF call), so its stack is not added to the lookup's.
 #[inline(never)]
 fn new_flow(ctx: &TcContext, packet: &Packet, selected: &Selected, origin: Origin, verdict: &mut i32) -> u32 {
+    // Direct server return (traffic from outside only) keeps the client's address for every
+    // backend (IPv4 only: IPv6 frontends stay SNATed); only a backend on another node needs the
+    // option.
+    let dsr = origin == Origin::External && selected.flags & SVC_F_DSR != 0 && packet.family == Family::V4;
     // A pod's flow keeps its source (kube-proxy DNATs it only), but a pod reaching itself is
     // masqueraded: it would drop a packet from its own address.
     let snat_needed = match origin {
         Origin::Node => selected.backend.address == packet.src,
-        Origin::External => selected.flags & SVC_F_EXT_LOCAL == 0,
+        Origin::External => selected.flags & SVC_F_EXT_LOCAL == 0 && !dsr,
     };
     let snat = if snat_needed {
         match nat::snat_address(selected.flags, packet.dst) {
@@ -299,13 +319,23 @@ fn new_flow(ctx: &TcContext, packet: &Packet, selected: &Selected, origin: Origi
     let route = fib::route(ctx, snat.as_ref().unwrap_or(&packet.src), &selected.backend.address);
     let local = route.rc == BPF_FIB_LKUP_RET_NOT_FWDED;
     let snat = if local { None } else { snat };
+    let flags = if local {
+        CT_F_LOCAL
+    } else if dsr && selected.backend.flags & BACKEND_F_LOCAL == 0 {
+        CT_F_DSR
+    } else {
+        0
+    };
     // SAFETY: a plain helper call without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let to = match conntrack::open_flow(packet, selected, snat, local, now) {
+    let to = match conntrack::open_flow(packet, selected, snat, flags, now) {
         Ok(to) => to,
         Err(reason) => return reason,
     };
     if nat::rewrite(ctx, packet, to).is_err() {
+        return drop::REWRITE_FAILED;
+    }
+    if flags == CT_F_DSR && dsr::add_option(ctx, packet).is_err() {
         return drop::REWRITE_FAILED;
     }
     if trace::on() {

@@ -904,12 +904,17 @@ impl BenchAgent {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    /// The `took_ms` of the first periodic check the agent logged, waiting up to `timeout`.
-    pub fn periodic_check_ms(&mut self, timeout: Duration) -> anyhow::Result<f64> {
+    /// The `took_ms` of the first periodic check the agent logged after the first `synced` line
+    /// that satisfies `synced` (a check before it, while the agent was still reading its
+    /// sources, has nothing to compare), waiting up to `timeout`.
+    pub fn periodic_check_ms(&mut self, synced: impl Fn(&SyncLine) -> bool, timeout: Duration) -> anyhow::Result<f64> {
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.log();
-            let line = log.lines().find(|l| l.contains("checked the maps against what was programmed"));
+            let line = log
+                .lines()
+                .skip_while(|l| !SyncLine::parse(l).is_some_and(|s| synced(&s)))
+                .find(|l| l.contains("checked the maps against what was programmed"));
             if let Some(line) = line {
                 let field = |name: &str| {
                     let value = line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next());
@@ -928,6 +933,12 @@ impl BenchAgent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Copies the log so far to `to` (it is removed with the agent).
+    pub fn keep_log(&self, to: &Path) -> anyhow::Result<()> {
+        fs::copy(&self.log, to).with_context(|| format!("copying the agent's log to {}", to.display()))?;
+        Ok(())
     }
 
     /// Its memory and CPU now.

@@ -24,7 +24,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod scale_report;
+
 use anyhow::{Context as _, bail};
+use aya::maps::{Map, MapData};
+use proxy_common::{
+    addr,
+    backend::{Backend, BackendId},
+    maps,
+    proto::TCP,
+    service::{ServiceKey, ServiceValue},
+};
 
 pub use proxy_tests::kube_proxy_rules::{CLUSTER_CIDR, NAMESPACE, SERVICE_CIDR, Svc, iptables, nftables};
 use proxy_tests::{
@@ -595,6 +605,21 @@ pub fn connect_loop(to: SocketAddr, warmup: usize, count: usize, budget: Duratio
     ConnectRun { latency: Summary::of(&latencies), fails, answers }
 }
 
+/// Connects to `to` (one request, one answer) again and again until it is answered or `budget`
+/// runs out, and returns the answer: the body of a client child process that waits for a
+/// service to be served. A failed attempt (no route yet, refused, no answer) is retried after a
+/// millisecond.
+pub fn wait_answered(to: SocketAddr, budget: Duration) -> Option<String> {
+    let deadline = Instant::now() + budget;
+    while Instant::now() < deadline {
+        if let Ok(answer) = connect_once(to) {
+            return Some(answer);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
 /// One connection: socket, SO_LINGER 0, connect (1 s timeout), write a byte, read the answer,
 /// close; returns the answer. The socket's family is `to`'s: an IPv4-mapped `to` is an AF_INET6
 /// socket to an IPv4 address, as a dual-stack application connects.
@@ -879,6 +904,43 @@ impl BenchAgent {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    /// The `took_ms` of the first periodic check the agent logged after the first `synced` line
+    /// that satisfies `synced` (a check before it, while the agent was still reading its
+    /// sources, has nothing to compare), waiting up to `timeout`.
+    pub fn periodic_check_ms(&mut self, synced: impl Fn(&SyncLine) -> bool, timeout: Duration) -> anyhow::Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            let line = log
+                .lines()
+                .skip_while(|l| !SyncLine::parse(l).is_some_and(|s| synced(&s)))
+                .find(|l| l.contains("checked the maps against what was programmed"));
+            if let Some(line) = line {
+                let field = |name: &str| {
+                    let value = line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next());
+                    value.unwrap_or_default().parse::<f64>().with_context(|| format!("{name} in {line:?}"))
+                };
+                // Right after a full sync the maps hold what was programmed: a check that finds
+                // anything to write misread them.
+                if field("service_writes")? + field("backend_writes")? > 0.0 {
+                    bail!("the periodic check after a full sync rewrote entries: {line}");
+                }
+                return field("took_ms");
+            }
+            self.check_running()?;
+            if Instant::now() > deadline {
+                bail!("no periodic check logged within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Copies the log so far to `to` (it is removed with the agent).
+    pub fn keep_log(&self, to: &Path) -> anyhow::Result<()> {
+        fs::copy(&self.log, to).with_context(|| format!("copying the agent's log to {}", to.display()))?;
+        Ok(())
+    }
+
     /// Its memory and CPU now.
     pub fn usage(&self) -> anyhow::Result<Usage> {
         Usage::of(self.pid)
@@ -893,6 +955,67 @@ impl Drop for BenchAgent {
         }
         let _ = proxy_agent::datapath::cleanup(&self.bpf_root);
         let _ = fs::remove_file(&self.log);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent's pinned maps, read back
+// ---------------------------------------------------------------------------------------------
+
+/// Single-key reads of the agent's pinned maps.
+pub struct MapProbe {
+    services: aya::maps::HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: aya::maps::HashMap<MapData, BackendId, Backend>,
+}
+
+impl MapProbe {
+    /// Opens the pinned service and backend maps under the agent's bpffs root.
+    pub fn open(root: &Path) -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            Ok(Map::HashMap(MapData::from_pin(root.join(name)).with_context(|| format!("opening pinned {name}"))?))
+        };
+        Ok(Self {
+            services: aya::maps::HashMap::try_from(open(maps::SERVICES)?)?,
+            backends: aya::maps::HashMap::try_from(open(maps::BACKENDS)?)?,
+        })
+    }
+
+    /// The (address, port) of every backend in the frontend's slots; `None` if a read failed
+    /// (slots can be mid-rewrite).
+    pub fn backends_of(&self, frontend: (Ipv4Addr, u16)) -> Option<Vec<(Ipv4Addr, u16)>> {
+        let master = ServiceKey::master(addr::from_ip(frontend.0), frontend.1, TCP);
+        let count = self.services.get(&master, 0).ok()?.count;
+        (1..=count)
+            .map(|slot| {
+                let id = self.services.get(&master.with_slot(slot), 0).ok()?.backend_id;
+                let backend = self.backends.get(&id, 0).ok()?;
+                Some((Ipv4Addr::from(addr::to_v4(&backend.address)?), backend.port))
+            })
+            .collect()
+    }
+
+    /// Polls until the frontend serves `present` and not `gone`.
+    pub fn wait(
+        &self,
+        frontend: (Ipv4Addr, u16),
+        present: (Ipv4Addr, u16),
+        gone: (Ipv4Addr, u16),
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(now) = self.backends_of(frontend)
+                && now.contains(&present)
+                && !now.contains(&gone)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not seen within {timeout:?}");
+            }
+            // Give the agent and the server the CPU between polls without sleeping through a timer.
+            std::thread::yield_now();
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! A small, real HTTP Kubernetes API server for end-to-end tests.
 //!
 //! It serves the subset of the API that `kube::Client` and `kube::runtime::watcher` use to list and
-//! watch Services, EndpointSlices and Nodes: LIST (with label and field selectors), GET by name,
+//! watch Services, EndpointSlices and Nodes: LIST (with label and field selectors, paged with
+//! `limit` and `continue` over a consistent snapshot, as kube-runtime's watcher lists), GET by name,
 //! and WATCH (history replay, live events, bookmarks, `timeoutSeconds`, `410 Expired` after a
 //! compaction), plus `/version`, `/api` and `/apis`. Objects are stored as plain JSON and never
 //! validated, so tests can also inject malformed objects. One resourceVersion counter is shared
@@ -29,6 +30,7 @@ mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -115,7 +117,8 @@ struct Change {
     /// `ADDED`, `MODIFIED` or `DELETED`.
     event: &'static str,
     object: Value,
-    /// The previous object of a `MODIFIED` change, so selectors see objects entering or leaving.
+    /// The object before a `MODIFIED` or `DELETED` change: selectors see objects entering or
+    /// leaving, and paged lists see the object as it was at their resourceVersion.
     old: Option<Value>,
 }
 
@@ -180,6 +183,59 @@ struct Store {
     watches: HashMap<Kind, usize>,
     /// Events written (`create` or `patch`, the object after the write), in order.
     posted_events: Vec<(String, Value)>,
+}
+
+impl Store {
+    /// The objects of `kind` as they were at resourceVersion `rv` (not before the last
+    /// compaction), in key order, after the key `after` (namespace, name): the stored ones with
+    /// every later change undone from the history, as etcd reads at a revision.
+    fn at(
+        &self,
+        kind: Kind,
+        rv: u64,
+        after: Option<(String, String)>,
+    ) -> impl Iterator<Item = ((String, String), &Value)> {
+        // Per key, the state before its first change after `rv` (`None`: it did not exist yet).
+        let mut undone: BTreeMap<(String, String), Option<&Value>> = BTreeMap::new();
+        let since = self.history.partition_point(|c| c.rv <= rv);
+        for change in self.history[since..].iter().filter(|c| c.kind == kind) {
+            let meta = &change.object["metadata"];
+            let key =
+                (kind.namespace(meta["namespace"].as_str()), meta["name"].as_str().unwrap_or_default().to_owned());
+            let before = if change.event == "ADDED" { None } else { change.old.as_ref() };
+            undone.entry(key).or_insert(before);
+        }
+        undone.retain(|key, _| after.as_ref().is_none_or(|after| key > after));
+        let start = match &after {
+            Some((namespace, name)) => Bound::Excluded((kind, namespace.clone(), name.clone())),
+            None => Bound::Included((kind, String::new(), String::new())),
+        };
+        let mut current = self
+            .objects
+            .range((start, Bound::Unbounded))
+            .take_while(move |((k, ..), _)| *k == kind)
+            .map(|((_, namespace, name), object)| ((namespace.clone(), name.clone()), object))
+            .peekable();
+        let mut undone = undone.into_iter().peekable();
+        // A merge of the two key-ordered sequences; where both have a key, the undone state wins.
+        std::iter::from_fn(move || {
+            loop {
+                let (key, object) = match (current.peek(), undone.peek()) {
+                    (None, None) => return None,
+                    (Some((key, _)), Some((changed, _))) if key == changed => {
+                        current.next();
+                        undone.next()?
+                    }
+                    (Some((key, _)), Some((changed, _))) if key > changed => undone.next()?,
+                    (None, Some(_)) => undone.next()?,
+                    _ => current.next().map(|(key, object)| (key, Some(object)))?,
+                };
+                if let Some(object) = object {
+                    return Some((key, object));
+                }
+            }
+        })
+    }
 }
 
 struct Shared {
@@ -303,11 +359,13 @@ impl ApiServer {
         let Some(mut object) = store.objects.remove(&key) else {
             return false;
         };
+        // Kept as the change's `old`: a paged list at an earlier resourceVersion still shows it.
+        let before = object.clone();
         store.rv += 1;
         if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.insert("resourceVersion".into(), store.rv.to_string().into());
         }
-        self.record(&mut store, kind, "DELETED", object, None);
+        self.record(&mut store, kind, "DELETED", object, Some(before));
         true
     }
 

@@ -513,3 +513,114 @@ async fn dropping_the_server_stops_it() {
     }
     assert!(bounded("list after drop", api.list(&ListParams::default())).await.is_err());
 }
+
+/// `svc-00` … : names that sort as they are numbered.
+fn numbered(i: usize) -> Service {
+    service("default", &format!("svc-{i:02}"), &format!("10.96.1.{}", i + 1), 80, "paged")
+}
+
+/// Lists Services `limit` at a time, following `metadata.continue`; returns every page.
+async fn pages(api: &Api<Service>, limit: u32, mut between: impl FnMut(usize)) -> Vec<kube::core::ObjectList<Service>> {
+    let mut pages = Vec::new();
+    let mut token = None;
+    loop {
+        let mut params = ListParams::default().limit(limit);
+        params.continue_token = token;
+        let page = bounded("a page", api.list(&params)).await.expect("a page of services");
+        token = page.metadata.continue_.clone().filter(|t| !t.is_empty());
+        pages.push(page);
+        between(pages.len());
+        if token.is_none() || pages.len() > 100 {
+            return pages;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_paged_list_returns_every_object_once_as_of_its_first_page() {
+    let server = ApiServer::start().await;
+    for i in 0..25 {
+        server.apply(&numbered(i));
+    }
+    let api = Api::<Service>::all(client(&server));
+    // After the first page, objects not yet served change: one is modified, one deleted, one
+    // added. The list must still show the 25 as they were when it started.
+    let pages = pages(&api, 7, |served| {
+        if served == 1 {
+            server.apply(&service("default", "svc-20", "10.96.1.21", 9090, "paged"));
+            assert!(server.delete::<Service>(None, "svc-21"));
+            server.apply(&numbered(30));
+        }
+    })
+    .await;
+
+    let sizes: Vec<usize> = pages.iter().map(|p| p.items.len()).collect();
+    assert_eq!(sizes, [7, 7, 7, 4]);
+    let remaining: Vec<Option<i64>> = pages.iter().map(|p| p.metadata.remaining_item_count).collect();
+    assert_eq!(remaining, [Some(18), Some(11), Some(4), None]);
+    let versions: Vec<Option<String>> = pages.iter().map(|p| p.metadata.resource_version.clone()).collect();
+    assert!(versions.iter().all(|v| *v == versions[0]), "one resourceVersion for every page: {versions:?}");
+    let listed: Vec<(String, i32)> = pages.iter().flat_map(|p| &p.items).map(|s| (key(s), port(s))).collect();
+    let expected: Vec<(String, i32)> = (0..25).map(|i| (format!("default/svc-{i:02}"), 80)).collect();
+    assert_eq!(listed, expected);
+
+    // A watch from the list's resourceVersion sees exactly the changes made after it.
+    let rv = versions[0].clone().expect("the list's resourceVersion");
+    let mut watch = bounded("watch", api.watch(&WatchParams::default(), &rv)).await.expect("watch").boxed();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        match next("a change after the list", &mut watch).await.expect("a watch event") {
+            WatchEvent::Added(s) => seen.push(("ADDED", key(&s), port(&s))),
+            WatchEvent::Modified(s) => seen.push(("MODIFIED", key(&s), port(&s))),
+            WatchEvent::Deleted(s) => seen.push(("DELETED", key(&s), port(&s))),
+            other => panic!("unexpected watch event {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            ("MODIFIED", "default/svc-20".to_owned(), 9090),
+            ("DELETED", "default/svc-21".to_owned(), 80),
+            ("ADDED", "default/svc-30".to_owned(), 80),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_continue_token_older_than_a_compaction_is_gone() {
+    let server = ApiServer::start().await;
+    for i in 0..5 {
+        server.apply(&numbered(i));
+    }
+    let api = Api::<Service>::all(client(&server));
+    let first = api.list(&ListParams::default().limit(2)).await.expect("the first page");
+    server.apply(&numbered(9));
+    server.compact();
+    let mut params = ListParams::default().limit(2);
+    params.continue_token = first.metadata.continue_.clone();
+    assert!(params.continue_token.is_some(), "the first page of 5 names a next one");
+    match api.list(&params).await {
+        Err(kube::Error::Api(status)) => assert_eq!((status.code, status.reason.as_str()), (410, "Expired")),
+        other => panic!("expected 410 Expired, got {other:?}"),
+    }
+    // A fresh list starts over and sees the current objects.
+    let fresh = pages(&api, 2, |_| {}).await;
+    assert_eq!(fresh.iter().map(|p| p.items.len()).sum::<usize>(), 6);
+}
+
+#[tokio::test]
+async fn the_watcher_lists_in_pages_of_500_and_then_watches() {
+    let server = ApiServer::start().await;
+    for i in 0..1_200 {
+        server.apply(&service("default", &format!("s{i:04}"), "10.96.0.1", 80, "many"));
+    }
+    let mut events = service_watcher(client(&server));
+    let mut mirror = Mirror::new();
+    mirror.sync_until("watch open", &mut events, |_| server.watch_count::<Service>() == 1).await;
+    assert_eq!(mirror.objects.len(), 1_200);
+    // kube-runtime's default page size is 500: three LIST requests for 1 200 objects.
+    assert_eq!(server.list_count::<Service>(), 3);
+    server.apply(&service("default", "s1200", "10.96.0.2", 81, "many"));
+    mirror.sync_until("apply after the paged list", &mut events, |m| m.objects.contains_key("default/s1200")).await;
+    assert_eq!(mirror.objects.len(), 1_201);
+}

@@ -44,8 +44,13 @@ enum Cmd {
     Bench {
         /// The small version (N = 1 and 1 000, fewer repetitions, under three minutes); its
         /// report goes to target/bench/ instead of BENCHMARKS.md.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "scale")]
         quick: bool,
+        /// Instead: ours alone at N services × 10 distinct endpoints (bench_scale, e.g. 100000),
+        /// from a manifest directory and from the test API server; updates that size's rows and
+        /// section ("At N services") of BENCHMARKS.md.
+        #[arg(long, value_name = "N")]
+        scale: Option<usize>,
     },
     /// Run the agent on a kind cluster without kube-proxy: create (or reuse) it, build and load
     /// the image, apply deploy/, deploy the sample and check it from a pod and via the nodePort.
@@ -106,7 +111,8 @@ fn main() -> anyhow::Result<()> {
             }
             run(&mut demo)
         }
-        Cmd::Bench { quick } => bench(&root, quick),
+        Cmd::Bench { scale: Some(n), .. } => bench_scale(&root, n),
+        Cmd::Bench { quick, scale: None } => bench(&root, quick),
         Cmd::Conformance { quick } => run_conformance(&root, quick),
         Cmd::PreviousAgent => {
             setup::ensure()?;
@@ -223,6 +229,35 @@ fn bench(root: &std::path::Path, quick: bool) -> anyhow::Result<()> {
         bail!("benchmarks failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// `cargo xtask bench --scale N`: builds in release, runs `bench_scale --scale N` (progress on
+/// the terminal), keeps its JSON in target/bench/scale-N.json, then `bench_report --scale`
+/// splices its rows and section into BENCHMARKS.md.
+fn bench_scale(root: &std::path::Path, n: usize) -> anyhow::Result<()> {
+    setup::ensure()?;
+    setup::require_root("the benchmark loads BPF programs and creates namespaces")?;
+    cargo(&["build", "--release", "--package", "proxy-bench", "--bins", "--package", "proxy-tests", "--bin", "agent"])?;
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let bin = root.join("target/release/bench_scale");
+    let out = Command::new(&bin)
+        .args(["--scale", &n.to_string(), "--json"])
+        .env("PATH", setup::path_with_tools())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("bench_scale --scale {n} failed ({})", out.status);
+    }
+    let path = out_dir.join(format!("scale-{n}.json"));
+    std::fs::write(&path, &out.stdout).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("xtask: wrote {}", path.display());
+    run(Command::new(root.join("target/release/bench_report"))
+        .arg("--scale")
+        .arg(&path)
+        .arg("--markdown")
+        .arg(root.join("BENCHMARKS.md")))
 }
 
 /// `cargo xtask conformance [--quick]`: runs the tests `conformance::ROWS` names in one `cargo

@@ -20,23 +20,15 @@
 
 use std::{
     net::Ipv4Addr,
-    path::Path,
     process::ExitCode,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{HashMap, Map, MapData};
 use proxy_bench::{
-    self as bench, BenchAgent, Opts, Progress, Summary, Svc, SyncLine, TimedOut, Usage, iptables, median, nftables,
-};
-use proxy_common::{
-    addr,
-    backend::{Backend, BackendId},
-    maps,
-    proto::TCP,
-    service::{ServiceKey, ServiceValue},
+    self as bench, BenchAgent, MapProbe, Opts, Progress, Summary, Svc, SyncLine, TimedOut, Usage, iptables, median,
+    nftables,
 };
 use proxy_tests::{
     apiserver::ApiServer,
@@ -279,32 +271,6 @@ struct OursFull {
 /// The periodic check's cost: `--sync-period` of the full-program runs.
 const SYNC_PERIOD: &str = "2s";
 
-/// The `took_ms` of the first periodic check the agent logged, waiting up to `timeout`.
-fn periodic_check_ms(agent: &mut BenchAgent, timeout: Duration) -> anyhow::Result<f64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let log = agent.log();
-        let line = log.lines().find(|l| l.contains("checked the maps against what was programmed"));
-        if let Some(line) = line {
-            let field = |name: &str| {
-                let value = line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next());
-                value.unwrap_or_default().parse::<f64>().with_context(|| format!("{name} in {line:?}"))
-            };
-            // Right after a full sync the maps hold what was programmed: a check that finds
-            // anything to write misread them.
-            if field("service_writes")? + field("backend_writes")? > 0.0 {
-                bail!("the periodic check after a full sync rewrote entries: {line}");
-            }
-            return field("took_ms");
-        }
-        agent.check_running()?;
-        if Instant::now() > deadline {
-            bail!("no periodic check logged within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn ours_full(services: &[Svc]) -> anyhow::Result<OursFull> {
     let n = services.len();
     let ns = Netns::new("bench-agent")?;
@@ -328,7 +294,7 @@ fn ours_full(services: &[Svc]) -> anyhow::Result<OursFull> {
     let (syncs, seen) = agent.wait_for_sync(0, |s| s.frontends >= n, Duration::from_secs(300))?;
     check_errors(&syncs)?;
     let usage = agent.usage()?;
-    let check_s = periodic_check_ms(&mut agent, Duration::from_secs(60))? / 1e3;
+    let check_s = agent.periodic_check_ms(|s| s.frontends >= n, Duration::from_secs(60))? / 1e3;
     Ok(OursFull {
         sync_s: syncs.iter().map(|s| s.took_ms).sum::<f64>() / 1e3,
         wall_s: (seen - agent.started()).as_secs_f64(),
@@ -393,7 +359,7 @@ fn ours_changes_run(
         after_sync.peak_rss_mib,
         after_sync.cpu_ms
     ));
-    let probe = Probe::open(agent.bpf_root())?;
+    let probe = MapProbe::open(agent.bpf_root())?;
     let mut measured = services[n - 1].clone();
     let frontend = (measured.vip, measured.port);
     let mut old = measured.endpoints[ENDPOINTS - 1];
@@ -436,62 +402,6 @@ fn ours_changes_run(
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(10)..].join("\n")
-}
-
-/// Single-key reads of the agent's pinned maps.
-struct Probe {
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, BackendId, Backend>,
-}
-
-impl Probe {
-    fn open(root: &Path) -> anyhow::Result<Self> {
-        let open = |name: &str| -> anyhow::Result<Map> {
-            Ok(Map::HashMap(MapData::from_pin(root.join(name)).with_context(|| format!("opening pinned {name}"))?))
-        };
-        Ok(Self {
-            services: HashMap::try_from(open(maps::SERVICES)?)?,
-            backends: HashMap::try_from(open(maps::BACKENDS)?)?,
-        })
-    }
-
-    /// The (address, port) of every backend in the frontend's slots; `None` if a read failed
-    /// (slots can be mid-rewrite).
-    fn backends_of(&self, frontend: (Ipv4Addr, u16)) -> Option<Vec<(Ipv4Addr, u16)>> {
-        let master = ServiceKey::master(addr::from_ip(frontend.0), frontend.1, TCP);
-        let count = self.services.get(&master, 0).ok()?.count;
-        (1..=count)
-            .map(|slot| {
-                let id = self.services.get(&master.with_slot(slot), 0).ok()?.backend_id;
-                let backend = self.backends.get(&id, 0).ok()?;
-                Some((Ipv4Addr::from(addr::to_v4(&backend.address)?), backend.port))
-            })
-            .collect()
-    }
-
-    /// Polls until the frontend serves `present` and not `gone`.
-    fn wait(
-        &self,
-        frontend: (Ipv4Addr, u16),
-        present: (Ipv4Addr, u16),
-        gone: (Ipv4Addr, u16),
-        timeout: Duration,
-    ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(now) = self.backends_of(frontend)
-                && now.contains(&present)
-                && !now.contains(&gone)
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("not seen within {timeout:?}");
-            }
-            // Give the agent and the server the CPU between polls without sleeping through a timer.
-            thread::yield_now();
-        }
-    }
 }
 
 /// A peer's partial sync for one endpoint change, timed, repeated `count` times or until

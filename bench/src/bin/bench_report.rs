@@ -4,6 +4,8 @@
 //! the three datapaths), drawn with plotters.
 //!
 //! `bench_report --results PATH --markdown PATH --svg PATH`; run by `cargo xtask bench`.
+//! `bench_report --scale PATH --markdown PATH` adds one scale run's rows and section (`cargo
+//! xtask bench --scale N`); a full run keeps them.
 
 use std::{
     fmt::Write as _,
@@ -13,6 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use plotters::prelude::*;
+use proxy_bench::scale_report;
 use serde_json::Value;
 
 fn main() -> ExitCode {
@@ -693,7 +696,31 @@ the new endpoint chain).
 ratio is taken against a baseline from the same run. Timings are reported, never asserted.
 ";
 
+/// `bench_report --scale PATH --markdown PATH`: splices one scale run's rows and section into
+/// the report.
+fn scale(path: &Path, markdown: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let run: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let n = run["services"].as_u64().with_context(|| format!("{} names no services count", path.display()))?;
+    let rows = scale_report::rows(&run);
+    let section = scale_report::section(&run);
+    println!("\n== {}\n{}\n{}", scale_report::title(n), rows.join("\n"), section);
+    let old = std::fs::read_to_string(markdown).unwrap_or_default();
+    let md = scale_report::splice(&old, &rows, &scale_report::title(n), &section);
+    std::fs::write(markdown, md).with_context(|| format!("writing {}", markdown.display()))?;
+    eprintln!("bench_report: wrote the {} section of {}", scale_report::title(n), markdown.display());
+    Ok(())
+}
+
 fn run() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(at) = argv.iter().position(|a| a == "--scale") {
+        let markdown = argv.iter().position(|a| a == "--markdown").and_then(|m| argv.get(m + 1));
+        let (Some(path), Some(markdown)) = (argv.get(at + 1), markdown) else {
+            anyhow::bail!("usage: bench_report --scale PATH --markdown PATH");
+        };
+        return scale(Path::new(path), Path::new(markdown));
+    }
     let args = args()?;
     let text = std::fs::read_to_string(&args.results).with_context(|| format!("reading {}", args.results.display()))?;
     let all: Value = serde_json::from_str(&text).context("parsing the results")?;
@@ -743,12 +770,15 @@ fn run() -> anyhow::Result<()> {
         let _ = writeln!(md, "- {key}: {value}");
     }
     md += "\n## How to reproduce\n\n```sh\ncargo xtask bench          # N = 1, 1 000 and 10 000; writes this file and BENCHMARKS.svg\n\
-           cargo xtask bench --quick  # N = 1 and 1 000, fewer repetitions, under three minutes; report in target/bench/\n```\n\n\
+           cargo xtask bench --quick  # N = 1 and 1 000, fewer repetitions, under three minutes; report in target/bench/\n\
+           cargo xtask bench --scale 100000  # ours at 100 000 services × 10 (bench_scale); its rows and section here\n```\n\n\
            As root, after the README's set-up (`cargo xtask setup` also installs clang and libbpf-dev for the C floor). \
            Raw figures: `target/bench/results.json`. One binary per measurement in `bench/src/bin/` (`bench_connect`, \
            `bench_program`, `bench_tc`, `bench_floor`, `bench_throughput`, `sync_latency`), each runnable alone with \
            `--quick` and `--json`.\n\n## Method\n\n";
     md += METHOD;
+    // Scale runs (`--scale N`) are separate: keep the rows and sections they wrote.
+    let md = scale_report::carry(&std::fs::read_to_string(&args.markdown).unwrap_or_default(), &md);
     std::fs::write(&args.markdown, md).with_context(|| format!("writing {}", args.markdown.display()))?;
     eprintln!("bench_report: wrote {} and {}", args.markdown.display(), args.svg.display());
     Ok(())

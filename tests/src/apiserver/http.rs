@@ -125,7 +125,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 start_watch(&shared, filter, &query, &control)
             } else {
-                list(&shared, filter)
+                list(&shared, filter, &query)
             }
         }
     })
@@ -209,22 +209,87 @@ fn filter(kind: Kind, namespace: Option<&str>, query: &HashMap<String, String>) 
     })
 }
 
-/// LIST: everything that matches, in one page (`limit` is ignored, no `continue` token).
-fn list(shared: &Shared, filter: Filter) -> Response<Body> {
+/// LIST, paged as the real API server pages it: at most `limit` items a page, then a
+/// `metadata.continue` token and `remainingItemCount` (without selectors, as the real server
+/// gives it). Every page of one list shows the objects as they were at the first page's
+/// resourceVersion, however the store changed since (the changes after it are undone from the
+/// history, as etcd reads at a revision); a token older than the last compaction gets
+/// `410 Gone` with reason `Expired`, as from the real server.
+fn list(shared: &Shared, filter: Filter, query: &HashMap<String, String>) -> Response<Body> {
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => None,
+        Some(Ok(0)) => None, // the real server reads 0 as "no limit"
+        Some(Ok(limit)) => Some(limit),
+        Some(Err(_)) => return status(400, "BadRequest", "limit must be a non-negative integer"),
+    };
+    let token = match query.get("continue").filter(|t| !t.is_empty()).map(|t| Continue::decode(t)) {
+        None => None,
+        Some(Some(token)) => Some(token),
+        Some(None) => return status(400, "BadRequest", "continue key is not valid: not a token of this server"),
+    };
     let mut store = shared.store();
     *store.lists.entry(filter.kind).or_default() += 1;
-    let items: Vec<&Value> = store
-        .objects
-        .iter()
-        .filter(|((kind, ..), object)| *kind == filter.kind && filter.matches(object))
-        .map(|(_, object)| object)
-        .collect();
+    let snapshot = token.as_ref().map_or(store.rv, |t| t.rv);
+    if snapshot < store.compacted {
+        let message = format!(
+            "The provided continue parameter is too old to display a consistent list result (resourceVersion \
+             {snapshot}, compacted at {}). You can start a new list without the continue parameter.",
+            store.compacted
+        );
+        return status(410, "Expired", &message);
+    }
+    let after = token.as_ref().map(|t| (t.namespace.clone(), t.name.clone()));
+    let mut items = store.at(filter.kind, snapshot, after).filter(|(_, object)| filter.matches(object));
+    let page: Vec<((String, String), &Value)> = items.by_ref().take(limit.unwrap_or(usize::MAX)).collect();
+    let mut metadata = json!({"resourceVersion": snapshot.to_string()});
+    if let Some(((namespace, name), _)) = page.last()
+        && items.next().is_some()
+    {
+        let served = token.as_ref().map_or(0, |t| t.served) + page.len();
+        // Counted once, on the first page (the snapshot does not change), so that paging
+        // through N objects costs O(N), not O(N²).
+        let total = token.as_ref().map_or_else(|| served + 1 + items.count(), |t| t.total);
+        // The real server counts the rest only when no selector filters it.
+        if filter.labels.is_empty() && filter.fields.is_empty() {
+            metadata["remainingItemCount"] = json!(total - served);
+        }
+        let next = Continue { rv: snapshot, namespace: namespace.clone(), name: name.clone(), served, total };
+        metadata["continue"] = json!(next.encode());
+    }
+    let items: Vec<&Value> = page.into_iter().map(|(_, object)| object).collect();
     ok(json!({
         "kind": format!("{}List", filter.kind.name()),
         "apiVersion": filter.kind.api_version(),
-        "metadata": {"resourceVersion": store.rv.to_string()},
+        "metadata": metadata,
         "items": items,
     }))
+}
+
+/// Where the next page of a list starts: the list's resourceVersion and the last key served.
+/// Opaque to clients (hex of JSON; the real server's is base64 of JSON).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Continue {
+    rv: u64,
+    namespace: String,
+    name: String,
+    /// Items served so far and in the whole list, for `remainingItemCount`.
+    served: usize,
+    total: usize,
+}
+
+impl Continue {
+    fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a continue token serializes");
+        json.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn decode(token: &str) -> Option<Continue> {
+        let bytes: Option<Vec<u8>> = (0..token.len())
+            .step_by(2)
+            .map(|i| token.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+            .collect();
+        serde_json::from_slice(&bytes?).ok()
+    }
 }
 
 /// WATCH: replays the history after `resourceVersion` (or, without one, or with `0` or

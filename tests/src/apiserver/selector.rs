@@ -52,6 +52,11 @@ impl Selector {
         Ok(selector)
     }
 
+    /// Whether the selector has no requirement (selects everything).
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether every requirement holds, looking values up with `get`.
     fn matches<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> bool {
         self.0.iter().all(|(key, op)| match op {

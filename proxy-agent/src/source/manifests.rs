@@ -21,8 +21,11 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, Sourced, Trim, Update};
-use crate::{metrics::Metrics, model::SkipReason};
+use super::{Change, Keep, Sourced, Update};
+use crate::{
+    metrics::Metrics,
+    model::{SkipReason, Slice},
+};
 
 /// How long a burst of file events is collected before the directory is re-read.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -44,7 +47,7 @@ pub struct Manifests {
     /// Services, in file order.
     pub services: Vec<Sourced<Service>>,
     /// EndpointSlices, in file order.
-    pub slices: Vec<Sourced<EndpointSlice>>,
+    pub slices: Vec<Sourced<Slice>>,
     /// Nodes, in file order.
     pub nodes: Vec<Sourced<Node>>,
     /// Documents that did not parse: (origin, error), one log line each.
@@ -128,9 +131,9 @@ fn add_json(out: &mut Manifests, origin: &str, raw: &RawValue) {
     let kind = head.kind.unwrap_or_default();
     let text = raw.get();
     match &*kind {
-        "Service" => push(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
-        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
-        "Node" => push(&mut out.nodes, &mut out.errors, origin, serde_json::from_str(text)),
+        "Service" => push::<Service>(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
+        "EndpointSlice" => push::<EndpointSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
+        "Node" => push::<Node>(&mut out.nodes, &mut out.errors, origin, serde_json::from_str(text)),
         kind if kind.ends_with("List") => {
             for (i, item) in head.items.into_iter().enumerate() {
                 add_json(out, &format!("{origin} items[{i}]"), item);
@@ -163,9 +166,11 @@ fn parse_yaml(out: &mut Manifests, file: &str, text: &str) {
 fn add_object(out: &mut Manifests, origin: &str, mut value: serde_json::Value) {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     match kind.as_str() {
-        "Service" => push(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
-        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value)),
-        "Node" => push(&mut out.nodes, &mut out.errors, origin, serde_json::from_value(value)),
+        "Service" => push::<Service>(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
+        "EndpointSlice" => {
+            push::<EndpointSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value))
+        }
+        "Node" => push::<Node>(&mut out.nodes, &mut out.errors, origin, serde_json::from_value(value)),
         kind if kind.ends_with("List") => {
             let items = match value.get_mut("items").map(serde_json::Value::take) {
                 Some(serde_json::Value::Array(items)) => items,
@@ -180,17 +185,14 @@ fn add_object(out: &mut Manifests, origin: &str, mut value: serde_json::Value) {
     }
 }
 
-fn push<T: Trim>(
-    into: &mut Vec<Sourced<T>>,
+fn push<T: Keep>(
+    into: &mut Vec<Sourced<T::Kept>>,
     errors: &mut Vec<(String, String)>,
     origin: &str,
     object: Result<T, serde_json::Error>,
 ) {
     match object {
-        Ok(mut object) => {
-            object.trim();
-            into.push(Sourced { object: Arc::new(object), origin: Some(origin.into()) });
-        }
+        Ok(object) => into.push(Sourced { object: Arc::new(object.keep()), origin: Some(origin.into()) }),
         Err(e) => errors.push((origin.to_owned(), e.to_string())),
     }
 }

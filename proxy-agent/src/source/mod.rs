@@ -5,7 +5,6 @@ pub mod kube;
 pub mod manifests;
 pub mod rbac;
 
-use crate::maglev::LB_ALGORITHM_ANNOTATION;
 use std::sync::Arc;
 
 use k8s_openapi::{
@@ -15,6 +14,8 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+
+use crate::{maglev::LB_ALGORITHM_ANNOTATION, model::Slice};
 
 /// An object and where it came from (a file and document, for log lines).
 #[derive(Clone, Debug, PartialEq)]
@@ -49,8 +50,8 @@ pub enum Change<T> {
 pub enum Update {
     /// Services changed.
     Services(Change<Service>),
-    /// EndpointSlices changed.
-    Slices(Change<EndpointSlice>),
+    /// EndpointSlices changed (kept in the model's compact form).
+    Slices(Change<Slice>),
     /// Nodes changed (only the agent's own node matters).
     Nodes(Change<Node>),
 }
@@ -89,20 +90,6 @@ impl Trim for Service {
     }
 }
 
-impl Trim for EndpointSlice {
-    fn trim(&mut self) {
-        trim_meta(&mut self.metadata);
-        // Addresses, conditions, nodeName and hints are read. A Pod's targetRef alone is four
-        // strings per endpoint: at a million endpoints, hundreds of MiB kept for nothing.
-        for endpoint in &mut self.endpoints {
-            endpoint.target_ref = None;
-            endpoint.hostname = None;
-            endpoint.zone = None;
-            endpoint.deprecated_topology = None;
-        }
-    }
-}
-
 impl Trim for Node {
     fn trim(&mut self) {
         trim_meta(&mut self.metadata);
@@ -111,6 +98,42 @@ impl Trim for Node {
         self.spec = Some(NodeSpec { pod_cidr: spec.pod_cidr, pod_cidrs: spec.pod_cidrs, ..NodeSpec::default() });
         let addresses = self.status.take().and_then(|s| s.addresses);
         self.status = Some(NodeStatus { addresses, ..NodeStatus::default() });
+    }
+}
+
+/// What a source keeps of an object as it arrives: Services and Nodes trimmed, EndpointSlices
+/// in the model's compact [`Slice`] form (the API's endpoint type is most of a large
+/// cluster's bytes). Converted before anything stores the object, a full list included.
+pub trait Keep: Sized {
+    /// The form kept.
+    type Kept;
+    /// Drops what the model does not read.
+    fn keep(self) -> Self::Kept;
+}
+
+impl Keep for Service {
+    type Kept = Service;
+
+    fn keep(mut self) -> Service {
+        self.trim();
+        self
+    }
+}
+
+impl Keep for Node {
+    type Kept = Node;
+
+    fn keep(mut self) -> Node {
+        self.trim();
+        self
+    }
+}
+
+impl Keep for EndpointSlice {
+    type Kept = Slice;
+
+    fn keep(self) -> Slice {
+        Slice::from(self)
     }
 }
 
@@ -147,27 +170,22 @@ mod tests {
             "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u1"}],
             "resourceVersion": "42", "uid": "u2",
         });
-        let mut slice: EndpointSlice = serde_json::from_value(json!({
-            "metadata": meta, "addressType": "IPv4",
-            "endpoints": [{
-                "addresses": ["10.0.0.1"], "conditions": {"ready": true}, "nodeName": "n1",
-                "hints": {"forZones": [{"name": "a"}]}, "zone": "a", "hostname": "web-0",
-                "targetRef": {"kind": "Pod", "namespace": "prod", "name": "web-0", "uid": "u3"},
-            }],
-            "ports": [{"port": 80}],
+        let mut service: Service = serde_json::from_value(json!({
+            "metadata": meta, "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "r", "message": "m",
+                                       "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
         }))
         .unwrap();
-        let mut expected = slice.clone();
-        let endpoint = &mut expected.endpoints[0];
-        (endpoint.target_ref, endpoint.hostname, endpoint.zone) = (None, None, None);
+        let mut expected = service.clone();
         expected.metadata = ObjectMeta {
             name: Some("web".into()),
             namespace: Some("prod".into()),
-            labels: slice.metadata.labels.clone(),
+            labels: service.metadata.labels.clone(),
             ..ObjectMeta::default()
         };
-        slice.trim();
-        assert_eq!(slice, expected);
+        expected.status.as_mut().unwrap().conditions = None;
+        service.trim();
+        assert_eq!(service, expected);
 
         let mut node: Node = serde_json::from_value(json!({
             "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "a"}, "annotations": {"x": "y"}},

@@ -87,6 +87,17 @@ impl Trim for Service {
         if let Some(status) = &mut self.status {
             status.conditions = None;
         }
+        // A list read from JSON has room for four entries: a port is ~110 bytes, and at 100 000
+        // services the spare room of `ports` alone was 33 MiB, kept for each service's life.
+        if let Some(spec) = &mut self.spec {
+            if let Some(ports) = &mut spec.ports {
+                ports.shrink_to_fit();
+            }
+            let lists = [&mut spec.cluster_ips, &mut spec.ip_families, &mut spec.external_ips];
+            for list in lists.into_iter().chain([&mut spec.load_balancer_source_ranges]).flatten() {
+                list.shrink_to_fit();
+            }
+        }
     }
 }
 
@@ -158,6 +169,30 @@ mod tests {
         service.trim();
         let kept = service.metadata.annotations.expect("the annotation survives");
         assert_eq!(kept.into_iter().collect::<Vec<_>>(), [(LB_ALGORITHM_ANNOTATION.to_owned(), "maglev".to_owned())]);
+    }
+
+    /// A kept Service's lists hold no spare room (serde's lists grow to four entries).
+    #[test]
+    fn trim_leaves_no_spare_room_in_a_services_lists() {
+        let mut service: Service = serde_json::from_str(
+            r#"{"spec": {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"], "ipFamilies": ["IPv4"],
+                "externalIPs": ["192.0.2.1"], "loadBalancerSourceRanges": ["192.0.2.0/24"],
+                "ports": [{"port": 80}]}}"#,
+        )
+        .unwrap();
+        service.trim();
+        let spec = service.spec.unwrap();
+        let ports = spec.ports.unwrap();
+        assert_eq!((ports.len(), ports.capacity()), (1, 1), "ports");
+        for (name, list) in [
+            ("clusterIPs", spec.cluster_ips),
+            ("ipFamilies", spec.ip_families),
+            ("externalIPs", spec.external_ips),
+            ("loadBalancerSourceRanges", spec.load_balancer_source_ranges),
+        ] {
+            let list = list.unwrap();
+            assert_eq!((list.len(), list.capacity()), (1, 1), "{name}");
+        }
     }
 
     /// A trimmed object reads the same to the model: every field it uses survives.

@@ -228,51 +228,6 @@ async fn watcher_sees_init_then_apply_and_delete() {
     assert_eq!((server.list_count::<Service>(), server.watch_count::<Service>()), (1, 1));
 }
 
-/// Lists come in pages of `limit` objects, as kube-rs's watcher asks (500 at a time) and a real
-/// API server answers: a large list is never one response (at 10 000 services one page was
-/// most of the agent's peak memory). Every page names the first page's resourceVersion, so the
-/// watch that follows replays whatever changed while the pages were read.
-#[tokio::test]
-async fn lists_are_paged_and_a_watcher_reads_every_page() {
-    let server = ApiServer::start().await;
-    let client = client(&server);
-    for (i, name) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
-        server.apply(&service("default", name, &format!("10.96.0.{}", i + 1), 80, name));
-    }
-    let first_rv = server.resource_version();
-    let api = Api::<Service>::all(client.clone());
-    let mut params = ListParams::default().limit(2);
-    let mut pages = Vec::new();
-    loop {
-        let page = bounded("list page", api.list(&params)).await.expect("a page");
-        assert_eq!(page.metadata.resource_version.as_deref(), Some(first_rv.as_str()), "page {}", pages.len());
-        pages.push(page.items.iter().map(key).collect::<Vec<_>>());
-        if pages.len() == 1 {
-            // Changed between pages: the later pages still name the first page's version.
-            server.apply(&service("default", "a", "10.96.0.1", 8080, "a"));
-        }
-        match page.metadata.continue_ {
-            Some(token) => params = params.continue_token(&token),
-            None => break,
-        }
-    }
-    assert_eq!(pages, [vec!["default/a", "default/b"], vec!["default/c", "default/d"], vec!["default/e"]]);
-
-    let lists = server.list_count::<Service>();
-    let config = watcher::Config::default().page_size(2);
-    let mut events = watcher::watcher(Api::<Service>::all(client), config).boxed();
-    let mut mirror = Mirror::new();
-    let want = expect_ports(&[
-        ("default/a", 8080),
-        ("default/b", 80),
-        ("default/c", 80),
-        ("default/d", 80),
-        ("default/e", 80),
-    ]);
-    mirror.sync_until("paged list", &mut events, |m| ports(m) == want).await;
-    assert_eq!(server.list_count::<Service>() - lists, 3, "five objects in pages of two");
-}
-
 #[tokio::test]
 async fn compaction_and_cut_watches_force_a_relist_that_converges() {
     let server = ApiServer::start().await;

@@ -125,7 +125,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 start_watch(&shared, filter, &query, &control)
             } else {
-                list(&shared, filter, &query)
+                list(&shared, filter)
             }
         }
     })
@@ -209,46 +209,22 @@ fn filter(kind: Kind, namespace: Option<&str>, query: &HashMap<String, String>) 
     })
 }
 
-/// LIST: everything that matches, in pages of `limit` objects when asked (as kube-rs's watcher
-/// asks, 500 at a time, and a real API server answers). The `continue` token carries the first
-/// page's resourceVersion and the last key sent; every page reports that resourceVersion, so a
-/// watch from it replays whatever changed while the pages were read.
-fn list(shared: &Shared, filter: Filter, query: &HashMap<String, String>) -> Response<Body> {
-    let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
-    let token = query.get("continue").map(String::as_str).filter(|t| !t.is_empty());
+/// LIST: everything that matches, in one page (`limit` is ignored, no `continue` token).
+fn list(shared: &Shared, filter: Filter) -> Response<Body> {
     let mut store = shared.store();
-    let (rv, after) = match token.map(parse_continue) {
-        None => (store.rv, None),
-        Some(Some((rv, namespace, name))) => (rv, Some((namespace, name))),
-        Some(None) => return status(400, "BadRequest", &format!("invalid continue token: {token:?}")),
-    };
     *store.lists.entry(filter.kind).or_default() += 1;
-    let mut items = store
+    let items: Vec<&Value> = store
         .objects
         .iter()
-        .filter(|((kind, namespace, name), _)| {
-            *kind == filter.kind && after.is_none_or(|(ns, n)| (namespace.as_str(), name.as_str()) > (ns, n))
-        })
-        .filter(|(_, object)| filter.matches(object));
-    let page: Vec<(&(Kind, String, String), &Value)> = items.by_ref().take(limit.unwrap_or(usize::MAX)).collect();
-    let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if let (Some(((_, namespace, name), _)), true) = (page.last(), items.next().is_some()) {
-        metadata["continue"] = json!(format!("{rv}/{namespace}/{name}"));
-    }
-    let items: Vec<&Value> = page.into_iter().map(|(_, object)| object).collect();
+        .filter(|((kind, ..), object)| *kind == filter.kind && filter.matches(object))
+        .map(|(_, object)| object)
+        .collect();
     ok(json!({
         "kind": format!("{}List", filter.kind.name()),
         "apiVersion": filter.kind.api_version(),
-        "metadata": metadata,
+        "metadata": {"resourceVersion": store.rv.to_string()},
         "items": items,
     }))
-}
-
-/// A `continue` token's resourceVersion, namespace and name.
-fn parse_continue(token: &str) -> Option<(u64, &str, &str)> {
-    let mut parts = token.splitn(3, '/');
-    let rv = parts.next()?.parse().ok()?;
-    Some((rv, parts.next()?, parts.next()?))
 }
 
 /// WATCH: replays the history after `resourceVersion` (or, without one, or with `0` or

@@ -220,8 +220,13 @@ fn positive_duration(text: &str) -> Result<Duration, String> {
 /// How often the TC program is attached to interfaces that appeared since.
 const INTERFACE_RESCAN: Duration = Duration::from_secs(2);
 
+/// glibc malloc arenas: two keep freed memory reusable across the agent's threads.
+const MALLOC_ARENAS: i32 = 2;
+
 /// The binary's entry point.
 pub fn main() -> ExitCode {
+    // Before the async runtime starts its threads.
+    crate::sys::alloc::limit_arenas(MALLOC_ARENAS);
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(cli.run.verbose, cli.run.log_format);

@@ -6,6 +6,7 @@ pub(crate) mod addr;
 #[cfg(test)]
 mod proptests;
 mod service;
+mod slice;
 #[cfg(test)]
 mod tests;
 
@@ -15,10 +16,13 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
-use k8s_openapi::api::{core::v1::Node, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Node;
 pub use service::service_frontends;
 
-pub use self::addr::{Cidr, IpFamily, is_ipv4_mapped, parse_ip, parse_ipv4};
+pub use self::{
+    addr::{Cidr, IpFamily, is_ipv4_mapped, parse_ip, parse_ipv4},
+    slice::{Hints, Slice, SliceEndpoint},
+};
 use crate::{dsr::LbMode, maglev::LbAlgorithm};
 
 /// The label that names a slice's service.
@@ -315,19 +319,18 @@ pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectM
 }
 
 /// The `namespace/name` of the service a slice belongs to, from its label.
-pub fn slice_service(slice: &EndpointSlice) -> Option<String> {
-    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(format!("{}/{}", slice.metadata.namespace.as_deref().unwrap_or(""), name))
+pub fn slice_service(slice: &Slice) -> Option<String> {
+    slice.service()
 }
 
 /// The whole desired state at once: groups slices by service, reports orphans, and merges the
 /// per-service answers (the first service in name order keeps a contested frontend).
 pub fn desired<'a>(
     services: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::Service>,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a Slice>,
     node: &NodeInfo,
 ) -> Desired {
-    let mut by_service: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut by_service: BTreeMap<String, Vec<&Slice>> = BTreeMap::new();
     let mut out = Desired::default();
     for slice in slices {
         match slice_service(slice) {
@@ -365,9 +368,9 @@ fn merge(out: &mut Desired, frontend: Frontend, entry: FrontendEntry) {
 }
 
 /// The skip for a slice without the service-name label.
-pub fn missing_label(slice: &EndpointSlice) -> Skip {
+pub fn missing_label(slice: &Slice) -> Skip {
     Skip {
-        object: format!("EndpointSlice {}", object_key(&slice.metadata)),
+        object: format!("EndpointSlice {}", slice.key()),
         field: format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
         reason: SkipReason::MissingServiceLabel,
         detail: "missing".into(),
@@ -375,9 +378,9 @@ pub fn missing_label(slice: &EndpointSlice) -> Skip {
 }
 
 /// The skip for a slice whose service does not exist.
-pub fn orphan(slice: &EndpointSlice) -> Skip {
+pub fn orphan(slice: &Slice) -> Skip {
     Skip {
-        object: format!("EndpointSlice {}", object_key(&slice.metadata)),
+        object: format!("EndpointSlice {}", slice.key()),
         field: format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
         reason: SkipReason::NoService,
         detail: format!("service {} does not exist", slice_service(slice).unwrap_or_default()),

@@ -704,8 +704,8 @@ fn slice_port<'a>(slice: &'a SlicePlan, name: &str, protocol: u8) -> Option<(usi
 fn check_service(plan: &ServicePlan) -> Result<Desired, TestCaseError> {
     let node = node();
     let service = build_service(plan);
-    let slices: Vec<EndpointSlice> = plan.own_slices().map(|s| build_slice(&plan.name, s)).collect();
-    let refs: Vec<&EndpointSlice> = slices.iter().collect();
+    let slices: Vec<Slice> = plan.own_slices().map(|s| build_slice(&plan.name, s).into()).collect();
+    let refs: Vec<&Slice> = slices.iter().collect();
     let desired = service_frontends(&service, &refs, &node);
     let oracle = plan.oracle(&node);
 
@@ -741,8 +741,8 @@ fn check_service(plan: &ServicePlan) -> Result<Desired, TestCaseError> {
 fn check_desired(plans: &[ServicePlan]) -> Result<(), TestCaseError> {
     let node = node();
     let services: Vec<Service> = plans.iter().map(build_service).collect();
-    let slices: Vec<EndpointSlice> =
-        plans.iter().flat_map(|p| p.slices.iter().map(|s| build_slice(&p.name, s))).collect();
+    let slices: Vec<Slice> =
+        plans.iter().flat_map(|p| p.slices.iter().map(|s| build_slice(&p.name, s).into())).collect();
     let desired = desired(&services, &slices, &node);
 
     // Every frontend of every service is served, by it or (when contested) by another one,
@@ -868,6 +868,7 @@ proptest! {
             }]),
         };
         let node = NodeInfo { name: t(4), ..node() };
+        let slice = Slice::from(slice);
         let one = service_frontends(&service, &[&slice], &node);
         let all = desired([&service], [&slice], &node);
         prop_assert_eq!(one.frontends.len(), all.frontends.len());

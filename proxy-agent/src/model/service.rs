@@ -5,23 +5,20 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort, ServiceSpec},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use proxy_common::{proto, service::*};
 
 use crate::maglev::{LB_ALGORITHM_ANNOTATION, LbAlgorithm};
 
 use super::{
     Cidr, DEFAULT_AFFINITY_TIMEOUT, Desired, Endpoint, Frontend, FrontendEntry, FrontendKind, HEADLESS_LABEL,
-    HealthCheck, IpFamily, NodeInfo, SERVICE_PROXY_NAME_LABEL, ServicePortName, Skip, SkipReason, is_ipv4_mapped,
-    object_key, parse_ip,
+    HealthCheck, IpFamily, NodeInfo, SERVICE_PROXY_NAME_LABEL, ServicePortName, Skip, SkipReason, Slice,
+    is_ipv4_mapped, object_key, parse_ip,
 };
 
 /// The frontends of one service and the skips found on the way. `slices` are the slices
 /// labelled with this service's name.
-pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> Desired {
+pub fn service_frontends(service: &Service, slices: &[&Slice], node: &NodeInfo) -> Desired {
     let mut out = Desired::default();
     let mut skips = Skips { object: format!("Service {}", object_key(&service.metadata)), out: Vec::new() };
     let Some(spec) = service.spec.as_ref() else {
@@ -153,7 +150,7 @@ pub fn service_frontends(service: &Service, slices: &[&EndpointSlice], node: &No
 
 /// The `healthCheckNodePort` of a LoadBalancer with `externalTrafficPolicy: Local`, with the
 /// number of distinct ready endpoints on this node.
-fn health_check(service: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> Option<(u16, HealthCheck)> {
+fn health_check(service: &Service, slices: &[&Slice], node: &NodeInfo) -> Option<(u16, HealthCheck)> {
     let spec = service.spec.as_ref()?;
     if spec.type_.as_deref() != Some("LoadBalancer") || spec.external_traffic_policy.as_deref() != Some("Local") {
         return None;
@@ -166,8 +163,8 @@ fn health_check(service: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -
             .endpoints
             .iter()
             .filter(|e| !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str()))
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-            .filter_map(|e| e.addresses.first().map(String::as_str));
+            .filter(|e| e.ready)
+            .filter_map(|e| e.address.as_deref());
         local_ready.entry(slice.address_type.as_str()).or_default().extend(ready);
     }
     let local_endpoints = local_ready.values().map(BTreeSet::len).max().unwrap_or(0);
@@ -415,19 +412,18 @@ impl Topology {
 /// frontends' business; slices of another address type (FQDN) are skipped.
 fn resolve_endpoints(
     skips: &mut Skips,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     family: IpFamily,
     port_name: &str,
     protocol: u8,
     node: &NodeInfo,
 ) -> Vec<Candidate> {
     let mut slices = slices.to_vec();
-    slices.sort_by_key(|s| s.metadata.name.clone());
+    slices.sort_by_key(|s| &s.name);
     let mut out: Vec<Candidate> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for slice in slices {
-        let mut slice_skips =
-            Skips { object: format!("EndpointSlice {}", object_key(&slice.metadata)), out: Vec::new() };
+        let mut slice_skips = Skips { object: format!("EndpointSlice {}", slice.key()), out: Vec::new() };
         match IpFamily::from_api_name(&slice.address_type) {
             Some(f) if f == family => {}
             Some(_) => continue,
@@ -445,7 +441,7 @@ fn resolve_endpoints(
         };
         for (i, endpoint) in slice.endpoints.iter().enumerate() {
             // kube-proxy uses the first address of an endpoint.
-            let Some(text) = endpoint.addresses.first() else {
+            let Some(text) = endpoint.address.as_deref() else {
                 slice_skips.push(format!("endpoints[{i}].addresses"), SkipReason::BadAddress, "empty");
                 continue;
             };
@@ -466,21 +462,14 @@ fn resolve_endpoints(
             if !seen.insert((address, port)) {
                 continue;
             }
-            let conditions = endpoint.conditions.as_ref();
-            // Absent `ready` and `serving` mean true, absent `terminating` false (the API's rule).
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let local = endpoint.node_name.as_deref() == Some(node.name.as_str()) && !node.name.is_empty();
-            let hints = endpoint.hints.as_ref();
-            let for_nodes = hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone());
-            let for_zones = hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone());
+            let hints = endpoint.hints.as_deref().cloned().unwrap_or_default();
             out.push(Candidate {
-                endpoint: Endpoint { address, port, local, terminating },
-                ready,
-                serving,
-                for_nodes: for_nodes.collect(),
-                for_zones: for_zones.collect(),
+                endpoint: Endpoint { address, port, local, terminating: endpoint.terminating },
+                ready: endpoint.ready,
+                serving: endpoint.serving,
+                for_nodes: hints.for_nodes,
+                for_zones: hints.for_zones,
             });
         }
         skips.out.append(&mut slice_skips.out);
@@ -489,8 +478,8 @@ fn resolve_endpoints(
 }
 
 /// The slice's port for the service port `name`/`protocol`; absent names match the empty name.
-fn slice_port(skips: &mut Skips, slice: &EndpointSlice, name: &str, protocol: u8) -> Option<u16> {
-    let (i, port) = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
+fn slice_port(skips: &mut Skips, slice: &Slice, name: &str, protocol: u8) -> Option<u16> {
+    let (i, port) = slice.ports.iter().enumerate().find(|(_, p)| {
         p.name.as_deref().unwrap_or("") == name && parse_protocol(p.protocol.as_deref()) == Some(protocol)
     })?;
     let valid = port.port.and_then(valid_port);

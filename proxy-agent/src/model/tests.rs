@@ -323,10 +323,16 @@ fn udp(address: &str, port: u16) -> Frontend {
     Frontend { address: ip(address), port, proto: UDP }
 }
 
-/// `service_frontends` over owned slices.
+/// `service_frontends` over owned slices, kept as the sources keep them.
 fn compute(service: &Service, slices: &[EndpointSlice], node: &NodeInfo) -> Desired {
-    let slices: Vec<&EndpointSlice> = slices.iter().collect();
+    let slices = compact(slices);
+    let slices: Vec<&Slice> = slices.iter().collect();
     service_frontends(service, &slices, node)
+}
+
+/// `slices` as the sources keep them.
+fn compact(slices: &[EndpointSlice]) -> Vec<Slice> {
+    slices.iter().cloned().map(Slice::from).collect()
 }
 
 /// The entry of `frontend`, or a panic naming the rule and what is there instead.
@@ -1426,7 +1432,7 @@ fn slices_without_a_service_are_reported() {
         // Same name as the service, other namespace: a different service.
         slice("web", "web-x").namespace("other").port(8080).endpoint("10.244.7.7").build(),
     ];
-    let desired = desired(&services, &slices, &node(&[]));
+    let desired = desired(&services, &compact(&slices), &node(&[]));
     let want: BTreeSet<_> = [
         ("EndpointSlice default/stray", SERVICE_NAME_LABEL, SkipReason::MissingServiceLabel),
         ("EndpointSlice default/gone-a", SERVICE_NAME_LABEL, SkipReason::NoService),
@@ -1506,7 +1512,7 @@ fn a_bad_service_does_not_affect_another() {
         slice("bad", "bad-a").port(8080).endpoint("10.244.1.2").build(),
         slice("good", "good-a").port(8080).endpoint("10.244.2.3").build(),
     ];
-    let desired = desired(&services, &slices, &node(&[]));
+    let desired = desired(&services, &compact(&slices), &node(&[]));
     let want: BTreeSet<_> =
         [("Service default/bad".to_owned(), "spec.ports[0].port".to_owned(), SkipReason::BadPort)].into();
     assert_eq!(skips(&desired), want);

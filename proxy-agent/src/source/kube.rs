@@ -4,7 +4,7 @@
 //! with backoff by the watcher (relisting when needed), never by exiting, and the datapath keeps
 //! its last state meanwhile.
 
-use std::{fmt::Debug, path::Path, sync::Arc, time::Duration};
+use std::{fmt::Debug, path::Path, time::Duration};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
@@ -27,7 +27,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, Sourced, Trim, Update};
+use super::{Change, Keep, Sourced, Update};
 use crate::{metrics::Metrics, model::object_key};
 
 /// Errors that keep the source from starting.
@@ -111,10 +111,10 @@ async fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     updates: mpsc::Sender<Update>,
-    wrap: fn(Change<K>) -> Update,
+    wrap: fn(Change<K::Kept>) -> Update,
     metrics: &Metrics,
 ) where
-    K: Resource<DynamicType = ()> + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()> + Keep<Kept: Send + Sync> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let kind = K::kind(&()).into_owned();
     let params = ListParams { field_selector: config.field_selector.clone(), limit: Some(1), ..Default::default() };
@@ -148,16 +148,17 @@ async fn follow<K>(
     api: Api<K>,
     config: watcher::Config,
     updates: mpsc::Sender<Update>,
-    wrap: fn(Change<K>) -> Update,
+    wrap: fn(Change<K::Kept>) -> Update,
     metrics: &Metrics,
     kind: &str,
 ) where
-    K: Resource<DynamicType = ()> + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()> + Keep<Kept: Send + Sync> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    // What the model does not read (managedFields, annotations, a Node's images) can be most of
-    // an object's size: dropped before anything keeps it.
-    let mut events = watcher(api, config).default_backoff().modify(Trim::trim).boxed();
-    let mut listing: Vec<Sourced<K>> = Vec::new();
+    // What the model does not read (managedFields, annotations, a Node's images, most of an
+    // endpoint) can be most of an object's size: dropped before anything keeps it, a list
+    // included.
+    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut listing: Vec<Sourced<K::Kept>> = Vec::new();
     // Whether the last report said the watch works: every object of a list is an event, and
     // only a change needs the shared metrics (a failure is always reported: rare, and the
     // recovery probe may have said "up" meanwhile).
@@ -184,7 +185,7 @@ async fn follow<K>(
                 continue;
             }
             watcher::Event::InitApply(object) => {
-                listing.push(Sourced::api(object));
+                listing.push(Sourced::api(object.keep()));
                 continue;
             }
             watcher::Event::InitDone => {
@@ -193,7 +194,7 @@ async fn follow<K>(
             }
             watcher::Event::Apply(object) => {
                 debug!(kind, object = object_key(object.meta()), "applied");
-                Change::Apply(Sourced { object: Arc::new(object), origin: None })
+                Change::Apply(Sourced::api(object.keep()))
             }
             watcher::Event::Delete(object) => {
                 debug!(kind, object = object_key(object.meta()), "deleted");

@@ -6,6 +6,9 @@
 use std::{
     borrow::Cow,
     collections::HashSet,
+    fmt,
+    fs::File,
+    io::{BufRead as _, BufReader, Read},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -16,13 +19,19 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use notify::{RecursiveMode, Watcher as _};
-use serde::Deserialize as _;
+use serde::{
+    Deserialize as _, Deserializer,
+    de::{DeserializeSeed, MapAccess, SeqAccess, Visitor},
+};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, Sourced, Trim, Update};
-use crate::{metrics::Metrics, model::SkipReason};
+use super::{Change, Keep, Sourced, Update};
+use crate::{
+    metrics::Metrics,
+    model::{SkipReason, Slice},
+};
 
 /// How long a burst of file events is collected before the directory is re-read.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -44,7 +53,7 @@ pub struct Manifests {
     /// Services, in file order.
     pub services: Vec<Sourced<Service>>,
     /// EndpointSlices, in file order.
-    pub slices: Vec<Sourced<EndpointSlice>>,
+    pub slices: Vec<Sourced<Slice>>,
     /// Nodes, in file order.
     pub nodes: Vec<Sourced<Node>>,
     /// Documents that did not parse: (origin, error), one log line each.
@@ -75,12 +84,59 @@ pub fn read_dir(dir: &Path) -> Result<Manifests, ManifestError> {
     files.sort();
     let mut out = Manifests::default();
     for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => parse_into(&mut out, &file.display().to_string(), &text),
-            Err(e) => out.errors.push((file.display().to_string(), e.to_string())),
+        let name = file.display().to_string();
+        if let Err(e) = read_file(&mut out, &file, &name) {
+            out.errors.push((name, e.to_string()));
         }
     }
     Ok(out)
+}
+
+/// Reads one file into `out`. A JSON file is parsed as it is read, one object at a time: the
+/// text of a 100 000-service directory is about 140 MB, and it need not all be in memory
+/// beside the objects read from it. YAML is read whole (and is the slower format by far).
+fn read_file(out: &mut Manifests, path: &Path, name: &str) -> std::io::Result<()> {
+    let mut reader = BufReader::with_capacity(1 << 16, File::open(path)?);
+    // The first character that is not white space says which format the file is in.
+    let json = loop {
+        let buffer = reader.fill_buf()?;
+        let Some(at) = buffer.iter().position(|b| !b.is_ascii_whitespace()) else {
+            if buffer.is_empty() {
+                return Ok(());
+            }
+            let len = buffer.len();
+            reader.consume(len);
+            continue;
+        };
+        let first = buffer[at];
+        reader.consume(at);
+        break first == b'{';
+    };
+    if json {
+        read_json(out, name, reader);
+    } else {
+        let mut text = String::new();
+        reader.read_to_string(&mut text)?;
+        parse_yaml(out, name, &text);
+    }
+    Ok(())
+}
+
+/// Reads the JSON documents of `reader` (one or more objects) into `out`, each `kind: List`'s
+/// items one at a time.
+fn read_json(out: &mut Manifests, file: &str, reader: impl Read) {
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    for index in 1.. {
+        if de.end().is_ok() {
+            return;
+        }
+        let origin = format!("{file} (document {index})");
+        if let Err(e) = (Document { out: &mut *out, origin: &origin }).deserialize(&mut de) {
+            // A syntax error leaves the rest of the file unreadable.
+            out.errors.push((origin, e.to_string()));
+            return;
+        }
+    }
 }
 
 /// Parses one file's text (all its documents) into `out`. A file that is JSON (`kubectl get
@@ -95,16 +151,96 @@ pub fn parse_into(out: &mut Manifests, file: &str, text: &str) {
 }
 
 fn parse_json(out: &mut Manifests, file: &str, text: &str) {
-    let documents = serde_json::Deserializer::from_str(text).into_iter::<&RawValue>();
-    for (index, document) in documents.enumerate() {
-        let origin = format!("{file} (document {})", index + 1);
-        match document {
-            Ok(raw) => add_json(out, &origin, raw),
-            Err(e) => {
-                out.errors.push((origin, e.to_string()));
-                break;
+    read_json(out, file, text.as_bytes());
+}
+
+/// One top-level JSON document, read field by field: the items of a `kind: List` (what
+/// `kubectl get -o json` writes, `kind` before `items`) are added as they are read; any other
+/// object is put back together from its fields (small) and added whole.
+struct Document<'a> {
+    out: &'a mut Manifests,
+    origin: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for Document<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Document<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a Kubernetes object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut fields: Vec<(String, Box<RawValue>)> = Vec::new();
+        let mut is_list = false;
+        let mut streamed = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" && is_list {
+                map.next_value_seed(Items { out: &mut *self.out, origin: self.origin })?;
+                streamed = true;
+                continue;
             }
+            let value: Box<RawValue> = map.next_value()?;
+            if key == "kind" {
+                let kind: Cow<str> = serde_json::from_str(value.get()).unwrap_or_default();
+                is_list = kind.ends_with("List");
+            }
+            fields.push((key, value));
         }
+        if streamed {
+            return Ok(());
+        }
+        let mut text = String::from("{");
+        for (i, (key, value)) in fields.iter().enumerate() {
+            let separator = if i == 0 { "" } else { "," };
+            // A key read from JSON writes back as JSON.
+            let key = serde_json::to_string(key).unwrap_or_default();
+            text.push_str(&format!("{separator}{key}:{}", value.get()));
+        }
+        text.push('}');
+        match serde_json::from_str::<&RawValue>(&text) {
+            Ok(raw) => add_json(self.out, self.origin, raw),
+            Err(e) => self.out.errors.push((self.origin.to_owned(), e.to_string())),
+        }
+        Ok(())
+    }
+}
+
+/// The `items` of a `kind: List`, each added as it is read.
+struct Items<'a> {
+    out: &'a mut Manifests,
+    origin: &'a str,
+}
+
+impl<'de> DeserializeSeed<'de> for Items<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Items<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of Kubernetes objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0;
+        while let Some(item) = seq.next_element::<Box<RawValue>>()? {
+            add_json(self.out, &format!("{} items[{index}]", self.origin), &item);
+            index += 1;
+        }
+        Ok(())
     }
 }
 
@@ -128,9 +264,9 @@ fn add_json(out: &mut Manifests, origin: &str, raw: &RawValue) {
     let kind = head.kind.unwrap_or_default();
     let text = raw.get();
     match &*kind {
-        "Service" => push(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
-        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
-        "Node" => push(&mut out.nodes, &mut out.errors, origin, serde_json::from_str(text)),
+        "Service" => push::<Service>(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
+        "EndpointSlice" => push::<EndpointSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
+        "Node" => push::<Node>(&mut out.nodes, &mut out.errors, origin, serde_json::from_str(text)),
         kind if kind.ends_with("List") => {
             for (i, item) in head.items.into_iter().enumerate() {
                 add_json(out, &format!("{origin} items[{i}]"), item);
@@ -163,9 +299,11 @@ fn parse_yaml(out: &mut Manifests, file: &str, text: &str) {
 fn add_object(out: &mut Manifests, origin: &str, mut value: serde_json::Value) {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     match kind.as_str() {
-        "Service" => push(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
-        "EndpointSlice" => push(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value)),
-        "Node" => push(&mut out.nodes, &mut out.errors, origin, serde_json::from_value(value)),
+        "Service" => push::<Service>(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
+        "EndpointSlice" => {
+            push::<EndpointSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value))
+        }
+        "Node" => push::<Node>(&mut out.nodes, &mut out.errors, origin, serde_json::from_value(value)),
         kind if kind.ends_with("List") => {
             let items = match value.get_mut("items").map(serde_json::Value::take) {
                 Some(serde_json::Value::Array(items)) => items,
@@ -180,17 +318,14 @@ fn add_object(out: &mut Manifests, origin: &str, mut value: serde_json::Value) {
     }
 }
 
-fn push<T: Trim>(
-    into: &mut Vec<Sourced<T>>,
+fn push<T: Keep>(
+    into: &mut Vec<Sourced<T::Kept>>,
     errors: &mut Vec<(String, String)>,
     origin: &str,
     object: Result<T, serde_json::Error>,
 ) {
     match object {
-        Ok(mut object) => {
-            object.trim();
-            into.push(Sourced { object: Arc::new(object), origin: Some(origin.into()) });
-        }
+        Ok(object) => into.push(Sourced { object: Arc::new(object.keep()), origin: Some(origin.into()) }),
         Err(e) => errors.push((origin.to_owned(), e.to_string())),
     }
 }
@@ -290,6 +425,59 @@ items:
         assert_eq!(json.slices[0].object, yaml.slices[0].object);
         assert_eq!(yaml.slices[0].origin.as_deref(), Some("a.yaml (document 2) items[0]"));
         assert_eq!(yaml.services[0].object.metadata.annotations, None, "trimmed as read");
+    }
+
+    /// A JSON file is read as a stream: a list's items are added as they are read when `kind`
+    /// comes first (as kubectl writes), and are still read when it comes after them, as is an
+    /// object whose `kind` is not its first field.
+    #[test]
+    fn json_documents_read_in_any_field_order() {
+        let service = |name: &str| {
+            format!(
+                r#"{{"metadata": {{"name": "{name}", "namespace": "prod"}}, "kind": "Service", "spec": {{"ports": [{{"port": 80}}]}}}}"#
+            )
+        };
+        let kind_first =
+            format!(r#"{{"apiVersion": "v1", "kind": "List", "items": [{}, {}]}}"#, service("a"), service("b"));
+        let items_first = format!(r#"{{"items": [{}], "kind": "ServiceList"}}"#, service("c"));
+        let text = format!("  \n{kind_first}\n{items_first}\n{}\n", service("d"));
+        let out = parse("x.json", &text);
+        assert_eq!(out.errors, []);
+        let read: Vec<(Option<&str>, Option<&str>)> =
+            out.services.iter().map(|s| (s.object.metadata.name.as_deref(), s.origin.as_deref())).collect();
+        assert_eq!(
+            read,
+            [
+                (Some("a"), Some("x.json (document 1) items[0]")),
+                (Some("b"), Some("x.json (document 1) items[1]")),
+                (Some("c"), Some("x.json (document 2) items[0]")),
+                (Some("d"), Some("x.json (document 3)")),
+            ]
+        );
+    }
+
+    /// The directory: JSON and YAML files, in name order; other files ignored; a file that
+    /// does not parse is named and the others are read.
+    #[test]
+    fn a_directory_of_json_and_yaml_files_is_read_in_name_order() {
+        let dir = std::env::temp_dir().join(format!("proxy-manifests-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = format!("{{\"kind\": \"List\", \"items\": [{}]}}", serde_json::to_string(&json_service()).unwrap());
+        for (name, text) in [("b.yaml", YAML), ("a.json", json.as_str()), ("c.json", "{\"kind\": "), ("d.txt", "x")] {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let read = read_dir(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let read = read.unwrap();
+        let names: Vec<_> = read.services.iter().map(|s| s.object.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["api", "web"]);
+        assert_eq!(read.slices.len(), 1);
+        let bad: Vec<&str> = read.errors.iter().map(|(origin, _)| origin.as_str()).collect();
+        assert_eq!(bad, [format!("{} (document 1)", dir.join("c.json").display())]);
+    }
+
+    fn json_service() -> serde_json::Value {
+        serde_json::json!({"kind": "Service", "metadata": {"name": "api"}, "spec": {"ports": [{"port": 443}]}})
     }
 
     /// A bad document is reported by file and document; the ones before it are kept.

@@ -24,7 +24,7 @@ use crate::{
         WriteError,
         writer::{MapStore, recorder::MemMaglev},
     },
-    model::{Cidr, Frontend},
+    model::{Cidr, Frontend, Slice},
 };
 
 /// The node the tests' agent runs on.
@@ -49,17 +49,18 @@ pub(crate) fn with_external_ip(mut service: Service, ip: Ipv4Addr) -> Service {
 }
 
 /// Slice `default/<service>-<suffix>` of `service`: ready endpoints 10.244.1.<e> on this node,
-/// port 8080/TCP.
-pub(crate) fn slice(service: &str, suffix: &str, endpoints: &[u8]) -> EndpointSlice {
+/// port 8080/TCP, as the sources keep it.
+pub(crate) fn slice(service: &str, suffix: &str, endpoints: &[u8]) -> Slice {
     let endpoints: Vec<_> = endpoints
         .iter()
         .map(|e| json!({"addresses": [format!("10.244.1.{e}")], "conditions": {"ready": true}, "nodeName": NODE}))
         .collect();
-    from_json(json!({
+    let slice: EndpointSlice = from_json(json!({
         "metadata": {"name": format!("{service}-{suffix}"), "namespace": "default",
                      "labels": {"kubernetes.io/service-name": service}},
         "addressType": "IPv4", "endpoints": endpoints, "ports": [{"port": 8080, "protocol": "TCP"}],
-    }))
+    }));
+    slice.into()
 }
 
 /// Node `name` with InternalIP `address`.

@@ -5,10 +5,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
 use crate::{
-    model::{object_key, slice_service},
+    model::{Slice, object_key, slice_service},
     source::{Change, Sourced},
 };
 
@@ -24,7 +24,7 @@ pub(crate) enum Kind {
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     services: HashMap<String, Sourced<Service>>,
-    slices: HashMap<String, Sourced<EndpointSlice>>,
+    slices: HashMap<String, Sourced<Slice>>,
     /// Slice keys by the service (`namespace/name`) their label names.
     by_service: HashMap<String, BTreeSet<String>>,
     /// Services to recompute at the next sync.
@@ -103,13 +103,12 @@ impl Tracker {
 
     /// Takes an EndpointSlices change; returns the new slices that name no service (no
     /// `kubernetes.io/service-name` label), for the caller to report.
-    pub(crate) fn slices_changed(&mut self, change: Change<EndpointSlice>) -> Vec<Sourced<EndpointSlice>> {
+    pub(crate) fn slices_changed(&mut self, change: Change<Slice>) -> Vec<Sourced<Slice>> {
         let mut unlabelled = Vec::new();
         match change {
             Change::Replace(list) => {
                 self.listed(Kind::Slices);
-                let next: HashMap<String, Sourced<EndpointSlice>> =
-                    list.into_iter().map(|s| (object_key(&s.object.metadata), s)).collect();
+                let next: HashMap<String, Sourced<Slice>> = list.into_iter().map(|s| (s.object.key(), s)).collect();
                 let gone: Vec<String> = self.slices.keys().filter(|k| !next.contains_key(*k)).cloned().collect();
                 for key in gone {
                     self.remove_slice(&key);
@@ -123,8 +122,8 @@ impl Tracker {
     }
 
     /// Stores a slice unless it is unchanged; returns it if it names no service.
-    fn put_slice(&mut self, slice: Sourced<EndpointSlice>) -> Option<Sourced<EndpointSlice>> {
-        let key = object_key(&slice.object.metadata);
+    fn put_slice(&mut self, slice: Sourced<Slice>) -> Option<Sourced<Slice>> {
+        let key = slice.object.key();
         if self.slices.get(&key).is_some_and(|old| old.object == slice.object) {
             return None;
         }
@@ -160,7 +159,7 @@ impl Tracker {
     }
 
     /// The slices that name service `key`.
-    pub(crate) fn slices_of(&self, key: &str) -> Vec<&EndpointSlice> {
+    pub(crate) fn slices_of(&self, key: &str) -> Vec<&Slice> {
         let keys = self.by_service.get(key);
         keys.into_iter().flatten().filter_map(|k| self.slices.get(k)).map(|s| &*s.object).collect()
     }
@@ -230,7 +229,7 @@ mod tests {
     fn a_slice_without_the_service_label_is_returned_for_reporting() {
         let mut tracker = Tracker::default();
         let mut unlabelled = slice("web", "a", &[2]);
-        unlabelled.metadata.labels = None;
+        unlabelled.service_name = None;
         let reported = tracker.slices_changed(Change::Apply(sourced(unlabelled)));
         assert_eq!(reported.len(), 1);
         assert!(!tracker.pending(), "it names no service to recompute");

@@ -22,6 +22,7 @@ use proxy_tests::{
     fixtures::{TempDir, write_text, yaml},
     topology::SingleNode,
 };
+use serde::Deserialize as _;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -63,15 +64,15 @@ fn demo() -> anyhow::Result<()> {
     let read = manifests::read_dir(&examples)?;
     let service = read.services.first().context("no Service in the examples")?.object.clone();
     let service_name = service.metadata.name.clone().unwrap_or_default();
-    let slice = read
+    let kept = read
         .slices
         .iter()
-        .find(|s| {
-            s.object.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) == Some(&service_name)
-        })
-        .context("no EndpointSlice for the example's service")?
-        .object
-        .clone();
+        .find(|s| s.object.service_name.as_ref() == Some(&service_name))
+        .context("no EndpointSlice for the example's service")?;
+    // The file the slice is in: its origin is `path (document N)`.
+    let file = kept.origin.as_deref().and_then(|o| o.split(" (").next()).context("slice origin")?;
+    let file = PathBuf::from(file);
+    let slice = api_slice(&file, &kept.object.name)?;
     let (vip, port) = frontend(&service)?;
     let target_port = slice.ports.iter().flatten().find_map(|p| p.port).context("the slice has no port")? as u16;
     let pods: Vec<(String, Ipv4Addr)> = slice
@@ -129,19 +130,9 @@ fn demo() -> anyhow::Result<()> {
 
     let (removed_name, removed_ip) = pods.last().cloned().context("two pods")?;
     println!("== removing {removed_name} ({removed_ip}) from the EndpointSlice manifest");
-    let mut shrunk: EndpointSlice = (*slice).clone();
+    let mut shrunk = slice.clone();
     shrunk.endpoints.retain(|e| e.addresses.first().and_then(|a| parse_ipv4(a)) != Some(removed_ip));
-    let file = read
-        .slices
-        .iter()
-        .find(|s| s.object.metadata.name == slice.metadata.name)
-        .and_then(|s| s.origin.clone())
-        .context("slice origin")?;
-    let file_name = Path::new(file.split(" (").next().unwrap_or_default())
-        .file_name()
-        .and_then(|f| f.to_str())
-        .context("slice file")?
-        .to_owned();
+    let file_name = file.file_name().and_then(|f| f.to_str()).context("slice file")?.to_owned();
     let edited = Instant::now();
     write_text(work.path(), &file_name, &(yaml(&*service) + &yaml(&shrunk)))?;
     agent.wait_for_count(vip, port, Some(pods.len() as u16 - 1), Duration::from_secs(5))?;
@@ -161,6 +152,23 @@ fn demo() -> anyhow::Result<()> {
     }
     println!("== done; removing the namespaces, cgroup, programs and pins");
     Ok(())
+}
+
+/// EndpointSlice `name` as `file` has it: the agent's reader keeps only what it programs, and
+/// the demo wants the pods' names and writes the slice back edited.
+fn api_slice(file: &Path, name: &str) -> anyhow::Result<EndpointSlice> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    for document in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = serde_json::Value::deserialize(document).with_context(|| format!("parsing {}", file.display()))?;
+        let items = match value["kind"].as_str() {
+            Some(kind) if kind.ends_with("List") => value["items"].as_array().cloned().unwrap_or_default(),
+            _ => vec![value],
+        };
+        if let Some(item) = items.into_iter().find(|i| i["kind"] == "EndpointSlice" && i["metadata"]["name"] == name) {
+            return Ok(serde_json::from_value(item)?);
+        }
+    }
+    bail!("no EndpointSlice {name} in {}", file.display())
 }
 
 fn frontend(service: &Service) -> anyhow::Result<(Ipv4Addr, u16)> {

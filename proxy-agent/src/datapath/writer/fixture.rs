@@ -116,7 +116,7 @@ pub(crate) fn node() -> NodeInfo {
 pub(crate) fn program(writer: &mut Writer<Recorder>, services: &[Svc]) {
     for svc in services {
         let (service, slice) = svc.objects();
-        let desired = service_frontends(&service, &[&slice], &node());
+        let desired = service_frontends(&service, &[&slice.into()], &node());
         assert!(desired.skipped.is_empty(), "the fixture's objects parse whole: {:?}", desired.skipped);
         for (frontend, entry) in &desired.frontends {
             writer.upsert(*frontend, entry).expect("the recorder has room");

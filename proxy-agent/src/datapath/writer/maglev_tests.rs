@@ -133,7 +133,7 @@ fn the_flag_chooses_maglev_unless_the_annotation_says_otherwise() {
             svc = svc.annotate(LB_ALGORITHM_ANNOTATION, value);
         }
         let (service, slice) = svc.objects();
-        let desired = service_frontends(&service, &[&slice], &node);
+        let desired = service_frontends(&service, &[&slice.into()], &node);
         let maglev = |address: Ipv4Addr| {
             desired.frontends.iter().find(|(f, _)| f.address == address).map(|(_, e)| e.flags & SVC_F_MAGLEV != 0)
         };

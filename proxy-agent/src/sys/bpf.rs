@@ -297,14 +297,25 @@ struct Batch {
 /// one each (8 192 for the default size).
 pub fn fill_u64_array(fd: BorrowedFd<'_>, values: &[u64]) -> io::Result<()> {
     let keys: Vec<u32> = (0..values.len() as u32).collect();
+    update_batch(fd, &keys, values)
+}
+
+/// Inserts or replaces `keys[i]` → `values[i]` in map `fd`, in order, with
+/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6 and later): one call for the lot. `K` and `V` must be
+/// the map's key and value layouts. On an error (`E2BIG`: the map is full), the entries before
+/// the failing one are written.
+pub fn update_batch<K: Copy, V: Copy>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<()> {
+    if keys.len() != values.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let mut done = 0;
-    while done < values.len() {
+    while done < keys.len() {
         let mut attr = Batch {
             in_batch: 0,
             out_batch: 0,
             keys: keys[done..].as_ptr() as u64,
             values: values[done..].as_ptr() as u64,
-            count: (values.len() - done) as u32,
+            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
             map_fd: fd.as_raw_fd() as u32,
             elem_flags: 0,
             flags: 0,

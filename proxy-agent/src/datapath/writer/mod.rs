@@ -20,6 +20,7 @@
 //!   socket reverse entries, UDP flows);
 //! - [`maglev`]: the Maglev table of each backend set that traffic from outside hashes into.
 
+mod batch;
 #[cfg(test)]
 pub(crate) mod fixture;
 mod ids;
@@ -50,7 +51,7 @@ use proxy_common::{
 };
 
 use self::ids::Ids;
-pub use self::{slots::slot_order, stale::Departed};
+pub use self::{batch::Refusal, slots::slot_order, stale::Departed};
 use crate::model::{Cidr, Frontend, ServicePortName};
 
 /// The key of a frontend's master entry in the `services` map.
@@ -77,14 +78,28 @@ pub trait MapStore {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Inserts or replaces a `services` entry.
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Self::Error>;
+    /// Inserts or replaces `services` entries in order, as few system calls as the store can
+    /// (the kernel's batch update); on an error, the entries before the failing one may be
+    /// written.
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), Self::Error> {
+        entries.iter().try_for_each(|(key, value)| self.put_service(*key, *value))
+    }
     /// Deletes a `services` entry (absent is fine).
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
     /// Inserts or replaces a `backends` entry.
     fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), Self::Error>;
+    /// Inserts or replaces `backends` entries in order, as [`MapStore::put_services`] does.
+    fn put_backends(&mut self, entries: &[(BackendId, Backend)]) -> Result<(), Self::Error> {
+        entries.iter().try_for_each(|(id, backend)| self.put_backend(*id, *backend))
+    }
     /// Deletes a `backends` entry (absent is fine).
     fn delete_backend(&mut self, id: BackendId) -> Result<(), Self::Error>;
     /// Inserts or replaces a `service_names` entry.
     fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), Self::Error>;
+    /// Inserts or replaces `service_names` entries in order, as [`MapStore::put_services`] does.
+    fn put_service_names(&mut self, entries: &[(u32, ServiceName)]) -> Result<(), Self::Error> {
+        entries.iter().try_for_each(|(id, name)| self.put_service_name(*id, *name))
+    }
     /// Deletes a `service_names` entry (absent is fine).
     fn delete_service_name(&mut self, id: u32) -> Result<(), Self::Error>;
     /// Deletes affinity and UDP-socket entries that keep a client on a backend which left that
@@ -179,7 +194,7 @@ impl std::ops::AddAssign for WriteStats {
 }
 
 /// Keeps the maps equal to the desired frontends, one frontend at a time.
-pub struct Writer<S> {
+pub struct Writer<S: MapStore> {
     store: S,
     programmed: HashMap<Frontend, Programmed>,
     /// Backend ids, one per distinct `backends` value, counted per slot naming it.
@@ -192,6 +207,10 @@ pub struct Writer<S> {
     gone: HashSet<(u32, BackendId)>,
     /// Maglev settings and tables.
     maglev: maglev::Tables,
+    /// The open batch's staged writes ([`Writer::begin_batch`]).
+    staged: Option<batch::Staged>,
+    /// Frontends the open batch could not program, for [`Writer::end_batch`].
+    refused: Vec<Refusal<S::Error>>,
 }
 
 impl<S: MapStore> Writer<S> {
@@ -208,6 +227,8 @@ impl<S: MapStore> Writer<S> {
             services,
             gone: HashSet::new(),
             maglev: maglev::Tables::default(),
+            staged: None,
+            refused: Vec::new(),
         }
     }
 

@@ -17,6 +17,11 @@ impl<S: MapStore> Writer<S> {
     /// write fails (a full map), the frontend is refused as a whole: whatever was written for
     /// it is removed again, so it is absent rather than half there, and the error is returned.
     pub fn upsert(&mut self, frontend: Frontend, entry: &FrontendEntry) -> Result<WriteStats, S::Error> {
+        if self.stages(&frontend) {
+            return self.upsert_staged(frontend, entry);
+        }
+        // Whatever a batch staged goes first: this write may name its backends.
+        self.settle();
         let old = self.programmed.remove(&frontend);
         let mut taken = Vec::new();
         match self.write(frontend, entry, old.as_ref(), &mut taken) {
@@ -55,19 +60,14 @@ impl<S: MapStore> Writer<S> {
         }
         let old_external = old.map_or(&[][..], |o| &o.external[..]);
         let old_internal = old.and_then(|o| o.internal.as_deref());
-        let external = self.layout(old_external, &entry.backends, frontend.proto, taken, &mut stats)?;
+        let external = self.layout(old_external, &entry.backends, frontend.proto, taken, &mut stats, None)?;
         let internal = match &entry.internal {
-            Some(set) => Some(self.layout(old_internal.unwrap_or(&[]), set, frontend.proto, taken, &mut stats)?),
+            Some(set) => {
+                Some(self.layout(old_internal.unwrap_or(&[]), set, frontend.proto, taken, &mut stats, None)?)
+            }
             None => None,
         };
-        let master = ServiceValue {
-            backend_id: 0,
-            count: external.len() as u16,
-            flags: entry.flags,
-            // With the local-set bit when a Local policy makes this set node-local.
-            service_id: affinity_service_id(service_id, entry.flags, SCOPE_EXTERNAL),
-            affinity_timeout: entry.affinity_timeout,
-        };
+        let master = master_of(service_id, entry, external.len());
         let key = master_key(&frontend);
         let internal_key = key.with_scope(SCOPE_INTERNAL);
         // Admitted client ranges before the master that turns the check on.
@@ -106,6 +106,34 @@ impl<S: MapStore> Writer<S> {
         Ok((Programmed { ranges, master, external, internal, service: entry.service.clone() }, stats))
     }
 
+    /// [`Writer::upsert`] of a new frontend while a batch is open: its source ranges are
+    /// written, everything else is staged (see [`super::batch`]).
+    fn upsert_staged(&mut self, frontend: Frontend, entry: &FrontendEntry) -> Result<WriteStats, S::Error> {
+        let mut stats = WriteStats::default();
+        let mut taken = Vec::new();
+        let mut fresh = Vec::new();
+        let (service_id, new_service) = self.services.acquire(&entry.service);
+        let proto = frontend.proto;
+        let external = self.layout(&[], &entry.backends, proto, &mut taken, &mut stats, Some(&mut fresh))?;
+        let internal = match &entry.internal {
+            Some(set) => Some(self.layout(&[], set, proto, &mut taken, &mut stats, Some(&mut fresh))?),
+            None => None,
+        };
+        for cidr in &entry.source_ranges {
+            if let Err(error) = self.store.put_source_range(&frontend, cidr) {
+                self.refuse(frontend, entry, None, &taken);
+                return Err(error);
+            }
+        }
+        let master = master_of(service_id, entry, external.len());
+        stats.service_writes += super::service_entries(external.len(), internal.as_ref().map(Vec::len));
+        let ranges = entry.source_ranges.clone();
+        let p = Programmed { ranges, master, external, internal, service: entry.service.clone() };
+        self.stage(frontend, &p, fresh, new_service);
+        self.programmed.insert(frontend, p);
+        Ok(stats)
+    }
+
     /// Undoes a failed upsert: removes every entry the frontend may have (old or new), then drops
     /// the references both layouts held. Best effort: a failing delete leaves an entry the next
     /// sweep removes.
@@ -139,6 +167,12 @@ impl<S: MapStore> Writer<S> {
 
     /// Removes `frontend` and everything only it referenced.
     pub fn remove(&mut self, frontend: Frontend) -> Result<WriteStats, S::Error> {
+        self.settle();
+        self.remove_now(frontend)
+    }
+
+    /// [`Writer::remove`] without writing a batch's staged entries first.
+    pub(super) fn remove_now(&mut self, frontend: Frontend) -> Result<WriteStats, S::Error> {
         let mut stats = WriteStats::default();
         let Some(old) = self.programmed.remove(&frontend) else { return Ok(stats) };
         self.departed(&old, None);
@@ -162,6 +196,7 @@ impl<S: MapStore> Writer<S> {
     /// Deletes every map entry this writer did not program (an earlier agent's leftovers):
     /// masters first, then slots, then backends.
     pub fn sweep(&mut self) -> Result<WriteStats, S::Error> {
+        self.settle();
         let mut stats = WriteStats::default();
         let services: Vec<ServiceKey> = self.store.service_entries().into_iter().map(|(key, _)| key).collect();
         for (_, id) in std::mem::take(&mut self.backends.reserved) {
@@ -206,6 +241,7 @@ impl<S: MapStore> Writer<S> {
     /// deletions as the sweep does them. Only after the first sweep (ids reserved from an
     /// earlier agent are settled by then).
     pub fn restore(&mut self) -> Result<WriteStats, S::Error> {
+        self.settle();
         let mut stats = WriteStats::default();
         let backends: HashMap<BackendId, Backend> = self.store.backend_entries().into_iter().collect();
         for (id, backend) in &self.backend_by_id {
@@ -261,5 +297,17 @@ impl<S: MapStore> Writer<S> {
         let Some(p) = self.programmed.get(&frontend) else { return false };
         let slots = if key.scope == SCOPE_INTERNAL { p.internal.as_deref() } else { Some(&p.external[..]) };
         slots.is_some_and(|slots| usize::from(key.slot) <= slots.len())
+    }
+}
+
+/// The external scope's master of `entry` over `count` slots, for service-port id `service_id`.
+fn master_of(service_id: u32, entry: &FrontendEntry, count: usize) -> ServiceValue {
+    ServiceValue {
+        backend_id: 0,
+        count: count as u16,
+        flags: entry.flags,
+        // With the local-set bit when a Local policy makes this set node-local.
+        service_id: affinity_service_id(service_id, entry.flags, SCOPE_EXTERNAL),
+        affinity_timeout: entry.affinity_timeout,
     }
 }

@@ -593,3 +593,97 @@ proptest! {
         }
     }
 }
+
+impl Harness {
+    /// Programs the new frontends of `state` in one batch (as a large sync does), then checks
+    /// every operation and the result as [`Harness::program`] does, serving `state` less the
+    /// frontends the batch refused. Returns the refused frontends.
+    fn program_batched(&mut self, state: &State) -> BTreeSet<Frontend> {
+        self.writer.begin_batch();
+        let mut stats = WriteStats::default();
+        for (frontend, entry) in state {
+            stats += self.writer.upsert(*frontend, entry).unwrap();
+        }
+        let refused: BTreeSet<Frontend> = self.writer.end_batch().into_iter().map(|(f, _)| f).collect();
+        let ops = self.replay();
+        if refused.is_empty() {
+            assert_eq!(stats, counts(&ops), "{}: the stats count what was written", self.label);
+        }
+        self.last = state.iter().filter(|(f, _)| !refused.contains(f)).map(|(f, e)| (*f, e.clone())).collect();
+        self.check();
+        refused
+    }
+}
+
+/// A few frontends sharing endpoints, one with two scopes and affinity, of two service ports.
+fn batch_state() -> State {
+    state([
+        (frontend(10), entry("a", [1, 2, 3])),
+        (frontend(11), with_affinity(with_internal(entry("a", [2, 4]), [3, 5, 6]))),
+        (frontend(12), entry("b", 1..=12)),
+        (frontend(13), entry("c", [7])),
+    ])
+}
+
+/// A batch writes what one upsert at a time writes, in stage order (every backend before any
+/// `services` entry, every slot before any master), and a lookup racing it never finds a
+/// half-written service (the replay checks after every operation).
+#[test]
+fn a_batch_writes_the_same_maps_backends_then_slots_then_masters() {
+    let state = batch_state();
+    let mut one_at_a_time = Harness::new("one at a time");
+    one_at_a_time.program(&state);
+    let mut batched = Harness::new("batched");
+    assert!(batched.program_batched(&state).is_empty(), "the recorder has room");
+    assert_eq!(batched.kernel, one_at_a_time.kernel, "the same maps");
+    let ops = &batched.writer.store().ops;
+    let first_service = ops.iter().position(|op| op.is_service()).unwrap();
+    assert!(ops[first_service..].iter().all(|op| op.is_service()), "backends first: {ops:?}");
+    let first_master = ops.iter().position(|op| matches!(op, Op::PutService(k, _) if k.slot == 0)).unwrap();
+    let slot_after_master = ops[first_master..].iter().any(|op| matches!(op, Op::PutService(k, _) if k.slot != 0));
+    assert!(!slot_after_master, "every slot before the first master: {ops:?}");
+    // Later changes go one at a time over what the batch wrote.
+    let mut changed = state.clone();
+    changed.insert(frontend(10), entry("a", [3, 8]));
+    changed.remove(&frontend(13));
+    batched.program(&changed);
+    batched.program(&State::new());
+    assert_eq!(batched.kernel, Maps::default(), "nothing is left");
+}
+
+/// A batch whose writes meet a full map, wherever that happens: the frontends that did not fit
+/// are refused and absent, every other one is served whole, and no lookup racing the batch and
+/// its redo finds a half-written service.
+#[test]
+fn a_batch_that_meets_a_full_map_refuses_what_does_not_fit_and_programs_the_rest() {
+    let state = batch_state();
+    let ops = {
+        let mut harness = Harness::new("nothing fails");
+        harness.program_batched(&state);
+        harness.writer.store().ops.clone()
+    };
+    let puts = (0..ops.len()).filter(|&i| matches!(ops[i], Op::PutService(..) | Op::PutBackend(..)));
+    for done in puts {
+        let mut harness = Harness::new(&format!("the maps fill up after {done} of {} operations", ops.len()));
+        harness.full_after.set(Some(done));
+        let refused = harness.program_batched(&state);
+        assert!(!refused.is_empty(), "{}: something is refused", harness.label);
+        // Room again: the refused frontends are programmed on the next sync.
+        harness.full_after.set(None);
+        harness.program(&state);
+        harness.program(&State::new());
+        assert_eq!(harness.kernel, Maps::default(), "{}: nothing is left", harness.label);
+    }
+}
+
+proptest! {
+    /// Any state programmed in a batch leaves the maps one upsert at a time leaves.
+    #[test]
+    fn a_batch_leaves_what_single_writes_leave(state in arb_state()) {
+        let mut one_at_a_time = Harness::new("one at a time");
+        one_at_a_time.program(&state);
+        let mut batched = Harness::new("batched");
+        prop_assert!(batched.program_batched(&state).is_empty());
+        prop_assert_eq!(&batched.kernel, &one_at_a_time.kernel);
+    }
+}

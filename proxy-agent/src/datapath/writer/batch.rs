@@ -7,6 +7,9 @@
 //! master before its external one), and only then the Maglev tables, which name backends. A
 //! lookup racing the batch therefore finds either no master or a master over written slots.
 //!
+//! Staged writes go out every few thousand frontends (and before anything that is not staged),
+//! so the order holds within each chunk and a chunk is whole before the next starts.
+//!
 //! A stage that fails (a full map) is undone, with the stage before it when both fill the same
 //! map (slots and masters), and redone entry by entry, frontend by frontend, from there on:
 //! the frontend whose write fails is removed again and reported, the others are programmed, as
@@ -18,8 +21,13 @@ use proxy_common::{
     service::{SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
 };
 
-use super::{MapStore, Programmed, Writer, ids::service_name, master_key};
+use super::{MapStore, Writer, ids::service_name, master_key};
 use crate::model::Frontend;
+
+/// Frontends staged before their writes go out: enough that a stage costs a handful of system
+/// calls per thousand frontends, few enough that the staged entries (and their copies for the
+/// kernel) stay a few MiB whatever the sync's size.
+const CHUNK: usize = 4096;
 
 /// What an open batch has staged.
 #[derive(Debug, Default)]
@@ -67,17 +75,17 @@ impl<S: MapStore> Writer<S> {
         self.staged.is_some() && !self.programmed.contains_key(frontend)
     }
 
-    /// Stages what `write` would have written for the new frontend `frontend`, now programmed
-    /// as `p` (its source ranges are written directly).
-    pub(super) fn stage(&mut self, frontend: Frontend, p: &Programmed, new_backends: Vec<BackendId>, new_name: bool) {
+    /// Stages what `write` would have written for the new frontend `frontend`, already in
+    /// `programmed` (its source ranges are written directly); `new_backends` are the backend
+    /// ids it took first, `new_name` whether its service port is new.
+    pub(super) fn stage(&mut self, frontend: Frontend, new_backends: Vec<BackendId>, new_name: bool) {
+        let (Some(staged), Some(p)) = (&mut self.staged, self.programmed.get(&frontend)) else { return };
         let key = master_key(&frontend);
-        let names = new_name.then(|| self.services.ids.get(&p.service).map(|(id, _)| (*id, service_name(&p.service))));
-        let backends: Vec<(BackendId, Backend)> =
-            new_backends.into_iter().filter_map(|id| self.backend_by_id.get(&id).map(|b| (id, *b))).collect();
-        let Some(staged) = &mut self.staged else { return };
         staged.frontends.push(frontend);
-        staged.backends.extend(backends);
-        staged.names.extend(names.flatten());
+        staged.backends.extend(new_backends.into_iter().filter_map(|id| self.backend_by_id.get(&id).map(|b| (id, *b))));
+        if new_name && let Some((id, _)) = self.services.ids.get(&p.service) {
+            staged.names.push((*id, service_name(&p.service)));
+        }
         for (scope, ids) in [(key.with_scope(SCOPE_INTERNAL), p.internal.as_deref()), (key, Some(&p.external[..]))] {
             let slots = ids.unwrap_or_default().iter().enumerate();
             staged.slots.extend(slots.map(|(i, &id)| (scope.with_slot(i as u16 + 1), slot_value(id))));
@@ -86,6 +94,9 @@ impl<S: MapStore> Writer<S> {
             staged.masters.push((key.with_scope(SCOPE_INTERNAL), internal));
         }
         staged.masters.push((key, p.master));
+        if staged.frontends.len() >= CHUNK {
+            self.settle();
+        }
     }
 
     /// Writes what is staged (keeping the batch open); refusals are kept for `end_batch`.

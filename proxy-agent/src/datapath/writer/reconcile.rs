@@ -129,8 +129,8 @@ impl<S: MapStore> Writer<S> {
         stats.service_writes += super::service_entries(external.len(), internal.as_ref().map(Vec::len));
         let ranges = entry.source_ranges.clone();
         let p = Programmed { ranges, master, external, internal, service: entry.service.clone() };
-        self.stage(frontend, &p, fresh, new_service);
         self.programmed.insert(frontend, p);
+        self.stage(frontend, fresh, new_service);
         Ok(stats)
     }
 

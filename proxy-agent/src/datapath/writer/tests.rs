@@ -687,3 +687,27 @@ proptest! {
         prop_assert_eq!(&batched.kernel, &one_at_a_time.kernel);
     }
 }
+
+/// A batch larger than a chunk goes out chunk by chunk and still leaves what single writes
+/// leave.
+#[test]
+fn a_batch_of_many_chunks_leaves_what_single_writes_leave() {
+    let state: State = (0..5_000u32)
+        .map(|i| {
+            let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
+            let frontend = Frontend { address: address.into(), port: 80, proto: TCP };
+            (frontend, entry(&format!("s{}", i % 3_000), [i % 7_000, i + 1]))
+        })
+        .collect();
+    let mut one_at_a_time = Writer::new(Recorder::default());
+    let mut batched = Writer::new(Recorder::default());
+    batched.begin_batch();
+    for (frontend, entry) in &state {
+        one_at_a_time.upsert(*frontend, entry).unwrap();
+        batched.upsert(*frontend, entry).unwrap();
+    }
+    assert!(batched.end_batch().is_empty(), "the recorder has room");
+    assert_eq!(batched.store().maps, one_at_a_time.store().maps);
+    assert_eq!(batched.store().names, one_at_a_time.store().names);
+    assert_eq!(batched.store().maps.half_written(), None);
+}

@@ -7,7 +7,7 @@
 //! master before its external one), and only then the Maglev tables, which name backends. A
 //! lookup racing the batch therefore finds either no master or a master over written slots.
 //!
-//! Staged writes go out every few thousand frontends (and before anything that is not staged),
+//! Staged writes go out every thousand frontends (and before anything that is not staged),
 //! so the order holds within each chunk and a chunk is whole before the next starts.
 //!
 //! A stage that fails (a full map) is undone, with the stage before it when both fill the same
@@ -27,7 +27,7 @@ use crate::model::Frontend;
 /// Frontends staged before their writes go out: enough that a stage costs a handful of system
 /// calls per thousand frontends, few enough that the staged entries (and their copies for the
 /// kernel) stay a few MiB whatever the sync's size.
-const CHUNK: usize = 4096;
+const CHUNK: usize = 1024;
 
 /// What an open batch has staged.
 #[derive(Debug, Default)]

@@ -692,11 +692,11 @@ proptest! {
 /// leave.
 #[test]
 fn a_batch_of_many_chunks_leaves_what_single_writes_leave() {
-    let state: State = (0..5_000u32)
+    let state: State = (0..2_500u32)
         .map(|i| {
             let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
             let frontend = Frontend { address: address.into(), port: 80, proto: TCP };
-            (frontend, entry(&format!("s{}", i % 3_000), [i % 7_000, i + 1]))
+            (frontend, entry(&format!("s{}", i % 1_500), [i % 3_000, i + 1]))
         })
         .collect();
     let mut one_at_a_time = Writer::new(Recorder::default());

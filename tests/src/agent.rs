@@ -185,6 +185,23 @@ impl Agent {
         &self.bpf_root
     }
 
+    /// Runs `bin <args> --bpf-root ROOT -o json` (an `inspect` or `explain` subcommand) against
+    /// this agent's pins and parses its output; panics with stderr or stdout when it fails.
+    pub fn cli_json(&self, bin: impl AsRef<Path>, args: &[&str]) -> Value {
+        let out = Command::new(bin.as_ref())
+            .args(args)
+            .arg("--bpf-root")
+            .arg(&self.bpf_root)
+            .args(["-o", "json"])
+            .output()
+            .expect("running proxy-agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "proxy-agent {args:?} failed: {stderr}");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("proxy-agent {args:?} printed no JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
     /// The agent's log so far, as written (for failure messages).
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()

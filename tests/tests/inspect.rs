@@ -35,18 +35,7 @@ fn agent(ns: &Netns, cgroup: &Cgroup, manifests: &Manifests) -> Agent {
 
 /// Runs `proxy-agent <args> --bpf-root ROOT -o json` and parses its output.
 fn json(agent: &Agent, args: &[&str]) -> Value {
-    let out = Command::new(AGENT)
-        .args(args)
-        .arg("--bpf-root")
-        .arg(agent.bpf_root())
-        .args(["-o", "json"])
-        .output()
-        .expect("running proxy-agent");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "proxy-agent {args:?} failed: {stderr}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("proxy-agent {args:?} printed no JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
-    })
+    agent.cli_json(AGENT, args)
 }
 
 /// Runs `proxy-agent <args> --bpf-root ROOT` (table output).

@@ -259,19 +259,6 @@ fn removing_a_backend_keeps_established_flows_and_moves_new_ones_as_the_table_pr
     }
 }
 
-/// Runs `proxy-agent <args> --bpf-root ROOT -o json` against `agent`'s pins and parses it.
-fn cli_json(agent: &Agent, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new(AGENT)
-        .args(args)
-        .arg("--bpf-root")
-        .arg(agent.bpf_root())
-        .args(["-o", "json"])
-        .output()
-        .expect("running proxy-agent");
-    assert!(out.status.success(), "proxy-agent {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("proxy-agent {args:?}: no JSON ({e})"))
-}
-
 /// Issue 16: `inspect services` shows the algorithm per frontend, read from the real pins, and
 /// `explain` names the Maglev slot and backend a flow takes, the one it does take.
 #[test]
@@ -280,7 +267,7 @@ fn inspect_shows_maglev_frontends_and_explain_names_the_slot_the_flow_takes() {
     let pods = cluster.pods(&[]);
     cluster.serve(&pods);
     let agent = &cluster.agents[0];
-    let services = cli_json(agent, &["inspect", "services"]);
+    let services = agent.cli_json(AGENT, &["inspect", "services"]);
     let frontends = services.as_array().expect("a list of frontends");
     let algorithm = |address: &str, port: u64| {
         let f = frontends.iter().find(|f| f["address"] == address && f["port"] == port && f["protocol"] == "TCP");
@@ -293,8 +280,8 @@ fn inspect_shows_maglev_frontends_and_explain_names_the_slot_the_flow_takes() {
 
     let port = 44_000;
     let to = format!("{EXTERNAL_IP}:{SEED_PORT}");
-    let answer =
-        cli_json(agent, &["explain", "--from", &CLIENT_IP.to_string(), "--from-port", &port.to_string(), "--to", &to]);
+    let answer = agent
+        .cli_json(AGENT, &["explain", "--from", &CLIENT_IP.to_string(), "--from-port", &port.to_string(), "--to", &to]);
     let paths = answer["paths"].as_array().expect("paths");
     let outside = paths.iter().find(|p| p["verdict"] == "maglev").expect("a Maglev path for traffic from outside");
     let table = predicted_table(&pods);

@@ -580,6 +580,49 @@ fn no_new_flow_reaches_a_backend_removed_while_the_agent_was_down() {
     }
 }
 
+/// Runs `upgrade` 3 s into 8 s of load on node-1: about 200 new connections per second to
+/// ClusterIP `vip(vip_last)` from its client pod and to its `node_port` from outside, and one
+/// long-lived connection on each path. Asserts that no connection failed and that both
+/// long-lived ones kept working; returns what `upgrade` returned.
+fn upgrade_under_load<R>(topology: &TwoNodes, vip_last: u8, node_port: u16, upgrade: impl FnOnce() -> R) -> R {
+    const LOAD: Duration = Duration::from_secs(8);
+    let node = &topology.nodes[0];
+    let (result, held, loads) = thread::scope(|s| {
+        let hold_seconds = (LOAD.as_secs() + 3).to_string();
+        let hold = |netns, cgroup, target: SocketAddrV4| {
+            let args = ["hold".to_owned(), target.to_string(), hold_seconds.clone()];
+            s.spawn(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                probe(PROBE.as_ref(), netns, cgroup, &args).expect("holding a connection")
+            })
+        };
+        let held = [
+            hold(&node.client.ns, Some(&node.cgroup), clusterip(vip_last)),
+            hold(&topology.client, None, node1(node_port)),
+        ];
+        let loads = [
+            s.spawn(|| load(&node.client.ns, Some(&node.cgroup), clusterip(vip_last), 200, LOAD)),
+            s.spawn(|| load(&topology.client, None, node1(node_port), 200, LOAD)),
+        ];
+        thread::sleep(Duration::from_secs(3));
+        let result = upgrade();
+        (result, held.map(|h| h.join().expect("a held connection")), loads.map(|l| l.join().expect("a load loop")))
+    });
+    let names = ["ClusterIP from a pod", "NodePort from outside"];
+    for (name, load) in names.iter().zip(&loads) {
+        let (attempted, answered) = (load.attempted, load.tally.answered());
+        eprintln!("{name}: {attempted} attempted, {answered} answered, failures {:?}", load.tally.errors);
+    }
+    for (name, held) in names.iter().zip(&held) {
+        assert_eq!(held.answered(), 1, "{name}: the long-lived connection kept working: {held:?}");
+    }
+    for (name, load) in names.iter().zip(&loads) {
+        assert!(load.attempted >= 1_200, "{name}: about 200 per second: {load:?}");
+        assert_eq!(load.tally.answered(), load.attempted, "{name}: zero failed connections: {load:?}");
+    }
+    result
+}
+
 /// Issue 8 item 2, an upgrade that changes map layouts, under load. Node-1's agent is killed
 /// and started again (1) over pins made to look like what agents before layout versions left
 /// (layout 1: no `layout-v<N>` record) while they are really today's, and (2) with
@@ -593,7 +636,6 @@ fn no_new_flow_reaches_a_backend_removed_while_the_agent_was_down() {
 /// kept, the new sizes are in place, and the old maps are released.
 #[test]
 fn an_upgrade_that_changes_map_layouts_drops_nothing() {
-    const LOAD: Duration = Duration::from_secs(8);
     const SERVICES_SIZE: u32 = 100_000;
     const BACKENDS_SIZE: u32 = 50_000;
     let mut cluster = Cluster::start(1, &[], |m| m.service(&nodeport("web", 50, 30050).build(), &BOTH));
@@ -617,40 +659,14 @@ fn an_upgrade_that_changes_map_layouts_drops_nothing() {
     let sizes = ["--services-map-size", &SERVICES_SIZE.to_string(), "--backends-map-size", &BACKENDS_SIZE.to_string()]
         .map(str::to_owned);
     flags[0].extend(sizes);
-    let (upgrade, held, loads) = thread::scope(|s| {
-        let hold_seconds = (LOAD.as_secs() + 3).to_string();
-        let hold = |netns, cgroup, target: SocketAddrV4| {
-            let args = ["hold".to_owned(), target.to_string(), hold_seconds.clone()];
-            s.spawn(move || {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                probe(PROBE.as_ref(), netns, cgroup, &args).expect("holding a connection")
-            })
-        };
-        let held =
-            [hold(&node.client.ns, Some(&node.cgroup), clusterip(50)), hold(&topology.client, None, node1(30050))];
-        let loads = [
-            s.spawn(|| load(&node.client.ns, Some(&node.cgroup), clusterip(50), 200, LOAD)),
-            s.spawn(|| load(&topology.client, None, node1(30050), 200, LOAD)),
-        ];
-        thread::sleep(Duration::from_secs(3));
+    let upgrade = upgrade_under_load(topology, 50, 30050, || {
         agents[0].kill();
         std::fs::remove_dir(&record).expect("making the pins layout 1's");
         let upgrade = restart(&mut agents[0], &flags[0], node);
         agents[0].wait_for_log("upgrade done", WAIT).expect("the agent swaps to the new maps");
-        (upgrade, held.map(|h| h.join().expect("a held connection")), loads.map(|l| l.join().expect("a load loop")))
+        upgrade
     });
-
     eprintln!("upgrade: first sync {:?} after {:?} (from the SIGKILL)", upgrade.0, upgrade.1);
-    let names = ["ClusterIP from a pod", "NodePort from outside"];
-    for (name, load) in names.iter().zip(&loads) {
-        let (attempted, answered) = (load.attempted, load.tally.answered());
-        eprintln!("{name}: {attempted} attempted, {answered} answered, failures {:?}", load.tally.errors);
-        assert!(attempted >= 1_200, "{name}: about 200 per second: {load:?}");
-        assert_eq!(answered, attempted, "{name}: zero failed connections: {load:?}");
-    }
-    for (name, held) in names.iter().zip(&held) {
-        assert_eq!(held.answered(), 1, "{name}: the long-lived connection kept working: {held:?}");
-    }
     // service_names, source_ranges and maglev are sized from --services-map-size.
     let replaced = [
         proxy_common::maps::SERVICES,
@@ -733,7 +749,6 @@ fn an_upgrade_from_layout_2_under_load_drops_nothing() {
         maps,
     };
 
-    const LOAD: Duration = Duration::from_secs(8);
     let previous = previous_agent();
     let mut cluster = Cluster::start_with(&previous, 1, &[], |m| {
         m.service(&nodeport("web", 60, 30060).build(), &BOTH);
@@ -763,41 +778,13 @@ fn an_upgrade_from_layout_2_under_load_drops_nothing() {
 
     let Cluster { agents, flags, topology, .. } = &mut cluster;
     let node = &topology.nodes[0];
-    let (upgrade, held, loads) = thread::scope(|s| {
-        let hold_seconds = (LOAD.as_secs() + 3).to_string();
-        let hold = |netns, cgroup, target: SocketAddrV4| {
-            let args = ["hold".to_owned(), target.to_string(), hold_seconds.clone()];
-            s.spawn(move || {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                probe(PROBE.as_ref(), netns, cgroup, &args).expect("holding a connection")
-            })
-        };
-        let held =
-            [hold(&node.client.ns, Some(&node.cgroup), clusterip(60)), hold(&topology.client, None, node1(30060))];
-        let loads = [
-            s.spawn(|| load(&node.client.ns, Some(&node.cgroup), clusterip(60), 200, LOAD)),
-            s.spawn(|| load(&topology.client, None, node1(30060), 200, LOAD)),
-        ];
-        thread::sleep(Duration::from_secs(3));
+    let upgrade = upgrade_under_load(topology, 60, 30060, || {
         // Today's agent over the previous agent's pins (`restart` starts this build's agent).
         let upgrade = restart(&mut agents[0], &flags[0], node);
         agents[0].wait_for_log("upgrade done", WAIT).expect("the agent swaps to the new maps");
-        (upgrade, held.map(|h| h.join().expect("a held connection")), loads.map(|l| l.join().expect("a load loop")))
+        upgrade
     });
-
     eprintln!("upgrade from layout 2: first sync {:?} after {:?} (from the SIGKILL)", upgrade.0, upgrade.1);
-    let names = ["ClusterIP from a pod", "NodePort from outside"];
-    for (name, load) in names.iter().zip(&loads) {
-        let (attempted, answered) = (load.attempted, load.tally.answered());
-        eprintln!("{name}: {attempted} attempted, {answered} answered, failures {:?}", load.tally.errors);
-    }
-    for (name, held) in names.iter().zip(&held) {
-        assert_eq!(held.answered(), 1, "{name}: the long-lived connection kept working: {held:?}");
-    }
-    for (name, load) in names.iter().zip(&loads) {
-        assert!(load.attempted >= 1_200, "{name}: about 200 per second: {load:?}");
-        assert_eq!(load.tally.answered(), load.attempted, "{name}: zero failed connections: {load:?}");
-    }
     assert_eq!(upgrade.0.errors, 0, "{:?}", upgrade.0);
     // Every map of a changed layout is a new one (the previous agent's are gone with their
     // pins); the two unchanged since layout 1 are shared; the maps it did not have are created.

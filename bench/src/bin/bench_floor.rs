@@ -208,7 +208,7 @@ fn syn() -> Vec<u8> {
     ip[9] = 6;
     ip[12..16].copy_from_slice(&CLIENT.octets());
     ip[16..20].copy_from_slice(&NODE.octets());
-    let sum = bench::checksum(ip);
+    let sum = proxy_tests::frames::checksum(ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let tcp = &mut packet[34..54];
     tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());

@@ -33,6 +33,7 @@ use proxy_common::{
 use proxy_tests::{
     cgroup::Cgroup,
     cluster::{CLIENT_IP, NODE_IPS},
+    frames::{self, SYN},
     netns::Netns,
 };
 
@@ -97,24 +98,7 @@ fn moved(pods: &[Ipv4Addr], removed: usize, before: &[usize], flows: u32, settin
 
 /// A SYN from the client's `sport` to the node's `dport`.
 fn syn(sport: u16, dport: u16) -> Vec<u8> {
-    let mut packet = vec![0u8; 14 + 20 + 20];
-    packet[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut packet[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = TCP;
-    ip[12..16].copy_from_slice(&CLIENT_IP.octets());
-    ip[16..20].copy_from_slice(&NODE.octets());
-    let sum = proxy_bench::checksum(ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let tcp = &mut packet[34..54];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[12] = 0x50;
-    tcp[13] = 0x02;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    packet
+    frames::tcp_frame((CLIENT_IP, sport), (NODE, dport), SYN)
 }
 
 fn entry(flags: u16, pods: &[Ipv4Addr]) -> FrontendEntry {

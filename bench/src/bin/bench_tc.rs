@@ -78,24 +78,7 @@ fn syn(sport: u16) -> Vec<u8> {
 
 /// The same SYN to another port of the node.
 fn syn_to(sport: u16, dport: u16) -> Vec<u8> {
-    let mut packet = vec![0u8; 14 + 20 + 20];
-    packet[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut packet[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = TCP;
-    ip[12..16].copy_from_slice(&CLIENT.octets());
-    ip[16..20].copy_from_slice(&NODE.octets());
-    let sum = proxy_bench::checksum(ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let tcp = &mut packet[34..54];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[12] = 0x50;
-    tcp[13] = 0x02;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    packet
+    frames::tcp_frame((CLIENT, sport), (NODE, dport), SYN)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

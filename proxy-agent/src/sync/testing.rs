@@ -20,7 +20,10 @@ use proxy_common::{
 use serde_json::json;
 
 use crate::{
-    datapath::{WriteError, writer::MapStore},
+    datapath::{
+        WriteError,
+        writer::{MapStore, recorder::MemMaglev},
+    },
     model::{Cidr, Frontend},
 };
 
@@ -79,9 +82,8 @@ pub(crate) struct MemMaps {
     pub(crate) backends: HashMap<BackendId, Backend>,
     pub(crate) services_max: usize,
     pub(crate) writes: usize,
-    /// Maglev tables as the kernel holds them: the size, then the slots.
-    pub(crate) maglev: HashMap<u32, Vec<u32>>,
-    pub(crate) maglev_config: Option<MaglevConfig>,
+    /// Maglev tables and seed.
+    pub(crate) maglev: MemMaglev,
     /// The node's settings as last written.
     pub(crate) config: Option<NodeConfig>,
 }
@@ -203,26 +205,25 @@ impl MapStore for MemMaps {
     }
 
     fn put_maglev_config(&mut self, config: MaglevConfig) -> Result<(), WriteError> {
-        self.maglev_config = Some(config);
+        self.maglev.config = Some(config);
         Ok(())
     }
 
     fn put_maglev_table(&mut self, id: u32, slots: &[BackendId]) -> Result<(), WriteError> {
-        let size = slots.len() as u32;
-        self.maglev.insert(id, std::iter::once(size).chain(slots.iter().copied()).collect());
+        self.maglev.put(id, slots);
         Ok(())
     }
 
     fn delete_maglev_table(&mut self, id: u32) -> Result<(), WriteError> {
-        self.maglev.remove(&id);
+        self.maglev.tables.remove(&id);
         Ok(())
     }
 
     fn maglev_tables(&self) -> Vec<u32> {
-        self.maglev.keys().copied().collect()
+        self.maglev.tables.keys().copied().collect()
     }
 
     fn maglev_entry(&self, id: u32, index: u32) -> Option<u32> {
-        self.maglev.get(&id)?.get(index as usize).copied()
+        self.maglev.entry(id, index)
     }
 }

@@ -64,7 +64,7 @@ fn a_maglev_service_has_one_table_for_its_external_frontends_and_its_cluster_ip_
     let cluster = master(&writer, CLUSTER_IP, 80);
     assert!(node_port.flags & SVC_F_MAGLEV != 0 && lb.flags & SVC_F_MAGLEV != 0, "external frontends hash");
     assert_eq!(cluster.flags & SVC_F_MAGLEV, 0, "the socket path stays random");
-    let tables = &writer.store().maglev;
+    let tables = &writer.store().maglev.tables;
     assert_eq!(tables.keys().copied().collect::<Vec<_>>(), [node_port.service_id], "one table, the set's id");
     assert_eq!(lb.service_id, node_port.service_id, "shared by the frontends of the port");
     assert_eq!(tables[&node_port.service_id], expected_table(&writer, &[2, 3, 4]));
@@ -76,12 +76,16 @@ fn the_table_follows_the_backend_set_and_goes_with_its_last_frontend() {
     let mut writer = programmed(&[maglev_service(&[2, 3, 4])]);
     program(&mut writer, &[maglev_service(&[2, 4])]);
     let id = master(&writer, NODE_IP, NODE_PORT).service_id;
-    assert_eq!(writer.store().maglev[&id], expected_table(&writer, &[2, 4]), "rebuilt without the pod that left");
+    assert_eq!(
+        writer.store().maglev.tables[&id],
+        expected_table(&writer, &[2, 4]),
+        "rebuilt without the pod that left"
+    );
     let frontends: Vec<_> = writer.programmed().copied().collect();
     for frontend in frontends {
         writer.remove(frontend).expect("removing");
     }
-    assert!(writer.store().maglev.is_empty(), "no frontend, no table");
+    assert!(writer.store().maglev.tables.is_empty(), "no frontend, no table");
 }
 
 #[test]
@@ -90,19 +94,27 @@ fn external_traffic_policy_local_hashes_over_the_local_set_in_a_table_of_its_own
     let node_port = master(&writer, NODE_IP, NODE_PORT);
     let cluster = master(&writer, CLUSTER_IP, 80);
     assert_ne!(node_port.service_id, cluster.service_id, "the local set has its own id");
-    assert_eq!(writer.store().maglev[&node_port.service_id], expected_table(&writer, &[2, 4]), "local pods only");
+    assert_eq!(
+        writer.store().maglev.tables[&node_port.service_id],
+        expected_table(&writer, &[2, 4]),
+        "local pods only"
+    );
 }
 
 #[test]
 fn tables_nobody_programmed_are_swept_and_deleted_ones_restored() {
     let mut writer = programmed(&[maglev_service(&[2, 3])]);
     let id = master(&writer, NODE_IP, NODE_PORT).service_id;
-    writer.store_mut().maglev.insert(999, vec![251; 252]);
+    writer.store_mut().maglev.tables.insert(999, vec![251; 252]);
     writer.sweep().expect("sweeping");
-    assert_eq!(writer.store().maglev.keys().copied().collect::<Vec<_>>(), [id], "the earlier agent's table went");
-    writer.store_mut().maglev.clear();
+    assert_eq!(
+        writer.store().maglev.tables.keys().copied().collect::<Vec<_>>(),
+        [id],
+        "the earlier agent's table went"
+    );
+    writer.store_mut().maglev.tables.clear();
     writer.restore().expect("restoring");
-    assert_eq!(writer.store().maglev[&id], expected_table(&writer, &[2, 3]));
+    assert_eq!(writer.store().maglev.tables[&id], expected_table(&writer, &[2, 3]));
 }
 
 #[test]

@@ -104,9 +104,31 @@ pub(crate) struct Recorder {
     pub(crate) affinity: HashMap<AffinityKey, AffinityValue>,
     /// `sock_backend`: written by tests as the kernel would ([`MapStore::forget`] deletes).
     pub(crate) sock_backend: HashMap<SockBackendKey, SockBackendValue>,
-    /// Maglev tables as the kernel holds them: the size, then the slots.
-    pub(crate) maglev: BTreeMap<u32, Vec<u32>>,
-    pub(crate) maglev_config: Option<MaglevConfig>,
+    /// Maglev tables and seed.
+    pub(crate) maglev: MemMaglev,
+}
+
+/// The Maglev maps of the in-memory stores: tables as the kernel's `maglev` map holds them
+/// (element 0 the table's size, then its slots) and the seed last written.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct MemMaglev {
+    /// Table id → the size, then the slots.
+    pub(crate) tables: BTreeMap<u32, Vec<u32>>,
+    /// `maglev_config`.
+    pub(crate) config: Option<MaglevConfig>,
+}
+
+impl MemMaglev {
+    /// Stores table `id` with `slots`, as the writer's table write leaves it.
+    pub(crate) fn put(&mut self, id: u32, slots: &[BackendId]) {
+        let size = slots.len() as u32;
+        self.tables.insert(id, std::iter::once(size).chain(slots.iter().copied()).collect());
+    }
+
+    /// Element `index` of table `id` (0: the size).
+    pub(crate) fn entry(&self, id: u32, index: u32) -> Option<u32> {
+        self.tables.get(&id)?.get(index as usize).copied()
+    }
 }
 
 /// A put into a full map.
@@ -214,26 +236,25 @@ impl MapStore for Recorder {
     }
 
     fn put_maglev_config(&mut self, config: MaglevConfig) -> Result<(), Full> {
-        self.maglev_config = Some(config);
+        self.maglev.config = Some(config);
         Ok(())
     }
 
     fn put_maglev_table(&mut self, id: u32, slots: &[BackendId]) -> Result<(), Full> {
-        let size = slots.len() as u32;
-        self.maglev.insert(id, std::iter::once(size).chain(slots.iter().copied()).collect());
+        self.maglev.put(id, slots);
         Ok(())
     }
 
     fn delete_maglev_table(&mut self, id: u32) -> Result<(), Full> {
-        self.maglev.remove(&id);
+        self.maglev.tables.remove(&id);
         Ok(())
     }
 
     fn maglev_tables(&self) -> Vec<u32> {
-        self.maglev.keys().copied().collect()
+        self.maglev.tables.keys().copied().collect()
     }
 
     fn maglev_entry(&self, id: u32, index: u32) -> Option<u32> {
-        self.maglev.get(&id)?.get(index as usize).copied()
+        self.maglev.entry(id, index)
     }
 }

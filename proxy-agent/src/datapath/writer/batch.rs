@@ -15,6 +15,13 @@
 //! the frontend whose write fails is removed again and reported, the others are programmed, as
 //! one write at a time would have left them. (Undone first, so the entries of frontends later
 //! in the batch do not take the room of earlier ones.)
+//!
+//! After a restart every frontend is new to the writer, but an earlier agent's entries serve
+//! it: entries already holding the value are not staged (nor undone), backends and names
+//! under their adopted ids are not written, and an undo puts back the value an entry held
+//! before the batch instead of deleting it, so an undo never takes away what served traffic.
+
+use std::collections::HashMap;
 
 use proxy_common::{
     backend::{Backend, BackendId},
@@ -38,6 +45,32 @@ pub(super) struct Staged {
     names: Vec<(u32, ServiceName)>,
     slots: Vec<(ServiceKey, ServiceValue)>,
     masters: Vec<(ServiceKey, ServiceValue)>,
+    /// The values an earlier agent's entries held before the batch replaced them, for the
+    /// undo.
+    previous: HashMap<ServiceKey, ServiceValue>,
+}
+
+impl Staged {
+    /// Stages `services` entry `key` → `value` into `stage` (slots or masters) unless an
+    /// earlier agent's entry (`adopted`, sorted) holds that value already; returns whether it
+    /// was staged.
+    fn put(
+        &mut self,
+        masters: bool,
+        key: ServiceKey,
+        value: ServiceValue,
+        adopted: &[(ServiceKey, ServiceValue)],
+    ) -> bool {
+        if let Ok(i) = adopted.binary_search_by_key(&key, |(k, _)| *k) {
+            if adopted[i].1 == value {
+                return false;
+            }
+            self.previous.insert(key, adopted[i].1);
+        }
+        let stage = if masters { &mut self.masters } else { &mut self.slots };
+        stage.push((key, value));
+        true
+    }
 }
 
 /// The stages of a flush, in the order they are written.
@@ -77,26 +110,37 @@ impl<S: MapStore> Writer<S> {
 
     /// Stages what `write` would have written for the new frontend `frontend`, already in
     /// `programmed` (its source ranges are written directly); `new_backends` are the backend
-    /// ids it took first, `new_name` whether its service port is new.
-    pub(super) fn stage(&mut self, frontend: Frontend, new_backends: Vec<BackendId>, new_name: bool) {
-        let (Some(staged), Some(p)) = (&mut self.staged, self.programmed.get(&frontend)) else { return };
+    /// ids it took first, `new_name` whether its service port is new, `adopted` the entries an
+    /// earlier agent left for it. Returns how many `services` entries it staged.
+    pub(super) fn stage(
+        &mut self,
+        frontend: Frontend,
+        new_backends: Vec<BackendId>,
+        new_name: bool,
+        mut adopted: Vec<(ServiceKey, ServiceValue)>,
+    ) -> usize {
+        let (Some(staged), Some(p)) = (&mut self.staged, self.programmed.get(&frontend)) else { return 0 };
+        adopted.sort_unstable_by_key(|(key, _)| *key);
         let key = master_key(&frontend);
         staged.frontends.push(frontend);
         staged.backends.extend(new_backends.into_iter().filter_map(|id| self.backend_by_id.get(&id).map(|b| (id, *b))));
         if new_name && let Some((id, _)) = self.services.ids.get(&p.service) {
             staged.names.push((*id, service_name(&p.service)));
         }
+        let mut count = 0;
         for (scope, ids) in [(key.with_scope(SCOPE_INTERNAL), p.internal.as_deref()), (key, Some(&p.external[..]))] {
-            let slots = ids.unwrap_or_default().iter().enumerate();
-            staged.slots.extend(slots.map(|(i, &id)| (scope.with_slot(i as u16 + 1), slot_value(id))));
+            for (i, &id) in ids.unwrap_or_default().iter().enumerate() {
+                count += usize::from(staged.put(false, scope.with_slot(i as u16 + 1), slot_value(id), &adopted));
+            }
         }
         if let Some(internal) = p.internal_master() {
-            staged.masters.push((key.with_scope(SCOPE_INTERNAL), internal));
+            count += usize::from(staged.put(true, key.with_scope(SCOPE_INTERNAL), internal, &adopted));
         }
-        staged.masters.push((key, p.master));
+        count += usize::from(staged.put(true, key, p.master, &adopted));
         if staged.frontends.len() >= CHUNK {
             self.settle();
         }
+        count
     }
 
     /// Writes what is staged (keeping the batch open); refusals are kept for `end_batch`.
@@ -138,8 +182,10 @@ impl<S: MapStore> Writer<S> {
     }
 
     /// Deletes what the `failed` stage may have written, and the slots when the masters failed
-    /// (both in `services`); returns the stage to redo from. Best effort: a failing delete
-    /// leaves an entry the next sweep or periodic check removes.
+    /// (both in `services`), putting back instead what an earlier agent's entries held; returns
+    /// the stage to redo from. Best effort: a failing delete leaves an entry the next sweep or
+    /// periodic check removes. (Backends and names are only ever staged under fresh ids: none
+    /// of them was there before.)
     fn undo(&mut self, staged: &Staged, failed: Stage) -> Stage {
         let store = &mut self.store;
         match failed {
@@ -153,9 +199,14 @@ impl<S: MapStore> Writer<S> {
             }
             Stage::Slots | Stage::Masters => {
                 // Masters before slots, and a frontend's external master before its
-                // internal-scope one: the reverse of their write order.
-                let entries = staged.masters.iter().rev().chain(&staged.slots);
-                entries.for_each(|(key, _)| drop(store.delete_service(*key)));
+                // internal-scope one: the reverse of their write order. A master put back
+                // counts only the slots it had, which were there before the batch too.
+                for (key, _) in staged.masters.iter().rev().chain(&staged.slots) {
+                    drop(match staged.previous.get(key) {
+                        Some(value) => store.put_service(*key, *value),
+                        None => store.delete_service(*key),
+                    });
+                }
                 Stage::Slots
             }
         }

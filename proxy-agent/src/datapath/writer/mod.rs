@@ -211,6 +211,10 @@ pub struct Writer<S: MapStore> {
     staged: Option<batch::Staged>,
     /// Frontends the open batch could not program, for [`Writer::end_batch`].
     refused: Vec<Refusal<S::Error>>,
+    /// The `services` entries an earlier agent left, by frontend, until this writer first
+    /// writes the frontend or the sweep: a batch neither rewrites nor undoes what serves
+    /// already ([`batch`]).
+    adopted: HashMap<Frontend, Vec<(ServiceKey, ServiceValue)>>,
 }
 
 impl<S: MapStore> Writer<S> {
@@ -219,6 +223,10 @@ impl<S: MapStore> Writer<S> {
     /// [`Writer::sweep`] removes what the first full sync did not claim.
     pub fn new(store: S) -> Self {
         let (backends, services) = ids::restored(&store);
+        let mut adopted: HashMap<Frontend, Vec<_>> = HashMap::new();
+        for (key, value) in store.service_entries() {
+            adopted.entry(frontend_of(&key)).or_default().push((key, value));
+        }
         Self {
             store,
             programmed: HashMap::new(),
@@ -229,6 +237,7 @@ impl<S: MapStore> Writer<S> {
             maglev: maglev::Tables::default(),
             staged: None,
             refused: Vec::new(),
+            adopted,
         }
     }
 

@@ -9,7 +9,11 @@ use proxy_common::{
     service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
 };
 
-use super::{MapStore, Programmed, WriteStats, Writer, frontend_of, ids::service_name, internal_master, master_key};
+use super::{
+    MapStore, Programmed, WriteStats, Writer, frontend_of,
+    ids::{Acquired, service_name},
+    internal_master, master_key,
+};
 use crate::model::{Frontend, FrontendEntry};
 
 impl<S: MapStore> Writer<S> {
@@ -22,6 +26,8 @@ impl<S: MapStore> Writer<S> {
         }
         // Whatever a batch staged goes first: this write may name its backends.
         self.settle();
+        // Written over from here on: no longer an earlier agent's.
+        self.adopted.remove(&frontend);
         let old = self.programmed.remove(&frontend);
         let mut taken = Vec::new();
         match self.write(frontend, entry, old.as_ref(), &mut taken) {
@@ -55,7 +61,7 @@ impl<S: MapStore> Writer<S> {
     ) -> Result<(Programmed, WriteStats), S::Error> {
         let mut stats = WriteStats::default();
         let (service_id, new_service) = self.services.acquire(&entry.service);
-        if new_service {
+        if new_service == Acquired::Fresh {
             self.store.put_service_name(service_id, service_name(&entry.service))?;
         }
         let old_external = old.map_or(&[][..], |o| &o.external[..]);
@@ -126,11 +132,11 @@ impl<S: MapStore> Writer<S> {
             }
         }
         let master = master_of(service_id, entry, external.len());
-        stats.service_writes += super::service_entries(external.len(), internal.as_ref().map(Vec::len));
         let ranges = entry.source_ranges.clone();
         let p = Programmed { ranges, master, external, internal, service: entry.service.clone() };
         self.programmed.insert(frontend, p);
-        self.stage(frontend, fresh, new_service);
+        let adopted = self.adopted.remove(&frontend).unwrap_or_default();
+        stats.service_writes += self.stage(frontend, fresh, new_service == Acquired::Fresh, adopted);
         Ok(stats)
     }
 
@@ -197,6 +203,8 @@ impl<S: MapStore> Writer<S> {
     /// masters first, then slots, then backends.
     pub fn sweep(&mut self) -> Result<WriteStats, S::Error> {
         self.settle();
+        // What no frontend claimed goes now: nothing is adopted any more.
+        self.adopted = HashMap::new();
         let mut stats = WriteStats::default();
         let services: Vec<ServiceKey> = self.store.service_entries().into_iter().map(|(key, _)| key).collect();
         for (_, id) in std::mem::take(&mut self.backends.reserved) {

@@ -94,7 +94,8 @@ pub(crate) struct Recorder {
     pub(crate) ops: Vec<Op>,
     /// `services` and `backends` as the operations left them.
     pub(crate) maps: Maps,
-    /// Once this many operations are recorded, every put fails as if the maps were full.
+    /// Once this many operations are recorded, every put of a new key fails as if the maps were
+    /// full (replacing an entry's value needs no room, in the kernel's hash maps too).
     pub(crate) full_after: Rc<Cell<Option<usize>>>,
     /// `service_names`.
     pub(crate) names: BTreeMap<u32, ServiceName>,
@@ -144,7 +145,12 @@ impl Recorder {
     }
 
     fn put(&mut self, op: Op) -> Result<(), Full> {
-        if self.full_after.get().is_some_and(|n| self.ops.len() >= n) {
+        let present = match op {
+            Op::PutService(key, _) => self.maps.services.contains_key(&key),
+            Op::PutBackend(id, _) => self.maps.backends.contains_key(&id),
+            Op::DeleteService(_) | Op::DeleteBackend(_) => true,
+        };
+        if !present && self.full_after.get().is_some_and(|n| self.ops.len() >= n) {
             return Err(Full);
         }
         self.delete(op)

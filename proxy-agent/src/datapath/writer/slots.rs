@@ -9,11 +9,12 @@ use proxy_common::{
     service::{ServiceKey, ServiceValue},
 };
 
-use super::{MapStore, WriteStats, Writer};
+use super::{MapStore, WriteStats, Writer, ids::Acquired};
 use crate::model::Endpoint;
 
 impl<S: MapStore> Writer<S> {
-    /// Takes a reference on the backend of every endpoint (writing entries for new ones) and
+    /// Takes a reference on the backend of every endpoint (writing entries for new ones, not
+    /// for those an earlier agent left in the map under the same id) and
     /// returns the slot order: survivors keep their slots, a survivor beyond the new count moves
     /// into a hole, new backends fill the remaining holes. `release` later drops the old
     /// layout's references. With `staged`, new backends are collected there for a batch
@@ -34,15 +35,17 @@ impl<S: MapStore> Writer<S> {
             if !seen.insert(backend) {
                 continue;
             }
-            let (id, new) = self.backends.acquire(&backend);
+            let (id, acquired) = self.backends.acquire(&backend);
             taken.push(backend);
-            if new {
+            if acquired == Acquired::Fresh {
                 match staged.as_deref_mut() {
                     Some(staged) => staged.push(id),
                     None => self.store.put_backend(id, backend)?,
                 }
-                self.backend_by_id.insert(id, backend);
                 stats.backend_writes += 1;
+            }
+            if acquired != Acquired::Held {
+                self.backend_by_id.insert(id, backend);
             }
             ids.push(id);
         }

@@ -137,6 +137,9 @@ struct Harness {
     last: State,
     /// The store's [`Recorder::full_after`].
     full_after: Rc<Cell<Option<usize>>>,
+    /// Frontends whose master must be there after every operation (an earlier agent's, which
+    /// serve traffic while this writer takes over).
+    serving: Vec<Frontend>,
 }
 
 impl Harness {
@@ -150,7 +153,17 @@ impl Harness {
         let full_after = Rc::default();
         let store = Recorder { maps: maps.clone(), full_after: Rc::clone(&full_after), ..Recorder::default() };
         let writer = Writer::new(store);
-        Self { label: label.into(), writer, kernel: maps, replayed: 0, leftovers, last: State::new(), full_after }
+        let last = State::new();
+        Self {
+            label: label.into(),
+            writer,
+            kernel: maps,
+            replayed: 0,
+            leftovers,
+            last,
+            full_after,
+            serving: Vec::new(),
+        }
     }
 
     /// Programs `state` as the sync loop does (removes what is gone, upserts the rest), then
@@ -204,6 +217,9 @@ impl Harness {
             self.kernel.apply(*op);
             if let Some(problem) = self.kernel.half_written() {
                 panic!("{}: after operation {} of {} ({op:?}): {problem}", self.label, i + 1, ops.len());
+            }
+            if let Some(gone) = self.serving.iter().find(|f| !self.kernel.services.contains_key(&master_key(f))) {
+                panic!("{}: after operation {} of {} ({op:?}): {gone:?} is not served", self.label, i + 1, ops.len());
             }
         }
         self.replayed += ops.len();
@@ -444,11 +460,15 @@ fn a_new_writer_takes_over_an_earlier_agents_maps() {
     let put: BTreeMap<BackendId, Backend> =
         ops.iter().filter_map(|op| if let Op::PutBackend(id, b) = op { Some((*id, *b)) } else { None }).collect();
     // Endpoint 2 was backend 40 before: it keeps that id (affinity and conntrack entries
-    // name it); endpoint 4 is new and gets an id above every id present.
-    assert_eq!(put.get(&40), Some(&backend(2)), "a surviving backend keeps its id: {put:?}");
-    let fresh: Vec<BackendId> = put.keys().copied().filter(|id| *id != 40).collect();
+    // name it), and its entry is there already; endpoint 4 is new and gets an id above every
+    // id present.
+    let named: BTreeSet<BackendId> =
+        (1..=2).map(|slot| harness.kernel.services[&master(a).with_slot(slot)].backend_id).collect();
+    assert!(named.contains(&40), "a surviving backend keeps its id: {named:?}");
+    assert!(!put.contains_key(&40), "and its entry is not written again: {put:?}");
+    let fresh: Vec<BackendId> = put.keys().copied().collect();
     assert_eq!(fresh.len(), 1, "{put:?}");
-    assert!(fresh[0] > 41, "a new backend's id is above every id present: {fresh:?}");
+    assert!(named.contains(&fresh[0]) && fresh[0] > 41, "a new backend's id is above every id present: {fresh:?}");
 
     let swept = harness.sweep();
     let deleted: BTreeSet<BackendId> =
@@ -496,15 +516,26 @@ fn a_failed_write_is_repaired_by_the_next_upsert() {
     let a = frontend(10);
     let before = state([(a, with_internal(entry("a", [1, 2]), [2]))]);
     let after = state([(a, with_internal(entry("a", [2, 3, 4]), [3, 5]))]);
-    let ops = {
+    let (ops, mut maps) = {
         let mut harness = Harness::new("nothing fails");
         harness.program(&before);
-        harness.program(&after)
+        let maps = harness.kernel.clone();
+        (harness.program(&after), maps)
     };
     let needed = ops.len();
-    // A full map fails inserts; deletes always go through.
-    let puts = (0..needed).filter(|&i| matches!(ops[i], Op::PutService(..) | Op::PutBackend(..)));
-    for done in puts {
+    // A full map fails inserts of new keys; replacing a value and deleting always go through.
+    let inserts: Vec<usize> = (0..needed)
+        .filter(|&i| {
+            let new = match ops[i] {
+                Op::PutService(key, _) => !maps.services.contains_key(&key),
+                Op::PutBackend(id, _) => !maps.backends.contains_key(&id),
+                Op::DeleteService(_) | Op::DeleteBackend(_) => false,
+            };
+            maps.apply(ops[i]);
+            new
+        })
+        .collect();
+    for done in inserts {
         let mut harness = Harness::new(&format!("the maps fill up after {done} of {needed} operations"));
         harness.program(&before);
         harness.full_after.set(Some(harness.writer.store().ops.len() + done));
@@ -605,6 +636,8 @@ impl Harness {
             stats += self.writer.upsert(*frontend, entry).unwrap();
         }
         let refused: BTreeSet<Frontend> = self.writer.end_batch().into_iter().map(|(f, _)| f).collect();
+        // A refused frontend is taken away, as one write at a time would have.
+        self.serving.retain(|f| !refused.contains(f));
         let ops = self.replay();
         if refused.is_empty() {
             assert_eq!(stats, counts(&ops), "{}: the stats count what was written", self.label);
@@ -710,4 +743,36 @@ fn a_batch_of_many_chunks_leaves_what_single_writes_leave() {
     assert_eq!(batched.store().maps, one_at_a_time.store().maps);
     assert_eq!(batched.store().names, one_at_a_time.store().names);
     assert_eq!(batched.store().maps.half_written(), None);
+}
+
+/// After a restart, every frontend goes through the first sync's batch. A batch that meets a
+/// full map must not undo the entries an earlier agent left for the frontends it adopts (those
+/// serve traffic, and "restarts drop nothing"): whether they are unchanged or changed while no
+/// agent ran, they are served after every single operation, wherever the map fills up.
+#[test]
+fn a_batch_that_meets_a_full_map_never_takes_away_an_adopted_frontend() {
+    let (a, b, new) = (frontend(10), frontend(11), frontend(12));
+    let before = state([(a, entry("a", [1, 2, 3])), (b, with_internal(entry("b", [2, 4]), [4]))]);
+    let mut earlier = Harness::new("the earlier agent");
+    earlier.program(&before);
+    let cases = [
+        ("unchanged", before.clone()),
+        ("an endpoint added while no agent ran", state([(a, entry("a", [1, 2, 3, 5])), (b, before[&b].clone())])),
+    ];
+    for (case, mut now) in cases {
+        now.insert(new, entry("new", 20..=30));
+        let ops = {
+            let mut harness = Harness::over(case, earlier.kernel.clone());
+            harness.program_batched(&now);
+            harness.writer.store().ops.clone()
+        };
+        for full_after in 0..ops.len() {
+            let label = format!("{case}: the maps fill up after {full_after} of {} operations", ops.len());
+            let mut harness = Harness::over(&label, earlier.kernel.clone());
+            harness.serving = vec![a, b];
+            harness.full_after.set(Some(full_after));
+            let refused = harness.program_batched(&now);
+            assert!(refused.contains(&new), "{label}: the new service is refused: {refused:?}");
+        }
+    }
 }

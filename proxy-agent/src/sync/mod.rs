@@ -275,6 +275,9 @@ impl<S: MapStore> Syncer<S> {
             for (frontend, error) in self.writer.end_batch() {
                 self.refuse_batched(&frontend, &error, &mut report, &mut keys);
             }
+            for key in self.refusals.end_deferred() {
+                self.no_longer_refused(&key);
+            }
             if !keys.is_empty() {
                 // Refusals let contenders in.
                 continue;
@@ -464,11 +467,19 @@ impl<S: MapStore> Syncer<S> {
             owned.insert(frontend);
         }
         self.claims.set_owned(key, owned);
-        if self.refusals.end(key) {
-            match self.tracker.service(key) {
-                Some(_) => info!(service = key, "service no longer refused: programmed"),
-                None => info!(service = key, "service no longer refused: deleted"),
-            }
+        if self.writer.batching() {
+            // Staged, not written: the batch says whether it fits.
+            self.refusals.defer_end(key);
+        } else if self.refusals.end(key) {
+            self.no_longer_refused(key);
+        }
+    }
+
+    /// Logs the end of service `key`'s refusal.
+    fn no_longer_refused(&self, key: &str) {
+        match self.tracker.service(key) {
+            Some(_) => info!(service = key, "service no longer refused: programmed"),
+            None => info!(service = key, "service no longer refused: deleted"),
         }
     }
 

@@ -102,6 +102,11 @@ impl<S: MapStore> Writer<S> {
         std::mem::take(&mut self.refused)
     }
 
+    /// Whether a batch is open: an upsert's success says only that its writes are staged.
+    pub fn batching(&self) -> bool {
+        self.staged.is_some()
+    }
+
     /// Whether `upsert` of `frontend` may be staged: a batch is open and the frontend is new
     /// (a change also deletes, and deletes are never staged).
     pub(super) fn stages(&self, frontend: &Frontend) -> bool {

@@ -215,6 +215,9 @@ pub struct Writer<S: MapStore> {
     /// writes the frontend or the sweep: a batch neither rewrites nor undoes what serves
     /// already ([`batch`]).
     adopted: HashMap<Frontend, Vec<(ServiceKey, ServiceValue)>>,
+    /// Whether the maps held anything when this writer started: if not, the sweep has nothing
+    /// to look for (and skips reading maps of a million buckets).
+    inherited: bool,
 }
 
 impl<S: MapStore> Writer<S> {
@@ -227,6 +230,10 @@ impl<S: MapStore> Writer<S> {
         for (key, value) in store.service_entries() {
             adopted.entry(frontend_of(&key)).or_default().push((key, value));
         }
+        let inherited = !adopted.is_empty()
+            || !backends.reserved.is_empty()
+            || !services.reserved.is_empty()
+            || !store.maglev_tables().is_empty();
         Self {
             store,
             programmed: HashMap::new(),
@@ -238,6 +245,7 @@ impl<S: MapStore> Writer<S> {
             staged: None,
             refused: Vec::new(),
             adopted,
+            inherited,
         }
     }
 

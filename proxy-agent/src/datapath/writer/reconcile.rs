@@ -1,7 +1,7 @@
 //! Reconcile: the ordered write of one frontend (upsert, remove, and undoing a refused
 //! upsert), the sweep of what an earlier agent left, and the periodic compare-and-repair.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
     affinity::affinity_service_id,
@@ -206,12 +206,17 @@ impl<S: MapStore> Writer<S> {
         // What no frontend claimed goes now: nothing is adopted any more.
         self.adopted = HashMap::new();
         let mut stats = WriteStats::default();
-        let services: Vec<ServiceKey> = self.store.service_entries().into_iter().map(|(key, _)| key).collect();
         for (_, id) in std::mem::take(&mut self.backends.reserved) {
             self.backends.in_use.remove(&id);
         }
-        let backends: Vec<BackendId> = self.store.backend_entries().into_iter().map(|(id, _)| id).collect();
-        self.delete_unprogrammed(services, backends, &mut stats)?;
+        // Over maps that were empty at the start, every entry is this writer's: reading maps
+        // of millions of buckets would find nothing (the periodic check deletes whatever else
+        // appears later).
+        if std::mem::take(&mut self.inherited) {
+            let services: Vec<ServiceKey> = self.store.service_entries().into_iter().map(|(key, _)| key).collect();
+            let backends: Vec<BackendId> = self.store.backend_entries().into_iter().map(|(id, _)| id).collect();
+            self.delete_unprogrammed(services, backends, &mut stats)?;
+        }
         for (_, id) in std::mem::take(&mut self.services.reserved) {
             self.services.in_use.remove(&id);
             self.store.delete_service_name(id)?;
@@ -251,13 +256,32 @@ impl<S: MapStore> Writer<S> {
     pub fn restore(&mut self) -> Result<WriteStats, S::Error> {
         self.settle();
         let mut stats = WriteStats::default();
-        let backends: HashMap<BackendId, Backend> = self.store.backend_entries().into_iter().collect();
-        for (id, backend) in &self.backend_by_id {
-            if backends.get(id) != Some(backend) {
-                self.store.put_backend(*id, *backend)?;
-                stats.backend_writes += 1;
+        // The maps are read once and compared entry by entry with what was programmed, without
+        // a copy of them as hash maps (at 100 000 × 10 that copy cost more than the reading);
+        // counting the entries found tells whether any are missing, which is rare.
+        let (mut found, mut stale_backends) = (0, Vec::new());
+        let backends = self.store.backend_entries();
+        for (id, backend) in &backends {
+            match self.backend_by_id.get(id) {
+                Some(programmed) if programmed == backend => found += 1,
+                Some(programmed) => {
+                    self.store.put_backend(*id, *programmed)?;
+                    stats.backend_writes += 1;
+                    found += 1;
+                }
+                None => stale_backends.push(*id),
             }
         }
+        if found < self.backend_by_id.len() {
+            let present: HashSet<BackendId> = backends.iter().map(|(id, _)| *id).collect();
+            for (id, backend) in &self.backend_by_id {
+                if !present.contains(id) {
+                    self.store.put_backend(*id, *backend)?;
+                    stats.backend_writes += 1;
+                }
+            }
+        }
+        drop(backends);
         let names: HashMap<u32, ServiceName> = self.store.service_names().into_iter().collect();
         for (service, (id, _)) in &self.services.ids {
             let name = service_name(service);
@@ -265,39 +289,82 @@ impl<S: MapStore> Writer<S> {
                 self.store.put_service_name(*id, name)?;
             }
         }
-        let present: HashMap<ServiceKey, ServiceValue> = self.store.service_entries().into_iter().collect();
-        let mut masters = Vec::with_capacity(self.programmed.len());
         for (frontend, p) in &self.programmed {
             // Idempotent, and LPM trie lookups do not say which prefix matched: simply rewritten.
             for cidr in &p.ranges {
                 self.store.put_source_range(frontend, cidr)?;
             }
+        }
+        let present = self.store.service_entries();
+        let (mut slots, mut masters, mut stale) = (Vec::new(), Vec::new(), Vec::new());
+        let mut found = 0;
+        for (key, value) in &present {
+            match self.programmed_value(key) {
+                Some(programmed) if programmed == *value => found += 1,
+                Some(programmed) => {
+                    found += 1;
+                    let wrong = if key.slot == 0 { &mut masters } else { &mut slots };
+                    wrong.push((*key, programmed));
+                }
+                None => stale.push(*key),
+            }
+        }
+        if found < self.service_entries_held() {
+            self.missing_service_entries(&present, &mut slots, &mut masters);
+        }
+        drop(present);
+        // Slots before the masters that count them, an internal-scope master before the
+        // external one that points to it.
+        masters.sort_by_key(|(key, _)| std::cmp::Reverse(key.scope));
+        for (key, value) in slots.into_iter().chain(masters) {
+            self.store.put_service(key, value)?;
+            stats.service_writes += 1;
+        }
+        self.delete_unprogrammed(stale, stale_backends, &mut stats)?;
+        self.restore_maglev()?;
+        Ok(stats)
+    }
+
+    /// The value this writer programmed for `services` entry `key`, if it programmed one.
+    fn programmed_value(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        let p = self.programmed.get(&frontend_of(key))?;
+        let internal = key.scope == SCOPE_INTERNAL;
+        if key.slot == 0 {
+            return if internal { p.internal_master() } else { Some(p.master) };
+        }
+        let ids = if internal { p.internal.as_deref()? } else { &p.external[..] };
+        let backend_id = *ids.get(usize::from(key.slot) - 1)?;
+        Some(ServiceValue { backend_id, ..ServiceValue::default() })
+    }
+
+    /// Adds the programmed `services` entries missing from `present` to `slots` and `masters`.
+    fn missing_service_entries(
+        &self,
+        present: &[(ServiceKey, ServiceValue)],
+        slots: &mut Vec<(ServiceKey, ServiceValue)>,
+        masters: &mut Vec<(ServiceKey, ServiceValue)>,
+    ) {
+        let present: HashSet<ServiceKey> = present.iter().map(|(key, _)| *key).collect();
+        for (frontend, p) in &self.programmed {
             let key = master_key(frontend);
             let scopes = [(key, Some(&p.external)), (key.with_scope(SCOPE_INTERNAL), p.internal.as_ref())];
             for (scope, ids) in scopes {
                 for (i, &backend_id) in ids.into_iter().flatten().enumerate() {
                     let slot = scope.with_slot(i as u16 + 1);
-                    let value = ServiceValue { backend_id, ..ServiceValue::default() };
-                    if present.get(&slot) != Some(&value) {
-                        self.store.put_service(slot, value)?;
-                        stats.service_writes += 1;
+                    if !present.contains(&slot) {
+                        slots.push((slot, ServiceValue { backend_id, ..ServiceValue::default() }));
                     }
                 }
             }
-            if let Some(internal) = p.internal_master() {
+            if let Some(internal) = p.internal_master()
+                && !present.contains(&key.with_scope(SCOPE_INTERNAL))
+            {
                 masters.push((key.with_scope(SCOPE_INTERNAL), internal));
             }
-            masters.push((key, p.master));
-        }
-        for (key, value) in masters {
-            if present.get(&key) != Some(&value) {
-                self.store.put_service(key, value)?;
-                stats.service_writes += 1;
+            if !present.contains(&key) {
+                masters.push((key, p.master));
             }
         }
-        self.delete_unprogrammed(present.into_keys().collect(), backends.into_keys().collect(), &mut stats)?;
-        self.restore_maglev()?;
-        Ok(stats)
     }
 
     fn is_programmed(&self, key: &ServiceKey) -> bool {

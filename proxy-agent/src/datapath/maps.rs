@@ -25,7 +25,10 @@ use proxy_common::{
 };
 use tracing::warn;
 
-use super::{DatapathError, writer::MapStore};
+use super::{
+    DatapathError,
+    writer::{Chunk, MapStore},
+};
 use crate::{
     model::{Cidr, Frontend},
     sys::bpf::PinnedMap,
@@ -74,6 +77,18 @@ impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
         crate::sys::bpf::update_batch(self.reader.as_fd(), &keys, &values).map_err(|io_error| {
             MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error })
         })
+    }
+
+    /// About `max` entries from bucket cursor `from`, and the cursor to go on from (`None`:
+    /// the end); every entry at once where batch reads fail.
+    fn entries_from(&self, from: Option<u64>, max: usize) -> (Vec<(K, V)>, Option<u64>) {
+        match self.reader.entries_from(from, max) {
+            Ok(read) => read,
+            Err(error) => {
+                warn!(%error, "reading a map a range of buckets at a time failed; reading it whole");
+                (self.entries(), None)
+            }
+        }
     }
 
     /// Every entry, thousands per system call.
@@ -340,6 +355,14 @@ impl MapStore for AyaMaps {
         self.backends().collect()
     }
 
+    fn service_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<ServiceKey, ServiceValue> {
+        self.services.entries_from(from, max)
+    }
+
+    fn backend_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<BackendId, Backend> {
+        self.backends.entries_from(from, max)
+    }
+
     fn service_names(&self) -> Vec<(u32, ServiceName)> {
         self.service_names().collect()
     }
@@ -527,6 +550,34 @@ mod batch_tests {
         let (refused, masters) = batch("batch-room", 128, &services);
         assert!(refused.is_empty(), "{refused:?}");
         assert_eq!(masters, services.iter().map(|(f, e)| (*f, e.backends.len() as u16)).collect::<Vec<_>>());
+    }
+
+    /// The periodic check's ranged reads: read on from the cursor until the end, a real
+    /// `services` map shows each of its entries once.
+    #[test]
+    fn a_map_read_a_range_at_a_time_shows_every_entry_once() {
+        let pins = PinnedMaps::sized("ranged", 4096, Some(4096));
+        let mut writer = Writer::new(AyaMaps::from_pins(pins.root()).expect("opening the pinned maps"));
+        for n in 1..=40 {
+            let (frontend, entry) = service(n, 5);
+            writer.upsert(frontend, &entry).expect("room for 40 services");
+        }
+        let mut whole = writer.store().service_entries();
+        let (mut read, mut cursor, mut calls) = (Vec::new(), None, 0);
+        loop {
+            let (entries, next) = writer.store().service_entries_from(cursor, 16);
+            read.extend(entries);
+            calls += 1;
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert!(calls > 1, "16 at a time: several reads");
+        whole.sort_by_key(|(key, _)| *key);
+        read.sort_by_key(|(key, _)| *key);
+        assert_eq!(whole.len(), 40 * 6);
+        assert_eq!(read, whole, "every entry once");
     }
 
     /// 11 + 51 + 11 entries for 60 places: the batch of slots fails part way; the redo refuses

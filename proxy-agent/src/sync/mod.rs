@@ -323,7 +323,9 @@ impl<S: MapStore> Syncer<S> {
         let mut report = if self.refusals.is_empty() { SyncReport::default() } else { self.sync() };
         let started = Instant::now();
         self.write_node_config();
-        match self.writer.restore() {
+        // A range of the large maps at a time: their missing entries show once a round read
+        // them all (see the writer's `check`).
+        match self.writer.check() {
             Ok(stats) => {
                 if stats != WriteStats::default() {
                     warn!(

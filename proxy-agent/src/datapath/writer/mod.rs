@@ -16,11 +16,14 @@
 //! - [`slots`]: a frontend's backend sets → backend entries, slot entries and their order;
 //! - [`reconcile`]: the ordered write of one frontend (upsert, remove, refusal), the sweep of
 //!   an earlier agent's leftovers and the periodic compare-and-repair;
+//! - [`check`]: that compare-and-repair a range of the large maps at a time;
+//! - [`batch`]: a large sync's writes staged and written a map update batch at a time;
 //! - [`stale`]: entries that keep clients on backends which left (affinity, UDP sockets,
 //!   socket reverse entries, UDP flows);
 //! - [`maglev`]: the Maglev table of each backend set that traffic from outside hashes into.
 
 mod batch;
+mod check;
 #[cfg(test)]
 pub(crate) mod fixture;
 mod ids;
@@ -71,6 +74,9 @@ pub(crate) fn source_range(frontend: &Frontend, cidr: &Cidr) -> (u32, SourceRang
     let data = SourceRange::new(addr::from_ip(frontend.address), frontend.port, frontend.proto, client);
     (SOURCE_RANGE_FRONTEND_BITS + bits, data)
 }
+
+/// Entries read from a map, and the cursor to read on from (`None`: the end was reached).
+pub type Chunk<K, V> = (Vec<(K, V)>, Option<u64>);
 
 /// The map operations the writer needs; the real implementation is over the pinned BPF maps.
 pub trait MapStore {
@@ -123,6 +129,18 @@ pub trait MapStore {
     fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)>;
     /// Every `backends` entry present.
     fn backend_entries(&self) -> Vec<(BackendId, Backend)>;
+    /// About `max` `services` entries from cursor `from` (`None`: the start) and the cursor to
+    /// go on from (`None`: the end); reading on until the end shows every entry that stayed
+    /// in the map once. By default every entry at once.
+    fn service_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<ServiceKey, ServiceValue> {
+        let _ = (from, max);
+        (self.service_entries(), None)
+    }
+    /// [`MapStore::service_entries_from`] for `backends`.
+    fn backend_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<BackendId, Backend> {
+        let _ = (from, max);
+        (self.backend_entries(), None)
+    }
     /// Every `service_names` entry present.
     fn service_names(&self) -> Vec<(u32, ServiceName)>;
     /// Writes the flow hash's seed (`maglev_config` map).
@@ -215,6 +233,8 @@ pub struct Writer<S: MapStore> {
     /// writes the frontend or the sweep: a batch neither rewrites nor undoes what serves
     /// already ([`batch`]).
     adopted: HashMap<Frontend, Vec<(ServiceKey, ServiceValue)>>,
+    /// The periodic check's round ([`check`]).
+    round: check::Round,
     /// Whether the maps held anything when this writer started: if not, the sweep has nothing
     /// to look for (and skips reading maps of a million buckets).
     inherited: bool,
@@ -245,6 +265,7 @@ impl<S: MapStore> Writer<S> {
             staged: None,
             refused: Vec::new(),
             adopted,
+            round: check::Round::default(),
             inherited,
         }
     }

@@ -21,6 +21,7 @@ impl<S: MapStore> Writer<S> {
     /// write fails (a full map), the frontend is refused as a whole: whatever was written for
     /// it is removed again, so it is absent rather than half there, and the error is returned.
     pub fn upsert(&mut self, frontend: Frontend, entry: &FrontendEntry) -> Result<WriteStats, S::Error> {
+        self.round.disturbed = true;
         if self.stages(&frontend) {
             return self.upsert_staged(frontend, entry);
         }
@@ -173,6 +174,7 @@ impl<S: MapStore> Writer<S> {
 
     /// Removes `frontend` and everything only it referenced.
     pub fn remove(&mut self, frontend: Frontend) -> Result<WriteStats, S::Error> {
+        self.round.disturbed = true;
         self.settle();
         self.remove_now(frontend)
     }
@@ -228,7 +230,7 @@ impl<S: MapStore> Writer<S> {
 
     /// Deletes the `services` keys and backend ids among those given that this writer did not
     /// program: masters first, then slots, then backends.
-    fn delete_unprogrammed(
+    pub(super) fn delete_unprogrammed(
         &mut self,
         services: Vec<ServiceKey>,
         backends: Vec<BackendId>,
@@ -259,19 +261,8 @@ impl<S: MapStore> Writer<S> {
         // The maps are read once and compared entry by entry with what was programmed, without
         // a copy of them as hash maps (at 100 000 × 10 that copy cost more than the reading);
         // counting the entries found tells whether any are missing, which is rare.
-        let (mut found, mut stale_backends) = (0, Vec::new());
         let backends = self.store.backend_entries();
-        for (id, backend) in &backends {
-            match self.backend_by_id.get(id) {
-                Some(programmed) if programmed == backend => found += 1,
-                Some(programmed) => {
-                    self.store.put_backend(*id, *programmed)?;
-                    stats.backend_writes += 1;
-                    found += 1;
-                }
-                None => stale_backends.push(*id),
-            }
-        }
+        let (found, stale_backends) = self.repair_backends(&backends, &mut stats)?;
         if found < self.backend_by_id.len() {
             let present: HashSet<BackendId> = backends.iter().map(|(id, _)| *id).collect();
             for (id, backend) in &self.backend_by_id {
@@ -282,6 +273,43 @@ impl<S: MapStore> Writer<S> {
             }
         }
         drop(backends);
+        self.restore_names_and_ranges()?;
+        let present = self.store.service_entries();
+        let Repairs { found, mut slots, mut masters, stale } = self.compare_services(&present);
+        if found < self.service_entries_held() {
+            self.missing_service_entries(&present, &mut slots, &mut masters);
+        }
+        drop(present);
+        self.put_services_in_order(slots, masters, &mut stats)?;
+        self.delete_unprogrammed(stale, stale_backends, &mut stats)?;
+        self.restore_maglev()?;
+        Ok(stats)
+    }
+
+    /// Rewrites the `backends` entries among `entries` whose value differs from what was
+    /// programmed; returns how many programmed ones were there, and the ids nobody programmed.
+    pub(super) fn repair_backends(
+        &mut self,
+        entries: &[(BackendId, Backend)],
+        stats: &mut WriteStats,
+    ) -> Result<(usize, Vec<BackendId>), S::Error> {
+        let (mut found, mut stale) = (0, Vec::new());
+        for (id, backend) in entries {
+            match self.backend_by_id.get(id) {
+                Some(programmed) if programmed == backend => found += 1,
+                Some(programmed) => {
+                    self.store.put_backend(*id, *programmed)?;
+                    stats.backend_writes += 1;
+                    found += 1;
+                }
+                None => stale.push(*id),
+            }
+        }
+        Ok((found, stale))
+    }
+
+    /// Puts back `service_names` entries that differ, and every frontend's source ranges.
+    pub(super) fn restore_names_and_ranges(&mut self) -> Result<(), S::Error> {
         let names: HashMap<u32, ServiceName> = self.store.service_names().into_iter().collect();
         for (service, (id, _)) in &self.services.ids {
             let name = service_name(service);
@@ -295,34 +323,40 @@ impl<S: MapStore> Writer<S> {
                 self.store.put_source_range(frontend, cidr)?;
             }
         }
-        let present = self.store.service_entries();
-        let (mut slots, mut masters, mut stale) = (Vec::new(), Vec::new(), Vec::new());
-        let mut found = 0;
-        for (key, value) in &present {
+        Ok(())
+    }
+
+    /// Compares `services` entries read from the map with what was programmed.
+    pub(super) fn compare_services(&self, entries: &[(ServiceKey, ServiceValue)]) -> Repairs {
+        let mut repairs = Repairs::default();
+        for (key, value) in entries {
             match self.programmed_value(key) {
-                Some(programmed) if programmed == *value => found += 1,
+                Some(programmed) if programmed == *value => repairs.found += 1,
                 Some(programmed) => {
-                    found += 1;
-                    let wrong = if key.slot == 0 { &mut masters } else { &mut slots };
+                    repairs.found += 1;
+                    let wrong = if key.slot == 0 { &mut repairs.masters } else { &mut repairs.slots };
                     wrong.push((*key, programmed));
                 }
-                None => stale.push(*key),
+                None => repairs.stale.push(*key),
             }
         }
-        if found < self.service_entries_held() {
-            self.missing_service_entries(&present, &mut slots, &mut masters);
-        }
-        drop(present);
-        // Slots before the masters that count them, an internal-scope master before the
-        // external one that points to it.
+        repairs
+    }
+
+    /// Writes `slots`, then `masters`: slots before the masters that count them, an
+    /// internal-scope master before the external one that points to it.
+    pub(super) fn put_services_in_order(
+        &mut self,
+        slots: Vec<(ServiceKey, ServiceValue)>,
+        mut masters: Vec<(ServiceKey, ServiceValue)>,
+        stats: &mut WriteStats,
+    ) -> Result<(), S::Error> {
         masters.sort_by_key(|(key, _)| std::cmp::Reverse(key.scope));
         for (key, value) in slots.into_iter().chain(masters) {
             self.store.put_service(key, value)?;
             stats.service_writes += 1;
         }
-        self.delete_unprogrammed(stale, stale_backends, &mut stats)?;
-        self.restore_maglev()?;
-        Ok(stats)
+        Ok(())
     }
 
     /// The value this writer programmed for `services` entry `key`, if it programmed one.
@@ -367,7 +401,7 @@ impl<S: MapStore> Writer<S> {
         }
     }
 
-    fn is_programmed(&self, key: &ServiceKey) -> bool {
+    pub(super) fn is_programmed(&self, key: &ServiceKey) -> bool {
         let frontend = frontend_of(key);
         let Some(p) = self.programmed.get(&frontend) else { return false };
         let slots = if key.scope == SCOPE_INTERNAL { p.internal.as_deref() } else { Some(&p.external[..]) };
@@ -385,4 +419,17 @@ fn master_of(service_id: u32, entry: &FrontendEntry, count: usize) -> ServiceVal
         service_id: affinity_service_id(service_id, entry.flags, SCOPE_EXTERNAL),
         affinity_timeout: entry.affinity_timeout,
     }
+}
+
+/// `services` entries read from the map against what was programmed.
+#[derive(Debug, Default)]
+pub(super) struct Repairs {
+    /// Programmed entries found (with the right value or not).
+    pub(super) found: usize,
+    /// Slots to rewrite, with the programmed value.
+    pub(super) slots: Vec<(ServiceKey, ServiceValue)>,
+    /// Masters to rewrite, with the programmed value.
+    pub(super) masters: Vec<(ServiceKey, ServiceValue)>,
+    /// Entries nobody programmed.
+    pub(super) stale: Vec<ServiceKey>,
 }

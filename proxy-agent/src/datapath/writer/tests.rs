@@ -776,3 +776,61 @@ fn a_batch_that_meets_a_full_map_never_takes_away_an_adopted_frontend() {
         }
     }
 }
+
+impl Harness {
+    /// One periodic check ([`Writer::check`]); whether it ended a round. The maps may be half
+    /// written before it (that is why it runs), so only the store is followed.
+    fn check_once(&mut self) -> bool {
+        self.writer.check().unwrap();
+        let ops = self.writer.store().ops[self.replayed..].to_vec();
+        ops.iter().for_each(|op| self.kernel.apply(*op));
+        self.replayed += ops.len();
+        self.writer.round_ended()
+    }
+
+    /// Checks until a round ends; how many checks it took.
+    fn check_round(&mut self) -> usize {
+        (1..=100).find(|_| self.check_once()).expect("a round ends within 100 checks")
+    }
+}
+
+/// The periodic check reads the large maps a range at a time: wrong and foreign entries go as
+/// their range is read, missing ones once a whole round was read undisturbed; a round the
+/// writer wrote during leaves them to the next round.
+#[test]
+fn the_periodic_check_repairs_a_range_at_a_time_and_missing_entries_after_a_round() {
+    let (a, b, foreign) = (frontend(10), frontend(11), frontend(99));
+    let state = state([(a, with_internal(entry("a", [1, 2, 3]), [2])), (b, entry("b", [3, 4, 5, 6]))]);
+    let mut clean = Harness::new("as programmed");
+    clean.program(&state);
+    let mut harness = Harness::new("ranged check");
+    harness.program(&state);
+    harness.sweep();
+    harness.writer.store.read_max = Some(3);
+    assert!(harness.check_round() > 1, "3 entries a check: a round takes several");
+    assert_eq!(harness.writer.store().ops.len(), harness.replayed, "nothing to write");
+
+    let master = |f: Frontend| master_key(&f);
+    let slot = |backend_id| ServiceValue { backend_id, ..ServiceValue::default() };
+    let maps = &mut harness.writer.store.maps;
+    maps.services.remove(&master(a));
+    maps.services.insert(master(b).with_slot(2), slot(999));
+    maps.services.insert(master(foreign), ServiceValue { count: 1, ..ServiceValue::default() });
+    maps.services.insert(master(foreign).with_slot(1), slot(12_345));
+    maps.backends.insert(12_345, backends(&[endpoint(9)], TCP)[0]);
+    harness.kernel = maps.clone();
+    let checks = harness.check_round();
+    assert!(checks > 1, "{checks}");
+    assert_eq!(harness.writer.store().maps, clean.kernel, "every entry repaired after one round");
+
+    // A sync writes during the next round (here an upsert that changes nothing): the master
+    // deleted under it waits a round more.
+    harness.writer.store.maps.services.remove(&master(b));
+    harness.kernel = harness.writer.store().maps.clone();
+    harness.check_once();
+    harness.writer.upsert(a, &state[&a]).unwrap();
+    harness.check_round();
+    assert!(!harness.writer.store().maps.services.contains_key(&master(b)), "a disturbed round cannot count");
+    harness.check_round();
+    assert_eq!(harness.writer.store().maps, clean.kernel, "the next round puts it back");
+}

@@ -25,7 +25,10 @@ use proxy_common::{
 };
 use tracing::warn;
 
-use super::{DatapathError, writer::MapStore};
+use super::{
+    DatapathError,
+    writer::{Chunk, MapStore},
+};
 use crate::{
     model::{Cidr, Frontend},
     sys::bpf::PinnedMap,
@@ -60,6 +63,32 @@ impl<K: aya::Pod, V: aya::Pod> Hash<K, V> {
         let map = if reader.info().map_type == LRU_HASH { Map::LruHashMap(data) } else { Map::HashMap(data) };
         let map = HashMap::try_from(map).map_err(|source| DatapathError::Map { name, source })?;
         Ok(Self { map, reader })
+    }
+
+    /// Inserts or replaces `entries` in order, in one system call (`BPF_MAP_UPDATE_BATCH`); on
+    /// an error the entries before the failing one may be written.
+    fn put_batch(&mut self, entries: &[(K, V)]) -> Result<(), MapError> {
+        let info = self.reader.info();
+        if info.key_size as usize != size_of::<K>() || info.value_size as usize != size_of::<V>() {
+            // Not the layout this handle was built for: aya's per-entry insert says why.
+            return entries.iter().try_for_each(|(key, value)| self.map.insert(key, value, 0));
+        }
+        let (keys, values): (Vec<K>, Vec<V>) = entries.iter().copied().unzip();
+        crate::sys::bpf::update_batch(self.reader.as_fd(), &keys, &values).map_err(|io_error| {
+            MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error })
+        })
+    }
+
+    /// About `max` entries from bucket cursor `from`, and the cursor to go on from (`None`:
+    /// the end); every entry at once where batch reads fail.
+    fn entries_from(&self, from: Option<u64>, max: usize) -> (Vec<(K, V)>, Option<u64>) {
+        match self.reader.entries_from(from, max) {
+            Ok(read) => read,
+            Err(error) => {
+                warn!(%error, "reading a map a range of buckets at a time failed; reading it whole");
+                (self.entries(), None)
+            }
+        }
     }
 
     /// Every entry, thousands per system call.
@@ -234,6 +263,10 @@ impl MapStore for AyaMaps {
         self.services.insert(key, value, 0).map_err(on_sized(maps::SERVICES, &self.services))
     }
 
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), WriteError> {
+        self.services.put_batch(entries).map_err(on_sized(maps::SERVICES, &self.services))
+    }
+
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), WriteError> {
         absent_ok(self.services.remove(&key)).map_err(on(maps::SERVICES))
     }
@@ -242,12 +275,20 @@ impl MapStore for AyaMaps {
         self.backends.insert(id, backend, 0).map_err(on_sized(maps::BACKENDS, &self.backends))
     }
 
+    fn put_backends(&mut self, entries: &[(BackendId, Backend)]) -> Result<(), WriteError> {
+        self.backends.put_batch(entries).map_err(on_sized(maps::BACKENDS, &self.backends))
+    }
+
     fn delete_backend(&mut self, id: BackendId) -> Result<(), WriteError> {
         absent_ok(self.backends.remove(&id)).map_err(on(maps::BACKENDS))
     }
 
     fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), WriteError> {
         self.names.insert(id, name, 0).map_err(on_sized(maps::SERVICE_NAMES, &self.names))
+    }
+
+    fn put_service_names(&mut self, entries: &[(u32, ServiceName)]) -> Result<(), WriteError> {
+        self.names.put_batch(entries).map_err(on_sized(maps::SERVICE_NAMES, &self.names))
     }
 
     fn delete_service_name(&mut self, id: u32) -> Result<(), WriteError> {
@@ -312,6 +353,14 @@ impl MapStore for AyaMaps {
 
     fn backend_entries(&self) -> Vec<(BackendId, Backend)> {
         self.backends().collect()
+    }
+
+    fn service_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<ServiceKey, ServiceValue> {
+        self.services.entries_from(from, max)
+    }
+
+    fn backend_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<BackendId, Backend> {
+        self.backends.entries_from(from, max)
     }
 
     fn service_names(&self) -> Vec<(u32, ServiceName)> {
@@ -427,5 +476,117 @@ mod tests {
         let text = error.to_string();
         assert!(text.contains(&path.display().to_string()), "{text} names the pin");
         assert!(text.contains("os error"), "{text} keeps the OS error");
+    }
+}
+
+/// The writer's batches against the kernel: `BPF_MAP_UPDATE_BATCH` into real maps, and a full
+/// `services` map refusing only the service that does not fit.
+#[cfg(test)]
+mod batch_tests {
+    use std::net::Ipv4Addr;
+
+    use proxy_common::{proto::TCP, service::SVC_F_CLUSTER_IP};
+
+    use super::*;
+    use crate::{
+        datapath::{testing::PinnedMaps, writer::Writer},
+        model::{Endpoint, FrontendEntry, FrontendKind, ServicePortName},
+    };
+
+    /// ClusterIP 10.96.0.`n`:80 of service `svc-<n>` with `count` endpoints of its own.
+    fn service(n: u8, count: u32) -> (Frontend, FrontendEntry) {
+        let frontend = Frontend { address: Ipv4Addr::new(10, 96, 0, n).into(), port: 80, proto: TCP };
+        let backends = (0..count)
+            .map(|i| Endpoint {
+                address: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, n, 0)) + i).into(),
+                port: 8080,
+                local: false,
+                terminating: false,
+            })
+            .collect();
+        let service =
+            ServicePortName { namespace: "default".into(), name: format!("svc-{n}"), port: String::new(), proto: TCP };
+        let entry = FrontendEntry {
+            service,
+            kind: FrontendKind::ClusterIp,
+            flags: SVC_F_CLUSTER_IP,
+            affinity_timeout: 0,
+            backends,
+            internal: None,
+            source_ranges: Vec::new(),
+        };
+        (frontend, entry)
+    }
+
+    /// Programs `services` in one batch over maps with room for `room` `services` entries;
+    /// returns the refused frontends and the masters' counts read back from the kernel.
+    fn batch(name: &str, room: u32, services: &[(Frontend, FrontendEntry)]) -> (Vec<Frontend>, Vec<(Frontend, u16)>) {
+        let pins = PinnedMaps::sized(name, 4096, Some(room));
+        let mut writer = Writer::new(AyaMaps::from_pins(pins.root()).expect("opening the pinned maps"));
+        writer.begin_batch();
+        for (frontend, entry) in services {
+            writer.upsert(*frontend, entry).expect("staging writes nothing");
+        }
+        let refused = writer.end_batch().into_iter().map(|(frontend, _)| frontend).collect();
+        let entries = writer.store().service_entries();
+        let mut masters: Vec<(Frontend, u16)> = entries
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(k, v)| (super::super::writer::frontend_of(k), v.count))
+            .collect();
+        masters.sort();
+        let slots = entries.iter().filter(|(k, _)| k.slot != 0).count();
+        assert_eq!(
+            slots,
+            masters.iter().map(|(_, n)| usize::from(*n)).sum::<usize>(),
+            "only the masters' slots are there"
+        );
+        (refused, masters)
+    }
+
+    #[test]
+    fn a_batch_programs_every_service_through_the_kernel() {
+        let services = [service(1, 10), service(2, 50), service(3, 10)];
+        let (refused, masters) = batch("batch-room", 128, &services);
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(masters, services.iter().map(|(f, e)| (*f, e.backends.len() as u16)).collect::<Vec<_>>());
+    }
+
+    /// The periodic check's ranged reads: read on from the cursor until the end, a real
+    /// `services` map shows each of its entries once.
+    #[test]
+    fn a_map_read_a_range_at_a_time_shows_every_entry_once() {
+        let pins = PinnedMaps::sized("ranged", 4096, Some(4096));
+        let mut writer = Writer::new(AyaMaps::from_pins(pins.root()).expect("opening the pinned maps"));
+        for n in 1..=40 {
+            let (frontend, entry) = service(n, 5);
+            writer.upsert(frontend, &entry).expect("room for 40 services");
+        }
+        let mut whole = writer.store().service_entries();
+        let (mut read, mut cursor, mut calls) = (Vec::new(), None, 0);
+        loop {
+            let (entries, next) = writer.store().service_entries_from(cursor, 16);
+            read.extend(entries);
+            calls += 1;
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert!(calls > 1, "16 at a time: several reads");
+        whole.sort_by_key(|(key, _)| *key);
+        read.sort_by_key(|(key, _)| *key);
+        assert_eq!(whole.len(), 40 * 6);
+        assert_eq!(read, whole, "every entry once");
+    }
+
+    /// 11 + 51 + 11 entries for 60 places: the batch of slots fails part way; the redo refuses
+    /// the second service only (one write at a time would have), the third still fits.
+    #[test]
+    fn a_full_services_map_refuses_only_the_service_that_does_not_fit() {
+        let services = [service(1, 10), service(2, 50), service(3, 10)];
+        let (refused, masters) = batch("batch-full", 60, &services);
+        assert_eq!(refused, [services[1].0]);
+        assert_eq!(masters, [(services[0].0, 10), (services[2].0, 10)]);
     }
 }

@@ -156,6 +156,12 @@ pub(crate) mod testing {
         /// The maps pinned under `/sys/fs/bpf/proxy-unit-<name>-<pid>`, `conntrack` with room for
         /// `conntrack_max` entries.
         pub fn new(name: &str, conntrack_max: u32) -> Self {
+            Self::sized(name, conntrack_max, None)
+        }
+
+        /// [`PinnedMaps::new`] with room for `services_max` `services` entries (the object's
+        /// default when `None`).
+        pub fn sized(name: &str, conntrack_max: u32, services_max: Option<u32>) -> Self {
             let root = PathBuf::from(format!("/sys/fs/bpf/proxy-unit-{name}-{}", std::process::id()));
             let _ = super::cleanup(&root);
             super::ensure_bpffs(&root).expect("a bpffs directory (run as root)");
@@ -165,6 +171,9 @@ pub(crate) mod testing {
                 loader.map_pin_path(map, path.as_path());
             }
             loader.map_max_entries(maps::CONNTRACK, conntrack_max);
+            if let Some(services_max) = services_max {
+                loader.map_max_entries(maps::SERVICES, services_max);
+            }
             let ebpf = loader.load(super::load::OBJECT).expect("creating the object's maps");
             Self { root, _ebpf: ebpf }
         }

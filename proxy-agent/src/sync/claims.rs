@@ -26,6 +26,11 @@ impl Claims {
         self.holder.get(frontend).map(String::as_str).filter(|h| *h != key)
     }
 
+    /// The service holding `frontend`, if any.
+    pub(crate) fn holder(&self, frontend: &Frontend) -> Option<&str> {
+        self.holder.get(frontend).map(String::as_str)
+    }
+
     /// Whether `key` holds `frontend`.
     pub(crate) fn holds(&self, key: &str, frontend: &Frontend) -> bool {
         self.holder.get(frontend).is_some_and(|h| h == key)

@@ -85,8 +85,12 @@ pub type NodeHook = Box<dyn FnMut(&NodeInfo) + Send>;
 /// Event on the Service.
 pub type RefusalHook = Box<dyn FnMut(&str, &str) + Send>;
 
+/// Services changed at once from which a sync stages its writes and writes them in batches
+/// (the first full sync, a relist): below it, one `bpf()` call per entry costs little.
+const BATCH_FROM: usize = 64;
+
 /// Tracker, model and writer together.
-pub struct Syncer<S> {
+pub struct Syncer<S: MapStore> {
     tracker: Tracker,
     writer: Writer<S>,
     config: SyncConfig,
@@ -255,6 +259,9 @@ impl<S: MapStore> Syncer<S> {
         let mut health_changed = false;
         // Refused services go last: the changes before them may free the room they need.
         let mut retry = self.refusals.services();
+        if keys.len() >= BATCH_FROM {
+            self.writer.begin_batch();
+        }
         loop {
             // Releasing a frontend can let a contender in: keep going until nothing is left.
             while let Some(key) = keys.pop_first() {
@@ -268,6 +275,16 @@ impl<S: MapStore> Syncer<S> {
                     self.report(skip, origin.as_deref());
                 }
                 self.program(&key, desired.frontends, &mut report, &mut keys);
+            }
+            for (frontend, error) in self.writer.end_batch() {
+                self.refuse_batched(&frontend, &error, &mut report, &mut keys);
+            }
+            for key in self.refusals.end_deferred() {
+                self.no_longer_refused(&key);
+            }
+            if !keys.is_empty() {
+                // Refusals let contenders in.
+                continue;
             }
             if retry.is_empty() {
                 break;
@@ -310,7 +327,9 @@ impl<S: MapStore> Syncer<S> {
         let mut report = if self.refusals.is_empty() { SyncReport::default() } else { self.sync() };
         let started = Instant::now();
         self.write_node_config();
-        match self.writer.restore() {
+        // A range of the large maps at a time: their missing entries show once a round read
+        // them all (see the writer's `check`).
+        match self.writer.check() {
             Ok(stats) => {
                 if stats != WriteStats::default() {
                     warn!(
@@ -445,32 +464,8 @@ impl<S: MapStore> Syncer<S> {
             match self.writer.upsert(frontend, &entry) {
                 Ok(stats) => report.writes += stats,
                 Err(e) => {
-                    let mut error = count_failure(&e, report);
                     self.refuse(key, old.union(&owned), report, requeue);
-                    if full_map(&e) == Some(proxy_common::maps::SERVICES) {
-                        let held = self.writer.service_entries_held();
-                        error.push_str(&format!(
-                            "; --services-map-size {} would hold it ({held} entries in use, {needs} for {key})",
-                            held + needs
-                        ));
-                    }
-                    if self.refusals.start(key) {
-                        warn!(
-                            service = key,
-                            %frontend,
-                            error,
-                            "service refused as a whole (a map write failed); retried on every sync, logged \
-                             again when it is programmed or deleted"
-                        );
-                    } else {
-                        debug!(service = key, %frontend, error, "service still refused");
-                    }
-                    if let Some(hook) = &mut self.refusal_hook {
-                        hook(
-                            key,
-                            &format!("not programmed: writing {frontend} failed: {error}; retried on every sync"),
-                        );
-                    }
+                    self.refused(key, &frontend, &e, needs, report);
                     return;
                 }
             }
@@ -478,12 +473,68 @@ impl<S: MapStore> Syncer<S> {
             owned.insert(frontend);
         }
         self.claims.set_owned(key, owned);
-        if self.refusals.end(key) {
-            match self.tracker.service(key) {
-                Some(_) => info!(service = key, "service no longer refused: programmed"),
-                None => info!(service = key, "service no longer refused: deleted"),
-            }
+        if self.writer.batching() {
+            // Staged, not written: the batch says whether it fits.
+            self.refusals.defer_end(key);
+        } else if self.refusals.end(key) {
+            self.no_longer_refused(key);
         }
+    }
+
+    /// Logs the end of service `key`'s refusal.
+    fn no_longer_refused(&self, key: &str) {
+        match self.tracker.service(key) {
+            Some(_) => info!(service = key, "service no longer refused: programmed"),
+            None => info!(service = key, "service no longer refused: deleted"),
+        }
+    }
+
+    /// Logs, counts and reports the refusal of service `key`, whose write of `frontend` failed
+    /// with `e`; `needs` is how many `services` entries it takes.
+    fn refused(&mut self, key: &str, frontend: &Frontend, e: &S::Error, needs: usize, report: &mut SyncReport) {
+        let mut error = count_failure(e, report);
+        if full_map(e) == Some(proxy_common::maps::SERVICES) {
+            let held = self.writer.service_entries_held();
+            error.push_str(&format!(
+                "; --services-map-size {} would hold it ({held} entries in use, {needs} for {key})",
+                held + needs
+            ));
+        }
+        if self.refusals.start(key) {
+            warn!(
+                service = key,
+                %frontend,
+                error,
+                "service refused as a whole (a map write failed); retried on every sync, logged again when it \
+                 is programmed or deleted"
+            );
+        } else {
+            debug!(service = key, %frontend, error, "service still refused");
+        }
+        if let Some(hook) = &mut self.refusal_hook {
+            hook(key, &format!("not programmed: writing {frontend} failed: {error}; retried on every sync"));
+        }
+    }
+
+    /// Refuses the service holding `frontend`, which a batch could not write (the writer has
+    /// removed it already): its other frontends go too, as after a failed upsert.
+    fn refuse_batched(
+        &mut self,
+        frontend: &Frontend,
+        error: &S::Error,
+        report: &mut SyncReport,
+        requeue: &mut BTreeSet<String>,
+    ) {
+        let Some(key) = self.claims.holder(frontend).map(str::to_owned) else { return };
+        let held = self.claims.take_owned(&key);
+        self.refuse(&key, held.iter(), report, requeue);
+        let needs = self
+            .compute(&key)
+            .frontends
+            .values()
+            .map(|e| crate::datapath::writer::service_entries(e.backends.len(), e.internal.as_ref().map(Vec::len)))
+            .sum();
+        self.refused(&key, frontend, error, needs, report);
     }
 
     /// Refuses a service as a whole after a failed write: removes every frontend it still holds

@@ -223,3 +223,60 @@ fn a_full_map_names_the_flag_that_sizes_it() {
     let text = error_chain(&full(proxy_common::maps::BACKENDS, libc::EPERM));
     assert!(!text.contains("the map is full"), "not full: {text}");
 }
+
+/// The log lines `f` writes, at debug level and above.
+fn logged(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+}
+
+/// Issue 15: a refused service retried inside a batch (a sync of many changes) has one outcome
+/// in that sync: still refused (no "no longer refused" then "refused" again), or programmed.
+#[test]
+fn a_refused_service_retried_in_a_batch_is_logged_once_per_outcome() {
+    // 70 services of one endpoint each (two entries), room for 69: one is refused.
+    let names: Vec<String> = (0..70).map(|i| format!("s{i:02}")).collect();
+    let services: Vec<(&str, u8, &[u8])> =
+        names.iter().zip(1..).map(|(n, last)| (n.as_str(), last, &[2][..])).collect();
+    let mut syncer = syncer(MemMaps::with_room(138));
+    list_all(&mut syncer, &services);
+    assert_eq!(syncer.sync().refused, 1);
+    let [refused] = &syncer.refusals.services().into_iter().collect::<Vec<_>>()[..] else { panic!("one refusal") };
+
+    // A node change re-dirties all 70: one batch, and the refused service still does not fit.
+    syncer.apply(Update::Nodes(Change::Apply(sourced(node(NODE, Ipv4Addr::new(172, 18, 0, 9))))));
+    let mut report = SyncReport::default();
+    let log = logged(|| report = syncer.sync());
+    assert_eq!(report.refused, 1, "{report:?}");
+    assert!(!log.contains("no longer refused"), "still refused, never programmed:\n{log}");
+    assert!(!log.contains("service refused as a whole"), "the same refusal, not a new one:\n{log}");
+    assert_eq!(log.matches("service still refused").count(), 1, "{log}");
+
+    // Another batch in which one service goes: the refused one fits now, and only that is logged.
+    syncer.apply(Update::Services(Change::Delete("default/s00".into())));
+    syncer.apply(Update::Nodes(Change::Apply(sourced(node(NODE, Ipv4Addr::new(172, 18, 0, 10))))));
+    let log = logged(|| report = syncer.sync());
+    assert_eq!(report.refused, 0, "{report:?}");
+    assert!(syncer.refusals.is_empty());
+    assert_eq!(log.matches("no longer refused").count(), 1, "{log}");
+    assert!(log.contains(refused.as_str()), "{log}");
+    assert!(!log.contains("refused as a whole") && !log.contains("still refused"), "{log}");
+}

@@ -45,6 +45,9 @@ const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 
+/// Entries read from a hash map and the bucket cursor to read on from (`None`: the end).
+pub type Range<K, V> = (Vec<(K, V)>, Option<u64>);
+
 /// Entries per `BPF_MAP_LOOKUP_BATCH` call.
 const BATCH: usize = 4096;
 
@@ -297,14 +300,25 @@ struct Batch {
 /// one each (8 192 for the default size).
 pub fn fill_u64_array(fd: BorrowedFd<'_>, values: &[u64]) -> io::Result<()> {
     let keys: Vec<u32> = (0..values.len() as u32).collect();
+    update_batch(fd, &keys, values)
+}
+
+/// Inserts or replaces `keys[i]` → `values[i]` in map `fd`, in order, with
+/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6 and later): one call for the lot. `K` and `V` must be
+/// the map's key and value layouts. On an error (`E2BIG`: the map is full), the entries before
+/// the failing one are written.
+pub fn update_batch<K: Copy, V: Copy>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<()> {
+    if keys.len() != values.len() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let mut done = 0;
-    while done < values.len() {
+    while done < keys.len() {
         let mut attr = Batch {
             in_batch: 0,
             out_batch: 0,
             keys: keys[done..].as_ptr() as u64,
             values: values[done..].as_ptr() as u64,
-            count: (values.len() - done) as u32,
+            count: u32::try_from(keys.len() - done).unwrap_or(u32::MAX),
             map_fd: fd.as_raw_fd() as u32,
             elem_flags: 0,
             flags: 0,
@@ -398,6 +412,39 @@ impl PinnedMap {
         Ok(out)
     }
 
+    /// About `max` entries of a hash map from bucket cursor `from` (`None`: the first bucket),
+    /// and the cursor to go on from (`None`: the last bucket was read). Whole buckets, so a
+    /// few more than `max` may come; a map read this way over several calls shows every entry
+    /// that stayed in it once. `BPF_MAP_LOOKUP_BATCH` only: other map types, or a kernel
+    /// without it, fail.
+    pub fn entries_from<K: aya::Pod, V: aya::Pod>(
+        &self,
+        from: Option<u64>,
+        max: usize,
+    ) -> Result<Range<K, V>, BpfError> {
+        let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
+        if (key_size, value_size) != (self.info.key_size as usize, self.info.value_size as usize) {
+            return Err(BpfError::Size {
+                path: self.path.clone(),
+                key: self.info.key_size,
+                value: self.info.value_size,
+                want_key: key_size as u32,
+                want_value: value_size as u32,
+            });
+        }
+        let mut out = Vec::new();
+        let mut cursor = from;
+        while out.len() < max {
+            // At least a few buckets' worth per call (a bucket holds a handful of entries).
+            let count = (max - out.len()).clamp(64, BATCH);
+            cursor = self.batch_from(cursor, count, &mut |key, value| out.push((read_pod(key), read_pod(value))))?;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        Ok((out, cursor))
+    }
+
     /// How many entries the map holds (an array: its size). Batch reads for hash maps
     /// (`entries / 4096 + 1` calls), a walk of the keys alone for the others.
     pub fn count(&self) -> Result<u64, BpfError> {
@@ -440,40 +487,58 @@ impl PinnedMap {
 
     /// `BPF_MAP_LOOKUP_BATCH` over a hash map.
     fn for_each_batch(&self, f: &mut impl FnMut(&[u8], &[u8])) -> Result<(), BpfError> {
-        let (key_size, value_size) = (self.info.key_size as usize, self.info.value_size as usize);
-        let mut keys = vec![0u8; BATCH * key_size];
-        let mut values = vec![0u8; BATCH * value_size];
-        // The batch token: a bucket index for hash maps.
-        let (mut token, mut next) = (0u64, 0u64);
-        let mut first = true;
+        let mut cursor = None;
         loop {
-            let mut attr = Batch {
-                in_batch: if first { 0 } else { std::ptr::from_mut(&mut token) as u64 },
-                out_batch: std::ptr::from_mut(&mut next) as u64,
-                keys: keys.as_mut_ptr() as u64,
-                values: values.as_mut_ptr() as u64,
-                count: BATCH as u32,
-                map_fd: self.fd.as_raw_fd() as u32,
-                elem_flags: 0,
-                flags: 0,
-            };
-            let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-            // With ENOENT (the end of the map) the last entries come along.
-            let filled = if result.is_ok() || result.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOENT)) {
-                (attr.count as usize).min(BATCH)
-            } else {
-                0
-            };
-            for i in 0..filled {
-                f(&keys[i * key_size..(i + 1) * key_size], &values[i * value_size..(i + 1) * value_size]);
+            cursor = self.batch_from(cursor, BATCH, f)?;
+            if cursor.is_none() {
+                return Ok(());
             }
-            match result {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-                Err(e) => return Err(self.error("BPF_MAP_LOOKUP_BATCH")(e)),
-            }
-            first = false;
-            token = next;
+        }
+    }
+
+    /// One `BPF_MAP_LOOKUP_BATCH` call of up to `count` (at most [`BATCH`]) entries from bucket
+    /// cursor `from` (`None`: the start) over a hash map; returns the cursor to go on from,
+    /// `None` at the end.
+    fn batch_from(
+        &self,
+        from: Option<u64>,
+        count: usize,
+        f: &mut impl FnMut(&[u8], &[u8]),
+    ) -> Result<Option<u64>, BpfError> {
+        let (key_size, value_size) = (self.info.key_size as usize, self.info.value_size as usize);
+        let count = count.min(BATCH);
+        let mut keys = vec![0u8; count * key_size];
+        let mut values = vec![0u8; count * value_size];
+        // The batch token: a bucket index for hash maps.
+        let (mut token, mut next) = (from.unwrap_or_default(), 0u64);
+        let mut attr = Batch {
+            in_batch: if from.is_none() { 0 } else { std::ptr::from_mut(&mut token) as u64 },
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: count as u32,
+            map_fd: self.fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        if count < BATCH && result.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOSPC)) {
+            // The next bucket holds more than `count` entries: read it with room to spare.
+            return self.batch_from(from, BATCH, f);
+        }
+        // With ENOENT (the end of the map) the last entries come along.
+        let filled = if result.is_ok() || result.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ENOENT)) {
+            (attr.count as usize).min(count)
+        } else {
+            0
+        };
+        for i in 0..filled {
+            f(&keys[i * key_size..(i + 1) * key_size], &values[i * value_size..(i + 1) * value_size]);
+        }
+        match result {
+            Ok(_) => Ok(Some(next)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(self.error("BPF_MAP_LOOKUP_BATCH")(e)),
         }
     }
 

@@ -8,6 +8,19 @@ use proxy_common::{backend::Backend, service::ServiceName};
 use super::{MapStore, Programmed, WriteStats, Writer};
 use crate::model::ServicePortName;
 
+/// Where [`Ids::acquire`]'s id came from, which says whether its map entry must be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Acquired {
+    /// Another reference already holds it: its entry is written.
+    Held,
+    /// An earlier agent gave the key this id: its entry is in the map with this very key
+    /// (that is how it was restored), so nothing is written, and nothing is deleted if the
+    /// write that took it is undone.
+    Adopted,
+    /// A new id: its entry must be written.
+    Fresh,
+}
+
 /// Ids handed out for keys, with reference counts. Ids are not reused soon after release: an
 /// affinity entry or an in-flight lookup that still holds a released id must not find another
 /// service's backend under it, so ids count up and wrap only after 2^32 allocations.
@@ -28,26 +41,26 @@ impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
         Self { ids: HashMap::new(), in_use: HashSet::new(), next: 1, reserved: HashMap::new() }
     }
 
-    /// The id of `key`, taking a reference; `true` when the id is new.
-    pub(super) fn acquire(&mut self, key: &K) -> (u32, bool) {
+    /// The id of `key`, taking a reference, and where it came from.
+    pub(super) fn acquire(&mut self, key: &K) -> (u32, Acquired) {
         if let Some((id, refs)) = self.ids.get_mut(key) {
             *refs += 1;
-            return (*id, false);
+            return (*id, Acquired::Held);
         }
-        let id = match self.reserved.remove(key) {
-            Some(id) => id,
+        let (id, acquired) = match self.reserved.remove(key) {
+            Some(id) => (id, Acquired::Adopted),
             None => {
                 // 0 is never an id; skip ids in use (or reserved) after a wrap.
                 while self.next == 0 || self.in_use.contains(&self.next) {
                     self.next = self.next.wrapping_add(1);
                 }
                 self.next = self.next.wrapping_add(1);
-                self.next.wrapping_sub(1)
+                (self.next.wrapping_sub(1), Acquired::Fresh)
             }
         };
         self.in_use.insert(id);
         self.ids.insert(key.clone(), (id, 1));
-        (id, true)
+        (id, acquired)
     }
 
     /// Drops a reference; returns the id when it was the last one.

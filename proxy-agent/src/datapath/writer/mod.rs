@@ -16,10 +16,14 @@
 //! - [`slots`]: a frontend's backend sets → backend entries, slot entries and their order;
 //! - [`reconcile`]: the ordered write of one frontend (upsert, remove, refusal), the sweep of
 //!   an earlier agent's leftovers and the periodic compare-and-repair;
+//! - [`check`]: that compare-and-repair a range of the large maps at a time;
+//! - [`batch`]: a large sync's writes staged and written a map update batch at a time;
 //! - [`stale`]: entries that keep clients on backends which left (affinity, UDP sockets,
 //!   socket reverse entries, UDP flows);
 //! - [`maglev`]: the Maglev table of each backend set that traffic from outside hashes into.
 
+mod batch;
+mod check;
 #[cfg(test)]
 pub(crate) mod fixture;
 mod ids;
@@ -50,7 +54,7 @@ use proxy_common::{
 };
 
 use self::ids::Ids;
-pub use self::{slots::slot_order, stale::Departed};
+pub use self::{batch::Refusal, slots::slot_order, stale::Departed};
 use crate::model::{Cidr, Frontend, ServicePortName};
 
 /// The key of a frontend's master entry in the `services` map.
@@ -71,20 +75,37 @@ pub(crate) fn source_range(frontend: &Frontend, cidr: &Cidr) -> (u32, SourceRang
     (SOURCE_RANGE_FRONTEND_BITS + bits, data)
 }
 
+/// Entries read from a map, and the cursor to read on from (`None`: the end was reached).
+pub type Chunk<K, V> = (Vec<(K, V)>, Option<u64>);
+
 /// The map operations the writer needs; the real implementation is over the pinned BPF maps.
 pub trait MapStore {
     /// The error of a failed map operation.
     type Error: std::error::Error + Send + Sync + 'static;
     /// Inserts or replaces a `services` entry.
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), Self::Error>;
+    /// Inserts or replaces `services` entries in order, as few system calls as the store can
+    /// (the kernel's batch update); on an error, the entries before the failing one may be
+    /// written.
+    fn put_services(&mut self, entries: &[(ServiceKey, ServiceValue)]) -> Result<(), Self::Error> {
+        entries.iter().try_for_each(|(key, value)| self.put_service(*key, *value))
+    }
     /// Deletes a `services` entry (absent is fine).
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), Self::Error>;
     /// Inserts or replaces a `backends` entry.
     fn put_backend(&mut self, id: BackendId, backend: Backend) -> Result<(), Self::Error>;
+    /// Inserts or replaces `backends` entries in order, as [`MapStore::put_services`] does.
+    fn put_backends(&mut self, entries: &[(BackendId, Backend)]) -> Result<(), Self::Error> {
+        entries.iter().try_for_each(|(id, backend)| self.put_backend(*id, *backend))
+    }
     /// Deletes a `backends` entry (absent is fine).
     fn delete_backend(&mut self, id: BackendId) -> Result<(), Self::Error>;
     /// Inserts or replaces a `service_names` entry.
     fn put_service_name(&mut self, id: u32, name: ServiceName) -> Result<(), Self::Error>;
+    /// Inserts or replaces `service_names` entries in order, as [`MapStore::put_services`] does.
+    fn put_service_names(&mut self, entries: &[(u32, ServiceName)]) -> Result<(), Self::Error> {
+        entries.iter().try_for_each(|(id, name)| self.put_service_name(*id, *name))
+    }
     /// Deletes a `service_names` entry (absent is fine).
     fn delete_service_name(&mut self, id: u32) -> Result<(), Self::Error>;
     /// Deletes affinity and UDP-socket entries that keep a client on a backend which left that
@@ -108,6 +129,18 @@ pub trait MapStore {
     fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)>;
     /// Every `backends` entry present.
     fn backend_entries(&self) -> Vec<(BackendId, Backend)>;
+    /// About `max` `services` entries from cursor `from` (`None`: the start) and the cursor to
+    /// go on from (`None`: the end); reading on until the end shows every entry that stayed
+    /// in the map once. By default every entry at once.
+    fn service_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<ServiceKey, ServiceValue> {
+        let _ = (from, max);
+        (self.service_entries(), None)
+    }
+    /// [`MapStore::service_entries_from`] for `backends`.
+    fn backend_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<BackendId, Backend> {
+        let _ = (from, max);
+        (self.backend_entries(), None)
+    }
     /// Every `service_names` entry present.
     fn service_names(&self) -> Vec<(u32, ServiceName)>;
     /// Writes the flow hash's seed (`maglev_config` map).
@@ -179,7 +212,7 @@ impl std::ops::AddAssign for WriteStats {
 }
 
 /// Keeps the maps equal to the desired frontends, one frontend at a time.
-pub struct Writer<S> {
+pub struct Writer<S: MapStore> {
     store: S,
     programmed: HashMap<Frontend, Programmed>,
     /// Backend ids, one per distinct `backends` value, counted per slot naming it.
@@ -192,6 +225,19 @@ pub struct Writer<S> {
     gone: HashSet<(u32, BackendId)>,
     /// Maglev settings and tables.
     maglev: maglev::Tables,
+    /// The open batch's staged writes ([`Writer::begin_batch`]).
+    staged: Option<batch::Staged>,
+    /// Frontends the open batch could not program, for [`Writer::end_batch`].
+    refused: Vec<Refusal<S::Error>>,
+    /// The `services` entries an earlier agent left, by frontend, until this writer first
+    /// writes the frontend or the sweep: a batch neither rewrites nor undoes what serves
+    /// already ([`batch`]).
+    adopted: HashMap<Frontend, Vec<(ServiceKey, ServiceValue)>>,
+    /// The periodic check's round ([`check`]).
+    round: check::Round,
+    /// Whether the maps held anything when this writer started: if not, the sweep has nothing
+    /// to look for (and skips reading maps of a million buckets).
+    inherited: bool,
 }
 
 impl<S: MapStore> Writer<S> {
@@ -200,6 +246,14 @@ impl<S: MapStore> Writer<S> {
     /// [`Writer::sweep`] removes what the first full sync did not claim.
     pub fn new(store: S) -> Self {
         let (backends, services) = ids::restored(&store);
+        let mut adopted: HashMap<Frontend, Vec<_>> = HashMap::new();
+        for (key, value) in store.service_entries() {
+            adopted.entry(frontend_of(&key)).or_default().push((key, value));
+        }
+        let inherited = !adopted.is_empty()
+            || !backends.reserved.is_empty()
+            || !services.reserved.is_empty()
+            || !store.maglev_tables().is_empty();
         Self {
             store,
             programmed: HashMap::new(),
@@ -208,6 +262,11 @@ impl<S: MapStore> Writer<S> {
             services,
             gone: HashSet::new(),
             maglev: maglev::Tables::default(),
+            staged: None,
+            refused: Vec::new(),
+            adopted,
+            round: check::Round::default(),
+            inherited,
         }
     }
 

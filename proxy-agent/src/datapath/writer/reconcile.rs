@@ -1,7 +1,7 @@
 //! Reconcile: the ordered write of one frontend (upsert, remove, and undoing a refused
 //! upsert), the sweep of what an earlier agent left, and the periodic compare-and-repair.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use proxy_common::{
     affinity::affinity_service_id,
@@ -9,7 +9,11 @@ use proxy_common::{
     service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
 };
 
-use super::{MapStore, Programmed, WriteStats, Writer, frontend_of, ids::service_name, internal_master, master_key};
+use super::{
+    MapStore, Programmed, WriteStats, Writer, frontend_of,
+    ids::{Acquired, service_name},
+    internal_master, master_key,
+};
 use crate::model::{Frontend, FrontendEntry};
 
 impl<S: MapStore> Writer<S> {
@@ -17,6 +21,14 @@ impl<S: MapStore> Writer<S> {
     /// write fails (a full map), the frontend is refused as a whole: whatever was written for
     /// it is removed again, so it is absent rather than half there, and the error is returned.
     pub fn upsert(&mut self, frontend: Frontend, entry: &FrontendEntry) -> Result<WriteStats, S::Error> {
+        self.round.disturbed = true;
+        if self.stages(&frontend) {
+            return self.upsert_staged(frontend, entry);
+        }
+        // Whatever a batch staged goes first: this write may name its backends.
+        self.settle();
+        // Written over from here on: no longer an earlier agent's.
+        self.adopted.remove(&frontend);
         let old = self.programmed.remove(&frontend);
         let mut taken = Vec::new();
         match self.write(frontend, entry, old.as_ref(), &mut taken) {
@@ -50,24 +62,19 @@ impl<S: MapStore> Writer<S> {
     ) -> Result<(Programmed, WriteStats), S::Error> {
         let mut stats = WriteStats::default();
         let (service_id, new_service) = self.services.acquire(&entry.service);
-        if new_service {
+        if new_service == Acquired::Fresh {
             self.store.put_service_name(service_id, service_name(&entry.service))?;
         }
         let old_external = old.map_or(&[][..], |o| &o.external[..]);
         let old_internal = old.and_then(|o| o.internal.as_deref());
-        let external = self.layout(old_external, &entry.backends, frontend.proto, taken, &mut stats)?;
+        let external = self.layout(old_external, &entry.backends, frontend.proto, taken, &mut stats, None)?;
         let internal = match &entry.internal {
-            Some(set) => Some(self.layout(old_internal.unwrap_or(&[]), set, frontend.proto, taken, &mut stats)?),
+            Some(set) => {
+                Some(self.layout(old_internal.unwrap_or(&[]), set, frontend.proto, taken, &mut stats, None)?)
+            }
             None => None,
         };
-        let master = ServiceValue {
-            backend_id: 0,
-            count: external.len() as u16,
-            flags: entry.flags,
-            // With the local-set bit when a Local policy makes this set node-local.
-            service_id: affinity_service_id(service_id, entry.flags, SCOPE_EXTERNAL),
-            affinity_timeout: entry.affinity_timeout,
-        };
+        let master = master_of(service_id, entry, external.len());
         let key = master_key(&frontend);
         let internal_key = key.with_scope(SCOPE_INTERNAL);
         // Admitted client ranges before the master that turns the check on.
@@ -106,6 +113,34 @@ impl<S: MapStore> Writer<S> {
         Ok((Programmed { ranges, master, external, internal, service: entry.service.clone() }, stats))
     }
 
+    /// [`Writer::upsert`] of a new frontend while a batch is open: its source ranges are
+    /// written, everything else is staged (see [`super::batch`]).
+    fn upsert_staged(&mut self, frontend: Frontend, entry: &FrontendEntry) -> Result<WriteStats, S::Error> {
+        let mut stats = WriteStats::default();
+        let mut taken = Vec::new();
+        let mut fresh = Vec::new();
+        let (service_id, new_service) = self.services.acquire(&entry.service);
+        let proto = frontend.proto;
+        let external = self.layout(&[], &entry.backends, proto, &mut taken, &mut stats, Some(&mut fresh))?;
+        let internal = match &entry.internal {
+            Some(set) => Some(self.layout(&[], set, proto, &mut taken, &mut stats, Some(&mut fresh))?),
+            None => None,
+        };
+        for cidr in &entry.source_ranges {
+            if let Err(error) = self.store.put_source_range(&frontend, cidr) {
+                self.refuse(frontend, entry, None, &taken);
+                return Err(error);
+            }
+        }
+        let master = master_of(service_id, entry, external.len());
+        let ranges = entry.source_ranges.clone();
+        let p = Programmed { ranges, master, external, internal, service: entry.service.clone() };
+        self.programmed.insert(frontend, p);
+        let adopted = self.adopted.remove(&frontend).unwrap_or_default();
+        stats.service_writes += self.stage(frontend, fresh, new_service == Acquired::Fresh, adopted);
+        Ok(stats)
+    }
+
     /// Undoes a failed upsert: removes every entry the frontend may have (old or new), then drops
     /// the references both layouts held. Best effort: a failing delete leaves an entry the next
     /// sweep removes.
@@ -139,6 +174,13 @@ impl<S: MapStore> Writer<S> {
 
     /// Removes `frontend` and everything only it referenced.
     pub fn remove(&mut self, frontend: Frontend) -> Result<WriteStats, S::Error> {
+        self.round.disturbed = true;
+        self.settle();
+        self.remove_now(frontend)
+    }
+
+    /// [`Writer::remove`] without writing a batch's staged entries first.
+    pub(super) fn remove_now(&mut self, frontend: Frontend) -> Result<WriteStats, S::Error> {
         let mut stats = WriteStats::default();
         let Some(old) = self.programmed.remove(&frontend) else { return Ok(stats) };
         self.departed(&old, None);
@@ -162,13 +204,21 @@ impl<S: MapStore> Writer<S> {
     /// Deletes every map entry this writer did not program (an earlier agent's leftovers):
     /// masters first, then slots, then backends.
     pub fn sweep(&mut self) -> Result<WriteStats, S::Error> {
+        self.settle();
+        // What no frontend claimed goes now: nothing is adopted any more.
+        self.adopted = HashMap::new();
         let mut stats = WriteStats::default();
-        let services: Vec<ServiceKey> = self.store.service_entries().into_iter().map(|(key, _)| key).collect();
         for (_, id) in std::mem::take(&mut self.backends.reserved) {
             self.backends.in_use.remove(&id);
         }
-        let backends: Vec<BackendId> = self.store.backend_entries().into_iter().map(|(id, _)| id).collect();
-        self.delete_unprogrammed(services, backends, &mut stats)?;
+        // Over maps that were empty at the start, every entry is this writer's: reading maps
+        // of millions of buckets would find nothing (the periodic check deletes whatever else
+        // appears later).
+        if std::mem::take(&mut self.inherited) {
+            let services: Vec<ServiceKey> = self.store.service_entries().into_iter().map(|(key, _)| key).collect();
+            let backends: Vec<BackendId> = self.store.backend_entries().into_iter().map(|(id, _)| id).collect();
+            self.delete_unprogrammed(services, backends, &mut stats)?;
+        }
         for (_, id) in std::mem::take(&mut self.services.reserved) {
             self.services.in_use.remove(&id);
             self.store.delete_service_name(id)?;
@@ -180,7 +230,7 @@ impl<S: MapStore> Writer<S> {
 
     /// Deletes the `services` keys and backend ids among those given that this writer did not
     /// program: masters first, then slots, then backends.
-    fn delete_unprogrammed(
+    pub(super) fn delete_unprogrammed(
         &mut self,
         services: Vec<ServiceKey>,
         backends: Vec<BackendId>,
@@ -206,14 +256,60 @@ impl<S: MapStore> Writer<S> {
     /// deletions as the sweep does them. Only after the first sweep (ids reserved from an
     /// earlier agent are settled by then).
     pub fn restore(&mut self) -> Result<WriteStats, S::Error> {
+        self.settle();
         let mut stats = WriteStats::default();
-        let backends: HashMap<BackendId, Backend> = self.store.backend_entries().into_iter().collect();
-        for (id, backend) in &self.backend_by_id {
-            if backends.get(id) != Some(backend) {
-                self.store.put_backend(*id, *backend)?;
-                stats.backend_writes += 1;
+        // The maps are read once and compared entry by entry with what was programmed, without
+        // a copy of them as hash maps (at 100 000 × 10 that copy cost more than the reading);
+        // counting the entries found tells whether any are missing, which is rare.
+        let backends = self.store.backend_entries();
+        let (found, stale_backends) = self.repair_backends(&backends, &mut stats)?;
+        if found < self.backend_by_id.len() {
+            let present: HashSet<BackendId> = backends.iter().map(|(id, _)| *id).collect();
+            for (id, backend) in &self.backend_by_id {
+                if !present.contains(id) {
+                    self.store.put_backend(*id, *backend)?;
+                    stats.backend_writes += 1;
+                }
             }
         }
+        drop(backends);
+        self.restore_names_and_ranges()?;
+        let present = self.store.service_entries();
+        let Repairs { found, mut slots, mut masters, stale } = self.compare_services(&present);
+        if found < self.service_entries_held() {
+            self.missing_service_entries(&present, &mut slots, &mut masters);
+        }
+        drop(present);
+        self.put_services_in_order(slots, masters, &mut stats)?;
+        self.delete_unprogrammed(stale, stale_backends, &mut stats)?;
+        self.restore_maglev()?;
+        Ok(stats)
+    }
+
+    /// Rewrites the `backends` entries among `entries` whose value differs from what was
+    /// programmed; returns how many programmed ones were there, and the ids nobody programmed.
+    pub(super) fn repair_backends(
+        &mut self,
+        entries: &[(BackendId, Backend)],
+        stats: &mut WriteStats,
+    ) -> Result<(usize, Vec<BackendId>), S::Error> {
+        let (mut found, mut stale) = (0, Vec::new());
+        for (id, backend) in entries {
+            match self.backend_by_id.get(id) {
+                Some(programmed) if programmed == backend => found += 1,
+                Some(programmed) => {
+                    self.store.put_backend(*id, *programmed)?;
+                    stats.backend_writes += 1;
+                    found += 1;
+                }
+                None => stale.push(*id),
+            }
+        }
+        Ok((found, stale))
+    }
+
+    /// Puts back `service_names` entries that differ, and every frontend's source ranges.
+    pub(super) fn restore_names_and_ranges(&mut self) -> Result<(), S::Error> {
         let names: HashMap<u32, ServiceName> = self.store.service_names().into_iter().collect();
         for (service, (id, _)) in &self.services.ids {
             let name = service_name(service);
@@ -221,45 +317,119 @@ impl<S: MapStore> Writer<S> {
                 self.store.put_service_name(*id, name)?;
             }
         }
-        let present: HashMap<ServiceKey, ServiceValue> = self.store.service_entries().into_iter().collect();
-        let mut masters = Vec::with_capacity(self.programmed.len());
         for (frontend, p) in &self.programmed {
             // Idempotent, and LPM trie lookups do not say which prefix matched: simply rewritten.
             for cidr in &p.ranges {
                 self.store.put_source_range(frontend, cidr)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Compares `services` entries read from the map with what was programmed.
+    pub(super) fn compare_services(&self, entries: &[(ServiceKey, ServiceValue)]) -> Repairs {
+        let mut repairs = Repairs::default();
+        for (key, value) in entries {
+            match self.programmed_value(key) {
+                Some(programmed) if programmed == *value => repairs.found += 1,
+                Some(programmed) => {
+                    repairs.found += 1;
+                    let wrong = if key.slot == 0 { &mut repairs.masters } else { &mut repairs.slots };
+                    wrong.push((*key, programmed));
+                }
+                None => repairs.stale.push(*key),
+            }
+        }
+        repairs
+    }
+
+    /// Writes `slots`, then `masters`: slots before the masters that count them, an
+    /// internal-scope master before the external one that points to it.
+    pub(super) fn put_services_in_order(
+        &mut self,
+        slots: Vec<(ServiceKey, ServiceValue)>,
+        mut masters: Vec<(ServiceKey, ServiceValue)>,
+        stats: &mut WriteStats,
+    ) -> Result<(), S::Error> {
+        masters.sort_by_key(|(key, _)| std::cmp::Reverse(key.scope));
+        for (key, value) in slots.into_iter().chain(masters) {
+            self.store.put_service(key, value)?;
+            stats.service_writes += 1;
+        }
+        Ok(())
+    }
+
+    /// The value this writer programmed for `services` entry `key`, if it programmed one.
+    fn programmed_value(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        let p = self.programmed.get(&frontend_of(key))?;
+        let internal = key.scope == SCOPE_INTERNAL;
+        if key.slot == 0 {
+            return if internal { p.internal_master() } else { Some(p.master) };
+        }
+        let ids = if internal { p.internal.as_deref()? } else { &p.external[..] };
+        let backend_id = *ids.get(usize::from(key.slot) - 1)?;
+        Some(ServiceValue { backend_id, ..ServiceValue::default() })
+    }
+
+    /// Adds the programmed `services` entries missing from `present` to `slots` and `masters`.
+    fn missing_service_entries(
+        &self,
+        present: &[(ServiceKey, ServiceValue)],
+        slots: &mut Vec<(ServiceKey, ServiceValue)>,
+        masters: &mut Vec<(ServiceKey, ServiceValue)>,
+    ) {
+        let present: HashSet<ServiceKey> = present.iter().map(|(key, _)| *key).collect();
+        for (frontend, p) in &self.programmed {
             let key = master_key(frontend);
             let scopes = [(key, Some(&p.external)), (key.with_scope(SCOPE_INTERNAL), p.internal.as_ref())];
             for (scope, ids) in scopes {
                 for (i, &backend_id) in ids.into_iter().flatten().enumerate() {
                     let slot = scope.with_slot(i as u16 + 1);
-                    let value = ServiceValue { backend_id, ..ServiceValue::default() };
-                    if present.get(&slot) != Some(&value) {
-                        self.store.put_service(slot, value)?;
-                        stats.service_writes += 1;
+                    if !present.contains(&slot) {
+                        slots.push((slot, ServiceValue { backend_id, ..ServiceValue::default() }));
                     }
                 }
             }
-            if let Some(internal) = p.internal_master() {
+            if let Some(internal) = p.internal_master()
+                && !present.contains(&key.with_scope(SCOPE_INTERNAL))
+            {
                 masters.push((key.with_scope(SCOPE_INTERNAL), internal));
             }
-            masters.push((key, p.master));
-        }
-        for (key, value) in masters {
-            if present.get(&key) != Some(&value) {
-                self.store.put_service(key, value)?;
-                stats.service_writes += 1;
+            if !present.contains(&key) {
+                masters.push((key, p.master));
             }
         }
-        self.delete_unprogrammed(present.into_keys().collect(), backends.into_keys().collect(), &mut stats)?;
-        self.restore_maglev()?;
-        Ok(stats)
     }
 
-    fn is_programmed(&self, key: &ServiceKey) -> bool {
+    pub(super) fn is_programmed(&self, key: &ServiceKey) -> bool {
         let frontend = frontend_of(key);
         let Some(p) = self.programmed.get(&frontend) else { return false };
         let slots = if key.scope == SCOPE_INTERNAL { p.internal.as_deref() } else { Some(&p.external[..]) };
         slots.is_some_and(|slots| usize::from(key.slot) <= slots.len())
     }
+}
+
+/// The external scope's master of `entry` over `count` slots, for service-port id `service_id`.
+fn master_of(service_id: u32, entry: &FrontendEntry, count: usize) -> ServiceValue {
+    ServiceValue {
+        backend_id: 0,
+        count: count as u16,
+        flags: entry.flags,
+        // With the local-set bit when a Local policy makes this set node-local.
+        service_id: affinity_service_id(service_id, entry.flags, SCOPE_EXTERNAL),
+        affinity_timeout: entry.affinity_timeout,
+    }
+}
+
+/// `services` entries read from the map against what was programmed.
+#[derive(Debug, Default)]
+pub(super) struct Repairs {
+    /// Programmed entries found (with the right value or not).
+    pub(super) found: usize,
+    /// Slots to rewrite, with the programmed value.
+    pub(super) slots: Vec<(ServiceKey, ServiceValue)>,
+    /// Masters to rewrite, with the programmed value.
+    pub(super) masters: Vec<(ServiceKey, ServiceValue)>,
+    /// Entries nobody programmed.
+    pub(super) stale: Vec<ServiceKey>,
 }

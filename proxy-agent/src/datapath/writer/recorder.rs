@@ -94,7 +94,8 @@ pub(crate) struct Recorder {
     pub(crate) ops: Vec<Op>,
     /// `services` and `backends` as the operations left them.
     pub(crate) maps: Maps,
-    /// Once this many operations are recorded, every put fails as if the maps were full.
+    /// Once this many operations are recorded, every put of a new key fails as if the maps were
+    /// full (replacing an entry's value needs no room, in the kernel's hash maps too).
     pub(crate) full_after: Rc<Cell<Option<usize>>>,
     /// `service_names`.
     pub(crate) names: BTreeMap<u32, ServiceName>,
@@ -106,6 +107,28 @@ pub(crate) struct Recorder {
     pub(crate) sock_backend: HashMap<SockBackendKey, SockBackendValue>,
     /// Maglev tables and seed.
     pub(crate) maglev: MemMaglev,
+    /// Entries a ranged read returns at most (every entry when `None`), to test reads over
+    /// several calls.
+    pub(crate) read_max: Option<usize>,
+}
+
+/// Up to `max` of `entries` from cursor `from`, as the kernel's ranged read of a hash map: the
+/// entries are ordered by a fixed hash of their key (their "bucket"), and the cursor is the
+/// next bucket, so an entry that stays is read once however the others change meanwhile.
+fn ranged<K: std::hash::Hash + Copy, V: Copy>(
+    entries: impl Iterator<Item = (K, V)>,
+    from: Option<u64>,
+    max: usize,
+) -> (Vec<(K, V)>, Option<u64>) {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let bucket = |key: &K| BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+    let mut sorted: Vec<(u64, K, V)> =
+        entries.map(|(k, v)| (bucket(&k), k, v)).filter(|(b, _, _)| *b >= from.unwrap_or(0)).collect();
+    sorted.sort_by_key(|(b, _, _)| *b);
+    let next = sorted.get(max).map(|(b, _, _)| *b);
+    // Whole buckets, as the kernel reads them.
+    let end = next.map_or(sorted.len(), |next| sorted.partition_point(|(b, _, _)| *b < next));
+    (sorted[..end].iter().map(|(_, k, v)| (*k, *v)).collect(), next)
 }
 
 /// The Maglev maps of the in-memory stores: tables as the kernel's `maglev` map holds them
@@ -144,7 +167,12 @@ impl Recorder {
     }
 
     fn put(&mut self, op: Op) -> Result<(), Full> {
-        if self.full_after.get().is_some_and(|n| self.ops.len() >= n) {
+        let present = match op {
+            Op::PutService(key, _) => self.maps.services.contains_key(&key),
+            Op::PutBackend(id, _) => self.maps.backends.contains_key(&id),
+            Op::DeleteService(_) | Op::DeleteBackend(_) => true,
+        };
+        if !present && self.full_after.get().is_some_and(|n| self.ops.len() >= n) {
             return Err(Full);
         }
         self.delete(op)
@@ -233,6 +261,14 @@ impl MapStore for Recorder {
 
     fn backend_entries(&self) -> Vec<(BackendId, Backend)> {
         self.maps.backends.iter().map(|(id, backend)| (*id, *backend)).collect()
+    }
+
+    fn service_entries_from(&self, from: Option<u64>, max: usize) -> super::Chunk<ServiceKey, ServiceValue> {
+        ranged(self.maps.services.iter().map(|(k, v)| (*k, *v)), from, self.read_max.unwrap_or(max))
+    }
+
+    fn backend_entries_from(&self, from: Option<u64>, max: usize) -> super::Chunk<BackendId, Backend> {
+        ranged(self.maps.backends.iter().map(|(k, v)| (*k, *v)), from, self.read_max.unwrap_or(max))
     }
 
     fn put_maglev_config(&mut self, config: MaglevConfig) -> Result<(), Full> {

@@ -9,14 +9,16 @@ use proxy_common::{
     service::{ServiceKey, ServiceValue},
 };
 
-use super::{MapStore, WriteStats, Writer};
+use super::{MapStore, WriteStats, Writer, ids::Acquired};
 use crate::model::Endpoint;
 
 impl<S: MapStore> Writer<S> {
-    /// Takes a reference on the backend of every endpoint (writing entries for new ones) and
+    /// Takes a reference on the backend of every endpoint (writing entries for new ones, not
+    /// for those an earlier agent left in the map under the same id) and
     /// returns the slot order: survivors keep their slots, a survivor beyond the new count moves
     /// into a hole, new backends fill the remaining holes. `release` later drops the old
-    /// layout's references.
+    /// layout's references. With `staged`, new backends are collected there for a batch
+    /// instead of written.
     pub(super) fn layout(
         &mut self,
         old: &[BackendId],
@@ -24,6 +26,7 @@ impl<S: MapStore> Writer<S> {
         proto: u8,
         taken: &mut Vec<Backend>,
         stats: &mut WriteStats,
+        mut staged: Option<&mut Vec<BackendId>>,
     ) -> Result<Vec<BackendId>, S::Error> {
         let mut ids = Vec::with_capacity(wanted.len());
         let mut seen = HashSet::with_capacity(wanted.len());
@@ -32,12 +35,17 @@ impl<S: MapStore> Writer<S> {
             if !seen.insert(backend) {
                 continue;
             }
-            let (id, new) = self.backends.acquire(&backend);
+            let (id, acquired) = self.backends.acquire(&backend);
             taken.push(backend);
-            if new {
-                self.store.put_backend(id, backend)?;
-                self.backend_by_id.insert(id, backend);
+            if acquired == Acquired::Fresh {
+                match staged.as_deref_mut() {
+                    Some(staged) => staged.push(id),
+                    None => self.store.put_backend(id, backend)?,
+                }
                 stats.backend_writes += 1;
+            }
+            if acquired != Acquired::Held {
+                self.backend_by_id.insert(id, backend);
             }
             ids.push(id);
         }

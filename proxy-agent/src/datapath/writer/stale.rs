@@ -42,15 +42,32 @@ impl<S: MapStore> Writer<S> {
     /// said (entries an earlier agent left, or ones an event was lost for).
     pub fn forget_stale(&mut self) -> Result<Departed, S::Error> {
         self.gone.clear();
-        let mut live = HashSet::new();
-        for (id, set) in self.programmed.values().flat_map(Programmed::sets) {
-            live.extend(set.iter().map(|b| (id, *b)));
-        }
-        self.forget_where(&|service, backend| !live.contains(&(service, backend)))
+        // Every (set, backend) pair programmed: a million at 100 000 × 10, so built only once
+        // an affinity or socket entry asks (most checks find none).
+        let live = std::cell::OnceCell::new();
+        let programmed = &self.programmed;
+        let live = |service, backend| {
+            live.get_or_init(|| {
+                let mut live = HashSet::new();
+                for (id, set) in programmed.values().flat_map(Programmed::sets) {
+                    live.extend(set.iter().map(|b| (id, *b)));
+                }
+                live
+            })
+            .contains(&(service, backend))
+        };
+        let entries = self.store.forget(&|service, backend| !live(service, backend))?;
+        self.forget_sockets_and_flows(entries)
     }
 
     fn forget_where(&mut self, gone: &dyn Fn(u32, BackendId) -> bool) -> Result<Departed, S::Error> {
         let entries = self.store.forget(gone)?;
+        self.forget_sockets_and_flows(entries)
+    }
+
+    /// After `entries` affinity and socket entries went: deletes the socket reverse entries
+    /// and UDP flows whose backend is not behind their frontend now.
+    fn forget_sockets_and_flows(&mut self, entries: usize) -> Result<Departed, S::Error> {
         let mut sockets = HashSet::new();
         for (key, frontend) in self.store.sock_rev_entries() {
             // sock_rev does not record the protocol: either frontend will do.

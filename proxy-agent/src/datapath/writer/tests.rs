@@ -137,6 +137,9 @@ struct Harness {
     last: State,
     /// The store's [`Recorder::full_after`].
     full_after: Rc<Cell<Option<usize>>>,
+    /// Frontends whose master must be there after every operation (an earlier agent's, which
+    /// serve traffic while this writer takes over).
+    serving: Vec<Frontend>,
 }
 
 impl Harness {
@@ -150,7 +153,17 @@ impl Harness {
         let full_after = Rc::default();
         let store = Recorder { maps: maps.clone(), full_after: Rc::clone(&full_after), ..Recorder::default() };
         let writer = Writer::new(store);
-        Self { label: label.into(), writer, kernel: maps, replayed: 0, leftovers, last: State::new(), full_after }
+        let last = State::new();
+        Self {
+            label: label.into(),
+            writer,
+            kernel: maps,
+            replayed: 0,
+            leftovers,
+            last,
+            full_after,
+            serving: Vec::new(),
+        }
     }
 
     /// Programs `state` as the sync loop does (removes what is gone, upserts the rest), then
@@ -204,6 +217,9 @@ impl Harness {
             self.kernel.apply(*op);
             if let Some(problem) = self.kernel.half_written() {
                 panic!("{}: after operation {} of {} ({op:?}): {problem}", self.label, i + 1, ops.len());
+            }
+            if let Some(gone) = self.serving.iter().find(|f| !self.kernel.services.contains_key(&master_key(f))) {
+                panic!("{}: after operation {} of {} ({op:?}): {gone:?} is not served", self.label, i + 1, ops.len());
             }
         }
         self.replayed += ops.len();
@@ -444,11 +460,15 @@ fn a_new_writer_takes_over_an_earlier_agents_maps() {
     let put: BTreeMap<BackendId, Backend> =
         ops.iter().filter_map(|op| if let Op::PutBackend(id, b) = op { Some((*id, *b)) } else { None }).collect();
     // Endpoint 2 was backend 40 before: it keeps that id (affinity and conntrack entries
-    // name it); endpoint 4 is new and gets an id above every id present.
-    assert_eq!(put.get(&40), Some(&backend(2)), "a surviving backend keeps its id: {put:?}");
-    let fresh: Vec<BackendId> = put.keys().copied().filter(|id| *id != 40).collect();
+    // name it), and its entry is there already; endpoint 4 is new and gets an id above every
+    // id present.
+    let named: BTreeSet<BackendId> =
+        (1..=2).map(|slot| harness.kernel.services[&master(a).with_slot(slot)].backend_id).collect();
+    assert!(named.contains(&40), "a surviving backend keeps its id: {named:?}");
+    assert!(!put.contains_key(&40), "and its entry is not written again: {put:?}");
+    let fresh: Vec<BackendId> = put.keys().copied().collect();
     assert_eq!(fresh.len(), 1, "{put:?}");
-    assert!(fresh[0] > 41, "a new backend's id is above every id present: {fresh:?}");
+    assert!(named.contains(&fresh[0]) && fresh[0] > 41, "a new backend's id is above every id present: {fresh:?}");
 
     let swept = harness.sweep();
     let deleted: BTreeSet<BackendId> =
@@ -496,15 +516,26 @@ fn a_failed_write_is_repaired_by_the_next_upsert() {
     let a = frontend(10);
     let before = state([(a, with_internal(entry("a", [1, 2]), [2]))]);
     let after = state([(a, with_internal(entry("a", [2, 3, 4]), [3, 5]))]);
-    let ops = {
+    let (ops, mut maps) = {
         let mut harness = Harness::new("nothing fails");
         harness.program(&before);
-        harness.program(&after)
+        let maps = harness.kernel.clone();
+        (harness.program(&after), maps)
     };
     let needed = ops.len();
-    // A full map fails inserts; deletes always go through.
-    let puts = (0..needed).filter(|&i| matches!(ops[i], Op::PutService(..) | Op::PutBackend(..)));
-    for done in puts {
+    // A full map fails inserts of new keys; replacing a value and deleting always go through.
+    let inserts: Vec<usize> = (0..needed)
+        .filter(|&i| {
+            let new = match ops[i] {
+                Op::PutService(key, _) => !maps.services.contains_key(&key),
+                Op::PutBackend(id, _) => !maps.backends.contains_key(&id),
+                Op::DeleteService(_) | Op::DeleteBackend(_) => false,
+            };
+            maps.apply(ops[i]);
+            new
+        })
+        .collect();
+    for done in inserts {
         let mut harness = Harness::new(&format!("the maps fill up after {done} of {needed} operations"));
         harness.program(&before);
         harness.full_after.set(Some(harness.writer.store().ops.len() + done));
@@ -592,4 +623,214 @@ proptest! {
             }
         }
     }
+}
+
+impl Harness {
+    /// Programs the new frontends of `state` in one batch (as a large sync does), then checks
+    /// every operation and the result as [`Harness::program`] does, serving `state` less the
+    /// frontends the batch refused. Returns the refused frontends.
+    fn program_batched(&mut self, state: &State) -> BTreeSet<Frontend> {
+        self.writer.begin_batch();
+        let mut stats = WriteStats::default();
+        for (frontend, entry) in state {
+            stats += self.writer.upsert(*frontend, entry).unwrap();
+        }
+        let refused: BTreeSet<Frontend> = self.writer.end_batch().into_iter().map(|(f, _)| f).collect();
+        // A refused frontend is taken away, as one write at a time would have.
+        self.serving.retain(|f| !refused.contains(f));
+        let ops = self.replay();
+        if refused.is_empty() {
+            assert_eq!(stats, counts(&ops), "{}: the stats count what was written", self.label);
+        }
+        self.last = state.iter().filter(|(f, _)| !refused.contains(f)).map(|(f, e)| (*f, e.clone())).collect();
+        self.check();
+        refused
+    }
+}
+
+/// A few frontends sharing endpoints, one with two scopes and affinity, of two service ports.
+fn batch_state() -> State {
+    state([
+        (frontend(10), entry("a", [1, 2, 3])),
+        (frontend(11), with_affinity(with_internal(entry("a", [2, 4]), [3, 5, 6]))),
+        (frontend(12), entry("b", 1..=12)),
+        (frontend(13), entry("c", [7])),
+    ])
+}
+
+/// A batch writes what one upsert at a time writes, in stage order (every backend before any
+/// `services` entry, every slot before any master), and a lookup racing it never finds a
+/// half-written service (the replay checks after every operation).
+#[test]
+fn a_batch_writes_the_same_maps_backends_then_slots_then_masters() {
+    let state = batch_state();
+    let mut one_at_a_time = Harness::new("one at a time");
+    one_at_a_time.program(&state);
+    let mut batched = Harness::new("batched");
+    assert!(batched.program_batched(&state).is_empty(), "the recorder has room");
+    assert_eq!(batched.kernel, one_at_a_time.kernel, "the same maps");
+    let ops = &batched.writer.store().ops;
+    let first_service = ops.iter().position(|op| op.is_service()).unwrap();
+    assert!(ops[first_service..].iter().all(|op| op.is_service()), "backends first: {ops:?}");
+    let first_master = ops.iter().position(|op| matches!(op, Op::PutService(k, _) if k.slot == 0)).unwrap();
+    let slot_after_master = ops[first_master..].iter().any(|op| matches!(op, Op::PutService(k, _) if k.slot != 0));
+    assert!(!slot_after_master, "every slot before the first master: {ops:?}");
+    // Later changes go one at a time over what the batch wrote.
+    let mut changed = state.clone();
+    changed.insert(frontend(10), entry("a", [3, 8]));
+    changed.remove(&frontend(13));
+    batched.program(&changed);
+    batched.program(&State::new());
+    assert_eq!(batched.kernel, Maps::default(), "nothing is left");
+}
+
+/// A batch whose writes meet a full map, wherever that happens: the frontends that did not fit
+/// are refused and absent, every other one is served whole, and no lookup racing the batch and
+/// its redo finds a half-written service.
+#[test]
+fn a_batch_that_meets_a_full_map_refuses_what_does_not_fit_and_programs_the_rest() {
+    let state = batch_state();
+    let ops = {
+        let mut harness = Harness::new("nothing fails");
+        harness.program_batched(&state);
+        harness.writer.store().ops.clone()
+    };
+    let puts = (0..ops.len()).filter(|&i| matches!(ops[i], Op::PutService(..) | Op::PutBackend(..)));
+    for done in puts {
+        let mut harness = Harness::new(&format!("the maps fill up after {done} of {} operations", ops.len()));
+        harness.full_after.set(Some(done));
+        let refused = harness.program_batched(&state);
+        assert!(!refused.is_empty(), "{}: something is refused", harness.label);
+        // Room again: the refused frontends are programmed on the next sync.
+        harness.full_after.set(None);
+        harness.program(&state);
+        harness.program(&State::new());
+        assert_eq!(harness.kernel, Maps::default(), "{}: nothing is left", harness.label);
+    }
+}
+
+proptest! {
+    /// Any state programmed in a batch leaves the maps one upsert at a time leaves.
+    #[test]
+    fn a_batch_leaves_what_single_writes_leave(state in arb_state()) {
+        let mut one_at_a_time = Harness::new("one at a time");
+        one_at_a_time.program(&state);
+        let mut batched = Harness::new("batched");
+        prop_assert!(batched.program_batched(&state).is_empty());
+        prop_assert_eq!(&batched.kernel, &one_at_a_time.kernel);
+    }
+}
+
+/// A batch larger than a chunk goes out chunk by chunk and still leaves what single writes
+/// leave.
+#[test]
+fn a_batch_of_many_chunks_leaves_what_single_writes_leave() {
+    let state: State = (0..2_500u32)
+        .map(|i| {
+            let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i);
+            let frontend = Frontend { address: address.into(), port: 80, proto: TCP };
+            (frontend, entry(&format!("s{}", i % 1_500), [i % 3_000, i + 1]))
+        })
+        .collect();
+    let mut one_at_a_time = Writer::new(Recorder::default());
+    let mut batched = Writer::new(Recorder::default());
+    batched.begin_batch();
+    for (frontend, entry) in &state {
+        one_at_a_time.upsert(*frontend, entry).unwrap();
+        batched.upsert(*frontend, entry).unwrap();
+    }
+    assert!(batched.end_batch().is_empty(), "the recorder has room");
+    assert_eq!(batched.store().maps, one_at_a_time.store().maps);
+    assert_eq!(batched.store().names, one_at_a_time.store().names);
+    assert_eq!(batched.store().maps.half_written(), None);
+}
+
+/// After a restart, every frontend goes through the first sync's batch. A batch that meets a
+/// full map must not undo the entries an earlier agent left for the frontends it adopts (those
+/// serve traffic, and "restarts drop nothing"): whether they are unchanged or changed while no
+/// agent ran, they are served after every single operation, wherever the map fills up.
+#[test]
+fn a_batch_that_meets_a_full_map_never_takes_away_an_adopted_frontend() {
+    let (a, b, new) = (frontend(10), frontend(11), frontend(12));
+    let before = state([(a, entry("a", [1, 2, 3])), (b, with_internal(entry("b", [2, 4]), [4]))]);
+    let mut earlier = Harness::new("the earlier agent");
+    earlier.program(&before);
+    let cases = [
+        ("unchanged", before.clone()),
+        ("an endpoint added while no agent ran", state([(a, entry("a", [1, 2, 3, 5])), (b, before[&b].clone())])),
+    ];
+    for (case, mut now) in cases {
+        now.insert(new, entry("new", 20..=30));
+        let ops = {
+            let mut harness = Harness::over(case, earlier.kernel.clone());
+            harness.program_batched(&now);
+            harness.writer.store().ops.clone()
+        };
+        for full_after in 0..ops.len() {
+            let label = format!("{case}: the maps fill up after {full_after} of {} operations", ops.len());
+            let mut harness = Harness::over(&label, earlier.kernel.clone());
+            harness.serving = vec![a, b];
+            harness.full_after.set(Some(full_after));
+            let refused = harness.program_batched(&now);
+            assert!(refused.contains(&new), "{label}: the new service is refused: {refused:?}");
+        }
+    }
+}
+
+impl Harness {
+    /// One periodic check ([`Writer::check`]); whether it ended a round. The maps may be half
+    /// written before it (that is why it runs), so only the store is followed.
+    fn check_once(&mut self) -> bool {
+        self.writer.check().unwrap();
+        let ops = self.writer.store().ops[self.replayed..].to_vec();
+        ops.iter().for_each(|op| self.kernel.apply(*op));
+        self.replayed += ops.len();
+        self.writer.round_ended()
+    }
+
+    /// Checks until a round ends; how many checks it took.
+    fn check_round(&mut self) -> usize {
+        (1..=100).find(|_| self.check_once()).expect("a round ends within 100 checks")
+    }
+}
+
+/// The periodic check reads the large maps a range at a time: wrong and foreign entries go as
+/// their range is read, missing ones once a whole round was read undisturbed; a round the
+/// writer wrote during leaves them to the next round.
+#[test]
+fn the_periodic_check_repairs_a_range_at_a_time_and_missing_entries_after_a_round() {
+    let (a, b, foreign) = (frontend(10), frontend(11), frontend(99));
+    let state = state([(a, with_internal(entry("a", [1, 2, 3]), [2])), (b, entry("b", [3, 4, 5, 6]))]);
+    let mut clean = Harness::new("as programmed");
+    clean.program(&state);
+    let mut harness = Harness::new("ranged check");
+    harness.program(&state);
+    harness.sweep();
+    harness.writer.store.read_max = Some(3);
+    assert!(harness.check_round() > 1, "3 entries a check: a round takes several");
+    assert_eq!(harness.writer.store().ops.len(), harness.replayed, "nothing to write");
+
+    let master = |f: Frontend| master_key(&f);
+    let slot = |backend_id| ServiceValue { backend_id, ..ServiceValue::default() };
+    let maps = &mut harness.writer.store.maps;
+    maps.services.remove(&master(a));
+    maps.services.insert(master(b).with_slot(2), slot(999));
+    maps.services.insert(master(foreign), ServiceValue { count: 1, ..ServiceValue::default() });
+    maps.services.insert(master(foreign).with_slot(1), slot(12_345));
+    maps.backends.insert(12_345, backends(&[endpoint(9)], TCP)[0]);
+    harness.kernel = maps.clone();
+    let checks = harness.check_round();
+    assert!(checks > 1, "{checks}");
+    assert_eq!(harness.writer.store().maps, clean.kernel, "every entry repaired after one round");
+
+    // A sync writes during the next round (here an upsert that changes nothing): the master
+    // deleted under it waits a round more.
+    harness.writer.store.maps.services.remove(&master(b));
+    harness.kernel = harness.writer.store().maps.clone();
+    harness.check_once();
+    harness.writer.upsert(a, &state[&a]).unwrap();
+    harness.check_round();
+    assert!(!harness.writer.store().maps.services.contains_key(&master(b)), "a disturbed round cannot count");
+    harness.check_round();
+    assert_eq!(harness.writer.store().maps, clean.kernel, "the next round puts it back");
 }

@@ -600,8 +600,13 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The map a failed write was to, when the error names it ([`crate::datapath::WriteError`]).
+/// The map a failed write was to, when the write failed because that map is full ([`is_full`])
+/// and the error names it ([`crate::datapath::WriteError`]). Any other failure (`ENOMEM` when
+/// the kernel cannot allocate an element, say) names no map: raising a size would not help.
 fn full_map(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    if !is_full(error) {
+        return None;
+    }
     let mut next = Some(error);
     while let Some(cause) = next {
         if let Some(write) = cause.downcast_ref::<crate::datapath::WriteError>() {

@@ -472,11 +472,12 @@ fn resolve_endpoints(
             let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let local = endpoint.node_name.as_deref() == Some(node.name.as_str()) && !node.name.is_empty();
+            let dsr = endpoint.node_name.as_ref().is_some_and(|n| node.dsr_nodes.contains(n));
             let hints = endpoint.hints.as_ref();
             let for_nodes = hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone());
             let for_zones = hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone());
             out.push(Candidate {
-                endpoint: Endpoint { address, port, local, terminating },
+                endpoint: Endpoint { address, port, local, terminating, dsr },
                 ready,
                 serving,
                 for_nodes: for_nodes.collect(),

@@ -5,7 +5,7 @@ pub mod kube;
 pub mod manifests;
 pub mod rbac;
 
-use crate::maglev::LB_ALGORITHM_ANNOTATION;
+use crate::{dsr::DSR_ANNOTATION, maglev::LB_ALGORITHM_ANNOTATION};
 use std::sync::Arc;
 
 use k8s_openapi::{
@@ -105,7 +105,10 @@ impl Trim for EndpointSlice {
 
 impl Trim for Node {
     fn trim(&mut self) {
+        // Of the annotations, only the one saying the node takes direct server return.
+        let dsr = self.metadata.annotations.as_mut().and_then(|a| a.remove_entry(DSR_ANNOTATION));
         trim_meta(&mut self.metadata);
+        self.metadata.annotations = dsr.map(|entry| [entry].into());
         // Addresses (nodePort addresses) and pod CIDRs (local traffic) are all the model reads.
         let spec = self.spec.take().unwrap_or_default();
         self.spec = Some(NodeSpec { pod_cidr: spec.pod_cidr, pod_cidrs: spec.pod_cidrs, ..NodeSpec::default() });

@@ -214,7 +214,11 @@ impl<S: MapStore> Syncer<S> {
         let node = match change {
             Change::Replace(list) => {
                 self.tracker.listed(Kind::Nodes);
-                dsr_nodes = list.iter().filter(|n| dsr::takes_dsr(&n.object)).filter_map(|n| n.object.metadata.name.clone()).collect();
+                dsr_nodes = list
+                    .iter()
+                    .filter(|n| dsr::takes_dsr(&n.object))
+                    .filter_map(|n| n.object.metadata.name.clone())
+                    .collect();
                 list.into_iter().find(mine).map(|n| n.object)
             }
             Change::Apply(node) => {

@@ -237,7 +237,8 @@ fn a_node_gaining_or_losing_the_dsr_annotation_re_flags_its_backends() {
         }
         sourced(node)
     };
-    let flagged = |syncer: &Syncer<MemMaps>| maps(syncer).backends.values().filter(|b| b.flags & BACKEND_F_DSR != 0).count();
+    let flagged =
+        |syncer: &Syncer<MemMaps>| maps(syncer).backends.values().filter(|b| b.flags & BACKEND_F_DSR != 0).count();
     let mut syncer = syncer(MemMaps::with_room(64));
     list_all(&mut syncer, &[("web", 10, &[2, 3])]);
     syncer.sync();
@@ -257,7 +258,10 @@ fn a_node_gaining_or_losing_the_dsr_annotation_re_flags_its_backends() {
     syncer.sync();
     assert_eq!(flagged(&syncer), 0, "the annotation is gone");
 
-    syncer.apply(Update::Nodes(Change::Replace(vec![annotated(NODE, NODE_IP, true), annotated("node-2", node_2, false)])));
+    syncer.apply(Update::Nodes(Change::Replace(vec![
+        annotated(NODE, NODE_IP, true),
+        annotated("node-2", node_2, false),
+    ])));
     syncer.sync();
     assert_eq!(flagged(&syncer), 2, "a relist says it too");
 }

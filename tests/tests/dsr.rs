@@ -345,6 +345,20 @@ fn flows_to_a_node_without_the_dsr_annotation_are_snated_and_answered() {
     assert!(remote.iter().all(|a| a.ends_with(&node_1)), "node-2's pods see node-1's SNAT address: {got:?}");
     assert!(local.iter().all(|a| a.ends_with(&client)), "node-1's pods see the client: {got:?}");
     assert!(counter.count() > 0, "node-2's replies come back through node-1");
+    let services = cluster.agents[0].cli_json(AGENT, &["inspect", "services"]);
+    let node_port = services
+        .as_array()
+        .expect("a list of frontends")
+        .iter()
+        .find(|f| f["address"] == NODE_IPS[0].to_string() && f["port"] == SEED_NODE_PORT && f["protocol"] == "TCP");
+    let backends = node_port.expect("the nodePort is listed")["scopes"][0]["backends"].as_array().cloned();
+    let modes: Vec<(bool, String)> = backends
+        .expect("its backends")
+        .iter()
+        .map(|b| (b["endpoint"].as_str().is_some_and(|e| e.starts_with("10.244.2.")), b["lb_mode"].to_string()))
+        .collect();
+    assert!(modes.iter().any(|(remote, _)| *remote), "node-2's pods are listed: {modes:?}");
+    assert!(modes.iter().all(|(remote, mode)| mode == if *remote { "\"snat\"" } else { "\"dsr\"" }), "{modes:?}");
 
     cluster.manifests.put_nodes_taking_dsr(&[true, true]);
     remote_answer_once(&cluster, |a| a.ends_with(&client));

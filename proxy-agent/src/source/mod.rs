@@ -140,6 +140,22 @@ mod tests {
         assert_eq!(kept.into_iter().collect::<Vec<_>>(), [(LB_ALGORITHM_ANNOTATION.to_owned(), "maglev".to_owned())]);
     }
 
+    /// The DSR annotation is the one annotation of a Node the model reads: it survives the
+    /// trim (without this, no node would ever be seen to take direct server return).
+    #[test]
+    fn trim_keeps_the_dsr_annotation_of_a_node_only() {
+        let mut node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "node-2", "annotations": {
+                DSR_ANNOTATION: "ipv4",
+                "node.alpha.kubernetes.io/ttl": "0",
+            }},
+        }))
+        .unwrap();
+        node.trim();
+        let kept = node.metadata.annotations.expect("the annotation survives");
+        assert_eq!(kept.into_iter().collect::<Vec<_>>(), [(DSR_ANNOTATION.to_owned(), "ipv4".to_owned())]);
+    }
+
     /// A trimmed object reads the same to the model: every field it uses survives.
     #[test]
     fn trim_keeps_what_the_model_reads_and_drops_the_rest() {

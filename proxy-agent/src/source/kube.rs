@@ -1,9 +1,9 @@
 //! The Kubernetes API source: watches Services, EndpointSlices (all namespaces) and this node
 //! (every node under `--lb-mode dsr|hybrid`) with kube-rs watchers, and annotates this node's
 //! Node as taking direct server return. A (re)list is sent as one `Replace` once complete, so
-//! a half-listed cluster never looks like deleted services; errors, dropped watches and `410 Gone` are retried
-//! with backoff by the watcher (relisting when needed), never by exiting, and the datapath keeps
-//! its last state meanwhile.
+//! a half-listed cluster never looks like deleted services; errors, dropped watches and
+//! `410 Gone` are retried with backoff by the watcher (relisting when needed), never by
+//! exiting, and the datapath keeps its last state meanwhile.
 
 use std::{fmt::Debug, path::Path, sync::Arc, time::Duration};
 

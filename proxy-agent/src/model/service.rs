@@ -11,7 +11,10 @@ use k8s_openapi::api::{
 };
 use proxy_common::{proto, service::*};
 
-use crate::maglev::{LB_ALGORITHM_ANNOTATION, LbAlgorithm};
+use crate::{
+    dsr::LbMode,
+    maglev::{LB_ALGORITHM_ANNOTATION, LbAlgorithm},
+};
 
 use super::{
     Cidr, DEFAULT_AFFINITY_TIMEOUT, Desired, Endpoint, Frontend, FrontendEntry, FrontendKind, HEADLESS_LABEL,
@@ -472,7 +475,9 @@ fn resolve_endpoints(
             let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let local = endpoint.node_name.as_deref() == Some(node.name.as_str()) && !node.name.is_empty();
-            let dsr = endpoint.node_name.as_ref().is_some_and(|n| node.dsr_nodes.contains(n));
+            // Only a mode with DSR flags backends: under `snat` the backends map stays as it was.
+            let dsr =
+                node.lb_mode != LbMode::Snat && endpoint.node_name.as_ref().is_some_and(|n| node.dsr_nodes.contains(n));
             let hints = endpoint.hints.as_ref();
             let for_nodes = hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone());
             let for_zones = hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone());

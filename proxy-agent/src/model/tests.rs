@@ -1903,4 +1903,8 @@ fn only_endpoints_on_nodes_that_take_dsr_are_marked_dsr() {
     assert_eq!(marked(&[NODE, "node-2"]), set(&["10.244.1.2", "10.244.2.3"]));
     assert_eq!(marked(&["node-2", "node-3"]), set(&["10.244.2.3", "10.244.3.4"]), "a node losing it loses the mark");
     assert_eq!(marked(&[]), set(&[]), "no node takes it: every backend is SNATed");
+    let snat = NodeInfo { dsr_nodes: [NODE.to_owned()].into(), ..node(&["172.18.0.2"]) };
+    let desired = compute(&svc, &slices, &snat);
+    let flagged = desired.frontends.values().flat_map(|e| &e.backends).filter(|e| e.dsr).count();
+    assert_eq!(flagged, 0, "under snat no backend is flagged (the backends map stays as before)");
 }

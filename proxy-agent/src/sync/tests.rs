@@ -239,7 +239,8 @@ fn a_node_gaining_or_losing_the_dsr_annotation_re_flags_its_backends() {
     };
     let flagged =
         |syncer: &Syncer<MemMaps>| maps(syncer).backends.values().filter(|b| b.flags & BACKEND_F_DSR != 0).count();
-    let mut syncer = syncer(MemMaps::with_room(64));
+    let config = SyncConfig { node_name: NODE.into(), lb_mode: dsr::LbMode::Dsr, ..SyncConfig::default() };
+    let mut syncer = Syncer::new(Writer::new(MemMaps::with_room(64)), config, Metrics::new());
     list_all(&mut syncer, &[("web", 10, &[2, 3])]);
     syncer.sync();
     assert_eq!(flagged(&syncer), 0, "no Node says it takes DSR");

@@ -14,7 +14,7 @@ use tracing::{error, info};
 
 use crate::{
     datapath::{self, Datapath, LoadOptions, writer::Writer},
-    dsr::LbMode,
+    dsr::{self, LbMode},
     maglev::{self, LbAlgorithm, MaglevSettings},
     metrics::Metrics,
     model::Cidr,
@@ -245,7 +245,7 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        None if cli.run.cleanup => cleanup(&cli.run),
+        None if cli.run.cleanup => cleanup(&cli.run, &runtime),
         None if cli.run.cleanup_kube_proxy => crate::kube_proxy::cleanup().map_err(Into::into),
         None => runtime.block_on(run(cli.run)),
         Some(Command::Inspect(args)) => crate::inspect::run_inspect(&cli.run.bpf_root, &args).map_err(Into::into),
@@ -327,10 +327,24 @@ fn log_panics() {
     }));
 }
 
-fn cleanup(args: &RunArgs) -> anyhow::Result<()> {
+fn cleanup(args: &RunArgs, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     let removed =
         datapath::cleanup(&args.bpf_root).with_context(|| format!("cleaning up {}", args.bpf_root.display()))?;
     info!(bpf_root = %args.bpf_root.display(), removed, "cleaned up");
+    // The Node's direct server return annotation goes too (other nodes would keep sending DSR
+    // flows here), when there is an API server to ask: in a cluster, or with --kubeconfig.
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    if args.manifests.is_none() && (in_cluster || args.kubeconfig.is_some()) {
+        let node_name = node_name(args.hostname_override.as_deref(), Path::new(HOSTNAME_FILE))?;
+        let withdraw = async {
+            let client = kube::client(args.kubeconfig.as_deref()).await?;
+            anyhow::Ok(kube::withdraw_dsr(client, &node_name).await?)
+        };
+        runtime.block_on(withdraw).with_context(|| {
+            format!("removing the annotation {} of Node {node_name}: remove it by hand (kubectl annotate node {node_name} {}-)", dsr::DSR_ANNOTATION, dsr::DSR_ANNOTATION)
+        })?;
+        info!(node = node_name, annotation = dsr::DSR_ANNOTATION, "withdrew direct server return from the Node");
+    }
     Ok(())
 }
 
@@ -437,8 +451,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             syncer.on_refused(Box::new(move |service, message| {
                 let _ = events.send((service.to_owned(), message.to_owned()));
             }));
+            let args_lb_mode = args.lb_mode;
             tasks.spawn("source", async move {
-                kube::run(client, node_name, updates_tx, metrics).await;
+                kube::run(client, node_name, args_lb_mode != LbMode::Snat, updates_tx, metrics).await;
                 Ok(())
             });
         }

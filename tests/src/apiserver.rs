@@ -180,6 +180,8 @@ struct Store {
     uids: u64,
     requests: usize,
     lists: HashMap<Kind, usize>,
+    /// Merge patches of objects (a Node's annotation), per kind.
+    patches: HashMap<Kind, usize>,
     watches: HashMap<Kind, usize>,
     /// Events written (`create` or `patch`, the object after the write), in order.
     posted_events: Vec<(String, Value)>,
@@ -365,7 +367,7 @@ impl ApiServer {
         if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.insert("resourceVersion".into(), store.rv.to_string().into());
         }
-        self.record(&mut store, kind, "DELETED", object, Some(before));
+        self.shared.record(&mut store, kind, "DELETED", object, Some(before));
         true
     }
 
@@ -438,13 +440,25 @@ impl ApiServer {
         self.shared.store().watches.get(&Kind::of::<K>()).copied().unwrap_or(0)
     }
 
+    /// How many merge patches of kind `K` were applied.
+    pub fn patch_count<K: Resource>(&self) -> usize {
+        self.shared.store().patches.get(&Kind::of::<K>()).copied().unwrap_or(0)
+    }
+
     /// How many HTTP requests were received in total (including failed ones).
     pub fn request_count(&self) -> usize {
         self.shared.store().requests
     }
 
-    fn store(&self, kind: Kind, mut value: Value) -> String {
-        let mut store = self.shared.store();
+    fn store(&self, kind: Kind, value: Value) -> String {
+        self.shared.put(kind, value)
+    }
+}
+
+impl Shared {
+    /// Creates or replaces an object (ADDED or MODIFIED) and returns its new resourceVersion.
+    pub(crate) fn put(&self, kind: Kind, mut value: Value) -> String {
+        let mut store = self.store();
         store.rv += 1;
         let rv = store.rv;
         let object = value.as_object_mut().expect("a Kubernetes object is a JSON object");
@@ -488,6 +502,6 @@ impl ApiServer {
         let change = Arc::new(Change { rv: store.rv, kind, event, object, old });
         store.history.push(Arc::clone(&change));
         // No receivers just means no open watches; the store lock orders sends with subscriptions.
-        _ = self.shared.events.send(change);
+        _ = self.events.send(change);
     }
 }

@@ -14,6 +14,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+use proxy_agent::dsr::{DSR_ANNOTATION, DSR_ANNOTATION_VALUE};
+
 use crate::{
     agent::Agent,
     cgroup::Cgroup,
@@ -323,6 +325,9 @@ pub fn mirrored_slice(svc: &Service, endpoints: &[(Ipv4Addr, &str)]) -> Endpoint
 /// Dual stack, as the topologies build the nodes: an IPv6 InternalIP ([`node_ip6`]) and pod
 /// range ([`pod_cidr6`]) follow the IPv4 ones (the primary family comes first, as a dual-stack
 /// cluster lists them).
+///
+/// Annotated as taking direct server return (`proxy.kube-ebpf.io/dsr: ipv4`, what the agent
+/// sets on its own Node through the API): every node of the test bed runs an agent.
 pub fn cluster_node(i: usize, zone: &str) -> Node {
     let (name, ip, cidr) = (node_name(i), node_ip(i).to_string(), pod_cidr(i));
     let mut node = if zone.is_empty() { node(&name, &ip, &cidr) } else { node_in_zone(&name, &ip, &cidr, zone) };
@@ -332,6 +337,7 @@ pub fn cluster_node(i: usize, zone: &str) -> Node {
     if let Some(cidrs) = node.spec.as_mut().and_then(|s| s.pod_cidrs.as_mut()) {
         cidrs.push(pod_cidr6(i));
     }
+    node.metadata.annotations = Some([(DSR_ANNOTATION.to_owned(), DSR_ANNOTATION_VALUE.to_owned())].into());
     node
 }
 
@@ -363,6 +369,19 @@ impl Manifests {
     pub fn put_nodes(&self, zones: &[&str]) {
         let text = zones.iter().enumerate().map(|(i, zone)| yaml(&cluster_node(i, zone))).collect::<String>();
         self.write("nodes.yaml", &text);
+    }
+
+    /// Writes (or replaces) `nodes.yaml` with nodes node-1 to node-N (no zone), node i+1
+    /// annotated as taking direct server return only if `takes_dsr[i]`.
+    pub fn put_nodes_taking_dsr(&self, takes_dsr: &[bool]) {
+        let node = |(i, takes): (usize, &bool)| {
+            let mut node = cluster_node(i, "");
+            if !takes {
+                node.metadata.annotations = None;
+            }
+            yaml(&node)
+        };
+        self.write("nodes.yaml", &takes_dsr.iter().enumerate().map(node).collect::<String>());
     }
 
     /// Writes (or replaces) `<name>.yaml` with a service and its slices.

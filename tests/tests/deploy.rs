@@ -172,6 +172,9 @@ fn observed<K: Resource>(server: &ApiServer, grants: &mut Grants) {
     if server.watch_count::<K>() > 0 {
         verbs.insert("watch".to_owned());
     }
+    if server.patch_count::<K>() > 0 {
+        verbs.insert("patch".to_owned());
+    }
     grants.insert((K::GROUP.to_owned(), K::URL_PATH_SEGMENT.to_owned()), verbs);
 }
 
@@ -192,6 +195,7 @@ async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
     let source = tokio::spawn(proxy_agent::source::kube::run(
         client.clone(),
         "node-1".into(),
+        true,
         tx,
         proxy_agent::metrics::Metrics::new(),
     ));
@@ -207,15 +211,19 @@ async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
             };
         }
         // Each watch starts right after its list.
+        // And the Node is annotated as taking direct server return.
         while server.watch_count::<Service>() == 0
             || server.watch_count::<EndpointSlice>() == 0
             || server.watch_count::<Node>() == 0
+            || server.patch_count::<Node>() == 0
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
-    .expect("the source lists and watches all three kinds within 15 s");
+    .expect("the source lists and watches all three kinds, and annotates its Node, within 15 s");
+    let node = server.objects::<Node>().pop().expect("node-1 is stored");
+    assert_eq!(node["metadata"]["annotations"]["proxy.kube-ebpf.io/dsr"], "ipv4", "the announcement: {node}");
     // A service the agent cannot program, twice: an Event, then its series.
     let events = proxy_agent::source::kube::refusal_events(client, "node-1".into());
     for _ in 0..2 {
@@ -247,7 +255,7 @@ async fn the_source_makes_exactly_the_requests_the_rbac_table_lists() {
     let counted: usize = [
         server.list_count::<Service>() + server.watch_count::<Service>(),
         server.list_count::<EndpointSlice>() + server.watch_count::<EndpointSlice>(),
-        server.list_count::<Node>() + server.watch_count::<Node>(),
+        server.list_count::<Node>() + server.watch_count::<Node>() + server.patch_count::<Node>(),
     ]
     .iter()
     .sum();

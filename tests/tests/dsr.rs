@@ -32,7 +32,7 @@ const PODS: [[&str; 2]; 2] = [["pod-a {peer}", "pod-b {peer}"], ["pod-c {peer}",
 struct Cluster {
     agents: Vec<Agent>,
     topology: TwoNodes,
-    _manifests: Manifests,
+    manifests: Manifests,
 }
 
 impl Cluster {
@@ -48,7 +48,7 @@ impl Cluster {
             .flat_map(|n| n.pods.iter().map(move |p| (p.ip, if n.name == "node-1" { "node-1" } else { "node-2" })))
             .collect();
         manifests.service(&seed_node_port().build(), &endpoints);
-        let cluster = Self { agents, topology, _manifests: manifests };
+        let cluster = Self { agents, topology, manifests };
         cluster.wait_until_served();
         cluster
     }
@@ -310,4 +310,58 @@ fn hybrid_keeps_the_client_for_tcp_and_snats_udp() {
     assert!(tcp.iter().all(|a| a.ends_with(&format!(" {CLIENT_IP}"))), "TCP keeps the client: {tcp:?}");
     let udp = udp_peer_of_remote_pod(&cluster);
     assert!(udp.ends_with(&format!(" {}", NODE_IPS[0])), "UDP is SNATed to node-1: {udp}");
+}
+
+/// What a remote pod (one of node-2) answers, over up to 50 connections, once `done` accepts
+/// it; panics after [`WAIT`] (the agents take a Node change within a sync).
+fn remote_answer_once(cluster: &Cluster, done: impl Fn(&str) -> bool + Sync) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer = cluster.in_client(|| {
+            (0..50).find_map(|_| greeting(node_port()).ok().map(|(_, a)| a).filter(|a| Cluster::remote(a)))
+        });
+        match answer {
+            Some(answer) if done(&answer) => return answer,
+            last => assert!(Instant::now() < deadline, "no remote answer accepted within {WAIT:?}; last {last:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 16: node-2's Node without the DSR annotation (as when its node runs no agent): every
+/// connection through node-1's nodePort is still answered, node-2's pods see node-1's SNAT
+/// address (and their replies pass node-1), node-1's own pods the client; with the annotation
+/// back, node-2's pods see the client again.
+#[test]
+fn flows_to_a_node_without_the_dsr_annotation_are_snated_and_answered() {
+    let cluster = Cluster::new("dsr");
+    let (client, node_1) = (format!(" {CLIENT_IP}"), format!(" {}", NODE_IPS[0]));
+    cluster.manifests.put_nodes_taking_dsr(&[true, false]);
+    remote_answer_once(&cluster, |a| a.ends_with(&node_1));
+    let counter = ReplyCounter::start(&cluster.topology.nodes[0].ns, "eth0");
+    let got = answers(&cluster, 40);
+    let (remote, local): (Vec<&String>, Vec<&String>) = got.iter().partition(|a| Cluster::remote(a));
+    assert!(!remote.is_empty() && !local.is_empty(), "flows reach pods of both nodes: {got:?}");
+    assert!(remote.iter().all(|a| a.ends_with(&node_1)), "node-2's pods see node-1's SNAT address: {got:?}");
+    assert!(local.iter().all(|a| a.ends_with(&client)), "node-1's pods see the client: {got:?}");
+    assert!(counter.count() > 0, "node-2's replies come back through node-1");
+    let services = cluster.agents[0].cli_json(AGENT, &["inspect", "services"]);
+    let node_port = services
+        .as_array()
+        .expect("a list of frontends")
+        .iter()
+        .find(|f| f["address"] == NODE_IPS[0].to_string() && f["port"] == SEED_NODE_PORT && f["protocol"] == "TCP");
+    let backends = node_port.expect("the nodePort is listed")["scopes"][0]["backends"].as_array().cloned();
+    let modes: Vec<(bool, String)> = backends
+        .expect("its backends")
+        .iter()
+        .map(|b| (b["endpoint"].as_str().is_some_and(|e| e.starts_with("10.244.2.")), b["lb_mode"].to_string()))
+        .collect();
+    assert!(modes.iter().any(|(remote, _)| *remote), "node-2's pods are listed: {modes:?}");
+    assert!(modes.iter().all(|(remote, mode)| mode == if *remote { "\"snat\"" } else { "\"dsr\"" }), "{modes:?}");
+
+    cluster.manifests.put_nodes_taking_dsr(&[true, true]);
+    remote_answer_once(&cluster, |a| a.ends_with(&client));
+    let got = answers(&cluster, 40);
+    assert!(got.iter().all(|a| a.ends_with(&client)), "the annotation back: every pod sees the client: {got:?}");
 }

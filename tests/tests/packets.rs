@@ -135,8 +135,10 @@ fn pod(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(POD, port)
 }
 
+/// An endpoint at `address`, on this node or (not `local`) on one that takes direct server
+/// return, as every node of a cluster running the agent does.
 fn endpoint(address: impl Into<IpAddr>, local: bool) -> Endpoint {
-    Endpoint { address: address.into(), port: TARGET_PORT, local, terminating: false }
+    Endpoint { address: address.into(), port: TARGET_PORT, local, terminating: false, dsr: true }
 }
 
 /// A frontend entry of `kind` with `flags` and `backends`.
@@ -970,6 +972,27 @@ fn a_dsr_syn_to_a_remote_pod_keeps_the_client_and_carries_the_frontend_in_an_opt
         assert_eq!(header_and_segment(&ack.frame).0.len(), 20, "only a SYN carries the option");
         assert_eq!(frames::seen(&ack.frame).dst, pod);
         assert!(checksums_ok(&ack.frame));
+        assert_eq!(bed.drops(), BTreeMap::new());
+    });
+}
+
+#[test]
+fn a_dsr_syn_to_a_pod_on_a_node_without_dsr_is_snated_without_an_option() {
+    // Flow: client:40000 → node:30066 SYN, the remote pod's node not taking DSR (no
+    // `BACKEND_F_DSR`) ⇒ node:P → remote-pod:80 SYN, no option (nobody there would strip it).
+    with_bed("dsr-fallback", |bed| {
+        let remote = Family::V4.remote_pod();
+        let backend = Endpoint { dsr: false, ..endpoint(remote, false) };
+        let web = entry(FrontendKind::NodePort, TCP, SVC_F_NODE_PORT | SVC_F_DSR, vec![backend]);
+        bed.service(nodeport(), TCP, &web);
+        let out = bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN));
+        assert_eq!(out.verdict, REDIRECT);
+        assert_eq!(header_and_segment(&out.frame).0.len(), 20, "no option");
+        let pod = SocketAddr::new(remote, TARGET_PORT);
+        let seen = frames::seen(&out.frame);
+        assert_eq!((seen.src.ip(), seen.dst), (IpAddr::from(NODE), pod), "DNAT to the pod, SNAT to the node");
+        assert_eq!(seen.src.port(), snat_port(bed, pod, TCP), "the port the flow's reply entry holds");
+        assert!(checksums_ok(&out.frame));
         assert_eq!(bed.drops(), BTreeMap::new());
     });
 }

@@ -114,7 +114,13 @@ fn entry(flags: u16, pods: &[Ipv4Addr]) -> FrontendEntry {
         affinity_timeout: 0,
         backends: pods
             .iter()
-            .map(|&address| Endpoint { address: address.into(), port: 80, local: false, terminating: false })
+            .map(|&address| Endpoint {
+                address: address.into(),
+                port: 80,
+                local: false,
+                terminating: false,
+                dsr: false,
+            })
             .collect(),
         internal: None,
         source_ranges: Vec::new(),

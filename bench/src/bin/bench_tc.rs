@@ -64,7 +64,7 @@ fn entry(name: &str, flags: u16, backends: &[IpAddr]) -> FrontendEntry {
         affinity_timeout: 0,
         backends: backends
             .iter()
-            .map(|&address| Endpoint { address, port: 80, local: false, terminating: false })
+            .map(|&address| Endpoint { address, port: 80, local: false, terminating: false, dsr: false })
             .collect(),
         internal: None,
         source_ranges: Vec::new(),

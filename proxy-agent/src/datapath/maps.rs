@@ -502,6 +502,7 @@ mod batch_tests {
                 port: 8080,
                 local: false,
                 terminating: false,
+                dsr: false,
             })
             .collect();
         let service =

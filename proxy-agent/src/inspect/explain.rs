@@ -113,6 +113,8 @@ pub struct Candidate {
     pub local: bool,
     /// Terminating.
     pub terminating: bool,
+    /// How traffic from outside reaches it (`super::view::backend_lb_mode`).
+    pub lb_mode: Option<&'static str>,
 }
 
 /// How one kind of traffic is handled.
@@ -352,7 +354,7 @@ fn path(
             ),
         }
     }
-    let candidates = candidates(snapshot, key, master.count);
+    let candidates = candidates(snapshot, key, master.count, master.flags);
     if !candidates.is_empty() && candidates.iter().all(|c| c.terminating) {
         reasons.push("no endpoint is ready: the serving, terminating ones are used (graceful termination)".into());
     }
@@ -526,7 +528,7 @@ fn no_backend(flags: u16, origin: Origin, cluster_has_backends: bool) -> (Verdic
 }
 
 /// The backends of one scope with their probabilities, in slot order of first appearance.
-fn candidates(snapshot: &Snapshot, key: ServiceKey, count: u16) -> Vec<Candidate> {
+fn candidates(snapshot: &Snapshot, key: ServiceKey, count: u16, flags: u16) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = Vec::new();
     for slot in 1..=count {
         let Some(value) = snapshot.services.get(&key.with_slot(slot)) else { continue };
@@ -544,6 +546,7 @@ fn candidates(snapshot: &Snapshot, key: ServiceKey, count: u16) -> Vec<Candidate
             probability: 0.0,
             local: backend.is_some_and(|b| b.flags & BACKEND_F_LOCAL != 0),
             terminating: backend.is_some_and(|b| b.flags & BACKEND_F_TERMINATING != 0),
+            lb_mode: view::backend_lb_mode(flags, backend.map_or(0, |b| b.flags)),
         });
     }
     for c in &mut out {

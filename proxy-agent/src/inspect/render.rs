@@ -69,7 +69,9 @@ fn backends_cell(frontend: &FrontendView, scope: &ScopeView) -> String {
         .take(BACKENDS_PER_ROW)
         .map(|slot| {
             let endpoint = slot.endpoint.clone().unwrap_or_else(|| format!("#{}?", slot.backend_id));
-            if slot.terminating { format!("{endpoint}(terminating)") } else { endpoint }
+            let endpoint = if slot.terminating { format!("{endpoint}(terminating)") } else { endpoint };
+            // A DSR frontend's backend on a node that does not take DSR is SNATed: said.
+            if slot.lb_mode != frontend.lb_mode { format!("{endpoint}(snat)") } else { endpoint }
         })
         .collect();
     if scope.backends.len() > BACKENDS_PER_ROW {
@@ -204,6 +206,9 @@ fn path(out: &mut String, path: &PathExplanation, two_scopes: bool) {
         let slots: Vec<String> = c.slots.iter().map(u16::to_string).collect();
         let mut tags = vec![format!("backend {}", c.backend_id), format!("slot {}", slots.join(","))];
         tags.push(if c.local { "this node" } else { "other node" }.to_owned());
+        if path.lb_mode == Some("dsr") && c.lb_mode == Some("snat") {
+            tags.push("snat: its node takes no DSR".to_owned());
+        }
         if c.terminating {
             tags.push("terminating".to_owned());
         }

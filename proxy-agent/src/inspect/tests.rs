@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use proxy_common::{
     addr,
     affinity::{AffinityKey, AffinityValue},
-    backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend},
+    backend::{BACKEND_F_DSR, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend},
     proto::{TCP, UDP},
     service::*,
 };
@@ -453,6 +453,29 @@ fn a_dsr_nodeport_says_dsr_in_explain_and_inspect() {
     let modes: Vec<_> = views.iter().map(|f| (f.port, f.lb_mode)).collect();
     assert_eq!(modes, [(6666, None), (30066, Some("dsr"))], "the ClusterIP has no mode");
     assert!(render::services(&views, &s.root).contains("dsr"));
+}
+
+/// Issue 16: at a DSR frontend, a backend on a node that takes DSR is `dsr`, a local one too
+/// (the client is kept), and one on a node that does not is `snat`, in `inspect services` and
+/// `explain` alike.
+#[test]
+fn a_dsr_frontends_backend_on_a_node_without_dsr_shows_as_snat() {
+    let flags = SVC_F_NODE_PORT | SVC_F_DSR;
+    let s = cluster_ip()
+        .backend(3, "10.244.2.3", 80, BACKEND_F_DSR)
+        .backend(4, "10.244.3.4", 80, 0)
+        .frontend("172.18.0.2", 30066, SCOPE_EXTERNAL, flags, 1, 0, &[1, 3, 4])
+        .build();
+    let views = view::services(&s);
+    let node_port = views.iter().find(|f| f.port == 30066).expect("the nodePort");
+    let modes: Vec<_> = node_port.scopes[0].backends.iter().map(|b| (b.backend_id, b.lb_mode)).collect();
+    assert_eq!(modes, [(1, Some("dsr")), (3, Some("dsr")), (4, Some("snat"))]);
+    assert!(render::services(&views, &s.root).contains("10.244.3.4:80(snat)"));
+    let e = explain(&s, &query("172.18.0.100", "172.18.0.2", 30066));
+    let outside = e.paths.iter().find(|p| p.origins.contains(&Origin::Outside)).expect("a path from outside");
+    let modes: Vec<_> = outside.candidates.iter().map(|c| (c.backend_id, c.lb_mode)).collect();
+    assert_eq!(modes, [(1, Some("dsr")), (3, Some("dsr")), (4, Some("snat"))]);
+    assert!(render::explanation(&e).contains("snat: its node takes no DSR"), "{}", render::explanation(&e));
 }
 
 #[test]

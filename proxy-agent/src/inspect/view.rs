@@ -9,7 +9,7 @@ use std::{
 use proxy_common::{
     addr::{self, Addr},
     affinity::{AffinityKey, AffinityValue, affinity_service_id},
-    backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
+    backend::{BACKEND_F_DSR, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     conntrack::{
         CT_F_CLOSING, CT_F_DSR, CT_F_FIN, CT_F_LOCAL, CT_F_PEER_FIN, CT_F_REPLY, CT_F_SNAT, expired, timeout_s,
     },
@@ -123,6 +123,16 @@ pub fn lb_mode(flags: u16) -> Option<&'static str> {
     }
 }
 
+/// How traffic from outside reaches one backend of a frontend with `flags`: the frontend's
+/// [`lb_mode`], except that direct server return is `snat` for a backend on another node
+/// that does not take it (no `BACKEND_F_DSR`: its node has no DSR annotation).
+pub fn backend_lb_mode(flags: u16, backend_flags: u8) -> Option<&'static str> {
+    match lb_mode(flags) {
+        Some("dsr") if backend_flags & (BACKEND_F_LOCAL | BACKEND_F_DSR) == 0 => Some("snat"),
+        mode => mode,
+    }
+}
+
 /// One frontend as the kernel sees it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FrontendView {
@@ -206,6 +216,8 @@ pub struct SlotView {
     pub local: bool,
     /// The endpoint is terminating.
     pub terminating: bool,
+    /// How traffic from outside reaches it ([`backend_lb_mode`]).
+    pub lb_mode: Option<&'static str>,
 }
 
 /// The traffic that uses scope `scope` of a frontend with these flags.
@@ -251,6 +263,7 @@ pub fn scope_view(snapshot: &Snapshot, key: ServiceKey, flags: u16, problems: &m
             port: backend.map(|b| b.port),
             local: backend.is_some_and(|b| b.flags & BACKEND_F_LOCAL != 0),
             terminating: backend.is_some_and(|b| b.flags & BACKEND_F_TERMINATING != 0),
+            lb_mode: backend_lb_mode(flags, backend.map_or(0, |b| b.flags)),
         });
     }
     Some(ScopeView {

@@ -11,7 +11,7 @@ mod slice;
 mod tests;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
@@ -59,6 +59,10 @@ pub struct NodeInfo {
     /// `--lb-mode`: SNAT or direct server return for traffic from outside under
     /// `externalTrafficPolicy: Cluster`.
     pub lb_mode: LbMode,
+    /// The Nodes that take direct server return (their
+    /// [`DSR_ANNOTATION`](crate::dsr::DSR_ANNOTATION)): DSR flows go only to backends on
+    /// these, any other remote backend is SNATed.
+    pub dsr_nodes: BTreeSet<String>,
 }
 
 impl NodeInfo {
@@ -95,6 +99,7 @@ impl NodeInfo {
             zone,
             lb_algorithm: LbAlgorithm::default(),
             lb_mode: LbMode::default(),
+            dsr_nodes: BTreeSet::new(),
         }
     }
 
@@ -106,6 +111,11 @@ impl NodeInfo {
     /// The same node with `--lb-mode` `lb_mode`.
     pub fn with_lb_mode(self, lb_mode: LbMode) -> Self {
         Self { lb_mode, ..self }
+    }
+
+    /// The same node knowing that the Nodes `dsr_nodes` take direct server return.
+    pub fn with_dsr_nodes(self, dsr_nodes: BTreeSet<String>) -> Self {
+        Self { dsr_nodes, ..self }
     }
 }
 
@@ -178,6 +188,8 @@ pub struct Endpoint {
     pub local: bool,
     /// Terminating (used only when nothing ready is left).
     pub terminating: bool,
+    /// Its node takes direct server return ([`NodeInfo::dsr_nodes`]).
+    pub dsr: bool,
 }
 
 /// How a frontend was reached.

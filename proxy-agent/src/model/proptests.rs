@@ -42,6 +42,7 @@ fn node() -> NodeInfo {
         zone: String::new(),
         lb_algorithm: LbAlgorithm::Random,
         lb_mode: LbMode::Snat,
+        dsr_nodes: BTreeSet::new(),
     }
 }
 
@@ -673,7 +674,7 @@ impl ServicePlan {
                 let (ready, serving, terminating) = endpoint.conditions.unwrap_or_default();
                 let terminating = terminating.unwrap_or(false);
                 let local = endpoint.node_name.as_deref() == Some(NODE);
-                let endpoint_ = Endpoint { address, port, local, terminating };
+                let endpoint_ = Endpoint { address, port, local, terminating, dsr: false };
                 candidates.push((endpoint_, ready.unwrap_or(true), serving.unwrap_or(true)));
             }
         }

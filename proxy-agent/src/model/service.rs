@@ -8,7 +8,10 @@ use std::{
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use proxy_common::{proto, service::*};
 
-use crate::maglev::{LB_ALGORITHM_ANNOTATION, LbAlgorithm};
+use crate::{
+    dsr::LbMode,
+    maglev::{LB_ALGORITHM_ANNOTATION, LbAlgorithm},
+};
 
 use super::{
     Cidr, DEFAULT_AFFINITY_TIMEOUT, Desired, Endpoint, Frontend, FrontendEntry, FrontendKind, HEADLESS_LABEL,
@@ -463,9 +466,12 @@ fn resolve_endpoints(
                 continue;
             }
             let local = endpoint.node_name.as_deref() == Some(node.name.as_str()) && !node.name.is_empty();
+            // Only a mode with DSR flags backends: under `snat` the backends map stays as it was.
+            let dsr = node.lb_mode != LbMode::Snat
+                && endpoint.node_name.as_deref().is_some_and(|n| node.dsr_nodes.contains(n));
             let hints = endpoint.hints.as_deref().cloned().unwrap_or_default();
             out.push(Candidate {
-                endpoint: Endpoint { address, port, local, terminating: endpoint.terminating },
+                endpoint: Endpoint { address, port, local, terminating: endpoint.terminating, dsr },
                 ready: endpoint.ready,
                 serving: endpoint.serving,
                 for_nodes: hints.for_nodes,

@@ -308,6 +308,7 @@ fn node(addresses: &[&str]) -> NodeInfo {
         zone: String::new(),
         lb_algorithm: LbAlgorithm::Random,
         lb_mode: LbMode::Snat,
+        dsr_nodes: BTreeSet::new(),
     }
 }
 
@@ -1877,4 +1878,39 @@ fn lb_mode_marks_external_ipv4_frontends_under_etp_cluster_for_dsr() {
     );
     assert_eq!(dsr_frontends(LbMode::Hybrid, "Cluster"), names(&["172.18.0.2:30080/TCP", "192.0.2.10:80/TCP"]));
     assert_eq!(dsr_frontends(LbMode::Dsr, "Local"), BTreeSet::new(), "eTP Local keeps the client anyway");
+}
+
+/// Issue 16: an endpoint is marked for direct server return only when its `nodeName` is one
+/// of the Nodes that take it; one on another node, or without a node, is not (SNATed).
+#[test]
+fn only_endpoints_on_nodes_that_take_dsr_are_marked_dsr() {
+    let svc = service("s").port(80).node_port(30080).build();
+    let slices = [slice("s", "s-a")
+        .port(80)
+        .endpoint("10.244.1.2")
+        .on_node(NODE)
+        .endpoint("10.244.2.3")
+        .on_node("node-2")
+        .endpoint("10.244.3.4")
+        .on_node("node-3")
+        .endpoint("10.244.4.5")
+        .build()];
+    let marked = |dsr_nodes: &[&str]| -> BTreeSet<String> {
+        let node = NodeInfo {
+            lb_mode: LbMode::Dsr,
+            dsr_nodes: dsr_nodes.iter().map(|n| (*n).to_owned()).collect(),
+            ..node(&["172.18.0.2"])
+        };
+        let desired = compute(&svc, &slices, &node);
+        let (_, entry) = desired.frontends.iter().find(|(f, _)| f.port == 30080).expect("the nodePort");
+        entry.backends.iter().filter(|e| e.dsr).map(|e| e.address.to_string()).collect()
+    };
+    let set = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
+    assert_eq!(marked(&[NODE, "node-2"]), set(&["10.244.1.2", "10.244.2.3"]));
+    assert_eq!(marked(&["node-2", "node-3"]), set(&["10.244.2.3", "10.244.3.4"]), "a node losing it loses the mark");
+    assert_eq!(marked(&[]), set(&[]), "no node takes it: every backend is SNATed");
+    let snat = NodeInfo { dsr_nodes: [NODE.to_owned()].into(), ..node(&["172.18.0.2"]) };
+    let desired = compute(&svc, &slices, &snat);
+    let flagged = desired.frontends.values().flat_map(|e| &e.backends).filter(|e| e.dsr).count();
+    assert_eq!(flagged, 0, "under snat no backend is flagged (the backends map stays as before)");
 }

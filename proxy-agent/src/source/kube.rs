@@ -1,8 +1,9 @@
 //! The Kubernetes API source: watches Services, EndpointSlices (all namespaces) and this node
-//! with kube-rs watchers. A (re)list is sent as one `Replace` once complete, so a half-listed
-//! cluster never looks like deleted services; errors, dropped watches and `410 Gone` are retried
-//! with backoff by the watcher (relisting when needed), never by exiting, and the datapath keeps
-//! its last state meanwhile.
+//! (every node under `--lb-mode dsr|hybrid`) with kube-rs watchers, and annotates this node's
+//! Node as taking direct server return. A (re)list is sent as one `Replace` once complete, so
+//! a half-listed cluster never looks like deleted services; errors, dropped watches and
+//! `410 Gone` are retried with backoff by the watcher (relisting when needed), never by
+//! exiting, and the datapath keeps its last state meanwhile.
 
 use std::{fmt::Debug, path::Path, time::Duration};
 
@@ -16,7 +17,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Config, Resource,
-    api::ListParams,
+    api::{ListParams, Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt as _,
@@ -28,7 +29,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{Change, Keep, Sourced, Update};
-use crate::{metrics::Metrics, model::object_key};
+use crate::{dsr, metrics::Metrics, model::object_key};
 
 /// Errors that keep the source from starting.
 #[derive(Debug, thiserror::Error)]
@@ -59,15 +60,52 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError
 }
 
 /// Watches until `updates` closes; `metrics` learns whether each watch works (`/healthz` turns
-/// unhealthy when the API server stays away).
-pub async fn run(client: Client, node_name: String, updates: mpsc::Sender<Update>, metrics: Metrics) {
-    let node_config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+/// unhealthy when the API server stays away). Every Node is watched when `all_nodes` (a
+/// `--lb-mode` with direct server return, which needs to know which nodes take it), else only
+/// this one. This node's Node is annotated as taking direct server return
+/// ([`dsr::DSR_ANNOTATION`]): the programs that learn the option are loaded by now.
+pub async fn run(client: Client, node_name: String, all_nodes: bool, updates: mpsc::Sender<Update>, metrics: Metrics) {
+    let node_config = if all_nodes {
+        watcher::Config::default()
+    } else {
+        watcher::Config::default().fields(&format!("metadata.name={node_name}"))
+    };
     let all = watcher::Config::default;
     tokio::join!(
         watch(Api::<Service>::all(client.clone()), all(), updates.clone(), Update::Services, &metrics),
         watch(Api::<EndpointSlice>::all(client.clone()), all(), updates.clone(), Update::Slices, &metrics),
-        watch(Api::<Node>::all(client), node_config, updates, Update::Nodes, &metrics),
+        watch(Api::<Node>::all(client.clone()), node_config, updates, Update::Nodes, &metrics),
+        announce_dsr(Api::<Node>::all(client), &node_name),
     );
+}
+
+/// How long a failed announcement waits before it is tried again.
+const ANNOUNCE_RETRY: Duration = Duration::from_secs(5);
+
+/// Sets [`dsr::DSR_ANNOTATION`] on this node's Node (a JSON merge patch: nothing else of the
+/// Node is touched), retried until the API server takes it. Until then other nodes SNAT the
+/// flows they send here, which works too.
+async fn announce_dsr(api: Api<Node>, node_name: &str) {
+    let patch = Patch::Merge(dsr::annotation_patch(true));
+    loop {
+        match api.patch(node_name, &PatchParams::default(), &patch).await {
+            Ok(_) => {
+                info!(node = node_name, annotation = dsr::DSR_ANNOTATION, "announced direct server return on the Node");
+                return;
+            }
+            Err(error) => {
+                warn!(node = node_name, %error, "annotating the Node for direct server return failed (needs `patch` on nodes); retrying");
+                tokio::time::sleep(ANNOUNCE_RETRY).await;
+            }
+        }
+    }
+}
+
+/// Removes [`dsr::DSR_ANNOTATION`] from this node's Node (`--cleanup`): other nodes then SNAT
+/// the flows they send here. A Node without it is no error.
+pub async fn withdraw_dsr(client: Client, node_name: &str) -> Result<(), kube::Error> {
+    let patch = Patch::Merge(dsr::annotation_patch(false));
+    Api::<Node>::all(client).patch(node_name, &PatchParams::default(), &patch).await.map(drop)
 }
 
 /// Posts a Warning Event on a Service for every `(namespace/name, message)` received, as

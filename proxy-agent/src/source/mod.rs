@@ -15,7 +15,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::{maglev::LB_ALGORITHM_ANNOTATION, model::Slice};
+use crate::{dsr::DSR_ANNOTATION, maglev::LB_ALGORITHM_ANNOTATION, model::Slice};
 
 /// An object and where it came from (a file and document, for log lines).
 #[derive(Clone, Debug, PartialEq)]
@@ -103,7 +103,10 @@ impl Trim for Service {
 
 impl Trim for Node {
     fn trim(&mut self) {
+        // Of the annotations, only the one saying the node takes direct server return.
+        let dsr = self.metadata.annotations.as_mut().and_then(|a| a.remove_entry(DSR_ANNOTATION));
         trim_meta(&mut self.metadata);
+        self.metadata.annotations = dsr.map(|entry| [entry].into());
         // Addresses (nodePort addresses) and pod CIDRs (local traffic) are all the model reads.
         let spec = self.spec.take().unwrap_or_default();
         self.spec = Some(NodeSpec { pod_cidr: spec.pod_cidr, pod_cidrs: spec.pod_cidrs, ..NodeSpec::default() });
@@ -193,6 +196,22 @@ mod tests {
             let list = list.unwrap();
             assert_eq!((list.len(), list.capacity()), (1, 1), "{name}");
         }
+    }
+
+    /// The DSR annotation is the one annotation of a Node the model reads: it survives the
+    /// trim (without this, no node would ever be seen to take direct server return).
+    #[test]
+    fn trim_keeps_the_dsr_annotation_of_a_node_only() {
+        let mut node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "node-2", "annotations": {
+                DSR_ANNOTATION: "ipv4",
+                "node.alpha.kubernetes.io/ttl": "0",
+            }},
+        }))
+        .unwrap();
+        node.trim();
+        let kept = node.metadata.annotations.expect("the annotation survives");
+        assert_eq!(kept.into_iter().collect::<Vec<_>>(), [(DSR_ANNOTATION.to_owned(), "ipv4".to_owned())]);
     }
 
     /// A trimmed object reads the same to the model: every field it uses survives.

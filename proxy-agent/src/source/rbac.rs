@@ -35,12 +35,17 @@ const fn watched<K: Resource>() -> Access {
 /// when the same one recurs.
 pub const EVENT_VERBS: &[&str] = &["create", "patch"];
 
+/// The verbs on Nodes: watched, and this node's own patched (a merge patch setting, or on
+/// `--cleanup` removing, the direct server return annotation, `crate::dsr::DSR_ANNOTATION`).
+pub const NODE_VERBS: &[&str] = &["list", "patch", "watch"];
+
 /// Everything the Kubernetes API source does: watch Services and EndpointSlices in every
-/// namespace, and its own Node (a field selector on its name, which RBAC cannot narrow); post
-/// Events (`events.k8s.io`) on Services it cannot program. It writes nothing else.
+/// namespace, and Nodes (its own by a field selector on its name, which RBAC cannot narrow, or
+/// all of them under `--lb-mode dsr|hybrid`); annotate its own Node as taking direct server
+/// return; post Events (`events.k8s.io`) on Services it cannot program. It writes nothing else.
 pub const ACCESS: &[Access] = &[
     watched::<Service>(),
     watched::<EndpointSlice>(),
-    watched::<Node>(),
+    Access { api_group: Node::GROUP, resource: Node::URL_PATH_SEGMENT, verbs: NODE_VERBS },
     Access { api_group: "events.k8s.io", resource: "events", verbs: EVENT_VERBS },
 ];

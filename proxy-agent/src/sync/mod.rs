@@ -34,6 +34,7 @@ use self::{
 };
 use crate::{
     datapath::writer::{Departed, MapStore, WriteStats, Writer},
+    dsr,
     metrics::Metrics,
     model::{self, Cidr, Frontend, FrontendEntry, HealthCheck, NodeInfo, Skip, SkipReason},
     source::{Change, Sourced, Update},
@@ -52,7 +53,7 @@ pub struct SyncConfig {
     /// annotation says otherwise.
     pub lb_algorithm: crate::maglev::LbAlgorithm,
     /// `--lb-mode`: SNAT or direct server return for traffic from outside.
-    pub lb_mode: crate::dsr::LbMode,
+    pub lb_mode: dsr::LbMode,
 }
 
 /// The outcome of one sync, for the log line and tests.
@@ -211,21 +212,44 @@ impl<S: MapStore> Syncer<S> {
     }
 
     fn apply_nodes(&mut self, change: Change<Node>) {
-        let name = self.config.node_name.as_str();
-        let mine = |n: &Sourced<Node>| n.object.metadata.name.as_deref() == Some(name);
+        let name = self.config.node_name.clone();
+        let mine = |n: &Sourced<Node>| n.object.metadata.name.as_deref() == Some(name.as_str());
+        let mut dsr_nodes = self.node_info.dsr_nodes.clone();
         let node = match change {
             Change::Replace(list) => {
                 self.tracker.listed(Kind::Nodes);
+                dsr_nodes = list
+                    .iter()
+                    .filter(|n| dsr::takes_dsr(&n.object))
+                    .filter_map(|n| n.object.metadata.name.clone())
+                    .collect();
                 list.into_iter().find(mine).map(|n| n.object)
             }
-            Change::Apply(node) if mine(&node) => Some(node.object),
-            Change::Apply(_) => return,
-            Change::Delete(key) if key.trim_start_matches('/') == name => None,
-            Change::Delete(_) => return,
+            Change::Apply(node) => {
+                let node_name = node.object.metadata.name.clone().unwrap_or_default();
+                if dsr::takes_dsr(&node.object) {
+                    dsr_nodes.insert(node_name);
+                } else {
+                    dsr_nodes.remove(&node_name);
+                }
+                if !mine(&node) {
+                    return self.set_dsr_nodes(dsr_nodes);
+                }
+                Some(node.object)
+            }
+            Change::Delete(key) => {
+                let node_name = key.trim_start_matches('/');
+                dsr_nodes.remove(node_name);
+                if node_name != name {
+                    return self.set_dsr_nodes(dsr_nodes);
+                }
+                None
+            }
         };
-        let info = NodeInfo::from_node(name, node.as_deref(), &self.config.nodeport_cidrs)
+        let info = NodeInfo::from_node(&name, node.as_deref(), &self.config.nodeport_cidrs)
             .with_lb_algorithm(self.config.lb_algorithm)
-            .with_lb_mode(self.config.lb_mode);
+            .with_lb_mode(self.config.lb_mode)
+            .with_dsr_nodes(self.node_info.dsr_nodes.clone());
         if info != self.node_info {
             info!(node = name, addresses = ?info.nodeport_addresses, zone = %info.zone, "node addresses for nodePorts");
             if let Some(hook) = &mut self.node_hook {
@@ -234,6 +258,17 @@ impl<S: MapStore> Syncer<S> {
             self.node_tx.send_replace(info.clone());
             self.node_info = info;
             self.write_node_config();
+            self.tracker.mark_all();
+        }
+        self.set_dsr_nodes(dsr_nodes);
+    }
+
+    /// Takes the Nodes that take direct server return: a change re-flags their backends (every
+    /// service is recomputed, as for a change of this node).
+    fn set_dsr_nodes(&mut self, dsr_nodes: BTreeSet<String>) {
+        if dsr_nodes != self.node_info.dsr_nodes {
+            info!(nodes = ?dsr_nodes, "nodes that take direct server return");
+            self.node_info.dsr_nodes = dsr_nodes;
             self.tracker.mark_all();
         }
     }

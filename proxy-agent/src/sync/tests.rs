@@ -284,3 +284,46 @@ fn a_refused_service_retried_in_a_batch_is_logged_once_per_outcome() {
     assert!(log.contains(refused.as_str()), "{log}");
     assert!(!log.contains("refused as a whole") && !log.contains("still refused"), "{log}");
 }
+
+/// Issue 16: a Node gaining or losing the DSR annotation re-flags the backends on it, whichever
+/// node it is; the Node of another node changes nothing else (no node hook, no address change).
+#[test]
+fn a_node_gaining_or_losing_the_dsr_annotation_re_flags_its_backends() {
+    use proxy_common::backend::BACKEND_F_DSR;
+    let annotated = |name: &str, address: Ipv4Addr, on: bool| {
+        let mut node = node(name, address);
+        if on {
+            node.metadata.annotations =
+                Some([(dsr::DSR_ANNOTATION.to_owned(), dsr::DSR_ANNOTATION_VALUE.to_owned())].into());
+        }
+        sourced(node)
+    };
+    let flagged =
+        |syncer: &Syncer<MemMaps>| maps(syncer).backends.values().filter(|b| b.flags & BACKEND_F_DSR != 0).count();
+    let config = SyncConfig { node_name: NODE.into(), lb_mode: dsr::LbMode::Dsr, ..SyncConfig::default() };
+    let mut syncer = Syncer::new(Writer::new(MemMaps::with_room(64)), config, Metrics::new());
+    list_all(&mut syncer, &[("web", 10, &[2, 3])]);
+    syncer.sync();
+    assert_eq!(flagged(&syncer), 0, "no Node says it takes DSR");
+
+    let node_2 = Ipv4Addr::new(172, 18, 0, 3);
+    syncer.apply(Update::Nodes(Change::Apply(annotated("node-2", node_2, true))));
+    syncer.sync();
+    assert_eq!(flagged(&syncer), 0, "node-2 holds none of the endpoints");
+
+    syncer.apply(Update::Nodes(Change::Apply(annotated(NODE, NODE_IP, true))));
+    syncer.sync();
+    assert_eq!(flagged(&syncer), 2, "both endpoints are on {NODE}");
+    assert_eq!(maps(&syncer).backends_of(vip(10), 80), Some(vec![pod(2), pod(3)]), "still served");
+
+    syncer.apply(Update::Nodes(Change::Apply(annotated(NODE, NODE_IP, false))));
+    syncer.sync();
+    assert_eq!(flagged(&syncer), 0, "the annotation is gone");
+
+    syncer.apply(Update::Nodes(Change::Replace(vec![
+        annotated(NODE, NODE_IP, true),
+        annotated("node-2", node_2, false),
+    ])));
+    syncer.sync();
+    assert_eq!(flagged(&syncer), 2, "a relist says it too");
+}

@@ -51,7 +51,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     affinity::AffinityKey,
-    backend::BACKEND_F_LOCAL,
+    backend::{BACKEND_F_DSR, BACKEND_F_LOCAL},
     conntrack::{CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CT_F_SNAT, CtValue, expired},
     drop,
     maps::{HANDOVER_DORMANT, HANDOVER_NONE},
@@ -296,10 +296,14 @@ fn egress(ctx: &TcContext, packet: &Packet) -> i32 {
 /// own (a BPF-to-BPF call), so its stack is not added to the lookup's.
 #[inline(never)]
 fn new_flow(ctx: &TcContext, packet: &Packet, selected: &Selected, origin: Origin, verdict: &mut i32) -> u32 {
-    // Direct server return (traffic from outside only) keeps the client's address for every
-    // backend (IPv4 only: IPv6 frontends stay SNATed); only a backend on another node needs the
-    // option.
-    let dsr = origin == Origin::External && selected.flags & SVC_F_DSR != 0 && packet.family == Family::V4;
+    // Direct server return (traffic from outside only) keeps the client's address for a local
+    // backend and for one on a node that takes DSR (IPv4 only: IPv6 frontends stay SNATed);
+    // only the latter needs the option. A backend on a node without our programs would get an
+    // option nobody strips and answer the client from its own address: SNATed instead.
+    let dsr = origin == Origin::External
+        && selected.flags & SVC_F_DSR != 0
+        && packet.family == Family::V4
+        && selected.backend.flags & (BACKEND_F_LOCAL | BACKEND_F_DSR) != 0;
     // A pod's flow keeps its source (kube-proxy DNATs it only), but a pod reaching itself is
     // masqueraded: it would drop a packet from its own address.
     let snat_needed = match origin {

@@ -87,6 +87,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     if let Some(code) = control.fail_status {
         return Ok(status(code, "InternalError", "injected failure by the test API server"));
     }
+    if req.method() == Method::PATCH && req.uri().path().starts_with("/api/v1/nodes/") {
+        return Ok(patch_node(&shared, req).await);
+    }
     if req.method() == Method::POST || req.method() == Method::PATCH {
         return Ok(write_event(&shared, req).await);
     }
@@ -179,6 +182,32 @@ async fn write_event(shared: &Shared, req: Request<Incoming>) -> Response<Body> 
     store.posted_events.push((if create { "create" } else { "patch" }.to_owned(), object.clone()));
     let code = if create { StatusCode::CREATED } else { StatusCode::OK };
     json_response(code, full(serde_json::to_vec(&object).unwrap_or_default()))
+}
+
+/// PATCH (a JSON merge patch) of a Node, what the agent sends to announce direct server
+/// return: applied to the stored Node (MODIFIED to watches), counted for tests to read.
+async fn patch_node(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let name = req.uri().path().trim_start_matches("/api/v1/nodes/").to_owned();
+    let merge_patch = req.headers().get("content-type").is_some_and(|t| t == "application/merge-patch+json");
+    if !merge_patch || name.is_empty() || name.contains('/') {
+        return status(415, "UnsupportedMediaType", "the test API server takes merge patches of Nodes only");
+    }
+    let body = match req.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => return status(400, "BadRequest", &e.to_string()),
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return status(400, "BadRequest", "the body is not JSON");
+    };
+    let stored = shared.store().objects.get(&(Kind::Node, String::new(), name.clone())).cloned();
+    let Some(mut object) = stored else {
+        return not_found(Kind::Node, &name);
+    };
+    merge(&mut object, body);
+    *shared.store().patches.entry(Kind::Node).or_default() += 1;
+    shared.put(Kind::Node, object.clone());
+    let stored = shared.store().objects.get(&(Kind::Node, String::new(), name)).cloned();
+    json_response(StatusCode::OK, full(serde_json::to_vec(&stored.unwrap_or(object)).unwrap_or_default()))
 }
 
 /// RFC 7386 JSON merge patch.

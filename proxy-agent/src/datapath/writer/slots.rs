@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use proxy_common::{
     addr,
-    backend::{BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
+    backend::{BACKEND_F_DSR, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, BackendId},
     service::{ServiceKey, ServiceValue},
 };
 
@@ -94,6 +94,9 @@ fn backend_of(endpoint: &Endpoint, proto: u8) -> Backend {
     }
     if endpoint.terminating {
         flags |= BACKEND_F_TERMINATING;
+    }
+    if endpoint.dsr {
+        flags |= BACKEND_F_DSR;
     }
     Backend { address: addr::from_ip(endpoint.address), port: endpoint.port, proto, flags }
 }

@@ -253,7 +253,7 @@ fn frontend(n: u8) -> Frontend {
 /// Endpoint `n`: a pod address of its own on port 8080; even ones are on this node.
 fn endpoint(n: u32) -> Endpoint {
     let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n);
-    Endpoint { address: address.into(), port: 8080, local: n.is_multiple_of(2), terminating: false }
+    Endpoint { address: address.into(), port: 8080, local: n.is_multiple_of(2), terminating: false, dsr: false }
 }
 
 /// A ClusterIP entry of service port `default/<service>` with endpoints `ns`.

@@ -82,10 +82,14 @@ pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// `flags` with the closing-state bits `bits` ([`CT_F_FIN`], [`CT_F_PEER_FIN`],
-/// [`CT_F_CLOSING`]) added: once FINs went both ways the flow is closing.
+/// [`CT_F_CLOSING`]) added: once FINs went both ways the flow is closing. A direct server
+/// return flow ([`CT_F_DSR`]) closes at its first FIN: its replies never pass this node, so
+/// the other FIN is never seen, and the flow would otherwise hold its entries in close-wait
+/// for an hour (the client's last ACKs still refresh it while they pass).
 pub const fn with_close_bits(flags: u16, bits: u16) -> u16 {
     let flags = flags | bits;
-    if flags & (CT_F_FIN | CT_F_PEER_FIN) == CT_F_FIN | CT_F_PEER_FIN { flags | CT_F_CLOSING } else { flags }
+    let fins = flags & (CT_F_FIN | CT_F_PEER_FIN);
+    if fins == CT_F_FIN | CT_F_PEER_FIN || (fins != 0 && flags & CT_F_DSR != 0) { flags | CT_F_CLOSING } else { flags }
 }
 
 /// The idle timeout, in seconds, of an entry with `flags` of protocol `proto`.
@@ -162,6 +166,15 @@ mod tests {
             assert!(!expired(flags, TCP, 0, CT_TIMEOUT_CLOSE_WAIT_S * S));
             assert!(expired(flags, TCP, 0, CT_TIMEOUT_CLOSE_WAIT_S * S + 1));
         }
+    }
+
+    #[test]
+    fn a_dsr_flow_closes_at_its_first_fin() {
+        for bits in [CT_F_FIN, CT_F_PEER_FIN] {
+            let flags = with_close_bits(CT_F_DSR, bits);
+            assert_eq!(timeout_s(flags, TCP), CT_TIMEOUT_CLOSING_S);
+        }
+        assert_eq!(with_close_bits(CT_F_DSR, 0) & CT_F_CLOSING, 0, "no FIN, not closing");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub const ICMPV6_PKT_TOOBIG: u8 = 2;
 pub const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
 /// TCP flag bits.
 pub const SYN: u8 = 0x02;
+/// TCP FIN.
+pub const FIN: u8 = 0x01;
 /// TCP ACK.
 pub const ACK: u8 = 0x10;
 /// ICMP "destination unreachable".

@@ -34,7 +34,7 @@ use proxy_agent::{
 };
 use proxy_common::{
     addr,
-    conntrack::{CT_F_LOCAL, CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
+    conntrack::{CT_F_CLOSING, CT_F_DSR, CT_F_LOCAL, CT_F_REPLY, CtKey, CtValue, SNAT_PORT_MAX, SNAT_PORT_MIN},
     drop, maps,
     proto::{TCP, UDP},
     service::{
@@ -45,7 +45,7 @@ use proxy_common::{
 use proxy_tests::{
     cgroup::Cgroup,
     frames::{
-        self, ACK, ICMP, ICMP_DEST_UNREACH, ICMPV6, ICMPV6_NEIGHBOUR_SOLICITATION, ICMPV6_PKT_TOOBIG, IP6_HLEN,
+        self, ACK, FIN, ICMP, ICMP_DEST_UNREACH, ICMPV6, ICMPV6_NEIGHBOUR_SOLICITATION, ICMPV6_PKT_TOOBIG, IP6_HLEN,
         MORE_FRAGMENTS, NEXTHDR_DEST, NEXTHDR_FRAGMENT, NEXTHDR_HOP, SYN,
     },
     netns::{Netns, require_root},
@@ -994,6 +994,24 @@ fn a_dsr_syn_to_a_pod_on_a_node_without_dsr_is_snated_without_an_option() {
         assert_eq!(seen.src.port(), snat_port(bed, pod, TCP), "the port the flow's reply entry holds");
         assert!(checksums_ok(&out.frame));
         assert_eq!(bed.drops(), BTreeMap::new());
+    });
+}
+
+#[test]
+fn a_dsr_flow_closes_at_the_clients_fin() {
+    // Flow: client → node:30066 SYN, remote pod (DSR) ⇒ open; client → node:30066 FIN|ACK ⇒
+    // both entries closing (the pod's FIN never passes this node: without this they would sit
+    // in close-wait for an hour).
+    with_bed("dsr-fin", |bed| {
+        dsr_service(bed, TCP, Family::V4.remote_pod(), false);
+        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), SYN)).verdict, REDIRECT);
+        assert_eq!(bed.ingress(&frames::tcp_frame(CLIENT, nodeport(), FIN | ACK)).verdict, REDIRECT);
+        let flags: Vec<u16> = bed.conntrack().iter().filter_map(Result::ok).map(|(_, v)| v.flags).collect();
+        assert_eq!(flags.len(), 2, "the flow's two entries: {flags:?}");
+        for flags in flags {
+            assert_ne!(flags & CT_F_DSR, 0, "a DSR flow: {flags:#x}");
+            assert_ne!(flags & CT_F_CLOSING, 0, "closing: {flags:#x}");
+        }
     });
 }
 

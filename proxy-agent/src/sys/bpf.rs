@@ -394,9 +394,8 @@ impl PinnedMap {
         move |source| BpfError::Call { call, path: self.path.clone(), source }
     }
 
-    /// Every entry, as `K` and `V`, which must be the map's key and value types (plain
-    /// `#[repr(C)]` data, as every type of `proxy_common` is; the sizes are checked).
-    pub fn entries<K: aya::Pod, V: aya::Pod>(&self) -> Result<Vec<(K, V)>, BpfError> {
+    /// Whether `K` and `V` have the sizes of the map's key and value.
+    fn check_sizes<K, V>(&self) -> Result<(), BpfError> {
         let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
         if (key_size, value_size) != (self.info.key_size as usize, self.info.value_size as usize) {
             return Err(BpfError::Size {
@@ -407,6 +406,13 @@ impl PinnedMap {
                 want_value: value_size as u32,
             });
         }
+        Ok(())
+    }
+
+    /// Every entry, as `K` and `V`, which must be the map's key and value types (plain
+    /// `#[repr(C)]` data, as every type of `proxy_common` is; the sizes are checked).
+    pub fn entries<K: aya::Pod, V: aya::Pod>(&self) -> Result<Vec<(K, V)>, BpfError> {
+        self.check_sizes::<K, V>()?;
         let mut out = Vec::new();
         self.for_each(|key, value| out.push((read_pod(key), read_pod(value))))?;
         Ok(out)
@@ -422,16 +428,7 @@ impl PinnedMap {
         from: Option<u64>,
         max: usize,
     ) -> Result<Range<K, V>, BpfError> {
-        let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
-        if (key_size, value_size) != (self.info.key_size as usize, self.info.value_size as usize) {
-            return Err(BpfError::Size {
-                path: self.path.clone(),
-                key: self.info.key_size,
-                value: self.info.value_size,
-                want_key: key_size as u32,
-                want_value: value_size as u32,
-            });
-        }
+        self.check_sizes::<K, V>()?;
         let mut out = Vec::new();
         let mut cursor = from;
         while out.len() < max {

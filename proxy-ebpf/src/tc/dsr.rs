@@ -114,18 +114,18 @@ fn learn(ctx: &TcContext, packet: &Packet) -> bool {
     true
 }
 
+/// The translation of a reply that `frontend` answers: from it, to the packet's client.
+#[inline(always)]
+fn from_frontend(frontend: &DsrValue, packet: &Packet) -> CtValue {
+    CtValue { src: frontend.address, dst: packet.dst, sport: frontend.port, dport: packet.dport, ..CtValue::default() }
+}
+
 /// A reply of a flow recorded by [`learn`]: from the frontend, straight to the client.
 #[inline(always)]
 fn reply(ctx: &TcContext, packet: &Packet) -> i32 {
     // SAFETY: the value is copied out at once.
     let Some(frontend) = (unsafe { DSR.get(packet.key()).copied() }) else { return CONTINUE };
-    let to = CtValue {
-        src: frontend.address,
-        dst: packet.dst,
-        sport: frontend.port,
-        dport: packet.dport,
-        ..CtValue::default()
-    };
+    let to = from_frontend(&frontend, packet);
     if nat::rewrite(ctx, packet, &to).is_err() {
         return crate::drops::shot(proxy_common::drop::REWRITE_FAILED);
     }
@@ -138,12 +138,6 @@ fn reply(ctx: &TcContext, packet: &Packet) -> i32 {
 pub fn reply_leaving(ctx: &TcContext, packet: &Packet) -> bool {
     // SAFETY: the value is copied out at once.
     let Some(frontend) = (unsafe { DSR.get(packet.key()).copied() }) else { return false };
-    let to = CtValue {
-        src: frontend.address,
-        dst: packet.dst,
-        sport: frontend.port,
-        dport: packet.dport,
-        ..CtValue::default()
-    };
+    let to = from_frontend(&frontend, packet);
     nat::rewrite(ctx, packet, &to).is_ok()
 }

@@ -87,17 +87,21 @@ const ANNOUNCE_RETRY: Duration = Duration::from_secs(5);
 /// flows they send here, which works too.
 async fn announce_dsr(api: Api<Node>, node_name: &str) {
     let patch = Patch::Merge(dsr::annotation_patch(true));
+    let mut warned = false;
     loop {
         match api.patch(node_name, &PatchParams::default(), &patch).await {
             Ok(_) => {
                 info!(node = node_name, annotation = dsr::DSR_ANNOTATION, "announced direct server return on the Node");
                 return;
             }
-            Err(error) => {
-                warn!(node = node_name, %error, "annotating the Node for direct server return failed (needs `patch` on nodes); retrying");
-                tokio::time::sleep(ANNOUNCE_RETRY).await;
+            // One warning, not one every retry: until it succeeds other nodes SNAT what they send here.
+            Err(error) if !warned => {
+                warned = true;
+                warn!(node = node_name, %error, "annotating the Node for direct server return failed (needs `patch` on nodes); retrying every 5 s, other nodes SNAT their flows to this node's pods meanwhile");
             }
+            Err(error) => debug!(node = node_name, %error, "annotating the Node for direct server return failed again"),
         }
+        tokio::time::sleep(ANNOUNCE_RETRY).await;
     }
 }
 

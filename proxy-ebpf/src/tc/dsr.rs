@@ -15,12 +15,10 @@ use proxy_common::{
 
 use super::{
     CONTINUE, fib, nat,
-    packet::{ETH_HLEN, Family, IP_CSUM, Packet},
+    packet::{ETH_HLEN, Family, IP_CSUM, IP_HLEN, Packet},
 };
 use crate::maps::DSR;
 
-/// The fixed IPv4 header's length: the option goes right behind it.
-const IP_HLEN: usize = 20;
 /// The longest IPv4 header (options included).
 const IP_HLEN_MAX: usize = 60;
 

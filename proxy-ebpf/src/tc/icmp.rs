@@ -17,15 +17,15 @@ use super::{
 };
 use crate::{drops, maps::CONNTRACK};
 
-const ICMP: u8 = 1;
-const ICMP_DEST_UNREACH: u8 = 3;
+pub(super) const ICMP: u8 = 1;
+pub(super) const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
 
-const ICMPV6: u8 = 58;
+pub(super) const ICMPV6: u8 = 58;
 /// ICMPv6 errors (RFC 4443): destination unreachable, packet too big, time exceeded, parameter
 /// problem. Informational messages (echo, neighbour discovery: 128 and up) are left alone.
-const ICMPV6_DEST_UNREACH: u8 = 1;
+pub(super) const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PARAMPROB: u8 = 4;
 /// Offsets in an IPv6 header of its next-header field and addresses.
 const NEXTHDR: usize = 6;

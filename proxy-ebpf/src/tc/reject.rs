@@ -17,23 +17,19 @@ use aya_ebpf::{
 use proxy_common::proto::TCP;
 
 use super::{
+    icmp::{ICMP, ICMP_DEST_UNREACH, ICMPV6, ICMPV6_DEST_UNREACH},
     ipv6::{ETH_P_IPV6, IP6_HLEN},
     nat::{self, v4_word},
-    packet::{ETH_HLEN, ETH_P_IP, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{ETH_HLEN, ETH_P_IP, Family, IP_HLEN, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// An IPv4 header without options, the ICMP header, and TCP's fixed header.
-const IP_HLEN: usize = 20;
+/// The ICMP header, and TCP's fixed header.
 const ICMP_HLEN: usize = 8;
 const TCP_HLEN: usize = 20;
 /// What an ICMP error about a datagram quotes: its IP header and UDP header, in words.
 const V4_QUOTE: usize = (IP_HLEN + 8) / 4;
 const V6_QUOTE: usize = (IP6_HLEN + 8) / 4;
-const ICMP: u8 = 1;
-const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
-const ICMPV6: u8 = 58;
-const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
 const TTL: u8 = 64;
 

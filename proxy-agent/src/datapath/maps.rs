@@ -367,6 +367,10 @@ impl MapStore for AyaMaps {
         self.service_names().collect()
     }
 
+    fn service_name_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<u32, ServiceName> {
+        self.names.entries_from(from, max)
+    }
+
     fn put_maglev_config(&mut self, config: MaglevConfig) -> Result<(), WriteError> {
         self.maglev_config.set(0, config, 0).map_err(on(maps::MAGLEV_CONFIG))
     }

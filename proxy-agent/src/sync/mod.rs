@@ -19,7 +19,7 @@ mod tracker;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::api::core::v1::Node;
@@ -89,6 +89,11 @@ pub type RefusalHook = Box<dyn FnMut(&str, &str) + Send>;
 /// Services changed at once from which a sync stages its writes and writes them in batches
 /// (the first full sync, a relist): below it, one `bpf()` call per entry costs little.
 const BATCH_FROM: usize = 64;
+
+/// How long one periodic check reads and compares the large maps before it leaves the rest of
+/// its round to the next (it runs on the sync loop: a change that comes meanwhile waits). At
+/// 100 000 × 10 a round then takes a few dozen checks.
+const CHECK_BUDGET: Duration = Duration::from_millis(40);
 
 /// Tracker, model and writer together.
 pub struct Syncer<S: MapStore> {
@@ -364,7 +369,7 @@ impl<S: MapStore> Syncer<S> {
         self.write_node_config();
         // A range of the large maps at a time: their missing entries show once a round read
         // them all (see the writer's `check`).
-        match self.writer.check() {
+        match self.writer.check(CHECK_BUDGET) {
             Ok(stats) => {
                 if stats != WriteStats::default() {
                     warn!(

@@ -1,17 +1,27 @@
-//! The periodic check, a part at a time: each call reads the next range of buckets of the two
-//! large maps (`services` and `backends`, a million entries each at 100 000 × 10, which took
-//! seconds to read and compare whole) and repairs what it finds there: values changed under
-//! the agent are rewritten, entries nobody programmed deleted. Missing entries cannot be seen
-//! in a range: once a round has read every bucket, the entries found are counted against what
-//! was programmed, and a shortfall runs the whole [`Writer::restore`]. A round this writer
-//! wrote during (a sync between two checks) cannot be counted: its missing entries wait for
-//! the next round.
+//! The periodic check, a part at a time: each call reads the next ranges of buckets of the
+//! three large maps (`services` and `backends`, a million entries each at 100 000 × 10, and
+//! `service_names`, which took seconds to read and compare whole) and repairs what it finds
+//! there: values changed under the agent are rewritten, entries nobody programmed deleted. A
+//! call reads ranges until its time budget is spent: it runs on the sync loop, so a change
+//! that arrives meanwhile waits for it. Missing entries cannot be seen in a range: once a
+//! round has read every bucket, the entries found are counted against what was programmed,
+//! and a shortfall runs the whole [`Writer::restore`] (for names, their whole map). A round
+//! this writer wrote during (a sync between two checks) cannot be counted: its missing
+//! entries wait for the next round.
 
-use super::{MapStore, WriteStats, Writer, reconcile::Repairs};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 
-/// Entries of each large map one check reads: at most ~10 checks a round at 100 000 × 10,
-/// and a map smaller than this is read whole every time (a round a check).
-const CHUNK: usize = 131_072;
+use proxy_common::service::ServiceName;
+use tracing::debug;
+
+use super::{MapStore, WriteStats, Writer, ids::service_name, reconcile::Repairs};
+
+/// Entries of each large map read at a time: a few milliseconds of reading and comparing, so
+/// a check ends soon after its budget is spent.
+const STEP: usize = 8_192;
 
 /// Where a map's reading stands in the current round.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,54 +55,107 @@ impl Cursor {
 pub(super) struct Round {
     services: Cursor,
     backends: Cursor,
+    names: Cursor,
     /// Programmed `services` entries found so far.
     found_services: usize,
     /// Programmed `backends` entries found so far.
     found_backends: usize,
+    /// `service_names` entries of held service ids found so far.
+    found_names: usize,
+    /// Checks this round took so far.
+    checks: usize,
     /// Whether this writer wrote since the round began: its counts then say nothing.
     pub(super) disturbed: bool,
 }
 
+impl Round {
+    fn started(&self) -> bool {
+        [self.services, self.backends, self.names] != [Cursor::Start; 3]
+    }
+
+    fn ended(&self) -> bool {
+        [self.services, self.backends, self.names] == [Cursor::Done; 3]
+    }
+}
+
 impl<S: MapStore> Writer<S> {
-    /// One periodic check ([`super::check`]): names, source ranges and Maglev tables whole, the
-    /// next range of `services` and `backends`, and at the end of a round the missing entries.
-    /// Writes in [`Writer::restore`]'s order within what it read.
-    pub fn check(&mut self) -> Result<WriteStats, S::Error> {
+    /// One periodic check ([`super::check`]): source ranges and Maglev tables whole, then the
+    /// next ranges of `service_names`, `backends` and `services` until `budget` is spent (at
+    /// least one range of each; `Duration::ZERO`: just that) or the round ends, and at the end
+    /// of a round the missing entries. Writes in [`Writer::restore`]'s order within what it
+    /// read.
+    pub fn check(&mut self, budget: Duration) -> Result<WriteStats, S::Error> {
+        let started = Instant::now();
         self.settle();
-        if self.round.services == Cursor::Start && self.round.backends == Cursor::Start {
+        if !self.round.started() {
             // Writes before the round's first read are in what it reads.
             self.round.disturbed = false;
         }
+        self.round.checks += 1;
         let mut stats = WriteStats::default();
-        self.restore_names_and_ranges()?;
-        let mut stale_backends = Vec::new();
-        if let Some(from) = self.round.backends.next() {
-            let (entries, next) = self.store.backend_entries_from(from, CHUNK);
-            self.round.backends = Cursor::after(next);
-            let (found, stale) = self.repair_backends(&entries, &mut stats)?;
-            self.round.found_backends += found;
-            stale_backends = stale;
+        self.restore_ranges()?;
+        let (mut names, mut stale_backends) = (Vec::new(), Vec::new());
+        loop {
+            if let Some(from) = self.round.names.next() {
+                let (entries, next) = self.store.service_name_entries_from(from, STEP);
+                self.round.names = Cursor::after(next);
+                names.extend(entries);
+            }
+            if let Some(from) = self.round.backends.next() {
+                let (entries, next) = self.store.backend_entries_from(from, STEP);
+                self.round.backends = Cursor::after(next);
+                let (found, stale) = self.repair_backends(&entries, &mut stats)?;
+                self.round.found_backends += found;
+                stale_backends.extend(stale);
+            }
+            if let Some(from) = self.round.services.next() {
+                let (entries, next) = self.store.service_entries_from(from, STEP);
+                self.round.services = Cursor::after(next);
+                let Repairs { found, slots, masters, stale } = self.compare_services(&entries);
+                self.round.found_services += found;
+                self.put_services_in_order(slots, masters, &mut stats)?;
+                self.delete_unprogrammed(stale, Vec::new(), &mut stats)?;
+            }
+            if self.round.ended() || started.elapsed() >= budget {
+                break;
+            }
         }
-        if let Some(from) = self.round.services.next() {
-            let (entries, next) = self.store.service_entries_from(from, CHUNK);
-            self.round.services = Cursor::after(next);
-            let Repairs { found, slots, masters, stale } = self.compare_services(&entries);
-            self.round.found_services += found;
-            self.put_services_in_order(slots, masters, &mut stats)?;
-            self.delete_unprogrammed(stale, Vec::new(), &mut stats)?;
-        }
+        self.repair_names(names)?;
         // Only now: a stale slot read above may have named one of them.
         self.delete_unprogrammed(Vec::new(), stale_backends, &mut stats)?;
         self.restore_maglev()?;
-        if (self.round.services, self.round.backends) == (Cursor::Done, Cursor::Done) {
+        if self.round.ended() {
             let round = std::mem::take(&mut self.round);
-            let missing =
-                round.found_services < self.service_entries_held() || round.found_backends < self.backend_by_id.len();
-            if missing && !round.disturbed {
-                stats += self.restore()?;
+            debug!(checks = round.checks, disturbed = round.disturbed, "the periodic check read every map entry");
+            if !round.disturbed {
+                if round.found_names < self.services.ids.len() {
+                    self.restore_names()?;
+                }
+                if round.found_services < self.service_entries_held() || round.found_backends < self.backend_by_id.len()
+                {
+                    stats += self.restore()?;
+                }
             }
         }
         Ok(stats)
+    }
+
+    /// Puts back the names among `entries` (read from `service_names`) of held service ids
+    /// that differ.
+    fn repair_names(&mut self, entries: Vec<(u32, ServiceName)>) -> Result<(), S::Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let by_id: HashMap<u32, _> = self.services.ids.iter().map(|(service, (id, _))| (*id, service)).collect();
+        for (id, present) in entries {
+            let Some(service) = by_id.get(&id) else { continue };
+            self.round.found_names += 1;
+            let name = service_name(service);
+            if present != name {
+                self.store.put_service_name(id, name)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -100,6 +163,6 @@ impl<S: MapStore> Writer<S> {
 impl<S: MapStore> Writer<S> {
     /// Whether the last check ended a round (or none ran yet).
     pub(super) fn round_ended(&self) -> bool {
-        (self.round.services, self.round.backends) == (Cursor::Start, Cursor::Start)
+        !self.round.started()
     }
 }

@@ -273,7 +273,8 @@ impl<S: MapStore> Writer<S> {
             }
         }
         drop(backends);
-        self.restore_names_and_ranges()?;
+        self.restore_names()?;
+        self.restore_ranges()?;
         let present = self.store.service_entries();
         let Repairs { found, mut slots, mut masters, stale } = self.compare_services(&present);
         if found < self.service_entries_held() {
@@ -308,8 +309,8 @@ impl<S: MapStore> Writer<S> {
         Ok((found, stale))
     }
 
-    /// Puts back `service_names` entries that differ, and every frontend's source ranges.
-    pub(super) fn restore_names_and_ranges(&mut self) -> Result<(), S::Error> {
+    /// Puts back `service_names` entries that differ or are missing, reading the map whole.
+    pub(super) fn restore_names(&mut self) -> Result<(), S::Error> {
         let names: HashMap<u32, ServiceName> = self.store.service_names().into_iter().collect();
         for (service, (id, _)) in &self.services.ids {
             let name = service_name(service);
@@ -317,6 +318,11 @@ impl<S: MapStore> Writer<S> {
                 self.store.put_service_name(*id, name)?;
             }
         }
+        Ok(())
+    }
+
+    /// Puts back every frontend's source ranges.
+    pub(super) fn restore_ranges(&mut self) -> Result<(), S::Error> {
         for (frontend, p) in &self.programmed {
             // Idempotent, and LPM trie lookups do not say which prefix matched: simply rewritten.
             for cidr in &p.ranges {

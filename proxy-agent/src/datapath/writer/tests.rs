@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::Ipv4Addr,
     rc::Rc,
+    time::Duration,
 };
 
 use proptest::{collection, option, prelude::*};
@@ -781,7 +782,7 @@ impl Harness {
     /// One periodic check ([`Writer::check`]); whether it ended a round. The maps may be half
     /// written before it (that is why it runs), so only the store is followed.
     fn check_once(&mut self) -> bool {
-        self.writer.check().unwrap();
+        self.writer.check(Duration::ZERO).unwrap();
         let ops = self.writer.store().ops[self.replayed..].to_vec();
         ops.iter().for_each(|op| self.kernel.apply(*op));
         self.replayed += ops.len();
@@ -833,4 +834,46 @@ fn the_periodic_check_repairs_a_range_at_a_time_and_missing_entries_after_a_roun
     assert!(!harness.writer.store().maps.services.contains_key(&master(b)), "a disturbed round cannot count");
     harness.check_round();
     assert_eq!(harness.writer.store().maps, clean.kernel, "the next round puts it back");
+}
+
+/// `service_names` is read a range at a time too: a name changed under the agent is put back
+/// when its range is read, a deleted one once the round has read them all.
+#[test]
+fn the_periodic_check_repairs_service_names_a_range_at_a_time() {
+    let state: State = (10..16).map(|i| (frontend(i), entry(&format!("svc-{i}"), [u32::from(i)]))).collect();
+    let mut harness = Harness::new("names by range");
+    harness.program(&state);
+    harness.sweep();
+    let programmed = harness.writer.store().names.clone();
+    assert_eq!(programmed.len(), 6, "a name per service port");
+    harness.writer.store.read_max = Some(2);
+    let (&changed, _) = programmed.iter().next().unwrap();
+    let (&deleted, _) = programmed.iter().last().unwrap();
+    let names = &mut harness.writer.store.names;
+    names.get_mut(&changed).unwrap().name[0] ^= 0x20;
+    names.remove(&deleted);
+    assert!(!harness.check_once(), "2 entries a check: a round takes several");
+    assert!(!harness.writer.store().names.contains_key(&deleted), "a missing name shows only at the round's end");
+    harness.check_round();
+    assert_eq!(harness.writer.store().names, programmed, "both repaired after one round");
+}
+
+/// A check reads range after range until its time budget is spent: with time to spare it
+/// ends a round alone, whatever the range size, and repairs what it read.
+#[test]
+fn a_check_with_time_to_spare_reads_a_whole_round() {
+    let (a, b) = (frontend(10), frontend(11));
+    let state = state([(a, entry("a", [1, 2, 3])), (b, entry("b", [3, 4, 5, 6]))]);
+    let mut clean = Harness::new("as programmed");
+    clean.program(&state);
+    let mut harness = Harness::new("one long check");
+    harness.program(&state);
+    harness.sweep();
+    harness.writer.store.read_max = Some(2);
+    harness.writer.store.maps.services.remove(&master_key(&a));
+    harness.writer.store.maps.backends.insert(12_345, backends(&[endpoint(9)], TCP)[0]);
+    harness.kernel = harness.writer.store().maps.clone();
+    harness.writer.check(Duration::from_secs(600)).unwrap();
+    assert!(harness.writer.round_ended(), "the round ended in one check");
+    assert_eq!(harness.writer.store().maps, clean.kernel, "the missing master back, the foreign backend gone");
 }

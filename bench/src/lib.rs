@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod by_hand;
 pub mod scale_report;
 
 use anyhow::{Context as _, bail};

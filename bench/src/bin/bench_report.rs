@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 use plotters::prelude::*;
-use proxy_bench::scale_report;
+use proxy_bench::{by_hand, scale_report};
 use serde_json::Value;
 
 fn main() -> ExitCode {
@@ -777,8 +777,10 @@ fn run() -> anyhow::Result<()> {
            `bench_program`, `bench_tc`, `bench_floor`, `bench_throughput`, `sync_latency`), each runnable alone with \
            `--quick` and `--json`.\n\n## Method\n\n";
     md += METHOD;
-    // Scale runs (`--scale N`) are separate: keep the rows and sections they wrote.
-    let md = scale_report::carry(&std::fs::read_to_string(&args.markdown).unwrap_or_default(), &md);
+    // Scale runs (`--scale N`) are separate: keep the rows and sections they wrote, and every
+    // block entered by hand.
+    let old = std::fs::read_to_string(&args.markdown).unwrap_or_default();
+    let md = by_hand::carry(&old, &scale_report::carry(&old, &md));
     std::fs::write(&args.markdown, md).with_context(|| format!("writing {}", args.markdown.display()))?;
     eprintln!("bench_report: wrote {} and {}", args.markdown.display(), args.svg.display());
     Ok(())

@@ -127,13 +127,40 @@ pub fn rows(scale: &Value) -> Vec<String> {
         check.map_or("–".into(), |c| format!("{c:.1} ms")),
         verdict(check, 100.0, &first_problem(manifests)),
     );
+    let (measured, verdict) = tc_row(&scale["tc"], n);
     row(
         "TC established flow ≤ 2× the C floor, flat to this size".into(),
-        "≤ 2×, flat".into(),
-        "not measured by the scale run".into(),
-        "– (bench_tc measures N = 1 and 10 000; see its section)".into(),
+        "≤ 2×, flat (≤ 1.10)".into(),
+        measured,
+        verdict,
     );
     out
+}
+
+/// The TC row's measured cell and verdict: the established flow at 1 service over the C floor
+/// (lookup + DNAT, every repeat a hit) of the same run, and at `n` over at 1.
+fn tc_row(tc: &Value, n: u64) -> (String, String) {
+    let established = |at: u64| {
+        tc["rows"]
+            .as_array()?
+            .iter()
+            .find(|r| r["services"].as_u64() == Some(at))
+            .and_then(|r| get(r, &["established_ns"]))
+    };
+    let (Some(one), Some(at_n), Some(floor)) = (established(1), established(n), get(tc, &["floor", "dnat_1_ns"]))
+    else {
+        let why = tc["problem"].as_str().unwrap_or("not measured").replace('|', "/");
+        return ("–".into(), format!("missed: {why}"));
+    };
+    let (ratio, flat) = (one / floor, at_n / one);
+    let measured = format!("{one:.0} ns ÷ {floor:.0} ns = {ratio:.2}×; at {}: {at_n:.0} ns, ×{flat:.2}", count(n));
+    let verdict = match (ratio <= 2.0, flat <= 1.10) {
+        (true, true) => "met".into(),
+        (false, true) => format!("missed: {:.0} % over 2×, flat", (ratio / 2.0 - 1.0) * 100.0),
+        (true, false) => format!("missed: ≤ 2×, but ×{flat:.2} at {}", count(n)),
+        (false, false) => format!("missed: {ratio:.2}× and ×{flat:.2} at {}", count(n)),
+    };
+    (measured, verdict)
 }
 
 /// The section title of a scale run at `n`.
@@ -192,6 +219,14 @@ pub fn section(scale: &Value) -> String {
             body,
             "LIST requests the API source's agent sent (pages of 500 at most): {}.\n",
             lists.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let (tc, _) = tc_row(&scale["tc"], n);
+    if tc != "–" {
+        let _ = writeln!(
+            body,
+            "TC NodePort path, established flow (`bench_tc --sizes 1,{n}` and `bench_floor`, run after the agents: \
+             `BPF_PROG_TEST_RUN`, every repeat a conntrack hit, against the minimal C lookup + DNAT): {tc}.\n"
         );
     }
     for (what, r) in [("manifest directory", &scale["manifests"]), ("API source", &scale["api"])] {
@@ -328,6 +363,23 @@ mod tests {
     }
 
     #[test]
+    fn the_tc_row_judges_the_floor_ratio_and_flatness_from_the_same_run() {
+        let tc = |one: f64, at_n: f64| {
+            serde_json::json!({
+                "rows": [{"services": 1, "established_ns": one}, {"services": 100_000, "established_ns": at_n}],
+                "floor": {"dnat_1_ns": 50.0},
+            })
+        };
+        assert_eq!(
+            tc_row(&tc(90.0, 95.0), 100_000),
+            ("90 ns ÷ 50 ns = 1.80×; at 100 000: 95 ns, ×1.06".into(), "met".into())
+        );
+        assert_eq!(tc_row(&tc(120.0, 121.0), 100_000).1, "missed: 20 % over 2×, flat");
+        assert_eq!(tc_row(&tc(90.0, 200.0), 100_000).1, "missed: ≤ 2×, but ×2.22 at 100 000");
+        assert_eq!(tc_row(&serde_json::json!({"problem": "bench_floor failed"}), 10).1, "missed: bench_floor failed");
+    }
+
+    #[test]
     fn rows_judge_each_target_at_its_size() {
         let run = serde_json::json!({
             "services": 100_000,
@@ -349,7 +401,7 @@ mod tests {
                 "missed: 17 % over |",
                 "missed: svc-99999 (10.97.134.160:80) did not answer within 180s |",
                 "missed: 2.5× the target |",
-                "– (bench_tc measures N = 1 and 10 000; see its section) |",
+                "missed: not measured |",
             ]
         );
     }

@@ -277,6 +277,7 @@ fn run(opts: Opts, n: usize) -> anyhow::Result<()> {
     drop(dir);
     let changes = if opts.quick { 50 } else { 200 };
     let api = measure(&progress, &services, Source::Api(&services[n - 1]), budget, changes)?;
+    let tc = tc_path(&progress, n);
 
     let mut text = format!("ours at {n} services × {ENDPOINTS} endpoints\n");
     let cell = |v: Option<f64>, unit: &str| v.map_or("never".to_owned(), |v| format!("{v:.3}{unit}"));
@@ -313,9 +314,33 @@ fn run(opts: Opts, n: usize) -> anyhow::Result<()> {
         "load_average": fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         "manifests": manifests,
         "api": api,
+        "tc": tc,
     });
     bench::emit(opts, &value, &text);
     Ok(())
+}
+
+/// The TC established flow at 1 and `n` services beside the C floor, in this run: the sibling
+/// benches `bench_tc --sizes 1,N --json` and `bench_floor --json`, one after the other
+/// (`{"rows": [...], "floor": {...}}`, or `{"problem": ...}` when either fails).
+fn tc_path(progress: &Progress, n: usize) -> Value {
+    let run = |bin: &str, args: &[&str]| -> anyhow::Result<Value> {
+        let path = std::env::current_exe()?.with_file_name(bin);
+        let out = std::process::Command::new(&path)
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("starting {}", path.display()))?;
+        anyhow::ensure!(out.status.success(), "{bin} failed ({})", out.status);
+        serde_json::from_slice(&out.stdout).with_context(|| format!("{bin} printed no JSON"))
+    };
+    progress.say(format!("TC path: bench_tc at 1 and {n} services, then bench_floor"));
+    let sizes = format!("1,{n}");
+    match run("bench_tc", &["--json", "--sizes", &sizes]).and_then(|rows| Ok((rows, run("bench_floor", &["--json"])?)))
+    {
+        Ok((rows, floor)) => json!({ "rows": rows, "floor": floor }),
+        Err(e) => json!({ "problem": format!("{e:#}") }),
+    }
 }
 
 /// One agent run at N from `source`.

@@ -17,7 +17,7 @@
 //! fit), side by side with the untraced ones; `new_flow_traced_ns` and the ratio are reported.
 //! Established flows and packets for no frontend write no event and read no flag.
 //!
-//! `bench_tc [--json]`; run by `cargo xtask bench`.
+//! `bench_tc [--json] [--sizes 1,10000]`; run by `cargo xtask bench` (and by `bench_scale` at its N).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -246,9 +246,20 @@ impl Drop for Pins {
 }
 
 fn main() -> anyhow::Result<()> {
-    let json = std::env::args().any(|a| a == "--json");
+    let args: Vec<String> = std::env::args().collect();
+    let json = args.iter().any(|a| a == "--json");
+    // `--sizes 1,100000`: the service counts to measure at (bench_scale asks for its own N).
+    let sizes: Vec<u32> = match args.iter().position(|a| a == "--sizes") {
+        Some(at) => args
+            .get(at + 1)
+            .context("--sizes needs a list such as 1,10000")?
+            .split(',')
+            .map(|n| n.parse::<u32>().ok().filter(|&n| n >= 1).context("--sizes: counts of at least 1"))
+            .collect::<anyhow::Result<_>>()?,
+        None => vec![1, 10_000],
+    };
     let mut rows = Vec::new();
-    for services in [1u32, 10_000] {
+    for services in sizes {
         let Costs { pass, new_flow, established, established_v6, new_flow_traced } = measure(services - 1)?;
         if !json {
             println!(

@@ -40,7 +40,7 @@ mod stale_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use hashbrown::{HashMap, HashSet};
 
 use proxy_common::{
     addr,
@@ -53,7 +53,7 @@ use proxy_common::{
     sock::{SockRevKey, SockRevValue},
 };
 
-use self::ids::Ids;
+use self::ids::{BackendIds, Ids};
 pub use self::{batch::Refusal, slots::slot_order, stale::Departed};
 use crate::model::{Cidr, Frontend, ServicePortName};
 
@@ -215,9 +215,9 @@ impl std::ops::AddAssign for WriteStats {
 pub struct Writer<S: MapStore> {
     store: S,
     programmed: HashMap<Frontend, Programmed>,
-    /// Backend ids, one per distinct `backends` value, counted per slot naming it.
-    backends: Ids<Backend>,
-    backend_by_id: HashMap<BackendId, Backend>,
+    /// Backend ids, one per distinct `backends` value, counted per slot naming it, and the
+    /// value behind each id (read like a map of id → backend).
+    backend_by_id: BackendIds,
     /// Service-port ids, counted per frontend.
     services: Ids<ServicePortName>,
     /// (affinity id, backend id) pairs that stopped being valid since the last
@@ -251,14 +251,13 @@ impl<S: MapStore> Writer<S> {
             adopted.entry(frontend_of(&key)).or_default().push((key, value));
         }
         let inherited = !adopted.is_empty()
-            || !backends.reserved.is_empty()
+            || backends.has_reserved()
             || !services.reserved.is_empty()
             || !store.maglev_tables().is_empty();
         Self {
             store,
             programmed: HashMap::new(),
-            backends,
-            backend_by_id: HashMap::new(),
+            backend_by_id: backends,
             services,
             gone: HashSet::new(),
             maglev: maglev::Tables::default(),
@@ -293,7 +292,7 @@ impl<S: MapStore> Writer<S> {
 
     /// Distinct backends programmed.
     pub fn backends(&self) -> usize {
-        self.backends.len()
+        self.backend_by_id.len()
     }
 
     /// Every frontend currently programmed.

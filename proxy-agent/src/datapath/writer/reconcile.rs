@@ -1,12 +1,12 @@
 //! Reconcile: the ordered write of one frontend (upsert, remove, and undoing a refused
 //! upsert), the sweep of what an earlier agent left, and the periodic compare-and-repair.
 
-use std::collections::{HashMap, HashSet};
+use hashbrown::{HashMap, HashSet};
 
 use proxy_common::{
     affinity::affinity_service_id,
     backend::{Backend, BackendId},
-    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceName, ServiceValue},
+    service::{SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue},
 };
 
 use super::{
@@ -58,7 +58,7 @@ impl<S: MapStore> Writer<S> {
         frontend: Frontend,
         entry: &FrontendEntry,
         old: Option<&Programmed>,
-        taken: &mut Vec<Backend>,
+        taken: &mut Vec<BackendId>,
     ) -> Result<(Programmed, WriteStats), S::Error> {
         let mut stats = WriteStats::default();
         let (service_id, new_service) = self.services.acquire(&entry.service);
@@ -144,7 +144,7 @@ impl<S: MapStore> Writer<S> {
     /// Undoes a failed upsert: removes every entry the frontend may have (old or new), then drops
     /// the references both layouts held. Best effort: a failing delete leaves an entry the next
     /// sweep removes.
-    fn refuse(&mut self, frontend: Frontend, entry: &FrontendEntry, old: Option<Programmed>, taken: &[Backend]) {
+    fn refuse(&mut self, frontend: Frontend, entry: &FrontendEntry, old: Option<Programmed>, taken: &[BackendId]) {
         let key = master_key(&frontend);
         let old_len = |internal: bool| {
             old.as_ref()
@@ -161,8 +161,8 @@ impl<S: MapStore> Writer<S> {
         for cidr in entry.source_ranges.iter().chain(old.iter().flat_map(|o| o.ranges.iter())) {
             let _ = self.store.delete_source_range(&frontend, cidr);
         }
-        for backend in taken {
-            self.release_backend(backend);
+        for id in taken {
+            self.release_backend(*id);
         }
         if let Some(id) = self.services.release(&entry.service) {
             let _ = self.store.delete_service_name(id);
@@ -208,9 +208,7 @@ impl<S: MapStore> Writer<S> {
         // What no frontend claimed goes now: nothing is adopted any more.
         self.adopted = HashMap::new();
         let mut stats = WriteStats::default();
-        for (_, id) in std::mem::take(&mut self.backends.reserved) {
-            self.backends.in_use.remove(&id);
-        }
+        self.backend_by_id.drop_reserved();
         // Over maps that were empty at the start, every entry is this writer's: reading maps
         // of millions of buckets would find nothing (the periodic check deletes whatever else
         // appears later).
@@ -310,10 +308,14 @@ impl<S: MapStore> Writer<S> {
 
     /// Puts back `service_names` entries that differ, and every frontend's source ranges.
     pub(super) fn restore_names_and_ranges(&mut self) -> Result<(), S::Error> {
-        let names: HashMap<u32, ServiceName> = self.store.service_names().into_iter().collect();
+        // Sorted and searched rather than copied into a hash map: at 100 000 services the
+        // names read are 15 MiB, and a map of them as much again, on every check.
+        let mut names = self.store.service_names();
+        names.sort_unstable_by_key(|(id, _)| *id);
         for (service, (id, _)) in &self.services.ids {
             let name = service_name(service);
-            if names.get(id) != Some(&name) {
+            let present = names.binary_search_by_key(id, |(id, _)| *id).ok().map(|i| &names[i].1);
+            if present != Some(&name) {
                 self.store.put_service_name(*id, name)?;
             }
         }

@@ -6,7 +6,7 @@
 //! by value through two hash tables of slab indexes (4 bytes a bucket). Keyed hash maps of
 //! owned values, one per direction, took ~140 MiB there; this takes ~50 MiB.
 
-use std::hash::BuildHasher as _;
+use std::{hash::BuildHasher as _, sync::Arc};
 
 use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
 use proxy_common::{
@@ -35,8 +35,9 @@ pub(super) enum Acquired {
 /// service's backend under it, so ids count up and wrap only after 2^32 allocations.
 #[derive(Debug)]
 pub(super) struct Ids<K> {
-    /// Each key's id and reference count.
-    pub(super) ids: HashMap<K, (u32, usize)>,
+    /// Each key's id and reference count. The key is shared with what holds it (a service
+    /// port's name, once for all its frontends).
+    pub(super) ids: HashMap<Arc<K>, (u32, usize)>,
     /// Ids held by a key or reserved for one.
     pub(super) in_use: HashSet<u32>,
     /// Where the search for a free id starts.
@@ -50,11 +51,11 @@ impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
         Self { ids: HashMap::default(), in_use: HashSet::default(), next: 1, reserved: HashMap::default() }
     }
 
-    /// The id of `key`, taking a reference, and where it came from.
-    pub(super) fn acquire(&mut self, key: &K) -> (u32, Acquired) {
-        if let Some((id, refs)) = self.ids.get_mut(key) {
+    /// The id of `key`, taking a reference, where it came from, and the key as shared.
+    pub(super) fn acquire(&mut self, key: &K) -> (u32, Acquired, Arc<K>) {
+        if let Some((shared, (id, refs))) = self.ids.get_key_value_mut(key) {
             *refs += 1;
-            return (*id, Acquired::Held);
+            return (*id, Acquired::Held, Arc::clone(shared));
         }
         let (id, acquired) = match self.reserved.remove(key) {
             Some(id) => (id, Acquired::Adopted),
@@ -68,8 +69,9 @@ impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
             }
         };
         self.in_use.insert(id);
-        self.ids.insert(key.clone(), (id, 1));
-        (id, acquired)
+        let shared = Arc::new(key.clone());
+        self.ids.insert(Arc::clone(&shared), (id, 1));
+        (id, acquired, shared)
     }
 
     /// Drops a reference; returns the id when it was the last one.

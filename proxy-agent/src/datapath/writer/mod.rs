@@ -167,8 +167,9 @@ struct Programmed {
     external: Vec<BackendId>,
     /// The internal scope's backend ids in slot order, when the frontend has that scope.
     internal: Option<Vec<BackendId>>,
-    /// The service port the frontend belongs to.
-    service: ServicePortName,
+    /// The service port the frontend belongs to (shared with its other frontends and the
+    /// service-port ids).
+    service: std::sync::Arc<ServicePortName>,
 }
 
 impl Programmed {

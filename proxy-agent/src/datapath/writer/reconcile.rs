@@ -61,7 +61,7 @@ impl<S: MapStore> Writer<S> {
         taken: &mut Vec<BackendId>,
     ) -> Result<(Programmed, WriteStats), S::Error> {
         let mut stats = WriteStats::default();
-        let (service_id, new_service) = self.services.acquire(&entry.service);
+        let (service_id, new_service, service) = self.services.acquire(&entry.service);
         if new_service == Acquired::Fresh {
             self.store.put_service_name(service_id, service_name(&entry.service))?;
         }
@@ -110,7 +110,7 @@ impl<S: MapStore> Writer<S> {
             self.store.delete_source_range(&frontend, cidr)?;
         }
         let ranges = entry.source_ranges.clone();
-        Ok((Programmed { ranges, master, external, internal, service: entry.service.clone() }, stats))
+        Ok((Programmed { ranges, master, external, internal, service }, stats))
     }
 
     /// [`Writer::upsert`] of a new frontend while a batch is open: its source ranges are
@@ -119,7 +119,7 @@ impl<S: MapStore> Writer<S> {
         let mut stats = WriteStats::default();
         let mut taken = Vec::new();
         let mut fresh = Vec::new();
-        let (service_id, new_service) = self.services.acquire(&entry.service);
+        let (service_id, new_service, service) = self.services.acquire(&entry.service);
         let proto = frontend.proto;
         let external = self.layout(&[], &entry.backends, proto, &mut taken, &mut stats, Some(&mut fresh))?;
         let internal = match &entry.internal {
@@ -134,7 +134,7 @@ impl<S: MapStore> Writer<S> {
         }
         let master = master_of(service_id, entry, external.len());
         let ranges = entry.source_ranges.clone();
-        let p = Programmed { ranges, master, external, internal, service: entry.service.clone() };
+        let p = Programmed { ranges, master, external, internal, service };
         self.programmed.insert(frontend, p);
         let adopted = self.adopted.remove(&frontend).unwrap_or_default();
         stats.service_writes += self.stage(frontend, fresh, new_service == Acquired::Fresh, adopted);

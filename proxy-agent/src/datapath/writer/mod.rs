@@ -143,6 +143,11 @@ pub trait MapStore {
     }
     /// Every `service_names` entry present.
     fn service_names(&self) -> Vec<(u32, ServiceName)>;
+    /// [`MapStore::service_entries_from`] for `service_names`.
+    fn service_names_from(&self, from: Option<u64>, max: usize) -> Chunk<u32, ServiceName> {
+        let _ = (from, max);
+        (self.service_names(), None)
+    }
     /// Writes the flow hash's seed (`maglev_config` map).
     fn put_maglev_config(&mut self, config: MaglevConfig) -> Result<(), Self::Error>;
     /// Puts `slots` (slot `i + 1` → `slots[i]`) as backend set `id`'s Maglev table, replacing

@@ -367,7 +367,7 @@ impl MapStore for AyaMaps {
         self.service_names().collect()
     }
 
-    fn service_name_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<u32, ServiceName> {
+    fn service_names_from(&self, from: Option<u64>, max: usize) -> Chunk<u32, ServiceName> {
         self.names.entries_from(from, max)
     }
 
@@ -583,6 +583,33 @@ mod batch_tests {
         read.sort_by_key(|(key, _)| *key);
         assert_eq!(whole.len(), 40 * 6);
         assert_eq!(read, whole, "every entry once");
+    }
+
+    /// The periodic check reads `service_names` a range at a time (16 names in tests) and puts
+    /// back the names deleted or changed under the agent, wherever they are in the map.
+    #[test]
+    fn the_check_puts_back_service_names_read_a_range_at_a_time() {
+        let pins = PinnedMaps::sized("names", 4096, Some(4096));
+        let mut writer = Writer::new(AyaMaps::from_pins(pins.root()).expect("opening the pinned maps"));
+        for n in 1..=40 {
+            let (frontend, entry) = service(n, 2);
+            writer.upsert(frontend, &entry).expect("room for 40 services");
+        }
+        writer.sweep().expect("nothing to sweep");
+        let mut programmed = MapStore::service_names(writer.store());
+        programmed.sort_by_key(|(id, _)| *id);
+        assert_eq!(programmed.len(), 40, "one name per service port");
+        let store = writer.store_mut();
+        for (id, _) in [programmed[0], programmed[17], programmed[39]] {
+            store.delete_service_name(id).expect("deleting a name");
+        }
+        let (id, mut wrong) = programmed[25];
+        wrong.name = [b'x'; 64];
+        store.put_service_name(id, wrong).expect("scribbling on a name");
+        writer.check(std::time::Duration::from_secs(60)).expect("the check: a round");
+        let mut read = MapStore::service_names(writer.store());
+        read.sort_by_key(|(id, _)| *id);
+        assert_eq!(read, programmed, "every name as programmed again");
     }
 
     /// 11 + 51 + 11 entries for 60 places: the batch of slots fails part way; the redo refuses

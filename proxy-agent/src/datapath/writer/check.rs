@@ -9,10 +9,7 @@
 //! this writer wrote during (a sync between two checks) cannot be counted: its missing
 //! entries wait for the next round.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use proxy_common::service::ServiceName;
 use tracing::debug;
@@ -97,7 +94,7 @@ impl<S: MapStore> Writer<S> {
         let (mut names, mut stale_backends) = (Vec::new(), Vec::new());
         loop {
             if let Some(from) = self.round.names.next() {
-                let (entries, next) = self.store.service_name_entries_from(from, STEP);
+                let (entries, next) = self.store.service_names_from(from, STEP);
                 self.round.names = Cursor::after(next);
                 names.extend(entries);
             }
@@ -146,16 +143,18 @@ impl<S: MapStore> Writer<S> {
         if entries.is_empty() {
             return Ok(());
         }
-        let by_id: HashMap<u32, _> = self.services.ids.iter().map(|(service, (id, _))| (*id, service)).collect();
+        let programmed = self.services.sorted_by_id();
+        let (mut found, mut wrong) = (0, Vec::new());
         for (id, present) in entries {
-            let Some(service) = by_id.get(&id) else { continue };
-            self.round.found_names += 1;
-            let name = service_name(service);
+            let Ok(i) = programmed.binary_search_by_key(&id, |(id, _)| *id) else { continue };
+            found += 1;
+            let name = service_name(programmed[i].1);
             if present != name {
-                self.store.put_service_name(id, name)?;
+                wrong.push((id, name));
             }
         }
-        Ok(())
+        self.round.found_names += found;
+        wrong.into_iter().try_for_each(|(id, name)| self.store.put_service_name(id, name))
     }
 }
 

@@ -1,9 +1,18 @@
 //! Ids: backend and service-port ids, reference-counted, kept across agent restarts (restored
 //! from the maps an earlier agent left) and not reused soon after release.
+//!
+//! Backends are a million at 100 000 services × 10 endpoints, so their ids live in one flat
+//! table ([`BackendIds`]): each backend once, in a slab of fixed-size records, found by id and
+//! by value through two hash tables of slab indexes (4 bytes a bucket). Keyed hash maps of
+//! owned values, one per direction, took ~140 MiB there; this takes ~50 MiB.
 
-use std::collections::{HashMap, HashSet};
+use std::{hash::BuildHasher as _, sync::Arc};
 
-use proxy_common::{backend::Backend, service::ServiceName};
+use hashbrown::{DefaultHashBuilder, HashMap, HashSet, HashTable};
+use proxy_common::{
+    backend::{Backend, BackendId},
+    service::ServiceName,
+};
 
 use super::{MapStore, Programmed, WriteStats, Writer};
 use crate::model::ServicePortName;
@@ -26,8 +35,9 @@ pub(super) enum Acquired {
 /// service's backend under it, so ids count up and wrap only after 2^32 allocations.
 #[derive(Debug)]
 pub(super) struct Ids<K> {
-    /// Each key's id and reference count.
-    pub(super) ids: HashMap<K, (u32, usize)>,
+    /// Each key's id and reference count. The key is shared with what holds it (a service
+    /// port's name, once for all its frontends).
+    pub(super) ids: HashMap<Arc<K>, (u32, usize)>,
     /// Ids held by a key or reserved for one.
     pub(super) in_use: HashSet<u32>,
     /// Where the search for a free id starts.
@@ -37,15 +47,22 @@ pub(super) struct Ids<K> {
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
-    pub(super) fn new() -> Self {
-        Self { ids: HashMap::new(), in_use: HashSet::new(), next: 1, reserved: HashMap::new() }
+    /// Every held id and its key, sorted by id (to be found by binary search).
+    pub(super) fn sorted_by_id(&self) -> Vec<(u32, &K)> {
+        let mut held: Vec<(u32, &K)> = self.ids.iter().map(|(key, (id, _))| (*id, &**key)).collect();
+        held.sort_unstable_by_key(|(id, _)| *id);
+        held
     }
 
-    /// The id of `key`, taking a reference, and where it came from.
-    pub(super) fn acquire(&mut self, key: &K) -> (u32, Acquired) {
-        if let Some((id, refs)) = self.ids.get_mut(key) {
+    pub(super) fn new() -> Self {
+        Self { ids: HashMap::default(), in_use: HashSet::default(), next: 1, reserved: HashMap::default() }
+    }
+
+    /// The id of `key`, taking a reference, where it came from, and the key as shared.
+    pub(super) fn acquire(&mut self, key: &K) -> (u32, Acquired, Arc<K>) {
+        if let Some((shared, (id, refs))) = self.ids.get_key_value_mut(key) {
             *refs += 1;
-            return (*id, Acquired::Held);
+            return (*id, Acquired::Held, Arc::clone(shared));
         }
         let (id, acquired) = match self.reserved.remove(key) {
             Some(id) => (id, Acquired::Adopted),
@@ -59,8 +76,9 @@ impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
             }
         };
         self.in_use.insert(id);
-        self.ids.insert(key.clone(), (id, 1));
-        (id, acquired)
+        let shared = Arc::new(key.clone());
+        self.ids.insert(Arc::clone(&shared), (id, 1));
+        (id, acquired, shared)
     }
 
     /// Drops a reference; returns the id when it was the last one.
@@ -75,9 +93,206 @@ impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
         self.in_use.remove(&id);
         Some(id)
     }
+}
 
+/// One backend of [`BackendIds`]: its id, its value and the slots naming it.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    /// 0 marks a free record (0 is never an id).
+    id: BackendId,
+    /// Slots naming it; 0: reserved for an earlier agent's entry nobody claimed yet.
+    refs: u32,
+    backend: Backend,
+}
+
+/// Backend ids, one per distinct `backends` value, counted per slot naming it: [`Ids`] for
+/// backends, in a flat table. A backend an earlier agent left is reserved (its record counts
+/// no slot) until a slot claims it or the sweep drops it. Ids count up, as [`Ids`]' do.
+#[derive(Debug)]
+pub(super) struct BackendIds {
+    /// The records; free ones (id 0) are listed in `free`.
+    slab: Vec<Held>,
+    free: Vec<u32>,
+    /// Slab indexes by the record's id.
+    by_id: HashTable<u32>,
+    /// Slab indexes by the record's backend.
+    by_value: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    /// Records counting a slot.
+    held: usize,
+    /// Where the search for a free id starts.
+    next: BackendId,
+}
+
+impl BackendIds {
+    pub(super) fn new() -> Self {
+        Self {
+            slab: Vec::new(),
+            free: Vec::new(),
+            by_id: HashTable::new(),
+            by_value: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            held: 0,
+            next: 1,
+        }
+    }
+
+    fn index_of_id(&self, id: BackendId) -> Option<u32> {
+        let slab = &self.slab;
+        self.by_id.find(self.hasher.hash_one(id), |&i| slab[i as usize].id == id).copied()
+    }
+
+    fn index_of_value(&self, backend: &Backend) -> Option<u32> {
+        let slab = &self.slab;
+        self.by_value.find(self.hasher.hash_one(backend), |&i| slab[i as usize].backend == *backend).copied()
+    }
+
+    /// Adds a record, found by id and (with `by_value`) by value; neither may be in the
+    /// table yet.
+    fn insert(&mut self, held: Held, by_value: bool) {
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.slab[index as usize] = held;
+                index
+            }
+            None => {
+                self.slab.push(held);
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let (slab, hasher) = (&self.slab, &self.hasher);
+        self.by_id.insert_unique(hasher.hash_one(held.id), index, |&i| hasher.hash_one(slab[i as usize].id));
+        if by_value {
+            self.by_value
+                .insert_unique(hasher.hash_one(held.backend), index, |&i| hasher.hash_one(slab[i as usize].backend));
+        }
+    }
+
+    /// Removes record `index`.
+    fn remove(&mut self, index: u32) {
+        let Held { id, backend, .. } = self.slab[index as usize];
+        let hasher = &self.hasher;
+        if let Ok(entry) = self.by_id.find_entry(hasher.hash_one(id), |&i| i == index) {
+            entry.remove();
+        }
+        if let Ok(entry) = self.by_value.find_entry(hasher.hash_one(backend), |&i| i == index) {
+            entry.remove();
+        }
+        self.slab[index as usize].id = 0;
+        self.free.push(index);
+    }
+
+    /// Reserves `id` for `backend`, as an earlier agent left them (a second entry with the
+    /// same value keeps its id reserved too, and goes with the sweep).
+    pub(super) fn reserve(&mut self, id: BackendId, backend: Backend) {
+        if id == 0 || self.index_of_id(id).is_some() {
+            return;
+        }
+        // A second record of one value is found by id only.
+        let by_value = self.index_of_value(&backend).is_none();
+        self.insert(Held { id, refs: 0, backend }, by_value);
+        self.next = self.next.max(id.wrapping_add(1)).max(1);
+    }
+
+    /// The id of `backend`, taking a reference, and where it came from.
+    pub(super) fn acquire(&mut self, backend: &Backend) -> (BackendId, Acquired) {
+        if let Some(index) = self.index_of_value(backend) {
+            let held = &mut self.slab[index as usize];
+            held.refs += 1;
+            if held.refs > 1 {
+                return (held.id, Acquired::Held);
+            }
+            self.held += 1;
+            return (held.id, Acquired::Adopted);
+        }
+        // 0 is never an id; skip ids in use (or reserved) after a wrap.
+        while self.next == 0 || self.index_of_id(self.next).is_some() {
+            self.next = self.next.wrapping_add(1);
+        }
+        let id = self.next;
+        self.next = self.next.wrapping_add(1);
+        self.insert(Held { id, refs: 1, backend: *backend }, true);
+        self.held += 1;
+        (id, Acquired::Fresh)
+    }
+
+    /// Drops a reference to backend `id`; returns true when it was the last one (the id is
+    /// free then).
+    pub(super) fn release(&mut self, id: BackendId) -> bool {
+        let Some(index) = self.index_of_id(id) else { return false };
+        let held = &mut self.slab[index as usize];
+        if held.refs == 0 {
+            return false;
+        }
+        held.refs -= 1;
+        if held.refs > 0 {
+            return false;
+        }
+        self.held -= 1;
+        self.remove(index);
+        true
+    }
+
+    /// The backend behind `id`, when a slot names it.
+    pub(super) fn get(&self, id: &BackendId) -> Option<&Backend> {
+        let held = &self.slab[self.index_of_id(*id)? as usize];
+        (held.refs > 0).then_some(&held.backend)
+    }
+
+    /// Whether a slot names backend `id`.
+    pub(super) fn contains_key(&self, id: &BackendId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Backends a slot names.
     pub(super) fn len(&self) -> usize {
-        self.ids.len()
+        self.held
+    }
+
+    /// Whether ids an earlier agent left are still reserved.
+    pub(super) fn has_reserved(&self) -> bool {
+        self.slab.len() - self.free.len() > self.held
+    }
+
+    /// Frees the ids reserved for an earlier agent's entries that no slot claimed (the
+    /// sweep), and gives the memory of a first sync's growth back.
+    pub(super) fn drop_reserved(&mut self) {
+        for index in 0..self.slab.len() as u32 {
+            let held = self.slab[index as usize];
+            if held.id != 0 && held.refs == 0 {
+                self.remove(index);
+            }
+        }
+        self.shrink();
+    }
+
+    /// Gives spare capacity back: the slab is sized for the backends held, not for the most
+    /// ever held (free records at its end are cut).
+    pub(super) fn shrink(&mut self) {
+        while self.slab.last().is_some_and(|held| held.id == 0) {
+            self.slab.pop();
+        }
+        let len = self.slab.len() as u32;
+        self.free.retain(|&index| index < len);
+        self.slab.shrink_to_fit();
+        self.free.shrink_to_fit();
+        let (slab, hasher) = (&self.slab, &self.hasher);
+        self.by_id.shrink_to_fit(|&i| hasher.hash_one(slab[i as usize].id));
+        self.by_value.shrink_to_fit(|&i| hasher.hash_one(slab[i as usize].backend));
+    }
+
+    /// Every backend a slot names, with its id.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&BackendId, &Backend)> {
+        self.slab.iter().filter(|held| held.id != 0 && held.refs > 0).map(|held| (&held.id, &held.backend))
+    }
+}
+
+impl<'a> IntoIterator for &'a BackendIds {
+    type Item = (&'a BackendId, &'a Backend);
+    type IntoIter = Box<dyn Iterator<Item = Self::Item> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
     }
 }
 
@@ -85,14 +300,12 @@ impl<K: std::hash::Hash + Eq + Clone> Ids<K> {
 /// their `backends` entry, service ports by their `service_names` entry. New ids start above
 /// every id present, so nothing an old slot or affinity entry points to is handed to another
 /// key; [`Writer::sweep`] frees what the first full sync did not claim.
-pub(super) fn restored<S: MapStore>(store: &S) -> (Ids<Backend>, Ids<ServicePortName>) {
+pub(super) fn restored<S: MapStore>(store: &S) -> (BackendIds, Ids<ServicePortName>) {
     // Backends keep their ids too: affinity entries and conntrack name backends by id.
-    let mut backends = Ids::new();
+    let mut backends = BackendIds::new();
     for (id, backend) in store.backend_entries() {
-        backends.in_use.insert(id);
-        backends.reserved.insert(backend, id);
+        backends.reserve(id, backend);
     }
-    backends.next = backends.in_use.iter().max().copied().unwrap_or(0).wrapping_add(1);
     // Service ids are kept across agents (their affinity entries stay valid), the rest start
     // above them.
     let mut services = Ids::new();
@@ -109,8 +322,7 @@ impl<S: MapStore> Writer<S> {
     pub(super) fn release(&mut self, old: &Programmed, stats: &mut WriteStats) -> Result<(), S::Error> {
         let mut result = Ok(());
         for id in old.external.iter().chain(old.internal.iter().flatten()) {
-            let Some(backend) = self.backend_by_id.get(id).copied() else { continue };
-            if let Some(deleted) = self.release_backend(&backend) {
+            if let Some(deleted) = self.release_backend(*id) {
                 stats.backend_writes += 1;
                 result = result.and(deleted);
             }
@@ -121,12 +333,10 @@ impl<S: MapStore> Writer<S> {
         result
     }
 
-    /// Drops one reference to `backend`; deletes its entry (and returns how that went) when it
-    /// was the last.
-    pub(super) fn release_backend(&mut self, backend: &Backend) -> Option<Result<(), S::Error>> {
-        let id = self.backends.release(backend)?;
-        self.backend_by_id.remove(&id);
-        Some(self.store.delete_backend(id))
+    /// Drops one reference to backend `id`; deletes its entry (and returns how that went) when
+    /// it was the last.
+    pub(super) fn release_backend(&mut self, id: BackendId) -> Option<Result<(), S::Error>> {
+        self.backend_by_id.release(id).then(|| self.store.delete_backend(id))
     }
 }
 
@@ -159,5 +369,52 @@ fn service_port_name(name: &ServiceName) -> ServicePortName {
         name: text(&name.name),
         port: text(&name.port),
         proto: name.proto,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{addr, proto::TCP};
+
+    use super::*;
+
+    fn backend(n: u8) -> Backend {
+        Backend { address: addr::from_ip(std::net::Ipv4Addr::new(10, 244, 1, n)), port: 80, proto: TCP, flags: 0 }
+    }
+
+    #[test]
+    fn backend_ids_count_up_and_a_released_id_is_not_handed_out_again() {
+        let mut ids = BackendIds::new();
+        assert_eq!(ids.acquire(&backend(1)), (1, Acquired::Fresh));
+        assert_eq!(ids.acquire(&backend(2)), (2, Acquired::Fresh));
+        assert_eq!(ids.acquire(&backend(1)), (1, Acquired::Held), "a second slot shares the id");
+        assert!(!ids.release(1), "one slot still names backend 1");
+        assert_eq!(ids.get(&1), Some(&backend(1)));
+        assert!(ids.release(1), "the last slot let go");
+        assert_eq!((ids.get(&1), ids.len()), (None, 1));
+        assert!(!ids.release(1), "a released id holds nothing");
+        assert_eq!(ids.acquire(&backend(1)), (3, Acquired::Fresh), "a new id, not the released one");
+        let held: Vec<(BackendId, Backend)> = ids.iter().map(|(id, b)| (*id, *b)).collect();
+        assert_eq!(held, [(3, backend(1)), (2, backend(2))], "record 0 was reused for id 3");
+    }
+
+    #[test]
+    fn reserved_backend_ids_are_adopted_by_value_and_the_rest_dropped() {
+        let mut ids = BackendIds::new();
+        // An earlier agent's map: backend 1 twice (ids 7 and 9), backend 2 under 40.
+        for (id, n) in [(7, 1), (9, 1), (40, 2)] {
+            ids.reserve(id, backend(n));
+        }
+        assert!(ids.has_reserved());
+        assert_eq!((ids.len(), ids.get(&7)), (0, None), "reserved ids name no slot yet");
+        assert_eq!(ids.acquire(&backend(1)), (7, Acquired::Adopted));
+        assert_eq!(ids.acquire(&backend(1)), (7, Acquired::Held));
+        assert_eq!(ids.acquire(&backend(3)), (41, Acquired::Fresh), "new ids start above every id present");
+        ids.drop_reserved();
+        assert!(!ids.has_reserved());
+        assert_eq!(ids.len(), 2);
+        assert_eq!((ids.get(&9), ids.get(&40)), (None, None), "unclaimed ids are free");
+        assert_eq!(ids.acquire(&backend(2)), (42, Acquired::Fresh), "backend 2 lost its reservation");
+        assert_eq!((ids.get(&7), ids.get(&41)), (Some(&backend(1)), Some(&backend(3))), "found after the shrink");
     }
 }

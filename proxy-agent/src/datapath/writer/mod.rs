@@ -40,7 +40,7 @@ mod stale_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use hashbrown::{HashMap, HashSet};
 
 use proxy_common::{
     addr,
@@ -53,7 +53,7 @@ use proxy_common::{
     sock::{SockRevKey, SockRevValue},
 };
 
-use self::ids::Ids;
+use self::ids::{BackendIds, Ids};
 pub use self::{batch::Refusal, slots::slot_order, stale::Departed};
 use crate::model::{Cidr, Frontend, ServicePortName};
 
@@ -144,7 +144,7 @@ pub trait MapStore {
     /// Every `service_names` entry present.
     fn service_names(&self) -> Vec<(u32, ServiceName)>;
     /// [`MapStore::service_entries_from`] for `service_names`.
-    fn service_name_entries_from(&self, from: Option<u64>, max: usize) -> Chunk<u32, ServiceName> {
+    fn service_names_from(&self, from: Option<u64>, max: usize) -> Chunk<u32, ServiceName> {
         let _ = (from, max);
         (self.service_names(), None)
     }
@@ -172,8 +172,9 @@ struct Programmed {
     external: Vec<BackendId>,
     /// The internal scope's backend ids in slot order, when the frontend has that scope.
     internal: Option<Vec<BackendId>>,
-    /// The service port the frontend belongs to.
-    service: ServicePortName,
+    /// The service port the frontend belongs to (shared with its other frontends and the
+    /// service-port ids).
+    service: std::sync::Arc<ServicePortName>,
 }
 
 impl Programmed {
@@ -220,9 +221,9 @@ impl std::ops::AddAssign for WriteStats {
 pub struct Writer<S: MapStore> {
     store: S,
     programmed: HashMap<Frontend, Programmed>,
-    /// Backend ids, one per distinct `backends` value, counted per slot naming it.
-    backends: Ids<Backend>,
-    backend_by_id: HashMap<BackendId, Backend>,
+    /// Backend ids, one per distinct `backends` value, counted per slot naming it, and the
+    /// value behind each id (read like a map of id → backend).
+    backend_by_id: BackendIds,
     /// Service-port ids, counted per frontend.
     services: Ids<ServicePortName>,
     /// (affinity id, backend id) pairs that stopped being valid since the last
@@ -256,14 +257,13 @@ impl<S: MapStore> Writer<S> {
             adopted.entry(frontend_of(&key)).or_default().push((key, value));
         }
         let inherited = !adopted.is_empty()
-            || !backends.reserved.is_empty()
+            || backends.has_reserved()
             || !services.reserved.is_empty()
             || !store.maglev_tables().is_empty();
         Self {
             store,
             programmed: HashMap::new(),
-            backends,
-            backend_by_id: HashMap::new(),
+            backend_by_id: backends,
             services,
             gone: HashSet::new(),
             maglev: maglev::Tables::default(),
@@ -298,7 +298,7 @@ impl<S: MapStore> Writer<S> {
 
     /// Distinct backends programmed.
     pub fn backends(&self) -> usize {
-        self.backends.len()
+        self.backend_by_id.len()
     }
 
     /// Every frontend currently programmed.

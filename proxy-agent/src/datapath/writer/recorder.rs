@@ -200,7 +200,7 @@ impl MapStore for Recorder {
         self.names.iter().map(|(id, name)| (*id, *name)).collect()
     }
 
-    fn service_name_entries_from(&self, from: Option<u64>, max: usize) -> super::Chunk<u32, ServiceName> {
+    fn service_names_from(&self, from: Option<u64>, max: usize) -> super::Chunk<u32, ServiceName> {
         ranged(self.names.iter().map(|(id, name)| (*id, *name)), from, self.read_max.unwrap_or(max))
     }
 

@@ -24,28 +24,25 @@ impl<S: MapStore> Writer<S> {
         old: &[BackendId],
         wanted: &[Endpoint],
         proto: u8,
-        taken: &mut Vec<Backend>,
+        taken: &mut Vec<BackendId>,
         stats: &mut WriteStats,
         mut staged: Option<&mut Vec<BackendId>>,
     ) -> Result<Vec<BackendId>, S::Error> {
         let mut ids = Vec::with_capacity(wanted.len());
-        let mut seen = HashSet::with_capacity(wanted.len());
+        let mut seen = Seen::new(wanted.len());
         for endpoint in wanted {
             let backend = backend_of(endpoint, proto);
             if !seen.insert(backend) {
                 continue;
             }
-            let (id, acquired) = self.backends.acquire(&backend);
-            taken.push(backend);
+            let (id, acquired) = self.backend_by_id.acquire(&backend);
+            taken.push(id);
             if acquired == Acquired::Fresh {
                 match staged.as_deref_mut() {
                     Some(staged) => staged.push(id),
                     None => self.store.put_backend(id, backend)?,
                 }
                 stats.backend_writes += 1;
-            }
-            if acquired != Acquired::Held {
-                self.backend_by_id.insert(id, backend);
             }
             ids.push(id);
         }
@@ -86,6 +83,35 @@ impl<S: MapStore> Writer<S> {
     }
 }
 
+/// The backends a layout has taken so far: a short list searched in place (a service has
+/// ten endpoints or so, and a set for each of a million would cost more than the search),
+/// a set for long ones.
+enum Seen {
+    Few(Vec<Backend>),
+    Many(HashSet<Backend>),
+}
+
+impl Seen {
+    /// Up to this many, a search of the list.
+    const FEW: usize = 32;
+
+    fn new(len: usize) -> Self {
+        if len <= Self::FEW { Seen::Few(Vec::with_capacity(len)) } else { Seen::Many(HashSet::with_capacity(len)) }
+    }
+
+    /// Adds `backend`; false when it was there.
+    fn insert(&mut self, backend: Backend) -> bool {
+        match self {
+            Seen::Few(list) if list.contains(&backend) => false,
+            Seen::Few(list) => {
+                list.push(backend);
+                true
+            }
+            Seen::Many(set) => set.insert(backend),
+        }
+    }
+}
+
 /// The `backends` map value of an endpoint.
 fn backend_of(endpoint: &Endpoint, proto: u8) -> Backend {
     let mut flags = 0;
@@ -105,6 +131,10 @@ fn backend_of(endpoint: &Endpoint, proto: u8) -> Backend {
 /// their index when it is still in range, survivors beyond the new length and then new ids fill
 /// the holes in order. One removal therefore moves at most one backend.
 pub fn slot_order(old: &[BackendId], wanted: &[BackendId]) -> Vec<BackendId> {
+    if old.is_empty() {
+        // A new frontend (every one in a full sync): the order wanted.
+        return wanted.to_vec();
+    }
     let n = wanted.len();
     let wanted_set: HashSet<BackendId> = wanted.iter().copied().collect();
     let old_set: HashSet<BackendId> = old.iter().copied().collect();

@@ -80,6 +80,15 @@ pub struct RunArgs {
     #[arg(long)]
     pub bpf_lb_sock_hostns_only: bool,
 
+    /// Preallocate the maps only the agent writes (`services`, `backends`, `service_names`;
+    /// Cilium's flag): their inserts are ~3× faster (the full program of 10 000 services × 10
+    /// endpoints in about half the time), but the kernel holds their whole size from the start
+    /// (~300 MiB at the default sizes, against ~66 MiB plus ~100 bytes an entry held without)
+    /// and the first load takes longer. Worth it with the --*-map-size flags sized to the
+    /// cluster. Changing it across a restart replaces the three maps as an upgrade does.
+    #[arg(long)]
+    pub preallocate_bpf_maps: bool,
+
     /// bpffs directory where maps and links are pinned.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/proxy", global = true)]
     pub bpf_root: PathBuf,
@@ -404,6 +413,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         affinity_max: args.affinity_map_size,
         conntrack_max: args.conntrack_map_size,
         sock_hostns_only: args.bpf_lb_sock_hostns_only,
+        preallocate: args.preallocate_bpf_maps,
     };
     let (datapath, maps) = Datapath::load(&opts).context("loading the datapath")?;
     let metrics = Metrics::new();

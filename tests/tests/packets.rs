@@ -250,6 +250,7 @@ fn with_bed(name: &str, case: impl FnOnce(&mut Bed) + Send) {
                 affinity_max: 1024,
                 conntrack_max: 16_384,
                 sock_hostns_only: false,
+                preallocate: false,
             };
             let (datapath, store) = Datapath::load(&opts).expect("loading the datapath");
             let mut bed = Bed { datapath, writer: Writer::new(store), root: pins.0.clone(), ifindex };

@@ -503,6 +503,49 @@ fn a_refused_service_is_programmed_once_a_restart_raises_the_map_size() {
     assert_eq!(tally.answered(), 20, "c's nodePort from outside: {tally:?}");
 }
 
+/// Issue 15: `--preallocate-bpf-maps` (Cilium's flag) preallocates the maps only the agent
+/// writes, whose inserts are the largest cost of a full sync. With it the agent serves as
+/// without, over maps the kernel reports preallocated; a restart without it replaces them
+/// with the object's non-preallocated ones as an upgrade does (the services stay served), and
+/// one with it again preallocates them again.
+#[test]
+fn preallocated_maps_serve_and_a_restart_changing_the_flag_replaces_them() {
+    let sizes = ["--services-map-size", "4096", "--backends-map-size", "4096", "--nodeport-addresses", "172.18.0.0/16"];
+    let flags = [&sizes[..], &["--preallocate-bpf-maps"]].concat();
+    let mut cluster = Cluster::start(1, &flags, |m| {
+        m.service(&nodeport("a", 11, 30011).build(), &BOTH);
+    });
+    for preallocated in [true, false, true] {
+        if !preallocated {
+            cluster.flags[0].retain(|f| f != "--preallocate-bpf-maps");
+            cluster.restart(0);
+        } else if cluster.flags[0].iter().all(|f| f != "--preallocate-bpf-maps") {
+            cluster.flags[0].push("--preallocate-bpf-maps".into());
+            cluster.restart(0);
+        }
+        let agent = &mut cluster.agents[0];
+        for (address, port) in [(vip(11), PORT), (NODE_IPS[0], 30011)] {
+            agent.wait_for_count(address, port, Some(2), WAIT).expect("a is programmed");
+        }
+        let root = agent.bpf_root().to_owned();
+        // Flag 1 is BPF_F_NO_PREALLOC. After a restart that changes it, the new maps take the
+        // pins once the first full sync has filled them (the upgrade's swap).
+        let flags = |map: &str| PinnedMap::open(&root.join(map)).map(|m| m.info().map_flags).unwrap_or(u32::MAX);
+        wait_until("the maps as the flag asks", WAIT, || {
+            layout::PREALLOCATABLE.iter().all(|map| (flags(map) & 1 == 0) == preallocated)
+        });
+        let shown: Vec<String> = layout::PREALLOCATABLE.iter().map(|m| format!("{m} {:#x}", flags(m))).collect();
+        assert!(
+            layout::PREALLOCATABLE.iter().all(|map| (flags(map) & 1 == 0) == preallocated),
+            "preallocated: {preallocated}: {shown:?}"
+        );
+        let tally = cluster.connects_from_pod(clusterip(11), 20);
+        assert_eq!(tally.answered(), 20, "a from a pod, preallocated: {preallocated}: {tally:?}");
+        let tally = cluster.connects_from_outside(node1(30011), 20);
+        assert_eq!(tally.answered(), 20, "a's nodePort from outside, preallocated: {preallocated}: {tally:?}");
+    }
+}
+
 /// `max_entries` of the map pinned at `pin`, as `bpftool map show` reports it.
 fn bpftool_max_entries(pin: &Path) -> u32 {
     let program = if Path::new("/usr/sbin/bpftool").exists() { "/usr/sbin/bpftool" } else { "bpftool" };

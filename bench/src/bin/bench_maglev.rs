@@ -152,6 +152,7 @@ fn cost(flows: u16) -> anyhow::Result<(f64, f64)> {
                 affinity_max: 1024,
                 conntrack_max: maps::CONNTRACK_MAX_ENTRIES,
                 sock_hostns_only: false,
+                preallocate: false,
             };
             let (datapath, store) = Datapath::load(&opts).context("loading the datapath")?;
             let mut writer = Writer::new(store);

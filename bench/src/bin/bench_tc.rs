@@ -119,6 +119,7 @@ fn measure(services: u32) -> anyhow::Result<Costs> {
                 affinity_max: maps::AFFINITY_MAX_ENTRIES,
                 conntrack_max: maps::CONNTRACK_MAX_ENTRIES,
                 sock_hostns_only: false,
+                preallocate: false,
             };
             let (datapath, store) = Datapath::load(&opts).context("loading the datapath")?;
             let mut writer = Writer::new(store);

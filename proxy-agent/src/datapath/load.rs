@@ -43,7 +43,7 @@ impl Datapath {
         let pinned = layout::pinned(root).map_err(bpffs_error(root))?;
         let replacing = match pinned {
             Some(version) => {
-                let wanted = layout::wanted(OBJECT, &sizes).map_err(DatapathError::Upgrade)?;
+                let wanted = layout::wanted(OBJECT, &sizes, opts.preallocate).map_err(DatapathError::Upgrade)?;
                 layout::to_replace(root, version, &wanted)
             }
             None => Vec::new(),
@@ -55,6 +55,18 @@ impl Datapath {
         }
         let pin_dir = |name: &str| if replacing.contains(&name) { layout::staging(root) } else { root.clone() };
         let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir(m).join(m))).collect();
+        if opts.preallocate {
+            // The object's maps are not preallocated, and aya cannot change a map's flags at
+            // load: the maps to preallocate are created and pinned here, and the loader takes
+            // them from their pins like an earlier agent's.
+            let wanted = layout::wanted(OBJECT, &sizes, true).map_err(DatapathError::Upgrade)?;
+            for (name, path) in
+                pins.iter().filter(|(name, path)| layout::PREALLOCATABLE.contains(name) && !path.exists())
+            {
+                layout::create_pinned(path, name, &wanted[*name])
+                    .map_err(|source| DatapathError::Map { name, source })?;
+            }
+        }
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());

@@ -64,23 +64,49 @@ pub struct Shape {
     pub map_flags: u32,
 }
 
-/// The shapes of the object's maps, with `max_entries` overridden as the loader will.
-pub fn wanted(object: &[u8], max_entries: &BTreeMap<&str, u32>) -> Result<BTreeMap<String, Shape>, String> {
+/// The maps `--preallocate-bpf-maps` preallocates: hash maps only the agent writes, which the
+/// object declares `BPF_F_NO_PREALLOC`.
+pub const PREALLOCATABLE: &[&str] = &[maps::SERVICES, maps::BACKENDS, maps::SERVICE_NAMES];
+
+/// `BPF_F_NO_PREALLOC`.
+const NO_PREALLOC: u32 = aya_obj::generated::BPF_F_NO_PREALLOC;
+
+/// The shapes of the object's maps, with `max_entries` overridden as the loader will, and the
+/// [`PREALLOCATABLE`] maps preallocated when `preallocate`.
+pub fn wanted(
+    object: &[u8],
+    max_entries: &BTreeMap<&str, u32>,
+    preallocate: bool,
+) -> Result<BTreeMap<String, Shape>, String> {
     let object = aya_obj::Object::parse(object).map_err(|e| format!("parsing the BPF object: {e}"))?;
     Ok(object
         .maps
         .iter()
         .map(|(name, map)| {
+            let preallocated = preallocate && PREALLOCATABLE.contains(&name.as_str());
             let shape = Shape {
                 map_type: map.map_type(),
                 key_size: map.key_size(),
                 value_size: map.value_size(),
                 max_entries: max_entries.get(name.as_str()).copied().unwrap_or_else(|| map.max_entries()),
-                map_flags: map.map_flags(),
+                map_flags: if preallocated { map.map_flags() & !NO_PREALLOC } else { map.map_flags() },
             };
             (name.clone(), shape)
         })
         .collect())
+}
+
+/// Creates map `name` of `shape` and pins it at `path`, where the loader then finds it.
+pub fn create_pinned(path: &Path, name: &str, shape: &Shape) -> Result<(), aya::maps::MapError> {
+    let def = aya_obj::Map::new_from_params(
+        shape.map_type,
+        shape.key_size,
+        shape.value_size,
+        shape.max_entries,
+        shape.map_flags,
+    );
+    let map = aya::maps::MapData::create(def, name, None)?;
+    map.pin(path).map_err(|error| aya::maps::MapError::PinError { name: Some(name.to_owned()), error })
 }
 
 /// The shape of the map pinned at `path`.
@@ -296,7 +322,7 @@ mod tests {
     fn a_map_pinned_with_other_flags_is_replaced() {
         let pins = crate::datapath::testing::PinnedMaps::new("layout-flags", 4096);
         let sizes = BTreeMap::from([(maps::CONNTRACK, 4096)]);
-        let mut wanted = wanted(super::super::load::OBJECT, &sizes).unwrap();
+        let mut wanted = wanted(super::super::load::OBJECT, &sizes, false).unwrap();
         assert_eq!(to_replace(pins.root(), LAYOUT_VERSION, &wanted), Vec::<&str>::new(), "the same shapes");
         let services = wanted.get_mut(maps::SERVICES).unwrap();
         assert_ne!(services.map_flags, 0, "the object's services map is not preallocated");
@@ -313,7 +339,7 @@ mod tests {
             let root = PathBuf::from(format!("/sys/fs/bpf/proxy-unit-{name}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&root);
             crate::datapath::ensure_bpffs(&root).expect("a bpffs directory (run as root)");
-            let types = wanted(super::super::load::OBJECT, &BTreeMap::new()).unwrap();
+            let types = wanted(super::super::load::OBJECT, &BTreeMap::new(), false).unwrap();
             let shapes =
                 [(maps::CONNTRACK, 16, 32), (maps::AFFINITY, 16, 16), (maps::BACKENDS, 4, 8), (maps::SOCK_REV, 16, 8)];
             for (map, key, value) in shapes {

@@ -131,8 +131,8 @@ impl Packet {
     /// beside the deepest chain, not under it.
     #[inline(always)]
     pub fn parse(&mut self, ctx: &TcContext) -> Result<(), Skip> {
-        // Ethernet and IPv4 headers in one load (an IPv6 packet is longer than both).
-        let Ok(head) = ctx.load::<Head>(0) else { return Err(Skip::Other) };
+        // Ethernet and IPv4 headers read in place (an IPv6 packet is longer than both).
+        let Some(head) = in_place::<Head>(ctx, 0) else { return Err(Skip::Other) };
         let code = match u16::from_be_bytes(head.ether_type) {
             ETH_P_IP => answer(parse_v4(ctx, self, &head.ip)),
             ETH_P_IPV6 => parse_v6(ctx, self),
@@ -276,15 +276,39 @@ fn ptr_to_addresses(packet: &mut Packet) -> *mut [u8; 32] {
     (packet as *mut Packet).cast()
 }
 
-/// Source port, destination port and TCP flags (0 for UDP) of the L4 header at `l4`, in one
-/// load.
+/// Source port, destination port and TCP flags (0 for UDP) of the L4 header at `l4`, read in
+/// place.
 #[inline(always)]
 fn load_ports(ctx: &TcContext, l4: usize, proto: u8) -> Result<(u16, u16, u8), Skip> {
     let (ports, tcp_flags) = if proto == TCP {
-        let tcp: [u8; 14] = ctx.load(l4).map_err(|_| Skip::Malformed)?;
+        let tcp = in_place::<[u8; 14]>(ctx, l4).ok_or(Skip::Malformed)?;
         ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS])
     } else {
-        (ctx.load::<[u8; 4]>(l4).map_err(|_| Skip::Malformed)?, 0)
+        (*in_place::<[u8; 4]>(ctx, l4).ok_or(Skip::Malformed)?, 0)
     };
     Ok((u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]), tcp_flags))
+}
+
+/// The `T` at `offset` in the packet, read in place (direct packet access: no helper call and
+/// no copy on the stack, where `bpf_skb_load_bytes` put it). Headers not in the skb's linear
+/// part (rare: the stack and drivers put them there) are pulled into it first. `None`: the
+/// packet is shorter. Only for reading: the rewrite goes through the store and checksum
+/// helpers, which keep a cloned skb's data unshared.
+#[inline(always)]
+fn in_place<T>(ctx: &TcContext, offset: usize) -> Option<&T> {
+    let fits = |ctx: &TcContext| {
+        let at = ctx.data() + offset;
+        (at + size_of::<T>() <= ctx.data_end()).then_some(at)
+    };
+    let at = match fits(ctx) {
+        Some(at) => at,
+        None => {
+            ctx.pull_data((offset + size_of::<T>()) as u32).ok()?;
+            fits(ctx)?
+        }
+    };
+    // SAFETY: `at..at + size_of::<T>()` lies inside the packet's data, checked against its end
+    // just above (as the verifier requires); `T` is a byte array or a `repr(C)` header of
+    // integers (alignment 1 here: every field is read as bytes).
+    Some(unsafe { &*(at as *const T) })
 }

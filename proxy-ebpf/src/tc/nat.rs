@@ -63,15 +63,17 @@ pub fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64
     // A UDP checksum that comes out 0 is sent as 0xffff (0 would mean "none").
     let mangled = if packet.proto == UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     // Source and destination address are adjacent: one checksum difference, one store. The
-    // L4 checksum covers them through the pseudo header.
+    // L4 checksum covers them through the pseudo header. IPv4's differences are summed here
+    // rather than by `bpf_csum_diff`: a few instructions against a helper call per packet.
     if packet.family == Family::V6 {
         if packet.src != to.src || packet.dst != to.dst {
             // IPv6 has no header checksum: only the L4 one covers the addresses.
             // SAFETY: both are the first 32 bytes of `repr(C)` structs (source, destination).
             let (old, new) = unsafe { (&*addresses(packet), &*addresses(to)) };
-            let diff = csum_diff(old, new)?;
             if l4_csum {
-                ctx.l4_csum_replace(csum, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
+                // Eight words: summed by the helper, as summed here they spill registers onto
+                // this frame, which sits deep in new_flow's chain.
+                ctx.l4_csum_replace(csum, 0, csum_diff(old, new)?, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
             }
             store(ctx, IP6_SRC, new)?;
         }
@@ -79,7 +81,7 @@ pub fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64
         let old = [v4_word(&packet.src), v4_word(&packet.dst)];
         let new = [v4_word(&to.src), v4_word(&to.dst)];
         if old != new {
-            let diff = csum_diff(&old, &new)?;
+            let diff = words_diff(&old, &new);
             ctx.l3_csum_replace(IP_CSUM, 0, diff, 0)?;
             if l4_csum {
                 ctx.l4_csum_replace(csum, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
@@ -95,11 +97,25 @@ pub fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64
     let (old, new) = (port_word(packet.sport, packet.dport), port_word(to.sport, to.dport));
     if packet.has_l4 && old != new {
         if l4_csum {
-            ctx.l4_csum_replace(csum, 0, csum_diff(&old, &new)?, mangled)?;
+            ctx.l4_csum_replace(csum, 0, words_diff(&old, &new), mangled)?;
         }
         ctx.store(packet.l4, &new, 0)?;
     }
     Ok(())
+}
+
+/// The one's-complement difference between two runs of 32-bit words (the sum of the new words
+/// and of the old ones' complements, folded to 32 bits), as `bpf_csum_diff` computes it: the
+/// `*_csum_replace` helpers' "precomputed difference" form.
+#[inline(always)]
+fn words_diff<const N: usize>(old: &[u32; N], new: &[u32; N]) -> u64 {
+    let mut sum = 0u64;
+    for i in 0..N {
+        sum += u64::from(!old[i]) + u64::from(new[i]);
+    }
+    // Carries out of 32 bits go back in (one's complement); twice covers the second carry.
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    (sum & 0xffff_ffff) + (sum >> 32)
 }
 
 /// The IPv4 address of a mapped address, as the word the packet holds.

@@ -19,9 +19,9 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 /// Offset of the EtherType.
 pub const ETH_TYPE: usize = 12;
-/// Offsets of the IPv4 checksum, source and destination address in the frame.
 /// The fixed IPv4 header's length (without options).
 pub const IP_HLEN: usize = 20;
+/// Offsets of the IPv4 checksum, source and destination address in the frame.
 pub const IP_CSUM: usize = ETH_HLEN + 10;
 pub const IP_SRC: usize = ETH_HLEN + 12;
 pub const IP_DST: usize = ETH_HLEN + 16;

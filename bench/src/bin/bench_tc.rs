@@ -17,7 +17,8 @@
 //! fit), side by side with the untraced ones; `new_flow_traced_ns` and the ratio are reported.
 //! Established flows and packets for no frontend write no event and read no flag.
 //!
-//! `bench_tc [--json]`; run by `cargo xtask bench`.
+//! `bench_tc [--json] [--sizes 1,10000,100000]` (services per row; 1 and 10 000 unless given:
+//! the established flow should cost the same at any size); run by `cargo xtask bench`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -246,9 +247,18 @@ impl Drop for Pins {
 }
 
 fn main() -> anyhow::Result<()> {
-    let json = std::env::args().any(|a| a == "--json");
+    let args: Vec<String> = std::env::args().collect();
+    let json = args.iter().any(|a| a == "--json");
+    let sizes: Vec<u32> = match args.iter().position(|a| a == "--sizes").and_then(|at| args.get(at + 1)) {
+        Some(list) => list
+            .split(',')
+            .map(|n| n.trim().parse().ok().filter(|&n| n > 0))
+            .collect::<Option<_>>()
+            .with_context(|| format!("--sizes {list}: expected service counts above 0, e.g. 1,10000,100000"))?,
+        None => vec![1, 10_000],
+    };
     let mut rows = Vec::new();
-    for services in [1u32, 10_000] {
+    for services in sizes {
         let Costs { pass, new_flow, established, established_v6, new_flow_traced } = measure(services - 1)?;
         if !json {
             println!(

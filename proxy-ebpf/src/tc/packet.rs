@@ -1,7 +1,7 @@
 //! Reading packets: header offsets, the parsed 5-tuple, and small predicates on it (as
 //! Cilium's `lb.h` names its questions), so the decisions elsewhere read as sentences.
 
-use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
 use proxy_common::{
     addr::{self, Addr},
@@ -253,27 +253,19 @@ fn parse_v6(ctx: &TcContext, packet: &mut Packet) -> u32 {
 
 #[inline(always)]
 fn try_parse_v6(ctx: &TcContext, packet: &mut Packet) -> Result<(), Skip> {
-    let nexthdr: u8 = ctx.load(IP6_NEXTHDR).map_err(|_| Skip::Other)?;
+    let nexthdr = *in_place::<u8>(ctx, IP6_NEXTHDR).ok_or(Skip::Other)?;
     let upper = ipv6::walk(ctx, nexthdr)?;
     if upper.proto != TCP && upper.proto != UDP {
         return Err(Skip::Other);
     }
-    // Both addresses in one load, straight into the packet (no copy on the stack).
-    // SAFETY: `src` and `dst` are the first 32 bytes of the `repr(C)` packet.
-    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), IP6_SRC as u32, ptr_to_addresses(packet).cast(), 32) };
-    if rc != 0 {
-        return Err(Skip::Malformed);
-    }
+    // Both addresses read in place, straight into the packet (no copy on the stack).
+    let [src, dst] = in_place::<[Addr; 2]>(ctx, IP6_SRC).ok_or(Skip::Malformed)?;
+    (packet.src, packet.dst) = (*src, *dst);
     (packet.family, packet.proto, packet.l4) = (Family::V6, upper.proto, upper.offset);
     match upper.fragment {
         Some(fragment) => ports(ctx, packet, fragment.id, fragment.later, fragment.more),
         None => ports(ctx, packet, 0, false, false),
     }
-}
-
-/// The 32 bytes of `packet`'s source and destination address.
-fn ptr_to_addresses(packet: &mut Packet) -> *mut [u8; 32] {
-    (packet as *mut Packet).cast()
 }
 
 /// Source port, destination port and TCP flags (0 for UDP) of the L4 header at `l4`, read in

@@ -160,6 +160,13 @@ fn master(key: &ServiceKey) -> Option<ServiceValue> {
     unsafe { SERVICES.get(key).copied() }
 }
 
+/// Whether the backend with this id still exists (nothing copied out).
+#[inline(always)]
+pub fn backend_exists(id: BackendId) -> bool {
+    // SAFETY: only whether there is an entry is read.
+    unsafe { BACKENDS.get(id) }.is_some()
+}
+
 /// The backend with this id, if it still exists.
 #[inline(always)]
 pub fn backend(id: BackendId) -> Option<Backend> {

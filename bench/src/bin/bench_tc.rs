@@ -17,7 +17,9 @@
 //! fit), side by side with the untraced ones; `new_flow_traced_ns` and the ratio are reported.
 //! Established flows and packets for no frontend write no event and read no flag.
 //!
-//! `bench_tc [--json] [--sizes 1,10000]`; run by `cargo xtask bench` (and by `bench_scale` at its N).
+//! `bench_tc [--json] [--sizes 1,10000,100000]` (services per row; 1 and 10 000 unless given:
+//! the established flow should cost the same at any size); run by `cargo xtask bench`, and by
+//! `bench_scale` at its N.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -249,14 +251,12 @@ impl Drop for Pins {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
-    // `--sizes 1,100000`: the service counts to measure at (bench_scale asks for its own N).
-    let sizes: Vec<u32> = match args.iter().position(|a| a == "--sizes") {
-        Some(at) => args
-            .get(at + 1)
-            .context("--sizes needs a list such as 1,10000")?
+    let sizes: Vec<u32> = match args.iter().position(|a| a == "--sizes").and_then(|at| args.get(at + 1)) {
+        Some(list) => list
             .split(',')
-            .map(|n| n.parse::<u32>().ok().filter(|&n| n >= 1).context("--sizes: counts of at least 1"))
-            .collect::<anyhow::Result<_>>()?,
+            .map(|n| n.trim().parse().ok().filter(|&n| n > 0))
+            .collect::<Option<_>>()
+            .with_context(|| format!("--sizes {list}: expected service counts above 0, e.g. 1,10000,100000"))?,
         None => vec![1, 10_000],
     };
     let mut rows = Vec::new();

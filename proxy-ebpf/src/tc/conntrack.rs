@@ -134,5 +134,5 @@ pub fn open_flow(
 pub fn follows(value: &CtValue, packet: &Packet, now: u64) -> bool {
     !packet.reopens(value.flags)
         && !proxy_common::conntrack::expired(value.flags, packet.proto, value.last_seen_ns, now)
-        && crate::lb::backend(value.backend_id).is_some()
+        && crate::lb::backend_exists(value.backend_id)
 }

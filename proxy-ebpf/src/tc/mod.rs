@@ -343,18 +343,25 @@ fn new_flow(ctx: &TcContext, packet: &Packet, selected: &Selected, origin: Origi
         return drop::REWRITE_FAILED;
     }
     if trace::on() {
-        trace::emit(|event| {
-            trace::translated(event, (PATH_TC, packet.proto), &packet.dst, packet.dport, selected);
-            event.client = packet.src;
-            event.client_port = packet.sport;
-            if to.flags & CT_F_SNAT != 0 {
-                event.snat = to.src;
-                event.snat_port = to.sport;
-            }
-        });
+        trace_open(packet, selected, to);
     }
     *verdict = fib::deliver(route);
     OPEN
+}
+
+/// Traces a flow [`new_flow`] opened to `selected`, translated to `to`. A function of its own:
+/// the event's fields are not on a new flow's stack.
+#[inline(never)]
+fn trace_open(packet: &Packet, selected: &Selected, to: &CtValue) {
+    trace::emit(|event| {
+        trace::translated(event, (PATH_TC, packet.proto), &packet.dst, packet.dport, selected);
+        event.client = packet.src;
+        event.client_port = packet.sport;
+        if to.flags & CT_F_SNAT != 0 {
+            event.snat = to.src;
+            event.snat_port = to.sport;
+        }
+    });
 }
 
 /// Counts (and traces) a drop of a packet to a frontend for `reason`; returns the verdict that

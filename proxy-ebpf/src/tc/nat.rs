@@ -62,44 +62,73 @@ pub fn rewrite(ctx: &TcContext, packet: &Packet, to: &CtValue) -> Result<(), i64
     let l4_csum = packet.has_l4 && (packet.proto == TCP || packet.family == Family::V6 || ctx.load::<u16>(csum)? != 0);
     // A UDP checksum that comes out 0 is sent as 0xffff (0 would mean "none").
     let mangled = if packet.proto == UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    // The ports, in the L4 header itself (not in a later fragment).
+    let port_word = |sport: u16, dport: u16| {
+        let (s, d) = (sport.to_be_bytes(), dport.to_be_bytes());
+        u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+    };
+    let (old_ports, new_ports) = (port_word(packet.sport, packet.dport), port_word(to.sport, to.dport));
+    let mut store_ports = packet.has_l4 && old_ports != new_ports;
+    if store_ports && l4_csum {
+        ctx.l4_csum_replace(csum, 0, words_diff(&[old_ports], &[new_ports]), mangled)?;
+    }
     // Source and destination address are adjacent: one checksum difference, one store. The
-    // L4 checksum covers them through the pseudo header.
+    // L4 checksum covers them through the pseudo header. IPv4's differences are summed here
+    // rather than by `bpf_csum_diff`: a few instructions against a helper call per packet.
     if packet.family == Family::V6 {
         if packet.src != to.src || packet.dst != to.dst {
             // IPv6 has no header checksum: only the L4 one covers the addresses.
             // SAFETY: both are the first 32 bytes of `repr(C)` structs (source, destination).
             let (old, new) = unsafe { (&*addresses(packet), &*addresses(to)) };
-            let diff = csum_diff(old, new)?;
             if l4_csum {
-                ctx.l4_csum_replace(csum, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
+                // Eight words: summed by the helper, as summed here they spill registers onto
+                // this frame, which sits deep in new_flow's chain.
+                ctx.l4_csum_replace(csum, 0, csum_diff(old, new)?, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
             }
             store(ctx, IP6_SRC, new)?;
         }
     } else {
         let old = [v4_word(&packet.src), v4_word(&packet.dst)];
-        let new = [v4_word(&to.src), v4_word(&to.dst)];
-        if old != new {
-            let diff = csum_diff(&old, &new)?;
+        let new = [v4_word(&to.src), v4_word(&to.dst), new_ports];
+        if old[0] != new[0] || old[1] != new[1] {
+            let diff = words_diff(&old, &[new[0], new[1]]);
             ctx.l3_csum_replace(IP_CSUM, 0, diff, 0)?;
             if l4_csum {
                 ctx.l4_csum_replace(csum, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | mangled)?;
             }
-            ctx.store(IP_SRC, &new, 0)?;
+            // Without IP options the ports follow the addresses: one store for both.
+            let with_ports = store_ports && packet.l4 == IP_SRC + 8;
+            store_prefix(ctx, IP_SRC, &new, if with_ports { 12 } else { 8 })?;
+            store_ports &= !with_ports;
         }
     }
-    // So are the ports, in the L4 header itself.
-    let port_word = |sport: u16, dport: u16| {
-        let (s, d) = (sport.to_be_bytes(), dport.to_be_bytes());
-        [u32::from_ne_bytes([s[0], s[1], d[0], d[1]])]
-    };
-    let (old, new) = (port_word(packet.sport, packet.dport), port_word(to.sport, to.dport));
-    if packet.has_l4 && old != new {
-        if l4_csum {
-            ctx.l4_csum_replace(csum, 0, csum_diff(&old, &new)?, mangled)?;
-        }
-        ctx.store(packet.l4, &new, 0)?;
+    if store_ports {
+        ctx.store(packet.l4, &new_ports, 0)?;
     }
     Ok(())
+}
+
+/// Stores the first `len` bytes of `bytes` into the packet at `offset`.
+#[inline(always)]
+fn store_prefix<T>(ctx: &TcContext, offset: usize, bytes: &T, len: u32) -> Result<(), i64> {
+    let len = len.min(size_of::<T>() as u32);
+    // SAFETY: `bytes` is valid for `len` bytes (at most its size); the helper only reads it.
+    let rc = unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), offset as u32, (bytes as *const T).cast(), len, 0) };
+    if rc < 0 { Err(rc) } else { Ok(()) }
+}
+
+/// The one's-complement difference between two runs of 32-bit words (the sum of the new words
+/// and of the old ones' complements, folded to 32 bits), as `bpf_csum_diff` computes it: the
+/// `*_csum_replace` helpers' "precomputed difference" form.
+#[inline(always)]
+fn words_diff<const N: usize>(old: &[u32; N], new: &[u32; N]) -> u64 {
+    let mut sum = 0u64;
+    for i in 0..N {
+        sum += u64::from(!old[i]) + u64::from(new[i]);
+    }
+    // Carries out of 32 bits go back in (one's complement); twice covers the second carry.
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    (sum & 0xffff_ffff) + (sum >> 32)
 }
 
 /// The IPv4 address of a mapped address, as the word the packet holds.

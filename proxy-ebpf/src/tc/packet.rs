@@ -1,7 +1,7 @@
 //! Reading packets: header offsets, the parsed 5-tuple, and small predicates on it (as
 //! Cilium's `lb.h` names its questions), so the decisions elsewhere read as sentences.
 
-use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use network_types::ip::Ipv4Hdr;
 use proxy_common::{
     addr::{self, Addr},
@@ -19,9 +19,9 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 /// Offset of the EtherType.
 pub const ETH_TYPE: usize = 12;
-/// Offsets of the IPv4 checksum, source and destination address in the frame.
 /// The fixed IPv4 header's length (without options).
 pub const IP_HLEN: usize = 20;
+/// Offsets of the IPv4 checksum, source and destination address in the frame.
 pub const IP_CSUM: usize = ETH_HLEN + 10;
 pub const IP_SRC: usize = ETH_HLEN + 12;
 pub const IP_DST: usize = ETH_HLEN + 16;
@@ -131,8 +131,8 @@ impl Packet {
     /// beside the deepest chain, not under it.
     #[inline(always)]
     pub fn parse(&mut self, ctx: &TcContext) -> Result<(), Skip> {
-        // Ethernet and IPv4 headers in one load (an IPv6 packet is longer than both).
-        let Ok(head) = ctx.load::<Head>(0) else { return Err(Skip::Other) };
+        // Ethernet and IPv4 headers read in place (an IPv6 packet is longer than both).
+        let Some(head) = in_place::<Head>(ctx, 0) else { return Err(Skip::Other) };
         let code = match u16::from_be_bytes(head.ether_type) {
             ETH_P_IP => answer(parse_v4(ctx, self, &head.ip)),
             ETH_P_IPV6 => parse_v6(ctx, self),
@@ -253,17 +253,14 @@ fn parse_v6(ctx: &TcContext, packet: &mut Packet) -> u32 {
 
 #[inline(always)]
 fn try_parse_v6(ctx: &TcContext, packet: &mut Packet) -> Result<(), Skip> {
-    let nexthdr: u8 = ctx.load(IP6_NEXTHDR).map_err(|_| Skip::Other)?;
+    let nexthdr = *in_place::<u8>(ctx, IP6_NEXTHDR).ok_or(Skip::Other)?;
     let upper = ipv6::walk(ctx, nexthdr)?;
     if upper.proto != TCP && upper.proto != UDP {
         return Err(Skip::Other);
     }
-    // Both addresses in one load, straight into the packet (no copy on the stack).
-    // SAFETY: `src` and `dst` are the first 32 bytes of the `repr(C)` packet.
-    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), IP6_SRC as u32, ptr_to_addresses(packet).cast(), 32) };
-    if rc != 0 {
-        return Err(Skip::Malformed);
-    }
+    // Both addresses read in place, straight into the packet (no copy on the stack).
+    let [src, dst] = in_place::<[Addr; 2]>(ctx, IP6_SRC).ok_or(Skip::Malformed)?;
+    (packet.src, packet.dst) = (*src, *dst);
     (packet.family, packet.proto, packet.l4) = (Family::V6, upper.proto, upper.offset);
     match upper.fragment {
         Some(fragment) => ports(ctx, packet, fragment.id, fragment.later, fragment.more),
@@ -271,20 +268,39 @@ fn try_parse_v6(ctx: &TcContext, packet: &mut Packet) -> Result<(), Skip> {
     }
 }
 
-/// The 32 bytes of `packet`'s source and destination address.
-fn ptr_to_addresses(packet: &mut Packet) -> *mut [u8; 32] {
-    (packet as *mut Packet).cast()
-}
-
-/// Source port, destination port and TCP flags (0 for UDP) of the L4 header at `l4`, in one
-/// load.
+/// Source port, destination port and TCP flags (0 for UDP) of the L4 header at `l4`, read in
+/// place.
 #[inline(always)]
 fn load_ports(ctx: &TcContext, l4: usize, proto: u8) -> Result<(u16, u16, u8), Skip> {
     let (ports, tcp_flags) = if proto == TCP {
-        let tcp: [u8; 14] = ctx.load(l4).map_err(|_| Skip::Malformed)?;
+        let tcp = in_place::<[u8; 14]>(ctx, l4).ok_or(Skip::Malformed)?;
         ([tcp[0], tcp[1], tcp[2], tcp[3]], tcp[TCP_FLAGS])
     } else {
-        (ctx.load::<[u8; 4]>(l4).map_err(|_| Skip::Malformed)?, 0)
+        (*in_place::<[u8; 4]>(ctx, l4).ok_or(Skip::Malformed)?, 0)
     };
     Ok((u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]), tcp_flags))
+}
+
+/// The `T` at `offset` in the packet, read in place (direct packet access: no helper call and
+/// no copy on the stack, where `bpf_skb_load_bytes` put it). Headers not in the skb's linear
+/// part (rare: the stack and drivers put them there) are pulled into it first. `None`: the
+/// packet is shorter. Only for reading: the rewrite goes through the store and checksum
+/// helpers, which keep a cloned skb's data unshared.
+#[inline(always)]
+fn in_place<T>(ctx: &TcContext, offset: usize) -> Option<&T> {
+    let fits = |ctx: &TcContext| {
+        let at = ctx.data() + offset;
+        (at + size_of::<T>() <= ctx.data_end()).then_some(at)
+    };
+    let at = match fits(ctx) {
+        Some(at) => at,
+        None => {
+            ctx.pull_data((offset + size_of::<T>()) as u32).ok()?;
+            fits(ctx)?
+        }
+    };
+    // SAFETY: `at..at + size_of::<T>()` lies inside the packet's data, checked against its end
+    // just above (as the verifier requires); `T` is a byte array or a `repr(C)` header of
+    // integers (alignment 1 here: every field is read as bytes).
+    Some(unsafe { &*(at as *const T) })
 }

@@ -14,10 +14,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 use notify::{RecursiveMode, Watcher as _};
 use serde::{
     Deserialize as _, Deserializer,
@@ -27,7 +24,10 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, Keep, Sourced, Update};
+use super::{
+    Change, Keep, Sourced, Update,
+    wire::{ApiService, ApiSlice},
+};
 use crate::{
     metrics::Metrics,
     model::{SkipReason, Slice},
@@ -264,8 +264,9 @@ fn add_json(out: &mut Manifests, origin: &str, raw: &RawValue) {
     let kind = head.kind.unwrap_or_default();
     let text = raw.get();
     match &*kind {
-        "Service" => push::<Service>(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
-        "EndpointSlice" => push::<EndpointSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
+        // Decoded straight into the kept form, as from the API server.
+        "Service" => push::<ApiService>(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
+        "EndpointSlice" => push::<ApiSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
         "Node" => push::<Node>(&mut out.nodes, &mut out.errors, origin, serde_json::from_str(text)),
         kind if kind.ends_with("List") => {
             for (i, item) in head.items.into_iter().enumerate() {
@@ -299,10 +300,8 @@ fn parse_yaml(out: &mut Manifests, file: &str, text: &str) {
 fn add_object(out: &mut Manifests, origin: &str, mut value: serde_json::Value) {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     match kind.as_str() {
-        "Service" => push::<Service>(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
-        "EndpointSlice" => {
-            push::<EndpointSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value))
-        }
+        "Service" => push::<ApiService>(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
+        "EndpointSlice" => push::<ApiSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value)),
         "Node" => push::<Node>(&mut out.nodes, &mut out.errors, origin, serde_json::from_value(value)),
         kind if kind.ends_with("List") => {
             let items = match value.get_mut("items").map(serde_json::Value::take) {

@@ -106,13 +106,16 @@ impl Directory {
     }
 
     /// Re-reads the files `changed` names (a removed one is forgotten). `false`, with nothing
-    /// done, when a path is not a manifest file of `dir`: a rename of the directory, or a
-    /// ConfigMap volume swapping its `..data` link, changes files no event names.
+    /// done, when a path is outside `dir` or something other than a manifest file that still
+    /// exists: a rename of the directory, or a ConfigMap volume swapping its `..data` link,
+    /// changes files no event names. Other names that are gone again (the temporary file of
+    /// an atomic write, renamed onto its manifest) change nothing read.
     fn reread(&mut self, dir: &Path, changed: &BTreeSet<PathBuf>) -> bool {
-        if changed.iter().any(|path| path.parent() != Some(dir) || !is_manifest(path)) {
+        let elsewhere = |path: &PathBuf| path.parent() != Some(dir) || (!is_manifest(path) && path.exists());
+        if changed.iter().any(elsewhere) {
             return false;
         }
-        for path in changed {
+        for path in changed.iter().filter(|path| is_manifest(path)) {
             if path.is_file() {
                 self.files.insert(path.clone(), read_one(path));
             } else {
@@ -597,16 +600,19 @@ items:
         assert!(Arc::ptr_eq(&a1.object, &a2.object), "a.json was not touched: not read again");
         assert_eq!(port(&by_name(&second, "b").unwrap()), 81, "b.json was read again");
 
-        std::fs::write(dir.join("c.json"), service_file("c", 80)).unwrap();
+        // Written atomically, through a temporary name renamed onto the file.
+        std::fs::write(dir.join(".c.json.tmp"), service_file("c", 80)).unwrap();
+        std::fs::rename(dir.join(".c.json.tmp"), dir.join("c.json")).unwrap();
         let (third, _) = next_read(&mut updates).await;
         assert!(by_name(&third, "c").is_some(), "a new file is read");
+        assert!(Arc::ptr_eq(&a1.object, &by_name(&third, "a").unwrap().object), "a.json still not read again");
         std::fs::remove_file(dir.join("b.json")).unwrap();
         let (fourth, _) = next_read(&mut updates).await;
         let names: Vec<_> = fourth.iter().map(|s| s.object.metadata.name.clone().unwrap()).collect();
         assert_eq!(names, ["a", "c"], "a removed file's objects are gone, the rest in name order");
         assert!(Arc::ptr_eq(&a1.object, &by_name(&fourth, "a").unwrap().object));
 
-        std::fs::write(dir.join("..data"), "").unwrap();
+        std::fs::create_dir(dir.join("..data")).unwrap();
         let (fifth, _) = next_read(&mut updates).await;
         assert!(!Arc::ptr_eq(&a1.object, &by_name(&fifth, "a").unwrap().object), "everything is read again");
         source.abort();

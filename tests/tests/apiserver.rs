@@ -52,6 +52,25 @@ fn service(ns: &str, name: &str, cluster_ip: &str, port: i32, app: &str) -> Serv
     }
 }
 
+fn slice(ns: &str, name: &str, service: &str, addresses: &[&str]) -> EndpointSlice {
+    let endpoint = |address: &&str| Endpoint {
+        addresses: vec![address.to_string()],
+        node_name: Some("node-1".into()),
+        ..Default::default()
+    };
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            labels: labels(&[("kubernetes.io/service-name", service)]),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: addresses.iter().map(endpoint).collect(),
+        ..Default::default()
+    }
+}
+
 fn node(name: &str) -> Node {
     Node { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() }
 }
@@ -623,4 +642,83 @@ async fn the_watcher_lists_in_pages_of_500_and_then_watches() {
     server.apply(&service("default", "s1200", "10.96.0.2", 81, "many"));
     mirror.sync_until("apply after the paged list", &mut events, |m| m.objects.contains_key("default/s1200")).await;
     assert_eq!(mirror.objects.len(), 1_201);
+}
+
+/// The agent's own watchers (`ApiService`, `ApiSlice`: decoded straight into what the agent
+/// keeps) list in pages and then watch, and keep exactly what the API's types would have kept.
+#[tokio::test]
+async fn the_agents_compact_types_list_in_pages_and_watch() {
+    use proxy_agent::{
+        model::Slice,
+        source::{
+            Keep,
+            wire::{ApiService, ApiSlice},
+        },
+    };
+
+    let server = ApiServer::start().await;
+    for i in 0..1_100 {
+        let mut svc = service("default", &format!("s{i:04}"), "10.96.0.1", 80, "many");
+        svc.metadata.annotations = labels(&[("kubectl.kubernetes.io/last-applied-configuration", "{}")]);
+        server.apply(&svc);
+        server.apply(&slice("default", &format!("s{i:04}-a"), &format!("s{i:04}"), &["10.0.0.1", "10.0.0.2"]));
+    }
+    let client = client(&server);
+    let config = watcher::Config::default;
+    let mut services = watcher::watcher(Api::<ApiService>::all(client.clone()), config()).default_backoff().boxed();
+    let mut slices = watcher::watcher(Api::<ApiSlice>::all(client), config()).default_backoff().boxed();
+    let mut service_mirror = Mirror::new();
+    let mut slice_mirror = Mirror::new();
+    service_mirror.sync_until("services listed", &mut services, |m| m.inits == 1).await;
+    slice_mirror.sync_until("slices listed", &mut slices, |m| m.inits == 1).await;
+    // Pages of 500, as kube-runtime's watcher asks: three LIST requests per kind.
+    assert_eq!((server.list_count::<Service>(), server.list_count::<EndpointSlice>()), (3, 3));
+    assert_eq!((service_mirror.objects.len(), slice_mirror.objects.len()), (1_100, 1_100));
+
+    // What the API's types followed by `Keep` make of the stored objects.
+    let kept_services: Vec<Service> = server
+        .objects::<Service>()
+        .into_iter()
+        .map(|o| serde_json::from_value::<Service>(o).expect("a stored Service").keep())
+        .collect();
+    let kept_slices: Vec<Slice> = server
+        .objects::<EndpointSlice>()
+        .into_iter()
+        .map(|o| serde_json::from_value::<EndpointSlice>(o).expect("a stored slice").keep())
+        .collect();
+    let listed_services: Vec<Service> = service_mirror.objects.values().map(|s| s.clone().keep()).collect();
+    let listed_slices: Vec<Slice> = slice_mirror.objects.values().map(|s| s.clone().keep()).collect();
+    assert_eq!(listed_services, kept_services);
+    assert_eq!(listed_slices, kept_slices);
+    assert_eq!(listed_slices[7].endpoints.len(), 2, "the endpoints arrived");
+
+    // A change after the list arrives through the watch, decoded the same way.
+    server.apply(&slice("default", "s0007-a", "s0007", &["10.0.0.3"]));
+    slice_mirror
+        .sync_until("a watched change", &mut slices, |m| {
+            m.objects["default/s0007-a"].slice.endpoints.first().and_then(|e| e.address.as_deref()) == Some("10.0.0.3")
+        })
+        .await;
+    server.delete::<EndpointSlice>(Some("default"), "s0008-a");
+    slice_mirror.sync_until("a watched delete", &mut slices, |m| !m.objects.contains_key("default/s0008-a")).await;
+    assert!(slice_mirror.errors.is_empty() && service_mirror.errors.is_empty(), "{:?}", slice_mirror.errors);
+}
+
+/// A watch event names its type before its object, as the real API server writes it (a
+/// client reading the object first must buffer it whole until it learns the type).
+#[tokio::test]
+async fn watch_events_name_their_type_first() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let server = ApiServer::start().await;
+    server.apply(&service("default", "web", "10.96.0.1", 80, "web"));
+    let address = server.url().trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connect to the test API server");
+    let request = format!(
+        "GET /api/v1/services?watch=true&resourceVersion=0&timeoutSeconds=1 HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("send the watch request");
+    let mut response = String::new();
+    bounded("the watch ends after its timeout", stream.read_to_string(&mut response)).await.expect("read");
+    assert!(response.contains(r#"{"type":"ADDED","object":{"#), "{response}");
 }

@@ -211,7 +211,9 @@ impl Waiter {
                 return Ok(Some(answered));
             }
             if self.child.try_wait()?.is_some() {
-                return Ok(self.answered.try_recv().ok());
+                // Its last line may still be on the way: the reader ends (and the channel
+                // closes) at the end of the pipe. `try_recv` here lost answers under load.
+                return Ok(self.answered.recv().ok());
             }
             agent.check_running()?;
         }

@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, LazyLock, Mutex, PoisonError},
 };
 
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 
 use super::SERVICE_NAME_LABEL;
 
@@ -87,14 +87,29 @@ impl From<EndpointSlice> for Slice {
 
 impl From<Endpoint> for SliceEndpoint {
     fn from(endpoint: Endpoint) -> Self {
-        let conditions = endpoint.conditions.unwrap_or_default();
         let hints = endpoint.hints.map(|h| Hints {
             for_nodes: h.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
             for_zones: h.for_zones.into_iter().flatten().map(|z| z.name).collect(),
         });
+        let address = endpoint.addresses.into_iter().next().map(String::into_boxed_str);
+        Self::from_api(address, endpoint.node_name.as_deref(), hints, endpoint.conditions.unwrap_or_default())
+    }
+}
+
+impl SliceEndpoint {
+    /// An endpoint from the API's fields the model reads, whichever way they were decoded:
+    /// `address` is the first of `addresses`, the node name is shared with every other
+    /// endpoint on that node, empty hints are no hints, and absent conditions read as the API
+    /// defines them.
+    pub fn from_api(
+        address: Option<Box<str>>,
+        node_name: Option<&str>,
+        hints: Option<Hints>,
+        conditions: EndpointConditions,
+    ) -> Self {
         Self {
-            address: endpoint.addresses.into_iter().next().map(String::into_boxed_str),
-            node_name: endpoint.node_name.as_deref().map(node_name),
+            address,
+            node_name: node_name.map(self::node_name),
             // No hints and an empty hint list mean the same to the model (no hint).
             hints: hints.filter(|h| !h.for_nodes.is_empty() || !h.for_zones.is_empty()).map(Box::new),
             ready: conditions.ready.unwrap_or(true),

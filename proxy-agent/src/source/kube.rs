@@ -9,10 +9,7 @@ use std::{fmt::Debug, path::Path, time::Duration};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
-    api::{
-        core::v1::{Node, ObjectReference, Service},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Node, ObjectReference},
     serde::de::DeserializeOwned,
 };
 use kube::{
@@ -28,7 +25,10 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, Keep, Sourced, Update};
+use super::{
+    Change, Keep, Sourced, Update,
+    wire::{ApiService, ApiSlice},
+};
 use crate::{dsr, metrics::Metrics, model::object_key};
 
 /// Errors that keep the source from starting.
@@ -72,8 +72,8 @@ pub async fn run(client: Client, node_name: String, all_nodes: bool, updates: mp
     };
     let all = watcher::Config::default;
     tokio::join!(
-        watch(Api::<Service>::all(client.clone()), all(), updates.clone(), Update::Services, &metrics),
-        watch(Api::<EndpointSlice>::all(client.clone()), all(), updates.clone(), Update::Slices, &metrics),
+        watch(Api::<ApiService>::all(client.clone()), all(), updates.clone(), Update::Services, &metrics),
+        watch(Api::<ApiSlice>::all(client.clone()), all(), updates.clone(), Update::Slices, &metrics),
         watch(Api::<Node>::all(client.clone()), node_config, updates, Update::Nodes, &metrics),
         announce_dsr(Api::<Node>::all(client), &node_name),
     );

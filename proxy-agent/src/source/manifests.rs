@@ -1,11 +1,12 @@
 //! The embedded default source: a directory of Kubernetes YAML (or JSON), exactly as
 //! `kubectl get -o yaml` writes it: single objects, several documents separated by `---`, or a
 //! `kind: List`. Services, EndpointSlices and Nodes are read; other kinds are ignored. The
-//! directory is watched, and every change re-reads it (unchanged objects cause no map writes).
+//! directory is watched, and a change re-reads the files it names (unchanged objects cause no
+//! map writes).
 
 use std::{
     borrow::Cow,
-    collections::HashSet,
+    collections::{BTreeMap, BTreeSet, HashSet},
     fmt,
     fs::File,
     io::{BufRead as _, BufReader, Read},
@@ -14,10 +15,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 use notify::{RecursiveMode, Watcher as _};
 use serde::{
     Deserialize as _, Deserializer,
@@ -27,7 +25,10 @@ use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, Keep, Sourced, Update};
+use super::{
+    Change, Keep, Sourced, Update,
+    wire::{ApiService, ApiSlice},
+};
 use crate::{
     metrics::Metrics,
     model::{SkipReason, Slice},
@@ -73,23 +74,78 @@ impl Manifests {
 
 /// Reads every `*.yaml`, `*.yml` and `*.json` file in `dir` (not recursive), in name order.
 pub fn read_dir(dir: &Path) -> Result<Manifests, ManifestError> {
-    let dir_error = |source| ManifestError::Dir { path: dir.to_owned(), source };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(dir_error)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    let mut out = Manifests::default();
-    for file in files {
-        let name = file.display().to_string();
-        if let Err(e) = read_file(&mut out, &file, &name) {
-            out.errors.push((name, e.to_string()));
+    Ok(Directory::read(dir)?.manifests())
+}
+
+/// Whether `path` names a manifest file by its extension.
+fn is_manifest(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
+/// What each file of the directory holds, kept so that a change re-reads only the files it
+/// names: at 100 000 services a whole re-read took 19 to 37 s. The objects are shared with
+/// what was sent, so keeping them costs a pointer each.
+#[derive(Debug, Default)]
+struct Directory {
+    files: BTreeMap<PathBuf, Manifests>,
+}
+
+impl Directory {
+    /// Reads every manifest file of `dir`.
+    fn read(dir: &Path) -> Result<Self, ManifestError> {
+        let dir_error = |source| ManifestError::Dir { path: dir.to_owned(), source };
+        let mut files = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(dir_error)?.filter_map(Result::ok) {
+            let path = entry.path();
+            if is_manifest(&path) && path.is_file() {
+                let read = read_one(&path);
+                files.insert(path, read);
+            }
         }
+        Ok(Self { files })
     }
-    Ok(out)
+
+    /// Re-reads the files `changed` names (a removed one is forgotten). `false`, with nothing
+    /// done, when a path is outside `dir` or something other than a manifest file that still
+    /// exists: a rename of the directory, or a ConfigMap volume swapping its `..data` link,
+    /// changes files no event names. Other names that are gone again (the temporary file of
+    /// an atomic write, renamed onto its manifest) change nothing read.
+    fn reread(&mut self, dir: &Path, changed: &BTreeSet<PathBuf>) -> bool {
+        let elsewhere = |path: &PathBuf| path.parent() != Some(dir) || (!is_manifest(path) && path.exists());
+        if changed.iter().any(elsewhere) {
+            return false;
+        }
+        for path in changed.iter().filter(|path| is_manifest(path)) {
+            if path.is_file() {
+                self.files.insert(path.clone(), read_one(path));
+            } else {
+                self.files.remove(path);
+            }
+        }
+        true
+    }
+
+    /// Every file's objects, in file name order.
+    fn manifests(&self) -> Manifests {
+        let mut out = Manifests::default();
+        for file in self.files.values() {
+            out.services.extend(file.services.iter().cloned());
+            out.slices.extend(file.slices.iter().cloned());
+            out.nodes.extend(file.nodes.iter().cloned());
+            out.errors.extend(file.errors.iter().cloned());
+        }
+        out
+    }
+}
+
+/// Reads one file; a file that cannot be read is one error.
+fn read_one(path: &Path) -> Manifests {
+    let mut out = Manifests::default();
+    let name = path.display().to_string();
+    if let Err(e) = read_file(&mut out, path, &name) {
+        out.errors.push((name, e.to_string()));
+    }
+    out
 }
 
 /// Reads one file into `out`. A JSON file is parsed as it is read, one object at a time: the
@@ -264,8 +320,9 @@ fn add_json(out: &mut Manifests, origin: &str, raw: &RawValue) {
     let kind = head.kind.unwrap_or_default();
     let text = raw.get();
     match &*kind {
-        "Service" => push::<Service>(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
-        "EndpointSlice" => push::<EndpointSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
+        // Decoded straight into the kept form, as from the API server.
+        "Service" => push::<ApiService>(&mut out.services, &mut out.errors, origin, serde_json::from_str(text)),
+        "EndpointSlice" => push::<ApiSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_str(text)),
         "Node" => push::<Node>(&mut out.nodes, &mut out.errors, origin, serde_json::from_str(text)),
         kind if kind.ends_with("List") => {
             for (i, item) in head.items.into_iter().enumerate() {
@@ -299,10 +356,8 @@ fn parse_yaml(out: &mut Manifests, file: &str, text: &str) {
 fn add_object(out: &mut Manifests, origin: &str, mut value: serde_json::Value) {
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
     match kind.as_str() {
-        "Service" => push::<Service>(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
-        "EndpointSlice" => {
-            push::<EndpointSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value))
-        }
+        "Service" => push::<ApiService>(&mut out.services, &mut out.errors, origin, serde_json::from_value(value)),
+        "EndpointSlice" => push::<ApiSlice>(&mut out.slices, &mut out.errors, origin, serde_json::from_value(value)),
         "Node" => push::<Node>(&mut out.nodes, &mut out.errors, origin, serde_json::from_value(value)),
         kind if kind.ends_with("List") => {
             let items = match value.get_mut("items").map(serde_json::Value::take) {
@@ -334,10 +389,14 @@ fn push<T: Keep>(
 /// closes. Files that do not parse are logged (one line each, naming the file and the error)
 /// and counted; everything else keeps working.
 pub async fn run(dir: PathBuf, updates: mpsc::Sender<Update>, metrics: Metrics) -> Result<(), ManifestError> {
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Vec<PathBuf>>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = events_tx.send(());
+        match event {
+            Ok(event) if event.kind.is_access() => {}
+            // A rescan (events were lost) or an event naming no file: everything is re-read.
+            Ok(event) if event.need_rescan() => _ = events_tx.send(Vec::new()),
+            Ok(event) => _ = events_tx.send(event.paths),
+            Err(_) => _ = events_tx.send(Vec::new()),
         }
     })
     .map_err(|source| ManifestError::Watch { path: dir.clone(), source })?;
@@ -347,13 +406,17 @@ pub async fn run(dir: PathBuf, updates: mpsc::Sender<Update>, metrics: Metrics) 
     info!(dir = %dir.display(), "watching manifest directory");
     // A bad file is reported once, not again on every re-read while it stays bad.
     let mut reported = HashSet::new();
+    let mut directory: Option<Directory> = None;
+    let mut changed = BTreeSet::new();
     loop {
         let started = std::time::Instant::now();
-        let mut manifests = read_dir(&dir)?;
+        let reread = !changed.is_empty() && directory.as_mut().is_some_and(|known| known.reread(&dir, &changed));
+        let files = if reread { changed.len() } else { directory.insert(Directory::read(&dir)?).files.len() };
+        let mut manifests = directory.as_ref().map(Directory::manifests).unwrap_or_default();
         // Reading is most of the start-up time of a large directory: said, so it is seen.
         let took_ms = started.elapsed().as_secs_f64() * 1e3;
         let (services, slices) = (manifests.services.len(), manifests.slices.len());
-        info!(services, slices, took_ms, "read manifest directory");
+        info!(services, slices, files_read = files, took_ms, "read manifest directory");
         let errors: HashSet<_> = manifests.errors.drain(..).collect();
         for (origin, error) in errors.difference(&reported) {
             warn!(origin, %error, "skipping a manifest that does not parse");
@@ -365,12 +428,21 @@ pub async fn run(dir: PathBuf, updates: mpsc::Sender<Update>, metrics: Metrics) 
                 return Ok(());
             }
         }
-        if events.recv().await.is_none() {
+        let Some(first) = events.recv().await else {
             return Ok(());
-        }
-        // Editors write in several steps: let the burst settle, then read once.
+        };
+        // Editors write in several steps: let the burst settle, then read once. An event
+        // naming no path empties the set, which re-reads everything.
         tokio::time::sleep(SETTLE).await;
-        while events.try_recv().is_ok() {}
+        changed.clear();
+        let mut everything = false;
+        for paths in std::iter::once(first).chain(std::iter::from_fn(|| events.try_recv().ok())) {
+            everything |= paths.is_empty();
+            changed.extend(paths);
+        }
+        if everything {
+            changed.clear();
+        }
     }
 }
 
@@ -474,6 +546,76 @@ items:
         assert_eq!(read.slices.len(), 1);
         let bad: Vec<&str> = read.errors.iter().map(|(origin, _)| origin.as_str()).collect();
         assert_eq!(bad, [format!("{} (document 1)", dir.join("c.json").display())]);
+    }
+
+    /// The next three updates the source sends (nodes, services, slices), as one read.
+    async fn next_read(updates: &mut mpsc::Receiver<Update>) -> (Vec<Sourced<Service>>, Vec<Sourced<Slice>>) {
+        let mut services = None;
+        let mut slices = None;
+        for _ in 0..3 {
+            let update = tokio::time::timeout(Duration::from_secs(10), updates.recv()).await;
+            match update.expect("a read within 10 s").expect("the source runs") {
+                Update::Services(Change::Replace(read)) => services = Some(read),
+                Update::Slices(Change::Replace(read)) => slices = Some(read),
+                Update::Nodes(Change::Replace(_)) => {}
+                other => panic!("only whole reads are sent, got {other:?}"),
+            }
+        }
+        (services.expect("services"), slices.expect("slices"))
+    }
+
+    fn service_file(name: &str, port: u16) -> String {
+        format!(r#"{{"kind": "Service", "metadata": {{"name": "{name}"}}, "spec": {{"ports": [{{"port": {port}}}]}}}}"#)
+    }
+
+    /// A change re-reads only the files it names: an untouched file's objects are the very
+    /// ones sent before (not parsed again: at 100 000 services a whole re-read took 19 to
+    /// 37 s); a new, a changed and a removed file are all seen; an event naming something
+    /// else (a ConfigMap volume's `..data` link) re-reads everything.
+    #[tokio::test]
+    async fn a_change_rereads_only_the_files_it_names() {
+        let dir = std::env::temp_dir().join(format!("proxy-manifests-reread-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        struct Remove(PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _remove = Remove(dir.clone());
+        std::fs::write(dir.join("a.json"), service_file("a", 80)).unwrap();
+        std::fs::write(dir.join("b.json"), service_file("b", 80)).unwrap();
+        let (tx, mut updates) = mpsc::channel(16);
+        let source = tokio::spawn(run(dir.clone(), tx, Metrics::new()));
+        let (first, _) = next_read(&mut updates).await;
+        let port = |s: &Sourced<Service>| s.object.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
+        let by_name = |read: &[Sourced<Service>], name: &str| {
+            read.iter().find(|s| s.object.metadata.name.as_deref() == Some(name)).cloned()
+        };
+        assert_eq!(first.len(), 2);
+
+        std::fs::write(dir.join("b.json"), service_file("b", 81)).unwrap();
+        let (second, _) = next_read(&mut updates).await;
+        let (a1, a2) = (by_name(&first, "a").unwrap(), by_name(&second, "a").unwrap());
+        assert!(Arc::ptr_eq(&a1.object, &a2.object), "a.json was not touched: not read again");
+        assert_eq!(port(&by_name(&second, "b").unwrap()), 81, "b.json was read again");
+
+        // Written atomically, through a temporary name renamed onto the file.
+        std::fs::write(dir.join(".c.json.tmp"), service_file("c", 80)).unwrap();
+        std::fs::rename(dir.join(".c.json.tmp"), dir.join("c.json")).unwrap();
+        let (third, _) = next_read(&mut updates).await;
+        assert!(by_name(&third, "c").is_some(), "a new file is read");
+        assert!(Arc::ptr_eq(&a1.object, &by_name(&third, "a").unwrap().object), "a.json still not read again");
+        std::fs::remove_file(dir.join("b.json")).unwrap();
+        let (fourth, _) = next_read(&mut updates).await;
+        let names: Vec<_> = fourth.iter().map(|s| s.object.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["a", "c"], "a removed file's objects are gone, the rest in name order");
+        assert!(Arc::ptr_eq(&a1.object, &by_name(&fourth, "a").unwrap().object));
+
+        std::fs::create_dir(dir.join("..data")).unwrap();
+        let (fifth, _) = next_read(&mut updates).await;
+        assert!(!Arc::ptr_eq(&a1.object, &by_name(&fifth, "a").unwrap().object), "everything is read again");
+        source.abort();
     }
 
     fn json_service() -> serde_json::Value {

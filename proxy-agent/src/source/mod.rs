@@ -4,6 +4,7 @@
 pub mod kube;
 pub mod manifests;
 pub mod rbac;
+pub mod wire;
 
 use std::sync::Arc;
 

@@ -285,13 +285,25 @@ fn list(shared: &Shared, filter: Filter, query: &HashMap<String, String>) -> Res
         let next = Continue { rv: snapshot, namespace: namespace.clone(), name: name.clone(), served, total };
         metadata["continue"] = json!(next.encode());
     }
-    let items: Vec<&Value> = page.into_iter().map(|(_, object)| object).collect();
-    ok(json!({
-        "kind": format!("{}List", filter.kind.name()),
-        "apiVersion": filter.kind.api_version(),
-        "metadata": metadata,
-        "items": items,
-    }))
+    // Written straight from the stored objects, as the real server encodes from its cache: a
+    // copy of the page as a value tree first cost more than the writing itself.
+    let list = List {
+        kind: format!("{}List", filter.kind.name()),
+        api_version: filter.kind.api_version(),
+        metadata,
+        items: page.into_iter().map(|(_, object)| object).collect(),
+    };
+    json_response(StatusCode::OK, full(serde_json::to_vec(&list).expect("JSON values serialize")))
+}
+
+/// A LIST response.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct List<'a> {
+    kind: String,
+    api_version: &'static str,
+    metadata: Value,
+    items: Vec<&'a Value>,
 }
 
 /// Where the next page of a list starts: the list's resourceVersion and the last key served.
@@ -394,8 +406,7 @@ fn ok(value: Value) -> Response<Body> {
 fn ok_lines(events: impl IntoIterator<Item = Value>) -> Response<Body> {
     let mut body = Vec::new();
     for event in events {
-        serde_json::to_writer(&mut body, &event).expect("JSON values serialize");
-        body.push(b'\n');
+        watch::write_line(&mut body, &event);
     }
     json_response(StatusCode::OK, full(body))
 }

@@ -53,8 +53,8 @@ impl WatchStream {
             let mut this = state?;
             match this.next().await {
                 Next::Send(event) => {
-                    let mut line = serde_json::to_vec(&event).expect("JSON values serialize");
-                    line.push(b'\n');
+                    let mut line = Vec::new();
+                    write_line(&mut line, &event);
                     Some((Ok(Frame::data(Bytes::from(line))), Some(this)))
                 }
                 Next::End => None,
@@ -115,4 +115,18 @@ pub(super) fn bookmark(kind: Kind, rv: u64, initial_end: bool) -> Value {
         "type": "BOOKMARK",
         "object": {"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": metadata},
     })
+}
+
+/// Appends a watch event and its newline, `type` before `object` as the real server writes it
+/// (a client reading `object` first has to buffer it until it learns the type).
+pub(super) fn write_line(out: &mut Vec<u8>, event: &Value) {
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        #[serde(rename = "type")]
+        kind: &'a Value,
+        object: &'a Value,
+    }
+    let line = Line { kind: &event["type"], object: &event["object"] };
+    serde_json::to_writer(&mut *out, &line).expect("JSON values serialize");
+    out.push(b'\n');
 }

@@ -909,28 +909,45 @@ impl BenchAgent {
     /// that satisfies `synced` (a check before it, while the agent was still reading its
     /// sources, has nothing to compare), waiting up to `timeout`.
     pub fn periodic_check_ms(&mut self, synced: impl Fn(&SyncLine) -> bool, timeout: Duration) -> anyhow::Result<f64> {
+        Ok(self.periodic_checks_ms(synced, 1, timeout)?[0])
+    }
+
+    /// The `took_ms` of the first `count` periodic checks after that `synced` line (a check
+    /// reads the large maps a part at a time: one says little about the next).
+    pub fn periodic_checks_ms(
+        &mut self,
+        synced: impl Fn(&SyncLine) -> bool,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<f64>> {
         let deadline = Instant::now() + timeout;
         loop {
             let log = self.log();
-            let line = log
+            let lines: Vec<&str> = log
                 .lines()
                 .skip_while(|l| !SyncLine::parse(l).is_some_and(|s| synced(&s)))
-                .find(|l| l.contains("checked the maps against what was programmed"));
-            if let Some(line) = line {
-                let field = |name: &str| {
-                    let value = line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next());
-                    value.unwrap_or_default().parse::<f64>().with_context(|| format!("{name} in {line:?}"))
-                };
-                // Right after a full sync the maps hold what was programmed: a check that finds
-                // anything to write misread them.
-                if field("service_writes")? + field("backend_writes")? > 0.0 {
-                    bail!("the periodic check after a full sync rewrote entries: {line}");
+                .filter(|l| l.contains("checked the maps against what was programmed"))
+                .take(count)
+                .collect();
+            if lines.len() == count {
+                let mut out = Vec::with_capacity(count);
+                for line in lines {
+                    let field = |name: &str| {
+                        let value = line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next());
+                        value.unwrap_or_default().parse::<f64>().with_context(|| format!("{name} in {line:?}"))
+                    };
+                    // After a full sync the maps hold what was programmed: a check that finds
+                    // anything to write misread them.
+                    if field("service_writes")? + field("backend_writes")? > 0.0 {
+                        bail!("a periodic check after a full sync rewrote entries: {line}");
+                    }
+                    out.push(field("took_ms")?);
                 }
-                return field("took_ms");
+                return Ok(out);
             }
             self.check_running()?;
             if Instant::now() > deadline {
-                bail!("no periodic check logged within {timeout:?}");
+                bail!("{count} periodic checks not logged within {timeout:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

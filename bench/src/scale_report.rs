@@ -122,9 +122,12 @@ pub fn rows(scale: &Value) -> Vec<String> {
     );
     let check = get(manifests, &["periodic_check_ms"]);
     row(
-        "periodic --sync-period check's took_ms".into(),
+        "periodic --sync-period check's took_ms (median of the first checks after the sync)".into(),
         "≤ 100 ms (or incremental)".into(),
-        check.map_or("–".into(), |c| format!("{c:.1} ms")),
+        check.map_or("–".into(), |c| match get(manifests, &["periodic_check_max_ms"]) {
+            Some(max) => format!("{c:.1} ms (max {max:.1})"),
+            None => format!("{c:.1} ms"),
+        }),
         verdict(check, 100.0, &first_problem(manifests)),
     );
     let (measured, verdict) = tc_row(&scale["tc"], n);
@@ -202,7 +205,10 @@ pub fn section(scale: &Value) -> String {
         };
         let check = match what {
             "API source" => "– (default period)".to_owned(),
-            _ => ms(get(r, &["periodic_check_ms"])),
+            _ => match get(r, &["periodic_check_max_ms"]) {
+                Some(max) => format!("{} (max {max:.1} ms)", ms(get(r, &["periodic_check_ms"]))),
+                None => ms(get(r, &["periodic_check_ms"])),
+            },
         };
         let _ = writeln!(
             table,
@@ -242,8 +248,8 @@ pub fn section(scale: &Value) -> String {
              agent and connects to the last-created service's ClusterIP every millisecond until the pod (a reply \
              server in a namespace holding that service's ten endpoint addresses) answers; the time is from \
              starting the agent to that answer. The first full sync is the sum of the agent's `synced` lines' \
-             `took_ms` until every frontend is programmed; the periodic check is the first `checked the maps` \
-             line's `took_ms`; peak RSS is VmHWM at the end of the run; an endpoint change is timed from the API \
+             `took_ms` until every frontend is programmed; the periodic check is the median (and the \
+             largest) `took_ms` of the first five `checked the maps` lines after it; peak RSS is VmHWM at the end of the run; an endpoint change is timed from the API \
              write until single lookups of the pinned maps serve the new endpoint and not the old one.\n";
     // Optional lines above leave runs of blank lines.
     while body.contains("\n\n\n") {

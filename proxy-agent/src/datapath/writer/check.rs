@@ -76,10 +76,10 @@ impl Round {
 }
 
 impl<S: MapStore> Writer<S> {
-    /// One periodic check ([`super::check`]): source ranges and Maglev tables whole, then the
-    /// next ranges of `service_names`, `backends` and `services` until `budget` is spent (at
-    /// least one range of each; `Duration::ZERO`: just that) or the round ends, and at the end
-    /// of a round the missing entries. Writes in [`Writer::restore`]'s order within what it
+    /// One periodic check ([`super::check`]): source ranges whole, then the next ranges of
+    /// `service_names`, `backends` and `services` until `budget` is spent (at least one range
+    /// of each; `Duration::ZERO`: just that) or the round ends, and at the end of a round the
+    /// Maglev tables and the missing entries. Writes in [`Writer::restore`]'s order within what it
     /// read.
     pub fn check(&mut self, budget: Duration) -> Result<WriteStats, S::Error> {
         let started = Instant::now();
@@ -120,8 +120,10 @@ impl<S: MapStore> Writer<S> {
         self.repair_names(names)?;
         // Only now: a stale slot read above may have named one of them.
         self.delete_unprogrammed(Vec::new(), stale_backends, &mut stats)?;
-        self.restore_maglev()?;
         if self.round.ended() {
+            // Once a round: finding the tables walks the `maglev` map's keys (its millions of
+            // buckets even when it holds none), a tenth of a check's time.
+            self.restore_maglev()?;
             let round = std::mem::take(&mut self.round);
             debug!(checks = round.checks, disturbed = round.disturbed, "the periodic check read every map entry");
             if !round.disturbed {

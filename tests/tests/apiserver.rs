@@ -388,20 +388,9 @@ async fn node_watcher_with_a_field_selector_sees_only_its_node() {
 async fn endpointslices_are_namespaced_and_label_selected() {
     let server = ApiServer::start().await;
     let client = client(&server);
-    let slice = |ns: &str, name: &str, service: &str, ip: &str| EndpointSlice {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            labels: labels(&[("kubernetes.io/service-name", service)]),
-            ..Default::default()
-        },
-        address_type: "IPv4".into(),
-        endpoints: vec![Endpoint { addresses: vec![ip.into()], ..Default::default() }],
-        ports: None,
-    };
-    server.apply(&slice("shop", "web-1", "web", "10.0.0.1"));
-    server.apply(&slice("shop", "db-1", "db", "10.0.0.2"));
-    server.apply(&slice("other", "web-1", "web", "10.0.0.3"));
+    server.apply(&slice("shop", "web-1", "web", &["10.0.0.1"]));
+    server.apply(&slice("shop", "db-1", "db", &["10.0.0.2"]));
+    server.apply(&slice("other", "web-1", "web", &["10.0.0.3"]));
     let config = watcher::Config::default().labels("kubernetes.io/service-name=web");
     let api = Api::<EndpointSlice>::namespaced(client.clone(), "shop");
     let mut events = watcher::watcher(api.clone(), config).default_backoff().boxed();
@@ -410,9 +399,9 @@ async fn endpointslices_are_namespaced_and_label_selected() {
     assert_eq!(mirror.objects.keys().collect::<Vec<_>>(), ["shop/web-1"]);
 
     // A slice relabelled into the selection is ADDED, out of it DELETED.
-    server.apply(&slice("shop", "db-1", "web", "10.0.0.2"));
+    server.apply(&slice("shop", "db-1", "web", &["10.0.0.2"]));
     mirror.sync_until("relabel in", &mut events, |m| m.objects.len() == 2).await;
-    server.apply(&slice("shop", "web-1", "gone", "10.0.0.1"));
+    server.apply(&slice("shop", "web-1", "gone", &["10.0.0.1"]));
     mirror.sync_until("relabel out", &mut events, |m| m.objects.len() == 1).await;
     let remaining = &mirror.objects["shop/db-1"];
     assert_eq!(remaining.endpoints[0].addresses, ["10.0.0.2"]);

@@ -585,8 +585,9 @@ mod batch_tests {
         assert_eq!(read, whole, "every entry once");
     }
 
-    /// The periodic check reads `service_names` a range at a time (16 names in tests) and puts
-    /// back the names deleted or changed under the agent, wherever they are in the map.
+    /// The periodic check reads `service_names` a range at a time (16 names in tests, so this
+    /// one check reads three) and puts back the names deleted or changed under the agent,
+    /// wherever they are in the map.
     #[test]
     fn the_check_puts_back_service_names_read_a_range_at_a_time() {
         let pins = PinnedMaps::sized("names", 4096, Some(4096));

@@ -43,12 +43,14 @@ impl<S: MapStore> Writer<S> {
     pub fn forget_stale(&mut self) -> Result<Departed, S::Error> {
         self.gone.clear();
         // Every (set, backend) pair programmed: a million at 100 000 × 10, so built only once
-        // an affinity or socket entry asks (most checks find none).
+        // an affinity or socket entry asks (on a node with clients, every check), sized up
+        // front and hashed with foldhash (SipHash and rehashing made it most of a check).
         let live = std::cell::OnceCell::new();
         let programmed = &self.programmed;
         let live = |service, backend| {
             live.get_or_init(|| {
-                let mut live = HashSet::new();
+                let pairs = programmed.values().flat_map(Programmed::sets).map(|(_, set)| set.len()).sum();
+                let mut live = hashbrown::HashSet::with_capacity(pairs);
                 for (id, set) in programmed.values().flat_map(Programmed::sets) {
                     live.extend(set.iter().map(|b| (id, *b)));
                 }

@@ -104,8 +104,8 @@ pub struct RunArgs {
     /// How often the maps are checked against what was programmed (entries deleted or changed
     /// outside the agent are put back, stale affinity, socket and flow entries removed), and
     /// half of how long `/healthz` tolerates a problem, such as an unreachable API server.
-    /// The large maps are read a part per check (~40 ms): at 100 000 services × 10 endpoints
-    /// a round over all of them takes ~56 checks.
+    /// The large maps are read a part per check (~40 ms, 10 000 to 40 000 entries): at
+    /// 100 000 services × 10 endpoints a round over all of them takes ~55 to 270 checks.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = positive_duration)]
     pub sync_period: Duration,
 

@@ -43,8 +43,8 @@ impl<S: MapStore> Writer<S> {
     pub fn forget_stale(&mut self) -> Result<Departed, S::Error> {
         self.gone.clear();
         // Every (set, backend) pair programmed: a million at 100 000 × 10, so built only once
-        // an affinity or socket entry asks (on a node with clients, every check), sized up
-        // front and hashed with foldhash (SipHash and rehashing made it most of a check).
+        // an affinity or socket entry asks (on a node with clients, every check); sized up
+        // front (no rehashing) and hashed with foldhash rather than SipHash.
         let live = std::cell::OnceCell::new();
         let programmed = &self.programmed;
         let live = |service, backend| {

@@ -2,7 +2,7 @@
 //! loaded, the socket programs attached; and the swap that ends a layout upgrade.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
 };
@@ -39,13 +39,16 @@ impl Datapath {
         // Said at start, so that a refusal for lack of room later reads against known sizes.
         info!(?sizes, "map sizes, from the --*-map-size flags");
         // Pinned maps the new programs cannot share stay with the old programs until the swap
-        // (the object is parsed for its maps' shapes only when there are pinned maps).
+        // (the object is parsed for its maps' shapes only when there are pinned maps to compare
+        // or maps to create).
         let pinned = layout::pinned(root).map_err(bpffs_error(root))?;
+        let wanted = if pinned.is_some() || opts.preallocate {
+            layout::wanted(OBJECT, &sizes, opts.preallocate).map_err(DatapathError::Upgrade)?
+        } else {
+            BTreeMap::new()
+        };
         let replacing = match pinned {
-            Some(version) => {
-                let wanted = layout::wanted(OBJECT, &sizes, opts.preallocate).map_err(DatapathError::Upgrade)?;
-                layout::to_replace(root, version, &wanted)
-            }
+            Some(version) => layout::to_replace(root, version, &wanted),
             None => Vec::new(),
         };
         if !replacing.is_empty() {
@@ -59,7 +62,6 @@ impl Datapath {
             // The object's maps are not preallocated, and aya cannot change a map's flags at
             // load: the maps to preallocate are created and pinned here, and the loader takes
             // them from their pins like an earlier agent's.
-            let wanted = layout::wanted(OBJECT, &sizes, true).map_err(DatapathError::Upgrade)?;
             for (name, path) in
                 pins.iter().filter(|(name, path)| layout::PREALLOCATABLE.contains(name) && !path.exists())
             {

@@ -18,9 +18,9 @@ use super::{MapStore, WriteStats, Writer, ids::service_name, reconcile::Repairs}
 
 /// Entries of each large map read at a time: a few milliseconds of reading and comparing (up
 /// to ~5 µs an entry when the writer's tables have gone cold in the CPU caches between two
-/// checks), so a check ends soon after its budget is spent. A few in tests, so that their
-/// maps are read in several ranges.
-const STEP: usize = if cfg!(test) { 16 } else { 2_048 };
+/// checks), so a check ends soon after its budget is spent; [`Writer::restore_names`]'s
+/// ranges too. A few in tests, so that their maps are read in several ranges.
+pub(super) const STEP: usize = if cfg!(test) { 16 } else { 2_048 };
 
 /// Where a map's reading stands in the current round.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use proxy_common::{
 };
 
 use super::{
-    MapStore, Programmed, WriteStats, Writer, frontend_of,
+    MapStore, Programmed, WriteStats, Writer, check, frontend_of,
     ids::{Acquired, service_name},
     internal_master, master_key,
 };
@@ -315,7 +315,7 @@ impl<S: MapStore> Writer<S> {
         let mut right = vec![false; programmed.len()];
         let mut cursor = None;
         loop {
-            let (entries, next) = self.store.service_names_from(cursor, NAMES_CHUNK);
+            let (entries, next) = self.store.service_names_from(cursor, check::STEP);
             for (id, name) in entries {
                 if let Ok(i) = programmed.binary_search_by_key(&id, |(id, _)| *id) {
                     right[i] = service_name(programmed[i].1) == name;
@@ -425,10 +425,6 @@ impl<S: MapStore> Writer<S> {
         slots.is_some_and(|slots| usize::from(key.slot) <= slots.len())
     }
 }
-
-/// `service_names` entries the periodic check reads at a time (~1.2 MiB); a few in tests, so
-/// that their maps are read in several ranges.
-const NAMES_CHUNK: usize = if cfg!(test) { 16 } else { 8192 };
 
 /// The external scope's master of `entry` over `count` slots, for service-port id `service_id`.
 fn master_of(service_id: u32, entry: &FrontendEntry, count: usize) -> ServiceValue {
